@@ -1,0 +1,678 @@
+//! Where a ring's bytes live.
+//!
+//! [`RingMem`] is the only way the ring code touches memory the peer can write. Control
+//! words are atomics; the data area is a sequence of `AtomicU64` words copied with relaxed
+//! word-wise loads and stores, so a peer writing at the same time can make us read
+//! garbage, which validation then rejects, but never undefined behaviour. No `&[u8]` or
+//! `&mut [u8]` into ring memory is ever formed.
+//!
+//! Backends:
+//! - [`HeapMem`] (feature `alloc`): a ring on the heap, for tests and in-process use, with
+//!   byte-image import and export.
+//! - [`SliceMem`]: a contiguous control page and data area, either borrowed from safe
+//!   storage or built over a mapped region with the one unsafe constructor
+//!   [`SliceMem::from_raw`].
+//! - [`PageListMem`]: a control page and a list of separate data pages, as a guest describes
+//!   a ring by its page numbers; packets may span pages and wrap across the end.
+//!
+//! This is the only module of the crate that contains `unsafe`.
+#![allow(unsafe_code)]
+
+use crate::error::LayoutError;
+use crate::protocol::{
+    ALIGNMENT, CONTROL_PAGE_SIZE, FEATURE_BITS_OFFSET, INTERRUPT_MASK_OFFSET, PAGE_SIZE,
+    PENDING_SEND_SIZE_OFFSET, READ_INDEX_OFFSET, WRITE_INDEX_OFFSET,
+};
+use crate::sync::{AtomicU32, AtomicU64, Ordering};
+#[cfg(not(loom))]
+use core::ptr::NonNull;
+
+/// The largest data area a ring may have: indices are `u32` and the ring arithmetic adds
+/// two of them.
+pub const MAX_DATA_LEN: usize = 1 << 31;
+
+/// Number of 32-bit control words vmlink accesses (the first 128 bytes of the control page;
+/// the rest of the page is reserved).
+pub const CONTROL_WORDS: usize = 32;
+
+/// Number of 64-bit words in a 4 KiB page.
+pub const PAGE_WORDS: usize = PAGE_SIZE / 8;
+
+/// A word of the control page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ControlWord {
+    /// `write_index` (offset 0x00).
+    WriteIndex,
+    /// `read_index` (offset 0x04).
+    ReadIndex,
+    /// `interrupt_mask` (offset 0x08).
+    InterruptMask,
+    /// `pending_send_size` (offset 0x0C).
+    PendingSendSize,
+    /// `feature_bits` (offset 0x40).
+    FeatureBits,
+}
+
+impl ControlWord {
+    /// Every control word vmlink uses.
+    pub const ALL: [ControlWord; 5] = [
+        ControlWord::WriteIndex,
+        ControlWord::ReadIndex,
+        ControlWord::InterruptMask,
+        ControlWord::PendingSendSize,
+        ControlWord::FeatureBits,
+    ];
+
+    /// The word's byte offset in the control page.
+    pub const fn offset(self) -> usize {
+        match self {
+            ControlWord::WriteIndex => WRITE_INDEX_OFFSET,
+            ControlWord::ReadIndex => READ_INDEX_OFFSET,
+            ControlWord::InterruptMask => INTERRUPT_MASK_OFFSET,
+            ControlWord::PendingSendSize => PENDING_SEND_SIZE_OFFSET,
+            ControlWord::FeatureBits => FEATURE_BITS_OFFSET,
+        }
+    }
+
+    const fn slot(self) -> usize {
+        self.offset() / 4
+    }
+}
+
+/// The memory a ring lives in: a control page and a data area, both writable by the peer.
+///
+/// Implementations must keep every access atomic (control words) or word-wise atomic /
+/// volatile (data), never forming references to plain bytes of shared memory.
+///
+/// The ring code calls [`read_data`](Self::read_data) and [`write_data`](Self::write_data)
+/// only with `offset + len <= data_len()`; an implementation may panic on anything else,
+/// as that would be a bug in vmlink, not something a peer can cause.
+pub trait RingMem {
+    /// Length of the data area in bytes: a non-zero multiple of 4096, at most
+    /// [`MAX_DATA_LEN`].
+    fn data_len(&self) -> usize;
+
+    /// Loads a control word with `Acquire` ordering.
+    fn load_control(&self, word: ControlWord) -> u32;
+
+    /// Stores a control word with `Release` ordering.
+    fn store_control(&self, word: ControlWord, value: u32);
+
+    /// Copies `buf.len()` bytes starting `offset` bytes into the data area into `buf`.
+    fn read_data(&self, offset: usize, buf: &mut [u8]);
+
+    /// Copies `data` into the data area starting `offset` bytes in.
+    fn write_data(&self, offset: usize, data: &[u8]);
+}
+
+impl<T: RingMem + ?Sized> RingMem for &T {
+    fn data_len(&self) -> usize {
+        (**self).data_len()
+    }
+    fn load_control(&self, word: ControlWord) -> u32 {
+        (**self).load_control(word)
+    }
+    fn store_control(&self, word: ControlWord, value: u32) {
+        (**self).store_control(word, value)
+    }
+    fn read_data(&self, offset: usize, buf: &mut [u8]) {
+        (**self).read_data(offset, buf)
+    }
+    fn write_data(&self, offset: usize, data: &[u8]) {
+        (**self).write_data(offset, data)
+    }
+}
+
+#[cfg(feature = "alloc")]
+impl<T: RingMem + ?Sized> RingMem for alloc::sync::Arc<T> {
+    fn data_len(&self) -> usize {
+        (**self).data_len()
+    }
+    fn load_control(&self, word: ControlWord) -> u32 {
+        (**self).load_control(word)
+    }
+    fn store_control(&self, word: ControlWord, value: u32) {
+        (**self).store_control(word, value)
+    }
+    fn read_data(&self, offset: usize, buf: &mut [u8]) {
+        (**self).read_data(offset, buf)
+    }
+    fn write_data(&self, offset: usize, data: &[u8]) {
+        (**self).write_data(offset, data)
+    }
+}
+
+/// Checks that a data area of `len` bytes can hold a ring.
+pub fn check_data_len(len: usize) -> Result<(), LayoutError> {
+    if len == 0 {
+        Err(LayoutError::NoDataPages)
+    } else if len % PAGE_SIZE != 0 {
+        Err(LayoutError::NotPageMultiple { len })
+    } else if len > MAX_DATA_LEN {
+        Err(LayoutError::TooLarge {
+            len,
+            max: MAX_DATA_LEN,
+        })
+    } else {
+        Ok(())
+    }
+}
+
+/// The control words of a ring's control page (its first 128 bytes).
+#[derive(Debug)]
+#[repr(C, align(8))]
+pub struct ControlWords([AtomicU32; CONTROL_WORDS]);
+
+impl Default for ControlWords {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ControlWords {
+    /// All-zero control words.
+    pub fn new() -> Self {
+        Self(core::array::from_fn(|_| AtomicU32::new(0)))
+    }
+
+    /// The control words at the start of a mapped control page.
+    ///
+    /// # Safety
+    /// `ptr` must be 8-byte aligned and point to at least 128 bytes that stay mapped,
+    /// readable and writable for `'a`, and that are only ever accessed atomically (by us
+    /// through the returned reference, by the peer however it likes from outside this
+    /// process or through atomics).
+    #[cfg(not(loom))]
+    pub unsafe fn from_ptr<'a>(ptr: NonNull<u8>) -> &'a Self {
+        // SAFETY: the caller guarantees alignment, size and lifetime; `ControlWords` is
+        // `repr(C)` over atomics, which have the same layout as `u32` and allow shared
+        // mutation.
+        unsafe { ptr.cast::<Self>().as_ref() }
+    }
+
+    fn get(&self, word: ControlWord) -> &AtomicU32 {
+        &self.0[word.slot()]
+    }
+
+    fn load(&self, word: ControlWord) -> u32 {
+        self.get(word).load(Ordering::Acquire)
+    }
+
+    fn store(&self, word: ControlWord, value: u32) {
+        self.get(word).store(value, Ordering::Release)
+    }
+}
+
+/// One 4 KiB data page of a ring.
+#[derive(Debug)]
+#[repr(C, align(8))]
+pub struct DataPage([AtomicU64; PAGE_WORDS]);
+
+impl Default for DataPage {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl DataPage {
+    /// A zeroed page.
+    pub fn new() -> Self {
+        Self(core::array::from_fn(|_| AtomicU64::new(0)))
+    }
+
+    /// A zeroed page on the heap.
+    #[cfg(feature = "alloc")]
+    pub fn new_boxed() -> alloc::boxed::Box<Self> {
+        alloc::boxed::Box::new(Self::new())
+    }
+
+    /// The page at a mapped address.
+    ///
+    /// # Safety
+    /// `ptr` must be 8-byte aligned and point to 4096 bytes that stay mapped, readable and
+    /// writable for `'a`, and that this process only accesses atomically while the
+    /// reference lives.
+    #[cfg(not(loom))]
+    pub unsafe fn from_ptr<'a>(ptr: NonNull<u8>) -> &'a Self {
+        // SAFETY: the caller guarantees alignment, size and lifetime; `DataPage` is
+        // `repr(C)` over `AtomicU64`, which has the layout of `u64`.
+        unsafe { ptr.cast::<Self>().as_ref() }
+    }
+
+    /// The page's words.
+    pub fn words(&self) -> &[AtomicU64] {
+        &self.0
+    }
+}
+
+/// Copies from `words` starting `offset` bytes in; unaligned edges are taken from whole
+/// words.
+fn read_words(words: &[AtomicU64], offset: usize, buf: &mut [u8]) {
+    let mut word = offset / ALIGNMENT;
+    let skip = offset % ALIGNMENT;
+    let mut out = buf;
+    if skip != 0 && !out.is_empty() {
+        let bytes = words[word].load(Ordering::Relaxed).to_le_bytes();
+        let n = (ALIGNMENT - skip).min(out.len());
+        out[..n].copy_from_slice(&bytes[skip..skip + n]);
+        out = &mut out[n..];
+        word += 1;
+    }
+    let (chunks, rest) = out.as_chunks_mut::<ALIGNMENT>();
+    let n = chunks.len();
+    for (chunk, w) in chunks.iter_mut().zip(&words[word..word + n]) {
+        *chunk = w.load(Ordering::Relaxed).to_le_bytes();
+    }
+    word += n;
+    if !rest.is_empty() {
+        let bytes = words[word].load(Ordering::Relaxed).to_le_bytes();
+        rest.copy_from_slice(&bytes[..rest.len()]);
+    }
+}
+
+/// Copies `data` into `words` starting `offset` bytes in. Partial words at the edges are
+/// read, merged and written back; the writer owns those bytes while it writes them.
+fn write_words(words: &[AtomicU64], offset: usize, data: &[u8]) {
+    let mut word = offset / ALIGNMENT;
+    let skip = offset % ALIGNMENT;
+    let mut input = data;
+    if skip != 0 && !input.is_empty() {
+        let n = (ALIGNMENT - skip).min(input.len());
+        let mut bytes = words[word].load(Ordering::Relaxed).to_le_bytes();
+        bytes[skip..skip + n].copy_from_slice(&input[..n]);
+        words[word].store(u64::from_le_bytes(bytes), Ordering::Relaxed);
+        input = &input[n..];
+        word += 1;
+    }
+    let (chunks, rest) = input.as_chunks::<ALIGNMENT>();
+    for (chunk, w) in chunks.iter().zip(&words[word..word + chunks.len()]) {
+        w.store(u64::from_le_bytes(*chunk), Ordering::Relaxed);
+    }
+    word += chunks.len();
+    if !rest.is_empty() {
+        let mut bytes = words[word].load(Ordering::Relaxed).to_le_bytes();
+        bytes[..rest.len()].copy_from_slice(rest);
+        words[word].store(u64::from_le_bytes(bytes), Ordering::Relaxed);
+    }
+}
+
+/// A ring whose data area is one contiguous run of words.
+#[derive(Debug, Clone, Copy)]
+pub struct SliceMem<'a> {
+    control: &'a ControlWords,
+    data: &'a [AtomicU64],
+}
+
+impl<'a> SliceMem<'a> {
+    /// A ring over borrowed control words and data words.
+    pub fn new(control: &'a ControlWords, data: &'a [AtomicU64]) -> Result<Self, LayoutError> {
+        check_data_len(data.len() * 8)?;
+        Ok(Self { control, data })
+    }
+
+    /// A ring over a mapped region: a 4096-byte control page followed by the data area.
+    ///
+    /// # Safety
+    /// `ptr..ptr + len` must stay mapped, readable and writable for `'a`, and this process
+    /// must access it only through ring memory (atomically) while the returned value or
+    /// anything built from it lives. Other processes or a guest may write it at any time;
+    /// that is what this backend is for. If another process can shrink the mapping (a
+    /// file it can truncate), seal it first, or an access may fault.
+    #[cfg(not(loom))]
+    pub unsafe fn from_raw(ptr: NonNull<u8>, len: usize) -> Result<Self, LayoutError> {
+        let addr = ptr.as_ptr() as usize;
+        if addr % ALIGNMENT != 0 {
+            return Err(LayoutError::Misaligned { addr });
+        }
+        if len < CONTROL_PAGE_SIZE + PAGE_SIZE {
+            return Err(LayoutError::RegionTooShort { len });
+        }
+        let data_len = len - CONTROL_PAGE_SIZE;
+        check_data_len(data_len)?;
+        // SAFETY: the region starts 8-aligned and holds at least the control page; the
+        // caller guarantees it stays mapped for 'a and is only accessed atomically.
+        let control = unsafe { ControlWords::from_ptr(ptr) };
+        // SAFETY: `CONTROL_PAGE_SIZE < len`, so the offset stays inside the region.
+        let data_ptr = unsafe { ptr.add(CONTROL_PAGE_SIZE) }.cast::<AtomicU64>();
+        // SAFETY: `data_ptr` is 8-aligned (a 4096-byte offset from an 8-aligned base) and
+        // `data_len / 8` words lie inside the region, which lives for 'a; `AtomicU64` has
+        // the layout of `u64` and permits shared mutation.
+        let data = unsafe { core::slice::from_raw_parts(data_ptr.as_ptr(), data_len / 8) };
+        Ok(Self { control, data })
+    }
+}
+
+impl RingMem for SliceMem<'_> {
+    fn data_len(&self) -> usize {
+        self.data.len() * 8
+    }
+    fn load_control(&self, word: ControlWord) -> u32 {
+        self.control.load(word)
+    }
+    fn store_control(&self, word: ControlWord, value: u32) {
+        self.control.store(word, value)
+    }
+    fn read_data(&self, offset: usize, buf: &mut [u8]) {
+        read_words(self.data, offset, buf)
+    }
+    fn write_data(&self, offset: usize, data: &[u8]) {
+        write_words(self.data, offset, data)
+    }
+}
+
+/// A ring whose data area is a list of separate 4 KiB pages, in ring order.
+///
+/// This is how a guest hands a ring to its host: a control page and data pages named by
+/// page number, contiguous in guest-physical memory or not, and rarely contiguous in the
+/// host's address space. `L` is any list of page references: an array or slice without an
+/// allocator, a `Vec` with one.
+#[derive(Debug, Clone)]
+pub struct PageListMem<'a, L> {
+    control: &'a ControlWords,
+    pages: L,
+}
+
+impl<'a, L: AsRef<[&'a DataPage]>> PageListMem<'a, L> {
+    /// A ring over a control page and its data pages.
+    pub fn new(control: &'a ControlWords, pages: L) -> Result<Self, LayoutError> {
+        check_data_len(pages.as_ref().len() * PAGE_SIZE)?;
+        Ok(Self { control, pages })
+    }
+
+    /// The data pages, in ring order.
+    pub fn pages(&self) -> &[&'a DataPage] {
+        self.pages.as_ref()
+    }
+
+    fn for_each_page(
+        &self,
+        offset: usize,
+        len: usize,
+        mut f: impl FnMut(&DataPage, usize, core::ops::Range<usize>),
+    ) {
+        let pages = self.pages.as_ref();
+        let mut done = 0;
+        while done < len {
+            let at = offset + done;
+            let in_page = at % PAGE_SIZE;
+            let n = (PAGE_SIZE - in_page).min(len - done);
+            f(pages[at / PAGE_SIZE], in_page, done..done + n);
+            done += n;
+        }
+    }
+}
+
+impl<'a, L: AsRef<[&'a DataPage]>> RingMem for PageListMem<'a, L> {
+    fn data_len(&self) -> usize {
+        self.pages.as_ref().len() * PAGE_SIZE
+    }
+    fn load_control(&self, word: ControlWord) -> u32 {
+        self.control.load(word)
+    }
+    fn store_control(&self, word: ControlWord, value: u32) {
+        self.control.store(word, value)
+    }
+    fn read_data(&self, offset: usize, buf: &mut [u8]) {
+        self.for_each_page(offset, buf.len(), |page, in_page, range| {
+            read_words(&page.0, in_page, &mut buf[range])
+        })
+    }
+    fn write_data(&self, offset: usize, data: &[u8]) {
+        self.for_each_page(offset, data.len(), |page, in_page, range| {
+            write_words(&page.0, in_page, &data[range])
+        })
+    }
+}
+
+/// A ring on the heap: for tests, fuzzing and two threads of one process.
+///
+/// [`HeapMem::new`] initialises the control page as the allocating side does (indices 0,
+/// feature bit 0 set). Byte images in the VMBus layout (control page, then data) can be
+/// imported and exported, so tests can hand-build rings the way other implementations
+/// write them. Only the first 128 bytes of the control page are kept; the rest is reserved
+/// and exported as zeros.
+#[cfg(feature = "alloc")]
+#[derive(Debug)]
+pub struct HeapMem {
+    control: ControlWords,
+    data: alloc::boxed::Box<[AtomicU64]>,
+}
+
+#[cfg(feature = "alloc")]
+impl HeapMem {
+    /// A zeroed ring with a `data_len`-byte data area, its control page initialised.
+    pub fn new(data_len: usize) -> Result<Self, LayoutError> {
+        check_data_len(data_len)?;
+        let mem = Self {
+            control: ControlWords::new(),
+            data: (0..data_len / 8).map(|_| AtomicU64::new(0)).collect(),
+        };
+        crate::ring::init_control(&mem);
+        Ok(mem)
+    }
+
+    /// A ring from a byte image: a 4096-byte control page followed by the data area.
+    pub fn from_image(image: &[u8]) -> Result<Self, LayoutError> {
+        let len = image.len();
+        if len < CONTROL_PAGE_SIZE {
+            return Err(LayoutError::BadImageLength { len });
+        }
+        let (control_bytes, data) = image.split_at(CONTROL_PAGE_SIZE);
+        check_data_len(data.len()).map_err(|e| match e {
+            LayoutError::NotPageMultiple { .. } => LayoutError::BadImageLength { len },
+            other => other,
+        })?;
+        let control = ControlWords::new();
+        for (word, bytes) in control.0.iter().zip(control_bytes.as_chunks::<4>().0) {
+            word.store(u32::from_le_bytes(*bytes), Ordering::Relaxed);
+        }
+        let data = data
+            .as_chunks::<8>()
+            .0
+            .iter()
+            .map(|b| AtomicU64::new(u64::from_le_bytes(*b)))
+            .collect();
+        Ok(Self { control, data })
+    }
+
+    /// The ring as a byte image: control page (reserved bytes zero), then the data area.
+    pub fn to_image(&self) -> alloc::vec::Vec<u8> {
+        let mut image = alloc::vec![0u8; CONTROL_PAGE_SIZE + self.data_len()];
+        let (control_bytes, data) = image.split_at_mut(CONTROL_PAGE_SIZE);
+        for (word, bytes) in self
+            .control
+            .0
+            .iter()
+            .zip(control_bytes.as_chunks_mut::<4>().0)
+        {
+            *bytes = word.load(Ordering::Relaxed).to_le_bytes();
+        }
+        read_words(&self.data, 0, data);
+        image
+    }
+}
+
+#[cfg(feature = "alloc")]
+impl RingMem for HeapMem {
+    fn data_len(&self) -> usize {
+        self.data.len() * 8
+    }
+    fn load_control(&self, word: ControlWord) -> u32 {
+        self.control.load(word)
+    }
+    fn store_control(&self, word: ControlWord, value: u32) {
+        self.control.store(word, value)
+    }
+    fn read_data(&self, offset: usize, buf: &mut [u8]) {
+        read_words(&self.data, offset, buf)
+    }
+    fn write_data(&self, offset: usize, data: &[u8]) {
+        write_words(&self.data, offset, data)
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn word_copies_handle_every_alignment() {
+        let words: [AtomicU64; 4] = core::array::from_fn(|_| AtomicU64::new(0));
+        let pattern: [u8; 32] = core::array::from_fn(|i| i as u8 + 1);
+        for offset in 0..32 {
+            for len in 0..=32 - offset {
+                for w in &words {
+                    w.store(0, Ordering::Relaxed);
+                }
+                write_words(&words, offset, &pattern[..len]);
+                let mut all = [0u8; 32];
+                read_words(&words, 0, &mut all);
+                for (i, b) in all.iter().enumerate() {
+                    let expect = if i >= offset && i < offset + len {
+                        pattern[i - offset]
+                    } else {
+                        0
+                    };
+                    assert_eq!(*b, expect, "offset {offset} len {len} byte {i}");
+                }
+                let mut back = [0u8; 32];
+                read_words(&words, offset, &mut back[..len]);
+                assert_eq!(&back[..len], &pattern[..len]);
+            }
+        }
+    }
+
+    #[test]
+    fn data_len_rules() {
+        assert_eq!(check_data_len(0), Err(LayoutError::NoDataPages));
+        assert_eq!(
+            check_data_len(4095),
+            Err(LayoutError::NotPageMultiple { len: 4095 })
+        );
+        assert_eq!(check_data_len(4096), Ok(()));
+        assert_eq!(check_data_len(MAX_DATA_LEN), Ok(()));
+        assert_eq!(
+            check_data_len(MAX_DATA_LEN + 4096),
+            Err(LayoutError::TooLarge {
+                len: MAX_DATA_LEN + 4096,
+                max: MAX_DATA_LEN
+            })
+        );
+    }
+
+    #[test]
+    fn control_word_offsets() {
+        assert_eq!(ControlWord::WriteIndex.offset(), 0x00);
+        assert_eq!(ControlWord::ReadIndex.offset(), 0x04);
+        assert_eq!(ControlWord::InterruptMask.offset(), 0x08);
+        assert_eq!(ControlWord::PendingSendSize.offset(), 0x0C);
+        assert_eq!(ControlWord::FeatureBits.offset(), 0x40);
+        assert!(
+            ControlWord::ALL
+                .iter()
+                .all(|w| w.offset() + 4 <= CONTROL_WORDS * 4)
+        );
+        assert_eq!(core::mem::size_of::<ControlWords>(), 128);
+        assert_eq!(core::mem::size_of::<DataPage>(), 4096);
+    }
+
+    #[test]
+    fn slice_mem_from_raw_checks_region() {
+        // A region of one control page and two data pages, 8-aligned.
+        let backing: alloc::vec::Vec<AtomicU64> =
+            (0..3 * PAGE_WORDS).map(|_| AtomicU64::new(0)).collect();
+        let base = NonNull::from(&backing[0]).cast::<u8>();
+        // SAFETY: `backing` outlives `mem` and is only accessed atomically.
+        let mem = unsafe { SliceMem::from_raw(base, 3 * PAGE_SIZE) }.unwrap();
+        assert_eq!(mem.data_len(), 2 * PAGE_SIZE);
+        mem.store_control(ControlWord::ReadIndex, 0x18);
+        assert_eq!(backing[0].load(Ordering::Relaxed) >> 32, 0x18);
+        mem.write_data(8, &[0xAB; 8]);
+        assert_eq!(
+            backing[PAGE_WORDS + 1].load(Ordering::Relaxed),
+            0xABAB_ABAB_ABAB_ABAB
+        );
+
+        // SAFETY: as above; the constructor rejects the region before touching it.
+        let short = unsafe { SliceMem::from_raw(base, PAGE_SIZE) };
+        assert_eq!(
+            short.unwrap_err(),
+            LayoutError::RegionTooShort { len: PAGE_SIZE }
+        );
+        // SAFETY: as above.
+        let ragged = unsafe { SliceMem::from_raw(base, 2 * PAGE_SIZE + 8) };
+        assert_eq!(
+            ragged.unwrap_err(),
+            LayoutError::NotPageMultiple { len: PAGE_SIZE + 8 }
+        );
+        // SAFETY: as above; rejected for alignment before any access.
+        let odd = unsafe {
+            SliceMem::from_raw(
+                NonNull::new(base.as_ptr().wrapping_add(4)).unwrap(),
+                2 * PAGE_SIZE,
+            )
+        };
+        assert!(matches!(odd, Err(LayoutError::Misaligned { .. })));
+    }
+
+    #[test]
+    fn page_list_spans_pages() {
+        let control = ControlWords::new();
+        let pages: [DataPage; 3] = core::array::from_fn(|_| DataPage::new());
+        // Ring order differs from storage order, as with a guest's scattered pages.
+        let list = [&pages[2], &pages[0], &pages[1]];
+        let mem = PageListMem::new(&control, list).unwrap();
+        assert_eq!(mem.data_len(), 3 * PAGE_SIZE);
+        let data: alloc::vec::Vec<u8> = (0..5000).map(|i| (i * 7) as u8).collect();
+        mem.write_data(PAGE_SIZE - 3, &data);
+        let mut back = alloc::vec![0u8; 5000];
+        mem.read_data(PAGE_SIZE - 3, &mut back);
+        assert_eq!(back, data);
+        // Byte PAGE_SIZE - 3 of the ring is in pages[2]; the next page in ring order is pages[0].
+        assert_eq!(
+            pages[2].words()[PAGE_WORDS - 1]
+                .load(Ordering::Relaxed)
+                .to_le_bytes()[5..],
+            data[..3]
+        );
+        assert_eq!(
+            pages[0].words()[0].load(Ordering::Relaxed).to_le_bytes(),
+            data[3..11]
+        );
+        let empty: [&DataPage; 0] = [];
+        assert_eq!(
+            PageListMem::new(&control, empty).unwrap_err(),
+            LayoutError::NoDataPages
+        );
+    }
+
+    #[test]
+    fn heap_image_round_trip() {
+        let mut image = alloc::vec![0u8; CONTROL_PAGE_SIZE + PAGE_SIZE];
+        image[0..4].copy_from_slice(&0x40u32.to_le_bytes());
+        image[4..8].copy_from_slice(&0x10u32.to_le_bytes());
+        image[0x40..0x44].copy_from_slice(&1u32.to_le_bytes());
+        for (i, b) in image[CONTROL_PAGE_SIZE..].iter_mut().enumerate() {
+            *b = i as u8;
+        }
+        let mem = HeapMem::from_image(&image).unwrap();
+        assert_eq!(mem.load_control(ControlWord::WriteIndex), 0x40);
+        assert_eq!(mem.load_control(ControlWord::ReadIndex), 0x10);
+        assert_eq!(mem.load_control(ControlWord::FeatureBits), 1);
+        assert_eq!(mem.to_image(), image);
+        assert_eq!(
+            HeapMem::from_image(&image[..100]).unwrap_err(),
+            LayoutError::BadImageLength { len: 100 }
+        );
+        assert_eq!(
+            HeapMem::from_image(&image[..CONTROL_PAGE_SIZE]).unwrap_err(),
+            LayoutError::NoDataPages
+        );
+        assert_eq!(
+            HeapMem::from_image(&image[..CONTROL_PAGE_SIZE + 8]).unwrap_err(),
+            LayoutError::BadImageLength {
+                len: CONTROL_PAGE_SIZE + 8
+            }
+        );
+    }
+}
