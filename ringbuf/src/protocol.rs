@@ -305,7 +305,9 @@ mod tests {
         assert_eq!(PacketType::TransferPages.raw(), 7);
         assert_eq!(PacketType::GpaDirect.raw(), 9);
         assert_eq!(PacketType::Completion.raw(), 0x0B);
-        for raw in 0..=u16::MAX {
+        // Every value natively; a sample under Miri, which is ~1000x slower.
+        let step = if cfg!(miri) { 251 } else { 1 };
+        for raw in (0..=u16::MAX).step_by(step).chain(0..=0x10) {
             match PacketType::from_raw(raw) {
                 Some(t) => assert_eq!(t.raw(), raw),
                 None => assert!(![6, 7, 9, 0x0B].contains(&raw)),

@@ -122,7 +122,7 @@ impl Geometry {
                 value,
                 data_len: self.len,
             })
-        } else if value as usize % ALIGNMENT != 0 {
+        } else if !(value as usize).is_multiple_of(ALIGNMENT) {
             Err(RingError::IndexMisaligned { index, value })
         } else {
             Ok(value)

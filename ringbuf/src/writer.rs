@@ -162,7 +162,7 @@ impl<M: RingMem> Writer<M> {
         header_len: usize,
         payload_len: usize,
     ) -> Result<usize, WriteError> {
-        if header_len % 8 != 0 {
+        if !header_len.is_multiple_of(8) {
             return Err(WriteError::HeaderMisaligned { len: header_len });
         }
         if meta.flags & !KNOWN_FLAGS != 0 {
@@ -224,7 +224,7 @@ impl<M: RingMem> Writer<M> {
         };
         write_wrapped(&self.mem, self.geo, start, descriptor.as_bytes());
         let body_len = header_len + payload_len;
-        if body_len % 8 != 0 {
+        if !body_len.is_multiple_of(8) {
             // Zero the last word so the padding is zero whatever the ring held before.
             let last = self.geo.advance(start, len - 8);
             write_wrapped(&self.mem, self.geo, last, &[0; 8]);

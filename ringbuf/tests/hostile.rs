@@ -549,32 +549,34 @@ fn caller_errors_are_typed_and_harmless() {
         writer.write(&bad_flags).unwrap_err(),
         WriteError::UnknownFlags { flags: 4 }
     );
-    let mut slot = writer.reserve(PacketMeta::in_band(), 8, 10).unwrap();
-    assert_eq!(
-        slot.write_payload(5, &[0; 6]).unwrap_err(),
-        WriteError::OutOfBounds {
-            offset: 5,
-            len: 6,
-            size: 10
-        }
-    );
-    assert_eq!(
-        slot.write_header(0, &[0; 9]).unwrap_err(),
-        WriteError::OutOfBounds {
-            offset: 0,
-            len: 9,
-            size: 8
-        }
-    );
-    assert_eq!(
-        slot.write_payload(usize::MAX, &[0; 2]).unwrap_err(),
-        WriteError::OutOfBounds {
-            offset: usize::MAX,
-            len: 2,
-            size: 10
-        }
-    );
-    drop(slot);
+    {
+        // An unfinished slot, dropped at the end of this block.
+        let mut slot = writer.reserve(PacketMeta::in_band(), 8, 10).unwrap();
+        assert_eq!(
+            slot.write_payload(5, &[0; 6]).unwrap_err(),
+            WriteError::OutOfBounds {
+                offset: 5,
+                len: 6,
+                size: 10
+            }
+        );
+        assert_eq!(
+            slot.write_header(0, &[0; 9]).unwrap_err(),
+            WriteError::OutOfBounds {
+                offset: 0,
+                len: 9,
+                size: 8
+            }
+        );
+        assert_eq!(
+            slot.write_payload(usize::MAX, &[0; 2]).unwrap_err(),
+            WriteError::OutOfBounds {
+                offset: usize::MAX,
+                len: 2,
+                size: 10
+            }
+        );
+    }
     assert!(!writer.has_uncommitted(), "an unfinished slot is discarded");
     assert_eq!(writer.commit(), vmlink_ring::Signal::NONE);
     assert_eq!(ring.load_control(ControlWord::WriteIndex), 0);
@@ -655,7 +657,7 @@ proptest! {
         plausible in any::<bool>(),
     ) {
         let mut image = vec![0u8; 4096 + 4096];
-        let (w, r) = if aligned { (write % 4096 & !7, read % 4096 & !7) } else { (write, read) };
+        let (w, r) = if aligned { ((write % 4096) & !7, (read % 4096) & !7) } else { (write, read) };
         image[0..4].copy_from_slice(&w.to_le_bytes());
         image[4..8].copy_from_slice(&r.to_le_bytes());
         for (chunk, word) in image[4096..].chunks_mut(8).zip(&words) {

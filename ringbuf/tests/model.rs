@@ -363,7 +363,7 @@ fn pages() -> impl Strategy<Value = usize> {
 
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: if cfg!(miri) { 6 } else { 512 },
+        cases: if cfg!(miri) { 3 } else { 512 },
         failure_persistence: None,
         ..ProptestConfig::default()
     })]
@@ -381,7 +381,9 @@ proptest! {
 /// The edges by name: exactly full, exactly empty, the largest packet on each ring size.
 #[test]
 fn full_and_empty_edges() {
-    for pages in [1usize, 2, 129] {
+    // 129 pages (the length8 cap) is too slow for Miri; the small rings cover the logic.
+    let sizes: &[usize] = if cfg!(miri) { &[1, 2] } else { &[1, 2, 129] };
+    for &pages in sizes {
         let data_len = pages * 4096;
         let ring = HeapMem::new(data_len).unwrap();
         let mut writer = Writer::new(&ring).unwrap();

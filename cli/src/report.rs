@@ -1,0 +1,313 @@
+//! Output: the results as a readable table, or as JSON.
+
+use std::fmt::Write as _;
+
+use crate::measure::{
+    BATCH_BYTES, BATCH_PACKETS, LatencyRow, PING_BYTES, Results, STREAM_RING_BYTES, ThroughputRow,
+};
+
+/// A time in nanoseconds with a readable unit: `312 ns`, `18.3 µs`, `1.25 ms`.
+fn time(ns: u64) -> String {
+    let ns_f = ns as f64;
+    if ns < 1_000 {
+        format!("{ns} ns")
+    } else if ns < 1_000_000 {
+        format!("{:.2} µs", ns_f / 1e3)
+    } else {
+        format!("{:.2} ms", ns_f / 1e6)
+    }
+}
+
+/// A rate with a metric prefix: `850 k`, `12.3 M`.
+fn rate(per_s: f64) -> String {
+    if per_s >= 1e6 {
+        format!("{:.2} M", per_s / 1e6)
+    } else if per_s >= 1e3 {
+        format!("{:.1} k", per_s / 1e3)
+    } else {
+        format!("{per_s:.0}")
+    }
+}
+
+/// A byte count with a binary unit: `64 B`, `4 KiB`, `1 MiB`.
+fn size(bytes: usize) -> String {
+    if bytes >= 1 << 20 && bytes.is_multiple_of(1 << 20) {
+        format!("{} MiB", bytes >> 20)
+    } else if bytes >= 1 << 10 && bytes.is_multiple_of(1 << 10) {
+        format!("{} KiB", bytes >> 10)
+    } else {
+        format!("{bytes} B")
+    }
+}
+
+/// How many times faster `ours` is than `theirs` (times, lower is better), e.g. `3.2x`.
+fn speedup(theirs: f64, ours: f64) -> f64 {
+    theirs / ours
+}
+
+/// The latency speedup of a row at the median.
+fn latency_speedup_p50(row: &LatencyRow) -> f64 {
+    speedup(row.socket.p50_ns as f64, row.vmlink.p50_ns as f64)
+}
+
+/// The latency speedup of a row at the 99th percentile.
+fn latency_speedup_p99(row: &LatencyRow) -> f64 {
+    speedup(row.socket.p99_ns as f64, row.vmlink.p99_ns as f64)
+}
+
+/// The throughput speedup of a row (vmlink packets/s over socket packets/s).
+fn throughput_speedup(row: &ThroughputRow) -> f64 {
+    row.vmlink.packets_per_s() / row.socket.packets_per_s()
+}
+
+/// The results as the table the demo prints.
+pub fn table(r: &Results) -> String {
+    let mut out = String::new();
+    // Writing to a `String` cannot fail.
+    let _ = write_table(&mut out, r);
+    out
+}
+
+/// Writes the table into `out`.
+fn write_table(out: &mut String, r: &Results) -> std::fmt::Result {
+    writeln!(
+        out,
+        "vmlink demo: two endpoints on two threads of one process, one HeapMem ring each way"
+    )?;
+    write!(out, "machine: {} CPUs", r.machine.cpus)?;
+    if let Some(load) = r.machine.load_average {
+        write!(out, ", load average {load:.2} before the run")?;
+        if load >= r.machine.cpus as f64 {
+            write!(out, " (busy: expect noisy numbers)")?;
+        }
+    }
+    writeln!(out)?;
+    writeln!(out)?;
+    writeln!(
+        out,
+        "Round-trip latency, {PING_BYTES} B request + {PING_BYTES} B response"
+    )?;
+    writeln!(
+        out,
+        "  {:<9} {:>8}  {:>11}  {:>11}  {:>10}  {:>11}  {:>11}  {:>8}",
+        "mode",
+        "samples",
+        "vmlink p50",
+        "vmlink p99",
+        "signals/rt",
+        "socket p50",
+        "socket p99",
+        "speedup"
+    )?;
+    for row in &r.latency {
+        writeln!(
+            out,
+            "  {:<9} {:>8}  {:>11}  {:>11}  {:>10.2}  {:>11}  {:>11}  {:>7.1}x",
+            row.mode.name(),
+            row.vmlink.samples,
+            time(row.vmlink.p50_ns),
+            time(row.vmlink.p99_ns),
+            row.vmlink.signals_per_round_trip.unwrap_or(0.0),
+            time(row.socket.p50_ns),
+            time(row.socket.p99_ns),
+            latency_speedup_p50(row),
+        )?;
+    }
+    writeln!(out)?;
+    writeln!(
+        out,
+        "One-way streaming, {} ring, commit every {BATCH_PACKETS} packets or {}, blocking reader",
+        size(STREAM_RING_BYTES),
+        size(BATCH_BYTES)
+    )?;
+    writeln!(
+        out,
+        "  {:<9} {:>8}  {:>12}  {:>11}  {:>11}  {:>12}  {:>11}  {:>8}",
+        "packet",
+        "packets",
+        "vmlink pkt/s",
+        "vmlink GB/s",
+        "signals/pkt",
+        "socket pkt/s",
+        "socket GB/s",
+        "speedup"
+    )?;
+    for row in &r.throughput {
+        writeln!(
+            out,
+            "  {:<9} {:>8}  {:>12}  {:>11.2}  {:>11.4}  {:>12}  {:>11.2}  {:>7.1}x",
+            size(row.packet_bytes),
+            row.vmlink.packets,
+            rate(row.vmlink.packets_per_s()),
+            row.vmlink.gb_per_s(row.packet_bytes),
+            row.vmlink.signals_per_packet().unwrap_or(0.0),
+            rate(row.socket.packets_per_s()),
+            row.socket.gb_per_s(row.packet_bytes),
+            throughput_speedup(row),
+        )?;
+    }
+    writeln!(out)?;
+    writeln!(
+        out,
+        "socket: UnixStream::pair between two threads, blocking, same payloads, batching and check"
+    )?;
+    writeln!(
+        out,
+        "speedup: socket time / vmlink time (latency at the median); above 1 means vmlink is faster"
+    )?;
+    writeln!(
+        out,
+        "signals: commits whose Signal::is_needed(), i.e. doorbell rings, both directions"
+    )?;
+    writeln!(out)?;
+    let check = &r.vmlink_check;
+    write!(
+        out,
+        "verified {} packets, {} bytes through vmlink rings",
+        check.packets, check.bytes
+    )?;
+    writeln!(
+        out,
+        " (and {} packets through sockets): {} mismatches",
+        r.socket_check.packets,
+        r.mismatches()
+    )?;
+    if let Some(first) = r.first_mismatch() {
+        writeln!(out, "DATA CHECK FAILED; first mismatch: {first}")?;
+    }
+    Ok(())
+}
+
+/// A JSON number, or `null` when it is not finite.
+fn num(x: f64) -> String {
+    if x.is_finite() {
+        format!("{x:.4}")
+    } else {
+        "null".to_owned()
+    }
+}
+
+/// A JSON number for an optional value.
+fn opt_num(x: Option<f64>) -> String {
+    x.map_or_else(|| "null".to_owned(), num)
+}
+
+/// A JSON string literal.
+fn string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            c if u32::from(c) < 0x20 => out.push_str(&format!("\\u{:04x}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// The results as one JSON object (with a trailing newline).
+pub fn json(r: &Results, quick: bool) -> String {
+    let latency: Vec<String> = r
+        .latency
+        .iter()
+        .map(|row| {
+            format!(
+                concat!(
+                    "{{\"mode\":{},\"payload_bytes\":{},\"samples\":{},",
+                    "\"vmlink_p50_ns\":{},\"vmlink_p99_ns\":{},\"signals_per_round_trip\":{},",
+                    "\"socket_samples\":{},\"socket_p50_ns\":{},\"socket_p99_ns\":{},",
+                    "\"speedup_p50\":{},\"speedup_p99\":{}}}"
+                ),
+                string(row.mode.name()),
+                PING_BYTES,
+                row.vmlink.samples,
+                row.vmlink.p50_ns,
+                row.vmlink.p99_ns,
+                opt_num(row.vmlink.signals_per_round_trip),
+                row.socket.samples,
+                row.socket.p50_ns,
+                row.socket.p99_ns,
+                num(latency_speedup_p50(row)),
+                num(latency_speedup_p99(row)),
+            )
+        })
+        .collect();
+    let throughput: Vec<String> = r
+        .throughput
+        .iter()
+        .map(|row| {
+            format!(
+                concat!(
+                    "{{\"packet_bytes\":{},\"vmlink_packets\":{},\"vmlink_seconds\":{},",
+                    "\"vmlink_packets_per_s\":{},\"vmlink_gb_per_s\":{},",
+                    "\"signals\":{},\"signals_per_packet\":{},",
+                    "\"socket_packets\":{},\"socket_seconds\":{},",
+                    "\"socket_packets_per_s\":{},\"socket_gb_per_s\":{},\"speedup\":{}}}"
+                ),
+                row.packet_bytes,
+                row.vmlink.packets,
+                num(row.vmlink.elapsed.as_secs_f64()),
+                num(row.vmlink.packets_per_s()),
+                num(row.vmlink.gb_per_s(row.packet_bytes)),
+                row.vmlink
+                    .signals
+                    .map_or_else(|| "null".to_owned(), |s| s.to_string()),
+                opt_num(row.vmlink.signals_per_packet()),
+                row.socket.packets,
+                num(row.socket.elapsed.as_secs_f64()),
+                num(row.socket.packets_per_s()),
+                num(row.socket.gb_per_s(row.packet_bytes)),
+                num(throughput_speedup(row)),
+            )
+        })
+        .collect();
+    format!(
+        concat!(
+            "{{\"quick\":{},\"cpus\":{},\"load_average\":{},",
+            "\"latency\":[{}],\"throughput\":[{}],",
+            "\"verified_packets\":{},\"verified_bytes\":{},",
+            "\"socket_verified_packets\":{},\"socket_verified_bytes\":{},",
+            "\"mismatches\":{},\"first_mismatch\":{}}}\n"
+        ),
+        quick,
+        r.machine.cpus,
+        opt_num(r.machine.load_average),
+        latency.join(","),
+        throughput.join(","),
+        r.vmlink_check.packets,
+        r.vmlink_check.bytes,
+        r.socket_check.packets,
+        r.socket_check.bytes,
+        r.mismatches(),
+        r.first_mismatch().map_or_else(|| "null".to_owned(), string),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn units() {
+        assert_eq!(time(312), "312 ns");
+        assert_eq!(time(18_300), "18.30 µs");
+        assert_eq!(time(1_250_000), "1.25 ms");
+        assert_eq!(rate(12_300_000.0), "12.30 M");
+        assert_eq!(rate(850_000.0), "850.0 k");
+        assert_eq!(size(64), "64 B");
+        assert_eq!(size(4096), "4 KiB");
+        assert_eq!(size(1 << 20), "1 MiB");
+    }
+
+    #[test]
+    fn json_strings_and_numbers() {
+        assert_eq!(string("a\"b\\c\n\u{1}"), "\"a\\\"b\\\\c\\n\\u0001\"");
+        assert_eq!(num(f64::NAN), "null");
+        assert_eq!(num(f64::INFINITY), "null");
+        assert_eq!(num(1.5), "1.5000");
+    }
+}

@@ -1,0 +1,65 @@
+//! Runs the built `vmlink` binary's demo in its quick JSON form and checks that it moved
+//! and verified real data.
+
+use std::process::Command;
+
+/// The unsigned integer that follows `"key":` in `json`, if any.
+fn field(json: &str, key: &str) -> Option<u64> {
+    let pattern = format!("\"{key}\":");
+    let start = json.find(&pattern)? + pattern.len();
+    let digits: String = json[start..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
+#[test]
+fn quick_json_demo_verifies_data() {
+    let output = Command::new(env!("CARGO_BIN_EXE_vmlink"))
+        .args(["demo", "--quick", "--json"])
+        .output()
+        .expect("run vmlink");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "vmlink demo failed ({}):\nstdout: {stdout}\nstderr: {stderr}",
+        output.status
+    );
+    let json = stdout.trim();
+    assert!(
+        json.starts_with('{') && json.ends_with('}'),
+        "not a JSON object: {json}"
+    );
+    let packets = field(json, "verified_packets").expect("verified_packets in the JSON");
+    let bytes = field(json, "verified_bytes").expect("verified_bytes in the JSON");
+    let mismatches = field(json, "mismatches").expect("mismatches in the JSON");
+    assert!(packets > 0, "no packets verified: {json}");
+    assert!(bytes >= packets * 64, "too few bytes verified: {json}");
+    assert_eq!(mismatches, 0, "mismatches reported: {json}");
+    assert!(json.contains("\"first_mismatch\":null"), "{json}");
+    for mode in ["\"mode\":\"polling\"", "\"mode\":\"blocking\""] {
+        assert!(json.contains(mode), "{mode} missing: {json}");
+    }
+    for size in [64, 4096, 65536] {
+        assert!(
+            json.contains(&format!("\"packet_bytes\":{size},")),
+            "{size}-byte stream missing: {json}"
+        );
+    }
+}
+
+#[test]
+fn help_describes_the_demo() {
+    let output = Command::new(env!("CARGO_BIN_EXE_vmlink"))
+        .args(["demo", "--help"])
+        .output()
+        .expect("run vmlink");
+    assert!(output.status.success());
+    let help = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        help.contains("--json") && help.contains("--quick"),
+        "{help}"
+    );
+}
