@@ -286,8 +286,8 @@ impl<M: RingMem> Writer<M> {
         self.tail = self.published;
     }
 
-    /// Prepares to sleep until a packet of `len` bytes (as returned by
-    /// [`protocol::packet_len`](crate::protocol::packet_len)) fits.
+    /// Prepares to sleep until a packet with `header_len` bytes of extra header and
+    /// `payload_len` bytes of payload fits (the sizes [`reserve`](Self::reserve) takes).
     ///
     /// Publishes any uncommitted packets first (their signal is returned), then sets
     /// `pending_send_size` (with hysteresis: at least a quarter of the ring), issues a full
@@ -295,11 +295,12 @@ impl<M: RingMem> Writer<M> {
     /// reader is obliged to signal once enough space is free; sleep with a bounded timeout
     /// all the same, as peers that ignore `pending_send_size` exist. The next successful
     /// reservation clears `pending_send_size`.
-    pub fn prepare_wait(&mut self, len: usize) -> Result<(WaitDecision, Signal), WriteError> {
-        let max = self.max_packet_len();
-        if len > max {
-            return Err(WriteError::TooLarge { len, max });
-        }
+    pub fn prepare_wait(
+        &mut self,
+        header_len: usize,
+        payload_len: usize,
+    ) -> Result<(WaitDecision, Signal), WriteError> {
+        let len = self.packet_len_for(&PacketMeta::in_band(), header_len, payload_len)?;
         let signal = self.commit();
         let needed = len + TRAILER_SIZE;
         self.refresh_read()?;

@@ -293,7 +293,7 @@ fn read_index_out_of_range_or_misaligned() {
             WriteError::Corrupt(expected)
         );
         assert_eq!(
-            writer.prepare_wait(4016).unwrap_err(),
+            writer.prepare_wait(0, 4000).unwrap_err(),
             WriteError::Corrupt(expected)
         );
         assert_eq!(
@@ -523,7 +523,7 @@ fn caller_errors_are_typed_and_harmless() {
         WriteError::TooLarge { len: max + 8, max }
     );
     assert_eq!(
-        writer.prepare_wait(max + 8).unwrap_err(),
+        writer.prepare_wait(0, max - 16 + 1).unwrap_err(),
         WriteError::TooLarge { len: max + 8, max }
     );
     let header = [0u8; 12];

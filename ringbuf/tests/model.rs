@@ -301,8 +301,9 @@ fn run(pages: usize, start_word: usize, ops: Vec<Op>) {
                 assert_eq!(decision, expect);
             }
             Op::WriterWait { size } => {
-                let len = packet_len(0, m.payload_len(size, 0)).unwrap();
-                let (decision, signal) = writer.prepare_wait(len).unwrap();
+                let payload = m.payload_len(size, 0);
+                let len = packet_len(0, payload).unwrap();
+                let (decision, signal) = writer.prepare_wait(0, payload).unwrap();
                 assert_eq!(signal, m.writer_commit());
                 let needed = len + 8;
                 if m.writer_free() > needed {

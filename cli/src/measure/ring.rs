@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use vmlink_ring::protocol::{PAGE_SIZE, PacketType, packet_len};
+use vmlink_ring::protocol::{PAGE_SIZE, PacketType};
 use vmlink_ring::{HeapMem, PacketMeta, Reader, Signal, WaitDecision, WriteError, Writer};
 
 use super::{
@@ -271,11 +271,9 @@ impl<'a> Endpoint<'a> {
     /// is pending, sets `pending_send_size` and sleeps on the doorbell, looking again at
     /// least every [`WAIT_TIMEOUT`].
     fn wait_writable(&mut self, payload: usize) -> Result<(), DemoError> {
-        // An overflowing length becomes a `TooLarge` error from `prepare_wait`.
-        let len = packet_len(0, payload).unwrap_or(usize::MAX);
         loop {
             self.check_peer()?;
-            let (decision, signal) = self.tx.prepare_wait(len)?;
+            let (decision, signal) = self.tx.prepare_wait(0, payload)?;
             self.notify(signal);
             match decision {
                 WaitDecision::Ready => return Ok(()),
