@@ -32,7 +32,7 @@
 //! let mut buf = [0u8; 64];
 //! let (info, _signal) = reader.read_into(&mut buf)?.expect("a packet");
 //! // Payloads are padded to 8 bytes; protocols carry exact lengths themselves.
-//! assert_eq!(info.payload_len, 16);
+//! assert_eq!(info.payload_len(), 16);
 //! assert_eq!(&buf[..12], b"hello, guest");
 //! assert!(reader.peek()?.is_none());
 //! # Ok::<(), Box<dyn std::error::Error>>(())

@@ -7,24 +7,53 @@ use crate::ring::{Geometry, Signal, WaitDecision, in_bounds, read_wrapped};
 use crate::sync::{Ordering, fence};
 
 /// A validated packet descriptor, copied out of the ring.
+///
+/// Only the reader creates these, from a descriptor it read once and validated; the
+/// lengths here are what every later access to the packet is bounded by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PacketInfo {
-    /// Where the packet starts in the data area.
-    pub offset: u32,
-    /// The packet type.
-    pub packet_type: PacketType,
-    /// Packet flags.
-    pub flags: u16,
-    /// Transaction id.
-    pub transaction_id: u64,
-    /// Bytes of extra header between the descriptor and the payload.
-    pub header_len: usize,
-    /// Bytes of payload, padding included (VMBus lengths are in 8-byte units; protocols
-    /// carry exact lengths in their own headers).
-    pub payload_len: usize,
+    offset: u32,
+    packet_type: PacketType,
+    flags: u16,
+    transaction_id: u64,
+    header_len: usize,
+    payload_len: usize,
+    /// The reader's epoch when the packet was peeked (see [`Reader::packet`]).
+    epoch: u64,
 }
 
 impl PacketInfo {
+    /// Where the packet starts in the data area.
+    pub fn offset(&self) -> u32 {
+        self.offset
+    }
+
+    /// The packet type.
+    pub fn packet_type(&self) -> PacketType {
+        self.packet_type
+    }
+
+    /// Packet flags.
+    pub fn flags(&self) -> u16 {
+        self.flags
+    }
+
+    /// Transaction id.
+    pub fn transaction_id(&self) -> u64 {
+        self.transaction_id
+    }
+
+    /// Bytes of extra header between the descriptor and the payload.
+    pub fn header_len(&self) -> usize {
+        self.header_len
+    }
+
+    /// Bytes of payload, padding included (VMBus lengths are in 8-byte units; protocols
+    /// carry exact lengths in their own headers).
+    pub fn payload_len(&self) -> usize {
+        self.payload_len
+    }
+
     /// True when the sender asked for a completion.
     pub fn completion_requested(&self) -> bool {
         self.flags & crate::protocol::FLAG_COMPLETION_REQUESTED != 0
@@ -60,6 +89,8 @@ pub struct Reader<M: RingMem> {
     head: u32,
     /// The writer's index as last read and validated.
     cached_write: u32,
+    /// Bumped whenever `head` moves, so a [`PacketInfo`] from before is recognised as stale.
+    epoch: u64,
 }
 
 impl<M: RingMem> Reader<M> {
@@ -75,6 +106,7 @@ impl<M: RingMem> Reader<M> {
             published: read,
             head: read,
             cached_write: write,
+            epoch: 0,
         })
     }
 
@@ -191,6 +223,7 @@ impl<M: RingMem> Reader<M> {
             transaction_id: d.transaction_id,
             header_len: data_offset as usize - DESCRIPTOR_SIZE,
             payload_len: (length - data_offset) as usize,
+            epoch: self.epoch,
         }))
     }
 
@@ -199,6 +232,21 @@ impl<M: RingMem> Reader<M> {
         Ok(self
             .next_packet()?
             .map(|info| IncomingPacket { reader: self, info }))
+    }
+
+    /// The next packet's validated descriptor, without borrowing the reader; reopen the
+    /// packet with [`packet`](Self::packet). `Ok(None)` when the ring is empty.
+    pub fn peek_info(&mut self) -> Result<Option<PacketInfo>, RingError> {
+        self.next_packet()
+    }
+
+    /// Reopens the packet `info` describes, without reading its descriptor again; `None`
+    /// when the reader has moved since (a consume or revert), so `info` is stale.
+    pub fn packet(&mut self, info: &PacketInfo) -> Option<IncomingPacket<'_, M>> {
+        (info.epoch == self.epoch).then_some(IncomingPacket {
+            reader: self,
+            info: *info,
+        })
     }
 
     /// Copies the next packet's payload into `buf`, consumes the packet and commits.
@@ -258,6 +306,7 @@ impl<M: RingMem> Reader<M> {
     /// Forgets the packets consumed since the last commit; they will be read again.
     pub fn revert(&mut self) {
         self.head = self.published;
+        self.epoch += 1;
     }
 
     /// Sets the interrupt mask: the writer will not signal for new data. For a reader that
@@ -344,5 +393,6 @@ impl<M: RingMem> IncomingPacket<'_, M> {
         r.head = r
             .geo
             .advance(self.info.offset, self.info.packet_len() + TRAILER_SIZE);
+        r.epoch += 1;
     }
 }

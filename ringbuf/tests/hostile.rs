@@ -65,7 +65,7 @@ fn rejects_descriptor(corrupt: impl FnOnce(&mut PacketDescriptor), expected: Rin
         .read_into(&mut buf)
         .unwrap()
         .expect("the repaired packet");
-    assert_eq!(&buf[..info.payload_len], b"8 bytes!");
+    assert_eq!(&buf[..info.payload_len()], b"8 bytes!");
     assert_eq!(ring.load_control(ControlWord::ReadIndex), 32);
 }
 
@@ -427,7 +427,7 @@ fn write_index_read_once_per_look() {
         .peek()
         .unwrap()
         .expect("the packet published at index 32");
-    assert_eq!(packet.info().payload_len, 8);
+    assert_eq!(packet.info().payload_len(), 8);
     let mut buf = [0u8; 8];
     packet.read_payload(0, &mut buf).unwrap();
     assert_eq!(&buf, b"8 bytes!");
@@ -475,7 +475,7 @@ fn descriptor_rewritten_after_validation_cannot_widen_the_packet() {
     let mut d = descriptor(&ring, 0);
     d.length8 = u16::MAX;
     set_descriptor(&ring, 0, d);
-    assert_eq!(packet.info().payload_len, 8);
+    assert_eq!(packet.info().payload_len(), 8);
     let mut buf = vec![0u8; 1000];
     assert_eq!(
         packet.read_payload(0, &mut buf).unwrap_err(),
@@ -619,9 +619,9 @@ fn drain_hostile(image: &[u8]) -> usize {
         match reader.peek() {
             Ok(Some(p)) => {
                 let info = *p.info();
-                let mut buf = vec![0u8; info.payload_len];
+                let mut buf = vec![0u8; info.payload_len()];
                 p.read_payload(0, &mut buf).unwrap();
-                let mut hdr = vec![0u8; info.header_len];
+                let mut hdr = vec![0u8; info.header_len()];
                 p.read_header(0, &mut hdr).unwrap();
                 assert!(info.packet_len() + 8 <= data_len);
                 consumed += info.packet_len() + 8;

@@ -111,25 +111,25 @@ fn reads_linux_written_packets_including_a_wrapped_one() {
 
     let (info, _) = reader.read_into(&mut buf).unwrap().unwrap();
     assert_eq!(
-        (info.packet_type, info.flags, info.payload_len),
+        (info.packet_type(), info.flags(), info.payload_len()),
         (PacketType::InBand, 0, 8)
     );
     assert_eq!(&buf[..5], &p1[..]);
     assert_eq!(&buf[5..8], &[0, 0, 0]);
 
     let (info, _) = reader.read_into(&mut buf).unwrap().unwrap();
-    assert_eq!(info.packet_type, PacketType::InBand);
+    assert_eq!(info.packet_type(), PacketType::InBand);
     assert!(info.completion_requested());
-    assert_eq!(info.transaction_id, 0xAABB_CCDD_0011_2233);
-    assert_eq!(info.payload_len, 304);
+    assert_eq!(info.transaction_id(), 0xAABB_CCDD_0011_2233);
+    assert_eq!(info.payload_len(), 304);
     assert_eq!(&buf[..301], &p2[..]);
 
     let (info, _) = reader.read_into(&mut buf).unwrap().unwrap();
     assert_eq!(
-        (info.packet_type, info.payload_len),
+        (info.packet_type(), info.payload_len()),
         (PacketType::Completion, 0)
     );
-    assert_eq!(info.transaction_id, 0xAABB_CCDD_0011_2233);
+    assert_eq!(info.transaction_id(), 0xAABB_CCDD_0011_2233);
     assert!(reader.read_into(&mut buf).unwrap().is_none());
     assert_eq!(
         ring.load_control(ControlWord::ReadIndex),
@@ -145,7 +145,7 @@ fn padding_need_not_be_zero_and_feature_bits_may_be_zero() {
     let ring = HeapMem::from_image(&img.finish(0)).unwrap();
     let mut reader = Reader::new(&ring).unwrap();
     let packet = reader.peek().unwrap().unwrap();
-    assert_eq!(packet.info().payload_len, 8);
+    assert_eq!(packet.info().payload_len(), 8);
     let mut buf = [0u8; 8];
     packet.read_payload(0, &mut buf).unwrap();
     assert_eq!(&buf[..3], b"abc");
@@ -189,9 +189,9 @@ fn reads_a_linux_gpa_direct_packet() {
     let mut reader = Reader::new(&ring).unwrap();
     let packet = reader.peek().unwrap().unwrap();
     let info = *packet.info();
-    assert_eq!(info.packet_type, PacketType::GpaDirect);
-    assert_eq!(info.header_len, 32);
-    assert_eq!(info.payload_len, 8);
+    assert_eq!(info.packet_type(), PacketType::GpaDirect);
+    assert_eq!(info.header_len(), 32);
+    assert_eq!(info.payload_len(), 8);
     let mut got = [0u8; 32];
     packet.read_header(0, &mut got).unwrap();
     assert_eq!(&got[..], &header[..]);
@@ -217,7 +217,7 @@ fn reads_a_ring_filled_to_linux_limit() {
     let mut reader = Reader::new(&ring).unwrap();
     let mut buf = vec![0u8; data_len];
     let (info, _) = reader.read_into(&mut buf).unwrap().unwrap();
-    assert_eq!(&buf[..info.payload_len], &big[..]);
+    assert_eq!(&buf[..info.payload_len()], &big[..]);
 }
 
 #[test]
@@ -312,4 +312,41 @@ fn in_place_write_matches_copy_write() {
     slot.write_header(0, &header[..8]).unwrap();
     let _ = slot.commit();
     assert_eq!(a.to_image(), b.to_image());
+}
+
+#[test]
+fn packet_infos_go_stale_when_the_reader_moves() {
+    let ring = HeapMem::new(4096).unwrap();
+    let mut writer = Writer::new(&ring).unwrap();
+    let _ = writer.write(&OutgoingPacket::in_band(&[b"first"])).unwrap();
+    let _ = writer
+        .write(&OutgoingPacket::in_band(&[b"second"]))
+        .unwrap();
+    let mut reader = Reader::new(&ring).unwrap();
+    let first = reader.peek_info().unwrap().unwrap();
+    assert_eq!(
+        reader.peek_info().unwrap(),
+        Some(first),
+        "peeking again sees the same packet"
+    );
+    let mut buf = [0u8; 8];
+    reader
+        .packet(&first)
+        .unwrap()
+        .read_payload(0, &mut buf)
+        .unwrap();
+    assert_eq!(&buf[..5], b"first");
+    reader.packet(&first).unwrap().consume();
+    assert!(
+        reader.packet(&first).is_none(),
+        "consumed: the info is stale"
+    );
+    let second = reader.peek_info().unwrap().unwrap();
+    assert_eq!(second.offset(), 32);
+    reader.revert();
+    assert!(
+        reader.packet(&second).is_none(),
+        "reverted: the info is stale"
+    );
+    assert_eq!(reader.peek_info().unwrap().unwrap().offset(), 0);
 }

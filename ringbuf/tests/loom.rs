@@ -135,7 +135,7 @@ fn run_reader(ring: Arc<HeapMem>, bells: &Bells, lens: &[usize], style: ReaderSt
                 Some(packet) => {
                     let info = *packet.info();
                     packet
-                        .read_payload(0, &mut buf[..info.payload_len])
+                        .read_payload(0, &mut buf[..info.payload_len()])
                         .unwrap();
                     packet.consume();
                     if reader.commit().is_needed() {
@@ -148,9 +148,9 @@ fn run_reader(ring: Arc<HeapMem>, bells: &Bells, lens: &[usize], style: ReaderSt
         };
         match got {
             Some(info) => {
-                assert_eq!(info.transaction_id, next as u64, "packets out of order");
-                assert_eq!(info.header_len, 0);
-                check_payload(next, lens[next], &buf[..info.payload_len]);
+                assert_eq!(info.transaction_id(), next as u64, "packets out of order");
+                assert_eq!(info.header_len(), 0);
+                check_payload(next, lens[next], &buf[..info.payload_len()]);
                 next += 1;
             }
             None => {

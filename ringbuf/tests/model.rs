@@ -162,15 +162,15 @@ fn fill(serial: u64, len: usize) -> Vec<u8> {
 
 fn check_packet(reader_pkt: &vmlink_ring::IncomingPacket<'_, &HeapMem>, expected: &Pkt) {
     let info = *reader_pkt.info();
-    assert_eq!(info.packet_type, expected.meta.packet_type);
-    assert_eq!(info.flags, expected.meta.flags);
-    assert_eq!(info.transaction_id, expected.meta.transaction_id);
-    assert_eq!(info.header_len, expected.header.len());
-    assert_eq!(info.payload_len, expected.payload.len().div_ceil(8) * 8);
-    let mut header = vec![0u8; info.header_len];
+    assert_eq!(info.packet_type(), expected.meta.packet_type);
+    assert_eq!(info.flags(), expected.meta.flags);
+    assert_eq!(info.transaction_id(), expected.meta.transaction_id);
+    assert_eq!(info.header_len(), expected.header.len());
+    assert_eq!(info.payload_len(), expected.payload.len().div_ceil(8) * 8);
+    let mut header = vec![0u8; info.header_len()];
     reader_pkt.read_header(0, &mut header).unwrap();
     assert_eq!(header, expected.header);
-    let mut payload = vec![0xFFu8; info.payload_len];
+    let mut payload = vec![0xFFu8; info.payload_len()];
     reader_pkt.read_payload(0, &mut payload).unwrap();
     assert_eq!(&payload[..expected.payload.len()], &expected.payload[..]);
     assert!(
@@ -269,8 +269,8 @@ fn run(pages: usize, start_word: usize, ops: Vec<Op>) {
                         None => assert!(m.queued.is_empty()),
                         Some((info, signal)) => {
                             let expected = m.queued.pop_front().expect("model has a packet");
-                            assert_eq!(info.transaction_id, expected.meta.transaction_id);
-                            assert_eq!(info.header_len, expected.header.len());
+                            assert_eq!(info.transaction_id(), expected.meta.transaction_id);
+                            assert_eq!(info.header_len(), expected.header.len());
                             assert_eq!(&buf[..expected.payload.len()], &expected.payload[..]);
                             m.consumed.push_back(expected);
                             assert_eq!(signal, m.reader_commit());
@@ -412,7 +412,7 @@ fn full_and_empty_edges() {
         }
         let mut buf = vec![0u8; max];
         let (info, _) = reader.read_into(&mut buf).unwrap().unwrap();
-        assert_eq!(info.payload_len, max - 16);
+        assert_eq!(info.payload_len(), max - 16);
         assert!(buf[..max - 16].iter().all(|b| *b == 0x5A));
         assert!(reader.read_into(&mut buf).unwrap().is_none());
         assert_eq!(writer.free_space().unwrap(), data_len);

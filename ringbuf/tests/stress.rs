@@ -352,22 +352,26 @@ struct ReaderReport {
 
 /// Checks one received packet against what packet `n` should be.
 fn check_packet(n: u64, info: &PacketInfo, got: &[u8], expected: &mut Vec<u8>) {
-    assert_eq!(info.packet_type, PacketType::InBand, "packet {n}: type");
-    assert_eq!(info.header_len, 0, "packet {n}: header");
-    if info.transaction_id == END {
-        assert_eq!((info.flags, info.payload_len), (0, 0), "end packet");
+    assert_eq!(info.packet_type(), PacketType::InBand, "packet {n}: type");
+    assert_eq!(info.header_len(), 0, "packet {n}: header");
+    if info.transaction_id() == END {
+        assert_eq!((info.flags(), info.payload_len()), (0, 0), "end packet");
         return;
     }
-    assert_eq!(info.transaction_id, n, "packet lost, repeated or reordered");
-    assert_eq!(info.flags, meta(n).flags, "packet {n}: flags");
+    assert_eq!(
+        info.transaction_id(),
+        n,
+        "packet lost, repeated or reordered"
+    );
+    assert_eq!(info.flags(), meta(n).flags, "packet {n}: flags");
     fill_payload(n, expected);
     let len = expected.len();
     assert_eq!(
-        info.payload_len,
+        info.payload_len(),
         len.next_multiple_of(8),
         "packet {n}: length"
     );
-    assert_eq!(got.len(), info.payload_len);
+    assert_eq!(got.len(), info.payload_len());
     if got[..len] != expected[..] {
         let at = (0..len).find(|&i| got[i] != expected[i]).unwrap();
         panic!(
@@ -406,7 +410,7 @@ fn run_reader(ring: Arc<HeapMem>, shared: &Shared, polling: bool) -> ReaderRepor
                 None => None,
                 Some(packet) => {
                     let info = *packet.info();
-                    let len = info.payload_len;
+                    let len = info.payload_len();
                     let cut = choice.below(len + 1);
                     packet.read_payload(cut, &mut buf[cut..len]).unwrap();
                     packet.read_payload(0, &mut buf[..cut]).unwrap();
@@ -429,11 +433,11 @@ fn run_reader(ring: Arc<HeapMem>, shared: &Shared, polling: bool) -> ReaderRepor
             check_packet(
                 report.packets,
                 &info,
-                &buf[..info.payload_len],
+                &buf[..info.payload_len()],
                 &mut expected,
             );
             idle = 0;
-            if info.transaction_id == END {
+            if info.transaction_id() == END {
                 shared.to_writer.ring_if(reader.commit());
                 return report;
             }

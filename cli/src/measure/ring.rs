@@ -324,12 +324,12 @@ impl<'a> Endpoint<'a> {
                 continue;
             };
             let info = *packet.info();
-            if info.packet_type != PacketType::InBand || info.payload_len != size {
+            if info.packet_type() != PacketType::InBand || info.payload_len() != size {
                 packet.consume();
-                tally.fail(info.payload_len, || {
+                tally.fail(info.payload_len(), || {
                     format!(
                         "packet {expect}: expected an in-band packet of {size} bytes, got {:?} of {}",
-                        info.packet_type, info.payload_len
+                        info.packet_type(), info.payload_len()
                     )
                 });
                 return Ok(Received::Data);
