@@ -1,0 +1,138 @@
+//! Async waits: futures woken by the doorbell, on any executor.
+//!
+//! Nothing here needs a runtime: a future that cannot proceed arms its condition in the
+//! ring, then registers its waker with the channel's hub and with the doorbell
+//! ([`AsyncDoorbell::poll_wait`]). Dropping a future at any await point is safe: no packet
+//! is half-taken, and a dropped call keeps its transaction id reserved for the late
+//! completion. Deadlines come from the executor (e.g. `tokio::time::timeout`).
+//!
+//! A sender waiting for space relies on the peer honouring `pending_send_size`; against a
+//! peer that may not, put a timeout around the send and retry.
+
+use core::future::Future;
+use core::pin::Pin;
+use core::task::{Context, Poll};
+
+use vmlink_ring::{OutgoingPacket, RingMem, WaitDecision};
+
+use crate::channel::{Channel, Received, request_packet};
+use crate::doorbell::AsyncDoorbell;
+use crate::error::ChannelError;
+
+/// Resolves when the channel's hub moves past a generation.
+struct Event<'c, M: RingMem, D: AsyncDoorbell> {
+    channel: &'c Channel<M, D>,
+    seen: u64,
+    registered: bool,
+}
+
+impl<M: RingMem, D: AsyncDoorbell> Future for Event<'_, M, D> {
+    type Output = Result<(), ChannelError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.channel.poll_event(self.seen, cx) {
+            Poll::Ready(r) => {
+                self.registered = false;
+                Poll::Ready(r)
+            }
+            Poll::Pending => {
+                self.registered = true;
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl<M: RingMem, D: AsyncDoorbell> Drop for Event<'_, M, D> {
+    fn drop(&mut self) {
+        if self.registered {
+            self.channel.forget_waiter();
+        }
+    }
+}
+
+impl<M: RingMem, D: AsyncDoorbell> Channel<M, D> {
+    fn event(&self, seen: u64) -> Event<'_, M, D> {
+        Event {
+            channel: self,
+            seen,
+            registered: false,
+        }
+    }
+
+    /// Receives one packet into `buf`, waiting asynchronously.
+    /// [`ChannelError::Closed`] once the peer is gone and everything it committed has been
+    /// received.
+    pub async fn recv_async(&self, buf: &mut [u8]) -> Result<Received, ChannelError> {
+        loop {
+            let seen = self.generation();
+            if let Some(r) = self.try_recv(buf)? {
+                return Ok(r);
+            }
+            if self.prepare_recv_wait()? == WaitDecision::Sleep {
+                self.count_receive_sleep();
+                self.event(seen).await?;
+            }
+        }
+    }
+
+    /// Sends any packet, waiting asynchronously for space.
+    pub async fn send_packet_async(&self, packet: &OutgoingPacket<'_>) -> Result<(), ChannelError> {
+        let payload: usize = packet.payload.iter().map(|p| p.len()).sum();
+        loop {
+            let seen = self.generation();
+            match self.try_send_packet(packet) {
+                Err(ChannelError::Full) => {}
+                other => return other,
+            }
+            if self.prepare_send_wait(packet.header.len(), payload)? == WaitDecision::Sleep {
+                self.event(seen).await?;
+            }
+        }
+    }
+
+    /// Sends an in-band packet that asks for no completion, waiting asynchronously for
+    /// space.
+    pub async fn send_async(&self, payload: &[u8]) -> Result<(), ChannelError> {
+        self.send_packet_async(&OutgoingPacket::in_band(&[payload]))
+            .await
+    }
+
+    /// Sends a completion for `transaction_id`, waiting asynchronously for space.
+    pub async fn complete_async(
+        &self,
+        transaction_id: u64,
+        payload: &[u8],
+    ) -> Result<(), ChannelError> {
+        self.send_packet_async(&crate::channel::completion(transaction_id, &[payload]))
+            .await
+    }
+
+    /// Sends `request` and waits asynchronously for its completion, copying its payload
+    /// into `response`; see [`call`](Self::call). Dropping the future abandons the call:
+    /// its transaction id stays reserved until the late completion arrives.
+    pub async fn call_async(
+        &self,
+        request: &[u8],
+        response: &mut [u8],
+    ) -> Result<usize, ChannelError> {
+        let mut txn = self.begin_call()?;
+        if let Err(e) = self
+            .send_packet_async(&request_packet(txn.tid(), &[request]))
+            .await
+        {
+            txn.never_sent();
+            return Err(e);
+        }
+        loop {
+            let seen = self.generation();
+            match self.call_step(&mut txn, response)? {
+                crate::channel::CallStep::Done(len) => return Ok(len),
+                crate::channel::CallStep::Retry => {}
+                crate::channel::CallStep::QueueFull | crate::channel::CallStep::Sleep => {
+                    self.event(seen).await?;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,1622 @@
+//! The channel: an outgoing ring, an incoming ring and a doorbell.
+
+#[cfg(feature = "alloc")]
+use alloc::{collections::VecDeque, vec::Vec};
+use core::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use core::time::Duration;
+#[cfg(feature = "std")]
+use std::time::Instant;
+
+use vmlink_ring::protocol::{FLAG_COMPLETION_REQUESTED, PacketType, packet_len};
+use vmlink_ring::{
+    OutgoingPacket, PacketInfo, PacketMeta, ReadError, Reader, RingError, RingMem, Signal,
+    WaitDecision, WriteError, WriteSlot, Writer,
+};
+
+use crate::doorbell::{Doorbell, DoorbellError};
+use crate::error::{ChannelError, FailureCause, ProtocolError};
+use crate::packet::{
+    GpaRange, encode_gpa_header, gpa_header_len, parse_gpa_header, validate_gpa_header,
+    validate_transfer_page_header,
+};
+use crate::sync::{Guard, Hub, Lock};
+use crate::txn::{MAX_TRANSACTIONS, Mode, Route, Transactions};
+
+/// How a channel behaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Config {
+    /// Polling mode: how many times a receiver that found nothing looks again, with
+    /// exponential backoff and its interrupts masked, before it unmasks and sleeps. 0 (the
+    /// default) sleeps at once.
+    pub spin_iterations: u32,
+    /// How long a sender waiting for space sleeps before it looks again even without a
+    /// signal, for peers that do not honour `pending_send_size`.
+    pub space_recheck: Duration,
+    /// With `alloc`: how many unsolicited packets may wait in the channel while callers
+    /// wait for completions. When it is full, callers stop reading the ring until a
+    /// receiver takes packets.
+    pub queue_depth: usize,
+    /// GPA-direct page numbers must be below this (the shm transport's buffer area);
+    /// `None` checks only the structure.
+    pub gpa_page_limit: Option<u64>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            spin_iterations: 0,
+            space_recheck: Duration::from_millis(10),
+            queue_depth: 64,
+            gpa_page_limit: None,
+        }
+    }
+}
+
+impl Config {
+    /// Polling mode with `spin_iterations` looks before sleeping.
+    pub fn polling(spin_iterations: u32) -> Self {
+        Self {
+            spin_iterations,
+            ..Self::default()
+        }
+    }
+
+    /// The same configuration with a GPA page-number limit.
+    pub fn with_gpa_page_limit(mut self, limit: u64) -> Self {
+        self.gpa_page_limit = Some(limit);
+        self
+    }
+
+    /// The same configuration with another unsolicited-packet queue depth.
+    pub fn with_queue_depth(mut self, depth: usize) -> Self {
+        self.queue_depth = depth;
+        self
+    }
+}
+
+/// Where a channel is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelState {
+    /// Both sides are there.
+    Open,
+    /// The peer left; what it committed can still be received.
+    PeerClosed,
+    /// A ring or the protocol was violated; every call fails with the cause.
+    Failed(FailureCause),
+}
+
+/// Counters a tool can read, all since the channel was made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Counters {
+    /// Packets committed to the outgoing ring.
+    pub packets_sent: u64,
+    /// Bytes of those packets in the ring (descriptor, header, padded payload).
+    pub bytes_sent: u64,
+    /// Packets taken from the incoming ring (completions for waiting calls included).
+    pub packets_received: u64,
+    /// Bytes of those packets in the ring.
+    pub bytes_received: u64,
+    /// Doorbell signals sent to the peer.
+    pub signals_sent: u64,
+    /// Wake-ups by the peer's doorbell.
+    pub signals_received: u64,
+    /// Times a send found the ring full and waited for space.
+    pub send_waits: u64,
+    /// Times a receive went to sleep.
+    pub receive_sleeps: u64,
+    /// Completions that arrived after their caller gave up, discarded.
+    pub late_completions: u64,
+}
+
+#[derive(Debug, Default)]
+struct AtomicCounters {
+    packets_sent: AtomicU64,
+    bytes_sent: AtomicU64,
+    packets_received: AtomicU64,
+    bytes_received: AtomicU64,
+    signals_sent: AtomicU64,
+    signals_received: AtomicU64,
+    send_waits: AtomicU64,
+    receive_sleeps: AtomicU64,
+    late_completions: AtomicU64,
+}
+
+fn bump(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+impl AtomicCounters {
+    fn snapshot(&self) -> Counters {
+        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Counters {
+            packets_sent: l(&self.packets_sent),
+            bytes_sent: l(&self.bytes_sent),
+            packets_received: l(&self.packets_received),
+            bytes_received: l(&self.bytes_received),
+            signals_sent: l(&self.signals_sent),
+            signals_received: l(&self.signals_received),
+            send_waits: l(&self.send_waits),
+            receive_sleeps: l(&self.receive_sleeps),
+            late_completions: l(&self.late_completions),
+        }
+    }
+}
+
+const OPEN: u8 = 0;
+const PEER_CLOSED: u8 = 1;
+const FAILED: u8 = 2;
+
+/// A received packet, copied into the caller's buffer: its extra header first, then its
+/// payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Received {
+    /// The packet type.
+    pub packet_type: PacketType,
+    /// The transaction id.
+    pub transaction_id: u64,
+    /// The sender asked for a completion.
+    pub completion_requested: bool,
+    /// Bytes of extra header at the start of the buffer (GPA ranges, transfer pages).
+    pub header_len: usize,
+    /// Bytes of payload after the header, padding to 8 bytes included.
+    pub payload_len: usize,
+}
+
+impl Received {
+    fn from_info(info: &PacketInfo) -> Self {
+        Self {
+            packet_type: info.packet_type(),
+            transaction_id: info.transaction_id(),
+            completion_requested: info.completion_requested(),
+            header_len: info.header_len(),
+            payload_len: info.payload_len(),
+        }
+    }
+
+    /// Header and payload bytes in the buffer.
+    pub fn len(&self) -> usize {
+        self.header_len + self.payload_len
+    }
+
+    /// True when the packet carries neither header nor payload.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The header within the buffer the packet was received into.
+    pub fn header<'b>(&self, buf: &'b [u8]) -> &'b [u8] {
+        &buf[..self.header_len]
+    }
+
+    /// The payload within the buffer the packet was received into.
+    pub fn payload<'b>(&self, buf: &'b [u8]) -> &'b [u8] {
+        &buf[self.header_len..self.len()]
+    }
+}
+
+/// A packet waiting in the channel (copied out of the ring while a caller waited).
+#[cfg(feature = "alloc")]
+#[derive(Debug)]
+struct Queued {
+    meta: Received,
+    data: Vec<u8>,
+}
+
+struct RxState<M: RingMem> {
+    reader: Reader<M>,
+    #[cfg(feature = "alloc")]
+    queue: VecDeque<Queued>,
+    /// Buffers to reuse for queued packets, so steady state allocates nothing.
+    #[cfg(feature = "alloc")]
+    pool: Vec<Vec<u8>>,
+    /// Completions stored for waiting callers, by transaction slot.
+    #[cfg(feature = "alloc")]
+    stored: Vec<Vec<u8>>,
+}
+
+/// A VMBus-style channel: packets out through one ring, in through the other, and a
+/// doorbell that wakes the peer only when it needs waking.
+///
+/// Every method takes `&self`: a channel can be shared by threads (when its memory and
+/// doorbell allow), with many calls in flight at once. Sends lock the outgoing ring,
+/// receives the incoming one, each only for the ring operation itself.
+pub struct Channel<M: RingMem, D: Doorbell> {
+    tx: Lock<Writer<M>>,
+    rx: Lock<RxState<M>>,
+    doorbell: D,
+    state: AtomicU8,
+    cause: Lock<Option<FailureCause>>,
+    counters: AtomicCounters,
+    txns: Transactions,
+    hub: Hub,
+    config: Config,
+}
+
+impl<M: RingMem, D: Doorbell> core::fmt::Debug for Channel<M, D> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Channel")
+            .field("state", &self.state())
+            .field("counters", &self.counters())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<M: RingMem, D: Doorbell> Channel<M, D> {
+    /// A channel writing to `outgoing`, reading from `incoming`, signalling through
+    /// `doorbell`. Both rings' control pages must be initialised (by whichever side
+    /// allocated the memory); their indices are read once and validated.
+    pub fn new(
+        outgoing: M,
+        incoming: M,
+        doorbell: D,
+        config: Config,
+    ) -> Result<Self, ChannelError> {
+        let writer = Writer::new(outgoing).map_err(|e| ChannelError::Failed(e.into()))?;
+        let reader = Reader::new(incoming).map_err(|e| ChannelError::Failed(e.into()))?;
+        Ok(Self {
+            tx: Lock::new(writer),
+            rx: Lock::new(RxState {
+                reader,
+                #[cfg(feature = "alloc")]
+                queue: VecDeque::with_capacity(config.queue_depth),
+                #[cfg(feature = "alloc")]
+                pool: Vec::with_capacity(config.queue_depth),
+                #[cfg(feature = "alloc")]
+                stored: (0..MAX_TRANSACTIONS).map(|_| Vec::new()).collect(),
+            }),
+            doorbell,
+            state: AtomicU8::new(OPEN),
+            cause: Lock::new(None),
+            counters: AtomicCounters::default(),
+            txns: Transactions::new(),
+            hub: Hub::default(),
+            config,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The doorbell.
+    pub fn doorbell(&self) -> &D {
+        &self.doorbell
+    }
+
+    /// The counters.
+    pub fn counters(&self) -> Counters {
+        self.counters.snapshot()
+    }
+
+    /// Where the channel is in its life.
+    pub fn state(&self) -> ChannelState {
+        match self.state.load(Ordering::Acquire) {
+            OPEN => ChannelState::Open,
+            PEER_CLOSED => ChannelState::PeerClosed,
+            _ => match *self.cause.lock() {
+                Some(c) => ChannelState::Failed(c),
+                None => ChannelState::Open,
+            },
+        }
+    }
+
+    /// The largest packet the outgoing ring carries (descriptor, header, padded payload).
+    pub fn max_packet_len(&self) -> usize {
+        self.tx.lock().max_packet_len()
+    }
+
+    /// Transactions in flight (or reserved for a late completion).
+    pub fn transactions_in_flight(&self) -> usize {
+        self.txns.in_use()
+    }
+
+    /// Puts the channel in the failed state (the first cause sticks) and returns the
+    /// error every call now returns.
+    fn fail(&self, cause: impl Into<FailureCause>) -> ChannelError {
+        let cause = cause.into();
+        let stored = {
+            let mut c = self.cause.lock();
+            *c.get_or_insert(cause)
+        };
+        self.state.store(FAILED, Ordering::Release);
+        self.hub.notify();
+        ChannelError::Failed(stored)
+    }
+
+    fn failed(&self) -> Option<ChannelError> {
+        if self.state.load(Ordering::Acquire) == FAILED {
+            return Some(ChannelError::Failed(
+                (*self.cause.lock()).unwrap_or(FailureCause::Doorbell(DoorbellError::PeerClosed)),
+            ));
+        }
+        None
+    }
+
+    fn mark_peer_closed(&self) {
+        let _ = self
+            .state
+            .compare_exchange(OPEN, PEER_CLOSED, Ordering::AcqRel, Ordering::Acquire);
+        self.hub.notify();
+    }
+
+    /// True when the peer is gone. Checked *before* looking at the ring, so that what the
+    /// peer committed before leaving is still received.
+    fn peer_gone(&self) -> bool {
+        if self.state.load(Ordering::Acquire) == PEER_CLOSED {
+            return true;
+        }
+        if self.doorbell.peer_closed() {
+            self.mark_peer_closed();
+            return true;
+        }
+        false
+    }
+
+    fn doorbell_error(&self, e: DoorbellError) -> ChannelError {
+        match e {
+            DoorbellError::PeerClosed => {
+                self.mark_peer_closed();
+                ChannelError::Closed
+            }
+            other => self.fail(FailureCause::Doorbell(other)),
+        }
+    }
+
+    /// Rings the peer's doorbell if a commit asked for it.
+    fn signal(&self, signal: Signal) -> Result<(), ChannelError> {
+        if signal.is_needed() {
+            bump(&self.counters.signals_sent, 1);
+            self.doorbell.signal().map_err(|e| self.doorbell_error(e))?;
+        }
+        Ok(())
+    }
+
+    fn check_send(&self) -> Result<(), ChannelError> {
+        if let Some(e) = self.failed() {
+            return Err(e);
+        }
+        if self.peer_gone() {
+            return Err(ChannelError::Closed);
+        }
+        Ok(())
+    }
+
+    fn write_error(&self, e: WriteError) -> ChannelError {
+        match e {
+            WriteError::Full { .. } => ChannelError::Full,
+            WriteError::TooLarge { len, max } => ChannelError::TooLarge { len, max },
+            WriteError::Corrupt(r) => self.fail(r),
+            other => ChannelError::InvalidRequest(other),
+        }
+    }
+
+    // ---- sending -----------------------------------------------------------------------
+
+    /// Runs `write` on the outgoing ring and publishes; `Full` if it does not fit now.
+    fn try_send_with(
+        &self,
+        write: &mut dyn FnMut(&mut Writer<M>) -> Result<usize, WriteError>,
+    ) -> Result<(), ChannelError> {
+        self.check_send()?;
+        let signal = {
+            let mut tx = self.tx.lock();
+            let len = write(&mut tx).map_err(|e| self.write_error(e))?;
+            bump(&self.counters.packets_sent, 1);
+            bump(&self.counters.bytes_sent, len as u64);
+            tx.commit()
+        };
+        self.signal(signal)
+    }
+
+    /// Sends an in-band packet that asks for no completion; never waits.
+    pub fn try_send(&self, payload: &[u8]) -> Result<(), ChannelError> {
+        self.try_send_packet(&OutgoingPacket::in_band(&[payload]))
+    }
+
+    /// Sends any packet; never waits.
+    pub fn try_send_packet(&self, packet: &OutgoingPacket<'_>) -> Result<(), ChannelError> {
+        self.try_send_with(&mut |w| push_packet(w, packet))
+    }
+
+    /// Sends a completion for `transaction_id`; never waits.
+    pub fn try_complete(&self, transaction_id: u64, payload: &[u8]) -> Result<(), ChannelError> {
+        self.try_send_packet(&completion(transaction_id, &[payload]))
+    }
+
+    /// Writes a packet in place: reserves `header_len` bytes of extra header and
+    /// `payload_len` bytes of payload, lets `fill` write them, and publishes. Never waits.
+    pub fn try_send_in_place<R>(
+        &self,
+        meta: PacketMeta,
+        header_len: usize,
+        payload_len: usize,
+        fill: impl FnOnce(&mut WriteSlot<'_, M>) -> R,
+    ) -> Result<R, ChannelError> {
+        let mut fill = Some(fill);
+        let mut out = None;
+        self.try_send_with(&mut |w| {
+            let mut slot = w.reserve(meta, header_len, payload_len)?;
+            let len = packet_len(header_len, payload_len).unwrap_or(0);
+            if let Some(f) = fill.take() {
+                out = Some(f(&mut slot));
+            }
+            slot.finish();
+            Ok(len)
+        })?;
+        // `fill` ran: the reservation succeeded before it was called.
+        out.ok_or(ChannelError::Full)
+    }
+
+    /// Sends a GPA-direct packet: `ranges` describe where the bulk data is, `payload`
+    /// travels in-band after them. Never waits.
+    pub fn try_send_gpa_direct(
+        &self,
+        ranges: &[GpaRange<'_>],
+        payload: &[u8],
+        meta: PacketMeta,
+    ) -> Result<(), ChannelError> {
+        let header_len = gpa_header_len(ranges, self.config.gpa_page_limit)
+            .map_err(ChannelError::InvalidPacket)?;
+        let meta = PacketMeta {
+            packet_type: PacketType::GpaDirect,
+            ..meta
+        };
+        self.try_send_in_place(meta, header_len, payload.len(), |slot| {
+            encode_gpa_header(ranges, |at, bytes| {
+                let _ = slot.write_header(at, bytes);
+            });
+            let _ = slot.write_payload(0, payload);
+        })
+    }
+
+    /// Starts a batch: packets pushed to it are published together by one commit, which
+    /// signals the peer at most once. The outgoing ring stays locked while the batch
+    /// lives; a batch dropped without [`SendBatch::commit`] is discarded.
+    pub fn batch(&self) -> Result<SendBatch<'_, M, D>, ChannelError> {
+        self.check_send()?;
+        Ok(SendBatch {
+            channel: self,
+            tx: self.tx.lock(),
+            packets: 0,
+            bytes: 0,
+        })
+    }
+
+    /// Arms the reader for sleeping: unmask interrupts, fence, look again. Returns true
+    /// when it is safe to sleep.
+    fn arm_reader(&self, rx: &mut RxState<M>) -> Result<bool, ChannelError> {
+        let (decision, signal) = rx.reader.prepare_wait().map_err(|e| self.fail(e))?;
+        self.signal(signal)?;
+        Ok(decision == WaitDecision::Sleep)
+    }
+
+    /// Prepares to sleep until a packet arrives, for callers that wait on the doorbell
+    /// themselves (`no_std` code with its own idle loop): commits consumed packets,
+    /// unmasks interrupts, fences and looks again. On [`WaitDecision::Sleep`] the peer
+    /// will signal when it sends; wait with `self.doorbell().wait(..)`.
+    pub fn prepare_recv_wait(&self) -> Result<WaitDecision, ChannelError> {
+        let mut rx = self.rx.lock();
+        #[cfg(feature = "alloc")]
+        if !rx.queue.is_empty() {
+            return Ok(WaitDecision::Ready);
+        }
+        Ok(if self.arm_reader(&mut rx)? {
+            WaitDecision::Sleep
+        } else {
+            WaitDecision::Ready
+        })
+    }
+
+    /// Prepares to sleep until a packet with these sizes fits in the outgoing ring (sets
+    /// the pending send size, fences, looks again); see
+    /// [`prepare_recv_wait`](Self::prepare_recv_wait).
+    pub fn prepare_send_wait(
+        &self,
+        header_len: usize,
+        payload_len: usize,
+    ) -> Result<WaitDecision, ChannelError> {
+        bump(&self.counters.send_waits, 1);
+        let (decision, signal) = {
+            let mut tx = self.tx.lock();
+            tx.prepare_wait(header_len, payload_len)
+                .map_err(|e| self.write_error(e))?
+        };
+        self.signal(signal)?;
+        Ok(decision)
+    }
+
+    // ---- transactions ------------------------------------------------------------------
+
+    /// Sends a request whose completion will come back through the receive calls (as a
+    /// packet of type [`PacketType::Completion`] with the returned transaction id). Never
+    /// waits. For `no_std` users that poll; with `std`, [`call`](Self::call) is simpler.
+    pub fn try_start_request(&self, request: &[u8]) -> Result<u64, ChannelError> {
+        let tid = self
+            .txns
+            .alloc(Mode::Polled)
+            .ok_or(ChannelError::TransactionsExhausted {
+                capacity: MAX_TRANSACTIONS,
+            })?;
+        match self.try_send_packet(&request_packet(tid, &[request])) {
+            Ok(()) => Ok(tid),
+            Err(e) => {
+                // Never sent: nothing will complete it.
+                self.txns.free(tid);
+                Err(e)
+            }
+        }
+    }
+
+    // ---- receiving ---------------------------------------------------------------------
+
+    /// Takes the next packet meant for a receiver off the incoming ring, dealing with
+    /// completions for waiting callers on the way. Consumed packets are not yet committed.
+    fn next_for_receiver(&self, rx: &mut RxState<M>) -> Result<Option<PacketInfo>, ChannelError> {
+        loop {
+            let info = match rx.reader.peek_info() {
+                Ok(Some(info)) => info,
+                Ok(None) => return Ok(None),
+                Err(e) => return Err(self.fail(e)),
+            };
+            if info.packet_type() != PacketType::Completion {
+                self.check_header(rx, &info)?;
+                return Ok(Some(info));
+            }
+            match self.txns.route(info.transaction_id()) {
+                Route::Polled => return Ok(Some(info)),
+                Route::Unknown => {
+                    return Err(self.fail(ProtocolError::UnknownTransaction {
+                        transaction_id: info.transaction_id(),
+                    }));
+                }
+                Route::Late(index) => {
+                    self.txns.free_late(index);
+                    bump(&self.counters.late_completions, 1);
+                    self.consume(rx, &info);
+                }
+                #[cfg(feature = "alloc")]
+                Route::Waiting(index) => {
+                    let mut stored = core::mem::take(&mut rx.stored[index]);
+                    stored.clear();
+                    stored.resize(info.payload_len(), 0);
+                    if let Some(p) = rx.reader.packet(&info) {
+                        let _ = p.read_payload(0, &mut stored);
+                    }
+                    rx.stored[index] = stored;
+                    self.consume(rx, &info);
+                    if !self.txns.mark_done(index) {
+                        bump(&self.counters.late_completions, 1);
+                    }
+                    self.hub.notify();
+                }
+                #[cfg(not(feature = "alloc"))]
+                Route::Waiting(_) => return Ok(Some(info)),
+            }
+        }
+    }
+
+    /// Consumes the packet at the head (not yet committed) and counts it.
+    fn consume(&self, rx: &mut RxState<M>, info: &PacketInfo) {
+        if let Some(p) = rx.reader.packet(info) {
+            p.consume();
+            bump(&self.counters.packets_received, 1);
+            bump(&self.counters.bytes_received, info.packet_len() as u64);
+        }
+    }
+
+    /// Commits consumed packets and signals the writer if it waits for the space.
+    fn commit_rx(&self, rx: &mut RxState<M>) -> Result<(), ChannelError> {
+        let signal = rx.reader.commit();
+        self.signal(signal)
+    }
+
+    /// Validates a received packet's extra header (GPA ranges, transfer pages) straight
+    /// from ring memory, each word read once; a malformed one fails the channel.
+    fn check_header(&self, rx: &mut RxState<M>, info: &PacketInfo) -> Result<(), ChannelError> {
+        let Some(p) = rx.reader.packet(info) else {
+            return Ok(());
+        };
+        let read = |at: usize| {
+            let mut w = [0u8; 8];
+            let _ = p.read_header(at, &mut w);
+            w
+        };
+        let len = info.header_len();
+        let r = match info.packet_type() {
+            PacketType::GpaDirect => {
+                validate_gpa_header(len, self.config.gpa_page_limit, read).map(drop)
+            }
+            PacketType::TransferPages => validate_transfer_page_header(len, read).map(drop),
+            _ => Ok(()),
+        };
+        r.map_err(|e| self.fail(ProtocolError::Packet(e)))
+    }
+
+    /// Copies the packet `info` into `buf` (header, then payload) and consumes it.
+    fn take_into(
+        &self,
+        rx: &mut RxState<M>,
+        info: &PacketInfo,
+        buf: &mut [u8],
+    ) -> Result<Received, ChannelError> {
+        let meta = Received::from_info(info);
+        if meta.len() > buf.len() {
+            return Err(ChannelError::BufferTooSmall {
+                needed: meta.len(),
+                capacity: buf.len(),
+            });
+        }
+        if let Some(p) = rx.reader.packet(info) {
+            let (h, rest) = buf.split_at_mut(meta.header_len);
+            p.read_header(0, h).map_err(read_error)?;
+            p.read_payload(0, &mut rest[..meta.payload_len])
+                .map_err(read_error)?;
+        }
+        self.consume(rx, info);
+        if meta.packet_type == PacketType::Completion {
+            self.txns.release_polled(meta.transaction_id);
+        }
+        Ok(meta)
+    }
+
+    #[cfg(feature = "alloc")]
+    fn take_queued(
+        &self,
+        rx: &mut RxState<M>,
+        buf: &mut [u8],
+    ) -> Result<Option<Received>, ChannelError> {
+        let Some(front) = rx.queue.front() else {
+            return Ok(None);
+        };
+        if front.data.len() > buf.len() {
+            return Err(ChannelError::BufferTooSmall {
+                needed: front.data.len(),
+                capacity: buf.len(),
+            });
+        }
+        let Some(q) = rx.queue.pop_front() else {
+            return Ok(None);
+        };
+        buf[..q.data.len()].copy_from_slice(&q.data);
+        rx.pool.push(q.data);
+        // Queue space freed: callers blocked on a full queue may go on.
+        self.hub.notify();
+        Ok(Some(q.meta))
+    }
+
+    /// Receives one packet into `buf` if one is there; never waits.
+    ///
+    /// `Ok(None)` when nothing is queued; [`ChannelError::Closed`] once the peer is gone
+    /// and everything it committed has been received.
+    pub fn try_recv(&self, buf: &mut [u8]) -> Result<Option<Received>, ChannelError> {
+        if let Some(e) = self.failed() {
+            return Err(e);
+        }
+        let gone = self.peer_gone();
+        let mut rx = self.rx.lock();
+        #[cfg(feature = "alloc")]
+        if let Some(r) = self.take_queued(&mut rx, buf)? {
+            return Ok(Some(r));
+        }
+        let got = self
+            .next_for_receiver(&mut rx)?
+            .map(|info| self.take_into(&mut rx, &info, buf));
+        self.commit_rx(&mut rx)?;
+        match got {
+            Some(r) => r.map(Some),
+            None if gone => Err(ChannelError::Closed),
+            None => Ok(None),
+        }
+    }
+
+    /// Receives the next packet in place, if one is there; never waits. The returned
+    /// guard reads straight out of ring memory; the packet is consumed when the guard is
+    /// dropped or committed. The incoming ring stays locked meanwhile.
+    pub fn try_recv_in_place(&self) -> Result<Option<RecvGuard<'_, M, D>>, ChannelError> {
+        if let Some(e) = self.failed() {
+            return Err(e);
+        }
+        let gone = self.peer_gone();
+        let mut rx = self.rx.lock();
+        #[cfg(feature = "alloc")]
+        if let Some(q) = rx.queue.pop_front() {
+            self.hub.notify();
+            return Ok(Some(RecvGuard {
+                channel: self,
+                rx,
+                source: Some(Source::Queued(q)),
+            }));
+        }
+        match self.next_for_receiver(&mut rx)? {
+            Some(info) => Ok(Some(RecvGuard {
+                channel: self,
+                rx,
+                source: Some(Source::Ring(info)),
+            })),
+            None => {
+                self.commit_rx(&mut rx)?;
+                if gone {
+                    Err(ChannelError::Closed)
+                } else {
+                    Ok(None)
+                }
+            }
+        }
+    }
+
+    /// Receives up to `max` packets in place under one lock and one commit (so the peer is
+    /// signalled at most once), handing each to `each`. Returns how many were handled;
+    /// never waits.
+    pub fn try_recv_batch(
+        &self,
+        max: usize,
+        mut each: impl FnMut(&BatchPacket<'_, '_, M>),
+    ) -> Result<usize, ChannelError> {
+        if let Some(e) = self.failed() {
+            return Err(e);
+        }
+        let gone = self.peer_gone();
+        let mut rx = self.rx.lock();
+        let mut n = 0;
+        let mut result = Ok(());
+        while n < max {
+            #[cfg(feature = "alloc")]
+            if let Some(q) = rx.queue.pop_front() {
+                each(&BatchPacket {
+                    meta: q.meta,
+                    source: BatchSource::Queued(&q.data),
+                });
+                rx.pool.push(q.data);
+                self.hub.notify();
+                n += 1;
+                continue;
+            }
+            let info = match self.next_for_receiver(&mut rx) {
+                Ok(Some(info)) => info,
+                Ok(None) => break,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            };
+            let meta = Received::from_info(&info);
+            if let Some(p) = rx.reader.packet(&info) {
+                each(&BatchPacket {
+                    meta,
+                    source: BatchSource::Ring(&p),
+                });
+            }
+            self.consume(&mut rx, &info);
+            if meta.packet_type == PacketType::Completion {
+                self.txns.release_polled(meta.transaction_id);
+            }
+            n += 1;
+        }
+        self.commit_rx(&mut rx)?;
+        result?;
+        if n == 0 && gone {
+            return Err(ChannelError::Closed);
+        }
+        Ok(n)
+    }
+}
+
+/// Copies `buf.len()` bytes at `offset` of the `size`-byte region starting at `start` of
+/// `data` (a packet copied out of the ring).
+#[cfg(feature = "alloc")]
+fn copy_region(
+    data: &[u8],
+    start: usize,
+    size: usize,
+    offset: usize,
+    buf: &mut [u8],
+) -> Result<(), ChannelError> {
+    let out_of_bounds = ChannelError::OutOfBounds {
+        offset,
+        len: buf.len(),
+        size,
+    };
+    if offset.checked_add(buf.len()).is_none_or(|end| end > size) {
+        return Err(out_of_bounds);
+    }
+    let from = data
+        .get(start + offset..start + offset + buf.len())
+        .ok_or(out_of_bounds)?;
+    buf.copy_from_slice(from);
+    Ok(())
+}
+
+fn read_error(e: ReadError) -> ChannelError {
+    match e {
+        ReadError::BufferTooSmall { needed, capacity } => {
+            ChannelError::BufferTooSmall { needed, capacity }
+        }
+        ReadError::OutOfBounds { offset, len, size } => {
+            ChannelError::OutOfBounds { offset, len, size }
+        }
+        ReadError::Corrupt(r) => ChannelError::Failed(FailureCause::Ring(r)),
+        _ => ChannelError::Failed(FailureCause::Ring(RingError::TruncatedPacket {
+            offset: 0,
+            available: 0,
+        })),
+    }
+}
+
+fn push_packet<M: RingMem>(
+    w: &mut Writer<M>,
+    packet: &OutgoingPacket<'_>,
+) -> Result<usize, WriteError> {
+    let payload: usize = packet.payload.iter().map(|p| p.len()).sum();
+    w.push(packet)?;
+    Ok(packet_len(packet.header.len(), payload).unwrap_or(0))
+}
+
+/// An in-band request asking for a completion.
+pub(crate) fn request_packet<'a>(tid: u64, payload: &'a [&'a [u8]]) -> OutgoingPacket<'a> {
+    OutgoingPacket {
+        meta: PacketMeta {
+            packet_type: PacketType::InBand,
+            flags: FLAG_COMPLETION_REQUESTED,
+            transaction_id: tid,
+        },
+        header: &[],
+        payload,
+    }
+}
+
+/// A completion for `tid`.
+pub(crate) fn completion<'a>(tid: u64, payload: &'a [&'a [u8]]) -> OutgoingPacket<'a> {
+    OutgoingPacket {
+        meta: PacketMeta {
+            packet_type: PacketType::Completion,
+            flags: 0,
+            transaction_id: tid,
+        },
+        header: &[],
+        payload,
+    }
+}
+
+/// Packets pushed together and published by one commit.
+pub struct SendBatch<'c, M: RingMem, D: Doorbell> {
+    channel: &'c Channel<M, D>,
+    tx: Guard<'c, Writer<M>>,
+    packets: u64,
+    bytes: u64,
+}
+
+impl<M: RingMem, D: Doorbell> core::fmt::Debug for SendBatch<'_, M, D> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("SendBatch")
+            .field("packets", &self.packets)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<M: RingMem, D: Doorbell> SendBatch<'_, M, D> {
+    /// Adds a packet; `Full` when it does not fit (the packets added so far stay).
+    pub fn push(&mut self, packet: &OutgoingPacket<'_>) -> Result<(), ChannelError> {
+        let len = push_packet(&mut self.tx, packet).map_err(|e| self.channel.write_error(e))?;
+        self.packets += 1;
+        self.bytes += len as u64;
+        Ok(())
+    }
+
+    /// Adds an in-band packet that asks for no completion.
+    pub fn push_in_band(&mut self, payload: &[u8]) -> Result<(), ChannelError> {
+        self.push(&OutgoingPacket::in_band(&[payload]))
+    }
+
+    /// Adds a packet written in place by `fill`.
+    pub fn push_in_place<R>(
+        &mut self,
+        meta: PacketMeta,
+        header_len: usize,
+        payload_len: usize,
+        fill: impl FnOnce(&mut WriteSlot<'_, M>) -> R,
+    ) -> Result<R, ChannelError> {
+        let mut slot = self
+            .tx
+            .reserve(meta, header_len, payload_len)
+            .map_err(|e| self.channel.write_error(e))?;
+        let r = fill(&mut slot);
+        slot.finish();
+        self.packets += 1;
+        self.bytes += packet_len(header_len, payload_len).unwrap_or(0) as u64;
+        Ok(r)
+    }
+
+    /// Packets added so far.
+    pub fn len(&self) -> usize {
+        self.packets as usize
+    }
+
+    /// True when nothing was added.
+    pub fn is_empty(&self) -> bool {
+        self.packets == 0
+    }
+
+    /// Publishes every packet added, with one index store and at most one signal.
+    pub fn commit(mut self) -> Result<(), ChannelError> {
+        let signal = self.tx.commit();
+        let c = self.channel;
+        bump(&c.counters.packets_sent, self.packets);
+        bump(&c.counters.bytes_sent, self.bytes);
+        self.packets = 0;
+        drop(self);
+        c.signal(signal)
+    }
+}
+
+impl<M: RingMem, D: Doorbell> Drop for SendBatch<'_, M, D> {
+    fn drop(&mut self) {
+        // Uncommitted packets are discarded.
+        self.tx.revert();
+    }
+}
+
+enum Source {
+    Ring(PacketInfo),
+    #[cfg(feature = "alloc")]
+    Queued(Queued),
+}
+
+/// A received packet read in place. Consumed when dropped or committed.
+pub struct RecvGuard<'c, M: RingMem, D: Doorbell> {
+    channel: &'c Channel<M, D>,
+    rx: Guard<'c, RxState<M>>,
+    /// `None` once consumed.
+    source: Option<Source>,
+}
+
+impl<M: RingMem, D: Doorbell> core::fmt::Debug for RecvGuard<'_, M, D> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("RecvGuard")
+            .field("packet", &self.meta())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<M: RingMem, D: Doorbell> RecvGuard<'_, M, D> {
+    /// The packet's type, transaction id and lengths.
+    pub fn meta(&self) -> Received {
+        match &self.source {
+            Some(Source::Ring(info)) => Received::from_info(info),
+            #[cfg(feature = "alloc")]
+            Some(Source::Queued(q)) => q.meta,
+            None => Received {
+                packet_type: PacketType::InBand,
+                transaction_id: 0,
+                completion_requested: false,
+                header_len: 0,
+                payload_len: 0,
+            },
+        }
+    }
+
+    fn read(&mut self, header: bool, offset: usize, buf: &mut [u8]) -> Result<(), ChannelError> {
+        #[cfg(feature = "alloc")]
+        let meta = self.meta();
+        let out_of_bounds = ChannelError::OutOfBounds {
+            offset,
+            len: buf.len(),
+            size: 0,
+        };
+        match &self.source {
+            Some(Source::Ring(info)) => match self.rx.reader.packet(info) {
+                Some(p) if header => p.read_header(offset, buf).map_err(read_error),
+                Some(p) => p.read_payload(offset, buf).map_err(read_error),
+                None => Err(out_of_bounds),
+            },
+            None => Err(out_of_bounds),
+            #[cfg(feature = "alloc")]
+            Some(Source::Queued(q)) => {
+                let (start, size) = if header {
+                    (0, meta.header_len)
+                } else {
+                    (meta.header_len, meta.payload_len)
+                };
+                copy_region(&q.data, start, size, offset, buf)
+            }
+        }
+    }
+
+    /// Copies part of the extra header into `buf`.
+    pub fn read_header(&mut self, offset: usize, buf: &mut [u8]) -> Result<(), ChannelError> {
+        self.read(true, offset, buf)
+    }
+
+    /// Copies part of the payload into `buf`.
+    pub fn read_payload(&mut self, offset: usize, buf: &mut [u8]) -> Result<(), ChannelError> {
+        self.read(false, offset, buf)
+    }
+
+    /// Copies the extra header into `scratch` once and parses it as GPA ranges,
+    /// validated.
+    pub fn gpa_ranges<'s>(
+        &mut self,
+        scratch: &'s mut [u8],
+    ) -> Result<crate::packet::GpaRanges<'s>, ChannelError> {
+        let len = self.meta().header_len;
+        if scratch.len() < len {
+            return Err(ChannelError::BufferTooSmall {
+                needed: len,
+                capacity: scratch.len(),
+            });
+        }
+        self.read_header(0, &mut scratch[..len])?;
+        let limit = self.channel.config.gpa_page_limit;
+        parse_gpa_header(&scratch[..len], limit)
+            .map_err(|e| self.channel.fail(ProtocolError::Packet(e)))
+    }
+
+    /// Consumes the packet and publishes the read index now, returning any doorbell error.
+    pub fn commit(mut self) -> Result<(), ChannelError> {
+        self.finish()
+    }
+
+    fn finish(&mut self) -> Result<(), ChannelError> {
+        match self.source.take() {
+            None => Ok(()),
+            Some(Source::Ring(info)) => {
+                let meta = Received::from_info(&info);
+                if self.rx.reader.packet(&info).is_some() {
+                    self.channel.consume(&mut self.rx, &info);
+                    if meta.packet_type == PacketType::Completion {
+                        self.channel.txns.release_polled(meta.transaction_id);
+                    }
+                }
+                self.channel.commit_rx(&mut self.rx)
+            }
+            #[cfg(feature = "alloc")]
+            Some(Source::Queued(q)) => {
+                self.rx.pool.push(q.data);
+                Ok(())
+            }
+        }
+    }
+}
+
+impl<M: RingMem, D: Doorbell> Drop for RecvGuard<'_, M, D> {
+    fn drop(&mut self) {
+        let _ = self.finish();
+    }
+}
+
+enum BatchSource<'a, 'r, M: RingMem> {
+    Ring(&'a vmlink_ring::IncomingPacket<'r, M>),
+    #[cfg(feature = "alloc")]
+    Queued(&'a [u8]),
+}
+
+/// One packet of a receive batch, read in place.
+pub struct BatchPacket<'a, 'r, M: RingMem> {
+    meta: Received,
+    source: BatchSource<'a, 'r, M>,
+}
+
+impl<M: RingMem> core::fmt::Debug for BatchPacket<'_, '_, M> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("BatchPacket")
+            .field("meta", &self.meta)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<M: RingMem> BatchPacket<'_, '_, M> {
+    /// The packet's type, transaction id and lengths.
+    pub fn meta(&self) -> Received {
+        self.meta
+    }
+
+    /// Copies part of the payload into `buf`.
+    pub fn read_payload(&self, offset: usize, buf: &mut [u8]) -> Result<(), ChannelError> {
+        match &self.source {
+            BatchSource::Ring(p) => p.read_payload(offset, buf).map_err(read_error),
+            #[cfg(feature = "alloc")]
+            BatchSource::Queued(data) => {
+                let start = self.meta.header_len;
+                let size = self.meta.payload_len;
+                copy_region(data, start, size, offset, buf)
+            }
+        }
+    }
+
+    /// Copies part of the extra header into `buf`.
+    pub fn read_header(&self, offset: usize, buf: &mut [u8]) -> Result<(), ChannelError> {
+        match &self.source {
+            BatchSource::Ring(p) => p.read_header(offset, buf).map_err(read_error),
+            #[cfg(feature = "alloc")]
+            BatchSource::Queued(data) => {
+                let size = self.meta.header_len;
+                copy_region(data, 0, size, offset, buf)
+            }
+        }
+    }
+}
+
+// ---- waiting (std) ---------------------------------------------------------------------
+
+#[cfg(feature = "std")]
+fn remaining(deadline: Option<Instant>) -> Result<Option<Duration>, ChannelError> {
+    match deadline {
+        None => Ok(None),
+        Some(d) => {
+            let now = Instant::now();
+            if now >= d {
+                Err(ChannelError::TimedOut)
+            } else {
+                Ok(Some(d - now))
+            }
+        }
+    }
+}
+
+#[cfg(feature = "std")]
+fn min_timeout(a: Option<Duration>, b: Duration) -> Duration {
+    a.map_or(b, |a| a.min(b))
+}
+
+#[cfg(feature = "std")]
+impl<M: RingMem, D: Doorbell> Channel<M, D> {
+    /// Waits for the hub to move past `seen`, up to the deadline (and at most `cap`).
+    fn wait_event(
+        &self,
+        seen: u64,
+        deadline: Option<Instant>,
+        cap: Option<Duration>,
+    ) -> Result<(), ChannelError> {
+        let left = remaining(deadline)?;
+        let timeout = match (left, cap) {
+            (l, Some(c)) => Some(min_timeout(l, c)),
+            (l, None) => l,
+        };
+        match self.hub.wait(&self.doorbell, seen, timeout) {
+            Ok(true) => {
+                bump(&self.counters.signals_received, 1);
+                Ok(())
+            }
+            Ok(false) => Ok(()),
+            Err(DoorbellError::PeerClosed) => {
+                self.mark_peer_closed();
+                Ok(())
+            }
+            Err(e) => Err(self.fail(FailureCause::Doorbell(e))),
+        }
+    }
+
+    /// Sends with flow control: when the ring is full, waits (pending send size and the
+    /// doorbell, re-checking every `space_recheck`) until `deadline`.
+    fn send_with(
+        &self,
+        header_len: usize,
+        payload_len: usize,
+        deadline: Option<Instant>,
+        write: &mut dyn FnMut(&mut Writer<M>) -> Result<usize, WriteError>,
+    ) -> Result<(), ChannelError> {
+        loop {
+            let seen = self.hub.generation();
+            match self.try_send_with(write) {
+                Err(ChannelError::Full) => {}
+                other => return other,
+            }
+            if self.prepare_send_wait(header_len, payload_len)? == WaitDecision::Ready {
+                continue;
+            }
+            self.wait_event(seen, deadline, Some(self.config.space_recheck))?;
+        }
+    }
+
+    /// Sends an in-band packet that asks for no completion, waiting for space until
+    /// `deadline` (`None`: as long as it takes).
+    pub fn send(&self, payload: &[u8], deadline: Option<Instant>) -> Result<(), ChannelError> {
+        self.send_packet(&OutgoingPacket::in_band(&[payload]), deadline)
+    }
+
+    /// Sends any packet, waiting for space until `deadline`.
+    pub fn send_packet(
+        &self,
+        packet: &OutgoingPacket<'_>,
+        deadline: Option<Instant>,
+    ) -> Result<(), ChannelError> {
+        let payload: usize = packet.payload.iter().map(|p| p.len()).sum();
+        self.send_with(packet.header.len(), payload, deadline, &mut |w| {
+            push_packet(w, packet)
+        })
+    }
+
+    /// Sends a completion for `transaction_id`, waiting for space until `deadline`.
+    pub fn complete(
+        &self,
+        transaction_id: u64,
+        payload: &[u8],
+        deadline: Option<Instant>,
+    ) -> Result<(), ChannelError> {
+        self.send_packet(&completion(transaction_id, &[payload]), deadline)
+    }
+
+    /// Writes a packet in place, waiting for space until `deadline`.
+    pub fn send_in_place<R>(
+        &self,
+        meta: PacketMeta,
+        header_len: usize,
+        payload_len: usize,
+        deadline: Option<Instant>,
+        fill: impl FnOnce(&mut WriteSlot<'_, M>) -> R,
+    ) -> Result<R, ChannelError> {
+        let mut fill = Some(fill);
+        let mut out = None;
+        self.send_with(header_len, payload_len, deadline, &mut |w| {
+            let mut slot = w.reserve(meta, header_len, payload_len)?;
+            if let Some(f) = fill.take() {
+                out = Some(f(&mut slot));
+            }
+            slot.finish();
+            Ok(packet_len(header_len, payload_len).unwrap_or(0))
+        })?;
+        out.ok_or(ChannelError::Full)
+    }
+
+    /// Sends a GPA-direct packet, waiting for space until `deadline`.
+    pub fn send_gpa_direct(
+        &self,
+        ranges: &[GpaRange<'_>],
+        payload: &[u8],
+        meta: PacketMeta,
+        deadline: Option<Instant>,
+    ) -> Result<(), ChannelError> {
+        let header_len = gpa_header_len(ranges, self.config.gpa_page_limit)
+            .map_err(ChannelError::InvalidPacket)?;
+        let meta = PacketMeta {
+            packet_type: PacketType::GpaDirect,
+            ..meta
+        };
+        self.send_in_place(meta, header_len, payload.len(), deadline, |slot| {
+            encode_gpa_header(ranges, |at, bytes| {
+                let _ = slot.write_header(at, bytes);
+            });
+            let _ = slot.write_payload(0, payload);
+        })
+    }
+
+    /// Polling mode: looks at the ring up to `spin_iterations` times with backoff and
+    /// interrupts masked. Returns true when something arrived.
+    fn spin_for_data(&self) -> bool {
+        if self.config.spin_iterations == 0 {
+            return false;
+        }
+        self.rx.lock().reader.mask_interrupts();
+        let mut backoff = 1u32;
+        for _ in 0..self.config.spin_iterations {
+            for _ in 0..backoff {
+                core::hint::spin_loop();
+            }
+            backoff = (backoff * 2).min(64);
+            if let Some(mut rx) = self.rx.try_lock() {
+                #[cfg(feature = "alloc")]
+                if !rx.queue.is_empty() {
+                    return true;
+                }
+                if rx.reader.available().map_or(true, |n| n > 0) {
+                    return true;
+                }
+            }
+            if self.hub_moved_or_gone() {
+                return true;
+            }
+        }
+        false
+    }
+
+    fn hub_moved_or_gone(&self) -> bool {
+        self.state.load(Ordering::Acquire) != OPEN || self.doorbell.peer_closed()
+    }
+
+    /// Receives one packet into `buf`, waiting until `deadline` (`None`: as long as it
+    /// takes). [`ChannelError::Closed`] once the peer is gone and everything it committed
+    /// has been received.
+    pub fn recv(
+        &self,
+        buf: &mut [u8],
+        deadline: Option<Instant>,
+    ) -> Result<Received, ChannelError> {
+        let mut spun = false;
+        loop {
+            let seen = self.hub.generation();
+            if let Some(r) = self.try_recv(buf)? {
+                return Ok(r);
+            }
+            if !spun {
+                spun = true;
+                if self.spin_for_data() {
+                    continue;
+                }
+            }
+            let sleep = {
+                let mut rx = self.rx.lock();
+                self.arm_reader(&mut rx)?
+            };
+            if !sleep {
+                continue;
+            }
+            bump(&self.counters.receive_sleeps, 1);
+            self.wait_event(seen, deadline, None)?;
+            spun = false;
+        }
+    }
+
+    /// Receives the next packet in place, waiting until `deadline`.
+    pub fn recv_in_place(
+        &self,
+        deadline: Option<Instant>,
+    ) -> Result<RecvGuard<'_, M, D>, ChannelError> {
+        loop {
+            let seen = self.hub.generation();
+            if self.wait_ready(seen, deadline)?
+                && let Some(g) = self.try_recv_in_place()?
+            {
+                return Ok(g);
+            }
+        }
+    }
+
+    /// One round of waiting for data: returns true when a receive may find something.
+    fn wait_ready(&self, seen: u64, deadline: Option<Instant>) -> Result<bool, ChannelError> {
+        {
+            let mut rx = self.rx.lock();
+            #[cfg(feature = "alloc")]
+            if !rx.queue.is_empty() {
+                return Ok(true);
+            }
+            if rx.reader.available().map_err(|e| self.fail(e))? > 0 || self.peer_gone() {
+                return Ok(true);
+            }
+            if !self.arm_reader(&mut rx)? {
+                return Ok(true);
+            }
+        }
+        bump(&self.counters.receive_sleeps, 1);
+        self.wait_event(seen, deadline, None)?;
+        Ok(false)
+    }
+
+    /// Receives batches in place until `each` has seen at least one packet, waiting until
+    /// `deadline`; see [`try_recv_batch`](Self::try_recv_batch).
+    pub fn recv_batch(
+        &self,
+        max: usize,
+        deadline: Option<Instant>,
+        mut each: impl FnMut(&BatchPacket<'_, '_, M>),
+    ) -> Result<usize, ChannelError> {
+        loop {
+            let seen = self.hub.generation();
+            let n = self.try_recv_batch(max, &mut each)?;
+            if n > 0 {
+                return Ok(n);
+            }
+            self.wait_ready(seen, deadline)?;
+        }
+    }
+
+    /// Sends `request` (in-band, completion requested) and waits for its completion until
+    /// `deadline`, copying the completion's payload into `response`. Returns the
+    /// payload's length (padded to 8 bytes).
+    ///
+    /// Many calls may be in flight at once from different threads. Packets that arrive
+    /// meanwhile for receivers wait in the channel's queue, completions for other calls in
+    /// their slots. A call that times out keeps its transaction id reserved until the late
+    /// completion arrives, which is then discarded and counted.
+    pub fn call(
+        &self,
+        request: &[u8],
+        response: &mut [u8],
+        deadline: Option<Instant>,
+    ) -> Result<usize, ChannelError> {
+        let mut txn = self.begin_call()?;
+        if let Err(e) = self.send_packet(&request_packet(txn.tid, &[request]), deadline) {
+            txn.never_sent();
+            return Err(e);
+        }
+        loop {
+            let seen = self.hub.generation();
+            match self.call_step(&mut txn, response)? {
+                CallStep::Done(len) => return Ok(len),
+                CallStep::Retry => {}
+                CallStep::QueueFull => {
+                    self.wait_event(seen, deadline, Some(self.config.space_recheck))?
+                }
+                CallStep::Sleep => {
+                    bump(&self.counters.receive_sleeps, 1);
+                    self.wait_event(seen, deadline, None)?;
+                }
+            }
+        }
+    }
+}
+
+/// What one round of a call found.
+#[cfg(feature = "alloc")]
+pub(crate) enum CallStep {
+    /// The completion arrived: its payload length.
+    Done(usize),
+    /// Something changed; look again at once.
+    Retry,
+    /// The unsolicited-packet queue is full: wait for a receiver to take packets.
+    QueueFull,
+    /// Nothing to do until the peer signals; the reader is armed.
+    Sleep,
+}
+
+/// A call in flight: frees or abandons its transaction id if the call ends without its
+/// completion (an error, a timeout, a dropped future).
+#[cfg(feature = "alloc")]
+pub(crate) struct PendingCall<'c, M: RingMem, D: Doorbell> {
+    channel: &'c Channel<M, D>,
+    tid: u64,
+    armed: bool,
+}
+
+#[cfg(feature = "alloc")]
+impl<M: RingMem, D: Doorbell> PendingCall<'_, M, D> {
+    pub(crate) fn tid(&self) -> u64 {
+        self.tid
+    }
+
+    /// The request never went out: nothing will complete it.
+    pub(crate) fn never_sent(&mut self) {
+        self.channel.txns.free(self.tid);
+        self.armed = false;
+    }
+}
+
+#[cfg(feature = "alloc")]
+impl<M: RingMem, D: Doorbell> Drop for PendingCall<'_, M, D> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.channel.txns.abandon(self.tid);
+        }
+    }
+}
+
+#[cfg(feature = "alloc")]
+impl<M: RingMem, D: Doorbell> Channel<M, D> {
+    pub(crate) fn begin_call(&self) -> Result<PendingCall<'_, M, D>, ChannelError> {
+        let tid = self
+            .txns
+            .alloc(Mode::Waiting)
+            .ok_or(ChannelError::TransactionsExhausted {
+                capacity: MAX_TRANSACTIONS,
+            })?;
+        Ok(PendingCall {
+            channel: self,
+            tid,
+            armed: true,
+        })
+    }
+
+    /// One round of waiting for a call's completion: read the ring (completions to their
+    /// slots, other packets to the queue), then take ours or arm for sleeping.
+    pub(crate) fn call_step(
+        &self,
+        txn: &mut PendingCall<'_, M, D>,
+        response: &mut [u8],
+    ) -> Result<CallStep, ChannelError> {
+        if let Some(e) = self.failed() {
+            return Err(e);
+        }
+        let gone = self.peer_gone();
+        let mut rx = self.rx.lock();
+        if let Some(len) = self.take_completion(&mut rx, txn, response)? {
+            return Ok(CallStep::Done(len));
+        }
+        let mut blocked = false;
+        while let Some(info) = self.next_for_receiver(&mut rx)? {
+            if rx.queue.len() >= self.config.queue_depth {
+                blocked = true;
+                break;
+            }
+            self.queue_packet(&mut rx, &info)?;
+        }
+        self.commit_rx(&mut rx)?;
+        if let Some(len) = self.take_completion(&mut rx, txn, response)? {
+            return Ok(CallStep::Done(len));
+        }
+        if gone {
+            return Err(ChannelError::Closed);
+        }
+        if blocked {
+            return Ok(CallStep::QueueFull);
+        }
+        Ok(if self.arm_reader(&mut rx)? {
+            CallStep::Sleep
+        } else {
+            CallStep::Retry
+        })
+    }
+
+    /// Copies a packet meant for a receiver into the queue, reusing a pooled buffer.
+    fn queue_packet(&self, rx: &mut RxState<M>, info: &PacketInfo) -> Result<(), ChannelError> {
+        let mut data = rx.pool.pop().unwrap_or_default();
+        data.clear();
+        data.resize(Received::from_info(info).len(), 0);
+        match self.take_into(rx, info, &mut data) {
+            Ok(meta) => {
+                rx.queue.push_back(Queued { meta, data });
+                self.hub.notify();
+                Ok(())
+            }
+            Err(e) => {
+                rx.pool.push(data);
+                Err(e)
+            }
+        }
+    }
+
+    fn take_completion(
+        &self,
+        rx: &mut RxState<M>,
+        txn: &mut PendingCall<'_, M, D>,
+        response: &mut [u8],
+    ) -> Result<Option<usize>, ChannelError> {
+        if !self.txns.is_done(txn.tid) {
+            return Ok(None);
+        }
+        let index = (txn.tid & 0xFFFF_FFFF) as usize;
+        let stored = &rx.stored[index];
+        let len = stored.len();
+        self.txns.free(txn.tid);
+        txn.armed = false;
+        if len > response.len() {
+            return Err(ChannelError::BufferTooSmall {
+                needed: len,
+                capacity: response.len(),
+            });
+        }
+        response[..len].copy_from_slice(stored);
+        Ok(Some(len))
+    }
+}
+
+#[cfg(feature = "alloc")]
+impl<M: RingMem, D: Doorbell> Channel<M, D> {
+    pub(crate) fn generation(&self) -> u64 {
+        self.hub.generation()
+    }
+
+    pub(crate) fn count_receive_sleep(&self) {
+        bump(&self.counters.receive_sleeps, 1);
+    }
+
+    pub(crate) fn forget_waiter(&self) {
+        self.hub.forget();
+    }
+}
+
+#[cfg(feature = "alloc")]
+impl<M: RingMem, D: crate::doorbell::AsyncDoorbell> Channel<M, D> {
+    pub(crate) fn poll_event(
+        &self,
+        seen: u64,
+        cx: &mut core::task::Context<'_>,
+    ) -> core::task::Poll<Result<(), ChannelError>> {
+        match self.hub.poll_wait(&self.doorbell, seen, cx) {
+            core::task::Poll::Pending => core::task::Poll::Pending,
+            core::task::Poll::Ready(Ok(signalled)) => {
+                if signalled {
+                    bump(&self.counters.signals_received, 1);
+                }
+                core::task::Poll::Ready(Ok(()))
+            }
+            core::task::Poll::Ready(Err(DoorbellError::PeerClosed)) => {
+                self.mark_peer_closed();
+                core::task::Poll::Ready(Ok(()))
+            }
+            core::task::Poll::Ready(Err(e)) => {
+                core::task::Poll::Ready(Err(self.fail(FailureCause::Doorbell(e))))
+            }
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! Channel errors.
+
+use vmlink_ring::RingError;
+
+use crate::doorbell::DoorbellError;
+use crate::packet::PacketError;
+
+/// The peer broke the packet protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProtocolError {
+    /// A completion arrived for a transaction id that is not in flight.
+    #[error("completion for transaction id {transaction_id:#x}, which is not in flight")]
+    UnknownTransaction {
+        /// The completion's transaction id.
+        transaction_id: u64,
+    },
+    /// A packet's extra header is malformed.
+    #[error("malformed packet header: {0}")]
+    Packet(#[from] PacketError),
+}
+
+/// Why a channel failed. Once failed, every call on the channel returns this cause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FailureCause {
+    /// A ring is corrupt.
+    #[error("corrupt ring: {0}")]
+    Ring(#[from] RingError),
+    /// The peer broke the packet protocol.
+    #[error("protocol violation: {0}")]
+    Protocol(#[from] ProtocolError),
+    /// The doorbell failed.
+    #[error("doorbell failure: {0}")]
+    Doorbell(DoorbellError),
+}
+
+/// A channel operation failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ChannelError {
+    /// The peer closed the channel and everything it committed has been received.
+    #[error("the peer closed the channel")]
+    Closed,
+    /// The channel failed; every later call fails with the same cause.
+    #[error("the channel failed: {0}")]
+    Failed(FailureCause),
+    /// A `try_` send found the outgoing ring full.
+    #[error("the outgoing ring is full")]
+    Full,
+    /// The deadline passed before the operation could complete.
+    #[error("the deadline passed")]
+    TimedOut,
+    /// The packet can never fit in the outgoing ring.
+    #[error("a packet of {len} bytes can never fit in the outgoing ring (largest {max})")]
+    TooLarge {
+        /// The packet's length in the ring (descriptor, header, padded payload).
+        len: usize,
+        /// The largest packet the ring carries.
+        max: usize,
+    },
+    /// The receive buffer is smaller than the packet; the packet stays queued.
+    #[error("a {needed}-byte packet does not fit in a {capacity}-byte buffer")]
+    BufferTooSmall {
+        /// Bytes the packet needs (header and payload).
+        needed: usize,
+        /// The buffer's length.
+        capacity: usize,
+    },
+    /// Every transaction id is in flight.
+    #[error("all {capacity} transaction ids are in flight")]
+    TransactionsExhausted {
+        /// How many transactions may be in flight at once.
+        capacity: usize,
+    },
+    /// A packet this side tried to send is malformed (e.g. a bad GPA range).
+    #[error("invalid packet: {0}")]
+    InvalidPacket(PacketError),
+    /// A read from a received packet fell outside it.
+    #[error("{len} bytes at offset {offset} do not fit in a region of {size} bytes")]
+    OutOfBounds {
+        /// Offset of the read.
+        offset: usize,
+        /// Length of the read.
+        len: usize,
+        /// Size of the region.
+        size: usize,
+    },
+    /// A caller asked for something the channel cannot do (flags, header alignment).
+    #[error("invalid request: {0}")]
+    InvalidRequest(vmlink_ring::WriteError),
+}
+
+impl From<FailureCause> for ChannelError {
+    fn from(cause: FailureCause) -> Self {
+        ChannelError::Failed(cause)
+    }
+}

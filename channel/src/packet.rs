@@ -1,0 +1,608 @@
+//! GPA-direct and transfer-page headers: encoding what we send, validating what we receive.
+//!
+//! Parsing works on bytes already copied out of the ring, so each value is read once; every
+//! count, offset and page number is checked with checked arithmetic against the header's
+//! length before it is used, and nothing is allocated.
+
+use vmlink_ring::protocol::{
+    GpaDirectHeader, GpaRangeHeader, PAGE_SIZE, TransferPageHeader, TransferPageRange,
+};
+use zerocopy::{FromBytes, IntoBytes};
+
+/// A packet header is malformed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PacketError {
+    /// The header is shorter than its fixed part.
+    #[error("a {len}-byte header is too short")]
+    HeaderTooShort {
+        /// The header's length.
+        len: usize,
+    },
+    /// A GPA-direct or transfer-page packet names no ranges.
+    #[error("the packet names no ranges")]
+    NoRanges,
+    /// The ranges do not fill the header exactly.
+    #[error("{count} ranges need {needed:?} header bytes, the header has {len}")]
+    RangesMismatchHeader {
+        /// The range count from the header.
+        count: u32,
+        /// Bytes the ranges need (`None` when that overflows).
+        needed: Option<usize>,
+        /// The header's length.
+        len: usize,
+    },
+    /// A range's offset into its first page is not below 4096.
+    #[error("range {index}: byte offset {byte_offset} is not below 4096")]
+    OffsetPastPage {
+        /// Which range.
+        index: u32,
+        /// The offset.
+        byte_offset: u32,
+    },
+    /// A range is empty.
+    #[error("range {index} is empty")]
+    EmptyRange {
+        /// Which range.
+        index: u32,
+    },
+    /// A range's page list does not match its offset and length.
+    #[error("range {index}: {given} page numbers given, {needed} needed")]
+    PageCountMismatch {
+        /// Which range.
+        index: u32,
+        /// Pages the range spans.
+        needed: usize,
+        /// Page numbers supplied.
+        given: usize,
+    },
+    /// A page number is outside what the channel allows.
+    #[error("range {index}: page number {page:#x} is not below the limit {limit:#x}")]
+    PageOutOfRange {
+        /// Which range.
+        index: u32,
+        /// The page number.
+        page: u64,
+        /// The first page number not allowed.
+        limit: u64,
+    },
+    /// A transfer-page range's end overflows.
+    #[error("range {index}: offset {byte_offset} + count {byte_count} overflows")]
+    RangeOverflow {
+        /// Which range.
+        index: u32,
+        /// The offset.
+        byte_offset: u32,
+        /// The count.
+        byte_count: u32,
+    },
+}
+
+/// Pages spanned by `byte_count` bytes starting `byte_offset` into the first page.
+pub fn pages_spanned(byte_offset: u32, byte_count: u32) -> usize {
+    // In u64 the sum cannot overflow; the quotient fits in usize on every supported target.
+    (u64::from(byte_offset) + u64::from(byte_count)).div_ceil(PAGE_SIZE as u64) as usize
+}
+
+/// One GPA range to send: `byte_count` bytes starting `byte_offset` into the first of
+/// `pages` (4 KiB page numbers; on the shm transport, page indices into the buffer area).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GpaRange<'a> {
+    /// Offset of the first byte in the first page; below 4096.
+    pub byte_offset: u32,
+    /// Bytes in the range; not zero.
+    pub byte_count: u32,
+    /// One page number per 4 KiB page the range spans.
+    pub pages: &'a [u64],
+}
+
+impl GpaRange<'_> {
+    fn check(&self, index: u32, page_limit: Option<u64>) -> Result<(), PacketError> {
+        if self.byte_offset as usize >= PAGE_SIZE {
+            return Err(PacketError::OffsetPastPage {
+                index,
+                byte_offset: self.byte_offset,
+            });
+        }
+        if self.byte_count == 0 {
+            return Err(PacketError::EmptyRange { index });
+        }
+        let needed = pages_spanned(self.byte_offset, self.byte_count);
+        if needed != self.pages.len() {
+            return Err(PacketError::PageCountMismatch {
+                index,
+                needed,
+                given: self.pages.len(),
+            });
+        }
+        if let Some(limit) = page_limit
+            && let Some(&page) = self.pages.iter().find(|&&p| p >= limit)
+        {
+            return Err(PacketError::PageOutOfRange { index, page, limit });
+        }
+        Ok(())
+    }
+}
+
+/// Checks ranges we are about to send and returns the header length they need.
+pub fn gpa_header_len(
+    ranges: &[GpaRange<'_>],
+    page_limit: Option<u64>,
+) -> Result<usize, PacketError> {
+    if ranges.is_empty() {
+        return Err(PacketError::NoRanges);
+    }
+    let mut len = size_of::<GpaDirectHeader>();
+    for (i, r) in ranges.iter().enumerate() {
+        r.check(i as u32, page_limit)?;
+        len += size_of::<GpaRangeHeader>() + 8 * r.pages.len();
+    }
+    Ok(len)
+}
+
+/// Writes the GPA-direct header for `ranges` through `write(offset, bytes)`.
+pub fn encode_gpa_header(ranges: &[GpaRange<'_>], mut write: impl FnMut(usize, &[u8])) {
+    let head = GpaDirectHeader {
+        reserved: 0,
+        range_count: ranges.len() as u32,
+    };
+    write(0, head.as_bytes());
+    let mut at = size_of::<GpaDirectHeader>();
+    for r in ranges {
+        let rh = GpaRangeHeader {
+            byte_count: r.byte_count,
+            byte_offset: r.byte_offset,
+        };
+        write(at, rh.as_bytes());
+        at += size_of::<GpaRangeHeader>();
+        write(at, r.pages.as_bytes());
+        at += 8 * r.pages.len();
+    }
+}
+
+/// The validated ranges of a received GPA-direct packet, over the header bytes copied out
+/// of the ring.
+#[derive(Debug, Clone, Copy)]
+pub struct GpaRanges<'a> {
+    rest: &'a [u8],
+    remaining: u32,
+}
+
+/// One received GPA range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReceivedGpaRange<'a> {
+    /// Offset of the first byte in the first page.
+    pub byte_offset: u32,
+    /// Bytes in the range.
+    pub byte_count: u32,
+    pages: &'a [u8],
+}
+
+impl<'a> ReceivedGpaRange<'a> {
+    /// The page numbers, one per 4 KiB page spanned.
+    pub fn pages(&self) -> impl ExactSizeIterator<Item = u64> + 'a {
+        self.pages
+            .as_chunks::<8>()
+            .0
+            .iter()
+            .map(|b| u64::from_le_bytes(*b))
+    }
+
+    /// Number of pages spanned.
+    pub fn page_count(&self) -> usize {
+        self.pages.len() / 8
+    }
+}
+
+fn u32_at(b: &[u8; 8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// Validates a GPA-direct header of `len` bytes, reading it 8 bytes at a time through
+/// `read(offset)` (each word once): `{reserved u32, range_count u32}` then per range
+/// `{byte_count u32, byte_offset u32}` and one `u64` page number per page spanned, filling
+/// the header exactly. Page numbers must be below `page_limit` when one is given. Every
+/// read is in bounds before it is made, and the loop ends after at most `len / 8` reads.
+pub fn validate_gpa_header(
+    len: usize,
+    page_limit: Option<u64>,
+    mut read: impl FnMut(usize) -> [u8; 8],
+) -> Result<u32, PacketError> {
+    if len < size_of::<GpaDirectHeader>() {
+        return Err(PacketError::HeaderTooShort { len });
+    }
+    let count = u32_at(&read(0), 4);
+    if count == 0 {
+        return Err(PacketError::NoRanges);
+    }
+    let mut at = size_of::<GpaDirectHeader>();
+    for index in 0..count {
+        let mismatch = PacketError::RangesMismatchHeader {
+            count,
+            needed: None,
+            len,
+        };
+        if len - at < size_of::<GpaRangeHeader>() {
+            return Err(mismatch);
+        }
+        let rh = read(at);
+        let (byte_count, byte_offset) = (u32_at(&rh, 0), u32_at(&rh, 4));
+        at += size_of::<GpaRangeHeader>();
+        if byte_offset as usize >= PAGE_SIZE {
+            return Err(PacketError::OffsetPastPage { index, byte_offset });
+        }
+        if byte_count == 0 {
+            return Err(PacketError::EmptyRange { index });
+        }
+        let pages = pages_spanned(byte_offset, byte_count);
+        let bytes = pages
+            .checked_mul(8)
+            .filter(|n| *n <= len - at)
+            .ok_or(mismatch)?;
+        if let Some(limit) = page_limit {
+            for k in 0..pages {
+                let page = u64::from_le_bytes(read(at + 8 * k));
+                if page >= limit {
+                    return Err(PacketError::PageOutOfRange { index, page, limit });
+                }
+            }
+        }
+        at += bytes;
+    }
+    if at != len {
+        return Err(PacketError::RangesMismatchHeader {
+            count,
+            needed: Some(at),
+            len,
+        });
+    }
+    Ok(count)
+}
+
+/// Validates a transfer-page header of `len` bytes read through `read(offset)`:
+/// `{pageset_id u16, sender_owns_set u8, reserved u8, range_count u32}` then exactly
+/// `range_count` `{byte_count u32, byte_offset u32}` ranges, none of whose ends overflows.
+pub fn validate_transfer_page_header(
+    len: usize,
+    mut read: impl FnMut(usize) -> [u8; 8],
+) -> Result<u32, PacketError> {
+    if len < size_of::<TransferPageHeader>() {
+        return Err(PacketError::HeaderTooShort { len });
+    }
+    let count = u32_at(&read(0), 4);
+    if count == 0 {
+        return Err(PacketError::NoRanges);
+    }
+    let needed = (count as usize)
+        .checked_mul(8)
+        .and_then(|n| n.checked_add(size_of::<TransferPageHeader>()));
+    if needed != Some(len) {
+        return Err(PacketError::RangesMismatchHeader { count, needed, len });
+    }
+    for index in 0..count {
+        let r = read(size_of::<TransferPageHeader>() + 8 * index as usize);
+        let (byte_count, byte_offset) = (u32_at(&r, 0), u32_at(&r, 4));
+        if byte_offset.checked_add(byte_count).is_none() {
+            return Err(PacketError::RangeOverflow {
+                index,
+                byte_offset,
+                byte_count,
+            });
+        }
+    }
+    Ok(count)
+}
+
+/// Reads the 8 bytes at `at` of `bytes` (zero-filled past the end; the validators never
+/// read there).
+fn word_at(bytes: &[u8], at: usize) -> [u8; 8] {
+    let mut w = [0u8; 8];
+    if let Some(src) = bytes.get(at..at.saturating_add(8)) {
+        w.copy_from_slice(src);
+    }
+    w
+}
+
+/// Validates a GPA-direct header copied out of the ring (see [`validate_gpa_header`]) and
+/// returns its ranges.
+pub fn parse_gpa_header(
+    header: &[u8],
+    page_limit: Option<u64>,
+) -> Result<GpaRanges<'_>, PacketError> {
+    let count = validate_gpa_header(header.len(), page_limit, |at| word_at(header, at))?;
+    Ok(GpaRanges {
+        rest: &header[size_of::<GpaDirectHeader>()..],
+        remaining: count,
+    })
+}
+
+impl<'a> Iterator for GpaRanges<'a> {
+    type Item = ReceivedGpaRange<'a>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.remaining == 0 {
+            return None;
+        }
+        // The header was validated whole in `parse_gpa_header`; these cannot fail, but an
+        // inconsistency ends the iteration rather than panicking.
+        let (rh, after) = GpaRangeHeader::read_from_prefix(self.rest).ok()?;
+        let n = pages_spanned(rh.byte_offset, rh.byte_count) * 8;
+        let pages = after.get(..n)?;
+        self.rest = after.get(n..)?;
+        self.remaining -= 1;
+        Some(ReceivedGpaRange {
+            byte_offset: rh.byte_offset,
+            byte_count: rh.byte_count,
+            pages,
+        })
+    }
+}
+
+/// The validated header of a received transfer-page packet.
+#[derive(Debug, Clone, Copy)]
+pub struct TransferPages<'a> {
+    /// The transfer page set the ranges refer to.
+    pub pageset_id: u16,
+    /// True when the sender owns the page set.
+    pub sender_owns_set: bool,
+    ranges: &'a [u8],
+}
+
+impl TransferPages<'_> {
+    /// The ranges: `(byte_offset, byte_count)` in the page set.
+    pub fn ranges(&self) -> impl ExactSizeIterator<Item = TransferPageRange> + '_ {
+        self.ranges
+            .as_chunks::<8>()
+            .0
+            .iter()
+            .map(|b| TransferPageRange::read_from_bytes(b).unwrap_or_default())
+    }
+}
+
+/// Validates a transfer-page header copied out of the ring (see
+/// [`validate_transfer_page_header`]) and returns its contents.
+pub fn parse_transfer_page_header(header: &[u8]) -> Result<TransferPages<'_>, PacketError> {
+    validate_transfer_page_header(header.len(), |at| word_at(header, at))?;
+    let (head, rest) = TransferPageHeader::read_from_prefix(header)
+        .map_err(|_| PacketError::HeaderTooShort { len: header.len() })?;
+    Ok(TransferPages {
+        pageset_id: head.pageset_id,
+        sender_owns_set: head.sender_owns_set != 0,
+        ranges: rest,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::vec::Vec;
+
+    fn encode(ranges: &[GpaRange<'_>]) -> Vec<u8> {
+        let len = gpa_header_len(ranges, None).unwrap();
+        let mut out = std::vec![0u8; len];
+        encode_gpa_header(ranges, |at, b| out[at..at + b.len()].copy_from_slice(b));
+        out
+    }
+
+    #[test]
+    fn gpa_round_trip() {
+        let pages_a = [7u64, 3];
+        let pages_b = [42u64];
+        let ranges = [
+            GpaRange {
+                byte_offset: 100,
+                byte_count: 4096,
+                pages: &pages_a,
+            },
+            GpaRange {
+                byte_offset: 0,
+                byte_count: 4096,
+                pages: &pages_b,
+            },
+        ];
+        let bytes = encode(&ranges);
+        assert_eq!(bytes.len(), 8 + 8 + 16 + 8 + 8);
+        let parsed: Vec<_> = parse_gpa_header(&bytes, Some(43)).unwrap().collect();
+        assert_eq!(parsed.len(), 2);
+        assert_eq!((parsed[0].byte_offset, parsed[0].byte_count), (100, 4096));
+        assert_eq!(parsed[0].pages().collect::<Vec<_>>(), [7, 3]);
+        assert_eq!(parsed[1].pages().collect::<Vec<_>>(), [42]);
+        assert_eq!(
+            parse_gpa_header(&bytes, Some(42)).unwrap_err(),
+            PacketError::PageOutOfRange {
+                index: 1,
+                page: 42,
+                limit: 42
+            }
+        );
+    }
+
+    #[test]
+    fn gpa_send_side_checks() {
+        let p = [1u64];
+        assert_eq!(gpa_header_len(&[], None), Err(PacketError::NoRanges));
+        let bad = [GpaRange {
+            byte_offset: 4096,
+            byte_count: 1,
+            pages: &p,
+        }];
+        assert_eq!(
+            gpa_header_len(&bad, None),
+            Err(PacketError::OffsetPastPage {
+                index: 0,
+                byte_offset: 4096
+            })
+        );
+        let empty = [GpaRange {
+            byte_offset: 0,
+            byte_count: 0,
+            pages: &[],
+        }];
+        assert_eq!(
+            gpa_header_len(&empty, None),
+            Err(PacketError::EmptyRange { index: 0 })
+        );
+        let short = [GpaRange {
+            byte_offset: 4000,
+            byte_count: 200,
+            pages: &p,
+        }];
+        assert_eq!(
+            gpa_header_len(&short, None),
+            Err(PacketError::PageCountMismatch {
+                index: 0,
+                needed: 2,
+                given: 1
+            })
+        );
+        let far = [GpaRange {
+            byte_offset: 0,
+            byte_count: 1,
+            pages: &[9],
+        }];
+        assert_eq!(
+            gpa_header_len(&far, Some(9)),
+            Err(PacketError::PageOutOfRange {
+                index: 0,
+                page: 9,
+                limit: 9
+            })
+        );
+    }
+
+    #[test]
+    fn gpa_hostile_headers() {
+        let mut h = Vec::new();
+        h.extend_from_slice(&0u32.to_le_bytes());
+        h.extend_from_slice(&u32::MAX.to_le_bytes()); // 4 billion ranges
+        h.extend_from_slice(&10u32.to_le_bytes()); // the first is well formed...
+        h.extend_from_slice(&0u32.to_le_bytes());
+        h.extend_from_slice(&1u64.to_le_bytes()); // ...and then the header ends
+        assert!(matches!(
+            parse_gpa_header(&h, None),
+            Err(PacketError::RangesMismatchHeader { .. })
+        ));
+        assert_eq!(
+            parse_gpa_header(&h[..4], None).unwrap_err(),
+            PacketError::HeaderTooShort { len: 4 }
+        );
+        // A range claiming u32::MAX bytes needs ~1M page numbers the header does not have.
+        let mut h = Vec::new();
+        h.extend_from_slice(&0u32.to_le_bytes());
+        h.extend_from_slice(&1u32.to_le_bytes());
+        h.extend_from_slice(&u32::MAX.to_le_bytes());
+        h.extend_from_slice(&4095u32.to_le_bytes());
+        h.extend_from_slice(&5u64.to_le_bytes());
+        assert!(matches!(
+            parse_gpa_header(&h, None),
+            Err(PacketError::RangesMismatchHeader { .. })
+        ));
+        // Trailing bytes after the last range.
+        let p = [1u64];
+        let mut ok = encode(&[GpaRange {
+            byte_offset: 0,
+            byte_count: 10,
+            pages: &p,
+        }]);
+        ok.extend_from_slice(&[0; 8]);
+        assert_eq!(
+            parse_gpa_header(&ok, None).unwrap_err(),
+            PacketError::RangesMismatchHeader {
+                count: 1,
+                needed: Some(24),
+                len: 32
+            }
+        );
+        // Zero ranges, offset past the page, empty range.
+        let mut zero = encode(&[GpaRange {
+            byte_offset: 0,
+            byte_count: 10,
+            pages: &p,
+        }]);
+        zero[4] = 0;
+        assert_eq!(
+            parse_gpa_header(&zero, None).unwrap_err(),
+            PacketError::NoRanges
+        );
+        let mut off = encode(&[GpaRange {
+            byte_offset: 0,
+            byte_count: 10,
+            pages: &p,
+        }]);
+        off[12..16].copy_from_slice(&4096u32.to_le_bytes());
+        assert_eq!(
+            parse_gpa_header(&off, None).unwrap_err(),
+            PacketError::OffsetPastPage {
+                index: 0,
+                byte_offset: 4096
+            }
+        );
+        let mut empty = encode(&[GpaRange {
+            byte_offset: 0,
+            byte_count: 10,
+            pages: &p,
+        }]);
+        empty[8..12].copy_from_slice(&0u32.to_le_bytes());
+        assert_eq!(
+            parse_gpa_header(&empty, None).unwrap_err(),
+            PacketError::EmptyRange { index: 0 }
+        );
+    }
+
+    #[test]
+    fn transfer_pages() {
+        let mut h = Vec::new();
+        h.extend_from_slice(
+            TransferPageHeader {
+                pageset_id: 3,
+                sender_owns_set: 1,
+                reserved: 0,
+                range_count: 2,
+            }
+            .as_bytes(),
+        );
+        h.extend_from_slice(
+            TransferPageRange {
+                byte_count: 100,
+                byte_offset: 0,
+            }
+            .as_bytes(),
+        );
+        h.extend_from_slice(
+            TransferPageRange {
+                byte_count: 50,
+                byte_offset: 4096,
+            }
+            .as_bytes(),
+        );
+        let t = parse_transfer_page_header(&h).unwrap();
+        assert_eq!(t.pageset_id, 3);
+        assert!(t.sender_owns_set);
+        let r: Vec<_> = t.ranges().map(|r| (r.byte_offset, r.byte_count)).collect();
+        assert_eq!(r, [(0, 100), (4096, 50)]);
+        assert!(matches!(
+            parse_transfer_page_header(&h[..16]),
+            Err(PacketError::RangesMismatchHeader { .. })
+        ));
+        assert!(matches!(
+            parse_transfer_page_header(&h[..20]),
+            Err(PacketError::RangesMismatchHeader { .. })
+        ));
+        let mut over = h.clone();
+        over[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            parse_transfer_page_header(&over),
+            Err(PacketError::RangeOverflow { index: 1, .. })
+        ));
+        let mut none = h.clone();
+        none[4..8].copy_from_slice(&0u32.to_le_bytes());
+        assert_eq!(
+            parse_transfer_page_header(&none[..8]).unwrap_err(),
+            PacketError::NoRanges
+        );
+        assert_eq!(
+            parse_transfer_page_header(&h[..3]).unwrap_err(),
+            PacketError::HeaderTooShort { len: 3 }
+        );
+    }
+}

@@ -1,0 +1,184 @@
+//! Locks and the wake-up hub shared by every waiter of a channel.
+//!
+//! Locks guard short critical sections only (ring operations); nobody sleeps while holding
+//! one. With `std` they are `std::sync::Mutex` (poisoning ignored: ring state stays
+//! consistent because every ring call is all-or-nothing); without it, spin locks.
+
+#[cfg(feature = "alloc")]
+use alloc::vec::Vec;
+#[cfg(feature = "alloc")]
+use core::task::{Context, Poll, Waker};
+#[cfg(feature = "std")]
+use core::time::Duration;
+
+#[cfg(feature = "alloc")]
+use crate::doorbell::AsyncDoorbell;
+#[cfg(feature = "alloc")]
+use crate::doorbell::DoorbellError;
+#[cfg(feature = "std")]
+use crate::doorbell::{Doorbell, Wake};
+
+/// A mutual-exclusion lock.
+#[derive(Debug, Default)]
+pub(crate) struct Lock<T>(
+    #[cfg(feature = "std")] std::sync::Mutex<T>,
+    #[cfg(not(feature = "std"))] spin::Mutex<T>,
+);
+
+/// A held lock.
+#[cfg(feature = "std")]
+pub(crate) type Guard<'a, T> = std::sync::MutexGuard<'a, T>;
+/// A held lock.
+#[cfg(not(feature = "std"))]
+pub(crate) type Guard<'a, T> = spin::MutexGuard<'a, T>;
+
+impl<T> Lock<T> {
+    pub(crate) fn new(value: T) -> Self {
+        #[cfg(feature = "std")]
+        return Self(std::sync::Mutex::new(value));
+        #[cfg(not(feature = "std"))]
+        return Self(spin::Mutex::new(value));
+    }
+
+    pub(crate) fn lock(&self) -> Guard<'_, T> {
+        #[cfg(feature = "std")]
+        return self.0.lock().unwrap_or_else(|e| e.into_inner());
+        #[cfg(not(feature = "std"))]
+        return self.0.lock();
+    }
+
+    #[cfg(feature = "std")]
+    pub(crate) fn try_lock(&self) -> Option<Guard<'_, T>> {
+        match self.0.try_lock() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct HubState {
+    /// Bumped on every event a waiter may care about: the doorbell rang, the peer left,
+    /// a completion was stored, queue space was freed.
+    generation: u64,
+    /// A thread is blocked in `Doorbell::wait`; others wait on the condition variable.
+    #[cfg(feature = "alloc")]
+    sleeper: bool,
+    /// Tasks waiting for the next event.
+    #[cfg(feature = "alloc")]
+    wakers: Vec<Waker>,
+}
+
+/// Where every waiter of a channel waits, so that one doorbell serves them all: at most one
+/// thread blocks in the doorbell at a time, and whatever wakes it is broadcast.
+///
+/// A waiter reads the generation, then arms its condition in the ring (unmask interrupts,
+/// set the pending send size) and re-checks it, then waits for the generation to move. An
+/// event between the read and the wait is never lost: either it bumped the generation
+/// already, or its doorbell ring is still pending for whoever sleeps next.
+#[derive(Debug, Default)]
+pub(crate) struct Hub {
+    state: Lock<HubState>,
+    #[cfg(feature = "std")]
+    cv: std::sync::Condvar,
+}
+
+impl Hub {
+    #[cfg(feature = "alloc")]
+    pub(crate) fn generation(&self) -> u64 {
+        self.state.lock().generation
+    }
+
+    fn bump(&self, st: &mut HubState) {
+        #[cfg(not(feature = "alloc"))]
+        let _ = st;
+        st.generation = st.generation.wrapping_add(1);
+        #[cfg(feature = "std")]
+        self.cv.notify_all();
+        #[cfg(feature = "alloc")]
+        for w in st.wakers.drain(..) {
+            w.wake();
+        }
+    }
+
+    /// Announces an event that did not come through the doorbell.
+    pub(crate) fn notify(&self) {
+        let mut st = self.state.lock();
+        self.bump(&mut st);
+    }
+
+    /// Blocks until the generation moves past `seen` or `timeout` passes, watching the
+    /// doorbell if no other thread does. Returns whether the doorbell rang for us.
+    #[cfg(feature = "std")]
+    pub(crate) fn wait<D: Doorbell + ?Sized>(
+        &self,
+        doorbell: &D,
+        seen: u64,
+        timeout: Option<Duration>,
+    ) -> Result<bool, crate::doorbell::DoorbellError> {
+        let mut st = self.state.lock();
+        if st.generation != seen {
+            return Ok(false);
+        }
+        if !st.sleeper {
+            st.sleeper = true;
+            drop(st);
+            let woke = doorbell.wait(timeout);
+            let mut st = self.state.lock();
+            st.sleeper = false;
+            // Whatever happened, let every waiter look (and one of them take over the
+            // doorbell).
+            self.bump(&mut st);
+            return woke.map(|w| w == Wake::Signalled);
+        }
+        match timeout {
+            None => drop(self.cv.wait(st).unwrap_or_else(|e| e.into_inner())),
+            Some(t) => drop(
+                self.cv
+                    .wait_timeout(st, t)
+                    .unwrap_or_else(|e| e.into_inner()),
+            ),
+        }
+        Ok(false)
+    }
+
+    /// The async form of [`wait`](Self::wait): `Ready` once the generation moved past
+    /// `seen` (possibly because this poll found the doorbell rung), else `Pending` with the
+    /// task registered both here and with the doorbell.
+    #[cfg(feature = "alloc")]
+    pub(crate) fn poll_wait<D: AsyncDoorbell + ?Sized>(
+        &self,
+        doorbell: &D,
+        seen: u64,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<bool, DoorbellError>> {
+        let mut st = self.state.lock();
+        if st.generation != seen {
+            return Poll::Ready(Ok(false));
+        }
+        if !st.sleeper {
+            match doorbell.poll_wait(cx) {
+                Poll::Ready(r) => {
+                    self.bump(&mut st);
+                    return Poll::Ready(r.map(|()| true));
+                }
+                Poll::Pending => {}
+            }
+        }
+        if !st.wakers.iter().any(|w| w.will_wake(cx.waker())) {
+            st.wakers.push(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    /// A pending future went away: wake the others so one of them registers with the
+    /// doorbell again (the doorbell keeps only the last registered waker).
+    #[cfg(feature = "alloc")]
+    pub(crate) fn forget(&self) {
+        let mut st = self.state.lock();
+        for w in st.wakers.drain(..) {
+            w.wake();
+        }
+    }
+}
