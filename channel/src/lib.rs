@@ -45,6 +45,8 @@ extern crate alloc;
 #[cfg(feature = "alloc")]
 mod asynch;
 mod channel;
+#[cfg(feature = "test-utils")]
+pub mod conformance;
 pub mod doorbell;
 mod error;
 pub mod packet;
