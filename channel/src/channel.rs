@@ -412,6 +412,21 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
     }
 
     /// Sends an in-band packet that asks for no completion; never waits.
+    ///
+    /// ```
+    /// use vmlink_channel::{ChannelError, Config, in_process_channel_pair};
+    ///
+    /// let (a, b) = in_process_channel_pair(4096, Config::default())?;
+    /// a.try_send(b"hello")?;
+    /// let mut buf = [0u8; 16];
+    /// let got = b.try_recv(&mut buf)?.expect("a packet");
+    /// assert_eq!(&got.payload(&buf)[..5], b"hello");
+    /// assert_eq!(b.try_recv(&mut buf)?, None);
+    /// // A full ring is an error for `try_` sends, never a wait.
+    /// while a.try_send(&[0; 1000]).is_ok() {}
+    /// assert_eq!(a.try_send(&[0; 1000]), Err(ChannelError::Full));
+    /// # Ok::<(), ChannelError>(())
+    /// ```
     pub fn try_send(&self, payload: &[u8]) -> Result<(), ChannelError> {
         self.try_send_packet(&OutgoingPacket::in_band(&[payload]))
     }
@@ -475,6 +490,27 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
     /// Starts a batch: packets pushed to it are published together by one commit, which
     /// signals the peer at most once. The outgoing ring stays locked while the batch
     /// lives; a batch dropped without [`SendBatch::commit`] is discarded.
+    ///
+    /// ```
+    /// use vmlink_channel::{Config, in_process_channel_pair};
+    ///
+    /// let (a, b) = in_process_channel_pair(4 * 4096, Config::default())?;
+    /// let mut batch = a.batch()?;
+    /// for i in 0..10u8 {
+    ///     batch.push_in_band(&[i; 32])?;
+    /// }
+    /// batch.commit()?; // one index store, at most one doorbell signal
+    /// assert_eq!(a.counters().signals_sent, 1);
+    ///
+    /// let mut sum = 0u32;
+    /// let n = b.try_recv_batch(64, |packet| {
+    ///     let mut first = [0u8; 1];
+    ///     packet.read_payload(0, &mut first).unwrap();
+    ///     sum += u32::from(first[0]);
+    /// })?;
+    /// assert_eq!((n, sum), (10, 45));
+    /// # Ok::<(), vmlink_channel::ChannelError>(())
+    /// ```
     pub fn batch(&self) -> Result<SendBatch<'_, M, D>, ChannelError> {
         self.check_send()?;
         Ok(SendBatch {
@@ -533,6 +569,20 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
     /// Sends a request whose completion will come back through the receive calls (as a
     /// packet of type [`PacketType::Completion`] with the returned transaction id). Never
     /// waits. For `no_std` users that poll; with `std`, [`call`](Self::call) is simpler.
+    ///
+    /// ```
+    /// use vmlink_channel::{Config, PacketType, in_process_channel_pair};
+    ///
+    /// let (a, b) = in_process_channel_pair(4096, Config::default())?;
+    /// let tid = a.try_start_request(b"status?")?;
+    /// let mut buf = [0u8; 64];
+    /// let request = b.try_recv(&mut buf)?.expect("the request");
+    /// assert!(request.completion_requested);
+    /// b.try_complete(request.transaction_id, b"ok")?;
+    /// let completion = a.try_recv(&mut buf)?.expect("the completion");
+    /// assert_eq!((completion.packet_type, completion.transaction_id), (PacketType::Completion, tid));
+    /// # Ok::<(), vmlink_channel::ChannelError>(())
+    /// ```
     pub fn try_start_request(&self, request: &[u8]) -> Result<u64, ChannelError> {
         let tid = self
             .txns
@@ -715,6 +765,25 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
     /// Receives the next packet in place, if one is there; never waits. The returned
     /// guard reads straight out of ring memory; the packet is consumed when the guard is
     /// dropped or committed. The incoming ring stays locked meanwhile.
+    ///
+    /// ```
+    /// use vmlink_channel::{Config, PacketMeta, in_process_channel_pair};
+    ///
+    /// let (a, b) = in_process_channel_pair(4 * 4096, Config::default())?;
+    /// // Fill a packet in place: no intermediate buffer.
+    /// a.try_send_in_place(PacketMeta::in_band(), 0, 8192, |slot| {
+    ///     for chunk in 0..8 {
+    ///         slot.write_payload(chunk * 1024, &[chunk as u8; 1024]).unwrap();
+    ///     }
+    /// })?;
+    /// // Read just the part needed, straight out of the ring.
+    /// let mut guard = b.try_recv_in_place()?.expect("a packet");
+    /// let mut last = [0u8; 4];
+    /// guard.read_payload(8188, &mut last)?;
+    /// assert_eq!(last, [7; 4]);
+    /// drop(guard); // consumed here
+    /// # Ok::<(), vmlink_channel::ChannelError>(())
+    /// ```
     pub fn try_recv_in_place(&self) -> Result<Option<RecvGuard<'_, M, D>>, ChannelError> {
         if let Some(e) = self.failed() {
             return Err(e);
@@ -1261,6 +1330,24 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
     }
 
     /// Sends a GPA-direct packet, waiting for space until `deadline`.
+    ///
+    /// ```
+    /// use vmlink_channel::packet::GpaRange;
+    /// use vmlink_channel::{Config, PacketMeta, in_process_channel_pair};
+    ///
+    /// let config = Config::default().with_gpa_page_limit(256);
+    /// let (a, b) = in_process_channel_pair(4096, config)?;
+    /// let pages = [10, 11];
+    /// let ranges = [GpaRange { byte_offset: 512, byte_count: 6000, pages: &pages }];
+    /// a.send_gpa_direct(&ranges, b"write", PacketMeta::in_band(), None)?;
+    ///
+    /// let mut guard = b.recv_in_place(None)?;
+    /// let mut scratch = [0u8; 64];
+    /// let range = guard.gpa_ranges(&mut scratch)?.next().expect("one range");
+    /// assert_eq!(range.byte_count, 6000);
+    /// assert_eq!(range.pages().collect::<Vec<_>>(), [10, 11]);
+    /// # Ok::<(), vmlink_channel::ChannelError>(())
+    /// ```
     pub fn send_gpa_direct(
         &self,
         ranges: &[GpaRange<'_>],
