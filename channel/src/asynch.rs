@@ -121,9 +121,10 @@ impl<M: RingMem, D: AsyncDoorbell> Channel<M, D> {
             .send_packet_async(&request_packet(txn.tid(), &[request]))
             .await
         {
-            txn.never_sent();
+            // Dropping `txn` frees the id: the request never went out.
             return Err(e);
         }
+        txn.sent();
         loop {
             let seen = self.generation();
             match self.call_step(&mut txn, response)? {

@@ -322,7 +322,7 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
             *c.get_or_insert(cause)
         };
         self.state.store(FAILED, Ordering::Release);
-        self.hub.notify();
+        self.hub.notify(&self.doorbell);
         ChannelError::Failed(stored)
     }
 
@@ -339,7 +339,7 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
         let _ = self
             .state
             .compare_exchange(OPEN, PEER_CLOSED, Ordering::AcqRel, Ordering::Acquire);
-        self.hub.notify();
+        self.hub.notify(&self.doorbell);
     }
 
     /// True when the peer is gone. Checked *before* looking at the ring, so that what the
@@ -640,7 +640,7 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
                     if !self.txns.mark_done(index) {
                         bump(&self.counters.late_completions, 1);
                     }
-                    self.hub.notify();
+                    self.hub.notify(&self.doorbell);
                 }
                 #[cfg(not(feature = "alloc"))]
                 Route::Waiting(_) => return Ok(Some(info)),
@@ -733,7 +733,7 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
         buf[..q.data.len()].copy_from_slice(&q.data);
         rx.pool.push(q.data);
         // Queue space freed: callers blocked on a full queue may go on.
-        self.hub.notify();
+        self.hub.notify(&self.doorbell);
         Ok(Some(q.meta))
     }
 
@@ -792,7 +792,7 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
         let mut rx = self.rx.lock();
         #[cfg(feature = "alloc")]
         if let Some(q) = rx.queue.pop_front() {
-            self.hub.notify();
+            self.hub.notify(&self.doorbell);
             return Ok(Some(RecvGuard {
                 channel: self,
                 rx,
@@ -839,7 +839,7 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
                     source: BatchSource::Queued(&q.data),
                 });
                 rx.pool.push(q.data);
-                self.hub.notify();
+                self.hub.notify(&self.doorbell);
                 n += 1;
                 continue;
             }
@@ -1504,9 +1504,10 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
     ) -> Result<usize, ChannelError> {
         let mut txn = self.begin_call()?;
         if let Err(e) = self.send_packet(&request_packet(txn.tid, &[request]), deadline) {
-            txn.never_sent();
+            // Dropping `txn` frees the id: the request never went out.
             return Err(e);
         }
+        txn.sent();
         loop {
             let seen = self.hub.generation();
             match self.call_step(&mut txn, response)? {
@@ -1543,7 +1544,10 @@ pub(crate) enum CallStep {
 pub(crate) struct PendingCall<'c, M: RingMem, D: Doorbell> {
     channel: &'c Channel<M, D>,
     tid: u64,
+    /// The id still needs freeing or abandoning.
     armed: bool,
+    /// The request went out, so a completion may still come.
+    sent: bool,
 }
 
 #[cfg(feature = "alloc")]
@@ -1552,18 +1556,25 @@ impl<M: RingMem, D: Doorbell> PendingCall<'_, M, D> {
         self.tid
     }
 
-    /// The request never went out: nothing will complete it.
-    pub(crate) fn never_sent(&mut self) {
-        self.channel.txns.free(self.tid);
-        self.armed = false;
+    /// The request went out: from now on a completion may come.
+    pub(crate) fn sent(&mut self) {
+        self.sent = true;
     }
 }
 
 #[cfg(feature = "alloc")]
 impl<M: RingMem, D: Doorbell> Drop for PendingCall<'_, M, D> {
     fn drop(&mut self) {
-        if self.armed {
+        if !self.armed {
+            return;
+        }
+        if self.sent {
+            // Keep the id until the late completion arrives.
             self.channel.txns.abandon(self.tid);
+        } else {
+            // Dropped before the request went out (e.g. a future cancelled while it waited
+            // for space): nothing will complete it.
+            self.channel.txns.free(self.tid);
         }
     }
 }
@@ -1581,6 +1592,7 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
             channel: self,
             tid,
             armed: true,
+            sent: false,
         })
     }
 
@@ -1632,7 +1644,7 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
         match self.take_into(rx, info, &mut data) {
             Ok(meta) => {
                 rx.queue.push_back(Queued { meta, data });
-                self.hub.notify();
+                self.hub.notify(&self.doorbell);
                 Ok(())
             }
             Err(e) => {

@@ -40,6 +40,12 @@ pub trait Doorbell {
     /// left is still seen to have rung.
     fn wait(&self, timeout: Option<Duration>) -> Result<Wake, DoorbellError>;
 
+    /// Wakes a thread of this side blocked in [`wait`](Self::wait), as if the peer had
+    /// rung (a ring that finds nobody waiting makes the next wait return at once). The
+    /// channel uses it when one of its threads makes progress a sleeping thread waits for,
+    /// e.g. a polling receiver that took a completion meant for a sleeping caller.
+    fn wake_local(&self) -> Result<(), DoorbellError>;
+
     /// True once the peer is known to be gone. Never blocks.
     fn peer_closed(&self) -> bool {
         false
@@ -60,6 +66,9 @@ impl<T: Doorbell + ?Sized> Doorbell for &T {
     }
     fn wait(&self, timeout: Option<Duration>) -> Result<Wake, DoorbellError> {
         (**self).wait(timeout)
+    }
+    fn wake_local(&self) -> Result<(), DoorbellError> {
+        (**self).wake_local()
     }
     fn peer_closed(&self) -> bool {
         (**self).peer_closed()
@@ -188,6 +197,11 @@ mod inproc {
                     }
                 }
             }
+        }
+
+        fn wake_local(&self) -> Result<(), DoorbellError> {
+            self.mine().wake(true);
+            Ok(())
         }
 
         fn peer_closed(&self) -> bool {

@@ -102,10 +102,20 @@ impl Hub {
         }
     }
 
-    /// Announces an event that did not come through the doorbell.
-    pub(crate) fn notify(&self) {
+    /// Announces an event that did not come through the doorbell, waking a thread blocked
+    /// in the doorbell too (it may be waiting for exactly this: a completion another
+    /// thread took off the ring while interrupts were masked).
+    pub(crate) fn notify<D: crate::doorbell::Doorbell + ?Sized>(&self, doorbell: &D) {
         let mut st = self.state.lock();
         self.bump(&mut st);
+        #[cfg(feature = "alloc")]
+        if st.sleeper {
+            // A failure here leaves the sleeper to its own timeout or the next real ring;
+            // there is nobody to report it to.
+            let _ = doorbell.wake_local();
+        }
+        #[cfg(not(feature = "alloc"))]
+        let _ = doorbell;
     }
 
     /// Blocks until the generation moves past `seen` or `timeout` passes, watching the
