@@ -117,21 +117,21 @@ impl<M: RingMem, D: AsyncDoorbell> Channel<M, D> {
         response: &mut [u8],
     ) -> Result<usize, ChannelError> {
         let mut txn = self.begin_call()?;
-        if let Err(e) = self
-            .send_packet_async(&request_packet(txn.tid(), &[request]))
-            .await
-        {
-            // Dropping `txn` frees the id: the request never went out.
-            return Err(e);
-        }
+        // On error or cancellation, dropping `txn` frees the id: the request never went out.
+        self.send_packet_async(&request_packet(txn.tid(), &[request]))
+            .await?;
         txn.sent();
         loop {
             let seen = self.generation();
             match self.call_step(&mut txn, response)? {
                 crate::channel::CallStep::Done(len) => return Ok(len),
-                crate::channel::CallStep::Retry => {}
-                crate::channel::CallStep::QueueFull | crate::channel::CallStep::Sleep => {
-                    self.event(seen).await?;
+                crate::channel::CallStep::QueueFull => self.event(seen).await?,
+                crate::channel::CallStep::Idle => {
+                    // Only the ring matters to a caller: queued packets are for receivers.
+                    if self.prepare_wait_for(false)? == WaitDecision::Sleep {
+                        self.count_receive_sleep();
+                        self.event(seen).await?;
+                    }
                 }
             }
         }

@@ -534,11 +534,19 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
     /// unmasks interrupts, fences and looks again. On [`WaitDecision::Sleep`] the peer
     /// will signal when it sends; wait with `self.doorbell().wait(..)`.
     pub fn prepare_recv_wait(&self) -> Result<WaitDecision, ChannelError> {
+        self.prepare_wait_for(true)
+    }
+
+    /// Arms the reader; with `queued`, packets waiting in the channel's queue count as
+    /// something to receive (for receivers; callers wait only for the ring).
+    pub(crate) fn prepare_wait_for(&self, queued: bool) -> Result<WaitDecision, ChannelError> {
         let mut rx = self.rx.lock();
         #[cfg(feature = "alloc")]
-        if !rx.queue.is_empty() {
+        if queued && !rx.queue.is_empty() {
             return Ok(WaitDecision::Ready);
         }
+        #[cfg(not(feature = "alloc"))]
+        let _ = queued;
         Ok(if self.arm_reader(&mut rx)? {
             WaitDecision::Sleep
         } else {
@@ -1370,36 +1378,72 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
     }
 
     /// Polling mode: looks at the ring up to `spin_iterations` times with backoff and
-    /// interrupts masked. Returns true when something arrived.
-    fn spin_for_data(&self) -> bool {
+    /// interrupts masked, so the peer need not signal while we spin. Returns true when
+    /// something arrived. Interrupts are unmasked again before it returns (with a fence
+    /// and a last look), so a thread that sleeps meanwhile is never left without signals;
+    /// anything that arrived unsignalled is announced to the other waiters.
+    fn spin_for_data(&self, queued: bool) -> Result<bool, ChannelError> {
         if self.config.spin_iterations == 0 {
-            return false;
+            return Ok(false);
         }
         self.rx.lock().reader.mask_interrupts();
+        let mut found = false;
         let mut backoff = 1u32;
-        for _ in 0..self.config.spin_iterations {
+        for i in 0..self.config.spin_iterations {
             for _ in 0..backoff {
                 core::hint::spin_loop();
             }
             backoff = (backoff * 2).min(64);
             if let Some(mut rx) = self.rx.try_lock() {
                 #[cfg(feature = "alloc")]
-                if !rx.queue.is_empty() {
-                    return true;
+                if queued && !rx.queue.is_empty() {
+                    found = true;
+                    break;
                 }
                 if rx.reader.available().map_or(true, |n| n > 0) {
-                    return true;
+                    found = true;
+                    break;
                 }
             }
-            if self.hub_moved_or_gone() {
-                return true;
+            // The state is an atomic; the doorbell's own check may be a system call, so
+            // it is consulted only now and then.
+            if self.state.load(Ordering::Acquire) != OPEN
+                || (i % 64 == 63 && self.doorbell.peer_closed())
+            {
+                found = true;
+                break;
             }
         }
-        false
+        let ready = {
+            let mut rx = self.rx.lock();
+            !self.arm_reader(&mut rx)?
+        };
+        if ready {
+            // Other threads asleep in this channel may wait for what arrived unsignalled.
+            self.hub.notify(&self.doorbell);
+        }
+        Ok(found || ready)
     }
 
-    fn hub_moved_or_gone(&self) -> bool {
-        self.state.load(Ordering::Acquire) != OPEN || self.doorbell.peer_closed()
+    /// Waits until a receive may find something: spins first in polling mode, then arms
+    /// the reader and sleeps until an event or the deadline. With `queued`, packets in the
+    /// channel's queue count (receivers); without, only the ring does (callers, whose
+    /// completions never wait in the queue).
+    fn wait_ready(
+        &self,
+        seen: u64,
+        deadline: Option<Instant>,
+        queued: bool,
+    ) -> Result<(), ChannelError> {
+        remaining(deadline)?;
+        if self.spin_for_data(queued)? || self.peer_gone() {
+            return Ok(());
+        }
+        if self.prepare_wait_for(queued)? == WaitDecision::Ready {
+            return Ok(());
+        }
+        bump(&self.counters.receive_sleeps, 1);
+        self.wait_event(seen, deadline, None)
     }
 
     /// Receives one packet into `buf`, waiting until `deadline` (`None`: as long as it
@@ -1410,28 +1454,12 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
         buf: &mut [u8],
         deadline: Option<Instant>,
     ) -> Result<Received, ChannelError> {
-        let mut spun = false;
         loop {
             let seen = self.hub.generation();
             if let Some(r) = self.try_recv(buf)? {
                 return Ok(r);
             }
-            if !spun {
-                spun = true;
-                if self.spin_for_data() {
-                    continue;
-                }
-            }
-            let sleep = {
-                let mut rx = self.rx.lock();
-                self.arm_reader(&mut rx)?
-            };
-            if !sleep {
-                continue;
-            }
-            bump(&self.counters.receive_sleeps, 1);
-            self.wait_event(seen, deadline, None)?;
-            spun = false;
+            self.wait_ready(seen, deadline, true)?;
         }
     }
 
@@ -1442,32 +1470,11 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
     ) -> Result<RecvGuard<'_, M, D>, ChannelError> {
         loop {
             let seen = self.hub.generation();
-            if self.wait_ready(seen, deadline)?
-                && let Some(g) = self.try_recv_in_place()?
-            {
+            if let Some(g) = self.try_recv_in_place()? {
                 return Ok(g);
             }
+            self.wait_ready(seen, deadline, true)?;
         }
-    }
-
-    /// One round of waiting for data: returns true when a receive may find something.
-    fn wait_ready(&self, seen: u64, deadline: Option<Instant>) -> Result<bool, ChannelError> {
-        {
-            let mut rx = self.rx.lock();
-            #[cfg(feature = "alloc")]
-            if !rx.queue.is_empty() {
-                return Ok(true);
-            }
-            if rx.reader.available().map_err(|e| self.fail(e))? > 0 || self.peer_gone() {
-                return Ok(true);
-            }
-            if !self.arm_reader(&mut rx)? {
-                return Ok(true);
-            }
-        }
-        bump(&self.counters.receive_sleeps, 1);
-        self.wait_event(seen, deadline, None)?;
-        Ok(false)
     }
 
     /// Receives batches in place until `each` has seen at least one packet, waiting until
@@ -1484,7 +1491,7 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
             if n > 0 {
                 return Ok(n);
             }
-            self.wait_ready(seen, deadline)?;
+            self.wait_ready(seen, deadline, true)?;
         }
     }
 
@@ -1503,23 +1510,17 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
         deadline: Option<Instant>,
     ) -> Result<usize, ChannelError> {
         let mut txn = self.begin_call()?;
-        if let Err(e) = self.send_packet(&request_packet(txn.tid, &[request]), deadline) {
-            // Dropping `txn` frees the id: the request never went out.
-            return Err(e);
-        }
+        // On error, dropping `txn` frees the id: the request never went out.
+        self.send_packet(&request_packet(txn.tid, &[request]), deadline)?;
         txn.sent();
         loop {
             let seen = self.hub.generation();
             match self.call_step(&mut txn, response)? {
                 CallStep::Done(len) => return Ok(len),
-                CallStep::Retry => {}
                 CallStep::QueueFull => {
                     self.wait_event(seen, deadline, Some(self.config.space_recheck))?
                 }
-                CallStep::Sleep => {
-                    bump(&self.counters.receive_sleeps, 1);
-                    self.wait_event(seen, deadline, None)?;
-                }
+                CallStep::Idle => self.wait_ready(seen, deadline, false)?,
             }
         }
     }
@@ -1530,12 +1531,10 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
 pub(crate) enum CallStep {
     /// The completion arrived: its payload length.
     Done(usize),
-    /// Something changed; look again at once.
-    Retry,
     /// The unsolicited-packet queue is full: wait for a receiver to take packets.
     QueueFull,
-    /// Nothing to do until the peer signals; the reader is armed.
-    Sleep,
+    /// The ring holds nothing more for now: wait for data.
+    Idle,
 }
 
 /// A call in flight: frees or abandons its transaction id if the call ends without its
@@ -1629,11 +1628,7 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
         if blocked {
             return Ok(CallStep::QueueFull);
         }
-        Ok(if self.arm_reader(&mut rx)? {
-            CallStep::Sleep
-        } else {
-            CallStep::Retry
-        })
+        Ok(CallStep::Idle)
     }
 
     /// Copies a packet meant for a receiver into the queue, reusing a pooled buffer.

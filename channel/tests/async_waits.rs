@@ -43,9 +43,22 @@ fn check_stream_packet(i: u64, payload: &[u8]) {
 
 /// Every tokio test's body runs under this: a hang is a failure, not a stuck CI job.
 async fn bounded<F: Future>(body: F) -> F::Output {
-    timeout(Duration::from_secs(60), body)
+    // A timer alone cannot catch tasks that spin without yielding (the runtime's workers
+    // never get back to the timer), so a plain thread stands guard too.
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let guard = done.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(90));
+        if !guard.load(std::sync::atomic::Ordering::Acquire) {
+            eprintln!("watchdog: an async test ran for over 90 s; aborting");
+            std::process::abort();
+        }
+    });
+    let out = timeout(Duration::from_secs(60), body)
         .await
-        .expect("watchdog: the test ran for over 60 s")
+        .expect("watchdog: the test ran for over 60 s");
+    done.store(true, std::sync::atomic::Ordering::Release);
+    out
 }
 
 fn tiny_pair() -> (Arc<InProcessChannel>, Arc<InProcessChannel>) {
