@@ -1,0 +1,247 @@
+#!/usr/bin/env python3
+"""Writes the hand-made seed inputs in corpus/<target>/seed-*.
+
+The targets decode structured input with `arbitrary` 1.x (derive). Its encoding, which this
+script mirrors: integers little-endian; bool = low bit of a byte; Option = bool then value;
+enum = u32 variant selector, variant i of n chosen by (u32 * n) >> 32; Vec = each element
+preceded by a byte with the low bit set, ended by a byte with it clear. When a target's input
+types change, update the encoders here, re-run `python3 make_seeds.py`, and check the result
+with `cargo +nightly fuzz fmt <target> corpus/<target>/seed-...`.
+"""
+
+import os
+import struct
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def u8(v): return struct.pack("<B", v & 0xFF)
+def u16(v): return struct.pack("<H", v & 0xFFFF)
+def u32(v): return struct.pack("<I", v & 0xFFFFFFFF)
+def u64(v): return struct.pack("<Q", v & 0xFFFFFFFFFFFFFFFF)
+def boolean(b): return b"\x01" if b else b"\x00"
+def option(x): return b"\x00" if x is None else b"\x01" + x
+def vec(items): return b"".join(b"\x01" + i for i in items) + b"\x00"
+def bytes_vec(bs): return vec([u8(b) for b in bs])
+
+
+def variant(i, n, *fields):
+    sel = -(-(i << 32) // n)  # ceil(i * 2^32 / n)
+    assert (sel * n) >> 32 == i
+    return u32(sel) + b"".join(fields)
+
+
+# ---- shared ---------------------------------------------------------------------------
+def idx_raw(v): return variant(0, 3, u32(v))
+def idx_nudged(v): return variant(1, 3, u32(v))
+def idx_zero(): return variant(2, 3)
+
+
+def control(write, read, mask=0, pending=0, features=1):
+    return write + read + u32(mask) + u32(pending) + u32(features)
+
+
+def scribble(offset, data): return u16(offset) + bytes_vec(data)
+
+
+# ---- ring_reader ----------------------------------------------------------------------
+R_TYPES = {"inband": 0, "xfer": 1, "gpa": 2, "comp": 3}
+
+
+def r_type(t):
+    return variant(4, 5, u16(t)) if isinstance(t, int) else variant(R_TYPES[t], 5)
+
+
+def r_flags(f):
+    return variant(2, 3, u16(f)) if f > 1 else variant(f, 3)
+
+
+def peer_packet(t="inband", flags=0, tid=0, header8=0, payload=8, fill=0x40,
+                data_offset8=None, length8=None, dirty=False):
+    return (r_type(t) + r_flags(flags) + u64(tid) + u8(header8) + u16(payload) + u8(fill)
+            + option(None if data_offset8 is None else u16(data_offset8))
+            + option(None if length8 is None else u16(length8)) + boolean(dirty))
+
+
+def rp_set_write(i): return variant(0, 7, i)
+def rp_set_read(i): return variant(1, 7, i)
+def rp_mask(v): return variant(2, 7, u32(v))
+def rp_scribble(off, data): return variant(5, 7, scribble(off, data))
+def rp_append(pkt, publish): return variant(6, 7, pkt, boolean(publish))
+
+
+def ra_peek(): return variant(0, 10)
+def ra_peek_info(): return variant(1, 10)
+
+
+def ra_open(source, ops, consume):
+    return variant(2, 10, source, vec(ops), boolean(consume))
+
+
+def src_peek(): return variant(0, 2)
+def src_saved(i): return variant(1, 2, u8(i))
+def op_payload(off, n): return variant(0, 3, u32(off), u16(n))
+def op_header(off, n): return variant(1, 3, u32(off), u16(n))
+def op_peer(p): return variant(2, 3, p)
+def ra_commit(): return variant(3, 10)
+def ra_revert(): return variant(4, 10)
+def ra_prepare_wait(): return variant(5, 10)
+def ra_mask(): return variant(6, 10)
+def ra_available(): return variant(7, 10)
+def ra_read_into(cap): return variant(8, 10, u16(cap))
+def ra_peer(p): return variant(9, 10, p)
+
+
+def reader_input(pages, ctl, fill, packets, publish, scribbles, actions):
+    return (u8(pages) + ctl + u8(fill) + vec(packets) + boolean(publish)
+            + vec(scribbles) + vec(actions))
+
+
+# ---- ring_writer ----------------------------------------------------------------------
+W_TYPES = {"inband": 0, "xfer": 1, "gpa": 2, "comp": 3}
+
+
+def w_flags(f): return variant(2, 3, u16(f)) if f > 1 else variant(f, 3)
+def hdr_units(n): return variant(0, 2, u8(n))
+def hdr_raw(n): return variant(1, 2, u16(n))
+
+
+def args(t="inband", flags=0, tid=0, header=None, parts=((8, 1),), seed=0):
+    header = header if header is not None else hdr_units(0)
+    return (variant(W_TYPES[t], 4) + w_flags(flags) + u64(tid) + header
+            + vec([u16(n) + u8(p) for n, p in parts]) + u8(seed))
+
+
+def fill(region, off, n, seed): return variant(region, 2) + u16(off) + u16(n) + u8(seed)
+
+
+def wa_write(a): return variant(0, 8, a)
+def wa_push(a): return variant(1, 8, a)
+def wa_reserve(a, fills, end): return variant(2, 8, a, vec(fills), variant(end, 3))
+def wa_commit(): return variant(3, 8)
+def wa_revert(): return variant(4, 8)
+def wa_prepare_wait(header, payload): return variant(5, 8, header, u16(payload))
+def wa_free(): return variant(6, 8)
+def wa_peer(p): return variant(7, 8, p)
+def wp_consume(n): return variant(0, 8, u8(n))
+def wp_consume_all(): return variant(1, 8)
+def wp_set_read(i): return variant(2, 8, i)
+def wp_mask(v): return variant(3, 8, u32(v))
+def wp_pending(v): return variant(4, 8, u32(v))
+def wp_set_write(i): return variant(5, 8, i)
+def wp_scribble(off, data): return variant(7, 8, scribble(off, data))
+
+
+def writer_input(pages, ctl, garbage, actions):
+    return u8(pages) + ctl + u8(garbage) + vec(actions)
+
+
+# ---- packet_headers -------------------------------------------------------------------
+def corruption(count=None, edits=(), truncate=None, extra=b""):
+    return (option(None if count is None else u32(count))
+            + vec([u16(a) + u8(v) for a, v in edits])
+            + option(None if truncate is None else u16(truncate)) + bytes_vec(extra))
+
+
+def gpa_spec(offset, count, first_page, raw=False):
+    return u32(offset) + u32(count) + u64(first_page) + boolean(raw)
+
+
+def ph_input(limit, header):
+    return option(None if limit is None else u64(limit)) + header
+
+
+def ph_raw(data): return variant(0, 3, bytes_vec(data))
+def ph_gpa(specs, c): return variant(1, 3, vec(specs), c)
+
+
+def ph_xfer(pageset, owns, ranges, c):
+    return variant(2, 3, u16(pageset), u8(owns), vec([u32(a) + u32(b) for a, b in ranges]), c)
+
+
+SEEDS = {
+    "ring_reader": {
+        # An empty, freshly initialised ring.
+        "seed-empty": reader_input(0, control(idx_zero(), idx_zero()), 0, [], False, [],
+                                   [ra_peek(), ra_prepare_wait(), ra_read_into(64)]),
+        # Three well-formed packets wrapping the end of a 2-page ring; every reader call.
+        "seed-three-packets": reader_input(
+            1, control(idx_zero(), idx_nudged(8000)), 0x11,
+            [peer_packet("inband", 0, 0, 0, 100),
+             peer_packet("gpa", 1, 7, 3, 40, dirty=True),
+             peer_packet("comp", 0, 7, 0, 0)], True, [],
+            [ra_peek_info(),
+             ra_open(src_peek(), [op_payload(0, 100), op_header(0, 8),
+                                  op_peer(rp_scribble(8100, b"\xff" * 16))], True),
+             ra_open(src_saved(0), [op_payload(0, 8)], False),
+             ra_commit(), ra_read_into(4096), ra_read_into(8), ra_revert(),
+             ra_peer(rp_append(peer_packet("inband", 1, 9, 1, 300), True)),
+             ra_available(), ra_peek(), ra_mask(), ra_commit(), ra_prepare_wait()]),
+        # Corrupt descriptors and indices.
+        "seed-hostile": reader_input(
+            0, control(idx_nudged(64), idx_nudged(0)), 0,
+            [peer_packet("inband", 0, 0, 0, 16, length8=0xFFFF),
+             peer_packet(0x1234, 0x8000, 0, 0, 16, data_offset8=1)], False,
+            [scribble(0, b"\x06\x00\x02\x00")],
+            [ra_peek(), ra_read_into(16),
+             ra_peer(rp_set_write(idx_raw(0xFFFFFFF8))), ra_peek(),
+             ra_peer(rp_set_write(idx_raw(13))), ra_available(),
+             ra_peer(rp_set_write(idx_nudged(24))), ra_peek(), ra_prepare_wait()]),
+        # The writer's index moves backwards behind packets we consumed but not committed.
+        "seed-index-backwards": reader_input(
+            0, control(idx_nudged(64), idx_zero()), 0,
+            [peer_packet("inband", 0, 1, 0, 8)] * 3, False, [],
+            [ra_open(src_peek(), [], True), ra_open(src_peek(), [], True),
+             ra_peer(rp_set_write(idx_nudged(32))), ra_peek(), ra_available(), ra_commit(),
+             ra_peek(), ra_peer(rp_set_write(idx_nudged(96))), ra_read_into(8)]),
+    },
+    "ring_writer": {
+        # Writes, pushes, an in-place packet, a wait, all read back by a well-behaved peer.
+        "seed-basic": writer_input(0, control(idx_zero(), idx_zero()), 0xCC, [
+            wa_write(args("inband", 0, 0, parts=((5, 0x61), (7, 0x62)))),
+            wa_push(args("gpa", 1, 42, hdr_units(2), ((100, 3),))),
+            wa_push(args("comp", 0, 42, parts=())),
+            wa_commit(),
+            wa_peer(wp_consume(2)),
+            wa_reserve(args("xfer", 1, 5, hdr_units(1), ((33, 0),)),
+                       [fill(0, 0, 8, 1), fill(1, 0, 33, 2), fill(1, 30, 8, 3)], 0),
+            wa_free(), wa_commit(),
+            wa_prepare_wait(hdr_units(0), 1000),
+            wa_write(args("comp", 0, 42, parts=((3, 9),)))]),
+        # Fill a 1-page ring until it is full, wait, let the peer drain it, write again.
+        "seed-full": writer_input(0, control(idx_nudged(3000), idx_nudged(3000)), 0x5A, [
+            *[wa_write(args(parts=((900, i),))) for i in range(5)],
+            wa_prepare_wait(hdr_units(0), 900),
+            wa_peer(wp_consume(1)),
+            wa_write(args(parts=((900, 9),))),
+            wa_peer(wp_consume_all()),
+            wa_reserve(args(parts=((4000, 1),)), [fill(1, 0, 4000, 7)], 1)]),
+        # A reader that breaks the rules.
+        "seed-hostile": writer_input(1, control(idx_zero(), idx_zero(), mask=1, pending=77), 0, [
+            wa_write(args(parts=((64, 1),))),
+            wa_peer(wp_set_read(idx_raw(5))), wa_write(args(parts=((64, 2),))),
+            wa_peer(wp_set_read(idx_nudged(4096))), wa_free(),
+            wa_peer(wp_set_write(idx_raw(0xFFFF))), wa_peer(wp_pending(0)),
+            wa_peer(wp_scribble(0, b"\x00" * 24)),
+            wa_push(args(flags=0x10)), wa_push(args(header=hdr_raw(13))),
+            wa_prepare_wait(hdr_units(0), 8000), wa_revert()]),
+    },
+    "packet_headers": {
+        "seed-gpa": ph_input(100, ph_gpa([gpa_spec(100, 4096, 7), gpa_spec(0, 1, 42)],
+                                         corruption())),
+        "seed-gpa-corrupt": ph_input(None, ph_gpa([gpa_spec(4000, 200, 1)],
+                                                  corruption(count=2, edits=[(12, 0x10)]))),
+        "seed-transfer": ph_input(None, ph_xfer(3, 1, [(100, 0), (50, 4096)], corruption())),
+        # 4 billion ranges claimed; one range of u32::MAX bytes with one page number.
+        "seed-raw": ph_input(None, ph_raw(b"\x00\x00\x00\x00\xff\xff\xff\xff"
+                                          + b"\xff\xff\xff\xff\xff\x0f\x00\x00"
+                                          + b"\x05" + b"\x00" * 7)),
+    },
+}
+
+for target, seeds in SEEDS.items():
+    d = os.path.join(HERE, "corpus", target)
+    os.makedirs(d, exist_ok=True)
+    for name, data in seeds.items():
+        with open(os.path.join(d, name), "wb") as f:
+            f.write(data)
