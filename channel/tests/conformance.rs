@@ -1,38 +1,38 @@
-//! The conformance suite on the in-process pair: two threads, heap rings, the in-process
-//! doorbell.
+//! The conformance suite on the in-process pair: heap rings, the in-process doorbell, side
+//! B of every check on its own thread.
 
 use std::sync::Arc;
 
-use vmlink_channel::conformance::{Pair, PairFactory, run_all};
+use vmlink_channel::conformance::{End, Threads, run_all};
 use vmlink_channel::{Channel, Config, InProcessDoorbell, in_process_pair};
 use vmlink_ring::{ControlWord, HeapMem, RingMem};
 
-struct InProcess;
-
-impl PairFactory for InProcess {
-    type Mem = Arc<HeapMem>;
-    type Bell = InProcessDoorbell;
-
-    fn pair_with(
-        &self,
-        len: usize,
-        config_a: Config,
-        config_b: Config,
-    ) -> Pair<Self::Mem, Self::Bell> {
-        let a_to_b = Arc::new(HeapMem::new(len).expect("ring"));
-        let b_to_a = Arc::new(HeapMem::new(len).expect("ring"));
-        let (da, db) = in_process_pair();
-        let a = Channel::new(a_to_b.clone(), b_to_a.clone(), da, config_a).expect("a");
-        let b = Channel::new(b_to_a.clone(), a_to_b, db, config_b).expect("b");
-        Pair {
-            a,
-            b,
-            corrupt_b_to_a: Box::new(move || b_to_a.store_control(ControlWord::WriteIndex, 13)),
-        }
-    }
+fn pair(
+    len: usize,
+    ca: Config,
+    cb: Config,
+) -> (
+    End<Arc<HeapMem>, InProcessDoorbell>,
+    End<Arc<HeapMem>, InProcessDoorbell>,
+) {
+    let a_to_b = Arc::new(HeapMem::new(len).expect("ring"));
+    let b_to_a = Arc::new(HeapMem::new(len).expect("ring"));
+    let (da, db) = in_process_pair();
+    let a = Channel::new(a_to_b.clone(), b_to_a.clone(), da, ca).expect("a");
+    let b = Channel::new(b_to_a.clone(), a_to_b.clone(), db, cb).expect("b");
+    (
+        End {
+            channel: a,
+            corrupt_outgoing: Box::new(move || a_to_b.store_control(ControlWord::WriteIndex, 13)),
+        },
+        End {
+            channel: b,
+            corrupt_outgoing: Box::new(move || b_to_a.store_control(ControlWord::WriteIndex, 13)),
+        },
+    )
 }
 
 #[test]
 fn in_process_pair_conforms() {
-    run_all(&InProcess);
+    run_all(&Threads::new(pair));
 }

@@ -12,7 +12,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use tokio::time::{sleep, timeout};
-use vmlink_channel::conformance::{Pair, PairFactory, run_all};
+use vmlink_channel::conformance::{End, Threads, run_all};
 use vmlink_channel::{
     Channel, ChannelError, ChannelState, Config, Doorbell, DoorbellError, EventFdDoorbell,
     TokioDoorbell, Wake,
@@ -133,69 +133,42 @@ fn rings(len: usize) -> (Arc<HeapMem>, Arc<HeapMem>) {
     )
 }
 
-struct EventFd;
+type Ends<D> = (End<Arc<HeapMem>, D>, End<Arc<HeapMem>, D>);
 
-impl PairFactory for EventFd {
-    type Mem = Arc<HeapMem>;
-    type Bell = EventFdDoorbell;
-
-    fn pair_with(
-        &self,
-        len: usize,
-        config_a: Config,
-        config_b: Config,
-    ) -> Pair<Self::Mem, Self::Bell> {
-        let (a_to_b, b_to_a) = rings(len);
-        let (da, db) = bell_pair();
-        let a = Channel::new(a_to_b.clone(), b_to_a.clone(), da, config_a).expect("a");
-        let b = Channel::new(b_to_a.clone(), a_to_b, db, config_b).expect("b");
-        Pair {
-            a,
-            b,
-            corrupt_b_to_a: Box::new(move || b_to_a.store_control(ControlWord::WriteIndex, 13)),
-        }
-    }
+/// Two connected channel ends over heap rings with the given doorbell ends.
+fn ends<D: Doorbell>(len: usize, ca: Config, cb: Config, (da, db): (D, D)) -> Ends<D> {
+    let (a_to_b, b_to_a) = rings(len);
+    let a = Channel::new(a_to_b.clone(), b_to_a.clone(), da, ca).expect("a");
+    let b = Channel::new(b_to_a.clone(), a_to_b.clone(), db, cb).expect("b");
+    (
+        End {
+            channel: a,
+            corrupt_outgoing: Box::new(move || a_to_b.store_control(ControlWord::WriteIndex, 13)),
+        },
+        End {
+            channel: b,
+            corrupt_outgoing: Box::new(move || b_to_a.store_control(ControlWord::WriteIndex, 13)),
+        },
+    )
 }
 
 #[test]
 fn eventfd_pair_conforms() {
-    run_all(&EventFd);
+    run_all(&Threads::new(|len, ca, cb| ends(len, ca, cb, bell_pair())));
 }
 
 /// The tokio adapter's blocking half passes the suite too (ends made inside a runtime,
 /// used from plain threads).
-struct Tokio(tokio::runtime::Runtime);
-
-impl PairFactory for Tokio {
-    type Mem = Arc<HeapMem>;
-    type Bell = TokioDoorbell;
-
-    fn pair_with(
-        &self,
-        len: usize,
-        config_a: Config,
-        config_b: Config,
-    ) -> Pair<Self::Mem, Self::Bell> {
-        let _runtime = self.0.enter();
-        let (a_to_b, b_to_a) = rings(len);
-        let (da, db) = tokio_bells();
-        let a = Channel::new(a_to_b.clone(), b_to_a.clone(), da, config_a).expect("a");
-        let b = Channel::new(b_to_a.clone(), a_to_b, db, config_b).expect("b");
-        Pair {
-            a,
-            b,
-            corrupt_b_to_a: Box::new(move || b_to_a.store_control(ControlWord::WriteIndex, 13)),
-        }
-    }
-}
-
 #[test]
 fn tokio_doorbell_blocking_waits_conform() {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .build()
         .expect("runtime");
-    run_all(&Tokio(runtime));
+    run_all(&Threads::new(|len, ca, cb| {
+        let _runtime = runtime.enter();
+        ends(len, ca, cb, tokio_bells())
+    }));
 }
 
 // ---- tokio -----------------------------------------------------------------------------
