@@ -839,6 +839,8 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
         let mut rx = self.rx.lock();
         let mut n = 0;
         let mut result = Ok(());
+        #[cfg(feature = "alloc")]
+        let mut took_queued = false;
         while n < max {
             #[cfg(feature = "alloc")]
             if let Some(q) = rx.queue.pop_front() {
@@ -847,7 +849,7 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
                     source: BatchSource::Queued(&q.data),
                 });
                 rx.pool.push(q.data);
-                self.hub.notify(&self.doorbell);
+                took_queued = true;
                 n += 1;
                 continue;
             }
@@ -871,6 +873,11 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
                 self.txns.release_polled(meta.transaction_id);
             }
             n += 1;
+        }
+        #[cfg(feature = "alloc")]
+        if took_queued {
+            // Queue space freed: callers blocked on a full queue may go on.
+            self.hub.notify(&self.doorbell);
         }
         self.commit_rx(&mut rx)?;
         result?;
