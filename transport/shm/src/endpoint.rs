@@ -1,0 +1,98 @@
+//! One side of an established shared-memory channel.
+
+use vmlink_channel::{Channel, Config, EventFdDoorbell};
+
+use crate::memory::{BufferArea, Layout, SharedMemory, ShmRing};
+use crate::policy::PeerCredentials;
+
+/// A channel over this transport: rings in the shared mapping, eventfd doorbells that also
+/// watch the Unix socket for the peer's hang-up.
+pub type ShmChannel = Channel<ShmRing, EventFdDoorbell>;
+
+/// Which side of the channel an [`Endpoint`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// The side that allocated the memory and listened.
+    Host,
+    /// The side that connected.
+    Guest,
+}
+
+/// One side of an established channel: the channel itself, the shared memory (rings and
+/// buffer area), and who is at the other end.
+///
+/// Dropping it (or the channel taken from it) closes the socket, which the peer sees as a
+/// hang-up: its waits end and, once it has drained what we committed, it gets
+/// [`ChannelError::Closed`](vmlink_channel::ChannelError::Closed).
+#[derive(Debug)]
+pub struct Endpoint {
+    channel: ShmChannel,
+    buffer: BufferArea,
+    memory: SharedMemory,
+    peer: PeerCredentials,
+    service: String,
+    role: Role,
+}
+
+impl Endpoint {
+    pub(crate) fn new(
+        channel: ShmChannel,
+        memory: SharedMemory,
+        peer: PeerCredentials,
+        service: String,
+        role: Role,
+    ) -> Self {
+        Self {
+            channel,
+            buffer: memory.buffer(),
+            memory,
+            peer,
+            service,
+            role,
+        }
+    }
+
+    /// The channel.
+    pub fn channel(&self) -> &ShmChannel {
+        &self.channel
+    }
+
+    /// The buffer area, for bulk data that GPA-direct packets describe by page index.
+    pub fn buffer(&self) -> &BufferArea {
+        &self.buffer
+    }
+
+    /// The shared memory: layout, rings, the mapping and its memfd.
+    pub fn memory(&self) -> &SharedMemory {
+        &self.memory
+    }
+
+    /// The credentials of the process at the other end, as of when it connected (for a
+    /// guest: the host's; over a socket pair: whoever created the pair).
+    pub fn peer(&self) -> PeerCredentials {
+        self.peer
+    }
+
+    /// The service name.
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
+    /// Which side this is.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// The channel and the shared memory, for callers that keep them apart.
+    pub fn into_parts(self) -> (ShmChannel, SharedMemory) {
+        (self.channel, self.memory)
+    }
+}
+
+/// `config` with the GPA page limit capped at the buffer area's page count: page numbers
+/// are indices into the buffer area, so anything at or above its page count is rejected.
+pub(crate) fn effective_config(config: Config, layout: Layout) -> Config {
+    let pages = layout.buffer_pages();
+    let limit = config.gpa_page_limit.map_or(pages, |l| l.min(pages));
+    config.with_gpa_page_limit(limit)
+}

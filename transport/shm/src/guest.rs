@@ -1,0 +1,511 @@
+//! The guest side: it connects, checks what the host offers, maps it and attaches.
+
+use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use vmlink_channel::{Channel, Config, EventFdDoorbell};
+use zerocopy::FromBytes;
+
+use crate::endpoint::{Endpoint, Role, effective_config};
+use crate::error::ShmError;
+use crate::host::DEFAULT_HANDSHAKE_TIMEOUT;
+use crate::memory::{Layout, Mapping, SharedMemory};
+use crate::protocol::{self, Deadline, OfferBody};
+use crate::{SOCKET_FD_ENV, sys};
+
+/// Set once the inherited socket has been taken, so it is never owned twice.
+static INHERITED_TAKEN: AtomicBool = AtomicBool::new(false);
+
+/// Connects to a host's service as a guest.
+///
+/// ```no_run
+/// let guest = vmlink_shm::Guest::new("echo").connect("/run/vmlink/echo.sock")?;
+/// guest.channel().send(b"hello", None)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct Guest {
+    service: String,
+    config: Config,
+    timeout: Duration,
+}
+
+impl Guest {
+    /// A guest of the service `service`, with the default channel configuration and
+    /// handshake timeout.
+    pub fn new(service: impl Into<String>) -> Self {
+        Self {
+            service: service.into(),
+            config: Config::default(),
+            timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+        }
+    }
+
+    /// The same guest with another channel configuration (the GPA page limit is capped at
+    /// the buffer area's page count).
+    pub fn with_config(mut self, config: Config) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// The same guest with another handshake timeout.
+    pub fn with_handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Connects to the listener at `path` and runs the handshake.
+    pub fn connect(&self, path: impl AsRef<Path>) -> Result<Endpoint, ShmError> {
+        let stream = UnixStream::connect(path).map_err(ShmError::io("connect to the host"))?;
+        self.connect_stream(stream)
+    }
+
+    /// Runs the guest side of the handshake on an already-connected socket.
+    pub fn connect_stream(&self, stream: UnixStream) -> Result<Endpoint, ShmError> {
+        guest_handshake(self, stream)
+    }
+
+    /// Runs the handshake on the socket inherited from a host that spawned this process
+    /// with [`Service::spawn`](crate::Service::spawn) (its number is in [`SOCKET_FD_ENV`]).
+    /// The fd is made close-on-exec, so it goes no further. It can be taken only once per
+    /// process.
+    pub fn from_env(&self) -> Result<Endpoint, ShmError> {
+        let value = std::env::var(SOCKET_FD_ENV)
+            .map_err(|_| ShmError::NoInheritedSocket(format!("{SOCKET_FD_ENV} is not set")))?;
+        let fd: RawFd = value.parse().map_err(|_| {
+            ShmError::NoInheritedSocket(format!("{SOCKET_FD_ENV}={value:?} is not an fd number"))
+        })?;
+        if fd < 3 {
+            return Err(ShmError::NoInheritedSocket(format!(
+                "fd {fd} is a standard stream"
+            )));
+        }
+        // Close-on-exec from now on; this also fails (EBADF) when the fd is not open.
+        sys::set_cloexec_raw(fd, true)
+            .map_err(|e| ShmError::NoInheritedSocket(format!("fd {fd}: {e}")))?;
+        if INHERITED_TAKEN.swap(true, Ordering::AcqRel) {
+            return Err(ShmError::NoInheritedSocket(
+                "the inherited socket was taken already".into(),
+            ));
+        }
+        // SAFETY: the fd is open (F_SETFD succeeded), was inherited for this purpose by the
+        // spawning host, and the flag above makes this the only place that takes ownership
+        // of it; nothing else in this crate uses it.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        match sys::socket_type(owned.as_fd()) {
+            Ok(libc::SOCK_STREAM) => {}
+            _ => {
+                // Not ours after all: give it back unclosed.
+                std::mem::forget(owned);
+                INHERITED_TAKEN.store(false, Ordering::Release);
+                return Err(ShmError::NoInheritedSocket(format!(
+                    "fd {fd} is not a stream socket"
+                )));
+            }
+        }
+        self.connect_stream(UnixStream::from(owned))
+    }
+}
+
+/// Tells the host why its offer is unusable, and returns the error.
+fn reject(stream: &UnixStream, error: ShmError, deadline: Deadline) -> ShmError {
+    if !matches!(
+        error,
+        ShmError::PeerClosed { .. } | ShmError::TimedOut(..) | ShmError::Refused { .. }
+    ) {
+        protocol::send_error(
+            stream.as_fd(),
+            error.refusal_code(),
+            &error.to_string(),
+            deadline,
+        );
+    }
+    error
+}
+
+fn guest_handshake(guest: &Guest, stream: UnixStream) -> Result<Endpoint, ShmError> {
+    let name = protocol::check_service_name(guest.service.as_bytes())?.to_owned();
+    let deadline = Deadline::after(guest.timeout);
+    let host = sys::peer_credentials(stream.as_fd())
+        .map_err(ShmError::io("SO_PEERCRED"))?
+        .into();
+
+    protocol::send(
+        stream.as_fd(),
+        protocol::HELLO,
+        name.as_bytes(),
+        &[],
+        deadline,
+    )?;
+    let offer = protocol::recv(&stream, deadline, "waiting for the host's offer")
+        .map_err(|e| reject(&stream, e, deadline))?;
+    match offer.kind {
+        protocol::OFFER => {}
+        protocol::ERROR => return Err(protocol::parse_error(&offer.body)),
+        kind => {
+            let e = ShmError::UnexpectedMessage {
+                kind,
+                expected: "offer",
+            };
+            return Err(reject(&stream, e, deadline));
+        }
+    }
+    let attached = attach(&name, offer.body, offer.fds, guest.config)
+        .map_err(|e| reject(&stream, e, deadline))?;
+    let (memory, guest_bell, host_bell, config) = attached;
+    let doorbell =
+        EventFdDoorbell::from_fds(guest_bell, host_bell).with_hangup(OwnedFd::from(stream));
+    let channel = match Channel::new(
+        memory.guest_to_host(),
+        memory.host_to_guest(),
+        doorbell,
+        config,
+    ) {
+        Ok(c) => c,
+        Err(e) => return Err(ShmError::Channel(e)),
+    };
+    let sock = channel
+        .doorbell()
+        .hangup_fd()
+        .expect("hang-up fd set above");
+    protocol::send(sock, protocol::READY, &[], &[], deadline)?;
+    Ok(Endpoint::new(channel, memory, host, name, Role::Guest))
+}
+
+type Attached = (SharedMemory, OwnedFd, OwnedFd, Config);
+
+/// Checks an offer and maps its memory. Returns the memory, the bell the guest waits on,
+/// the bell it signals, and the channel configuration.
+fn attach(
+    asked: &str,
+    body: Vec<u8>,
+    fds: Vec<OwnedFd>,
+    config: Config,
+) -> Result<Attached, ShmError> {
+    let (fixed, rest) = OfferBody::read_from_prefix(&body)
+        .map_err(|_| ShmError::Malformed("offer shorter than its fixed part"))?;
+    let service_len = fixed.service_len.get() as usize;
+    if service_len != rest.len() {
+        return Err(ShmError::Malformed("offer's service name length is wrong"));
+    }
+    let offered = protocol::check_service_name(rest)?;
+    if offered != asked {
+        return Err(ShmError::ServiceMismatch {
+            asked: asked.to_owned(),
+            offered: offered.to_owned(),
+        });
+    }
+    if fixed.flags.get() != 0 {
+        return Err(ShmError::Malformed("offer has unknown flags"));
+    }
+    let layout = Layout::new(
+        fixed.guest_to_host.get(),
+        fixed.host_to_guest.get(),
+        fixed.buffer.get(),
+    );
+    let len = layout.validate()?;
+    let [memfd, host_bell, guest_bell]: [OwnedFd; 3] = fds
+        .try_into()
+        .map_err(|_| ShmError::Malformed("offer without exactly 3 fds"))?;
+
+    let (size, regular) = sys::file_size(memfd.as_fd()).map_err(ShmError::io("fstat the memfd"))?;
+    if !regular {
+        return Err(ShmError::NotAMemfd);
+    }
+    let seals = sys::get_seals(memfd.as_fd()).map_err(|_| ShmError::NotSealed {
+        found: 0,
+        required: sys::REQUIRED_SEALS,
+    })?;
+    if seals & sys::REQUIRED_SEALS != sys::REQUIRED_SEALS {
+        return Err(ShmError::NotSealed {
+            found: seals,
+            required: sys::REQUIRED_SEALS,
+        });
+    }
+    // Checked after the seals, so the size can no longer change.
+    if size != len {
+        return Err(ShmError::SizeMismatch {
+            actual: size,
+            expected: len,
+        });
+    }
+    for bell in [&host_bell, &guest_bell] {
+        sys::set_nonblocking(bell.as_fd()).map_err(ShmError::io("configure a doorbell fd"))?;
+    }
+    let map = Mapping::map(memfd, len as usize).map_err(ShmError::io("mmap"))?;
+    let memory = SharedMemory::new(map, layout);
+    Ok((
+        memory,
+        guest_bell,
+        host_bell,
+        effective_config(config, layout),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    //! The guest against a fake host that offers bad things.
+    use super::*;
+    use crate::error::RefusalCode;
+    use std::os::fd::BorrowedFd;
+    use std::thread;
+    use zerocopy::IntoBytes;
+
+    const T: Duration = Duration::from_secs(5);
+
+    fn memfd(len: u64, seals: libc::c_int) -> OwnedFd {
+        let fd = sys::memfd_create(c"test").unwrap();
+        sys::ftruncate(fd.as_fd(), len).unwrap();
+        if seals != 0 {
+            sys::add_seals(fd.as_fd(), seals).unwrap();
+        }
+        fd
+    }
+
+    fn offer_body(layout: Layout, name: &str) -> Vec<u8> {
+        let fixed = OfferBody {
+            guest_to_host: layout.guest_to_host.into(),
+            host_to_guest: layout.host_to_guest.into(),
+            buffer: layout.buffer.into(),
+            flags: 0.into(),
+            service_len: (name.len() as u32).into(),
+        };
+        let mut body = fixed.as_bytes().to_vec();
+        body.extend_from_slice(name.as_bytes());
+        body
+    }
+
+    /// Runs a guest against `host`, which gets the host end after reading the hello, and
+    /// returns the guest's result and what the guest told the fake host afterwards.
+    fn against(
+        host: impl FnOnce(&UnixStream) + Send,
+    ) -> (Result<Endpoint, ShmError>, Option<ShmError>) {
+        let (g, h) = UnixStream::pair().unwrap();
+        thread::scope(|s| {
+            let fake = s.spawn(move || {
+                let hello = protocol::recv(&h, Deadline::after(T), "hello").unwrap();
+                assert_eq!(hello.kind, protocol::HELLO);
+                assert_eq!(hello.body, b"svc");
+                host(&h);
+                // What the guest answers (an error, or nothing before it hangs up).
+                protocol::recv(&h, Deadline::after(T), "reply")
+                    .ok()
+                    .filter(|m| m.kind != protocol::READY)
+                    .map(|m| {
+                        assert_eq!(m.kind, protocol::ERROR);
+                        protocol::parse_error(&m.body)
+                    })
+            });
+            let result = Guest::new("svc")
+                .with_handshake_timeout(T)
+                .connect_stream(g);
+            let reply = if result.is_err() {
+                fake.join().unwrap()
+            } else {
+                None
+            };
+            (result, reply)
+        })
+    }
+
+    fn offer_with(h: &UnixStream, layout: Layout, memfd: OwnedFd) {
+        let (a, b) = (sys::eventfd().unwrap(), sys::eventfd().unwrap());
+        protocol::send(
+            h.as_fd(),
+            protocol::OFFER,
+            &offer_body(layout, "svc"),
+            &[memfd.as_fd(), a.as_fd(), b.as_fd()],
+            Deadline::after(T),
+        )
+        .unwrap();
+    }
+
+    fn refused_as_bad_offer(reply: Option<ShmError>) {
+        match reply {
+            Some(ShmError::Refused {
+                code: RefusalCode::BadOffer,
+                message,
+            }) => assert!(!message.is_empty()),
+            other => panic!("the host was not told: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unsealed_memory_is_refused() {
+        let layout = Layout::symmetric(4096, 0);
+        let (r, reply) = against(|h| offer_with(h, layout, memfd(layout.total_len(), 0)));
+        assert!(
+            matches!(r, Err(ShmError::NotSealed { found: 0, .. })),
+            "{r:?}"
+        );
+        refused_as_bad_offer(reply);
+        // Sealed against shrinking only: still refused (growing and resealing stay open).
+        let (r, _) =
+            against(|h| offer_with(h, layout, memfd(layout.total_len(), libc::F_SEAL_SHRINK)));
+        assert!(matches!(r, Err(ShmError::NotSealed { .. })), "{r:?}");
+    }
+
+    #[test]
+    fn wrong_size_is_refused() {
+        let layout = Layout::symmetric(4096, 0);
+        let (r, reply) = against(|h| {
+            offer_with(
+                h,
+                layout,
+                memfd(layout.total_len() - 4096, sys::REQUIRED_SEALS),
+            )
+        });
+        assert!(
+            matches!(r, Err(ShmError::SizeMismatch { actual, expected }) if actual + 4096 == expected),
+            "{r:?}"
+        );
+        refused_as_bad_offer(reply);
+    }
+
+    #[test]
+    fn bad_layout_is_refused() {
+        let layout = Layout::new(4096, 8192, 0);
+        let (r, reply) = against(|h| offer_with(h, layout, memfd(12288, sys::REQUIRED_SEALS)));
+        assert!(matches!(r, Err(ShmError::Layout(_))), "{r:?}");
+        refused_as_bad_offer(reply);
+    }
+
+    #[test]
+    fn too_many_fds_are_refused_and_closed() {
+        let layout = Layout::symmetric(4096, 0);
+        let (r, reply) = against(|h| {
+            let fd = memfd(layout.total_len(), sys::REQUIRED_SEALS);
+            let extra: Vec<OwnedFd> = (0..3).map(|_| sys::eventfd().unwrap()).collect();
+            // Four fds in one message: more than the guest's control buffer holds.
+            let fds = [
+                fd.as_fd(),
+                extra[0].as_fd(),
+                extra[1].as_fd(),
+                extra[2].as_fd(),
+            ];
+            let mut bytes = protocol::Header {
+                magic: protocol::MAGIC,
+                version: protocol::VERSION.into(),
+                kind: protocol::OFFER.into(),
+                body_len: (offer_body(layout, "svc").len() as u32).into(),
+            }
+            .as_bytes()
+            .to_vec();
+            bytes.extend(offer_body(layout, "svc"));
+            send_raw_with_4_fds(h, &bytes, &fds);
+        });
+        assert!(matches!(r, Err(ShmError::ControlTruncated)), "{r:?}");
+        assert!(matches!(
+            reply,
+            Some(ShmError::Refused {
+                code: RefusalCode::Malformed,
+                ..
+            })
+        ));
+    }
+
+    /// `sys::send_with_fds` allows 3; this test needs 4.
+    fn send_raw_with_4_fds(h: &UnixStream, bytes: &[u8], fds: &[BorrowedFd<'_>; 4]) {
+        use std::os::fd::AsRawFd;
+        let mut cbuf = [0u64; 8];
+        let mut iov = libc::iovec {
+            iov_base: bytes.as_ptr().cast_mut().cast(),
+            iov_len: bytes.len(),
+        };
+        // SAFETY: `msghdr` is plain old data, valid when zeroed.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &raw mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        // SAFETY: CMSG_SPACE only computes a size.
+        msg.msg_controllen = unsafe { libc::CMSG_SPACE(16) } as _;
+        // SAFETY: `cmsghdr` is plain old data, valid when zeroed.
+        let mut hdr: libc::cmsghdr = unsafe { std::mem::zeroed() };
+        hdr.cmsg_level = libc::SOL_SOCKET;
+        hdr.cmsg_type = libc::SCM_RIGHTS;
+        // SAFETY: CMSG_LEN only computes a size.
+        hdr.cmsg_len = unsafe { libc::CMSG_LEN(16) } as _;
+        // SAFETY: the control buffer (64 bytes) holds a header and 4 fds.
+        let cmsg = unsafe { libc::CMSG_FIRSTHDR(&raw const msg) };
+        // SAFETY: `cmsg` points at the start of `cbuf`.
+        unsafe { cmsg.write_unaligned(hdr) };
+        // SAFETY: the data follows the header inside `cbuf`.
+        let data = unsafe { libc::CMSG_DATA(cmsg) }.cast::<i32>();
+        for (i, fd) in fds.iter().enumerate() {
+            // SAFETY: slot `i < 4` lies inside `cbuf`.
+            unsafe { data.wrapping_add(i).write_unaligned(fd.as_raw_fd()) };
+        }
+        // SAFETY: `msg` describes live buffers for the call.
+        let n = unsafe { libc::sendmsg(h.as_raw_fd(), &raw const msg, libc::MSG_NOSIGNAL) };
+        assert_eq!(n as usize, bytes.len());
+    }
+
+    #[test]
+    fn a_host_speaking_another_version_is_refused() {
+        let (r, reply) = against(|h| {
+            let header = protocol::Header {
+                magic: protocol::MAGIC,
+                version: 2.into(),
+                kind: protocol::OFFER.into(),
+                body_len: 0.into(),
+            };
+            std::io::Write::write_all(&mut &*h, header.as_bytes()).unwrap();
+        });
+        assert!(
+            matches!(r, Err(ShmError::UnsupportedVersion { peer: 2, ours: 1 })),
+            "{r:?}"
+        );
+        assert!(matches!(
+            reply,
+            Some(ShmError::Refused {
+                code: RefusalCode::UnsupportedVersion,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_host_refusal_is_reported() {
+        let (r, _) = against(|h| {
+            protocol::send_error(
+                h.as_fd(),
+                RefusalCode::NotAllowed,
+                "go away",
+                Deadline::after(T),
+            )
+        });
+        match r {
+            Err(ShmError::Refused {
+                code: RefusalCode::NotAllowed,
+                message,
+            }) => assert_eq!(message, "go away"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn received_fds_are_close_on_exec_and_memory_is_sealed() {
+        let layout = Layout::symmetric(4096, 8192);
+        let (r, _) =
+            against(|h| offer_with(h, layout, memfd(layout.total_len(), sys::REQUIRED_SEALS)));
+        let ep = r.unwrap();
+        let mut fds = vec![ep.memory().mapping().memfd()];
+        fds.push(ep.channel().doorbell().wait_fd());
+        fds.push(ep.channel().doorbell().signal_fd());
+        fds.push(ep.channel().doorbell().hangup_fd().unwrap());
+        for fd in fds {
+            use std::os::fd::AsRawFd;
+            // SAFETY: F_GETFD takes no argument.
+            let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) };
+            assert!(
+                flags >= 0 && flags & libc::FD_CLOEXEC != 0,
+                "fd {fd:?} inherits"
+            );
+        }
+        assert_eq!(ep.buffer().pages(), 2);
+        assert_eq!(ep.channel().config().gpa_page_limit, Some(2));
+    }
+}

@@ -1,0 +1,526 @@
+//! The host side: it allocates the memory and the doorbells, judges who connects, and hands
+//! both over.
+
+use std::fs::{self, DirBuilder};
+use std::io::{self, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use vmlink_channel::{Channel, Config, EventFdDoorbell};
+use vmlink_ring::init_control;
+use zerocopy::IntoBytes;
+
+use crate::endpoint::{Endpoint, Role, effective_config};
+use crate::error::{RefusalCode, ShmError};
+use crate::memory::{Layout, Mapping, SharedMemory};
+use crate::policy::{PeerCredentials, Policy};
+use crate::protocol::{self, Deadline, OfferBody};
+use crate::{SOCKET_FD_ENV, sys};
+
+/// How long a handshake may take by default before the host gives up on the peer.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Handshakes a [`Listener`] runs at once; connections beyond are refused as busy.
+pub const MAX_PENDING_HANDSHAKES: usize = 64;
+
+/// A service the host offers: its name, the memory each channel gets, who may connect,
+/// and how its channels behave.
+#[derive(Debug, Clone)]
+pub struct Service {
+    name: String,
+    layout: Layout,
+    policy: Policy,
+    config: Config,
+    handshake_timeout: Duration,
+}
+
+impl Service {
+    /// A service named `name` (1 to 255 bytes of UTF-8) with the default layout
+    /// ([`Layout::default`]), policy (same uid only), channel configuration and handshake
+    /// timeout ([`DEFAULT_HANDSHAKE_TIMEOUT`]).
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            layout: Layout::default(),
+            policy: Policy::default(),
+            config: Config::default(),
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+        }
+    }
+
+    /// The same service with another memory layout.
+    pub fn with_layout(mut self, layout: Layout) -> Self {
+        self.layout = layout;
+        self
+    }
+
+    /// The same service with another access policy.
+    pub fn with_policy(mut self, policy: Policy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// The same service with another channel configuration for the host's ends. The GPA
+    /// page limit is lowered to the buffer area's page count if it is above it (or unset).
+    pub fn with_config(mut self, config: Config) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// The same service with another handshake timeout.
+    pub fn with_handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.handshake_timeout = timeout;
+        self
+    }
+
+    /// The service's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The memory layout each channel gets.
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    fn check(&self) -> Result<(), ShmError> {
+        protocol::check_service_name(self.name.as_bytes())?;
+        self.layout.validate()?;
+        Ok(())
+    }
+
+    /// Runs the host side of the handshake on an already-connected socket (e.g. one end of
+    /// a `UnixStream::pair()`), blocking until it finishes or times out.
+    pub fn serve_stream(&self, stream: UnixStream) -> Result<Endpoint, ShmError> {
+        self.check()?;
+        host_handshake(stream, std::slice::from_ref(self))
+    }
+
+    /// Spawns `command` as the guest: it inherits one end of a socket pair, its number in
+    /// the environment variable [`SOCKET_FD_ENV`] (see
+    /// [`Guest::from_env`](crate::Guest::from_env)), and the host side of the handshake runs
+    /// on the other end. On failure the child is killed and reaped.
+    pub fn spawn(&self, command: &mut Command) -> Result<(Endpoint, Child), ShmError> {
+        self.check()?;
+        let (ours, theirs) = UnixStream::pair().map_err(ShmError::io("socketpair"))?;
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&theirs);
+        command.env(SOCKET_FD_ENV, raw.to_string());
+        // SAFETY: the closure runs in the child between fork and exec; it only makes one
+        // fcntl call (async-signal-safe) and allocates nothing. Clearing close-on-exec on
+        // this one fd in the child lets exactly the child inherit it.
+        unsafe {
+            command.pre_exec(move || sys::set_cloexec_raw(raw, false));
+        }
+        let mut child = command.spawn().map_err(ShmError::io("spawn the guest"))?;
+        drop(theirs);
+        match host_handshake(ours, std::slice::from_ref(self)) {
+            Ok(endpoint) => Ok((endpoint, child)),
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Sends the refusal for `error` (best effort) and returns the error.
+fn refuse(sock: &UnixStream, error: ShmError, deadline: Deadline) -> ShmError {
+    if !matches!(
+        error,
+        ShmError::PeerClosed { .. } | ShmError::TimedOut(..) | ShmError::Refused { .. }
+    ) {
+        protocol::send_error(
+            sock.as_fd(),
+            error.refusal_code(),
+            &error.to_string(),
+            deadline,
+        );
+    }
+    error
+}
+
+/// The host side of one handshake.
+fn host_handshake(stream: UnixStream, services: &[Service]) -> Result<Endpoint, ShmError> {
+    let first = services
+        .iter()
+        .map(|s| s.handshake_timeout)
+        .min()
+        .unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT);
+    let deadline = Deadline::after(first);
+    let peer: PeerCredentials = sys::peer_credentials(stream.as_fd())
+        .map_err(ShmError::io("SO_PEERCRED"))?
+        .into();
+
+    // 1. The guest's hello names the service.
+    let hello = protocol::recv(&stream, deadline, "waiting for the guest's hello")
+        .map_err(|e| refuse(&stream, e, deadline))?;
+    if hello.kind != protocol::HELLO {
+        let e = ShmError::UnexpectedMessage {
+            kind: hello.kind,
+            expected: "hello",
+        };
+        return Err(refuse(&stream, e, deadline));
+    }
+    let name = protocol::check_service_name(&hello.body)
+        .map(str::to_owned)
+        .map_err(|e| refuse(&stream, e, deadline))?;
+    let Some(service) = services.iter().find(|s| s.name == name) else {
+        return Err(refuse(&stream, ShmError::UnknownService(name), deadline));
+    };
+    let deadline = Deadline::after(service.handshake_timeout);
+
+    // 2. Credentials, before anything is sent.
+    if !service.policy.allows(&peer) {
+        let e = ShmError::NotAllowed {
+            peer,
+            service: name,
+        };
+        return Err(refuse(&stream, e, deadline));
+    }
+
+    // 3. Memory and doorbells.
+    let (memory, memfd) = create_memory(service.layout).inspect_err(|_| {
+        protocol::send_error(
+            stream.as_fd(),
+            RefusalCode::Internal,
+            "the host could not allocate the channel",
+            deadline,
+        );
+    })?;
+    let guest_bell = sys::eventfd().map_err(ShmError::io("eventfd"))?;
+    let host_bell = sys::eventfd().map_err(ShmError::io("eventfd"))?;
+
+    // 4. Our end of the channel, attached before the guest sees the memory (so nothing
+    // the guest does later can race our first look at the rings). A duplicate of the
+    // socket is its hang-up fd; the original carries the rest of the handshake.
+    let layout = service.layout;
+    let hangup = stream.try_clone().map_err(ShmError::io("dup the socket"))?;
+    let doorbell = EventFdDoorbell::from_fds(
+        host_bell.try_clone().map_err(ShmError::io("dup"))?,
+        guest_bell.try_clone().map_err(ShmError::io("dup"))?,
+    )
+    .with_hangup(OwnedFd::from(hangup));
+    let channel = Channel::new(
+        memory.host_to_guest(),
+        memory.guest_to_host(),
+        doorbell,
+        effective_config(service.config, layout),
+    )?;
+
+    // 5. The offer, with the fds: memfd, guest→host bell (the host waits on it), host→guest
+    // bell (the guest waits on it).
+    let offer = OfferBody {
+        guest_to_host: layout.guest_to_host.into(),
+        host_to_guest: layout.host_to_guest.into(),
+        buffer: layout.buffer.into(),
+        flags: 0.into(),
+        service_len: (name.len() as u32).into(),
+    };
+    let mut body = offer.as_bytes().to_vec();
+    body.extend_from_slice(name.as_bytes());
+    protocol::send(
+        stream.as_fd(),
+        protocol::OFFER,
+        &body,
+        &[memfd.as_fd(), host_bell.as_fd(), guest_bell.as_fd()],
+        deadline,
+    )?;
+    drop((memfd, host_bell, guest_bell));
+
+    // 6. The guest's verdict.
+    let reply = protocol::recv(
+        &stream,
+        deadline,
+        "waiting for the guest to accept the offer",
+    )
+    .map_err(|e| refuse(&stream, e, deadline))?;
+    match reply.kind {
+        protocol::READY if reply.body.is_empty() => {}
+        protocol::ERROR => return Err(protocol::parse_error(&reply.body)),
+        kind => {
+            let e = ShmError::UnexpectedMessage {
+                kind,
+                expected: "ready",
+            };
+            return Err(refuse(&stream, e, deadline));
+        }
+    }
+    Ok(Endpoint::new(channel, memory, peer, name, Role::Host))
+}
+
+/// A sealed memfd of `layout`'s size, mapped, both control pages initialised.
+fn create_memory(layout: Layout) -> Result<(SharedMemory, OwnedFd), ShmError> {
+    let len = layout.validate()?;
+    let memfd = sys::memfd_create(c"vmlink-shm").map_err(ShmError::io("memfd_create"))?;
+    sys::ftruncate(memfd.as_fd(), len).map_err(ShmError::io("size the memfd"))?;
+    sys::add_seals(memfd.as_fd(), sys::REQUIRED_SEALS).map_err(ShmError::io("seal the memfd"))?;
+    let keep = memfd.try_clone().map_err(ShmError::io("dup"))?;
+    let map = Mapping::map(keep, len as usize).map_err(ShmError::io("mmap"))?;
+    let memory = SharedMemory::new(map, layout);
+    init_control(&memory.guest_to_host());
+    init_control(&memory.host_to_guest());
+    Ok((memory, memfd))
+}
+
+type Outcome = Result<Endpoint, ShmError>;
+
+/// Listens on a Unix socket path and hands each connecting guest a channel.
+///
+/// The socket lives in a directory only its owner can enter (created with mode 0700 if
+/// missing; an existing directory must be owned by this user with no group or other
+/// permissions). A background thread accepts connections; each handshake runs on a thread
+/// of its own with a deadline, so a slow or silent client never holds up the others.
+/// [`accept`](Self::accept) returns the outcome of each connection in the order the
+/// handshakes finish: a channel, or the error that ended the handshake.
+///
+/// Dropping the listener stops accepting and removes the socket file; handshakes still in
+/// flight finish (or time out) on their own and their channels are dropped.
+#[derive(Debug)]
+pub struct Listener {
+    path: PathBuf,
+    outcomes: Mutex<mpsc::Receiver<Outcome>>,
+    stop: std::fs::File,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+impl Listener {
+    /// Listens at `path` for guests of `service`.
+    pub fn bind(path: impl AsRef<Path>, service: Service) -> Result<Self, ShmError> {
+        Self::bind_services(path, vec![service])
+    }
+
+    /// Listens at `path` for guests of any of `services` (each guest names one).
+    pub fn bind_services(path: impl AsRef<Path>, services: Vec<Service>) -> Result<Self, ShmError> {
+        for s in &services {
+            s.check()?;
+        }
+        let path = path.as_ref().to_path_buf();
+        prepare_directory(&path)?;
+        remove_stale_socket(&path)?;
+        let listener = UnixListener::bind(&path).map_err(ShmError::io("bind the socket"))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(ShmError::io("make the socket non-blocking"))?;
+        let stop = sys::eventfd().map_err(ShmError::io("eventfd"))?;
+        let stop_wait = stop.try_clone().map_err(ShmError::io("dup"))?;
+        let (tx, rx) = mpsc::channel();
+        let services: Arc<[Service]> = services.into();
+        let acceptor = thread::Builder::new()
+            .name("vmlink-shm-accept".into())
+            .spawn(move || accept_loop(listener, stop_wait, services, tx))
+            .map_err(ShmError::io("start the accept thread"))?;
+        Ok(Self {
+            path,
+            outcomes: Mutex::new(rx),
+            stop: stop.into(),
+            acceptor: Some(acceptor),
+        })
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Waits for the next connection's outcome.
+    pub fn accept(&self) -> Result<Endpoint, ShmError> {
+        let rx = self.outcomes.lock().unwrap_or_else(|e| e.into_inner());
+        rx.recv().map_err(|_| ShmError::ListenerStopped)?
+    }
+
+    /// Waits at most `timeout` for the next connection's outcome.
+    pub fn accept_timeout(&self, timeout: Duration) -> Result<Endpoint, ShmError> {
+        let rx = self.outcomes.lock().unwrap_or_else(|e| e.into_inner());
+        match rx.recv_timeout(timeout) {
+            Ok(outcome) => outcome,
+            Err(mpsc::RecvTimeoutError::Timeout) => Err(ShmError::AcceptTimedOut(timeout)),
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(ShmError::ListenerStopped),
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        // Wakes the accept thread's poll; an eventfd write of 8 bytes cannot be partial.
+        let _ = (&self.stop).write_all(&1u64.to_ne_bytes());
+        if let Some(t) = self.acceptor.take() {
+            let _ = t.join();
+        }
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// Creates the socket's directory owner-only, or checks that an existing one is.
+fn prepare_directory(path: &Path) -> Result<(), ShmError> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !dir.exists() {
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(ShmError::io("create the socket directory"))?;
+    }
+    let meta = fs::metadata(&dir).map_err(ShmError::io("inspect the socket directory"))?;
+    let me = sys::geteuid();
+    let mode = meta.mode() & 0o7777;
+    if !meta.is_dir() || meta.uid() != me || mode & 0o077 != 0 {
+        return Err(ShmError::InsecureDirectory {
+            path: dir,
+            uid: meta.uid(),
+            mode,
+        });
+    }
+    Ok(())
+}
+
+/// Removes a socket file nobody listens on any more; refuses to touch anything else.
+fn remove_stale_socket(path: &Path) -> Result<(), ShmError> {
+    let Ok(meta) = fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    if !meta.file_type().is_socket() {
+        return Err(ShmError::Io {
+            what: "bind the socket: the path exists and is not a socket",
+            source: io::Error::from_raw_os_error(libc::EEXIST),
+        });
+    }
+    match UnixStream::connect(path) {
+        Ok(_) => Err(ShmError::Io {
+            what: "bind the socket: another listener is serving it",
+            source: io::Error::from_raw_os_error(libc::EADDRINUSE),
+        }),
+        Err(_) => fs::remove_file(path).map_err(ShmError::io("remove a stale socket")),
+    }
+}
+
+fn accept_loop(
+    listener: UnixListener,
+    stop: OwnedFd,
+    services: Arc<[Service]>,
+    tx: mpsc::Sender<Outcome>,
+) {
+    let pending = Arc::new(AtomicUsize::new(0));
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: std::os::fd::AsRawFd::as_raw_fd(&listener),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: std::os::fd::AsRawFd::as_raw_fd(&stop),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        if let Err(e) = sys::poll(&mut fds, None) {
+            let _ = tx.send(Err(ShmError::io("poll the listener")(e)));
+            return;
+        }
+        if fds[1].revents != 0 {
+            return;
+        }
+        loop {
+            match listener.accept() {
+                Ok((stream, _)) => dispatch(stream, &services, &pending, &tx),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // Out of fds or memory: report it, back off a little, keep serving.
+                    let _ = tx.send(Err(ShmError::io("accept")(e)));
+                    thread::sleep(Duration::from_millis(10));
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Starts the handshake of one accepted connection on its own thread.
+fn dispatch(
+    stream: UnixStream,
+    services: &Arc<[Service]>,
+    pending: &Arc<AtomicUsize>,
+    tx: &mpsc::Sender<Outcome>,
+) {
+    let busy = pending.fetch_add(1, Ordering::AcqRel);
+    if busy >= MAX_PENDING_HANDSHAKES {
+        pending.fetch_sub(1, Ordering::AcqRel);
+        let e = ShmError::Busy(busy);
+        protocol::send_error(
+            stream.as_fd(),
+            RefusalCode::Busy,
+            &e.to_string(),
+            Deadline::after(Duration::ZERO),
+        );
+        let _ = tx.send(Err(e));
+        return;
+    }
+    let (services, pending2, tx2) = (services.clone(), pending.clone(), tx.clone());
+    let spawned = thread::Builder::new()
+        .name("vmlink-shm-handshake".into())
+        .spawn(move || {
+            let outcome = host_handshake(stream, &services);
+            pending2.fetch_sub(1, Ordering::AcqRel);
+            // The listener may be gone; then the channel is simply dropped.
+            let _ = tx2.send(outcome);
+        });
+    if let Err(e) = spawned {
+        pending.fetch_sub(1, Ordering::AcqRel);
+        let _ = tx.send(Err(ShmError::io("start a handshake thread")(e)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fds_sent_with_a_hello_are_refused_and_closed() {
+        let (h, g) = UnixStream::pair().unwrap();
+        let svc = Service::new("svc").with_layout(Layout::symmetric(4096, 0));
+        let host = thread::spawn(move || svc.serve_stream(h));
+        let smuggled = sys::eventfd().unwrap();
+        let deadline = Deadline::after(Duration::from_secs(5));
+        protocol::send(
+            g.as_fd(),
+            protocol::HELLO,
+            b"svc",
+            &[smuggled.as_fd()],
+            deadline,
+        )
+        .unwrap();
+        let e = host.join().unwrap().unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ShmError::UnexpectedFds {
+                    expected: 0,
+                    received: 1
+                }
+            ),
+            "{e}"
+        );
+        let reply = protocol::recv(&g, deadline, "reply").unwrap();
+        assert_eq!(reply.kind, protocol::ERROR);
+        assert!(matches!(
+            protocol::parse_error(&reply.body),
+            ShmError::Refused {
+                code: RefusalCode::Malformed,
+                ..
+            }
+        ));
+    }
+}

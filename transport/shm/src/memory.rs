@@ -1,0 +1,475 @@
+//! The shared memory of one channel: a sealed memfd mapped `MAP_SHARED`, laid out as
+//! `[guest→host ring][host→guest ring][buffer area]`.
+//!
+//! [`Mapping`] owns the mapping and unmaps it on drop. [`SharedMemory`] is an `Arc` of it
+//! plus its [`Layout`]; the rings ([`ShmRing`]) and the buffer area ([`BufferArea`]) each
+//! hold a clone of that `Arc`, so the memory stays mapped as long as any of them lives.
+//! Nothing here forms a reference to plain bytes of the mapping: rings go through
+//! [`SliceMem`] (atomics), the buffer area is a slice of `AtomicU64`.
+
+use std::io;
+use std::ops::Range;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::ptr::{self, NonNull};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use vmlink_ring::protocol::{CONTROL_PAGE_SIZE, PAGE_SIZE};
+use vmlink_ring::{ControlWord, MAX_DATA_LEN, RingMem, SliceMem};
+
+/// The largest memory a channel may have (rings and buffer area together): 4 GiB. A guest
+/// refuses an offer above it rather than map whatever a host asks.
+pub const MAX_MEMORY_LEN: u64 = 1 << 32;
+
+/// Why a [`Layout`] is unusable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum LayoutError {
+    /// A ring must be a control page plus at least one data page, in whole pages, with a
+    /// data area of at most [`MAX_DATA_LEN`] bytes.
+    #[error(
+        "a ring of {len} bytes is invalid: it must be a 4096-byte control page plus 1 to \
+         524288 data pages (whole pages)"
+    )]
+    BadRing {
+        /// The ring's length, control page included.
+        len: u64,
+    },
+    /// The buffer area must be whole pages.
+    #[error("a buffer area of {len} bytes is not a whole number of 4096-byte pages")]
+    BadBuffer {
+        /// The buffer area's length.
+        len: u64,
+    },
+    /// The whole memory is larger than [`MAX_MEMORY_LEN`].
+    #[error("{len} bytes of shared memory is more than the limit of {max}")]
+    TooLarge {
+        /// The total length.
+        len: u64,
+        /// The limit.
+        max: u64,
+    },
+}
+
+/// The sizes of a channel's memory, in bytes. Each ring is counted with its control page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Layout {
+    /// The guest→host ring (the guest's outgoing ring), first in memory.
+    pub guest_to_host: u64,
+    /// The host→guest ring, right after it.
+    pub host_to_guest: u64,
+    /// The buffer area for GPA-direct bulk data, last; may be 0.
+    pub buffer: u64,
+}
+
+impl Default for Layout {
+    /// Rings with 64 KiB of data each and a 1 MiB buffer area.
+    fn default() -> Self {
+        let ring = (CONTROL_PAGE_SIZE + 64 * 1024) as u64;
+        Self::new(ring, ring, 1 << 20)
+    }
+}
+
+impl Layout {
+    /// A layout with these ring lengths (control page included) and buffer-area length.
+    pub const fn new(guest_to_host: u64, host_to_guest: u64, buffer: u64) -> Self {
+        Self {
+            guest_to_host,
+            host_to_guest,
+            buffer,
+        }
+    }
+
+    /// Two rings with `ring_data` bytes of data each, and `buffer` bytes of buffer area.
+    pub const fn symmetric(ring_data: u64, buffer: u64) -> Self {
+        let ring = CONTROL_PAGE_SIZE as u64 + ring_data;
+        Self::new(ring, ring, buffer)
+    }
+
+    /// Checks every length and returns the total.
+    pub fn validate(&self) -> Result<u64, LayoutError> {
+        let page = PAGE_SIZE as u64;
+        for len in [self.guest_to_host, self.host_to_guest] {
+            let data = len.checked_sub(CONTROL_PAGE_SIZE as u64);
+            match data {
+                Some(d) if d > 0 && d.is_multiple_of(page) && d <= MAX_DATA_LEN as u64 => {}
+                _ => return Err(LayoutError::BadRing { len }),
+            }
+        }
+        if !self.buffer.is_multiple_of(page) {
+            return Err(LayoutError::BadBuffer { len: self.buffer });
+        }
+        // Each ring is at most 2 GiB + 4 KiB, so only the buffer can overflow the sum.
+        let len = (self.guest_to_host + self.host_to_guest).saturating_add(self.buffer);
+        if len > MAX_MEMORY_LEN {
+            return Err(LayoutError::TooLarge {
+                len,
+                max: MAX_MEMORY_LEN,
+            });
+        }
+        Ok(len)
+    }
+
+    /// The total length (of a validated layout).
+    pub fn total_len(&self) -> u64 {
+        self.guest_to_host + self.host_to_guest + self.buffer
+    }
+
+    /// The buffer area's length in 4 KiB pages: GPA-direct page numbers must be below it.
+    pub fn buffer_pages(&self) -> u64 {
+        self.buffer / PAGE_SIZE as u64
+    }
+}
+
+/// A shared, read-write mapping of a whole memfd, unmapped on drop. It keeps the memfd
+/// open too, so tools can find the memory under `/proc/PID/fd/`.
+#[derive(Debug)]
+pub struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+    memfd: OwnedFd,
+}
+
+// SAFETY: the mapping is plain shared memory that this process only ever accesses through
+// atomics (`SliceMem`, `AtomicU64` slices), so using it from several threads is as safe as
+// using it from one; the pointer is never handed out for plain access.
+unsafe impl Send for Mapping {}
+// SAFETY: as for `Send`: all access is atomic.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps `len` bytes of `memfd` read-write and shared. The caller has checked that the
+    /// file is at least `len` bytes long and sealed against shrinking, so no access faults.
+    pub(crate) fn map(memfd: OwnedFd, len: usize) -> io::Result<Self> {
+        if len == 0 {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        // SAFETY: a null hint without MAP_FIXED lets the kernel pick an unused range, so no
+        // existing mapping is replaced; the fd is open for the call.
+        let addr = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                memfd.as_raw_fd(),
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = NonNull::new(addr.cast::<u8>())
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
+        Ok(Self { ptr, len, memfd })
+    }
+
+    /// The mapping's length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: a mapping is never empty.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The memfd behind the mapping (sealed: it can neither shrink nor grow).
+    pub fn memfd(&self) -> BorrowedFd<'_> {
+        self.memfd.as_fd()
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: `ptr..ptr + len` is exactly the mapping `map` made; every ring and buffer
+        // view holds an `Arc` of this mapping, so none is left when it drops.
+        let _ = unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// A channel's mapped memory and its layout.
+#[derive(Debug, Clone)]
+pub struct SharedMemory {
+    map: Arc<Mapping>,
+    layout: Layout,
+}
+
+impl SharedMemory {
+    /// Wraps a mapping of a validated layout (`map.len() == layout.total_len()`).
+    pub(crate) fn new(map: Mapping, layout: Layout) -> Self {
+        debug_assert_eq!(map.len() as u64, layout.total_len());
+        Self {
+            map: Arc::new(map),
+            layout,
+        }
+    }
+
+    /// The layout.
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// The mapping.
+    pub fn mapping(&self) -> &Arc<Mapping> {
+        &self.map
+    }
+
+    fn ring_at(&self, offset: usize, len: usize) -> ShmRing {
+        // The layout was validated: the ring lies inside the mapping, starts page-aligned,
+        // and has a control page plus whole data pages.
+        assert!(offset + len <= self.map.len);
+        // SAFETY: `offset < len` of the mapping (asserted), so the pointer stays inside it.
+        let start = unsafe { self.map.ptr.add(offset) };
+        // SAFETY: `start..start + len` lies inside the mapping, which stays mapped while the
+        // `Arc` stored beside the `SliceMem` lives, and the `'static` `SliceMem` never leaves
+        // `ShmRing`. This process accesses it only through `SliceMem` (atomics); the peer
+        // may write it at any time, which `SliceMem` allows. The memfd is sealed against
+        // shrinking, so no access can fault.
+        let mem = unsafe { SliceMem::from_raw(start, len) }
+            .expect("a validated layout holds page-aligned rings");
+        ShmRing {
+            mem,
+            _map: self.map.clone(),
+        }
+    }
+
+    /// The guest→host ring (the guest writes it, the host reads it).
+    pub fn guest_to_host(&self) -> ShmRing {
+        self.ring_at(0, self.layout.guest_to_host as usize)
+    }
+
+    /// The host→guest ring (the host writes it, the guest reads it).
+    pub fn host_to_guest(&self) -> ShmRing {
+        self.ring_at(
+            self.layout.guest_to_host as usize,
+            self.layout.host_to_guest as usize,
+        )
+    }
+
+    /// The buffer area.
+    pub fn buffer(&self) -> BufferArea {
+        let offset = (self.layout.guest_to_host + self.layout.host_to_guest) as usize;
+        let len = self.layout.buffer as usize;
+        assert!(offset + len <= self.map.len);
+        let words: &'static [AtomicU64] = if len == 0 {
+            &[]
+        } else {
+            // SAFETY: `offset < len` of the mapping (asserted), so the pointer stays inside.
+            let start = unsafe { self.map.ptr.add(offset) }.cast::<AtomicU64>();
+            // SAFETY: `len / 8` words from `start` (page-aligned, so 8-aligned) lie inside
+            // the mapping, which the `Arc` in `BufferArea` keeps mapped; the `'static` slice
+            // never leaves `BufferArea` with a longer lifetime than `&self`. `AtomicU64` has
+            // the layout of `u64` and allows shared mutation, including by the peer.
+            unsafe { std::slice::from_raw_parts(start.as_ptr(), len / 8) }
+        };
+        BufferArea {
+            words,
+            _map: self.map.clone(),
+        }
+    }
+}
+
+/// One ring in a channel's shared memory: [`RingMem`] over the mapping, keeping it mapped.
+#[derive(Debug, Clone)]
+pub struct ShmRing {
+    // Built over the mapping that `_map` keeps alive; never handed out with its `'static`.
+    mem: SliceMem<'static>,
+    _map: Arc<Mapping>,
+}
+
+impl RingMem for ShmRing {
+    fn data_len(&self) -> usize {
+        self.mem.data_len()
+    }
+    fn load_control(&self, word: ControlWord) -> u32 {
+        self.mem.load_control(word)
+    }
+    fn store_control(&self, word: ControlWord, value: u32) {
+        self.mem.store_control(word, value)
+    }
+    fn read_data(&self, offset: usize, buf: &mut [u8]) {
+        self.mem.read_data(offset, buf)
+    }
+    fn write_data(&self, offset: usize, data: &[u8]) {
+        self.mem.write_data(offset, data)
+    }
+}
+
+/// An access to the buffer area fell outside it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{len} bytes at offset {offset} do not fit in a buffer area of {size} bytes")]
+pub struct OutOfBounds {
+    /// Offset of the access.
+    pub offset: usize,
+    /// Length of the access.
+    pub len: usize,
+    /// Size of the buffer area.
+    pub size: usize,
+}
+
+/// The buffer area: pages both sides map, for bulk data that GPA-direct packets point at.
+///
+/// GPA-direct page numbers on this transport are 4 KiB page indices into it. By
+/// convention the host allocates from the first half of the pages
+/// ([`host_pages`](Self::host_pages)) and the guest from the second
+/// ([`guest_pages`](Self::guest_pages)). The peer may write any byte at any time, so the
+/// area is only reachable as atomics and through copies.
+#[derive(Debug, Clone)]
+pub struct BufferArea {
+    words: &'static [AtomicU64],
+    _map: Arc<Mapping>,
+}
+
+impl BufferArea {
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.words.len() * 8
+    }
+
+    /// True when the channel has no buffer area.
+    pub fn is_empty(&self) -> bool {
+        self.words.is_empty()
+    }
+
+    /// Length in 4 KiB pages.
+    pub fn pages(&self) -> u64 {
+        (self.len() / PAGE_SIZE) as u64
+    }
+
+    /// The pages the host allocates from: the first half.
+    pub fn host_pages(&self) -> Range<u64> {
+        0..self.pages() / 2
+    }
+
+    /// The pages the guest allocates from: the second half.
+    pub fn guest_pages(&self) -> Range<u64> {
+        self.pages() / 2..self.pages()
+    }
+
+    /// The area as 64-bit words (shared with the peer: access them atomically).
+    pub fn words(&self) -> &[AtomicU64] {
+        self.words
+    }
+
+    /// Byte offset of page `page` in the area, `None` when the area has no such page.
+    pub fn page_offset(&self, page: u64) -> Option<usize> {
+        let offset = usize::try_from(page).ok()?.checked_mul(PAGE_SIZE)?;
+        (offset < self.len()).then_some(offset)
+    }
+
+    fn check(&self, offset: usize, len: usize) -> Result<(), OutOfBounds> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len() => Ok(()),
+            _ => Err(OutOfBounds {
+                offset,
+                len,
+                size: self.len(),
+            }),
+        }
+    }
+
+    /// Copies `buf.len()` bytes starting `offset` bytes into the area into `buf`.
+    pub fn read(&self, offset: usize, buf: &mut [u8]) -> Result<(), OutOfBounds> {
+        self.check(offset, buf.len())?;
+        read_words(self.words, offset, buf);
+        Ok(())
+    }
+
+    /// Copies `data` into the area starting `offset` bytes in.
+    pub fn write(&self, offset: usize, data: &[u8]) -> Result<(), OutOfBounds> {
+        self.check(offset, data.len())?;
+        write_words(self.words, offset, data);
+        Ok(())
+    }
+}
+
+/// Copies from `words` starting `offset` bytes in, a whole word at a time.
+fn read_words(words: &[AtomicU64], offset: usize, buf: &mut [u8]) {
+    let mut at = offset;
+    let mut out = buf;
+    while !out.is_empty() {
+        let skip = at % 8;
+        let n = (8 - skip).min(out.len());
+        let bytes = words[at / 8].load(Ordering::Relaxed).to_le_bytes();
+        out[..n].copy_from_slice(&bytes[skip..skip + n]);
+        out = &mut out[n..];
+        at += n;
+    }
+}
+
+/// Copies `data` into `words` starting `offset` bytes in; partial words at the edges are
+/// merged with what is there.
+fn write_words(words: &[AtomicU64], offset: usize, data: &[u8]) {
+    let mut at = offset;
+    let mut input = data;
+    while !input.is_empty() {
+        let skip = at % 8;
+        let n = (8 - skip).min(input.len());
+        let word = &words[at / 8];
+        let value = if n == 8 {
+            u64::from_le_bytes(input[..8].try_into().expect("8 bytes"))
+        } else {
+            let mut bytes = word.load(Ordering::Relaxed).to_le_bytes();
+            bytes[skip..skip + n].copy_from_slice(&input[..n]);
+            u64::from_le_bytes(bytes)
+        };
+        word.store(value, Ordering::Relaxed);
+        input = &input[n..];
+        at += n;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn word_copies_at_every_alignment() {
+        let words: Vec<AtomicU64> = (0..6).map(|_| AtomicU64::new(0)).collect();
+        let pattern: Vec<u8> = (1..=40).collect();
+        for offset in 0..40 {
+            for len in 0..=40 - offset {
+                for w in &words {
+                    w.store(0, Ordering::Relaxed);
+                }
+                write_words(&words, offset, &pattern[..len]);
+                let mut all = [0u8; 48];
+                read_words(&words, 0, &mut all);
+                for (i, b) in all.iter().enumerate() {
+                    let expect = if (offset..offset + len).contains(&i) {
+                        pattern[i - offset]
+                    } else {
+                        0
+                    };
+                    assert_eq!(*b, expect, "offset {offset} len {len} byte {i}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn layout_rules() {
+        assert_eq!(
+            Layout::default().validate(),
+            Ok(2 * (4096 + 65536) + (1 << 20))
+        );
+        assert_eq!(
+            Layout::new(4096, 8192, 0).validate(),
+            Err(LayoutError::BadRing { len: 4096 })
+        );
+        assert_eq!(
+            Layout::new(8192, 8193, 0).validate(),
+            Err(LayoutError::BadRing { len: 8193 })
+        );
+        assert_eq!(
+            Layout::new(8192, 8192, 100).validate(),
+            Err(LayoutError::BadBuffer { len: 100 })
+        );
+        assert!(matches!(
+            Layout::new(8192, 8192, 1 << 40).validate(),
+            Err(LayoutError::TooLarge { .. })
+        ));
+        assert_eq!(Layout::symmetric(4096, 8192).buffer_pages(), 2);
+    }
+}
