@@ -22,6 +22,16 @@ use crate::packet::{
 use crate::sync::{Guard, Hub, Lock};
 use crate::txn::{MAX_TRANSACTIONS, Mode, Route, Transactions};
 
+/// Whether a send may wait for space.
+#[derive(Debug, Clone, Copy)]
+enum Until {
+    /// Never wait: a full ring is `ChannelError::Full`.
+    Never,
+    /// Wait until the deadline (`None`: as long as it takes).
+    #[cfg(feature = "std")]
+    Deadline(Option<Instant>),
+}
+
 /// How a channel behaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -450,19 +460,68 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
         payload_len: usize,
         fill: impl FnOnce(&mut WriteSlot<'_, M>) -> R,
     ) -> Result<R, ChannelError> {
+        self.send_in_place_until(meta, header_len, payload_len, Until::Never, fill)
+    }
+
+    /// Sends with or without waiting for space.
+    fn send_until(
+        &self,
+        header_len: usize,
+        payload_len: usize,
+        until: Until,
+        write: &mut dyn FnMut(&mut Writer<M>) -> Result<usize, WriteError>,
+    ) -> Result<(), ChannelError> {
+        match until {
+            Until::Never => {
+                let _ = (header_len, payload_len);
+                self.try_send_with(write)
+            }
+            #[cfg(feature = "std")]
+            Until::Deadline(deadline) => self.send_with(header_len, payload_len, deadline, write),
+        }
+    }
+
+    fn send_in_place_until<R>(
+        &self,
+        meta: PacketMeta,
+        header_len: usize,
+        payload_len: usize,
+        until: Until,
+        fill: impl FnOnce(&mut WriteSlot<'_, M>) -> R,
+    ) -> Result<R, ChannelError> {
         let mut fill = Some(fill);
         let mut out = None;
-        self.try_send_with(&mut |w| {
+        self.send_until(header_len, payload_len, until, &mut |w| {
             let mut slot = w.reserve(meta, header_len, payload_len)?;
-            let len = packet_len(header_len, payload_len).unwrap_or(0);
             if let Some(f) = fill.take() {
                 out = Some(f(&mut slot));
             }
             slot.finish();
-            Ok(len)
+            Ok(packet_len(header_len, payload_len).unwrap_or(0))
         })?;
         // `fill` ran: the reservation succeeded before it was called.
         out.ok_or(ChannelError::Full)
+    }
+
+    fn send_gpa_direct_until(
+        &self,
+        ranges: &[GpaRange<'_>],
+        payload: &[u8],
+        meta: PacketMeta,
+        until: Until,
+    ) -> Result<(), ChannelError> {
+        let header_len = gpa_header_len(ranges, self.config.gpa_page_limit)
+            .map_err(ChannelError::InvalidPacket)?;
+        let meta = PacketMeta {
+            packet_type: PacketType::GpaDirect,
+            ..meta
+        };
+        self.send_in_place_until(meta, header_len, payload.len(), until, |slot| {
+            encode_gpa_header(ranges, |at, bytes| {
+                let _ = slot.write_header(at, bytes);
+            });
+            let _ = slot.write_payload(0, payload);
+        })
     }
 
     /// Sends a GPA-direct packet: `ranges` describe where the bulk data is, `payload`
@@ -473,18 +532,7 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
         payload: &[u8],
         meta: PacketMeta,
     ) -> Result<(), ChannelError> {
-        let header_len = gpa_header_len(ranges, self.config.gpa_page_limit)
-            .map_err(ChannelError::InvalidPacket)?;
-        let meta = PacketMeta {
-            packet_type: PacketType::GpaDirect,
-            ..meta
-        };
-        self.try_send_in_place(meta, header_len, payload.len(), |slot| {
-            encode_gpa_header(ranges, |at, bytes| {
-                let _ = slot.write_header(at, bytes);
-            });
-            let _ = slot.write_payload(0, payload);
-        })
+        self.send_gpa_direct_until(ranges, payload, meta, Until::Never)
     }
 
     /// Starts a batch: packets pushed to it are published together by one commit, which
@@ -1331,17 +1379,13 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
         deadline: Option<Instant>,
         fill: impl FnOnce(&mut WriteSlot<'_, M>) -> R,
     ) -> Result<R, ChannelError> {
-        let mut fill = Some(fill);
-        let mut out = None;
-        self.send_with(header_len, payload_len, deadline, &mut |w| {
-            let mut slot = w.reserve(meta, header_len, payload_len)?;
-            if let Some(f) = fill.take() {
-                out = Some(f(&mut slot));
-            }
-            slot.finish();
-            Ok(packet_len(header_len, payload_len).unwrap_or(0))
-        })?;
-        out.ok_or(ChannelError::Full)
+        self.send_in_place_until(
+            meta,
+            header_len,
+            payload_len,
+            Until::Deadline(deadline),
+            fill,
+        )
     }
 
     /// Sends a GPA-direct packet, waiting for space until `deadline`.
@@ -1370,18 +1414,7 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
         meta: PacketMeta,
         deadline: Option<Instant>,
     ) -> Result<(), ChannelError> {
-        let header_len = gpa_header_len(ranges, self.config.gpa_page_limit)
-            .map_err(ChannelError::InvalidPacket)?;
-        let meta = PacketMeta {
-            packet_type: PacketType::GpaDirect,
-            ..meta
-        };
-        self.send_in_place(meta, header_len, payload.len(), deadline, |slot| {
-            encode_gpa_header(ranges, |at, bytes| {
-                let _ = slot.write_header(at, bytes);
-            });
-            let _ = slot.write_payload(0, payload);
-        })
+        self.send_gpa_direct_until(ranges, payload, meta, Until::Deadline(deadline))
     }
 
     /// Polling mode: looks at the ring up to `spin_iterations` times with backoff and
