@@ -577,6 +577,14 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
         Ok(decision == WaitDecision::Sleep)
     }
 
+    /// Asks the peer not to signal for new data: for a receiver that polls with the
+    /// `try_` calls. [`prepare_recv_wait`](Self::prepare_recv_wait) (and every blocking
+    /// or async receive that goes to sleep) unmasks again, with the fence and re-check that
+    /// keep a wake-up from being lost.
+    pub fn mask_interrupts(&self) {
+        self.rx.lock().reader.mask_interrupts();
+    }
+
     /// Prepares to sleep until a packet arrives, for callers that wait on the doorbell
     /// themselves (`no_std` code with its own idle loop): commits consumed packets,
     /// unmasks interrupts, fences and looks again. On [`WaitDecision::Sleep`] the peer
