@@ -581,6 +581,16 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
     /// `try_` calls. [`prepare_recv_wait`](Self::prepare_recv_wait) (and every blocking
     /// or async receive that goes to sleep) unmasks again, with the fence and re-check that
     /// keep a wake-up from being lost.
+    ///
+    /// ```
+    /// use vmlink_channel::{Config, in_process_channel_pair};
+    ///
+    /// let (a, b) = in_process_channel_pair(4096, Config::default())?;
+    /// b.mask_interrupts();
+    /// a.try_send(b"x")?;
+    /// assert_eq!(a.counters().signals_sent, 0, "a masked receiver is not signalled");
+    /// # Ok::<(), vmlink_channel::ChannelError>(())
+    /// ```
     pub fn mask_interrupts(&self) {
         self.rx.lock().reader.mask_interrupts();
     }
