@@ -1,26 +1,30 @@
 //! The `vmlink` command.
 //!
-//! `vmlink demo` is the first thing to run: two endpoints exchange real data over
-//! VMBus-compatible rings and the command prints what they achieved (round-trip latency
-//! polling and blocking, streaming throughput, doorbell signals per packet) beside a Unix
-//! socket baseline measured in the same run, after checking every byte that crossed.
+//! `vmlink demo` is the first thing to run: a host process spawns a guest process, the two
+//! exchange real data over vmlink-shm channels, and the command prints what they achieved
+//! (round-trip latency polling and blocking, streaming throughput, doorbell signals per
+//! packet, a file copied through the shared buffer area) beside a Unix socket baseline
+//! measured between the same two processes in the same run, after checking every byte.
 //!
 //! ```text
 //! cargo run --release -p vmlink-cli -- demo
 //! cargo run --release -p vmlink-cli -- demo --quick --json
 //! ```
 
-mod doorbell;
+mod demo;
 mod error;
-mod measure;
+mod hash;
+mod inspect;
 mod pattern;
+mod pipe;
 mod report;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-/// vmlink: VMBus-compatible shared-memory ring buffers.
+/// vmlink: VMBus-compatible shared-memory rings and message channels.
 #[derive(Debug, Parser)]
 #[command(name = "vmlink", version, about)]
 struct Cli {
@@ -32,12 +36,34 @@ struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Move real data between two endpoints over a pair of rings, check every byte, and
-    /// print latency and throughput beside a Unix socket baseline.
+    /// Spawn a guest process, move real data to it over vmlink-shm channels, check every
+    /// byte, and print latency, throughput and a file copy beside a Unix socket baseline.
     ///
-    /// Both endpoints are threads of this process sharing heap memory (one ring each
-    /// way). Exits with status 1 if any byte did not arrive as sent, 2 on an error.
+    /// The host (this process) spawns `vmlink demo-guest` with `Service::spawn`; both
+    /// processes then also share a polling channel and a plain Unix socket for the
+    /// baseline. Exits with status 1 if any data check failed, 2 on an error.
     Demo(DemoArgs),
+    /// Listen on a socket for one client and pipe bytes: stdin goes to the client, what the
+    /// client sends comes out on stdout.
+    ///
+    /// Both directions run at once; end of file on stdin finishes the outgoing one, and
+    /// the command exits when both are finished. Progress is shown on stderr for long
+    /// transfers when stderr is a terminal.
+    Serve(ServeArgs),
+    /// Connect to `vmlink serve` and pipe bytes: stdin goes to the server, what the server
+    /// sends comes out on stdout.
+    Connect(ConnectArgs),
+    /// Decode a ring's memory read-only: the control page and every queued packet, or
+    /// exactly which rule a corrupt ring breaks.
+    ///
+    /// PATH is a file holding a ring image, or a live channel's memfd as
+    /// `/proc/PID/fd/N`; it is read once into private memory and never written. Exits
+    /// with status 0 when every ring is sound, 1 when one is corrupt (after printing what
+    /// could be decoded and the broken rule), 2 when the file cannot be read.
+    Inspect(InspectArgs),
+    /// The guest side of `vmlink demo` (spawned by it; not for direct use).
+    #[command(hide = true)]
+    DemoGuest(DemoGuestArgs),
 }
 
 /// Options of `vmlink demo`.
@@ -46,15 +72,99 @@ struct DemoArgs {
     /// Print the results as one JSON object instead of a table.
     #[arg(long)]
     json: bool,
-    /// Run each measurement briefly (well under a second in all), e.g. for CI.
+    /// Run each measurement briefly (about a second in all), e.g. for CI.
     #[arg(long)]
     quick: bool,
+}
+
+/// Options of `vmlink serve`.
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Where to listen. Its directory must be private to this user (it is created with
+    /// mode 0700 if missing).
+    #[arg(long)]
+    socket: PathBuf,
+    /// The service name clients must ask for.
+    #[arg(long, default_value = DEFAULT_SERVICE)]
+    service: String,
+}
+
+/// Options of `vmlink connect`.
+#[derive(Debug, Args)]
+struct ConnectArgs {
+    /// The socket `vmlink serve` listens on.
+    #[arg(long)]
+    socket: PathBuf,
+    /// The service name to ask for.
+    #[arg(long, default_value = DEFAULT_SERVICE)]
+    service: String,
+}
+
+/// Options of `vmlink inspect`.
+#[derive(Debug, Args)]
+struct InspectArgs {
+    /// The file (or `/proc/PID/fd/N`) holding the ring memory.
+    path: PathBuf,
+    /// What the file holds: one ring, or a vmlink-shm channel's whole memory.
+    #[arg(long, value_enum, default_value = "ring")]
+    layout: inspect::ImageLayout,
+    /// With `--layout shm`: the data bytes of each ring (without its control page).
+    #[arg(long, default_value_t = 64 * 1024)]
+    ring_data: u64,
+    /// Packets listed per ring at most (the rest are counted).
+    #[arg(long, default_value_t = 100)]
+    max_packets: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The service name `serve` and `connect` use unless told otherwise.
+const DEFAULT_SERVICE: &str = "vmlink-pipe";
+
+/// Options of `vmlink demo-guest`.
+#[derive(Debug, Args)]
+struct DemoGuestArgs {
+    /// The host's private directory holding the polling channel's and the baseline's
+    /// sockets.
+    #[arg(long)]
+    dir: PathBuf,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Demo(args) => demo(&args),
+        Command::Inspect(args) => {
+            match inspect::run(
+                &args.path,
+                args.layout,
+                args.ring_data,
+                args.max_packets,
+                args.json,
+            ) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(1),
+                Err(e) => {
+                    eprintln!("vmlink inspect: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::DemoGuest(args) => status("demo-guest", demo::run_guest(&args.dir)),
+        Command::Serve(args) => status("serve", pipe::serve(&args.socket, &args.service)),
+        Command::Connect(args) => status("connect", pipe::connect(&args.socket, &args.service)),
+    }
+}
+
+/// The exit status for a command's result, printing the error if there is one.
+fn status(command: &str, result: error::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vmlink {command}: {e}");
+            ExitCode::from(2)
+        }
     }
 }
 
@@ -62,17 +172,17 @@ fn main() -> ExitCode {
 /// checked out, 1 on a mismatch, 2 on an error).
 fn demo(args: &DemoArgs) -> ExitCode {
     let plan = if args.quick {
-        measure::Plan::quick()
+        demo::Plan::quick()
     } else {
-        measure::Plan::full()
+        demo::Plan::full()
     };
     if !args.json {
         eprintln!(
             "vmlink demo: measuring (about {} s)...",
-            if args.quick { "0.5" } else { "3" }
+            if args.quick { "1" } else { "4" }
         );
     }
-    let results = match measure::run(&plan) {
+    let results = match demo::run(&plan) {
         Ok(results) => results,
         Err(e) => {
             eprintln!("vmlink demo: {e}");

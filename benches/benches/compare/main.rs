@@ -1,0 +1,46 @@
+//! vmlink beside its peers and the physical floors, between two threads of one process.
+//!
+//! Run everything (minutes; use a quiet machine, and read ratios, not absolute times):
+//!
+//! ```text
+//! cargo bench -p vmlink-benches                      # all groups
+//! cargo bench -p vmlink-benches -- rtt_64            # one group (criterion filter)
+//! cargo bench -p vmlink-benches -- rtt_64 --warm-up-time 1 --measurement-time 2
+//! ```
+//!
+//! CI short mode (compiles and runs every benchmark once, seconds not minutes):
+//!
+//! ```text
+//! cargo test -p vmlink-benches --benches
+//! ```
+//!
+//! Groups, each with its peers and floors so every ratio comes from one run:
+//! - `rtt_64` ([`rtt`]): round trip of a 64-byte request and response.
+//! - `stream_64` ([`stream`]): 64-byte payloads streamed one way.
+//! - `bulk` ([`bulk`]): 4 KiB and 64 KiB packets streamed one way.
+//! - `signals` ([`signals`]): doorbells per packet, saturated and trickling (printed).
+//!
+//! Every benchmark checks a checksum of what it moved, allocates nothing inside the timed
+//! region, and drives a long-lived peer thread per round (`harness::Peer`), so thread
+//! start-up is never timed. Two-process variants over the shm transport, and iceoryx2, have
+//! their place in [`cross_process`].
+
+mod bulk;
+mod cross_process;
+mod harness;
+mod rtt;
+mod signals;
+mod stream;
+
+use criterion::Criterion;
+
+fn main() {
+    harness::self_check();
+    let mut c = Criterion::default().configure_from_args();
+    rtt::rtt_64(&mut c);
+    stream::stream_64(&mut c);
+    bulk::bulk(&mut c);
+    signals::signals(&mut c);
+    // Two-process variants (shm transport) will register here: see `cross_process`.
+    c.final_summary();
+}

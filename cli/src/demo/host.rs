@@ -1,0 +1,570 @@
+//! The host process of `vmlink demo`: sets up, spawns the guest, runs the measurements by
+//! commanding the guest over the control channel, and collects the results.
+
+use std::fs::{self, File};
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vmlink_channel::packet::parse_gpa_header;
+use vmlink_channel::{Config, PacketType};
+use vmlink_shm::{Endpoint, Layout, Listener, Service, ShmChannel};
+
+use super::wire::{self, word};
+use super::{
+    BASELINE_SOCKET, BUFFER_BYTES, CONTROL_RING_BYTES, CONTROL_SERVICE, FileCopy, FileRow, Latency,
+    LatencyRow, MIN_SAMPLES, Machine, Mode, PING_BYTES, POLLING_RING_BYTES, POLLING_SERVICE,
+    POLLING_SOCKET, POLLING_SPINS, Plan, RECEIVED_FILE, Results, STREAM_SIZES, Throughput,
+    ThroughputRow, WAIT, nanos, soon,
+};
+use crate::error::{Context, Result, fail};
+use crate::hash;
+use crate::pattern::{self, END, RESPONSE, Tally};
+
+/// Kills and reaps the guest unless it exited on its own.
+struct ChildGuard(Option<Child>);
+
+impl ChildGuard {
+    /// Waits (up to [`WAIT`]) for the guest to exit successfully.
+    fn finish(&mut self) -> Result<()> {
+        let Some(mut child) = self.0.take() else {
+            return Ok(());
+        };
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().context("wait for the guest")? {
+                return if status.success() {
+                    Ok(())
+                } else {
+                    fail(format!("the guest exited with {status}"))
+                };
+            }
+            if start.elapsed() > WAIT {
+                let _ = child.kill();
+                let _ = child.wait();
+                return fail("the guest did not exit");
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Removes the demo's directory when dropped.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The host's connections to the guest.
+struct HostSide {
+    control: Endpoint,
+    polling: Endpoint,
+    socket: UnixStream,
+    buf: Vec<u8>,
+    vmlink_check: Tally,
+    socket_check: Tally,
+}
+
+/// The guest's account of a phase.
+struct Report {
+    signals: u64,
+    tally: Tally,
+}
+
+/// Runs the whole demo.
+pub fn run(plan: &Plan) -> Result<Results> {
+    let machine = Machine::now();
+    let dir = std::env::temp_dir().join(format!("vmlink-demo-{}", std::process::id()));
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .context("create the demo's directory")?;
+    let dir = TempDir(dir);
+    let polling_service = Service::new(POLLING_SERVICE)
+        .with_layout(Layout::symmetric(POLLING_RING_BYTES, 0))
+        .with_config(Config::polling(POLLING_SPINS));
+    let listener = Listener::bind(dir.0.join(POLLING_SOCKET), polling_service)
+        .context("listen for the polling channel")?;
+    let baseline =
+        UnixListener::bind(dir.0.join(BASELINE_SOCKET)).context("listen for the baseline")?;
+
+    let exe = std::env::current_exe().context("find this executable")?;
+    let mut command = Command::new(exe);
+    command
+        .arg("demo-guest")
+        .arg("--dir")
+        .arg(&dir.0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    let service = Service::new(CONTROL_SERVICE)
+        .with_layout(Layout::symmetric(CONTROL_RING_BYTES, BUFFER_BYTES));
+    let (control, child) = service.spawn(&mut command).context("spawn the guest")?;
+    let mut child = ChildGuard(Some(child));
+    let polling = listener
+        .accept_timeout(WAIT)
+        .context("the guest's polling channel")?;
+    let socket = accept(&baseline).context("the guest's baseline connection")?;
+    let mut host = HostSide {
+        control,
+        polling,
+        socket,
+        buf: vec![0u8; 2 << 20],
+        vmlink_check: Tally::default(),
+        socket_check: Tally::default(),
+    };
+
+    let socket_latency = host.latency_socket(plan)?;
+    let mut latency = Vec::new();
+    for mode in Mode::ALL {
+        latency.push(LatencyRow {
+            mode,
+            vmlink: host.latency_channel(plan, mode)?,
+            socket: socket_latency,
+        });
+    }
+    let mut throughput = Vec::new();
+    for packet_bytes in STREAM_SIZES {
+        throughput.push(ThroughputRow {
+            packet_bytes,
+            vmlink: host.stream_channel(plan, packet_bytes)?,
+            socket: host.stream_socket(plan, packet_bytes)?,
+        });
+    }
+    host.command(&[wire::OP_MAKE_FILE, plan.file_bytes])?;
+    host.report(false)?;
+    let received = dir.0.join(RECEIVED_FILE);
+    let file = FileRow {
+        bytes: plan.file_bytes,
+        vmlink: host.file_channel(&received)?,
+        socket: host.file_socket(&received, plan.file_bytes)?,
+    };
+    host.command(&[wire::OP_EXIT])?;
+    child.finish()?;
+    Ok(Results {
+        machine,
+        latency,
+        throughput,
+        file,
+        vmlink_check: host.vmlink_check,
+        socket_check: host.socket_check,
+    })
+}
+
+/// Accepts one connection within [`WAIT`].
+fn accept(listener: &UnixListener) -> std::io::Result<UnixStream> {
+    listener.set_nonblocking(true)?;
+    let start = Instant::now();
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                stream.set_nonblocking(false)?;
+                return Ok(stream);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && start.elapsed() < WAIT => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+impl HostSide {
+    /// Doorbell signals this process has sent on both channels.
+    fn signals(&self) -> u64 {
+        self.control.channel().counters().signals_sent
+            + self.polling.channel().counters().signals_sent
+    }
+
+    /// Sends a command to the guest.
+    fn command(&self, words: &[u64]) -> Result<()> {
+        self.control
+            .channel()
+            .send(&wire::encode(words), soon())
+            .context("send a command to the guest")
+    }
+
+    /// Receives the guest's report of a phase and adds its checks to the vmlink or the
+    /// socket tally.
+    fn report(&mut self, socket: bool) -> Result<Report> {
+        let r = self
+            .control
+            .channel()
+            .recv(&mut self.buf, soon())
+            .context("wait for the guest's report")?;
+        let w = wire::decode(r.payload(&self.buf));
+        if word(&w, 0) != wire::REPORT {
+            return fail(format!("expected the guest's report, got {w:x?}"));
+        }
+        let mut tally = Tally {
+            packets: word(&w, 2),
+            bytes: word(&w, 3),
+            mismatches: word(&w, 4),
+            first_mismatch: None,
+        };
+        if tally.mismatches > 0 {
+            tally.first_mismatch = Some(format!(
+                "the guest found {} mismatches (see its message above)",
+                tally.mismatches
+            ));
+        }
+        let into = if socket {
+            &mut self.socket_check
+        } else {
+            &mut self.vmlink_check
+        };
+        into.merge(tally.clone());
+        Ok(Report {
+            signals: word(&w, 1),
+            tally,
+        })
+    }
+
+    /// Round trips over the polling channel or the control channel.
+    fn latency_channel(&mut self, plan: &Plan, mode: Mode) -> Result<Latency> {
+        let (ch, warmup): (&ShmChannel, u64) = match mode {
+            Mode::Blocking => (self.control.channel(), plan.warmup_blocking),
+            Mode::Polling => (self.polling.channel(), plan.warmup_polling),
+        };
+        let signals = self.signals();
+        self.command(&[wire::OP_SERVE_CALLS, u64::from(mode == Mode::Polling)])?;
+        let mut request = [0u8; PING_BYTES];
+        let mut response = [0u8; PING_BYTES];
+        let mut tally = Tally::default();
+        let mut rounds = Rounds::new(plan, warmup);
+        while let Some(seq) = rounds.next() {
+            pattern::fill(seq, 0, &mut request);
+            let t = Instant::now();
+            let n = ch
+                .call(&request, &mut response, soon())
+                .context("call the guest")?;
+            rounds.record(t.elapsed());
+            if n == PING_BYTES && pattern::check(seq | RESPONSE, 0, &response) {
+                tally.pass(PING_BYTES);
+            } else {
+                tally.fail(n, || {
+                    format!("response {seq} ({}) arrived corrupt", mode.name())
+                });
+            }
+        }
+        let mut end = [0u8; PING_BYTES];
+        end[..8].copy_from_slice(&END.to_le_bytes());
+        ch.send(&end, soon()).context("end the round trips")?;
+        let report = self.report(false)?;
+        self.vmlink_check.merge(tally);
+        let total = self.signals() - signals + report.signals;
+        let per = total as f64 / rounds.seq.max(1) as f64;
+        Latency::from_samples(rounds.samples, Some(per))
+            .ok_or_else(|| crate::error::CliError("no latency samples".into()))
+    }
+
+    /// Round trips over the baseline socket.
+    fn latency_socket(&mut self, plan: &Plan) -> Result<Latency> {
+        self.command(&[wire::OP_SERVE_SOCKET])?;
+        let mut frame = [0u8; PING_BYTES];
+        let mut tally = Tally::default();
+        let mut rounds = Rounds::new(plan, plan.warmup_blocking);
+        while let Some(seq) = rounds.next() {
+            pattern::fill(seq, 0, &mut frame);
+            let t = Instant::now();
+            self.socket.write_all(&frame).context("socket request")?;
+            self.socket
+                .read_exact(&mut frame)
+                .context("socket response")?;
+            rounds.record(t.elapsed());
+            if pattern::check(seq | RESPONSE, 0, &frame) {
+                tally.pass(PING_BYTES);
+            } else {
+                tally.fail(PING_BYTES, || {
+                    format!("socket response {seq} arrived corrupt")
+                });
+            }
+        }
+        frame.fill(0);
+        frame[..8].copy_from_slice(&END.to_le_bytes());
+        self.socket
+            .write_all(&frame)
+            .context("end the round trips")?;
+        self.report(true)?;
+        self.socket_check.merge(tally);
+        Latency::from_samples(rounds.samples, None)
+            .ok_or_else(|| crate::error::CliError("no socket latency samples".into()))
+    }
+
+    /// The guest streams packets of `size` bytes over the control channel.
+    fn stream_channel(&mut self, plan: &Plan, size: usize) -> Result<Throughput> {
+        let ch = self.control.channel();
+        let signals = self.signals();
+        let start = Instant::now();
+        self.command(&[
+            wire::OP_STREAM_CHANNEL,
+            size as u64,
+            plan.stream_budget.as_micros() as u64,
+        ])?;
+        let mut tally = Tally::default();
+        let mut scratch = vec![0u8; size.max(64)];
+        let mut expect = 0u64;
+        let mut end: Option<(u64, u64)> = None;
+        while end.is_none() {
+            let mut failed = None;
+            ch.recv_batch(64, soon(), |p| {
+                if end.is_some() {
+                    failed.get_or_insert_with(|| "a packet after the stream's end".to_owned());
+                    return;
+                }
+                let len = p.meta().payload_len;
+                if len > scratch.len() {
+                    tally.fail(len, || format!("stream packet {expect}: {len} bytes"));
+                    expect += 1;
+                    return;
+                }
+                if let Err(e) = p.read_payload(0, &mut scratch[..len]) {
+                    failed.get_or_insert_with(|| e.to_string());
+                    return;
+                }
+                let data = &scratch[..len];
+                if pattern::claimed_seq(data) == Some(END) {
+                    let w = wire::decode(data);
+                    end = Some((word(&w, 1), word(&w, 2)));
+                } else if len == size && pattern::check(expect, 0, data) {
+                    tally.pass(len);
+                    expect += 1;
+                } else {
+                    tally.fail(len, || format!("stream packet {expect} ({size} B) corrupt"));
+                    expect += 1;
+                }
+            })
+            .context("receive the stream")?;
+            if let Some(e) = failed {
+                return fail(format!("receive the stream: {e}"));
+            }
+        }
+        let elapsed = start.elapsed();
+        let (sent, guest_signals) = end.unwrap_or_default();
+        if sent != expect {
+            tally.mismatch(|| format!("the guest sent {sent} packets, {expect} arrived"));
+        }
+        self.vmlink_check.merge(tally);
+        Ok(Throughput {
+            packets: expect,
+            elapsed,
+            signals: Some(self.signals() - signals + guest_signals),
+        })
+    }
+
+    /// The guest streams frames of `size` bytes over the baseline socket.
+    fn stream_socket(&mut self, plan: &Plan, size: usize) -> Result<Throughput> {
+        let start = Instant::now();
+        self.command(&[
+            wire::OP_STREAM_SOCKET,
+            size as u64,
+            plan.stream_budget.as_micros() as u64,
+        ])?;
+        let mut tally = Tally::default();
+        let mut input = BufReader::with_capacity(64 * 1024, &self.socket);
+        let mut frame = vec![0u8; size];
+        let mut expect = 0u64;
+        let sent = loop {
+            input.read_exact(&mut frame).context("receive the stream")?;
+            if pattern::claimed_seq(&frame) == Some(END) {
+                break word(&wire::decode(&frame), 1);
+            }
+            if pattern::check(expect, 0, &frame) {
+                tally.pass(size);
+            } else {
+                tally.fail(size, || format!("socket frame {expect} ({size} B) corrupt"));
+            }
+            expect += 1;
+        };
+        let elapsed = start.elapsed();
+        if sent != expect {
+            tally.mismatch(|| format!("the guest sent {sent} frames, {expect} arrived"));
+        }
+        self.report(true)?;
+        self.socket_check.merge(tally);
+        Ok(Throughput {
+            packets: expect,
+            elapsed,
+            signals: None,
+        })
+    }
+
+    /// The guest sends the file through the buffer area; the host writes it to `path`.
+    fn file_channel(&mut self, path: &Path) -> Result<FileCopy> {
+        let start = Instant::now();
+        self.command(&[wire::OP_FILE_CHANNEL])?;
+        let ch = self.control.channel();
+        let area = self.control.buffer();
+        let guest_pages = area.guest_pages();
+        let limit = ch.config().gpa_page_limit;
+        let mut out = BufWriter::with_capacity(1 << 20, File::create(path).context("create")?);
+        let mut chunk = vec![0u8; super::FILE_CHUNK];
+        let mut written = 0u64;
+        let mut tally = Tally::default();
+        let done = loop {
+            let r = ch.recv(&mut self.buf, soon()).context("receive the file")?;
+            let w = wire::decode(r.payload(&self.buf));
+            if r.packet_type != PacketType::GpaDirect {
+                if word(&w, 0) == wire::FILE_DONE {
+                    break w;
+                }
+                return fail(format!("unexpected packet {w:x?} during the file copy"));
+            }
+            let (slot, offset, len) = (word(&w, 0), word(&w, 1), word(&w, 2) as usize);
+            let ranges: Vec<_> = parse_gpa_header(r.header(&self.buf), limit)
+                .context("a GPA-direct header")?
+                .collect();
+            let [range] = ranges[..] else {
+                return fail("a file chunk must be one GPA range");
+            };
+            if offset != written || len != range.byte_count as usize || len > chunk.len() {
+                tally.mismatch(|| format!("file chunk at {offset} out of order or mis-sized"));
+            }
+            let len = len.min(chunk.len()).min(range.byte_count as usize);
+            let mut at = 0usize;
+            let mut skip = range.byte_offset as usize;
+            for page in range.pages() {
+                if at >= len {
+                    break;
+                }
+                if !guest_pages.contains(&page) {
+                    return fail(format!(
+                        "file chunk names page {page} outside the guest's half"
+                    ));
+                }
+                let n = (4096 - skip).min(len - at);
+                let start = area.page_offset(page).unwrap_or_default() + skip;
+                area.read(start, &mut chunk[at..at + n])
+                    .context("read the buffer area")?;
+                at += n;
+                skip = 0;
+            }
+            ch.send(&wire::encode(&[wire::ACK, slot]), soon())
+                .context("ack a chunk")?;
+            out.write_all(&chunk[..at]).context("write the file")?;
+            written += at as u64;
+        };
+        out.flush().context("write the file")?;
+        drop(out);
+        let elapsed = start.elapsed();
+        let copy = self.finish_file(path, &done, written, elapsed, tally, false)?;
+        Ok(copy)
+    }
+
+    /// The guest sends the file through the baseline socket; the host writes it to `path`.
+    fn file_socket(&mut self, path: &Path, len: u64) -> Result<FileCopy> {
+        let start = Instant::now();
+        self.command(&[wire::OP_FILE_SOCKET])?;
+        let mut out = File::create(path).context("create")?;
+        let written =
+            std::io::copy(&mut (&self.socket).take(len), &mut out).context("receive the file")?;
+        drop(out);
+        let elapsed = start.elapsed();
+        let r = self
+            .control
+            .channel()
+            .recv(&mut self.buf, soon())
+            .context("wait for the guest's hash")?;
+        let done = wire::decode(r.payload(&self.buf));
+        self.finish_file(path, &done, written, elapsed, Tally::default(), true)
+    }
+
+    /// Hashes the file the host wrote, compares it with the guest's `done` message, and
+    /// sends the host's hash back for the guest to compare.
+    fn finish_file(
+        &mut self,
+        path: &Path,
+        done: &[u64],
+        written: u64,
+        elapsed: Duration,
+        mut tally: Tally,
+        socket: bool,
+    ) -> Result<FileCopy> {
+        let (len, guest_hash) = (word(done, 1), word(done, 2));
+        if word(done, 0) != wire::FILE_DONE {
+            return fail(format!("expected the guest's file hash, got {done:x?}"));
+        }
+        let hash = hash::file(path).context("hash the received file")?;
+        let how = if socket { "socket" } else { "buffer area" };
+        if hash == guest_hash && len == written {
+            tally.pass(written as usize);
+        } else {
+            tally.fail(written as usize, || {
+                format!(
+                    "file via {how}: the guest sent {len} bytes hashing to {guest_hash:#018x}, \
+                     the host wrote {written} hashing to {hash:#018x}"
+                )
+            });
+        }
+        self.command(&[wire::HOST_HASH, written, hash])?;
+        let report = self.report(socket)?;
+        let verified = tally.mismatches == 0 && report.tally.mismatches == 0;
+        if socket {
+            self.socket_check.merge(tally);
+        } else {
+            self.vmlink_check.merge(tally);
+        }
+        fs::remove_file(path).context("remove the received file")?;
+        Ok(FileCopy {
+            elapsed,
+            hash,
+            verified,
+        })
+    }
+}
+
+/// The round trips of a latency measurement: warm-up, then samples until the budget.
+struct Rounds {
+    warmup: u64,
+    budget: Duration,
+    max: usize,
+    seq: u64,
+    started: Option<Instant>,
+    samples: Vec<u64>,
+}
+
+impl Rounds {
+    fn new(plan: &Plan, warmup: u64) -> Self {
+        Self {
+            warmup,
+            budget: plan.latency_budget,
+            max: plan.max_samples,
+            seq: 0,
+            started: None,
+            samples: Vec::with_capacity(plan.max_samples.min(1 << 16)),
+        }
+    }
+
+    /// The next round trip's sequence number, or `None` when done.
+    fn next(&mut self) -> Option<u64> {
+        let n = self.samples.len();
+        let timed_out = self.started.is_some_and(|s| s.elapsed() >= self.budget);
+        if n >= self.max || (n >= MIN_SAMPLES && timed_out) {
+            return None;
+        }
+        Some(self.seq)
+    }
+
+    /// Records the round trip just made.
+    fn record(&mut self, took: Duration) {
+        if self.seq >= self.warmup {
+            self.started.get_or_insert_with(Instant::now);
+            self.samples.push(nanos(took));
+        }
+        self.seq += 1;
+    }
+}

@@ -1,0 +1,52 @@
+//! What the demo's host and guest say to each other on the control channel: packets of
+//! little-endian 64-bit words, the first naming what the packet is.
+
+/// Serve calls on a channel (word 1: 0 the control channel, 1 the polling channel) until
+/// an in-band packet whose first word is [`END`](crate::pattern::END) arrives on it.
+pub const OP_SERVE_CALLS: u64 = 1;
+/// Echo fixed-size frames on the baseline socket until an END frame.
+pub const OP_SERVE_SOCKET: u64 = 2;
+/// Stream packets of word 1 bytes to the host over the control channel for word 2
+/// microseconds, then an END packet `[END, packets, signals]`.
+pub const OP_STREAM_CHANNEL: u64 = 3;
+/// The same over the baseline socket (frames of word 1 bytes, then an END frame), then a
+/// report on the control channel.
+pub const OP_STREAM_SOCKET: u64 = 4;
+/// Generate the demo file of word 1 bytes on disk and hash it.
+pub const OP_MAKE_FILE: u64 = 5;
+/// Send the demo file through the buffer area as GPA-direct packets.
+pub const OP_FILE_CHANNEL: u64 = 6;
+/// Send the demo file through the baseline socket.
+pub const OP_FILE_SOCKET: u64 = 7;
+/// Exit.
+pub const OP_EXIT: u64 = 8;
+
+/// `[REPORT, signals, packets, bytes, mismatches]`: the guest's account of a phase
+/// (doorbell signals it sent, packets and bytes it checked, mismatches it found).
+pub const REPORT: u64 = 0x7270_7274;
+/// `[ACK, slot]`: the host has copied a file chunk out of the buffer slot.
+pub const ACK: u64 = 0x61_636b;
+/// `[FILE_DONE, length, hash]`: the guest has sent the whole file, which hashes to this.
+pub const FILE_DONE: u64 = 0x6669_6c65;
+/// `[HOST_HASH, length, hash]`: the file as the host wrote it.
+pub const HOST_HASH: u64 = 0x6873_6873;
+
+/// The words as packet bytes.
+pub fn encode(words: &[u64]) -> Vec<u8> {
+    words.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+/// The words of a payload (a trailing partial word is ignored).
+pub fn decode(payload: &[u8]) -> Vec<u64> {
+    payload
+        .as_chunks::<8>()
+        .0
+        .iter()
+        .map(|b| u64::from_le_bytes(*b))
+        .collect()
+}
+
+/// Word `i` of `words`, 0 when missing.
+pub fn word(words: &[u64], i: usize) -> u64 {
+    words.get(i).copied().unwrap_or(0)
+}

@@ -1,0 +1,177 @@
+//! `vmlink serve` / `vmlink connect`: bytes from stdin go out over the channel, bytes from
+//! the channel go to stdout, in both directions at once.
+//!
+//! Framing: VMBus payloads are padded to 8 bytes, so every packet carries its exact length
+//! in a header of its own: `[length: u32 LE][flags: u32 LE][data]`. Flag [`FIN`] marks
+//! the last packet of a direction (stdin reached end of file). The command ends when both
+//! directions have finished.
+
+use std::io::{self, IsTerminal, Read, Write};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use vmlink_shm::{Endpoint, Guest, Layout, Listener, Service, ShmChannel};
+
+use crate::error::{Context, Result, fail};
+
+/// Flag: this direction is finished; no packets follow.
+pub const FIN: u32 = 1;
+/// Bytes of the frame header.
+const HEADER: usize = 8;
+/// Data bytes per packet at most.
+pub const CHUNK: usize = 60 * 1024;
+/// Data area of each ring.
+const RING_BYTES: u64 = 1 << 20;
+/// Transfers shorter than this show no progress.
+const PROGRESS_AFTER: Duration = Duration::from_secs(1);
+
+/// Serves one client of `service` at `path`, then pipes.
+pub fn serve(path: &Path, service: &str) -> Result<()> {
+    let service = Service::new(service).with_layout(Layout::symmetric(RING_BYTES, 0));
+    let listener = Listener::bind(path, service).context("listen")?;
+    let end = listener.accept().context("accept a client")?;
+    drop(listener);
+    pipe(&end)
+}
+
+/// Connects to `service` at `path`, then pipes.
+pub fn connect(path: &Path, service: &str) -> Result<()> {
+    let end = Guest::new(service).connect(path).context("connect")?;
+    pipe(&end)
+}
+
+/// One frame: header and data.
+fn frame(data: &[u8], flags: u32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER + data.len());
+    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    out.extend_from_slice(&flags.to_le_bytes());
+    out.extend_from_slice(data);
+    out
+}
+
+/// Splits a received payload into its data and flags.
+fn unframe(payload: &[u8]) -> Result<(&[u8], u32)> {
+    let Some((header, rest)) = payload.split_first_chunk::<HEADER>() else {
+        return fail(format!(
+            "a {}-byte packet has no frame header",
+            payload.len()
+        ));
+    };
+    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    let flags = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    if len > rest.len() {
+        return fail(format!(
+            "a frame claims {len} bytes but the packet holds {}",
+            rest.len()
+        ));
+    }
+    Ok((&rest[..len], flags))
+}
+
+/// Pipes stdin to the channel and the channel to stdout until both directions finish.
+fn pipe(end: &Endpoint) -> Result<()> {
+    let ch = end.channel();
+    let sent = AtomicU64::new(0);
+    let received = AtomicU64::new(0);
+    let done = AtomicBool::new(false);
+    thread::scope(|s| {
+        let outgoing = s.spawn(|| send_stdin(ch, &sent));
+        if io::stderr().is_terminal() {
+            s.spawn(|| progress(&sent, &received, &done));
+        }
+        let incoming = receive_stdout(ch, &received);
+        let outgoing = outgoing
+            .join()
+            .unwrap_or_else(|_| fail("the stdin thread panicked"));
+        done.store(true, Ordering::Relaxed);
+        incoming.and(outgoing)
+    })
+}
+
+/// Sends stdin in frames, then a FIN frame.
+fn send_stdin(ch: &ShmChannel, sent: &AtomicU64) -> Result<()> {
+    let mut stdin = io::stdin().lock();
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let n = match stdin.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return fail(format!("read stdin: {e}")),
+        };
+        let flags = if n == 0 { FIN } else { 0 };
+        ch.send(&frame(&buf[..n], flags), None)
+            .context("send to the channel")?;
+        if n == 0 {
+            return Ok(());
+        }
+        sent.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// Writes received frames to stdout until a FIN frame.
+fn receive_stdout(ch: &ShmChannel, received: &AtomicU64) -> Result<()> {
+    let mut stdout = io::stdout().lock();
+    let mut buf = vec![0u8; HEADER + CHUNK + 8];
+    loop {
+        let r = match ch.recv(&mut buf, None) {
+            Ok(r) => r,
+            Err(vmlink_channel::ChannelError::Closed) => {
+                return fail("the peer left before finishing its direction");
+            }
+            Err(e) => return fail(format!("receive from the channel: {e}")),
+        };
+        let (data, flags) = unframe(r.payload(&buf))?;
+        stdout.write_all(data).context("write stdout")?;
+        stdout.flush().context("write stdout")?;
+        received.fetch_add(data.len() as u64, Ordering::Relaxed);
+        if flags & FIN != 0 {
+            return Ok(());
+        }
+    }
+}
+
+/// Shows bytes sent and received on stderr (a terminal) once the transfer has run for
+/// [`PROGRESS_AFTER`], until `done`.
+fn progress(sent: &AtomicU64, received: &AtomicU64, done: &AtomicBool) {
+    let start = Instant::now();
+    let mut shown = false;
+    while !done.load(Ordering::Relaxed) {
+        thread::sleep(Duration::from_millis(100));
+        if start.elapsed() < PROGRESS_AFTER {
+            continue;
+        }
+        let (s, r) = (
+            sent.load(Ordering::Relaxed),
+            received.load(Ordering::Relaxed),
+        );
+        eprint!(
+            "\rvmlink: {:.1} MB sent, {:.1} MB received, {:.0} s   ",
+            s as f64 / 1e6,
+            r as f64 / 1e6,
+            start.elapsed().as_secs_f64()
+        );
+        shown = true;
+    }
+    if shown {
+        eprintln!();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_carry_exact_lengths() {
+        let f = frame(b"abc", FIN);
+        let mut padded = f.clone();
+        padded.resize(16, 0);
+        assert_eq!(unframe(&padded).unwrap(), (&b"abc"[..], FIN));
+        assert!(unframe(&f[..4]).is_err());
+        let mut lying = frame(b"abc", 0);
+        lying[0] = 200;
+        assert!(unframe(&lying).is_err());
+    }
+}

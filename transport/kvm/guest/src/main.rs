@@ -1,0 +1,335 @@
+//! The vmlink KVM test guest: the no_std ring and channel code at CPL3 on its own
+//! (identity-mapped) physical memory, polling its incoming ring and ringing an MMIO
+//! doorbell. The memory map and message format are mirrored in
+//! `transport/kvm/tests/common/mod.rs`.
+#![no_std]
+#![no_main]
+
+use core::ptr::NonNull;
+use core::time::Duration;
+
+use vmlink_channel::packet::GpaRange;
+use vmlink_channel::{Channel, ChannelError, Config, Doorbell, DoorbellError, PacketMeta, Wake};
+use vmlink_ring::{ControlWord, ControlWords, DataPage, PageListMem, RingMem, init_control};
+
+const MAILBOX: u64 = 0x20_0000;
+const DOORBELL: u64 = 0x3000_0000;
+const CONTROL: u64 = 0x3000_1000;
+const MAILBOX_MAGIC: u64 = 0x766d_6c69_6e6b_2121;
+const DONE: u64 = 0xD0E;
+const PANIC: u64 = 0xBAD;
+/// Ring pages per ring, control page included.
+const RING_PAGES: usize = 9;
+const PACKETS: u32 = 50_000;
+const GPA_PAGES: [u64; 3] = [0x300, 0x305, 0x302];
+const GPA_OFFSET: u32 = 100;
+const GPA_LEN: u32 = 3 * 4096 - 200;
+
+const KIND_DATA: u32 = 1;
+const KIND_END: u32 = 2;
+const KIND_SUMMARY: u32 = 3;
+const KIND_COMPLETION: u32 = 4;
+
+fn ring_page(i: usize) -> u64 {
+    // Deliberately scattered: 0x210 + a permutation of even offsets.
+    0x210 + ((i as u64 * 11) % 40) * 2
+}
+
+fn mmio_write(addr: u64, value: u64) {
+    // SAFETY: `addr` is an identity-mapped address with no memslot: the write exits to
+    // KVM (ioeventfd or userspace), it touches no memory of ours.
+    unsafe { core::ptr::write_volatile(addr as *mut u64, value) }
+}
+
+fn pattern(seq: u32, i: usize) -> u8 {
+    (seq.wrapping_mul(7) as usize).wrapping_add(i.wrapping_mul(13)) as u8
+}
+
+struct MmioBell;
+
+static mut SIGNALS: u64 = 0;
+
+impl Doorbell for MmioBell {
+    fn signal(&self) -> Result<(), DoorbellError> {
+        // SAFETY: single-threaded guest; nothing else touches SIGNALS concurrently.
+        unsafe { SIGNALS += 1 };
+        mmio_write(DOORBELL, 1);
+        Ok(())
+    }
+    fn wait(&self, _timeout: Option<Duration>) -> Result<Wake, DoorbellError> {
+        // The guest polls; it never sleeps on the bell.
+        Ok(Wake::Signalled)
+    }
+    fn wake_local(&self) -> Result<(), DoorbellError> {
+        Ok(())
+    }
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+fn page<'a>(n: u64) -> NonNull<u8> {
+    NonNull::new((n * 4096) as *mut u8).expect("page 0 is never a ring page")
+}
+
+/// # Safety
+/// Entered once by the host with a valid stack, at CPL3, memory identity-mapped.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = ".text._start")]
+pub extern "C" fn _start() -> ! {
+    main()
+}
+
+fn main() -> ! {
+    let mut pages = [0u64; 2 * RING_PAGES];
+    for (i, p) in pages.iter_mut().enumerate() {
+        *p = ring_page(i);
+    }
+    // SAFETY: each ring page is an identity-mapped 4 KiB guest page, distinct from every
+    // other page we use, accessed only atomically by us and by the host.
+    let ctrl = |n: u64| unsafe { ControlWords::from_ptr(page(n)) };
+    // SAFETY: as above.
+    let data = |n: u64| unsafe { DataPage::from_ptr(page(n)) };
+    let mut g2h_pages = [data(pages[1]); RING_PAGES - 1];
+    let mut h2g_pages = [data(pages[RING_PAGES + 1]); RING_PAGES - 1];
+    for i in 1..RING_PAGES {
+        g2h_pages[i - 1] = data(pages[i]);
+        h2g_pages[i - 1] = data(pages[RING_PAGES + i]);
+    }
+    let g2h = PageListMem::new(ctrl(pages[0]), g2h_pages).expect("ring");
+    let h2g = PageListMem::new(ctrl(pages[RING_PAGES]), h2g_pages).expect("ring");
+    // We allocated the rings: we initialise both control pages. We poll the incoming
+    // ring, so its interrupts stay masked (the reader owns that word).
+    init_control(&g2h);
+    init_control(&h2g);
+    h2g.store_control(ControlWord::InterruptMask, 1);
+
+    // Fill the GPA-direct buffer: byte i of the range is pattern(0xFFFF, i).
+    let mut k = 0usize;
+    let mut in_page = GPA_OFFSET as usize;
+    for &p in &GPA_PAGES {
+        while in_page < 4096 && k < GPA_LEN as usize {
+            // SAFETY: identity-mapped guest page owned by the guest, not shared yet.
+            unsafe {
+                core::ptr::write_volatile(
+                    (p * 4096 + in_page as u64) as *mut u8,
+                    pattern(0xFFFF, k),
+                )
+            };
+            k += 1;
+            in_page += 1;
+        }
+        in_page = 0;
+    }
+
+    // Tell the host where the rings are: the page list in the mailbox page.
+    let mb = MAILBOX as *mut u64;
+    // SAFETY: the mailbox page is identity-mapped guest memory; the host reads it only
+    // after the control write below.
+    unsafe {
+        core::ptr::write_volatile(mb, MAILBOX_MAGIC);
+        core::ptr::write_volatile(mb.add(1), RING_PAGES as u64);
+        core::ptr::write_volatile(mb.add(2), pages.len() as u64);
+        for (i, &p) in pages.iter().enumerate() {
+            core::ptr::write_volatile(mb.add(3 + i), p);
+        }
+    }
+    mmio_write(CONTROL, MAILBOX);
+
+    let channel = Channel::new(g2h, h2g, MmioBell, Config::default()).expect("channel");
+    let mut rng = Rng(0x1234_5678_9abc_def1);
+    let mut out = [0u8; 2048];
+    let mut buf = [0u8; 4096];
+    let mut seq = 0u32;
+    let mut next_len = 0usize;
+    let mut requests = 0u64;
+    let mut outstanding: [(u64, u32); 64] = [(u64::MAX, 0); 64];
+    let mut in_flight = 0usize;
+    let mut completions_ok = 0u64;
+    let mut host_ok = 0u64;
+    let mut host_next = 0u32;
+    let mut end_seen = false;
+    let mut errors = 0u64;
+    let mut first_error = 0u64;
+    let mut gpa_sent = false;
+    let mut fail = |code: u64, errors: &mut u64| {
+        *errors += 1;
+        if first_error == 0 {
+            first_error = code;
+        }
+        first_error
+    };
+    loop {
+        // Send.
+        let mut progress = false;
+        if seq == PACKETS / 2 && !gpa_sent {
+            let range = GpaRange {
+                byte_offset: GPA_OFFSET,
+                byte_count: GPA_LEN,
+                pages: &GPA_PAGES,
+            };
+            match channel.try_send_gpa_direct(&[range], b"gpa-direct", PacketMeta::in_band()) {
+                Ok(()) => gpa_sent = true,
+                Err(ChannelError::Full) => {}
+                Err(_) => {
+                    fail(1, &mut errors);
+                    gpa_sent = true;
+                }
+            }
+        } else if seq < PACKETS {
+            if next_len == 0 {
+                next_len = 12 + (rng.next() % 2000) as usize;
+            }
+            let len = next_len;
+            out[0..4].copy_from_slice(&KIND_DATA.to_le_bytes());
+            out[4..8].copy_from_slice(&seq.to_le_bytes());
+            out[8..12].copy_from_slice(&(len as u32).to_le_bytes());
+            for (i, b) in out[12..len].iter_mut().enumerate() {
+                *b = pattern(seq, i + 12);
+            }
+            let is_request = seq % 8 == 7;
+            let sent = if is_request {
+                if in_flight == outstanding.len() {
+                    Err(ChannelError::Full)
+                } else {
+                    channel.try_start_request(&out[..len]).map(|tid| {
+                        let slot = outstanding
+                            .iter_mut()
+                            .find(|s| s.0 == u64::MAX)
+                            .expect("free");
+                        *slot = (tid, seq);
+                        in_flight += 1;
+                        requests += 1;
+                    })
+                }
+            } else {
+                channel.try_send(&out[..len])
+            };
+            match sent {
+                Ok(()) => {
+                    seq += 1;
+                    next_len = 0;
+                    progress = true;
+                }
+                Err(ChannelError::Full) | Err(ChannelError::TransactionsExhausted { .. }) => {}
+                Err(_) => {
+                    fail(2, &mut errors);
+                    seq += 1;
+                }
+            }
+        }
+
+        // Receive everything there is.
+        loop {
+            match channel.try_recv(&mut buf) {
+                Ok(Some(r)) => {
+                    progress = true;
+                    let p = r.payload(&buf);
+                    if p.len() < 12 {
+                        fail(3, &mut errors);
+                        continue;
+                    }
+                    let kind = u32::from_le_bytes([p[0], p[1], p[2], p[3]]);
+                    let s = u32::from_le_bytes([p[4], p[5], p[6], p[7]]);
+                    let len = u32::from_le_bytes([p[8], p[9], p[10], p[11]]) as usize;
+                    match (r.packet_type, kind) {
+                        (vmlink_channel::PacketType::Completion, KIND_COMPLETION) => {
+                            match outstanding.iter_mut().find(|o| o.0 == r.transaction_id) {
+                                Some(o) if o.1 == s => {
+                                    *o = (u64::MAX, 0);
+                                    in_flight -= 1;
+                                    completions_ok += 1;
+                                }
+                                _ => {
+                                    fail(4, &mut errors);
+                                }
+                            }
+                        }
+                        (vmlink_channel::PacketType::InBand, KIND_DATA) => {
+                            let ok = s == host_next
+                                && len <= p.len()
+                                && p[12..len]
+                                    .iter()
+                                    .enumerate()
+                                    .all(|(i, &b)| b == pattern(s, i + 12));
+                            if ok {
+                                host_ok += 1;
+                            } else {
+                                fail(5, &mut errors);
+                            }
+                            host_next = s.wrapping_add(1);
+                        }
+                        (vmlink_channel::PacketType::InBand, KIND_END) => {
+                            if s != host_next {
+                                fail(6, &mut errors);
+                            }
+                            end_seen = true;
+                        }
+                        _ => {
+                            fail(7, &mut errors);
+                        }
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    fail(8, &mut errors);
+                    break;
+                }
+            }
+            if errors > 1000 {
+                break;
+            }
+        }
+
+        if (seq >= PACKETS && gpa_sent && end_seen && in_flight == 0) || errors > 1000 {
+            break;
+        }
+        if !progress {
+            core::hint::spin_loop();
+        }
+    }
+
+    // The summary: what the guest sent, received and checked.
+    let c = channel.counters();
+    // SAFETY: single-threaded guest.
+    let signals = unsafe { SIGNALS };
+    let fields = [
+        KIND_SUMMARY as u64,
+        seq as u64,
+        requests,
+        completions_ok,
+        host_ok,
+        end_seen as u64,
+        errors,
+        first_error,
+        signals,
+        c.packets_sent,
+        c.packets_received,
+        gpa_sent as u64,
+    ];
+    for (i, f) in fields.iter().enumerate() {
+        out[i * 8..i * 8 + 8].copy_from_slice(&f.to_le_bytes());
+    }
+    while let Err(ChannelError::Full) = channel.try_send(&out[..fields.len() * 8]) {
+        core::hint::spin_loop();
+    }
+    mmio_write(CONTROL, DONE);
+    loop {
+        core::hint::spin_loop();
+    }
+}
+
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
+    mmio_write(CONTROL, PANIC);
+    loop {
+        core::hint::spin_loop();
+    }
+}

@@ -1,0 +1,267 @@
+//! KVM doorbells: guest→host by ioeventfd, host→guest by irqfd.
+#![allow(unsafe_code)]
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use vmlink_channel::{Doorbell, DoorbellError, Wake};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+/// Registering or unregistering a doorbell's eventfds with KVM failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RegisterError {
+    /// `KVM_IOEVENTFD` failed.
+    #[error("registering the ioeventfd failed: {0}")]
+    IoEvent(#[source] kvm_ioctls::Error),
+    /// `KVM_IRQFD` failed (a VM needs an in-kernel irqchip for irqfds).
+    #[error("registering the irqfd failed: {0}")]
+    IrqFd(#[source] kvm_ioctls::Error),
+}
+
+/// The host's end of a channel's doorbells in a KVM VM.
+///
+/// - Guest→host: the guest writes to an MMIO (or PIO) address; KVM turns the write into
+///   an eventfd signal (ioeventfd) without an exit to userspace. [`Doorbell::wait`] blocks
+///   on that eventfd; [`Doorbell::wake_local`] writes to it.
+/// - Host→guest: [`Doorbell::signal`] writes the irqfd, which raises the GSI in the
+///   in-kernel irqchip.
+///
+/// Create it, [`register`](Self::register) it on the VM, then hand it (or a reference) to
+/// [`host_channel`](crate::host_channel).
+#[derive(Debug)]
+pub struct KvmDoorbell {
+    ioevent: EventFd,
+    irq: EventFd,
+    addr: IoEventAddress,
+    gsi: u32,
+    closed: AtomicBool,
+    signals: AtomicU64,
+    wakes: AtomicU64,
+}
+
+impl KvmDoorbell {
+    /// A doorbell whose guest→host side is an MMIO write to `mmio_addr` and whose
+    /// host→guest side raises `gsi`.
+    pub fn new(mmio_addr: u64, gsi: u32) -> std::io::Result<Self> {
+        Self::with_address(IoEventAddress::Mmio(mmio_addr), gsi)
+    }
+
+    /// A doorbell on any ioeventfd address (MMIO or PIO).
+    pub fn with_address(addr: IoEventAddress, gsi: u32) -> std::io::Result<Self> {
+        Ok(Self {
+            ioevent: EventFd::new(EFD_NONBLOCK)?,
+            irq: EventFd::new(EFD_NONBLOCK)?,
+            addr,
+            gsi,
+            closed: AtomicBool::new(false),
+            signals: AtomicU64::new(0),
+            wakes: AtomicU64::new(0),
+        })
+    }
+
+    /// The guest→host eventfd (for a VMM's own event loop or an async reactor).
+    pub fn ioevent_fd(&self) -> &EventFd {
+        &self.ioevent
+    }
+
+    /// The host→guest eventfd.
+    pub fn irq_fd(&self) -> &EventFd {
+        &self.irq
+    }
+
+    /// The GSI the irqfd raises.
+    pub fn gsi(&self) -> u32 {
+        self.gsi
+    }
+
+    /// Interrupts raised in the guest so far.
+    pub fn signals_sent(&self) -> u64 {
+        self.signals.load(Ordering::Relaxed)
+    }
+
+    /// Waits that ended because the guest (or [`wake_local`](Doorbell::wake_local)) rang.
+    pub fn wakes(&self) -> u64 {
+        self.wakes.load(Ordering::Relaxed)
+    }
+
+    /// Marks the guest as gone (the VM stopped): waiters wake and see
+    /// [`DoorbellError::PeerClosed`] once pending rings are consumed.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        let _ = self.ioevent.write(1);
+    }
+
+    /// Registers the ioeventfd and the irqfd with `vm`. The returned registration
+    /// unregisters both when dropped, so tearing a channel down while the guest keeps
+    /// running leaves nothing behind.
+    pub fn register<'v>(&self, vm: &'v VmFd) -> Result<DoorbellRegistration<'v>, RegisterError> {
+        let ioevent = self
+            .ioevent
+            .try_clone()
+            .map_err(|e| RegisterError::IoEvent(e.into()))?;
+        let irq = self
+            .irq
+            .try_clone()
+            .map_err(|e| RegisterError::IrqFd(e.into()))?;
+        vm.register_ioevent(&ioevent, &self.addr, NoDatamatch)
+            .map_err(RegisterError::IoEvent)?;
+        if let Err(e) = vm.register_irqfd(&irq, self.gsi) {
+            let _ = vm.unregister_ioevent(&ioevent, &self.addr, NoDatamatch);
+            return Err(RegisterError::IrqFd(e));
+        }
+        Ok(DoorbellRegistration {
+            vm,
+            ioevent,
+            irq,
+            addr: self.addr,
+            gsi: self.gsi,
+            active: true,
+        })
+    }
+
+    /// Consumes a pending ring; true if there was one.
+    fn take(&self) -> Result<bool, DoorbellError> {
+        match self.ioevent.read() {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+            Err(e) => Err(DoorbellError::Os(e.raw_os_error().unwrap_or(0))),
+        }
+    }
+}
+
+fn timeout_ms(timeout: Option<Duration>) -> libc::c_int {
+    match timeout {
+        None => -1,
+        Some(t) => {
+            // Round up so a short timeout still sleeps.
+            let ms = t.as_micros().div_ceil(1000);
+            ms.min(libc::c_int::MAX as u128) as libc::c_int
+        }
+    }
+}
+
+impl Doorbell for KvmDoorbell {
+    fn signal(&self) -> Result<(), DoorbellError> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(DoorbellError::PeerClosed);
+        }
+        self.irq
+            .write(1)
+            .map_err(|e| DoorbellError::Os(e.raw_os_error().unwrap_or(0)))?;
+        self.signals.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn wait(&self, timeout: Option<Duration>) -> Result<Wake, DoorbellError> {
+        loop {
+            if self.take()? {
+                self.wakes.fetch_add(1, Ordering::Relaxed);
+                return Ok(Wake::Signalled);
+            }
+            if self.closed.load(Ordering::SeqCst) {
+                return Err(DoorbellError::PeerClosed);
+            }
+            let mut pfd = libc::pollfd {
+                fd: self.ioevent.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: `pfd` is one valid, initialised pollfd that lives across the call;
+            // the fd is owned by `self`.
+            let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms(timeout)) };
+            if n < 0 {
+                let err = std::io::Error::last_os_error();
+                if err.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(DoorbellError::Os(err.raw_os_error().unwrap_or(0)));
+            }
+            if n == 0 {
+                return Ok(Wake::TimedOut);
+            }
+        }
+    }
+
+    fn wake_local(&self) -> Result<(), DoorbellError> {
+        self.ioevent
+            .write(1)
+            .map_err(|e| DoorbellError::Os(e.raw_os_error().unwrap_or(0)))
+    }
+
+    fn peer_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+}
+
+/// A doorbell's eventfds registered with a VM; unregisters them when dropped.
+#[derive(Debug)]
+pub struct DoorbellRegistration<'v> {
+    vm: &'v VmFd,
+    ioevent: EventFd,
+    irq: EventFd,
+    addr: IoEventAddress,
+    gsi: u32,
+    active: bool,
+}
+
+impl DoorbellRegistration<'_> {
+    /// Unregisters both eventfds now, reporting failures (dropping does the same silently).
+    pub fn unregister(mut self) -> Result<(), RegisterError> {
+        self.active = false;
+        let a = self
+            .vm
+            .unregister_ioevent(&self.ioevent, &self.addr, NoDatamatch)
+            .map_err(RegisterError::IoEvent);
+        let b = self
+            .vm
+            .unregister_irqfd(&self.irq, self.gsi)
+            .map_err(RegisterError::IrqFd);
+        a.and(b)
+    }
+}
+
+impl Drop for DoorbellRegistration<'_> {
+    fn drop(&mut self) {
+        if self.active {
+            let _ = self
+                .vm
+                .unregister_ioevent(&self.ioevent, &self.addr, NoDatamatch);
+            let _ = self.vm.unregister_irqfd(&self.irq, self.gsi);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rings_are_sticky_and_local_wakes_count() {
+        let bell = KvmDoorbell::new(0x3000_0000, 5).unwrap();
+        assert_eq!(bell.wait(Some(Duration::ZERO)), Ok(Wake::TimedOut));
+        // What the guest's MMIO write does through KVM.
+        bell.ioevent_fd().write(1).unwrap();
+        assert_eq!(bell.wait(None), Ok(Wake::Signalled));
+        bell.wake_local().unwrap();
+        assert_eq!(
+            bell.wait(Some(Duration::from_millis(1))),
+            Ok(Wake::Signalled)
+        );
+        assert_eq!(
+            bell.wait(Some(Duration::from_millis(1))),
+            Ok(Wake::TimedOut)
+        );
+        assert_eq!(bell.wakes(), 2);
+        bell.signal().unwrap();
+        assert_eq!(bell.irq_fd().read().unwrap(), 1);
+        assert_eq!(bell.signals_sent(), 1);
+        bell.close();
+        assert!(bell.peer_closed());
+        assert_eq!(bell.wait(None), Ok(Wake::Signalled), "the close ring wakes");
+        assert_eq!(bell.wait(None), Err(DoorbellError::PeerClosed));
+        assert_eq!(bell.signal(), Err(DoorbellError::PeerClosed));
+    }
+}

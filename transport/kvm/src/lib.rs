@@ -1,0 +1,46 @@
+//! vmlink's KVM transport: a channel whose rings live in a guest's memory.
+//!
+//! This is the adapter a VMM embeds. The guest describes a channel by a list of its 4 KiB
+//! page numbers (the guest's outgoing ring first, each ring a control page followed by its
+//! data pages, as in a VMBus GPADL); the host validates the list against the guest memory
+//! map and builds the two rings over those pages with the ring core's
+//! [`PageListMem`](vmlink_ring::PageListMem) backend. Doorbells go through KVM without a
+//! trip to userspace: guest→host by an ioeventfd on an MMIO (or PIO) address, host→guest by
+//! an irqfd on a GSI ([`KvmDoorbell`]).
+//!
+//! Guest memory is rust-vmm `vm-memory` **0.17** (its `GuestMemory` trait, the name most
+//! VMMs use; 0.17.2 is 0.18's code under the old names, where the trait is called
+//! `GuestMemoryBackend`).
+//!
+//! The guest side is the `no_std` ring and channel code itself, running on the guest's own
+//! physical memory; `transport/kvm/guest/` is a bare-metal test guest that does exactly
+//! that inside a real KVM VM (see `tests/kvm_guest.rs`).
+//!
+//! # Example (host side)
+//!
+//! ```no_run
+//! use vm_memory::{GuestAddress, GuestMemoryMmap};
+//! use vmlink_channel::Config;
+//! use vmlink_kvm::{KvmDoorbell, RingPages, host_channel};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4 << 20)])?;
+//! // Page numbers the guest sent: a 3-page outgoing ring, then a 3-page incoming ring.
+//! let pages = [0x200, 0x207, 0x203, 0x210, 0x211, 0x215];
+//! let rings = RingPages::new(&mem, &pages, 3)?;
+//! let doorbell = KvmDoorbell::new(0x3000_0000, 5)?;
+//! let channel = host_channel(&rings, doorbell, Config::default())?;
+//! # let _ = channel;
+//! # Ok(())
+//! # }
+//! ```
+#![deny(unsafe_code)]
+
+#[cfg(not(target_os = "linux"))]
+compile_error!("vmlink-kvm needs Linux (KVM)");
+
+mod doorbell;
+mod memory;
+
+pub use doorbell::{DoorbellRegistration, KvmDoorbell, RegisterError};
+pub use memory::{GpaReadError, HostChannel, PageError, RingPages, host_channel, read_gpa_range};
