@@ -12,8 +12,10 @@
 //! and report [`DoorbellError::PeerClosed`], after any ring that came first. Dropping the
 //! end closes its hang-up fd, which is how the peer learns that we are gone.
 //!
-//! With the `tokio` feature, `TokioDoorbell` puts the same fds on tokio's reactor and
-//! implements [`AsyncDoorbell`](crate::AsyncDoorbell).
+//! With the `tokio` feature an [`EventFdDoorbell`] is also an
+//! [`AsyncDoorbell`](crate::AsyncDoorbell): its first async wait registers its fds with the
+//! reactor of the tokio runtime it runs in, so a channel built on it can be used from
+//! blocking threads and async tasks alike. `TokioDoorbell` does the registration up front.
 
 // The only module of the crate that talks to the kernel: `eventfd`, `read`, `write` and
 // `poll` through `libc`. Each unsafe block makes exactly one such call (or wraps a fresh
@@ -44,6 +46,9 @@ pub struct EventFdDoorbell {
     hangup: Option<OwnedFd>,
     /// The hang-up fd was seen hung up (it never recovers).
     closed: AtomicBool,
+    /// Registrations with tokio's reactor, made by the first `poll_wait`.
+    #[cfg(feature = "tokio")]
+    reactor: std::sync::OnceLock<tokio_bell::Registrations>,
 }
 
 #[cfg(feature = "tokio")]
@@ -177,6 +182,8 @@ impl EventFdDoorbell {
             signal,
             hangup: None,
             closed: AtomicBool::new(false),
+            #[cfg(feature = "tokio")]
+            reactor: std::sync::OnceLock::new(),
         }
     }
 
@@ -312,18 +319,12 @@ mod tokio_bell {
     use super::{EventFdDoorbell, io_error, read_counter};
     use crate::doorbell::{AsyncDoorbell, Doorbell, DoorbellError, Wake};
 
-    /// An [`EventFdDoorbell`] on tokio's reactor: an [`AsyncDoorbell`] whose futures sleep
-    /// in the runtime instead of blocking a thread. The blocking [`Doorbell`] methods work
-    /// too (they go to the wrapped end).
-    ///
-    /// It registers duplicates of the bell and hang-up fds (so each registration owns the
-    /// fd it registered); dropping it closes them all.
+    /// An end's fds on tokio's reactor: duplicates of the bell and hang-up fds, so each
+    /// registration owns the fd it registered.
     #[derive(Debug)]
-    pub struct TokioDoorbell {
-        // Declared before `inner`, so the registrations drop (and deregister) first.
+    pub(super) struct Registrations {
         bell: AsyncFd<OwnedFd>,
         hangup: Option<AsyncFd<OwnedFd>>,
-        inner: EventFdDoorbell,
     }
 
     fn register(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
@@ -333,6 +334,90 @@ mod tokio_bell {
             .map_err(|e| e.into_parts().1)
     }
 
+    impl Registrations {
+        /// Registers `inner`'s fds with the current runtime's reactor.
+        fn new(inner: &EventFdDoorbell) -> io::Result<Self> {
+            let bell = register(inner.wait.try_clone()?)?;
+            let hangup = match &inner.hangup {
+                Some(h) => Some(register(h.try_clone()?)?),
+                None => None,
+            };
+            Ok(Self { bell, hangup })
+        }
+
+        fn poll_wait(
+            &self,
+            inner: &EventFdDoorbell,
+            cx: &mut Context<'_>,
+        ) -> Poll<Result<(), DoorbellError>> {
+            loop {
+                match self.bell.poll_read_ready(cx) {
+                    Poll::Ready(Ok(mut guard)) => match read_counter(self.bell.get_ref().as_fd()) {
+                        Ok(true) => return Poll::Ready(Ok(())),
+                        // Readiness was stale (a blocking wait or another reader took the
+                        // ring): clear it and poll again, which registers the waker.
+                        Ok(false) => guard.clear_ready(),
+                        Err(e) => return Poll::Ready(Err(e)),
+                    },
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(io_error(&e))),
+                    Poll::Pending => break,
+                }
+            }
+            // The bell has not rung (and our waker is registered with it): is the peer gone?
+            if inner.closed.load(core::sync::atomic::Ordering::Acquire) {
+                return Poll::Ready(inner.hung_up().map(drop));
+            }
+            let Some(hangup) = &self.hangup else {
+                return Poll::Pending;
+            };
+            loop {
+                match hangup.poll_read_ready(cx) {
+                    Poll::Ready(Ok(mut guard)) => {
+                        if inner.check_hangup() {
+                            return Poll::Ready(inner.hung_up().map(drop));
+                        }
+                        // Data on the stream, not a hang-up: wait for the next edge.
+                        guard.clear_ready();
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(io_error(&e))),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+        }
+    }
+
+    /// With the `tokio` feature an [`EventFdDoorbell`] is an [`AsyncDoorbell`] itself: the
+    /// first `poll_wait` registers its fds with the reactor of the tokio runtime it runs
+    /// in, and the end stays bound to that runtime. Polled outside a tokio runtime (or in
+    /// one without I/O enabled) it fails with `DoorbellError::Os(ENOTSUP)`.
+    impl AsyncDoorbell for EventFdDoorbell {
+        fn poll_wait(&self, cx: &mut Context<'_>) -> Poll<Result<(), DoorbellError>> {
+            if let Some(r) = self.reactor.get() {
+                return r.poll_wait(self, cx);
+            }
+            if tokio::runtime::Handle::try_current().is_err() {
+                return Poll::Ready(Err(DoorbellError::Os(libc::ENOTSUP)));
+            }
+            match Registrations::new(self) {
+                Ok(r) => {
+                    // A racing first poll may have registered meanwhile; either set works.
+                    let r = self.reactor.get_or_init(|| r);
+                    r.poll_wait(self, cx)
+                }
+                Err(e) => Poll::Ready(Err(io_error(&e))),
+            }
+        }
+    }
+
+    /// An [`EventFdDoorbell`] registered with tokio's reactor up front (at construction,
+    /// rather than on its first async wait). The blocking [`Doorbell`] methods work too.
+    #[derive(Debug)]
+    pub struct TokioDoorbell {
+        // Declared before `inner`, so the registrations drop (and deregister) first.
+        reactor: Registrations,
+        inner: EventFdDoorbell,
+    }
+
     impl TokioDoorbell {
         /// Registers `inner`'s fds with the current tokio runtime's reactor.
         ///
@@ -340,14 +425,8 @@ mod tokio_bell {
         ///
         /// Outside a tokio runtime, or in one built without I/O enabled.
         pub fn new(inner: EventFdDoorbell) -> io::Result<Self> {
-            let bell = register(inner.wait.try_clone()?)?;
-            let hangup = match &inner.hangup {
-                Some(h) => Some(register(h.try_clone()?)?),
-                None => None,
-            };
             Ok(Self {
-                bell,
-                hangup,
+                reactor: Registrations::new(&inner)?,
                 inner,
             })
         }
@@ -380,62 +459,7 @@ mod tokio_bell {
 
     impl AsyncDoorbell for TokioDoorbell {
         fn poll_wait(&self, cx: &mut Context<'_>) -> Poll<Result<(), DoorbellError>> {
-            loop {
-                match self.bell.poll_read_ready(cx) {
-                    Poll::Ready(Ok(mut guard)) => match read_counter(self.bell.get_ref().as_fd()) {
-                        Ok(true) => return Poll::Ready(Ok(())),
-                        // Readiness was stale (a blocking wait or another reader took the
-                        // ring): clear it and poll again, which registers the waker.
-                        Ok(false) => guard.clear_ready(),
-                        Err(e) => return Poll::Ready(Err(e)),
-                    },
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(io_error(&e))),
-                    Poll::Pending => break,
-                }
-            }
-            // The bell has not rung (and our waker is registered with it): is the peer gone?
-            if self
-                .inner
-                .closed
-                .load(core::sync::atomic::Ordering::Acquire)
-            {
-                return Poll::Ready(self.inner.hung_up().map(drop));
-            }
-            let Some(hangup) = &self.hangup else {
-                return Poll::Pending;
-            };
-            loop {
-                match hangup.poll_read_ready(cx) {
-                    Poll::Ready(Ok(mut guard)) => {
-                        if self.inner.check_hangup() {
-                            return Poll::Ready(self.inner.hung_up().map(drop));
-                        }
-                        // Data on the stream, not a hang-up: wait for the next edge.
-                        guard.clear_ready();
-                    }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(io_error(&e))),
-                    Poll::Pending => return Poll::Pending,
-                }
-            }
+            self.reactor.poll_wait(&self.inner, cx)
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn eventfd_end_rings_once_and_times_out() {
-        let (a, b) = EventFdDoorbell::pair().expect("pair");
-        a.signal().expect("signal");
-        a.signal().expect("signal");
-        assert_eq!(b.wait(Some(Duration::ZERO)), Ok(Wake::Signalled));
-        assert_eq!(
-            b.wait(Some(Duration::from_millis(5))),
-            Ok(Wake::TimedOut),
-            "one read consumes every ring"
-        );
-        assert!(!b.peer_closed(), "no hang-up fd: never closed");
     }
 }

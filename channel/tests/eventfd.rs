@@ -185,8 +185,17 @@ fn tokio_bells() -> (TokioDoorbell, TokioDoorbell) {
 
 /// Two channels signalled through eventfds on tokio's reactor.
 fn tokio_pair(len: usize) -> (Arc<TokioChannel>, Arc<TokioChannel>) {
+    async_pair(len, tokio_bells())
+}
+
+type AsyncChannel<D> = Channel<Arc<HeapMem>, D>;
+
+/// Two channels over heap rings with the given doorbell ends.
+fn async_pair<D: Doorbell>(
+    len: usize,
+    (da, db): (D, D),
+) -> (Arc<AsyncChannel<D>>, Arc<AsyncChannel<D>>) {
     let (a_to_b, b_to_a) = rings(len);
-    let (da, db) = tokio_bells();
     let a = Channel::new(a_to_b.clone(), b_to_a.clone(), da, Config::default()).expect("a");
     let b = Channel::new(b_to_a, a_to_b, db, Config::default()).expect("b");
     (Arc::new(a), Arc::new(b))
@@ -222,8 +231,41 @@ const STREAM: u64 = 1500;
 /// every wait a future on tokio's reactor.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokio_doorbell_carries_calls_and_a_stream() {
+    let (host, guest) = tokio_pair(4096);
+    carries_calls_and_a_stream(host, guest).await;
+}
+
+/// The same with plain `EventFdDoorbell` ends, which register with the reactor on their
+/// first async wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eventfd_doorbell_is_async_under_tokio() {
+    let (host, guest) = async_pair(4096, bell_pair());
+    carries_calls_and_a_stream(host, guest).await;
+}
+
+/// An async wait outside any tokio runtime is an error, not a hang or a panic.
+#[test]
+fn eventfd_async_wait_outside_tokio_is_an_error() {
+    use std::task::{Context, Poll, Waker};
+    use vmlink_channel::AsyncDoorbell;
+    let (a, _b) = bell_pair();
+    let mut cx = Context::from_waker(Waker::noop());
+    assert_eq!(
+        a.poll_wait(&mut cx),
+        Poll::Ready(Err(DoorbellError::Os(libc_enotsup())))
+    );
+}
+
+/// `ENOTSUP` on Linux.
+fn libc_enotsup() -> i32 {
+    95
+}
+
+async fn carries_calls_and_a_stream<D>(host: Arc<AsyncChannel<D>>, guest: Arc<AsyncChannel<D>>)
+where
+    D: vmlink_channel::AsyncDoorbell + Send + Sync + 'static,
+{
     bounded(async {
-        let (host, guest) = tokio_pair(4096);
         let server = tokio::spawn({
             let guest = guest.clone();
             async move {
