@@ -239,6 +239,102 @@ SEEDS = {
     },
 }
 
+
+# ---- channel_protocol -----------------------------------------------------------------
+# Op: Send, SendPacket, TooLarge, StartRequest, Complete, Recv, RecvInPlace, RecvBatch,
+# PeerPacket, Scribble, Control (11 variants).
+A, B = variant(0, 2), variant(1, 2)
+def cp_input(pages_ab, pages_ba, limit, ops):
+    return u8(pages_ab) + u8(pages_ba) + option(None if limit is None else u16(limit)) + vec(ops)
+def cp_send(side, n, fill_=1): return variant(0, 11, side, u16(n), u8(fill_))
+def cp_send_packet(side, typ, flags, tid, header, n):
+    return variant(1, 11, side, typ, flags, u64(tid), bytes_vec(header), u16(n))
+def cp_too_large(side, extra): return variant(2, 11, side, u8(extra))
+def cp_start(side, n): return variant(3, 11, side, u16(n))
+def tid_raw(v): return variant(0, 3, u64(v))
+def tid_issued(i): return variant(1, 3, u8(i))
+def tid_last(): return variant(2, 3)
+def cp_complete(side, tid, n): return variant(4, 11, side, tid, u16(n))
+def cp_recv(side, n): return variant(5, 11, side, u16(n))
+def rd(header, off, n): return boolean(header) + u16(off) + u16(n)
+def cp_recv_in_place(side, reads, commit): return variant(6, 11, side, vec(reads), boolean(commit))
+def cp_recv_batch(side, mx, reads): return variant(7, 11, side, u8(mx), vec(reads))
+def ts(i): return variant(i, 5)                    # TypeSel: InBand, Xfer, Gpa, Comp, Raw
+def ts_raw(v): return variant(4, 5, u16(v))
+def fs(i): return variant(i, 3)                    # FlagSel: None, CompletionRequested
+def fs_raw(v): return variant(2, 3, u16(v))
+def peer_packet(typ, flags, tid, header8, n, fill_=3, off8=None, len8=None, dirty=False):
+    return (typ + flags + u64(tid) + u8(header8) + u16(n) + u8(fill_)
+            + option(None if off8 is None else u16(off8)) + option(None if len8 is None else u16(len8))
+            + boolean(dirty))
+def cp_peer(reader, pkt): return variant(8, 11, reader, pkt)
+def cp_scribble(reader, off, data): return variant(9, 11, reader, u16(off), bytes_vec(data))
+def cp_control(reader, word, value): return variant(10, 11, reader, variant(word, 5), value)
+
+# ---- shm_handshake --------------------------------------------------------------------
+HOST, GUEST = variant(0, 2), variant(1, 2)
+def fd_memfd(pages, sealed): return variant(0, 4, u8(pages), boolean(sealed))
+def fd_eventfd(): return variant(1, 4)
+def fd_devnull(): return variant(2, 4)
+def fd_socket(): return variant(3, 4)
+def ch_raw(data): return variant(0, 5, bytes_vec(data))
+def ch_msg(kind, body, version=None, declared=None, cut=None):
+    return variant(1, 5, option(None if version is None else u16(version)), u16(kind), bytes_vec(body),
+                   option(None if declared is None else u32(declared)),
+                   option(None if cut is None else u16(cut)))
+def ch_offer(g2h=2, h2g=2, buf=1, flags=0, name=None, memfd=(0, True), bells=2):
+    return variant(2, 5, u8(g2h), u8(h2g), u8(buf), u32(flags),
+                   option(None if name is None else bytes_vec(name)),
+                   option(None if memfd is None else u8(memfd[0] & 0xFF) + boolean(memfd[1])),
+                   u8(bells))
+def ch_hello(name=None): return variant(3, 5, option(None if name is None else bytes_vec(name)))
+def ch_ready(): return variant(4, 5)
+def sh_send(chunk, fds=()): return chunk + vec(list(fds))
+def sh_input(role, sends, keep_open=False): return role + vec(sends) + boolean(keep_open)
+
+SEEDS["channel_protocol"] = {
+    # A request, its completion, then a duplicate completion: A must fail with
+    # UnknownTransaction on the second.
+    "seed-request": cp_input(0, 0, None, [
+        cp_start(A, 10), cp_recv(B, 64), cp_complete(B, tid_last(), 4), cp_recv(A, 64),
+        cp_complete(B, tid_last(), 4), cp_recv(A, 64), cp_send(A, 5)]),
+    # Stale and raw ids, in-place and batch receives with in- and out-of-bounds reads.
+    "seed-stale": cp_input(1, 1, 16, [
+        cp_start(A, 3), cp_start(A, 300), cp_recv_batch(B, 2, [rd(False, 0, 8), rd(False, 290, 20)]),
+        cp_complete(B, tid_issued(1), 9), cp_recv_in_place(A, [rd(False, 0, 16), rd(True, 0, 1)], True),
+        cp_complete(B, tid_raw(0x100000001), 0), cp_recv_in_place(A, [], False),
+        cp_complete(B, tid_issued(0), 0), cp_recv(A, 4)]),
+    # Hostile writers: a GPA header, a lying descriptor, scribbles and control words.
+    "seed-corrupt": cp_input(0, 2, 4, [
+        cp_send_packet(A, ts(2), fs(1), 7, [0, 0, 0, 0, 1, 0, 0, 0] + [16, 0, 0, 0, 0, 0, 0, 0] + [3] + [0] * 7, 40),
+        cp_recv(B, 512),
+        cp_peer(B, peer_packet(ts(0), fs(0), 0, 0, 30)), cp_recv(B, 64),
+        cp_peer(B, peer_packet(ts(3), fs(0), 0x1_0000_0001, 0, 8)), cp_recv_batch(B, 4, []),
+        cp_peer(A, peer_packet(ts_raw(99), fs_raw(0x8000), 1, 2, 10, len8=3)), cp_recv(A, 64),
+        cp_scribble(A, 0, [0xFF] * 16), cp_control(B, 0, idx_raw(13)), cp_recv(B, 64),
+        cp_control(A, 3, idx_raw(0xFFFFFFFF)), cp_send(B, 100)]),
+    # Packets larger than the ring, then fill it, bad headers, and drain.
+    "seed-full": cp_input(0, 0, None, [
+        cp_too_large(A, 0), cp_too_large(B, 200), *[cp_send(A, 1000, i) for i in range(6)],
+        cp_send_packet(A, ts(0), fs(0), 0, [1, 2, 3], 4), cp_send_packet(A, ts(0), fs_raw(0xFFFF), 0, [], 4),
+        cp_recv(B, 10), cp_recv_batch(B, 7, [rd(False, 0, 1000)]), cp_send(A, 1000)]),
+}
+
+SEEDS["shm_handshake"] = {
+    "seed-host-ok": sh_input(HOST, [sh_send(ch_hello()), sh_send(ch_ready())]),
+    "seed-host-fds": sh_input(HOST, [sh_send(ch_hello(), [fd_eventfd(), fd_devnull(), fd_socket(),
+                                                           fd_memfd(1, True)])]),
+    "seed-host-bad": sh_input(HOST, [sh_send(ch_msg(1, b"svc", declared=0xFFFFFFFF))]),
+    "seed-host-magic": sh_input(HOST, [sh_send(ch_raw(b"VMLNKSHX\x01\x00\x01\x00\x03\x00\x00\x00svc"))]),
+    "seed-host-silent": sh_input(HOST, [sh_send(ch_hello(b"other"))], keep_open=True),
+    "seed-guest-ok": sh_input(GUEST, [sh_send(ch_offer())]),
+    "seed-guest-unsealed": sh_input(GUEST, [sh_send(ch_offer(memfd=(0, False)))]),
+    "seed-guest-size": sh_input(GUEST, [sh_send(ch_offer(memfd=(-1, True)))]),
+    "seed-guest-fds": sh_input(GUEST, [sh_send(ch_offer(bells=3), [fd_eventfd(), fd_memfd(2, True)])]),
+    "seed-guest-refused": sh_input(GUEST, [sh_send(ch_msg(3, b"\x02\x00\x00\x00\x00\x00\x00\x00no"))]),
+    "seed-guest-silent": sh_input(GUEST, [], keep_open=True),
+}
+
 for target, seeds in SEEDS.items():
     d = os.path.join(HERE, "corpus", target)
     os.makedirs(d, exist_ok=True)

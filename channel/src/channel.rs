@@ -658,6 +658,8 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
     /// # Ok::<(), vmlink_channel::ChannelError>(())
     /// ```
     pub fn try_start_request(&self, request: &[u8]) -> Result<u64, ChannelError> {
+        // A failed or closed channel says so before anything else.
+        self.check_send()?;
         let tid = self
             .txns
             .alloc(Mode::Polled)
@@ -1639,6 +1641,7 @@ impl<M: RingMem, D: Doorbell> Drop for PendingCall<'_, M, D> {
 #[cfg(feature = "alloc")]
 impl<M: RingMem, D: Doorbell> Channel<M, D> {
     pub(crate) fn begin_call(&self) -> Result<PendingCall<'_, M, D>, ChannelError> {
+        self.check_send()?;
         let tid = self
             .txns
             .alloc(Mode::Waiting)

@@ -36,3 +36,22 @@ fn pair(
 fn in_process_pair_conforms() {
     run_all(&Threads::new(pair));
 }
+
+/// A failed channel reports its cause first, even with every transaction id in use.
+#[test]
+fn a_failed_channel_reports_its_cause_before_running_out_of_ids() {
+    use vmlink_channel::{ChannelError, MAX_TRANSACTIONS, in_process_channel_pair};
+    let (a, b) = in_process_channel_pair(16 * 4096, Config::default()).expect("pair");
+    for _ in 0..MAX_TRANSACTIONS {
+        a.try_start_request(b"r").expect("start");
+    }
+    b.try_complete(0xdead, b"")
+        .expect("a completion for an id never issued");
+    let mut buf = [0u8; 64];
+    let e = a
+        .try_recv(&mut buf)
+        .expect_err("the bogus completion fails the channel");
+    assert!(matches!(e, ChannelError::Failed(_)), "{e:?}");
+    assert_eq!(a.try_start_request(b"r"), Err(e));
+    assert_eq!(a.call(b"r", &mut buf, None), Err(e));
+}

@@ -40,6 +40,18 @@ pub struct KvmDoorbell {
     closed: AtomicBool,
     signals: AtomicU64,
     wakes: AtomicU64,
+    /// The same two eventfds as an `EventFdDoorbell`, for async waits on tokio.
+    #[cfg(feature = "tokio")]
+    async_bell: vmlink_channel::EventFdDoorbell,
+}
+
+/// A duplicate of `fd` as an `OwnedFd`.
+#[cfg(feature = "tokio")]
+fn owned_dup(fd: &EventFd) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let raw = fd.try_clone()?.into_raw_fd();
+    // SAFETY: `into_raw_fd` handed us sole ownership of a freshly duplicated, open fd.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) })
 }
 
 impl KvmDoorbell {
@@ -51,9 +63,16 @@ impl KvmDoorbell {
 
     /// A doorbell on any ioeventfd address (MMIO or PIO).
     pub fn with_address(addr: IoEventAddress, gsi: u32) -> std::io::Result<Self> {
+        let ioevent = EventFd::new(EFD_NONBLOCK)?;
+        let irq = EventFd::new(EFD_NONBLOCK)?;
         Ok(Self {
-            ioevent: EventFd::new(EFD_NONBLOCK)?,
-            irq: EventFd::new(EFD_NONBLOCK)?,
+            #[cfg(feature = "tokio")]
+            async_bell: vmlink_channel::EventFdDoorbell::from_fds(
+                owned_dup(&ioevent)?,
+                owned_dup(&irq)?,
+            ),
+            ioevent,
+            irq,
             addr,
             gsi,
             closed: AtomicBool::new(false),
@@ -193,6 +212,34 @@ impl Doorbell for KvmDoorbell {
 
     fn peer_closed(&self) -> bool {
         self.closed.load(Ordering::SeqCst)
+    }
+}
+
+/// With the `tokio` feature a [`KvmDoorbell`] is an
+/// [`AsyncDoorbell`](vmlink_channel::AsyncDoorbell): its first async wait registers the
+/// ioeventfd with the reactor of the tokio runtime it runs in (as
+/// [`EventFdDoorbell`](vmlink_channel::EventFdDoorbell) does), so a task sleeps until the
+/// guest's MMIO write. After [`close`](KvmDoorbell::close) a wait that finds no ring
+/// reports [`DoorbellError::PeerClosed`]. Polled outside a tokio runtime it fails with
+/// `DoorbellError::Os(ENOTSUP)`.
+#[cfg(feature = "tokio")]
+impl vmlink_channel::AsyncDoorbell for KvmDoorbell {
+    fn poll_wait(
+        &self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), DoorbellError>> {
+        use std::task::Poll;
+        match self.async_bell.poll_wait(cx) {
+            Poll::Ready(Ok(())) => {
+                self.wakes.fetch_add(1, Ordering::Relaxed);
+                Poll::Ready(Ok(()))
+            }
+            // The waker is registered: a close after this look rings the eventfd.
+            Poll::Pending if self.closed.load(Ordering::SeqCst) => {
+                Poll::Ready(Err(DoorbellError::PeerClosed))
+            }
+            other => other,
+        }
     }
 }
 

@@ -12,6 +12,10 @@
 //! VMMs use; 0.17.2 is 0.18's code under the old names, where the trait is called
 //! `GuestMemoryBackend`).
 //!
+//! With the `tokio` feature, [`KvmDoorbell`] is also an
+//! [`AsyncDoorbell`](vmlink_channel::AsyncDoorbell): async waits register the ioeventfd
+//! with the reactor of the tokio runtime they run in.
+//!
 //! The guest side is the `no_std` ring and channel code itself, running on the guest's own
 //! physical memory; `transport/kvm/guest/` is a bare-metal test guest that does exactly
 //! that inside a real KVM VM (see `tests/kvm_guest.rs`).
@@ -41,6 +45,10 @@ compile_error!("vmlink-kvm needs Linux (KVM)");
 
 mod doorbell;
 mod memory;
+#[doc(hidden)]
+pub mod test_vm;
 
 pub use doorbell::{DoorbellRegistration, KvmDoorbell, RegisterError};
-pub use memory::{GpaReadError, HostChannel, PageError, RingPages, host_channel, read_gpa_range};
+pub use memory::{
+    GpaReadError, GuestRing, HostChannel, PageError, RingPages, host_channel, read_gpa_range,
+};

@@ -1,7 +1,12 @@
 //! The vmlink KVM test guest: the no_std ring and channel code at CPL3 on its own
 //! (identity-mapped) physical memory, polling its incoming ring and ringing an MMIO
 //! doorbell. The memory map and message format are mirrored in
-//! `transport/kvm/tests/common/mod.rs`.
+//! `transport/kvm/src/test_vm.rs`.
+//!
+//! The host picks a mode by writing a word at `MODE` before the first `KVM_RUN`: 0 runs
+//! the traffic test; 1..=6 run a hostile guest that sends a few good packets, waits until
+//! the host consumed them, corrupts its outgoing ring in way `mode`, rings the doorbell,
+//! waits for the host's acknowledgement in `ACK`, then reports `DONE`.
 #![no_std]
 #![no_main]
 
@@ -15,6 +20,9 @@ use vmlink_ring::{ControlWord, ControlWords, DataPage, PageListMem, RingMem, ini
 const MAILBOX: u64 = 0x20_0000;
 const DOORBELL: u64 = 0x3000_0000;
 const CONTROL: u64 = 0x3000_1000;
+const MODE: u64 = MAILBOX + 0x800;
+const ACK: u64 = MAILBOX + 0x808;
+const HOSTILE_GOOD: u32 = 4;
 const MAILBOX_MAGIC: u64 = 0x766d_6c69_6e6b_2121;
 const DONE: u64 = 0xD0E;
 const PANIC: u64 = 0xBAD;
@@ -143,6 +151,15 @@ fn main() -> ! {
     }
     mmio_write(CONTROL, MAILBOX);
 
+    // SAFETY: the host wrote the mode word before the first run; nothing writes it now.
+    let mode = unsafe { core::ptr::read_volatile(MODE as *const u64) };
+    if mode != 0 {
+        // A second view of our outgoing ring (the same pages), to corrupt it behind the
+        // channel's back.
+        let raw = PageListMem::new(ctrl(pages[0]), g2h_pages).expect("ring");
+        let channel = Channel::new(g2h, h2g, MmioBell, Config::default()).expect("channel");
+        hostile(&channel, &raw, mode)
+    }
     let channel = Channel::new(g2h, h2g, MmioBell, Config::default()).expect("channel");
     let mut rng = Rng(0x1234_5678_9abc_def1);
     let mut out = [0u8; 2048];
@@ -318,6 +335,56 @@ fn main() -> ! {
         out[i * 8..i * 8 + 8].copy_from_slice(&f.to_le_bytes());
     }
     while let Err(ChannelError::Full) = channel.try_send(&out[..fields.len() * 8]) {
+        core::hint::spin_loop();
+    }
+    mmio_write(CONTROL, DONE);
+    loop {
+        core::hint::spin_loop();
+    }
+}
+
+/// Sends a few good packets, waits for the host to consume them, then corrupts the ring.
+fn hostile<R: RingMem, D: Doorbell>(channel: &Channel<R, D>, raw: &R, mode: u64) -> ! {
+    for i in 0..HOSTILE_GOOD {
+        let mut p = [0u8; 40];
+        p[0..4].copy_from_slice(&i.to_le_bytes());
+        while let Err(ChannelError::Full) = channel.try_send(&p) {
+            core::hint::spin_loop();
+        }
+    }
+    let w = raw.load_control(ControlWord::WriteIndex);
+    while raw.load_control(ControlWord::ReadIndex) != w {
+        core::hint::spin_loop();
+    }
+    let data_len = raw.data_len() as u32;
+    // A raw packet at the write index: descriptor, 8 payload bytes, trailer.
+    let packet = |ty: u16, offset8: u16, len8: u16| {
+        let mut b = [0u8; 32];
+        b[0..2].copy_from_slice(&ty.to_le_bytes());
+        b[2..4].copy_from_slice(&offset8.to_le_bytes());
+        b[4..6].copy_from_slice(&len8.to_le_bytes());
+        b[8..16].copy_from_slice(&0x77u64.to_le_bytes());
+        b[24..32].copy_from_slice(&((w as u64) << 32).to_le_bytes());
+        raw.write_data(w as usize, &b);
+        raw.store_control(ControlWord::WriteIndex, w + 32);
+    };
+    match mode {
+        // Write index past the end of the data area.
+        1 => raw.store_control(ControlWord::WriteIndex, data_len + 8),
+        // Misaligned write index.
+        2 => raw.store_control(ControlWord::WriteIndex, w + 3),
+        // Write index moved backwards (below what the host already consumed).
+        3 => raw.store_control(ControlWord::WriteIndex, w - 8),
+        // A descriptor whose data offset is smaller than the descriptor.
+        4 => packet(6, 1, 3),
+        // A descriptor whose data offset is past the packet's length.
+        5 => packet(6, 4, 3),
+        // An unknown packet type.
+        _ => packet(0x77, 2, 3),
+    }
+    mmio_write(DOORBELL, 1);
+    // SAFETY: the ack word is identity-mapped guest memory the host writes.
+    while unsafe { core::ptr::read_volatile(ACK as *const u64) } == 0 {
         core::hint::spin_loop();
     }
     mmio_write(CONTROL, DONE);
