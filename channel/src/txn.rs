@@ -138,25 +138,22 @@ impl Transactions {
     /// caller gave up meanwhile (the slot is then freed and the completion is late).
     pub(crate) fn mark_done(&self, index: usize) -> bool {
         let slot = &self.slots[index];
-        let cur = slot.load(Ordering::Acquire);
+        self.leave_waiting(slot, slot.load(Ordering::Acquire), DONE)
+    }
+
+    /// Moves a slot from WAITING to `to`. Returns false, freeing the slot, when it was no
+    /// longer waiting (the other party got there first: nothing more will happen to it).
+    fn leave_waiting(&self, slot: &AtomicU64, cur: u64, to: u64) -> bool {
         let g = generation(cur);
-        match state(cur) {
-            WAITING => {
-                if slot
-                    .compare_exchange(cur, word(g, DONE), Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-                {
-                    return true;
-                }
-                // The caller abandoned between the load and the exchange.
-                slot.store(word(g, FREE), Ordering::Release);
-                false
-            }
-            _ => {
-                slot.store(word(g, FREE), Ordering::Release);
-                false
-            }
+        if state(cur) == WAITING
+            && slot
+                .compare_exchange(cur, word(g, to), Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            return true;
         }
+        slot.store(word(g, FREE), Ordering::Release);
+        false
     }
 
     /// Frees a slot whose late completion arrived.
@@ -186,25 +183,7 @@ impl Transactions {
         let Some((index, cur)) = self.slot_of(tid) else {
             return false;
         };
-        let slot = &self.slots[index];
-        let g = generation(cur);
-        match state(cur) {
-            WAITING => {
-                if slot
-                    .compare_exchange(cur, word(g, ABANDONED), Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-                {
-                    return true;
-                }
-                // Completed meanwhile: nothing more will come.
-                slot.store(word(g, FREE), Ordering::Release);
-                false
-            }
-            _ => {
-                slot.store(word(g, FREE), Ordering::Release);
-                false
-            }
-        }
+        self.leave_waiting(&self.slots[index], cur, ABANDONED)
     }
 
     /// Slots not free (in flight, done, or reserved for a late completion).
