@@ -158,6 +158,17 @@ const OPEN: u8 = 0;
 const PEER_CLOSED: u8 = 1;
 const FAILED: u8 = 2;
 
+/// How a receive that finds the ring empty learns whether the peer has left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Probe {
+    /// Ask the doorbell (maybe a system call): `try_` receives, which must say `Closed`
+    /// themselves.
+    Doorbell,
+    /// The channel's state only: waiting loops, whose wait asks the doorbell.
+    #[cfg_attr(not(feature = "std"), allow(dead_code))]
+    State,
+}
+
 /// A received packet, copied into the caller's buffer: its extra header first, then its
 /// payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -352,8 +363,21 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
         self.hub.notify(&self.doorbell);
     }
 
-    /// True when the peer is gone. Checked *before* looking at the ring, so that what the
-    /// peer committed before leaving is still received.
+    /// True when the channel already knows the peer is gone (an atomic load, no system
+    /// call). Receives read it *before* looking at the ring, so that what the peer
+    /// committed before leaving is still received.
+    fn known_gone(&self) -> bool {
+        self.state.load(Ordering::Acquire) == PEER_CLOSED
+    }
+
+    /// After a receive found nothing: with [`Probe::Doorbell`], asks the doorbell whether
+    /// the peer has left (maybe a system call, so only on this path). True means it has
+    /// just been found gone and the receive must look at the ring once more.
+    fn newly_gone(&self, probe: Probe) -> bool {
+        probe == Probe::Doorbell && self.peer_gone()
+    }
+
+    /// True when the peer is gone, asking the doorbell if the state does not say so yet.
     fn peer_gone(&self) -> bool {
         if self.state.load(Ordering::Acquire) == PEER_CLOSED {
             return true;
@@ -388,7 +412,11 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
         if let Some(e) = self.failed() {
             return Err(e);
         }
-        if self.peer_gone() {
+        // Only what the channel already knows: asking the doorbell may be a system call,
+        // too dear for every send. A send to a peer that left unnoticed lands in a ring
+        // nobody reads (as it would had the peer left just after it); the first send that
+        // finds the ring full asks the doorbell and says `Closed`.
+        if self.known_gone() {
             return Err(ChannelError::Closed);
         }
         Ok(())
@@ -413,7 +441,13 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
         self.check_send()?;
         let signal = {
             let mut tx = self.tx.lock();
-            let len = write(&mut tx).map_err(|e| self.write_error(e))?;
+            let len = match write(&mut tx) {
+                Ok(len) => len,
+                Err(WriteError::Full { .. }) if self.peer_gone() => {
+                    return Err(ChannelError::Closed);
+                }
+                Err(e) => return Err(self.write_error(e)),
+            };
             bump(&self.counters.packets_sent, 1);
             bump(&self.counters.bytes_sent, len as u64);
             tx.commit()
@@ -422,6 +456,12 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
     }
 
     /// Sends an in-band packet that asks for no completion; never waits.
+    ///
+    /// Sends do not ask the doorbell whether the peer is still there (that may be a system
+    /// call): until the channel has learnt of a departure, a packet may land in a ring
+    /// nobody reads, as it would had the peer left just after it. A send that finds the
+    /// ring full asks, and says [`ChannelError::Closed`] rather than `Full` once the peer
+    /// has gone.
     ///
     /// ```
     /// use vmlink_channel::{ChannelError, Config, in_process_channel_pair};
@@ -818,23 +858,31 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
     /// `Ok(None)` when nothing is queued; [`ChannelError::Closed`] once the peer is gone
     /// and everything it committed has been received.
     pub fn try_recv(&self, buf: &mut [u8]) -> Result<Option<Received>, ChannelError> {
-        if let Some(e) = self.failed() {
-            return Err(e);
-        }
-        let gone = self.peer_gone();
-        let mut rx = self.rx.lock();
-        #[cfg(feature = "alloc")]
-        if let Some(r) = self.take_queued(&mut rx, buf)? {
-            return Ok(Some(r));
-        }
-        let got = self
-            .next_for_receiver(&mut rx)?
-            .map(|info| self.take_into(&mut rx, &info, buf));
-        self.commit_rx(&mut rx)?;
-        match got {
-            Some(r) => r.map(Some),
-            None if gone => Err(ChannelError::Closed),
-            None => Ok(None),
+        self.try_recv_as(buf, Probe::Doorbell)
+    }
+
+    fn try_recv_as(&self, buf: &mut [u8], probe: Probe) -> Result<Option<Received>, ChannelError> {
+        loop {
+            if let Some(e) = self.failed() {
+                return Err(e);
+            }
+            let gone = self.known_gone();
+            let mut rx = self.rx.lock();
+            #[cfg(feature = "alloc")]
+            if let Some(r) = self.take_queued(&mut rx, buf)? {
+                return Ok(Some(r));
+            }
+            let got = self
+                .next_for_receiver(&mut rx)?
+                .map(|info| self.take_into(&mut rx, &info, buf));
+            self.commit_rx(&mut rx)?;
+            drop(rx);
+            return match got {
+                Some(r) => r.map(Some),
+                None if gone => Err(ChannelError::Closed),
+                None if self.newly_gone(probe) => continue,
+                None => Ok(None),
+            };
         }
     }
 
@@ -861,33 +909,42 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
     /// # Ok::<(), vmlink_channel::ChannelError>(())
     /// ```
     pub fn try_recv_in_place(&self) -> Result<Option<RecvGuard<'_, M, D>>, ChannelError> {
-        if let Some(e) = self.failed() {
-            return Err(e);
-        }
-        let gone = self.peer_gone();
-        let mut rx = self.rx.lock();
-        #[cfg(feature = "alloc")]
-        if let Some(q) = rx.queue.pop_front() {
-            self.hub.notify(&self.doorbell);
-            return Ok(Some(RecvGuard {
-                channel: self,
-                rx,
-                source: Some(Source::Queued(q)),
-            }));
-        }
-        match self.next_for_receiver(&mut rx)? {
-            Some(info) => Ok(Some(RecvGuard {
-                channel: self,
-                rx,
-                source: Some(Source::Ring(info)),
-            })),
-            None => {
-                self.commit_rx(&mut rx)?;
-                if gone {
-                    Err(ChannelError::Closed)
-                } else {
-                    Ok(None)
-                }
+        self.try_recv_in_place_as(Probe::Doorbell)
+    }
+
+    fn try_recv_in_place_as(
+        &self,
+        probe: Probe,
+    ) -> Result<Option<RecvGuard<'_, M, D>>, ChannelError> {
+        loop {
+            if let Some(e) = self.failed() {
+                return Err(e);
+            }
+            let gone = self.known_gone();
+            let mut rx = self.rx.lock();
+            #[cfg(feature = "alloc")]
+            if let Some(q) = rx.queue.pop_front() {
+                self.hub.notify(&self.doorbell);
+                return Ok(Some(RecvGuard {
+                    channel: self,
+                    rx,
+                    source: Some(Source::Queued(q)),
+                }));
+            }
+            if let Some(info) = self.next_for_receiver(&mut rx)? {
+                return Ok(Some(RecvGuard {
+                    channel: self,
+                    rx,
+                    source: Some(Source::Ring(info)),
+                }));
+            }
+            self.commit_rx(&mut rx)?;
+            drop(rx);
+            if gone {
+                return Err(ChannelError::Closed);
+            }
+            if !self.newly_gone(probe) {
+                return Ok(None);
             }
         }
     }
@@ -900,10 +957,25 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
         max: usize,
         mut each: impl FnMut(&BatchPacket<'_, '_, M>),
     ) -> Result<usize, ChannelError> {
+        loop {
+            match self.recv_batch_once(max, &mut each)? {
+                (0, false) if self.newly_gone(Probe::Doorbell) => {}
+                (n, _) => return Ok(n),
+            }
+        }
+    }
+
+    /// One batch: how many packets were handled, and whether the peer was known to be
+    /// gone before the ring was read (`Closed` when that found nothing).
+    fn recv_batch_once(
+        &self,
+        max: usize,
+        each: &mut impl FnMut(&BatchPacket<'_, '_, M>),
+    ) -> Result<(usize, bool), ChannelError> {
         if let Some(e) = self.failed() {
             return Err(e);
         }
-        let gone = self.peer_gone();
+        let gone = self.known_gone();
         let mut rx = self.rx.lock();
         let mut n = 0;
         let mut result = Ok(());
@@ -952,7 +1024,7 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
         if n == 0 && gone {
             return Err(ChannelError::Closed);
         }
-        Ok(n)
+        Ok((n, gone))
     }
 }
 
@@ -1467,9 +1539,7 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
             }
             // The state is an atomic; the doorbell's own check may be a system call, so
             // it is consulted only now and then.
-            if self.state.load(Ordering::Acquire) != OPEN
-                || (i % 64 == 63 && self.doorbell.peer_closed())
-            {
+            if self.state.load(Ordering::Acquire) != OPEN || (i % 64 == 63 && self.peer_gone()) {
                 found = true;
                 break;
             }
@@ -1516,7 +1586,8 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
     ) -> Result<Received, ChannelError> {
         loop {
             let seen = self.hub.generation();
-            if let Some(r) = self.try_recv(buf)? {
+            // The wait asks the doorbell whether the peer left.
+            if let Some(r) = self.try_recv_as(buf, Probe::State)? {
                 return Ok(r);
             }
             self.wait_ready(seen, deadline, true)?;
@@ -1530,7 +1601,7 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
     ) -> Result<RecvGuard<'_, M, D>, ChannelError> {
         loop {
             let seen = self.hub.generation();
-            if let Some(g) = self.try_recv_in_place()? {
+            if let Some(g) = self.try_recv_in_place_as(Probe::State)? {
                 return Ok(g);
             }
             self.wait_ready(seen, deadline, true)?;
@@ -1547,7 +1618,7 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
     ) -> Result<usize, ChannelError> {
         loop {
             let seen = self.hub.generation();
-            let n = self.try_recv_batch(max, &mut each)?;
+            let (n, _) = self.recv_batch_once(max, &mut each)?;
             if n > 0 {
                 return Ok(n);
             }
@@ -1666,7 +1737,8 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
         if let Some(e) = self.failed() {
             return Err(e);
         }
-        let gone = self.peer_gone();
+        // Waiting callers learn of a departure from their wait (which asks the doorbell).
+        let gone = self.known_gone();
         let mut rx = self.rx.lock();
         if let Some(len) = self.take_completion(&mut rx, txn, response)? {
             return Ok(CallStep::Done(len));

@@ -152,6 +152,41 @@ fn ends<D: Doorbell>(len: usize, ca: Config, cb: Config, (da, db): (D, D)) -> En
     )
 }
 
+/// A peer that left unnoticed: a `try_recv` that finds the ring empty asks the doorbell and
+/// says `Closed` at once (after what the peer committed); `try_send` lands packets in the
+/// ring nobody reads until it is full, then says `Closed`, never `Full`.
+#[test]
+fn try_calls_notice_a_departed_peer() {
+    let (a, b) = ends(4096, Config::default(), Config::default(), bell_pair());
+    let (a, b) = (a.channel, b.channel);
+    b.try_send(b"last words").expect("b sends before leaving");
+    drop(b);
+    let mut buf = [0u8; 64];
+    let r = a
+        .try_recv(&mut buf)
+        .expect("committed data first")
+        .expect("a packet");
+    assert_eq!(&r.payload(&buf)[..10], b"last words");
+    assert_eq!(a.try_recv(&mut buf), Err(ChannelError::Closed));
+    assert_eq!(a.state(), ChannelState::PeerClosed);
+    assert_eq!(a.try_send(b"x"), Err(ChannelError::Closed));
+
+    let (a, b) = ends(4096, Config::default(), Config::default(), bell_pair());
+    let (a, b) = (a.channel, b.channel);
+    drop(b);
+    let mut sent = 0;
+    let end = loop {
+        match a.try_send(&[7; 256]) {
+            Ok(()) => sent += 1,
+            Err(e) => break e,
+        }
+        assert!(sent < 4096 / 256, "the ring should be full by now");
+    };
+    assert_eq!(end, ChannelError::Closed);
+    assert!(sent > 0, "sends before the ring fills are not refused");
+    assert_eq!(a.send(b"x", None), Err(ChannelError::Closed));
+}
+
 #[test]
 fn eventfd_pair_conforms() {
     run_all(&Threads::new(|len, ca, cb| ends(len, ca, cb, bell_pair())));
