@@ -236,23 +236,37 @@ impl Peer {
     /// One measured round: wakes the peer, starts the clock once it runs, runs
     /// `mine(iters)` here, and stops the clock when both are done.
     pub fn round(&mut self, iters: u64, mine: impl FnOnce(u64) -> u64) -> Round {
+        self.start(iters);
+        self.wait_started();
+        let start = Instant::now();
+        let mine = mine(iters);
+        let theirs = self.wait_finished();
+        Round {
+            elapsed: start.elapsed(),
+            mine,
+            theirs,
+        }
+    }
+
+    /// Wakes the peer for a round of `iters`.
+    pub fn start(&mut self, iters: u64) {
         self.rounds += 1;
-        let round = self.rounds;
         self.cmd
             .as_ref()
             .expect("peer running")
             .send(iters)
             .expect("peer thread alive");
-        spin_until(|| self.shared.started.load(Ordering::Acquire) == round);
-        let start = Instant::now();
-        let mine = mine(iters);
-        spin_until(|| self.shared.finished.load(Ordering::Acquire) == round);
-        let elapsed = start.elapsed();
-        Round {
-            elapsed,
-            mine,
-            theirs: self.shared.result.load(Ordering::Relaxed),
-        }
+    }
+
+    /// Waits until the peer runs the round [`start`](Self::start) asked for.
+    pub fn wait_started(&self) {
+        spin_until(|| self.shared.started.load(Ordering::Acquire) == self.rounds);
+    }
+
+    /// Waits until the peer finished the round; returns its result.
+    pub fn wait_finished(&self) -> u64 {
+        spin_until(|| self.shared.finished.load(Ordering::Acquire) == self.rounds);
+        self.shared.result.load(Ordering::Relaxed)
     }
 }
 

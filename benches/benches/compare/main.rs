@@ -19,28 +19,38 @@
 //! - `stream_64` ([`stream`]): 64-byte payloads streamed one way.
 //! - `bulk` ([`bulk`]): 4 KiB and 64 KiB packets streamed one way.
 //! - `signals` ([`signals`]): doorbells per packet, saturated and trickling (printed).
+//! - `scaling_ring`, `rtt_payload`, `scaling_pairs` ([`scaling`]): ring sizes 16 KiB to
+//!   4 MiB, round trips from 0 bytes to the largest packet, N channel pairs.
 //!
 //! Every benchmark checks a checksum of what it moved, allocates nothing inside the timed
 //! region, and drives a long-lived peer thread per round (`harness::Peer`), so thread
-//! start-up is never timed. Two-process variants over the shm transport, and iceoryx2, have
-//! their place in [`cross_process`].
+//! start-up is never timed. The two-process cases ([`cross_process`]) run this binary again
+//! as a child process and sit in the same groups as their in-process twins.
 
 mod bulk;
 mod cross_process;
 mod harness;
 mod rtt;
+mod scaling;
 mod signals;
 mod stream;
 
+use std::process::ExitCode;
+
 use criterion::Criterion;
 
-fn main() {
+fn main() -> ExitCode {
+    // The two-process benchmarks run this binary again as their peer.
+    if let Some(code) = cross_process::child_main() {
+        return code;
+    }
     harness::self_check();
     let mut c = Criterion::default().configure_from_args();
     rtt::rtt_64(&mut c);
     stream::stream_64(&mut c);
     bulk::bulk(&mut c);
     signals::signals(&mut c);
-    // Two-process variants (shm transport) will register here: see `cross_process`.
+    scaling::scaling(&mut c);
     c.final_summary();
+    ExitCode::SUCCESS
 }

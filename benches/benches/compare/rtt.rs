@@ -13,6 +13,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use vmlink_channel::{Channel, Config, Doorbell, EventFdDoorbell, in_process_channel_pair};
 use vmlink_ring::{HeapMem, OutgoingPacket, Reader, Writer};
 
+use crate::cross_process;
 use crate::harness::{
     Backoff, Check, Group, MSG, Msg, Peer, bench_pair, msg, spin_until, tri, verify,
 };
@@ -41,6 +42,11 @@ pub fn rtt_64(c: &mut Criterion) {
     eventfd_pingpong(&mut g);
     socketpair(&mut g);
     pipe_pair(&mut g);
+    // The same round trips between two processes.
+    cross_process::shm_call(&mut g, "vmlink/shm_polling_call", true);
+    cross_process::shm_call(&mut g, "vmlink/shm_blocking_call", false);
+    cross_process::stream_rtt(&mut g, "unix/socketpair_two_processes", true);
+    cross_process::stream_rtt(&mut g, "unix/pipe_pair_two_processes", false);
     g.finish();
 }
 

@@ -36,6 +36,8 @@ pub fn stream_64(c: &mut Criterion) {
     crossbeam_array_queue(&mut g);
     std_sync_channel(&mut g);
     unix_socket(&mut g);
+    // The batched channel case again, the consumer in another process.
+    crate::cross_process::shm_stream(&mut g, "vmlink/shm_batch_32");
     g.finish();
 }
 

@@ -1,0 +1,890 @@
+//! `vmlink-bench-report`: runs the comparison benchmarks (`cargo bench -p vmlink-benches`)
+//! and turns criterion's results into one readable report: a table per group with every
+//! peer and floor and its ratio, the issue's targets checked against the same run, and SVG
+//! plots (round-trip latency against payload size, throughput against ring size).
+//!
+//! ```text
+//! cargo run --release -p vmlink-benches --bin vmlink-bench-report            # full run
+//! cargo run --release -p vmlink-benches --bin vmlink-bench-report -- --quick # shorter
+//! cargo run --release -p vmlink-benches --bin vmlink-bench-report -- --no-run
+//! ```
+//!
+//! The report goes to stdout and, as `REPORT.md` with the plots, into `docs/benchmarks/`
+//! (or `--out DIR`).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::SystemTime;
+
+use serde_json::Value;
+
+/// The workspace root (this package lives one level below it).
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the package sits inside the workspace")
+        .to_path_buf()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
+}
+
+/// What the command line asked for.
+struct Args {
+    run: bool,
+    quick: bool,
+    out: PathBuf,
+    filter: Option<String>,
+}
+
+const USAGE: &str = "\
+usage: vmlink-bench-report [--quick] [--no-run] [--out DIR] [--filter REGEX]
+
+Runs `cargo bench -p vmlink-benches --bench compare` (warm-up 1 s, measurement 3 s per
+benchmark; --quick: 0.5 s and 1 s), then prints the report and writes REPORT.md and SVG plots
+into DIR (default: docs/benchmarks in the workspace).
+  --no-run        only report the results criterion already has
+  --filter REGEX  only run the benchmarks criterion's filter matches";
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        run: true,
+        quick: false,
+        out: root().join("docs/benchmarks"),
+        filter: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--quick" => args.quick = true,
+            "--no-run" => args.run = false,
+            "--out" => args.out = PathBuf::from(it.next().ok_or("--out needs a directory")?),
+            "--filter" => args.filter = Some(it.next().ok_or("--filter needs a pattern")?),
+            "-h" | "--help" => return Err(String::new()),
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    Ok(args)
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            if !e.is_empty() {
+                eprintln!("vmlink-bench-report: {e}");
+            }
+            eprintln!("{USAGE}");
+            return ExitCode::from(if e.is_empty() { 0 } else { 2 });
+        }
+    };
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vmlink-bench-report: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> Result<(), String> {
+    let machine = Machine::probe();
+    let started = SystemTime::now();
+    if args.run {
+        run_benches(args)?;
+    }
+    let since = args.run.then_some(started);
+    let results = collect(&target_dir().join("criterion"), since)?;
+    if results.is_empty() {
+        return Err("no criterion results found: run without --no-run first".into());
+    }
+    let signals =
+        fs::read_to_string(target_dir().join("vmlink-benches/signals.txt")).unwrap_or_default();
+    let report = Report {
+        results,
+        signals,
+        machine,
+        quick: args.quick,
+    };
+    fs::create_dir_all(&args.out).map_err(|e| format!("create {}: {e}", args.out.display()))?;
+    let mut plots = Vec::new();
+    for plot in PLOTS {
+        if let Some(svg) = report.plot(plot) {
+            let path = args.out.join(plot.file);
+            fs::write(&path, svg).map_err(|e| format!("write {}: {e}", path.display()))?;
+            plots.push(plot);
+        }
+    }
+    let md = report.markdown(&plots);
+    let path = args.out.join("REPORT.md");
+    fs::write(&path, &md).map_err(|e| format!("write {}: {e}", path.display()))?;
+    println!("{md}");
+    eprintln!("report written to {}", path.display());
+    Ok(())
+}
+
+/// Runs the bench target with criterion's output in a log beside the report.
+fn run_benches(args: &Args) -> Result<(), String> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let (warm, measure) = if args.quick { ("0.5", "1") } else { ("1", "3") };
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(root())
+        .args(["bench", "-p", "vmlink-benches", "--bench", "compare", "--"])
+        .args([
+            "--warm-up-time",
+            warm,
+            "--measurement-time",
+            measure,
+            "--noplot",
+        ]);
+    if let Some(f) = &args.filter {
+        cmd.arg(f);
+    }
+    fs::create_dir_all(&args.out).map_err(|e| format!("create {}: {e}", args.out.display()))?;
+    let log_path = target_dir().join("vmlink-benches/criterion.log");
+    if let Some(dir) = log_path.parent() {
+        fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    }
+    let log = fs::File::create(&log_path).map_err(|e| format!("{}: {e}", log_path.display()))?;
+    eprintln!(
+        "running the benchmarks (criterion's output: {}); this takes minutes",
+        log_path.display()
+    );
+    let status = cmd
+        .stdout(Stdio::from(log))
+        .status()
+        .map_err(|e| format!("run cargo bench: {e}"))?;
+    if !status.success() {
+        return Err(format!(
+            "cargo bench failed ({status}); see {}",
+            log_path.display()
+        ));
+    }
+    Ok(())
+}
+
+// ---- results ----------------------------------------------------------------------------
+
+/// One benchmark's result.
+#[derive(Debug, Clone)]
+struct Bench {
+    /// Median time per iteration, nanoseconds.
+    ns: f64,
+    /// Elements or bytes one iteration moves.
+    per_iter: Per,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Per {
+    Elements(f64),
+    Bytes(f64),
+}
+
+impl Bench {
+    /// Elements or bytes per second.
+    fn rate(&self) -> f64 {
+        let n = match self.per_iter {
+            Per::Elements(n) | Per::Bytes(n) => n,
+        };
+        n * 1e9 / self.ns
+    }
+
+    fn rate_text(&self) -> String {
+        match self.per_iter {
+            Per::Elements(_) => si(self.rate(), "/s"),
+            Per::Bytes(_) => format!("{:.2} GB/s", self.rate() / 1e9),
+        }
+    }
+
+    /// Time per element (or per iteration for byte throughput).
+    fn time_text(&self) -> String {
+        let ns = match self.per_iter {
+            Per::Elements(n) => self.ns / n,
+            Per::Bytes(_) => self.ns,
+        };
+        duration(ns)
+    }
+}
+
+/// group → id → result.
+type Results = BTreeMap<String, BTreeMap<String, Bench>>;
+
+/// Reads every `new/benchmark.json` + `new/estimates.json` under `dir` (written after
+/// `since`, when given).
+fn collect(dir: &Path, since: Option<SystemTime>) -> Result<Results, String> {
+    let mut out = Results::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if !p.is_dir() {
+                continue;
+            }
+            if p.file_name().is_some_and(|n| n == "new") {
+                if let Some((group, id, b)) = read_bench(&p, since)? {
+                    out.entry(group).or_default().insert(id, b);
+                }
+            } else {
+                stack.push(p);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn read_json(path: &Path) -> Result<Value, String> {
+    let text = fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn read_bench(
+    dir: &Path,
+    since: Option<SystemTime>,
+) -> Result<Option<(String, String, Bench)>, String> {
+    let est_path = dir.join("estimates.json");
+    let (Ok(meta), true) = (fs::metadata(&est_path), dir.join("benchmark.json").exists()) else {
+        return Ok(None);
+    };
+    if let (Some(since), Ok(modified)) = (since, meta.modified())
+        && modified < since
+    {
+        return Ok(None);
+    }
+    let info = read_json(&dir.join("benchmark.json"))?;
+    let est = read_json(&est_path)?;
+    let group = info["group_id"].as_str().unwrap_or_default().to_owned();
+    let mut id = info["function_id"].as_str().unwrap_or_default().to_owned();
+    if let Some(v) = info["value_str"].as_str() {
+        id = format!("{id}/{v}");
+    }
+    let Some(ns) = est["median"]["point_estimate"].as_f64() else {
+        return Err(format!("{}: no median", est_path.display()));
+    };
+    let per_iter = match &info["throughput"] {
+        Value::Object(m) if m.contains_key("Bytes") => {
+            Per::Bytes(m["Bytes"].as_f64().unwrap_or(1.0))
+        }
+        Value::Object(m) if m.contains_key("Elements") => {
+            Per::Elements(m["Elements"].as_f64().unwrap_or(1.0))
+        }
+        _ => Per::Elements(1.0),
+    };
+    Ok(Some((group, id, Bench { ns, per_iter })))
+}
+
+// ---- the machine ------------------------------------------------------------------------
+
+struct Machine {
+    cpu: String,
+    cpus: usize,
+    kernel: String,
+    rustc: String,
+    load: String,
+}
+
+impl Machine {
+    fn probe() -> Self {
+        let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu = cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .and_then(|l| l.split_once(':'))
+            .map_or("unknown CPU".into(), |(_, m)| m.trim().to_owned());
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map_or("?".into(), |s| s.trim().to_owned());
+        let rustc = Command::new(std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into()))
+            .arg("-V")
+            .output()
+            .ok()
+            .map_or("rustc ?".into(), |o| {
+                String::from_utf8_lossy(&o.stdout).trim().to_owned()
+            });
+        let load = fs::read_to_string("/proc/loadavg").map_or("?".into(), |s| {
+            s.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+        });
+        Self {
+            cpu,
+            cpus,
+            kernel,
+            rustc,
+            load,
+        }
+    }
+}
+
+// ---- the report -------------------------------------------------------------------------
+
+/// How a group is read.
+struct GroupSpec {
+    name: &'static str,
+    title: &'static str,
+    /// The function every result of the group is compared with, at the same parameter.
+    reference: &'static str,
+    /// True: compare times (ratio = time / reference time, lower is better). False:
+    /// compare rates (ratio = rate / reference rate, higher is better).
+    latency: bool,
+}
+
+const GROUPS: &[GroupSpec] = &[
+    GroupSpec {
+        name: "rtt_64",
+        title: "Round trip, 64-byte request and response (two threads; `_two_processes` and `shm_` cases: two processes)",
+        reference: "floor/atomic_pingpong",
+        latency: true,
+    },
+    GroupSpec {
+        name: "stream_64",
+        title: "64-byte payloads streamed one way",
+        reference: "rtrb/push_pop",
+        latency: false,
+    },
+    GroupSpec {
+        name: "bulk",
+        title: "Bulk packets streamed one way",
+        reference: "floor/cross_core_handoff",
+        latency: false,
+    },
+    GroupSpec {
+        name: "signals",
+        title: "Streams for the doorbell counts (saturated, and a trickle of one packet per 50 µs)",
+        reference: "vmlink/channel_blocking_saturated",
+        latency: false,
+    },
+    GroupSpec {
+        name: "scaling_ring",
+        title: "1 KiB packets through rings of 16 KiB to 4 MiB",
+        reference: "rtrb/chunks",
+        latency: false,
+    },
+    GroupSpec {
+        name: "rtt_payload",
+        title: "Round trip carrying the payload both ways, 0 bytes to the largest packet of a 256 KiB ring",
+        reference: "floor/handoff",
+        latency: true,
+    },
+    GroupSpec {
+        name: "scaling_pairs",
+        title: "N channel pairs, blocking, 64-byte packets (aggregate)",
+        reference: "vmlink/channel_blocking_pairs",
+        latency: false,
+    },
+];
+
+/// Splits `function/param` when the last segment is a parameter (a number, or a size).
+fn split_param(id: &str) -> (&str, Option<&str>) {
+    match id.rsplit_once('/') {
+        Some((f, p)) if p.starts_with(|c: char| c.is_ascii_digit()) => (f, Some(p)),
+        _ => (id, None),
+    }
+}
+
+/// A plot: one line per function of `group`, the parameter along x.
+struct Plot {
+    group: &'static str,
+    file: &'static str,
+    title: &'static str,
+    /// True: plot time per iteration; false: plot the rate.
+    latency: bool,
+    y_label: &'static str,
+}
+
+const PLOTS: &[Plot] = &[
+    Plot {
+        group: "rtt_payload",
+        file: "rtt_payload.svg",
+        title: "Round-trip latency against payload size",
+        latency: true,
+        y_label: "round trip (µs, log)",
+    },
+    Plot {
+        group: "scaling_ring",
+        file: "scaling_ring.svg",
+        title: "Throughput of 1 KiB packets against ring size",
+        latency: false,
+        y_label: "GB/s (log)",
+    },
+];
+
+struct Report {
+    results: Results,
+    signals: String,
+    machine: Machine,
+    quick: bool,
+}
+
+/// One line of the targets table.
+struct Target {
+    what: &'static str,
+    goal: &'static str,
+    measured: Option<(f64, String)>,
+    met: fn(f64) -> bool,
+}
+
+impl Report {
+    fn get(&self, group: &str, id: &str) -> Option<&Bench> {
+        self.results.get(group)?.get(id)
+    }
+
+    /// `a`'s time over `b`'s.
+    fn time_ratio(&self, group: &str, a: &str, b: &str) -> Option<(f64, String)> {
+        let (x, y) = (self.get(group, a)?, self.get(group, b)?);
+        let r = x.ns / y.ns;
+        Some((
+            r,
+            format!("{} / {} = {r:.2}×", duration(x.ns), duration(y.ns)),
+        ))
+    }
+
+    /// `a`'s rate over `b`'s.
+    fn rate_ratio(&self, group: &str, a: &str, b: &str) -> Option<(f64, String)> {
+        let (x, y) = (self.get(group, a)?, self.get(group, b)?);
+        let r = x.rate() / y.rate();
+        Some((
+            r,
+            format!("{} / {} = {r:.2}×", x.rate_text(), y.rate_text()),
+        ))
+    }
+
+    /// Doorbells per packet of a `signals` case, from the counts file.
+    fn doorbells(&self, case: &str) -> Option<(f64, String)> {
+        let line = self
+            .signals
+            .lines()
+            .find(|l| l.starts_with(&format!("signals/{case}:")))?;
+        let v: f64 = line
+            .split("doorbells/packet ")
+            .nth(1)?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()?;
+        Some((v, format!("{v:.4} doorbells/packet")))
+    }
+
+    fn targets(&self) -> Vec<Target> {
+        vec![
+            Target {
+                what: "Polling round trip (channel `call`) vs the atomic ping-pong floor",
+                goal: "≤ 1.3×",
+                measured: self.time_ratio(
+                    "rtt_64",
+                    "vmlink/channel_polling_call",
+                    "floor/atomic_pingpong",
+                ),
+                met: |r| r <= 1.3,
+            },
+            Target {
+                what: "Polling round trip, ring layer, vs the floor",
+                goal: "≤ 1.3×",
+                measured: self.time_ratio("rtt_64", "vmlink/ring_polling", "floor/atomic_pingpong"),
+                met: |r| r <= 1.3,
+            },
+            Target {
+                what: "Polling round trip (channel `call`) vs rtrb's",
+                goal: "< 1× (faster)",
+                measured: self.time_ratio("rtt_64", "vmlink/channel_polling_call", "rtrb/pair"),
+                met: |r| r < 1.0,
+            },
+            Target {
+                what: "Blocking round trip (eventfd doorbells) vs raw eventfd ping-pong",
+                goal: "≤ 1.1×",
+                measured: self.time_ratio(
+                    "rtt_64",
+                    "vmlink/channel_blocking_eventfd_call",
+                    "eventfd/pingpong_blocking",
+                ),
+                met: |r| r <= 1.1,
+            },
+            Target {
+                what: "Polling round trip, two processes vs two threads",
+                goal: "≤ 1.1×",
+                measured: self.time_ratio(
+                    "rtt_64",
+                    "vmlink/shm_polling_call",
+                    "vmlink/channel_polling_call",
+                ),
+                met: |r| r <= 1.1,
+            },
+            Target {
+                what: "64-byte streaming (channel, batches of 32) vs rtrb push/pop",
+                goal: "≥ 1.5×",
+                measured: self.rate_ratio("stream_64", "vmlink/channel_batch_32", "rtrb/push_pop"),
+                met: |r| r >= 1.5,
+            },
+            Target {
+                what: "64-byte streaming (ring, commit every 32) vs rtrb push/pop",
+                goal: "≥ 1.5×",
+                measured: self.rate_ratio("stream_64", "vmlink/ring_commit_32", "rtrb/push_pop"),
+                met: |r| r >= 1.5,
+            },
+            Target {
+                what: "64-byte streaming, two processes vs two threads",
+                goal: "≥ 0.9×",
+                measured: self.rate_ratio(
+                    "stream_64",
+                    "vmlink/shm_batch_32",
+                    "vmlink/channel_batch_32",
+                ),
+                met: |r| r >= 0.9,
+            },
+            Target {
+                what: "64 KiB in place vs the cross-core floor",
+                goal: "≥ 0.8×",
+                measured: self.rate_ratio(
+                    "bulk",
+                    "vmlink/ring_in_place/64KiB",
+                    "floor/cross_core_handoff/64KiB",
+                ),
+                met: |r| r >= 0.8,
+            },
+            Target {
+                what: "64 KiB copy API vs the cross-core floor",
+                goal: "≥ 0.5×",
+                measured: self.rate_ratio(
+                    "bulk",
+                    "vmlink/ring_copy/64KiB",
+                    "floor/cross_core_handoff/64KiB",
+                ),
+                met: |r| r >= 0.5,
+            },
+            Target {
+                what: "64 KiB in place vs a Unix socket",
+                goal: "≥ 5×",
+                measured: self.rate_ratio(
+                    "bulk",
+                    "vmlink/ring_in_place/64KiB",
+                    "unix/socket/64KiB",
+                ),
+                met: |r| r >= 5.0,
+            },
+            Target {
+                what: "64 KiB copy API vs a Unix socket",
+                goal: "≥ 5×",
+                measured: self.rate_ratio("bulk", "vmlink/ring_copy/64KiB", "unix/socket/64KiB"),
+                met: |r| r >= 5.0,
+            },
+            Target {
+                what: "Doorbells per packet, saturated stream (blocking channel)",
+                goal: "< 0.01",
+                measured: self.doorbells("vmlink/channel_blocking_saturated"),
+                met: |r| r < 0.01,
+            },
+            Target {
+                what: "Doorbells per packet, saturated stream (polling channel)",
+                goal: "< 0.01",
+                measured: self.doorbells("vmlink/channel_polling_saturated"),
+                met: |r| r < 0.01,
+            },
+        ]
+    }
+
+    fn markdown(&self, plots: &[&Plot]) -> String {
+        let m = &self.machine;
+        let mut s = String::new();
+        let _ = writeln!(s, "# vmlink benchmark report\n");
+        let _ = writeln!(
+            s,
+            "Machine: {}, {} CPUs, Linux {}, {}; load average before the run {}.{}\n",
+            m.cpu,
+            m.cpus,
+            m.kernel,
+            m.rustc,
+            m.load,
+            if self.quick {
+                " Quick mode (0.5 s warm-up, 1 s measurement per benchmark)."
+            } else {
+                ""
+            }
+        );
+        let _ = writeln!(
+            s,
+            "Reproduce: `cargo run --release -p vmlink-benches --bin vmlink-bench-report`. \
+             Every figure is a criterion median from the same run; ratios compare results \
+             of one run on one machine.\n"
+        );
+        let _ = writeln!(s, "## Targets\n");
+        let _ = writeln!(s, "| target | goal | measured | met |");
+        let _ = writeln!(s, "| --- | --- | --- | --- |");
+        for t in self.targets() {
+            let (measured, met) = match &t.measured {
+                Some((r, text)) => (text.clone(), if (t.met)(*r) { "yes" } else { "**no**" }),
+                None => ("not measured".into(), "–"),
+            };
+            let _ = writeln!(s, "| {} | {} | {measured} | {met} |", t.what, t.goal);
+        }
+        for g in GROUPS {
+            let Some(results) = self.results.get(g.name) else {
+                continue;
+            };
+            let _ = writeln!(s, "\n## `{}`: {}\n", g.name, g.title);
+            let _ = writeln!(
+                s,
+                "Ratio: {} of `{}` at the same parameter{}.\n",
+                if g.latency {
+                    "time over the time"
+                } else {
+                    "rate over the rate"
+                },
+                g.reference,
+                if g.latency {
+                    " (lower is better)"
+                } else {
+                    " (higher is better)"
+                }
+            );
+            let _ = writeln!(s, "| benchmark | median | rate | ratio |");
+            let _ = writeln!(s, "| --- | ---: | ---: | ---: |");
+            for (id, b) in self.ordered(results) {
+                let (f, p) = split_param(id);
+                let _ = f;
+                let reference = match p {
+                    Some(p) => results.get(&format!("{}/{p}", g.reference)),
+                    None => results.get(g.reference),
+                }
+                .or_else(|| {
+                    // Groups whose reference is itself parametrised by N (pairs): N = 1.
+                    results.get(&format!("{}/1", g.reference))
+                });
+                let ratio = reference.map_or("–".into(), |r| {
+                    let x = if g.latency {
+                        b.ns / r.ns
+                    } else {
+                        b.rate() / r.rate()
+                    };
+                    format!("{x:.2}×")
+                });
+                let _ = writeln!(
+                    s,
+                    "| `{id}` | {} | {} | {ratio} |",
+                    b.time_text(),
+                    b.rate_text()
+                );
+            }
+        }
+        if !self.signals.is_empty() {
+            let _ = writeln!(s, "\n## Doorbells\n\n```text\n{}```", self.signals);
+        }
+        if !plots.is_empty() {
+            let _ = writeln!(s, "\n## Plots\n");
+            for p in plots {
+                let _ = writeln!(s, "![{}]({})\n", p.title, p.file);
+            }
+        }
+        s
+    }
+
+    /// Results in a stable order: by parameter (numerically, then by name), then by id.
+    fn ordered<'a>(&self, results: &'a BTreeMap<String, Bench>) -> Vec<(&'a String, &'a Bench)> {
+        let mut v: Vec<_> = results.iter().collect();
+        v.sort_by(|(a, _), (b, _)| {
+            let (fa, pa) = split_param(a);
+            let (fb, pb) = split_param(b);
+            param_value(pa)
+                .total_cmp(&param_value(pb))
+                .then_with(|| rank(fa).cmp(&rank(fb)))
+                .then_with(|| fa.cmp(fb))
+        });
+        v
+    }
+
+    /// An SVG line plot for `plot`, if its group ran.
+    fn plot(&self, plot: &Plot) -> Option<String> {
+        let results = self.results.get(plot.group)?;
+        let mut params: Vec<&str> = Vec::new();
+        let mut lines: BTreeMap<&str, Vec<(usize, f64)>> = BTreeMap::new();
+        let mut ordered = self.ordered(results);
+        ordered.sort_by(|(a, _), (b, _)| {
+            param_value(split_param(a).1).total_cmp(&param_value(split_param(b).1))
+        });
+        for (id, b) in ordered {
+            let (f, Some(p)) = split_param(id) else {
+                continue;
+            };
+            let x = match params.iter().position(|q| *q == p) {
+                Some(i) => i,
+                None => {
+                    params.push(p);
+                    params.len() - 1
+                }
+            };
+            let y = if plot.latency {
+                b.ns / 1e3
+            } else {
+                b.rate() / 1e9
+            };
+            lines.entry(f).or_default().push((x, y));
+        }
+        if params.len() < 2 || lines.is_empty() {
+            return None;
+        }
+        Some(svg(plot, &params, &lines))
+    }
+}
+
+/// Floors first, then vmlink, then the peers.
+fn rank(function: &str) -> u8 {
+    if function.starts_with("floor/") {
+        0
+    } else if function.starts_with("vmlink/") {
+        1
+    } else {
+        2
+    }
+}
+
+/// A parameter's numeric value for sorting (`64KiB` → 65536); none sorts first.
+fn param_value(p: Option<&str>) -> f64 {
+    let Some(p) = p else { return -1.0 };
+    let digits: String = p.chars().take_while(|c| c.is_ascii_digit()).collect();
+    let n: f64 = digits.parse().unwrap_or(0.0);
+    match &p[digits.len()..] {
+        "KiB" => n * 1024.0,
+        "MiB" => n * 1024.0 * 1024.0,
+        _ => n,
+    }
+}
+
+fn si(v: f64, unit: &str) -> String {
+    if v >= 1e9 {
+        format!("{:.2} G{unit}", v / 1e9)
+    } else if v >= 1e6 {
+        format!("{:.2} M{unit}", v / 1e6)
+    } else if v >= 1e3 {
+        format!("{:.1} k{unit}", v / 1e3)
+    } else {
+        format!("{v:.0} {unit}")
+    }
+}
+
+fn duration(ns: f64) -> String {
+    if ns >= 1e6 {
+        format!("{:.2} ms", ns / 1e6)
+    } else if ns >= 1e3 {
+        format!("{:.2} µs", ns / 1e3)
+    } else {
+        format!("{ns:.0} ns")
+    }
+}
+
+// ---- SVG --------------------------------------------------------------------------------
+
+const COLOURS: [&str; 8] = [
+    "#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666",
+];
+
+/// A line chart: categorical x (the parameters in order), logarithmic y.
+fn svg(plot: &Plot, params: &[&str], lines: &BTreeMap<&str, Vec<(usize, f64)>>) -> String {
+    let (w, h) = (760.0_f64, 440.0_f64);
+    let (left, right, top, bottom) = (70.0, 230.0, 40.0, 60.0);
+    let (pw, ph) = (w - left - right, h - top - bottom);
+    let ys = lines
+        .values()
+        .flatten()
+        .map(|(_, y)| *y)
+        .filter(|y| *y > 0.0);
+    let (lo, hi) = ys.fold((f64::MAX, f64::MIN), |(lo, hi), y| (lo.min(y), hi.max(y)));
+    let (lo, hi) = (
+        lo.log10().floor(),
+        hi.log10().ceil().max(lo.log10().floor() + 1.0),
+    );
+    let x_at = |i: usize| left + pw * i as f64 / (params.len() - 1) as f64;
+    let y_at = |y: f64| top + ph * (1.0 - (y.log10() - lo) / (hi - lo));
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="22" font-size="15" text-anchor="middle">{}</text>"#,
+        left + pw / 2.0,
+        plot.title
+    );
+    // Decades on y.
+    let mut d = lo;
+    while d <= hi {
+        let y = y_at(10f64.powf(d));
+        let _ = writeln!(
+            s,
+            r##"<line x1="{left}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"##,
+            left + pw,
+            left - 6.0,
+            y + 4.0,
+            number(10f64.powf(d))
+        );
+        d += 1.0;
+    }
+    for (i, p) in params.iter().enumerate() {
+        let x = x_at(i);
+        let _ = writeln!(
+            s,
+            r##"<line x1="{x:.1}" y1="{top}" x2="{x:.1}" y2="{:.1}" stroke="#eee"/><text x="{x:.1}" y="{:.1}" text-anchor="middle">{p}</text>"##,
+            top + ph,
+            top + ph + 18.0
+        );
+    }
+    let _ = writeln!(
+        s,
+        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+        left + pw / 2.0,
+        h - 18.0,
+        if plot.latency {
+            "payload (bytes)"
+        } else {
+            "ring data size"
+        }
+    );
+    let _ = writeln!(
+        s,
+        r#"<text transform="translate(18,{:.1}) rotate(-90)" text-anchor="middle">{}</text>"#,
+        top + ph / 2.0,
+        plot.y_label
+    );
+    for (k, (name, pts)) in lines.iter().enumerate() {
+        let colour = COLOURS[k % COLOURS.len()];
+        let path: Vec<String> = pts
+            .iter()
+            .filter(|(_, y)| *y > 0.0)
+            .map(|(x, y)| format!("{:.1},{:.1}", x_at(*x), y_at(*y)))
+            .collect();
+        let _ = writeln!(
+            s,
+            r#"<polyline fill="none" stroke="{colour}" stroke-width="2" points="{}"/>"#,
+            path.join(" ")
+        );
+        for p in &path {
+            let (x, y) = p.split_once(',').unwrap_or(("0", "0"));
+            let _ = writeln!(s, r#"<circle cx="{x}" cy="{y}" r="3" fill="{colour}"/>"#);
+        }
+        let ly = top + 10.0 + 20.0 * k as f64;
+        let lx = left + pw + 16.0;
+        let _ = writeln!(
+            s,
+            r#"<line x1="{lx}" y1="{ly}" x2="{}" y2="{ly}" stroke="{colour}" stroke-width="3"/><text x="{}" y="{}">{name}</text>"#,
+            lx + 18.0,
+            lx + 24.0,
+            ly + 4.0
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+fn number(v: f64) -> String {
+    if v >= 1.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v}")
+    }
+}
