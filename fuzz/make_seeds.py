@@ -320,6 +320,76 @@ SEEDS["channel_protocol"] = {
         cp_recv(B, 10), cp_recv_batch(B, 7, [rd(False, 0, 1000)]), cp_send(A, 1000)]),
 }
 
+# ---- channel_blocking -----------------------------------------------------------------
+# Step: Work, Pause, WaitIdle, PeerRecv, PeerComplete, PeerSend, PeerFlood, PeerLeave,
+# PeerPacket, Scribble, Control (11 variants). Work: Call, Send, Recv, RecvInPlace,
+# RecvBatch, StartRequest (6 variants).
+def cb_input(pages_ab, pages_ba, depth, spin, steps):
+    return u8(pages_ab) + u8(pages_ba) + u8(depth) + boolean(spin) + vec(steps)
+def cb_work(worker, work): return variant(0, 11, u8(worker), work)
+def w_call(req, cap, ms): return variant(0, 6, u16(req), u16(cap), u8(ms))
+def w_send(n, ms): return variant(1, 6, u16(n), u8(ms))
+def w_recv(cap, ms): return variant(2, 6, u16(cap), u8(ms))
+def w_recv_in_place(ms, reads, commit): return variant(3, 6, u8(ms), vec(reads), boolean(commit))
+def w_recv_batch(mx, ms, reads): return variant(4, 6, u8(mx), u8(ms), vec(reads))
+def w_start(n): return variant(5, 6, u16(n))
+def cb_pause(us): return variant(1, 11, u16(us))
+def cb_wait(worker): return variant(2, 11, u8(worker))
+def cb_peer_recv(mx): return variant(3, 11, u8(mx))
+def pick_pending(i): return variant(0, 3, u8(i))
+def pick_received(i): return variant(1, 3, u8(i))
+def pick_raw(v): return variant(2, 3, u64(v))
+def cb_complete(pick, extra): return variant(4, 11, pick, u16(extra))
+def cb_peer_send(n, request): return variant(5, 11, u16(n), boolean(request))
+def cb_flood(n): return variant(6, 11, u8(n))
+def cb_leave(): return variant(7, 11)
+def cb_packet(pkt): return variant(8, 11, pkt)
+def cb_scribble(off, data): return variant(9, 11, u16(off), bytes_vec(data))
+OUTGOING, INCOMING = variant(0, 2), variant(1, 2)
+def cb_control(ring, word, value): return variant(10, 11, ring, variant(word, 5), value)
+
+SEEDS["channel_blocking"] = {
+    # A call answered while it waits.
+    "seed-call": cb_input(0, 0, 3, False, [
+        cb_work(0, w_call(16, 64, 4)), cb_pause(1000), cb_peer_recv(0),
+        cb_complete(pick_pending(0), 8), cb_wait(0)]),
+    # Three callers; the peer floods A's ring (the queue fills, callers stop reading), a
+    # receiver drains it, completions arrive in reverse order.
+    "seed-callers": cb_input(1, 0, 0, False, [
+        cb_work(0, w_call(8, 64, 4)), cb_work(1, w_call(40, 64, 4)), cb_work(2, w_call(100, 4, 4)),
+        cb_pause(500), cb_flood(40), cb_peer_recv(7), cb_complete(pick_pending(2), 30),
+        cb_complete(pick_pending(1), 0), cb_complete(pick_pending(0), 100),
+        cb_work(2, w_recv(4096, 4)), cb_work(2, w_recv_batch(7, 4, [rd(False, 0, 8)])),
+        cb_work(2, w_recv_in_place(4, [rd(False, 0, 40), rd(True, 0, 1)], True)),
+        cb_wait(0), cb_wait(1), cb_wait(2)]),
+    # A call times out, its completion comes late (discarded), then again (a duplicate:
+    # UnknownTransaction).
+    "seed-late": cb_input(0, 0, 0, True, [
+        cb_work(0, w_call(8, 64, 0)), cb_wait(0), cb_peer_recv(0), cb_complete(pick_received(0), 8),
+        cb_work(1, w_recv(64, 1)), cb_wait(1), cb_complete(pick_received(0), 8),
+        cb_work(1, w_recv(64, 1)), cb_work(0, w_call(8, 64, 1)), cb_wait(0)]),
+    # Sends waiting for space while the peer drains slowly.
+    "seed-send-full": cb_input(0, 0, 0, False, [
+        *[cb_work(i % 3, w_send(1500, 4)) for i in range(6)], cb_pause(1500), cb_peer_recv(2),
+        cb_pause(1000), cb_peer_recv(7), cb_work(0, w_send(5000, 2)), cb_wait(0), cb_wait(1), cb_wait(2)]),
+    # Polled requests completed to a waiting receiver, an unsolicited request, then the
+    # peer leaves under a waiting receiver and a call.
+    "seed-polled-leave": cb_input(0, 1, 1, False, [
+        cb_work(0, w_start(8)), cb_work(0, w_start(20)), cb_work(1, w_recv(256, 4)), cb_wait(0),
+        cb_peer_recv(3), cb_complete(pick_pending(1), 4), cb_peer_send(12, True), cb_wait(1),
+        cb_work(1, w_recv_batch(3, 4, [])), cb_complete(pick_pending(0), 4), cb_wait(1),
+        cb_work(2, w_call(8, 8, 4)), cb_work(1, w_recv(256, 4)), cb_pause(300), cb_leave(),
+        cb_wait(2), cb_wait(1)]),
+    # A hostile writer: a completion for a raw id, a lying descriptor, scribbles and
+    # control words on both rings, while a call and a receiver wait.
+    "seed-hostile": cb_input(0, 0, 1, False, [
+        cb_work(0, w_call(8, 64, 4)), cb_work(1, w_recv(512, 4)),
+        cb_packet(peer_packet(ts(3), fs(0), 0x1_0000_0000, 0, 8)),
+        cb_packet(peer_packet(ts(0), fs(0), 0, 1, 30, len8=2)), cb_wait(0),
+        cb_scribble(0, [0xFF] * 16), cb_control(OUTGOING, 1, idx_nudged(4096)),
+        cb_control(INCOMING, 0, idx_raw(13)), cb_work(0, w_send(3000, 3)), cb_wait(0), cb_wait(1)]),
+}
+
 SEEDS["shm_handshake"] = {
     "seed-host-ok": sh_input(HOST, [sh_send(ch_hello()), sh_send(ch_ready())]),
     "seed-host-fds": sh_input(HOST, [sh_send(ch_hello(), [fd_eventfd(), fd_devnull(), fd_socket(),

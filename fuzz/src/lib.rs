@@ -3,6 +3,7 @@
 //! guard that proves a library call allocated nothing.
 
 use arbitrary::Arbitrary;
+use core::cell::Cell;
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::alloc::{GlobalAlloc, Layout, System};
 use vmlink_ring::protocol::{CONTROL_PAGE_SIZE, DESCRIPTOR_SIZE, PAGE_SIZE, TRAILER_SIZE};
@@ -19,12 +20,26 @@ static GUARD_ACTIVE: AtomicBool = AtomicBool::new(false);
 static GUARDED_ALLOCS: AtomicUsize = AtomicUsize::new(0);
 static GUARDED_LARGEST: AtomicUsize = AtomicUsize::new(0);
 
+thread_local! {
+    /// This thread is inside [`largest_alloc`].
+    static TRACKING: Cell<bool> = const { Cell::new(false) };
+    /// The largest allocation this thread made while tracking.
+    static TRACKED_LARGEST: Cell<usize> = const { Cell::new(0) };
+}
+
 impl CountingAlloc {
     fn note(size: usize) {
         if GUARD_ACTIVE.load(Ordering::Relaxed) {
             GUARDED_ALLOCS.fetch_add(1, Ordering::Relaxed);
             GUARDED_LARGEST.fetch_max(size, Ordering::Relaxed);
         }
+        // Const-initialised thread locals without destructors never allocate; `try_with`
+        // fails only while the thread is being torn down.
+        let _ = TRACKING.try_with(|t| {
+            if t.get() {
+                let _ = TRACKED_LARGEST.try_with(|l| l.set(l.get().max(size)));
+            }
+        });
     }
 }
 
@@ -91,6 +106,17 @@ impl Drop for NoAlloc {
     fn drop(&mut self) {
         GUARD_ACTIVE.store(false, Ordering::SeqCst);
     }
+}
+
+/// Runs `f` and returns its result with the size of the largest heap allocation (or
+/// reallocation) this thread made meanwhile; 0 when it made none. Unlike [`NoAlloc`] it
+/// counts only the calling thread, so other threads may allocate freely meanwhile.
+pub fn largest_alloc<R>(f: impl FnOnce() -> R) -> (R, usize) {
+    TRACKED_LARGEST.with(|l| l.set(0));
+    TRACKING.with(|t| t.set(true));
+    let r = f();
+    TRACKING.with(|t| t.set(false));
+    (r, TRACKED_LARGEST.with(Cell::get))
 }
 
 /// Runs `f` under a [`NoAlloc`] guard. Only for calls whose result borrows nothing.
