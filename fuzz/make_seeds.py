@@ -289,8 +289,19 @@ def ch_offer(g2h=2, h2g=2, buf=1, flags=0, name=None, memfd=(0, True), bells=2):
                    u8(bells))
 def ch_hello(name=None): return variant(3, 5, option(None if name is None else bytes_vec(name)))
 def ch_ready(): return variant(4, 5)
-def sh_send(chunk, fds=()): return chunk + vec(list(fds))
-def sh_input(role, sends, keep_open=False): return role + vec(sends) + boolean(keep_open)
+def sh_send(chunk, fds=(), split=None):
+    return variant(0, 4, chunk + vec(list(fds)) + option(None if split is None else u16(split)))
+def sh_read(wait_ms=10): return variant(1, 4, u8(wait_ms))
+def sh_pause(us): return variant(2, 4, u16(us))
+def sh_shutdown(): return variant(3, 4)
+def id_own(): return variant(0, 3)
+def id_other(n=0): return variant(1, 3, u8(n))
+def id_raw(v): return variant(2, 3, u32(v))
+POLICY_DEFAULT = variant(0, 3)
+def policy_same_uid_and(uids=(), gids=()): return variant(1, 3, vec(list(uids)), vec(list(gids)))
+def policy_only(uids=(), gids=()): return variant(2, 3, vec(list(uids)), vec(list(gids)))
+def sh_input(role, actions, keep_open=False, policy=POLICY_DEFAULT):
+    return role + policy + vec(actions) + boolean(keep_open)
 
 SEEDS["channel_protocol"] = {
     # A request, its completion, then a duplicate completion: A must fail with
@@ -403,6 +414,20 @@ SEEDS["shm_handshake"] = {
     "seed-guest-fds": sh_input(GUEST, [sh_send(ch_offer(bells=3), [fd_eventfd(), fd_memfd(2, True)])]),
     "seed-guest-refused": sh_input(GUEST, [sh_send(ch_msg(3, b"\x02\x00\x00\x00\x00\x00\x00\x00no"))]),
     "seed-guest-silent": sh_input(GUEST, [], keep_open=True),
+    # Interleaved: the peer reads our side's messages and answers them.
+    "seed-host-talk": sh_input(HOST, [sh_send(ch_hello(), split=5), sh_read(20), sh_pause(100),
+                                      sh_send(ch_ready())], policy=policy_only([id_other(3), id_own()])),
+    "seed-host-refused": sh_input(HOST, [sh_send(ch_hello()), sh_read(20), sh_send(ch_ready())],
+                                  policy=policy_only([id_other(0)], [id_raw(12345)])),
+    "seed-host-gid": sh_input(HOST, [sh_send(ch_hello()), sh_read(20), sh_send(ch_ready()), sh_read(5)],
+                              policy=policy_only([], [id_own()])),
+    "seed-host-late-fds": sh_input(HOST, [sh_send(ch_hello()), sh_read(20),
+                                          sh_send(ch_ready(), [fd_eventfd()]), sh_read(20)],
+                                   keep_open=True),
+    "seed-guest-talk": sh_input(GUEST, [sh_read(20), sh_send(ch_offer(), split=20), sh_read(20),
+                                        sh_send(ch_raw(b"after ready")), sh_shutdown()]),
+    "seed-guest-midway": sh_input(GUEST, [sh_read(20), sh_send(ch_msg(2, b"\x00" * 20, cut=18)),
+                                          sh_pause(2000), sh_shutdown(), sh_read(20)]),
 }
 
 for target, seeds in SEEDS.items():

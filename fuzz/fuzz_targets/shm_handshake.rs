@@ -1,29 +1,40 @@
-//! The shm rendezvous handshake fed by a hostile peer.
+//! The shm rendezvous handshake against a hostile peer that talks back.
 //!
 //! One end of a `UnixStream::pair()` goes to the library — the host side
-//! (`Service::serve_stream`) or the guest side (`Guest::connect_stream`), chosen by the
-//! input — and the fuzzer writes into the other end: raw bytes, or framed messages (right
-//! magic, any version / kind / body / declared length), an offer built from a layout with a
-//! memfd of the right or wrong size and seals, each chunk with zero to five fds attached via
-//! `SCM_RIGHTS` (memfds, eventfds, /dev/null, socket ends). Everything is written before the
-//! library runs; the fuzzer's end is then closed or left open (the handshake timeout is
-//! 20 ms, so a silent peer costs one timeout).
+//! (`Service::serve_stream`, under a `Policy` the input builds) or the guest side
+//! (`Guest::connect_stream`), chosen by the input — and a peer thread plays the other end
+//! from a script, interleaved with the handshake: it writes raw bytes or framed messages
+//! (right magic, any version / kind / body / declared length, cut short, or split in two
+//! writes with a pause between), hellos, readies, offers built from a layout with a memfd of
+//! the right or wrong size and seals, each write with zero to five fds attached via
+//! `SCM_RIGHTS` (memfds, eventfds, /dev/null, socket ends); it reads what our side sent
+//! (waiting for it, closing any fds that come along), so it can answer after our hello or
+//! offer or write after our ready; it pauses, and shuts down its write half. After the
+//! script its end is closed or left open (the handshake timeout is 20 ms, so a silent peer
+//! costs one timeout).
+//!
+//! The socket pair always carries our own credentials; the input varies the `Policy`
+//! instead (same uid, nobody, lists of uids and gids that contain ours or not), so the same
+//! peer is accepted or refused.
 //!
 //! Asserted: no panic; every call returns (the handshake timeout, and libFuzzer
 //! `-timeout`); a failure is a `ShmError` whose `Display` is non-empty; a success hands out
-//! an endpoint for the service asked for; and the process has exactly the fds it had before
-//! once the input's sockets and endpoint are dropped (`/proc/self/fd` counted around each
-//! input).
+//! an endpoint for the service asked for, whose peer credentials are ours (pid, uid, gid);
+//! the host succeeds only if the policy allows us, and fails with `NotAllowed` exactly
+//! naming us and the service, and only when the policy refuses us; a refused peer receives
+//! no offer and no fds; and the process has exactly the fds it had before once the input's
+//! sockets and endpoint are dropped (`/proc/self/fd` counted around each input).
 #![no_main]
 
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::sync::{Mutex, OnceLock, mpsc};
+use std::time::{Duration, Instant};
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use vmlink_shm::{Guest, Layout, Service};
+use vmlink_shm::{Guest, Layout, PeerCredentials, Policy, Service, ShmError};
 
 const SERVICE: &str = "svc";
 const MAGIC: &[u8; 8] = b"VMLNKSHM";
@@ -78,14 +89,59 @@ enum Chunk {
 struct Send {
     chunk: Chunk,
     fds: Vec<FdKind>,
+    /// Write only this many bytes first (with the fds), then the rest after a pause.
+    split: Option<u16>,
+}
+
+#[derive(Arbitrary, Debug)]
+enum Action {
+    Send(Send),
+    /// Waits up to `wait_ms % 30` ms for our side to send something, then reads all that
+    /// is there (closing any fds that come along).
+    Read {
+        wait_ms: u8,
+    },
+    /// Does nothing for up to 3 ms.
+    Pause {
+        us: u16,
+    },
+    /// Shuts down the write half: our side sees the end of the stream.
+    ShutdownWrite,
+}
+
+/// A uid or gid for the policy.
+#[derive(Arbitrary, Debug, Clone, Copy)]
+enum Id {
+    /// Ours.
+    Own,
+    /// Ours plus 1 + n: somebody else.
+    Other(u8),
+    Raw(u32),
+}
+
+/// The host's policy.
+#[derive(Arbitrary, Debug)]
+enum PolicySel {
+    /// `Policy::default()` (same uid).
+    Default,
+    /// `Policy::same_uid()` plus more ids.
+    SameUidAnd { uids: Vec<Id>, gids: Vec<Id> },
+    /// `Policy::nobody()` plus these ids.
+    Only { uids: Vec<Id>, gids: Vec<Id> },
 }
 
 #[derive(Arbitrary, Debug)]
 struct Input {
     role: Role,
-    sends: Vec<Send>,
+    policy: PolicySel,
+    actions: Vec<Action>,
     keep_open: bool,
 }
+
+/// At most this many script actions per input.
+const MAX_ACTIONS: usize = 12;
+/// A script's reads wait at most this long in all.
+const READ_BUDGET: Duration = Duration::from_millis(40);
 
 fn fd_count() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
@@ -252,40 +308,267 @@ fn encode(chunk: &Chunk, fds: &mut Vec<OwnedFd>) -> Vec<u8> {
     }
 }
 
+/// Our own credentials, as `SO_PEERCRED` reports them over a socket pair.
+fn own_credentials() -> PeerCredentials {
+    // SAFETY: these calls take no arguments and cannot fail.
+    let (pid, uid, gid) = unsafe { (libc::getpid(), libc::geteuid(), libc::getegid()) };
+    PeerCredentials { pid, uid, gid }
+}
+
+fn resolve(id: Id, own: u32) -> u32 {
+    match id {
+        Id::Own => own,
+        Id::Other(n) => own.wrapping_add(1 + u32::from(n)),
+        Id::Raw(v) => v,
+    }
+}
+
+/// The policy, and whether it allows `me` (worked out here, not by the library).
+fn build_policy(sel: &PolicySel, me: &PeerCredentials) -> (Policy, bool) {
+    let (mut policy, mut allowed, uids, gids) = match sel {
+        PolicySel::Default => return (Policy::default(), true),
+        PolicySel::SameUidAnd { uids, gids } => (Policy::same_uid(), true, uids, gids),
+        PolicySel::Only { uids, gids } => (Policy::nobody(), false, uids, gids),
+    };
+    for &id in uids.iter().take(4) {
+        let uid = resolve(id, me.uid);
+        allowed |= uid == me.uid;
+        policy = policy.allow_uid(uid);
+    }
+    for &id in gids.iter().take(4) {
+        let gid = resolve(id, me.gid);
+        allowed |= gid == me.gid;
+        policy = policy.allow_gid(gid);
+    }
+    (policy, allowed)
+}
+
+/// What the peer read from our side.
+#[derive(Default)]
+struct Heard {
+    bytes: Vec<u8>,
+    fds: usize,
+}
+
+impl Heard {
+    /// True when one of the messages our side sent (framed: magic, version, kind, body
+    /// length, body) is an offer.
+    fn saw_offer(&self) -> bool {
+        let mut rest = &self.bytes[..];
+        while rest.len() >= 16 && &rest[..8] == MAGIC {
+            if rest[10..12] == 2u16.to_le_bytes() {
+                return true;
+            }
+            let len = u32::from_le_bytes(rest[12..16].try_into().unwrap()) as usize;
+            rest = &rest[(16 + len).min(rest.len())..];
+        }
+        false
+    }
+}
+
+/// Reads whatever is queued on `sock` (non-blocking), closing received fds.
+fn read_available(sock: &UnixStream, heard: &mut Heard) {
+    loop {
+        let mut data = [0u8; 4096];
+        let mut iov = libc::iovec {
+            iov_base: data.as_mut_ptr().cast(),
+            iov_len: data.len(),
+        };
+        #[repr(C, align(8))]
+        struct Buf([u8; 256]);
+        let mut cbuf = Buf([0; 256]);
+        // SAFETY: `msghdr` is plain old data, valid when zeroed.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &raw mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.0.as_mut_ptr().cast();
+        msg.msg_controllen = cbuf.0.len() as _;
+        // SAFETY: `msg` points at live buffers of the sizes it states.
+        let n = unsafe {
+            libc::recvmsg(
+                sock.as_raw_fd(),
+                &raw mut msg,
+                libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC,
+            )
+        };
+        if n <= 0 {
+            return;
+        }
+        heard.bytes.extend_from_slice(&data[..n as usize]);
+        // SAFETY: `msg` was filled by the kernel; CMSG_FIRSTHDR / CMSG_NXTHDR stay inside
+        // its control buffer and return null past the end.
+        let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&raw const msg) };
+        while !cmsg.is_null() {
+            // SAFETY: `cmsg` is a header inside the control buffer.
+            let (level, kind, len) =
+                unsafe { ((*cmsg).cmsg_level, (*cmsg).cmsg_type, (*cmsg).cmsg_len) };
+            if level == libc::SOL_SOCKET && kind == libc::SCM_RIGHTS {
+                // SAFETY: as above; CMSG_LEN(0) is the header's size.
+                let header = unsafe { libc::CMSG_LEN(0) } as usize;
+                let count = (len as usize).saturating_sub(header) / size_of::<RawFd>();
+                // SAFETY: the kernel wrote `count` fds after the header.
+                let p = unsafe { libc::CMSG_DATA(cmsg) }.cast::<RawFd>();
+                for i in 0..count {
+                    // SAFETY: the fds are new in this process, owned by nobody else; the
+                    // `OwnedFd` closes each at once.
+                    drop(unsafe { OwnedFd::from_raw_fd(p.add(i).read_unaligned()) });
+                    heard.fds += 1;
+                }
+            }
+            // SAFETY: as for CMSG_FIRSTHDR.
+            cmsg = unsafe { libc::CMSG_NXTHDR(&raw const msg, cmsg) };
+        }
+    }
+}
+
+/// Waits up to `wait` for `sock` to be readable (or hung up).
+fn wait_readable(sock: &UnixStream, wait: Duration) {
+    let mut p = libc::pollfd {
+        fd: sock.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one live `pollfd`.
+    unsafe { libc::poll(&raw mut p, 1, wait.as_millis() as libc::c_int) };
+}
+
+/// The peer's side of one input, on the peer thread.
+fn play(
+    ours: UnixStream,
+    actions: Vec<Action>,
+    keep_open: bool,
+    done: mpsc::Receiver<()>,
+) -> Heard {
+    // A peer that writes more than the socket buffer holds would block us: never wait.
+    ours.set_nonblocking(true).unwrap();
+    let mut heard = Heard::default();
+    let mut total = 0;
+    let mut read_budget = READ_BUDGET;
+    for action in actions.iter().take(MAX_ACTIONS) {
+        match action {
+            Action::Send(s) => {
+                let mut fds: Vec<OwnedFd> = Vec::new();
+                let data = encode(&s.chunk, &mut fds);
+                fds.extend(s.fds.iter().take(5).filter_map(|k| make_fd(*k)));
+                total += data.len();
+                if total > 64 * 1024 {
+                    break;
+                }
+                let at = s
+                    .split
+                    .map_or(data.len(), |at| (at as usize).min(data.len()));
+                if !send_with_fds(&ours, &data[..at], &fds) {
+                    break;
+                }
+                if at < data.len() {
+                    std::thread::sleep(Duration::from_micros(200));
+                    if !send_with_fds(&ours, &data[at..], &[]) {
+                        break;
+                    }
+                }
+                // Our copies of the fds close here; the kernel holds the in-flight ones.
+            }
+            Action::Read { wait_ms } => {
+                let wait = Duration::from_millis(u64::from(*wait_ms % 30)).min(read_budget);
+                let start = Instant::now();
+                wait_readable(&ours, wait);
+                read_budget = read_budget.saturating_sub(start.elapsed());
+                read_available(&ours, &mut heard);
+            }
+            Action::Pause { us } => {
+                std::thread::sleep(Duration::from_micros(u64::from(*us) % 3000));
+            }
+            Action::ShutdownWrite => {
+                let _ = ours.shutdown(std::net::Shutdown::Write);
+            }
+        }
+    }
+    if !keep_open {
+        let _ = ours.shutdown(std::net::Shutdown::Write);
+    }
+    // Keep our end until our side is done, then take what it said last (a refusal).
+    let _ = done.recv_timeout(Duration::from_secs(5));
+    read_available(&ours, &mut heard);
+    heard
+}
+
+type Job = Box<dyn FnOnce() + std::marker::Send>;
+
+/// The peer thread, started once for all inputs (a thread per input would cost more than
+/// the input).
+fn peer_thread() -> &'static Mutex<mpsc::Sender<Job>> {
+    static PEER: OnceLock<Mutex<mpsc::Sender<Job>>> = OnceLock::new();
+    PEER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("peer".into())
+            .spawn(move || {
+                for job in rx {
+                    job();
+                }
+            })
+            .unwrap();
+        Mutex::new(tx)
+    })
+}
+
 fuzz_target!(|input: Input| {
+    let me = own_credentials();
+    let (policy, allowed) = build_policy(&input.policy, &me);
+    let peer = peer_thread();
     let before = fd_count();
     {
         let (ours, theirs) = UnixStream::pair().unwrap();
-        // A peer that writes more than the socket buffer holds would block us: never wait.
-        ours.set_nonblocking(true).unwrap();
-        let mut total = 0;
-        for s in input.sends.iter().take(8) {
-            let mut fds: Vec<OwnedFd> = Vec::new();
-            let data = encode(&s.chunk, &mut fds);
-            fds.extend(s.fds.iter().take(5).filter_map(|k| make_fd(*k)));
-            total += data.len();
-            if total > 64 * 1024 || !send_with_fds(&ours, &data, &fds) {
-                break;
-            }
-            // Our copies of the fds close here; the kernel holds the in-flight ones.
-        }
-        if !input.keep_open {
-            let _ = ours.shutdown(std::net::Shutdown::Write);
-        }
-        let result = match input.role {
+        let (done_tx, done_rx) = mpsc::channel();
+        let (heard_tx, heard_rx) = mpsc::channel();
+        let Input {
+            role,
+            actions,
+            keep_open,
+            ..
+        } = input;
+        let job: Job = Box::new(move || {
+            let heard = play(ours, actions, keep_open, done_rx);
+            let _ = heard_tx.send(heard);
+        });
+        peer.lock().unwrap().send(job).unwrap();
+        let result = match role {
             Role::Host => Service::new(SERVICE)
                 .with_layout(Layout::symmetric(4096, 4096))
+                .with_policy(policy)
                 .with_handshake_timeout(TIMEOUT)
                 .serve_stream(theirs),
             Role::Guest => Guest::new(SERVICE)
                 .with_handshake_timeout(TIMEOUT)
                 .connect_stream(theirs),
         };
-        match result {
-            Ok(endpoint) => assert_eq!(endpoint.service(), SERVICE),
+        let host = matches!(role, Role::Host);
+        match &result {
+            Ok(endpoint) => {
+                assert_eq!(endpoint.service(), SERVICE);
+                assert_eq!(endpoint.peer(), me, "the endpoint's peer credentials");
+                assert!(
+                    !host || allowed,
+                    "the host accepted a peer its policy refuses"
+                );
+            }
+            Err(ShmError::NotAllowed { peer, service }) => {
+                assert!(host, "a guest reported NotAllowed");
+                assert!(!allowed, "the host refused a peer its policy allows");
+                assert_eq!(*peer, me, "NotAllowed names someone else");
+                assert_eq!(service, SERVICE);
+            }
             Err(e) => assert!(!e.to_string().is_empty()),
         }
-        drop(ours);
+        drop(result);
+        let _ = done_tx.send(());
+        let heard = heard_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the peer thread never finished");
+        if host && !allowed {
+            assert!(!heard.saw_offer(), "a refused peer received an offer");
+            assert_eq!(heard.fds, 0, "a refused peer received fds");
+        }
     }
     let after = fd_count();
     assert_eq!(
