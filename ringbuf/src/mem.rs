@@ -106,18 +106,23 @@ pub trait RingMem {
 }
 
 impl<T: RingMem + ?Sized> RingMem for &T {
+    #[inline]
     fn data_len(&self) -> usize {
         (**self).data_len()
     }
+    #[inline]
     fn load_control(&self, word: ControlWord) -> u32 {
         (**self).load_control(word)
     }
+    #[inline]
     fn store_control(&self, word: ControlWord, value: u32) {
         (**self).store_control(word, value)
     }
+    #[inline]
     fn read_data(&self, offset: usize, buf: &mut [u8]) {
         (**self).read_data(offset, buf)
     }
+    #[inline]
     fn write_data(&self, offset: usize, data: &[u8]) {
         (**self).write_data(offset, data)
     }
@@ -125,18 +130,23 @@ impl<T: RingMem + ?Sized> RingMem for &T {
 
 #[cfg(feature = "alloc")]
 impl<T: RingMem + ?Sized> RingMem for alloc::sync::Arc<T> {
+    #[inline]
     fn data_len(&self) -> usize {
         (**self).data_len()
     }
+    #[inline]
     fn load_control(&self, word: ControlWord) -> u32 {
         (**self).load_control(word)
     }
+    #[inline]
     fn store_control(&self, word: ControlWord, value: u32) {
         (**self).store_control(word, value)
     }
+    #[inline]
     fn read_data(&self, offset: usize, buf: &mut [u8]) {
         (**self).read_data(offset, buf)
     }
+    #[inline]
     fn write_data(&self, offset: usize, data: &[u8]) {
         (**self).write_data(offset, data)
     }
@@ -190,14 +200,17 @@ impl ControlWords {
         unsafe { ptr.cast::<Self>().as_ref() }
     }
 
+    #[inline]
     fn get(&self, word: ControlWord) -> &AtomicU32 {
         &self.0[word.slot()]
     }
 
+    #[inline]
     fn load(&self, word: ControlWord) -> u32 {
         self.get(word).load(Ordering::Acquire)
     }
 
+    #[inline]
     fn store(&self, word: ControlWord, value: u32) {
         self.get(word).store(value, Ordering::Release)
     }
@@ -247,6 +260,7 @@ impl DataPage {
 
 /// Copies from `words` starting `offset` bytes in; unaligned edges are taken from whole
 /// words.
+#[inline]
 fn read_words(words: &[AtomicU64], offset: usize, buf: &mut [u8]) {
     let mut word = offset / ALIGNMENT;
     let skip = offset % ALIGNMENT;
@@ -272,6 +286,7 @@ fn read_words(words: &[AtomicU64], offset: usize, buf: &mut [u8]) {
 
 /// Copies `data` into `words` starting `offset` bytes in. Partial words at the edges are
 /// read, merged and written back; the writer owns those bytes while it writes them.
+#[inline]
 fn write_words(words: &[AtomicU64], offset: usize, data: &[u8]) {
     let mut word = offset / ALIGNMENT;
     let skip = offset % ALIGNMENT;
@@ -343,18 +358,23 @@ impl<'a> SliceMem<'a> {
 }
 
 impl RingMem for SliceMem<'_> {
+    #[inline]
     fn data_len(&self) -> usize {
         self.data.len() * 8
     }
+    #[inline]
     fn load_control(&self, word: ControlWord) -> u32 {
         self.control.load(word)
     }
+    #[inline]
     fn store_control(&self, word: ControlWord, value: u32) {
         self.control.store(word, value)
     }
+    #[inline]
     fn read_data(&self, offset: usize, buf: &mut [u8]) {
         read_words(self.data, offset, buf)
     }
+    #[inline]
     fn write_data(&self, offset: usize, data: &[u8]) {
         write_words(self.data, offset, data)
     }
@@ -384,6 +404,7 @@ impl<'a, L: AsRef<[&'a DataPage]>> PageListMem<'a, L> {
         self.pages.as_ref()
     }
 
+    #[inline]
     fn for_each_page(
         &self,
         offset: usize,
@@ -403,20 +424,25 @@ impl<'a, L: AsRef<[&'a DataPage]>> PageListMem<'a, L> {
 }
 
 impl<'a, L: AsRef<[&'a DataPage]>> RingMem for PageListMem<'a, L> {
+    #[inline]
     fn data_len(&self) -> usize {
         self.pages.as_ref().len() * PAGE_SIZE
     }
+    #[inline]
     fn load_control(&self, word: ControlWord) -> u32 {
         self.control.load(word)
     }
+    #[inline]
     fn store_control(&self, word: ControlWord, value: u32) {
         self.control.store(word, value)
     }
+    #[inline]
     fn read_data(&self, offset: usize, buf: &mut [u8]) {
         self.for_each_page(offset, buf.len(), |page, in_page, range| {
             read_words(&page.0, in_page, &mut buf[range])
         })
     }
+    #[inline]
     fn write_data(&self, offset: usize, data: &[u8]) {
         self.for_each_page(offset, data.len(), |page, in_page, range| {
             write_words(&page.0, in_page, &data[range])
@@ -494,18 +520,23 @@ impl HeapMem {
 
 #[cfg(feature = "alloc")]
 impl RingMem for HeapMem {
+    #[inline]
     fn data_len(&self) -> usize {
         self.data.len() * 8
     }
+    #[inline]
     fn load_control(&self, word: ControlWord) -> u32 {
         self.control.load(word)
     }
+    #[inline]
     fn store_control(&self, word: ControlWord, value: u32) {
         self.control.store(word, value)
     }
+    #[inline]
     fn read_data(&self, offset: usize, buf: &mut [u8]) {
         read_words(&self.data, offset, buf)
     }
+    #[inline]
     fn write_data(&self, offset: usize, data: &[u8]) {
         write_words(&self.data, offset, data)
     }

@@ -59,6 +59,7 @@ pub enum PacketType {
 
 impl PacketType {
     /// The type for a raw descriptor value, or `None` for a type vmlink does not speak.
+    #[inline]
     pub const fn from_raw(raw: u16) -> Option<Self> {
         match raw {
             6 => Some(Self::InBand),
@@ -70,6 +71,7 @@ impl PacketType {
     }
 
     /// The value stored in a descriptor's `type` field.
+    #[inline]
     pub const fn raw(self) -> u16 {
         self as u16
     }
@@ -173,6 +175,7 @@ pub struct TransferPageRange {
 }
 
 /// Rounds `len` up to the ring's 8-byte alignment; `None` on overflow.
+#[inline]
 pub const fn align8(len: usize) -> Option<usize> {
     match len.checked_add(ALIGNMENT - 1) {
         Some(v) => Some(v & !(ALIGNMENT - 1)),
@@ -186,6 +189,7 @@ pub const fn align8(len: usize) -> Option<usize> {
 /// A write needs free space strictly greater than the packet plus its trailer, so a packet
 /// may never fill the data area to the last byte (interop: Linux and DPDK allow
 /// `data_len - 8`; vmlink never relies on that).
+#[inline]
 pub const fn max_packet_len(data_len: usize) -> usize {
     let by_ring = data_len.saturating_sub(DESCRIPTOR_SIZE);
     if by_ring < MAX_DESCRIBABLE_PACKET_LEN {
@@ -197,6 +201,7 @@ pub const fn max_packet_len(data_len: usize) -> usize {
 
 /// Length of the packet (trailer excluded) that carries `header_len` bytes of extra header
 /// and `payload_len` bytes of payload, padded to 8 bytes; `None` on overflow.
+#[inline]
 pub const fn packet_len(header_len: usize, payload_len: usize) -> Option<usize> {
     match DESCRIPTOR_SIZE.checked_add(header_len) {
         Some(h) => match h.checked_add(payload_len) {
@@ -208,6 +213,7 @@ pub const fn packet_len(header_len: usize, payload_len: usize) -> Option<usize> 
 }
 
 /// The trailer value Linux writes after a packet: its start offset in the high 32 bits.
+#[inline]
 pub const fn trailer_for(start: u32) -> u64 {
     (start as u64) << 32
 }
