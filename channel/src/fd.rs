@@ -241,8 +241,10 @@ impl EventFdDoorbell {
 impl Doorbell for EventFdDoorbell {
     /// Adds 1 to the peer's eventfd. A saturated counter (`EAGAIN`) is already rung, so that
     /// is success too. Never reports [`DoorbellError::PeerClosed`]: writing to a departed
-    /// peer's eventfd is harmless, and the channel checks [`peer_closed`] before it sends.
+    /// peer's eventfd is harmless; the channel learns of a departure from [`wait`] and
+    /// asks [`peer_closed`] when a receive finds nothing or a send finds the ring full.
     ///
+    /// [`wait`]: Doorbell::wait
     /// [`peer_closed`]: Doorbell::peer_closed
     fn signal(&self) -> Result<(), DoorbellError> {
         add_one(self.signal.as_fd())

@@ -65,6 +65,10 @@ struct HubState {
     /// A thread is blocked in `Doorbell::wait`; others wait on the condition variable.
     #[cfg(feature = "alloc")]
     sleeper: bool,
+    /// Threads waiting on the condition variable (a notification with none is skipped: it
+    /// would still cost a system call).
+    #[cfg(feature = "std")]
+    cv_waiters: u32,
     /// Tasks waiting for the next event.
     #[cfg(feature = "alloc")]
     wakers: Vec<Waker>,
@@ -95,7 +99,9 @@ impl Hub {
         let _ = st;
         st.generation = st.generation.wrapping_add(1);
         #[cfg(feature = "std")]
-        self.cv.notify_all();
+        if st.cv_waiters > 0 {
+            self.cv.notify_all();
+        }
         #[cfg(feature = "alloc")]
         for w in st.wakers.drain(..) {
             w.wake();
@@ -142,14 +148,17 @@ impl Hub {
             self.bump(&mut st);
             return woke.map(|w| w == Wake::Signalled);
         }
-        match timeout {
-            None => drop(self.cv.wait(st).unwrap_or_else(|e| e.into_inner())),
-            Some(t) => drop(
+        st.cv_waiters += 1;
+        let mut st = match timeout {
+            None => self.cv.wait(st).unwrap_or_else(|e| e.into_inner()),
+            Some(t) => {
                 self.cv
                     .wait_timeout(st, t)
-                    .unwrap_or_else(|e| e.into_inner()),
-            ),
-        }
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0
+            }
+        };
+        st.cv_waiters -= 1;
         Ok(false)
     }
 
