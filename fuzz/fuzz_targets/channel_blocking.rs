@@ -14,7 +14,9 @@
 //! Every request carries a token naming its caller; the peer's completion for a transaction
 //! id carries the token of the request that had that id (or a token nobody owns). Asserted:
 //! - every blocking call returns within its deadline plus [`SLACK`], every `try_` call
-//!   within [`SLACK`];
+//!   within [`SLACK`] (unless the whole process was stopped meanwhile: a monitor thread
+//!   that wakes every few milliseconds notices such stalls, e.g. `SIGSTOP` or a suspended
+//!   machine, and excuses calls that overlapped one);
 //! - each call returns only the errors its documentation names; `Closed` only once the
 //!   peer left;
 //! - an `Err(Failed(c))` means `state() == Failed(c)`; every failure any thread sees has the
@@ -34,7 +36,7 @@
 #![no_main]
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -188,6 +190,44 @@ static PENDING: [AtomicUsize; WORKERS] = [const { AtomicUsize::new(0) }; WORKERS
 
 type Job = Box<dyn FnOnce() + Send>;
 
+/// When the monitor last woke up much later than it asked to (the process did not run):
+/// nanoseconds since [`epoch`], 0 if never.
+static LAST_STALL: AtomicU64 = AtomicU64::new(0);
+/// A wake-up this much later than asked for is a stall of the whole process.
+const STALL: Duration = Duration::from_millis(250);
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// Starts the stall monitor once.
+fn start_monitor() {
+    static STARTED: OnceLock<()> = OnceLock::new();
+    STARTED.get_or_init(|| {
+        epoch();
+        thread::Builder::new()
+            .name("stall monitor".into())
+            .spawn(|| {
+                loop {
+                    let before = Instant::now();
+                    thread::sleep(Duration::from_millis(5));
+                    let now = Instant::now();
+                    if now - before > STALL {
+                        LAST_STALL.store((now - epoch()).as_nanos() as u64, Ordering::SeqCst);
+                    }
+                }
+            })
+            .unwrap();
+    });
+}
+
+/// True when the process was stalled at some point after `since`.
+fn stalled_since(since: Instant) -> bool {
+    let last = LAST_STALL.load(Ordering::SeqCst);
+    last != 0 && epoch() + Duration::from_nanos(last) >= since
+}
+
 /// The worker threads, started once and kept for every input (threads started and ended per
 /// input would cost more than the input, and leave thread-exit records LeakSanitizer
 /// reports).
@@ -214,7 +254,7 @@ fn wait_idle(w: usize) {
     let start = Instant::now();
     while PENDING[w].load(Ordering::SeqCst) > 0 {
         assert!(
-            start.elapsed() < Duration::from_secs(5),
+            start.elapsed() < Duration::from_secs(5) || stalled_since(start),
             "worker {w} never finished"
         );
         thread::sleep(Duration::from_micros(50));
@@ -462,7 +502,15 @@ fn run_work(sh: &Shared, worker: usize, seq: u64, work: &Work) {
         }
     };
     let took = start.elapsed();
-    assert!(took <= limit, "{what} took {took:?} (limit {limit:?})");
+    // A stall ends when the monitor runs again, which may be a little after this thread
+    // does: give it time to report one before calling the call late.
+    if took > limit {
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        took <= limit || stalled_since(start),
+        "{what} took {took:?} (limit {limit:?})"
+    );
     match result {
         Ok(()) => assert!(
             failed_before.is_none(),
@@ -633,6 +681,7 @@ fuzz_target!(|input: Input| {
         b_failed: false,
     };
     let sh = Arc::new(sh);
+    start_monitor();
     let pool = workers();
     let mut seqs = [0u64; WORKERS];
 
