@@ -888,3 +888,133 @@ fn number(v: f64) -> String {
         format!("{v}")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bench(ns: f64, per_iter: Per) -> Bench {
+        Bench { ns, per_iter }
+    }
+
+    fn report() -> Report {
+        let mut results = Results::new();
+        let rtt = results.entry("rtt_64".into()).or_default();
+        rtt.insert(
+            "floor/atomic_pingpong".into(),
+            bench(100.0, Per::Elements(1.0)),
+        );
+        rtt.insert(
+            "vmlink/channel_polling_call".into(),
+            bench(120.0, Per::Elements(1.0)),
+        );
+        rtt.insert("rtrb/pair".into(), bench(110.0, Per::Elements(1.0)));
+        let payload = results.entry("rtt_payload".into()).or_default();
+        for (p, f, v) in [(0, 50.0, 60.0), (64, 55.0, 70.0), (4096, 400.0, 900.0)] {
+            payload.insert(format!("floor/handoff/{p}"), bench(f, Per::Elements(1.0)));
+            payload.insert(
+                format!("vmlink/ring_polling/{p}"),
+                bench(v, Per::Elements(1.0)),
+            );
+        }
+        let bulk = results.entry("bulk".into()).or_default();
+        bulk.insert(
+            "floor/cross_core_handoff/64KiB".into(),
+            bench(10_000.0, Per::Bytes(65536.0)),
+        );
+        bulk.insert(
+            "vmlink/ring_in_place/64KiB".into(),
+            bench(20_000.0, Per::Bytes(65536.0)),
+        );
+        Report {
+            results,
+            signals: "# doorbells\nsignals/vmlink/channel_blocking_saturated: 1000 packets; \
+                      doorbells/packet 0.0040 (producer->consumer 4 = 0.0040/packet)\n"
+                .into(),
+            machine: Machine {
+                cpu: "test CPU".into(),
+                cpus: 2,
+                kernel: "6.0".into(),
+                rustc: "rustc 1.0".into(),
+                load: "0.00 0.00 0.00".into(),
+            },
+            quick: false,
+        }
+    }
+
+    #[test]
+    fn parameters_split_and_sort_by_size() {
+        assert_eq!(
+            split_param("vmlink/ring_copy/64KiB"),
+            ("vmlink/ring_copy", Some("64KiB"))
+        );
+        assert_eq!(split_param("rtrb/pair"), ("rtrb/pair", None));
+        assert_eq!(
+            split_param("unix/socketpair/0"),
+            ("unix/socketpair", Some("0"))
+        );
+        assert_eq!(param_value(Some("64KiB")), 65536.0);
+        assert_eq!(param_value(Some("4MiB")), 4.0 * 1024.0 * 1024.0);
+        assert_eq!(param_value(Some("4096")), 4096.0);
+        assert!(param_value(None) < param_value(Some("0")));
+    }
+
+    #[test]
+    fn targets_are_ratios_of_the_same_run() {
+        let r = report();
+        let t = r.targets();
+        let polling = &t[0];
+        let (ratio, text) = polling.measured.clone().expect("measured");
+        assert!((ratio - 1.2).abs() < 1e-9, "{text}");
+        assert!((polling.met)(ratio), "1.2x the floor meets a 1.3x target");
+        let in_place = t
+            .iter()
+            .find(|t| t.what.starts_with("64 KiB in place vs the cross-core"))
+            .expect("listed");
+        let (ratio, _) = in_place.measured.clone().expect("measured");
+        assert!((ratio - 0.5).abs() < 1e-9);
+        assert!(!(in_place.met)(ratio), "half the floor misses 0.8x");
+        let doorbells = t
+            .iter()
+            .find(|t| t.what.contains("saturated stream (blocking"))
+            .expect("listed");
+        assert_eq!(doorbells.measured.as_ref().map(|m| m.0), Some(0.004));
+        let missing = t
+            .iter()
+            .find(|t| t.what.contains("two processes vs two threads"))
+            .expect("listed");
+        assert!(
+            missing.measured.is_none(),
+            "absent results are not invented"
+        );
+    }
+
+    #[test]
+    fn markdown_has_every_result_with_its_ratio() {
+        let md = report().markdown(&[]);
+        assert!(md.contains("Machine: test CPU, 2 CPUs"));
+        assert!(
+            md.contains("| `vmlink/channel_polling_call` | 120 ns | 8.33 M/s | 1.20× |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| `vmlink/ring_polling/4096` | 900 ns | 1.11 M/s | 2.25× |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| `vmlink/ring_in_place/64KiB` | 20.00 µs | 3.28 GB/s | 0.50× |"),
+            "{md}"
+        );
+        assert!(md.contains("0.0040 doorbells/packet | yes |"), "{md}");
+    }
+
+    #[test]
+    fn plots_draw_one_line_per_function() {
+        let r = report();
+        let svg = r.plot(&PLOTS[0]).expect("rtt_payload ran");
+        assert_eq!(svg.matches("<polyline").count(), 2);
+        assert!(svg.contains("floor/handoff") && svg.contains("vmlink/ring_polling"));
+        assert!(svg.contains(">4096</text>"));
+        assert!(r.plot(&PLOTS[1]).is_none(), "scaling_ring did not run");
+    }
+}

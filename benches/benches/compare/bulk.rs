@@ -12,7 +12,11 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::Instant;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use criterion::{Criterion, Throughput};
+use vmlink_channel::packet::GpaRange;
+use vmlink_channel::{ChannelError, Config, in_process_channel_pair};
 use vmlink_ring::{HeapMem, OutgoingPacket, PacketMeta, Reader, WriteError, Writer};
 
 use crate::harness::{
@@ -37,6 +41,7 @@ pub fn bulk(c: &mut Criterion) {
         memcpy_single_core(&mut g, size);
         vmlink_copy(&mut g, size);
         vmlink_in_place(&mut g, size);
+        vmlink_gpa_direct(&mut g, size);
         rtrb_chunks(&mut g, size);
         unix_socket(&mut g, size);
     }
@@ -289,5 +294,109 @@ fn unix_socket(g: &mut Group<'_>, size: usize) {
             0
         },
         consumer_saw_all("unix/socket", size),
+    );
+}
+
+/// Buffers of the GPA-direct case: packets in flight at most.
+const GPA_SLOTS: usize = 8;
+/// Bytes in a page of the buffer area.
+const PAGE: usize = 4096;
+
+/// vmlink's GPA-direct path, as a block device would use it: the producer writes each
+/// packet into one of [`GPA_SLOTS`] buffers of a shared buffer area (word stores, as into
+/// memory the peer maps) and sends a GPA-direct descriptor naming its pages through the
+/// channel; the consumer parses the ranges, reads the pages straight out of the buffer
+/// area and hands the buffer back with an in-band message carrying its number.
+fn vmlink_gpa_direct(g: &mut Group<'_>, size: usize) {
+    let pages_per_slot = size / PAGE;
+    let area: Arc<[AtomicU64]> = (0..GPA_SLOTS * size / 8)
+        .map(|_| AtomicU64::new(0))
+        .collect();
+    let config =
+        Config::polling(crate::rtt::SPIN).with_gpa_page_limit((GPA_SLOTS * pages_per_slot) as u64);
+    let (tx, rx) = in_process_channel_pair(64 * 1024, config).expect("channel pair");
+    let per_page = PAGE / BULK_STRIDE;
+    let peer = {
+        let area = Arc::clone(&area);
+        let mut check = Check::new(BULK_STRIDE);
+        let mut page = vec![0u8; PAGE];
+        let mut scratch = [0u8; 256];
+        Peer::spawn("gpa-consumer", move |n| {
+            for _ in 0..n {
+                let mut guard = rx.recv_in_place(None).expect("a GPA-direct packet");
+                let range = guard
+                    .gpa_ranges(&mut scratch)
+                    .expect("valid ranges")
+                    .next()
+                    .expect("one range");
+                assert_eq!(range.byte_count as usize, size, "whole packet in one range");
+                let mut first_page = None;
+                for (i, p) in range.pages().enumerate() {
+                    first_page.get_or_insert(p);
+                    let words = &area[p as usize * (PAGE / 8)..(p as usize + 1) * (PAGE / 8)];
+                    for (w, out) in words.iter().zip(page.as_chunks_mut::<8>().0) {
+                        *out = w.load(Ordering::Relaxed).to_le_bytes();
+                    }
+                    check.part(&page, i * per_page);
+                }
+                check.end_packet();
+                drop(guard);
+                let slot = first_page.expect("pages") / pages_per_slot as u64;
+                rx.send(&slot.to_le_bytes(), None)
+                    .expect("hand the buffer back");
+            }
+            check.round()
+        })
+    };
+    let mut free: Vec<u64> = (0..GPA_SLOTS as u64).collect();
+    let mut pages = vec![0u64; pages_per_slot];
+    let mut src = vec![0xa5u8; size];
+    let mut back = [0u8; 8];
+    let mut seq = 0u64;
+    bench_pair(
+        g,
+        id("vmlink/gpa_direct", size),
+        peer,
+        move |n| {
+            for _ in 0..n {
+                let slot = loop {
+                    if let Some(s) = free.pop() {
+                        break s;
+                    }
+                    let r = tx.recv(&mut back, None).expect("a buffer handed back");
+                    assert_eq!(r.payload_len, 8);
+                    free.push(u64::from_le_bytes(back));
+                };
+                let first = slot as usize * pages_per_slot;
+                let data = source(&mut src, seq);
+                let words = &area[first * (PAGE / 8)..(first + pages_per_slot) * (PAGE / 8)];
+                for (w, b) in words.iter().zip(data.as_chunks::<8>().0) {
+                    w.store(u64::from_le_bytes(*b), Ordering::Relaxed);
+                }
+                for (i, p) in pages.iter_mut().enumerate() {
+                    *p = (first + i) as u64;
+                }
+                let ranges = [GpaRange {
+                    byte_offset: 0,
+                    byte_count: size as u32,
+                    pages: &pages,
+                }];
+                // The channel's release store of the write index publishes the stores above.
+                match tx.send_gpa_direct(&ranges, &[], PacketMeta::in_band(), None) {
+                    Ok(()) => {}
+                    Err(ChannelError::Closed) => panic!("consumer gone"),
+                    Err(e) => panic!("GPA-direct send failed: {e}"),
+                }
+                seq += 1;
+            }
+            // Every buffer of the round comes back before the round ends, so the next
+            // round starts with all of them free.
+            while free.len() < GPA_SLOTS {
+                tx.recv(&mut back, None).expect("a buffer handed back");
+                free.push(u64::from_le_bytes(back));
+            }
+            0
+        },
+        consumer_saw_all("vmlink/gpa_direct", size),
     );
 }
