@@ -6,6 +6,7 @@
 
 #[cfg(feature = "alloc")]
 use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 #[cfg(feature = "alloc")]
 use core::task::{Context, Poll, Waker};
 #[cfg(feature = "std")]
@@ -59,9 +60,6 @@ impl<T> Lock<T> {
 
 #[derive(Debug, Default)]
 struct HubState {
-    /// Bumped on every event a waiter may care about: the doorbell rang, the peer left,
-    /// a completion was stored, queue space was freed.
-    generation: u64,
     /// A thread is blocked in `Doorbell::wait`; others wait on the condition variable.
     #[cfg(feature = "alloc")]
     sleeper: bool,
@@ -74,6 +72,22 @@ struct HubState {
     wakers: Vec<Waker>,
 }
 
+impl HubState {
+    /// How many parties an event must wake: the doorbell sleeper, condition-variable
+    /// waiters, registered tasks.
+    #[cfg(feature = "alloc")]
+    fn waiting(&self) -> u32 {
+        #[allow(unused_mut)]
+        let mut n = u32::from(self.sleeper)
+            .saturating_add(self.wakers.len().try_into().unwrap_or(u32::MAX));
+        #[cfg(feature = "std")]
+        {
+            n = n.saturating_add(self.cv_waiters);
+        }
+        n
+    }
+}
+
 /// Where every waiter of a channel waits, so that one doorbell serves them all: at most one
 /// thread blocks in the doorbell at a time, and whatever wakes it is broadcast.
 ///
@@ -81,39 +95,69 @@ struct HubState {
 /// set the pending send size) and re-checks it, then waits for the generation to move. An
 /// event between the read and the wait is never lost: either it bumped the generation
 /// already, or its doorbell ring is still pending for whoever sleeps next.
+///
+/// The generation is an atomic, so reading it and announcing an event nobody waits for
+/// take no lock: an announcer bumps the generation and then looks at `waiting`; a waiter
+/// raises `waiting` (under the lock) and then looks at the generation again. Both in
+/// sequentially consistent order, so at least one of them sees the other.
 #[derive(Debug, Default)]
 pub(crate) struct Hub {
+    generation: AtomicU64,
+    waiting: AtomicU32,
     state: Lock<HubState>,
     #[cfg(feature = "std")]
     cv: std::sync::Condvar,
 }
 
 impl Hub {
+    /// The current generation; a waiter passes it to `wait` / `poll_wait`.
     #[cfg(feature = "alloc")]
     pub(crate) fn generation(&self) -> u64 {
-        self.state.lock().generation
+        self.generation.load(Ordering::SeqCst)
     }
 
-    fn bump(&self, st: &mut HubState) {
+    /// Publishes how many wait, after a change under the lock.
+    #[cfg(feature = "alloc")]
+    fn recount(&self, st: &HubState) {
+        self.waiting.store(st.waiting(), Ordering::SeqCst);
+    }
+
+    /// Wakes everyone waiting on the condition variable or as a task (the lock held; the
+    /// generation already bumped).
+    fn wake_all(&self, st: &mut HubState) {
         #[cfg(not(feature = "alloc"))]
         let _ = st;
-        st.generation = st.generation.wrapping_add(1);
         #[cfg(feature = "std")]
         if st.cv_waiters > 0 {
             self.cv.notify_all();
         }
         #[cfg(feature = "alloc")]
-        for w in st.wakers.drain(..) {
-            w.wake();
+        if !st.wakers.is_empty() {
+            for w in st.wakers.drain(..) {
+                w.wake();
+            }
+            self.recount(st);
         }
+    }
+
+    /// A new event for every waiter (the lock held).
+    #[cfg(feature = "alloc")]
+    fn bump(&self, st: &mut HubState) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.wake_all(st);
     }
 
     /// Announces an event that did not come through the doorbell, waking a thread blocked
     /// in the doorbell too (it may be waiting for exactly this: a completion another
-    /// thread took off the ring while interrupts were masked).
+    /// thread took off the ring while interrupts were masked). With nobody waiting this is
+    /// one atomic add.
     pub(crate) fn notify<D: crate::doorbell::Doorbell + ?Sized>(&self, doorbell: &D) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        if self.waiting.load(Ordering::SeqCst) == 0 {
+            return;
+        }
         let mut st = self.state.lock();
-        self.bump(&mut st);
+        self.wake_all(&mut st);
         #[cfg(feature = "alloc")]
         if st.sleeper {
             // A failure here leaves the sleeper to its own timeout or the next real ring;
@@ -134,21 +178,36 @@ impl Hub {
         timeout: Option<Duration>,
     ) -> Result<bool, crate::doorbell::DoorbellError> {
         let mut st = self.state.lock();
-        if st.generation != seen {
+        if self.generation() != seen {
             return Ok(false);
         }
         if !st.sleeper {
             st.sleeper = true;
+            self.recount(&st);
+            // An event announced before `waiting` rose was not seen as needing a wake:
+            // look once more.
+            if self.generation() != seen {
+                st.sleeper = false;
+                self.recount(&st);
+                return Ok(false);
+            }
             drop(st);
             let woke = doorbell.wait(timeout);
             let mut st = self.state.lock();
             st.sleeper = false;
+            self.recount(&st);
             // Whatever happened, let every waiter look (and one of them take over the
             // doorbell).
             self.bump(&mut st);
             return woke.map(|w| w == Wake::Signalled);
         }
         st.cv_waiters += 1;
+        self.recount(&st);
+        if self.generation() != seen {
+            st.cv_waiters -= 1;
+            self.recount(&st);
+            return Ok(false);
+        }
         let mut st = match timeout {
             None => self.cv.wait(st).unwrap_or_else(|e| e.into_inner()),
             Some(t) => {
@@ -159,6 +218,7 @@ impl Hub {
             }
         };
         st.cv_waiters -= 1;
+        self.recount(&st);
         Ok(false)
     }
 
@@ -173,7 +233,7 @@ impl Hub {
         cx: &mut Context<'_>,
     ) -> Poll<Result<bool, DoorbellError>> {
         let mut st = self.state.lock();
-        if st.generation != seen {
+        if self.generation() != seen {
             return Poll::Ready(Ok(false));
         }
         if !st.sleeper {
@@ -187,6 +247,11 @@ impl Hub {
         }
         if !st.wakers.iter().any(|w| w.will_wake(cx.waker())) {
             st.wakers.push(cx.waker().clone());
+            self.recount(&st);
+        }
+        // As in `wait`: an event announced before we were counted is seen now.
+        if self.generation() != seen {
+            return Poll::Ready(Ok(false));
         }
         Poll::Pending
     }
@@ -199,5 +264,6 @@ impl Hub {
         for w in st.wakers.drain(..) {
             w.wake();
         }
+        self.recount(&st);
     }
 }
