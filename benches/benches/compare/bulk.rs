@@ -43,6 +43,8 @@ pub fn bulk(c: &mut Criterion) {
         vmlink_in_place(&mut g, size);
         vmlink_gpa_direct(&mut g, size);
         rtrb_chunks(&mut g, size);
+        #[cfg(feature = "iceoryx2")]
+        crate::iceoryx::publish_subscribe(&mut g, id("iceoryx2/publish_subscribe", size), size);
         unix_socket(&mut g, size);
     }
     g.finish();

@@ -14,6 +14,17 @@
 //! cargo test -p vmlink-benches --benches
 //! ```
 //!
+//! iceoryx2 joins as a further peer (`rtt_64/iceoryx2/request_response` and
+//! `bulk/iceoryx2/publish_subscribe/<size>KiB`, in `iceoryx.rs`) with the off-by-default
+//! `iceoryx2` feature, which neither the CI short mode nor clippy builds: iceoryx2 is heavy
+//! to build, needs libclang for its bindings (Debian: `libclang-dev`) and Rust 1.89.
+//!
+//! ```text
+//! cargo bench -p vmlink-benches --features iceoryx2              # all groups, with iceoryx2
+//! cargo bench -p vmlink-benches --features iceoryx2 -- iceoryx2  # only its cases
+//! cargo test -p vmlink-benches --features iceoryx2 --benches -- iceoryx2
+//! ```
+//!
 //! Groups, each with its peers and floors so every ratio comes from one run:
 //! - `rtt_64` ([`rtt`]): round trip of a 64-byte request and response.
 //! - `stream_64` ([`stream`]): 64-byte payloads streamed one way.
@@ -30,6 +41,8 @@
 mod bulk;
 mod cross_process;
 mod harness;
+#[cfg(feature = "iceoryx2")]
+mod iceoryx;
 mod rtt;
 mod scaling;
 mod signals;

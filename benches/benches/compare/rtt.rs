@@ -39,6 +39,8 @@ pub fn rtt_64(c: &mut Criterion) {
     let (a, b) = eventfd_channel_pair(Config::default());
     vmlink_channel(&mut g, "vmlink/channel_blocking_eventfd_call", a, b, true);
     rtrb_pair(&mut g);
+    #[cfg(feature = "iceoryx2")]
+    crate::iceoryx::request_response(&mut g);
     eventfd_pingpong(&mut g);
     socketpair(&mut g);
     pipe_pair(&mut g);
