@@ -69,7 +69,8 @@ impl<M: RingMem, D: AsyncDoorbell> Channel<M, D> {
             if let Some(r) = self.try_recv(buf)? {
                 return Ok(r);
             }
-            if self.prepare_recv_wait()? == WaitDecision::Sleep {
+            // Not `prepare_recv_wait`: this wait goes through the hub.
+            if self.prepare_wait_for(true)? == WaitDecision::Sleep {
                 self.count_receive_sleep();
                 self.event(seen).await?;
             }

@@ -2,7 +2,7 @@
 
 #[cfg(feature = "alloc")]
 use alloc::{collections::VecDeque, vec::Vec};
-use core::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use core::time::Duration;
 #[cfg(feature = "std")]
 use std::time::Instant;
@@ -235,6 +235,9 @@ struct RxState<M: RingMem> {
     /// Completions stored for waiting callers, by transaction slot.
     #[cfg(feature = "alloc")]
     stored: Vec<Vec<u8>>,
+    /// A polling spinner masked the incoming ring's interrupts and left them masked
+    /// (nobody was waiting for a signal); arming for sleep unmasks and clears this.
+    spin_masked: bool,
 }
 
 /// A VMBus-style channel: packets out through one ring, in through the other, and a
@@ -252,6 +255,10 @@ pub struct Channel<M: RingMem, D: Doorbell> {
     counters: AtomicCounters,
     txns: Transactions,
     hub: Hub,
+    /// Someone arms the reader through the public `prepare_recv_wait` and waits on the
+    /// doorbell outside the hub: polling spinners must then always unmask on their way
+    /// out, as the hub cannot tell whether that waiter still sleeps.
+    external_waits: AtomicBool,
     config: Config,
 }
 
@@ -286,6 +293,7 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
                 pool: Vec::with_capacity(config.queue_depth),
                 #[cfg(feature = "alloc")]
                 stored: (0..MAX_TRANSACTIONS).map(|_| Vec::new()).collect(),
+                spin_masked: false,
             }),
             doorbell,
             state: AtomicU8::new(OPEN),
@@ -293,6 +301,7 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
             counters: AtomicCounters::default(),
             txns: Transactions::new(),
             hub: Hub::default(),
+            external_waits: AtomicBool::new(false),
             config,
         })
     }
@@ -612,6 +621,7 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
     /// Arms the reader for sleeping: unmask interrupts, fence, look again. Returns true
     /// when it is safe to sleep.
     fn arm_reader(&self, rx: &mut RxState<M>) -> Result<bool, ChannelError> {
+        rx.spin_masked = false;
         let (decision, signal) = rx.reader.prepare_wait().map_err(|e| self.fail(e))?;
         self.signal(signal)?;
         Ok(decision == WaitDecision::Sleep)
@@ -640,6 +650,7 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
     /// unmasks interrupts, fences and looks again. On [`WaitDecision::Sleep`] the peer
     /// will signal when it sends; wait with `self.doorbell().wait(..)`.
     pub fn prepare_recv_wait(&self) -> Result<WaitDecision, ChannelError> {
+        self.external_waits.store(true, Ordering::SeqCst);
         self.prepare_wait_for(true)
     }
 
@@ -1509,16 +1520,24 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
         self.send_gpa_direct_until(ranges, payload, meta, Until::Deadline(deadline))
     }
 
-    /// Polling mode: looks at the ring up to `spin_iterations` times with backoff and
-    /// interrupts masked, so the peer need not signal while we spin. Returns true when
-    /// something arrived. Interrupts are unmasked again before it returns (with a fence
-    /// and a last look), so a thread that sleeps meanwhile is never left without signals;
-    /// anything that arrived unsignalled is announced to the other waiters.
+    /// Polling mode: looks at the ring up to `spin_iterations` times with interrupts
+    /// masked, so the peer need not signal while we spin. Returns true when something
+    /// arrived. If another thread of this channel waits (or may wait, see
+    /// `external_waits`), interrupts are unmasked again before it returns (with a fence
+    /// and a last look), so that thread is never left without signals, and anything that
+    /// arrived unsignalled is announced; with nobody waiting they stay masked for the next
+    /// spin.
     fn spin_for_data(&self, queued: bool) -> Result<bool, ChannelError> {
         if self.config.spin_iterations == 0 {
             return Ok(false);
         }
-        self.rx.lock().reader.mask_interrupts();
+        {
+            let mut rx = self.rx.lock();
+            if !rx.spin_masked {
+                rx.reader.mask_interrupts();
+                rx.spin_masked = true;
+            }
+        }
         let mut found = false;
         // No backoff: a look reads the peer's write index, a cache line that stays shared
         // (costing no traffic) until the peer writes it, and a backoff of even 64 pause
@@ -1542,6 +1561,13 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
                 found = true;
                 break;
             }
+        }
+        // Found something and nobody waits for a signal: leave the interrupts masked, so
+        // the peer keeps not signalling while this channel polls. The generation moves
+        // first, so a waiter that armed before we masked and registers after this looks
+        // again and re-arms (`Hub::announce` explains the order).
+        if found && !self.external_waits.load(Ordering::SeqCst) && !self.hub.announce() {
+            return Ok(true);
         }
         let ready = {
             let mut rx = self.rx.lock();

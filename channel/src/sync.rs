@@ -147,6 +147,17 @@ impl Hub {
         self.wake_all(st);
     }
 
+    /// Moves the generation without waking anyone, and says whether anyone waits (then
+    /// the caller must also [`notify`](Self::notify) them). The order is the point: the
+    /// generation first, then the count; a waiter raises the count first, then reads the
+    /// generation. A waiter not counted yet therefore sees the new generation and looks
+    /// again.
+    #[cfg(feature = "std")]
+    pub(crate) fn announce(&self) -> bool {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.waiting.load(Ordering::SeqCst) != 0
+    }
+
     /// Announces an event that did not come through the doorbell, waking a thread blocked
     /// in the doorbell too (it may be waiting for exactly this: a completion another
     /// thread took off the ring while interrupts were masked). With nobody waiting this is
