@@ -237,6 +237,13 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// Under Miri (which runs the in-process suite with its data-race detector), loops that
+/// repeat the same exchange many times run fewer rounds: `n` natively, about a twentieth
+/// (at least 2) under Miri.
+fn rounds(n: u64) -> u64 {
+    if cfg!(miri) { n.div_ceil(20).max(2) } else { n }
+}
+
 /// A deadline comfortably past anything a check waits for.
 fn soon() -> Option<Instant> {
     Some(Instant::now() + Duration::from_secs(20))
@@ -342,10 +349,11 @@ fn sizes_b<M: RingMem, D: Doorbell>(e: End<M, D>) {
 /// Many calls from many threads at once, each getting its own completion.
 fn calls_a<M: RingMem + Send + Sync, D: Doorbell + Send + Sync>(e: End<M, D>) {
     let ch = &e.channel;
+    let (threads, calls) = if cfg!(miri) { (4, 3) } else { (8, 200) };
     thread::scope(|s| {
-        for t in 0..8u64 {
+        for t in 0..threads {
             s.spawn(move || {
-                for i in 0..200u64 {
+                for i in 0..calls {
                     let request = pattern(t * 1000 + i, 8 + (i as usize % 100) * 8);
                     let mut response = std::vec![0u8; 1024];
                     let len = ch.call(&request, &mut response, soon()).expect("call");
@@ -814,8 +822,9 @@ fn flow_b<M: RingMem, D: Doorbell>(e: End<M, D>) {
 /// Polling mode receives everything and loses no wake-up when the spin runs out.
 fn polling_a<M: RingMem, D: Doorbell>(e: End<M, D>) {
     let ch = e.channel;
-    for i in 0..2000u64 {
-        if i % 500 == 0 {
+    let n = rounds(2000);
+    for i in 0..n {
+        if i % (n / 4) == 0 {
             // Long pauses make the receiver run out of spins and sleep.
             thread::sleep(Duration::from_millis(5));
         }
@@ -828,7 +837,7 @@ fn polling_a<M: RingMem, D: Doorbell>(e: End<M, D>) {
 fn polling_b<M: RingMem, D: Doorbell>(e: End<M, D>) {
     let ch = e.channel;
     let mut buf = [0u8; 64];
-    for i in 0..2000u64 {
+    for i in 0..rounds(2000) {
         let r = ch.recv(&mut buf, soon()).expect("recv");
         assert_eq!(r.payload(&buf), &i.to_le_bytes());
     }

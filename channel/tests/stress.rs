@@ -807,6 +807,11 @@ fn stress_polling_mode() {
 /// The race is armed on purpose: the peer completes only while the mask is set, and the run
 /// counts only if the completion went out without a signal (otherwise it retries).
 #[test]
+#[cfg_attr(
+    miri,
+    ignore = "spins 5000 times per poll round for 200 ms of the virtual clock: hours under \
+              Miri; the polling-mode stress run covers the same paths"
+)]
 fn polling_receiver_does_not_strand_a_sleeping_caller() {
     use std::sync::Arc;
     use vmlink_channel::{Channel, in_process_pair};
