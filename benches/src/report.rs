@@ -41,16 +41,19 @@ struct Args {
     quick: bool,
     out: PathBuf,
     filter: Option<String>,
+    features: Option<String>,
 }
 
 const USAGE: &str = "\
-usage: vmlink-bench-report [--quick] [--no-run] [--out DIR] [--filter REGEX]
+usage: vmlink-bench-report [--quick] [--no-run] [--out DIR] [--filter REGEX] [--features LIST]
 
 Runs `cargo bench -p vmlink-benches --bench compare` (warm-up 1 s, measurement 3 s per
 benchmark; --quick: 0.5 s and 1 s), then prints the report and writes REPORT.md and SVG plots
 into DIR (default: docs/benchmarks in the workspace).
   --no-run        only report the results criterion already has
-  --filter REGEX  only run the benchmarks criterion's filter matches";
+  --filter REGEX  only run the benchmarks criterion's filter matches
+  --features LIST cargo features of vmlink-benches to enable (iceoryx2: its peers, which
+                  need libclang to build)";
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
@@ -58,6 +61,7 @@ fn parse_args() -> Result<Args, String> {
         quick: false,
         out: root().join("docs/benchmarks"),
         filter: None,
+        features: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -66,6 +70,7 @@ fn parse_args() -> Result<Args, String> {
             "--no-run" => args.run = false,
             "--out" => args.out = PathBuf::from(it.next().ok_or("--out needs a directory")?),
             "--filter" => args.filter = Some(it.next().ok_or("--filter needs a pattern")?),
+            "--features" => args.features = Some(it.next().ok_or("--features needs a list")?),
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other:?}")),
         }
@@ -135,14 +140,17 @@ fn run_benches(args: &Args) -> Result<(), String> {
     let (warm, measure) = if args.quick { ("0.5", "1") } else { ("1", "3") };
     let mut cmd = Command::new(cargo);
     cmd.current_dir(root())
-        .args(["bench", "-p", "vmlink-benches", "--bench", "compare", "--"])
-        .args([
-            "--warm-up-time",
-            warm,
-            "--measurement-time",
-            measure,
-            "--noplot",
-        ]);
+        .args(["bench", "-p", "vmlink-benches", "--bench", "compare"]);
+    if let Some(f) = &args.features {
+        cmd.args(["--features", f]);
+    }
+    cmd.arg("--").args([
+        "--warm-up-time",
+        warm,
+        "--measurement-time",
+        measure,
+        "--noplot",
+    ]);
     if let Some(f) = &args.filter {
         cmd.arg(f);
     }
