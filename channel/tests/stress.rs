@@ -44,7 +44,7 @@ use vmlink_channel::{
 /// A run stops after this many packets (both directions, requests and completions
 /// included)... Under Miri (its data-race detector over every thread of the run) a few
 /// hundred.
-const PACKET_LIMIT: u64 = if cfg!(miri) { 400 } else { 3_000_000 };
+const PACKET_LIMIT: u64 = if cfg!(miri) { 200 } else { 3_000_000 };
 /// ...or after this long, whichever comes first (Miri's clock is virtual: the packet limit
 /// ends its runs).
 const TIME_BUDGET: Duration = Duration::from_millis(if cfg!(miri) { 3_600_000 } else { 900 });
