@@ -116,6 +116,7 @@ fn run(args: &Args) -> Result<(), String> {
         signals,
         machine,
         quick: args.quick,
+        ran: args.run,
     };
     fs::create_dir_all(&args.out).map_err(|e| format!("create {}: {e}", args.out.display()))?;
     let mut plots = Vec::new();
@@ -341,6 +342,8 @@ struct GroupSpec {
     /// True: compare times (ratio = time / reference time, lower is better). False:
     /// compare rates (ratio = rate / reference rate, higher is better).
     latency: bool,
+    /// Compare with the reference at this parameter rather than at each result's own.
+    reference_param: Option<&'static str>,
 }
 
 const GROUPS: &[GroupSpec] = &[
@@ -349,42 +352,49 @@ const GROUPS: &[GroupSpec] = &[
         title: "Round trip, 64-byte request and response (two threads; `_two_processes` and `shm_` cases: two processes)",
         reference: "floor/atomic_pingpong",
         latency: true,
+        reference_param: None,
     },
     GroupSpec {
         name: "stream_64",
         title: "64-byte payloads streamed one way",
         reference: "rtrb/push_pop",
         latency: false,
+        reference_param: None,
     },
     GroupSpec {
         name: "bulk",
         title: "Bulk packets streamed one way",
         reference: "floor/cross_core_handoff",
         latency: false,
+        reference_param: None,
     },
     GroupSpec {
         name: "signals",
         title: "Streams for the doorbell counts (saturated, and a trickle of one packet per 50 µs)",
         reference: "vmlink/channel_blocking_saturated",
         latency: false,
+        reference_param: None,
     },
     GroupSpec {
         name: "scaling_ring",
         title: "1 KiB packets through rings of 16 KiB to 4 MiB",
         reference: "rtrb/chunks",
         latency: false,
+        reference_param: None,
     },
     GroupSpec {
         name: "rtt_payload",
         title: "Round trip carrying the payload both ways, 0 bytes to the largest packet of a 256 KiB ring",
         reference: "floor/handoff",
         latency: true,
+        reference_param: None,
     },
     GroupSpec {
         name: "scaling_pairs",
         title: "N channel pairs, blocking, 64-byte packets (aggregate)",
         reference: "vmlink/channel_blocking_pairs",
         latency: false,
+        reference_param: Some("1"),
     },
 ];
 
@@ -428,6 +438,8 @@ struct Report {
     signals: String,
     machine: Machine,
     quick: bool,
+    /// The benchmarks ran in this invocation (not `--no-run`).
+    ran: bool,
 }
 
 /// One line of the targets table.
@@ -602,11 +614,16 @@ impl Report {
         let _ = writeln!(s, "# vmlink benchmark report\n");
         let _ = writeln!(
             s,
-            "Machine: {}, {} CPUs, Linux {}, {}; load average before the run {}.{}\n",
+            "Machine: {}, {} CPUs, Linux {}, {}; load average {} {}.{}\n",
             m.cpu,
             m.cpus,
             m.kernel,
             m.rustc,
+            if self.ran {
+                "before the run"
+            } else {
+                "when reported"
+            },
             m.load,
             if self.quick {
                 " Quick mode (0.5 s warm-up, 1 s measurement per benchmark)."
@@ -637,32 +654,44 @@ impl Report {
             let _ = writeln!(s, "\n## `{}`: {}\n", g.name, g.title);
             let _ = writeln!(
                 s,
-                "Ratio: {} of `{}` at the same parameter{}.\n",
+                "Ratio: {} of `{}` {}{}.\n",
                 if g.latency {
                     "time over the time"
                 } else {
                     "rate over the rate"
                 },
                 g.reference,
+                g.reference_param
+                    .map_or("at the same parameter".to_owned(), |p| format!("at {p}")),
                 if g.latency {
                     " (lower is better)"
                 } else {
                     " (higher is better)"
                 }
             );
+            if let (Some(a), Some(b)) = (
+                results.get(g.reference),
+                results.get(&format!("{}_at_end", g.reference)),
+            ) {
+                let _ = writeln!(
+                    s,
+                    "The floor measured {} at the start of this group and {} at its end: \
+                     where they differ much, the machine changed under the group (on a \
+                     virtual machine, its CPUs moving between host cores) and ratios between \
+                     cases far apart in the list carry that error.\n",
+                    duration(a.ns),
+                    duration(b.ns)
+                );
+            }
             let _ = writeln!(s, "| benchmark | median | rate | ratio |");
             let _ = writeln!(s, "| --- | ---: | ---: | ---: |");
             for (id, b) in self.ordered(results) {
                 let (f, p) = split_param(id);
                 let _ = f;
-                let reference = match p {
+                let reference = match g.reference_param.or(p) {
                     Some(p) => results.get(&format!("{}/{p}", g.reference)),
                     None => results.get(g.reference),
-                }
-                .or_else(|| {
-                    // Groups whose reference is itself parametrised by N (pairs): N = 1.
-                    results.get(&format!("{}/1", g.reference))
-                });
+                };
                 let ratio = reference.map_or("–".into(), |r| {
                     let x = if g.latency {
                         b.ns / r.ns
@@ -947,6 +976,7 @@ mod tests {
                 load: "0.00 0.00 0.00".into(),
             },
             quick: false,
+            ran: true,
         }
     }
 
