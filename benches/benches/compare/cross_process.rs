@@ -17,7 +17,7 @@ use std::time::Instant;
 use vmlink_channel::{ChannelError, Config};
 use vmlink_shm::{Guest, Layout, Service, ShmChannel};
 
-use crate::harness::{Backoff, Check, Group, MSG, expected, msg, verify};
+use crate::harness::{Backoff, Check, Group, MSG, expected, msg, send_batches, verify};
 
 /// Names the child's role; the bench's `main` hands over to [`child_main`] when it is set.
 pub const CHILD_ENV: &str = "VMLINK_BENCH_CHILD";
@@ -295,25 +295,8 @@ pub fn shm_stream(g: &mut Group<'_>, name: &str) {
     g.bench_function(name, |b| {
         b.iter_custom(|n| {
             let first = seq;
-            let end = seq + n;
-            let mut b = Backoff::default();
             let start = Instant::now();
-            while seq < end {
-                let mut batch = ch.batch().expect("batch");
-                let stop = end.min(seq + BATCH);
-                while seq < stop {
-                    match batch.push_in_band(&msg(seq)) {
-                        Ok(()) => seq += 1,
-                        Err(ChannelError::Full) => break,
-                        Err(e) => panic!("batch push failed: {e}"),
-                    }
-                }
-                let full = seq < stop;
-                batch.commit().expect("commit");
-                if full {
-                    b.snooze();
-                }
-            }
+            send_batches(&ch, &mut seq, first + n, BATCH);
             let len = ch.call(&[], &mut sum, None).expect("fence");
             let took = start.elapsed();
             assert_eq!(len, 8, "{name}: fence answer");

@@ -131,6 +131,33 @@ impl Check {
     }
 }
 
+/// Sends 64-byte messages `*seq..end` through `tx` in batches of up to `batch` packets per
+/// commit (a batch ends early when the ring is full; the producer then waits a moment).
+pub fn send_batches<M: vmlink_ring::RingMem, D: vmlink_channel::Doorbell>(
+    tx: &vmlink_channel::Channel<M, D>,
+    seq: &mut u64,
+    end: u64,
+    batch: u64,
+) {
+    let mut b = Backoff::default();
+    while *seq < end {
+        let mut pending = tx.batch().expect("batch");
+        let stop = end.min(*seq + batch);
+        while *seq < stop {
+            match pending.push_in_band(&msg(*seq)) {
+                Ok(()) => *seq += 1,
+                Err(vmlink_channel::ChannelError::Full) => break,
+                Err(e) => panic!("batch push failed: {e}"),
+            }
+        }
+        let full = *seq < stop;
+        pending.commit().expect("commit");
+        if full {
+            b.snooze();
+        }
+    }
+}
+
 /// A spin-wait: `spin_loop` hints, a yield every 1024 rounds (two cores, other work), and
 /// a panic if a peer thread died meanwhile.
 #[derive(Debug, Default)]

@@ -105,11 +105,11 @@ fn floor_atomic(g: &mut Group<'_>, name: &str) {
 }
 
 /// Spins until `reader` has a packet, copies its payload into `buf`, consumes and commits.
-fn take(reader: &mut Reader<Arc<HeapMem>>, buf: &mut Msg) {
+pub fn take(reader: &mut Reader<Arc<HeapMem>>, buf: &mut [u8]) {
     let mut b = Backoff::default();
     loop {
         if let Some(p) = reader.peek().expect("ring intact") {
-            p.read_payload(0, buf).expect("64-byte payload");
+            p.read_payload(0, buf).expect("payload");
             p.consume();
             break;
         }

@@ -22,6 +22,7 @@ use vmlink_ring::{HeapMem, OutgoingPacket, Reader, WriteError, Writer};
 use crate::harness::{
     BULK_STRIDE, Backoff, Check, Group, MSG, Peer, Round, bench_pair, handoff, msg, stamp, verify,
 };
+use crate::rtt::take;
 
 /// Ring sizes (data bytes) of `scaling_ring`.
 const RING_SIZES: [usize; 5] = [16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20];
@@ -244,20 +245,6 @@ fn floor_handoff(g: &mut Group<'_>, len: usize) {
         },
         both("floor/handoff", len),
     );
-}
-
-/// Spins until `reader` has a packet and copies its payload into `buf`.
-fn take(reader: &mut Reader<Arc<HeapMem>>, buf: &mut [u8]) {
-    let mut b = Backoff::default();
-    loop {
-        if let Some(p) = reader.peek().expect("ring intact") {
-            p.read_payload(0, buf).expect("payload");
-            p.consume();
-            break;
-        }
-        b.snooze();
-    }
-    let _ = reader.commit();
 }
 
 /// vmlink's ring layer, both readers polling with interrupts masked.

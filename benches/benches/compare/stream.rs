@@ -12,7 +12,9 @@ use crossbeam_queue::ArrayQueue;
 use vmlink_channel::{ChannelError, Config, in_process_channel_pair};
 use vmlink_ring::{HeapMem, OutgoingPacket, Reader, WriteError, Writer};
 
-use crate::harness::{Backoff, Check, Group, MSG, Msg, Peer, Round, bench_pair, msg, verify};
+use crate::harness::{
+    Backoff, Check, Group, MSG, Msg, Peer, Round, bench_pair, msg, send_batches, verify,
+};
 
 /// Data bytes of each vmlink ring; holds 744 packets of 64 bytes (88 bytes with descriptor
 /// and trailer).
@@ -146,29 +148,16 @@ fn vmlink_channel(g: &mut Group<'_>, name: &'static str, batched: bool) {
         peer,
         move |n| {
             let end = seq + n;
+            if batched {
+                send_batches(&tx, &mut seq, end, BATCH);
+                return 0;
+            }
             let mut b = Backoff::default();
             while seq < end {
-                if batched {
-                    let mut batch = tx.batch().expect("batch");
-                    let stop = end.min(seq + BATCH);
-                    while seq < stop {
-                        match batch.push_in_band(&msg(seq)) {
-                            Ok(()) => seq += 1,
-                            Err(ChannelError::Full) => break,
-                            Err(e) => panic!("batch push failed: {e}"),
-                        }
-                    }
-                    let full = seq < stop;
-                    batch.commit().expect("commit");
-                    if full {
-                        b.snooze();
-                    }
-                } else {
-                    match tx.try_send(&msg(seq)) {
-                        Ok(()) => seq += 1,
-                        Err(ChannelError::Full) => b.snooze(),
-                        Err(e) => panic!("send failed: {e}"),
-                    }
+                match tx.try_send(&msg(seq)) {
+                    Ok(()) => seq += 1,
+                    Err(ChannelError::Full) => b.snooze(),
+                    Err(e) => panic!("send failed: {e}"),
                 }
             }
             0
