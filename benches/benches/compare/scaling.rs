@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
 use vmlink_channel::{Config, in_process_channel_pair};
-use vmlink_ring::{HeapMem, OutgoingPacket, Reader, WriteError, Writer};
+use vmlink_ring::{HeapMem, OutgoingPacket, Reader, Writer};
 
 use crate::harness::{
     BULK_STRIDE, Backoff, Check, Group, MSG, Peer, Round, bench_pair, handoff, msg, stamp, verify,
@@ -75,70 +75,12 @@ fn ring_label(ring: usize) -> String {
 /// vmlink's ring, copy API: the producer commits every [`BATCH`] packets or when full; the
 /// consumer polls with interrupts masked and commits after at most [`BATCH`].
 fn vmlink_ring_stream(g: &mut Group<'_>, ring: usize) {
-    let mem = Arc::new(HeapMem::new(ring).expect("ring"));
-    let peer = {
-        let mut reader = Reader::new(Arc::clone(&mem)).expect("reader");
-        reader.mask_interrupts();
-        let mut check = Check::new(BULK_STRIDE);
-        let mut buf = [0u8; PACKET];
-        Peer::spawn("ring-consumer", move |n| {
-            let mut got = 0;
-            let mut b = Backoff::default();
-            while got < n {
-                let mut took = 0;
-                while took < BATCH {
-                    let Some(p) = reader.peek().expect("ring intact") else {
-                        break;
-                    };
-                    p.read_payload(0, &mut buf).expect("payload");
-                    p.consume();
-                    check.packet(&buf);
-                    took += 1;
-                }
-                if took == 0 {
-                    b.snooze();
-                } else {
-                    got += took;
-                    let _ = reader.commit();
-                }
-            }
-            check.round()
-        })
-    };
-    let mut writer = Writer::new(mem).expect("writer");
-    let mut src = [0u8; PACKET];
-    let mut seq = 0u64;
-    bench_pair(
+    crate::stream::ring_stream(
         g,
         format!("vmlink/ring_copy/{}", ring_label(ring)),
-        peer,
-        move |n| {
-            let end = seq + n;
-            let mut b = Backoff::default();
-            let mut pending = 0;
-            while seq < end {
-                stamp(&mut src, seq, BULK_STRIDE, 0);
-                match writer.write(&OutgoingPacket::in_band(&[&src])) {
-                    Ok(_) => {
-                        seq += 1;
-                        pending += 1;
-                        if pending == BATCH {
-                            let _ = writer.commit();
-                            pending = 0;
-                        }
-                    }
-                    Err(WriteError::Full { .. }) => {
-                        let _ = writer.commit();
-                        pending = 0;
-                        b.snooze();
-                    }
-                    Err(e) => panic!("write failed: {e}"),
-                }
-            }
-            let _ = writer.commit();
-            0
-        },
-        move |first, n, r: Round| verify("ring_copy", r.theirs, first, n, samples(PACKET)),
+        ring,
+        PACKET,
+        BATCH,
     );
 }
 

@@ -13,7 +13,8 @@ use vmlink_channel::{ChannelError, Config, in_process_channel_pair};
 use vmlink_ring::{HeapMem, OutgoingPacket, Reader, WriteError, Writer};
 
 use crate::harness::{
-    Backoff, Check, Group, MSG, Msg, Peer, Round, bench_pair, msg, send_batches, verify,
+    BULK_STRIDE, Backoff, Check, Group, MSG, Msg, Peer, Round, bench_pair, msg, send_batches,
+    stamp, verify,
 };
 
 /// Data bytes of each vmlink ring; holds 744 packets of 64 bytes (88 bytes with descriptor
@@ -51,12 +52,21 @@ fn consumer_saw_all(name: &'static str) -> impl Fn(u64, u64, Round) {
 /// vmlink's ring layer: the producer commits every `batch` packets (and whenever the ring
 /// is full); the consumer polls with interrupts masked and commits after at most `batch`.
 fn vmlink_ring(g: &mut Group<'_>, name: &'static str, batch: u64) {
-    let mem = Arc::new(HeapMem::new(RING).expect("ring"));
+    ring_stream(g, name.to_owned(), RING, MSG, batch);
+}
+
+/// Streams `payload`-byte packets through a ring of `ring` data bytes: the producer pushes
+/// and commits every `batch` packets (and whenever the ring is full); the consumer polls
+/// with interrupts masked, checks every packet's stamps and commits after at most `batch`.
+pub fn ring_stream(g: &mut Group<'_>, name: String, ring: usize, payload: usize, batch: u64) {
+    // Every word of a small message is stamped, one word per 512 bytes of a larger one.
+    let stride = if payload <= MSG { 8 } else { BULK_STRIDE };
+    let mem = Arc::new(HeapMem::new(ring).expect("ring"));
     let peer = {
         let mut reader = Reader::new(Arc::clone(&mem)).expect("reader");
         reader.mask_interrupts();
-        let mut check = Check::new(8);
-        let mut buf = [0u8; MSG];
+        let mut check = Check::new(stride);
+        let mut buf = vec![0u8; payload];
         Peer::spawn("ring-consumer", move |n| {
             let mut got = 0;
             let mut b = Backoff::default();
@@ -66,7 +76,7 @@ fn vmlink_ring(g: &mut Group<'_>, name: &'static str, batch: u64) {
                     let Some(p) = reader.peek().expect("ring intact") else {
                         break;
                     };
-                    p.read_payload(0, &mut buf).expect("64-byte payload");
+                    p.read_payload(0, &mut buf).expect("payload");
                     p.consume();
                     check.packet(&buf);
                     took += 1;
@@ -82,7 +92,10 @@ fn vmlink_ring(g: &mut Group<'_>, name: &'static str, batch: u64) {
         })
     };
     let mut writer = Writer::new(mem).expect("writer");
+    let mut src = vec![0u8; payload];
     let mut seq = 0u64;
+    let samples = payload.div_ceil(stride);
+    let label = name.clone();
     bench_pair(
         g,
         name,
@@ -91,8 +104,8 @@ fn vmlink_ring(g: &mut Group<'_>, name: &'static str, batch: u64) {
             let end = seq + n;
             let mut b = Backoff::default();
             while seq < end {
-                let m = msg(seq);
-                match writer.push(&OutgoingPacket::in_band(&[&m])) {
+                stamp(&mut src, seq, stride, 0);
+                match writer.push(&OutgoingPacket::in_band(&[&src])) {
                     Ok(()) => {
                         seq += 1;
                         if seq.is_multiple_of(batch) || seq == end {
@@ -109,7 +122,7 @@ fn vmlink_ring(g: &mut Group<'_>, name: &'static str, batch: u64) {
             }
             0
         },
-        consumer_saw_all(name),
+        move |first, n, r| verify(&label, r.theirs, first, n, samples),
     );
 }
 
