@@ -2,7 +2,10 @@
 
 use crate::error::{Index, ReadError, RingError};
 use crate::mem::{ControlWord, RingMem};
-use crate::protocol::{DESCRIPTOR_SIZE, KNOWN_FLAGS, PacketDescriptor, PacketType, TRAILER_SIZE};
+use crate::protocol::{
+    DESCRIPTOR_SIZE, FEATURE_PENDING_SEND_SIZE, KNOWN_FLAGS, PacketDescriptor, PacketType,
+    TRAILER_SIZE,
+};
 use crate::ring::{Geometry, Signal, WaitDecision, in_bounds, read_wrapped};
 use crate::sync::{Ordering, fence};
 
@@ -270,8 +273,9 @@ impl<M: RingMem> Reader<M> {
     }
 
     /// Publishes the read index for every packet consumed since the last commit, and says
-    /// whether the writer must be signalled: only when it asked for space with
-    /// `pending_send_size` and this commit made the free space cross that amount.
+    /// whether the writer must be signalled: only when the ring's `feature_bits` bit 0
+    /// (pending send size supported) is set, the writer asked for space with
+    /// `pending_send_size`, and this commit made the free space cross that amount.
     pub fn commit(&mut self) -> Signal {
         if self.head == self.published {
             return Signal::NONE;
@@ -279,6 +283,11 @@ impl<M: RingMem> Reader<M> {
         let old = self.published;
         self.mem.store_control(ControlWord::ReadIndex, self.head);
         self.published = self.head;
+        // hv_pkt_iter_close in Linux (and DPDK) return here when the ring's feature bit 0 is
+        // clear: the writer did not say it honours `pending_send_size`, so it is not read.
+        if self.mem.load_control(ControlWord::FeatureBits) & FEATURE_PENDING_SEND_SIZE == 0 {
+            return Signal::NONE;
+        }
         // Pairs with the writer's fence in `Writer::prepare_wait`: either we see its pending
         // size or it sees the space we freed.
         fence(Ordering::SeqCst);

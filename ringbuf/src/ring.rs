@@ -74,12 +74,17 @@ pub fn reader_needs_signal<M: RingMem + ?Sized>(mem: &M) -> bool {
     mask == 0 && write != read
 }
 
-/// Does the writer of this ring need a signal? True when it asked for space with
-/// `pending_send_size` and more than that is free.
+/// Does the writer of this ring need a signal? True when the ring's `feature_bits` bit 0
+/// (pending send size supported) is set, the writer asked for space with
+/// `pending_send_size`, and more than that is free.
 ///
 /// Looks only at the control page. Corrupt indices count as "signal": a needless signal is
-/// harmless, a missing one can stall the writer.
+/// harmless, a missing one can stall the writer. With feature bit 0 clear the answer is
+/// always false, as in Linux and DPDK: such a writer re-checks on its own.
 pub fn writer_needs_signal<M: RingMem + ?Sized>(mem: &M) -> bool {
+    if mem.load_control(ControlWord::FeatureBits) & FEATURE_PENDING_SEND_SIZE == 0 {
+        return false;
+    }
     let pending = mem.load_control(ControlWord::PendingSendSize);
     if pending == 0 {
         return false;

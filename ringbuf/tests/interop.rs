@@ -397,3 +397,37 @@ fn page_list_ring_wraps_across_pages_and_the_end() {
         );
     }
 }
+
+/// Fills a ring with feature bits `feature_bits`, lets the writer ask for more space than is
+/// free with `pending_send_size`, then drains it: returns whether the reader's commit asked
+/// for a signal and what `writer_needs_signal` said after it.
+fn drain_with_pending_send_size(feature_bits: u32) -> (bool, bool) {
+    let ring = HeapMem::new(4096).unwrap();
+    ring.store_control(ControlWord::FeatureBits, feature_bits);
+    let mut writer = Writer::new(&ring).unwrap();
+    let mut reader = Reader::new(&ring).unwrap();
+    let payload = [7u8; 1000];
+    while writer.push(&OutgoingPacket::in_band(&[&payload])).is_ok() {}
+    let _ = writer.commit();
+    // What a full writer does before it sleeps (hv_sock's pending send size).
+    ring.store_control(ControlWord::PendingSendSize, 2048);
+    assert!(!vmlink_ring::writer_needs_signal(&ring), "nothing is free yet");
+    let mut buf = [0u8; 1024];
+    let mut signal = vmlink_ring::Signal::NONE;
+    while let Some((_, s)) = reader.read_into(&mut buf).unwrap() {
+        signal |= s;
+    }
+    signal |= reader.commit();
+    (signal.is_needed(), vmlink_ring::writer_needs_signal(&ring))
+}
+
+#[test]
+fn pending_send_size_is_honoured_only_with_feature_bit_0() {
+    // Linux's hv_pkt_iter_close and DPDK return before reading pending_send_size when the
+    // ring's feature bit 0 is clear; so do we, in the reader's commit and in
+    // writer_needs_signal.
+    assert_eq!(drain_with_pending_send_size(1), (true, true));
+    assert_eq!(drain_with_pending_send_size(0), (false, false));
+    // Other bits do not stand in for bit 0.
+    assert_eq!(drain_with_pending_send_size(0xFFFF_FFFE), (false, false));
+}
