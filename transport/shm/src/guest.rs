@@ -211,27 +211,7 @@ fn attach(
         .try_into()
         .map_err(|_| ShmError::Malformed("offer without exactly 3 fds"))?;
 
-    let (size, regular) = sys::file_size(memfd.as_fd()).map_err(ShmError::io("fstat the memfd"))?;
-    if !regular {
-        return Err(ShmError::NotAMemfd);
-    }
-    let seals = sys::get_seals(memfd.as_fd()).map_err(|_| ShmError::NotSealed {
-        found: 0,
-        required: sys::REQUIRED_SEALS,
-    })?;
-    if seals & sys::REQUIRED_SEALS != sys::REQUIRED_SEALS {
-        return Err(ShmError::NotSealed {
-            found: seals,
-            required: sys::REQUIRED_SEALS,
-        });
-    }
-    // Checked after the seals, so the size can no longer change.
-    if size != len {
-        return Err(ShmError::SizeMismatch {
-            actual: size,
-            expected: len,
-        });
-    }
+    check_memory(&mut memfd.as_fd(), len)?;
     for bell in [&host_bell, &guest_bell] {
         sys::set_nonblocking(bell.as_fd()).map_err(ShmError::io("configure a doorbell fd"))?;
     }
@@ -243,6 +223,52 @@ fn attach(
         host_bell,
         effective_config(config, layout),
     ))
+}
+
+/// What the guest asks the kernel about an offered memfd, one question per call, so the
+/// order of the questions is explicit (and tests can play a host that changes the file
+/// between them).
+trait MemfdFacts {
+    /// The file's seals (`F_GET_SEALS`; an error for a file that cannot carry seals).
+    fn seals(&mut self) -> std::io::Result<libc::c_int>;
+    /// The file's size and whether it is a regular file (`fstat`).
+    fn size(&mut self) -> std::io::Result<(u64, bool)>;
+}
+
+impl MemfdFacts for std::os::fd::BorrowedFd<'_> {
+    fn seals(&mut self) -> std::io::Result<libc::c_int> {
+        sys::get_seals(*self)
+    }
+
+    fn size(&mut self) -> std::io::Result<(u64, bool)> {
+        sys::file_size(*self)
+    }
+}
+
+/// Checks that an offered memfd can be mapped as `len` bytes for good: the seals first
+/// (it can neither shrink nor grow, and no seal can be removed), and only then its size,
+/// which the seals have frozen. Reading the size before the seals would let a host shrink
+/// an unsealed file between the two reads and then seal it: the guest would map past the
+/// file's end and die of `SIGBUS` on first access.
+fn check_memory(memfd: &mut impl MemfdFacts, len: u64) -> Result<(), ShmError> {
+    let seals = memfd.seals().map_err(|_| ShmError::NotAMemfd)?;
+    if seals & sys::REQUIRED_SEALS != sys::REQUIRED_SEALS {
+        return Err(ShmError::NotSealed {
+            found: seals,
+            required: sys::REQUIRED_SEALS,
+        });
+    }
+    let (size, regular) = memfd.size().map_err(ShmError::io("fstat the memfd"))?;
+    if !regular {
+        return Err(ShmError::NotAMemfd);
+    }
+    if size != len {
+        return Err(ShmError::SizeMismatch {
+            actual: size,
+            expected: len,
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -362,6 +388,137 @@ mod tests {
             matches!(r, Err(ShmError::SizeMismatch { actual, expected }) if actual + 4096 == expected),
             "{r:?}"
         );
+        refused_as_bad_offer(reply);
+    }
+
+    /// A memfd named `name` (for `/proc/self/maps`) of `len` bytes with `seals`.
+    fn named_memfd(name: &std::ffi::CStr, len: u64, seals: libc::c_int) -> OwnedFd {
+        let fd = sys::memfd_create(name).unwrap();
+        sys::ftruncate(fd.as_fd(), len).unwrap();
+        if seals != 0 {
+            sys::add_seals(fd.as_fd(), seals).unwrap();
+        }
+        fd
+    }
+
+    /// Mappings of this process backed by a memfd named `name`.
+    fn mappings_of(name: &str) -> usize {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let needle = format!("/memfd:{name} ");
+        maps.lines().filter(|l| l.contains(&needle)).count()
+    }
+
+    /// A host that shrinks the memfd it offered and then seals it, right after the guest's
+    /// first question about the file: the guest's answer must not depend on what it
+    /// learnt before the seals held.
+    struct ShrinksAfterFirstLook<'a> {
+        fd: BorrowedFd<'a>,
+        acted: bool,
+    }
+
+    impl ShrinksAfterFirstLook<'_> {
+        fn act_once(&mut self) {
+            if !self.acted {
+                self.acted = true;
+                sys::ftruncate(self.fd, 0).unwrap();
+                sys::add_seals(self.fd, sys::REQUIRED_SEALS).unwrap();
+            }
+        }
+    }
+
+    impl MemfdFacts for ShrinksAfterFirstLook<'_> {
+        fn seals(&mut self) -> std::io::Result<libc::c_int> {
+            let answer = sys::get_seals(self.fd);
+            self.act_once();
+            answer
+        }
+
+        fn size(&mut self) -> std::io::Result<(u64, bool)> {
+            let answer = sys::file_size(self.fd);
+            self.act_once();
+            answer
+        }
+    }
+
+    #[test]
+    fn the_seals_are_checked_before_the_size() {
+        let len = Layout::symmetric(4096, 0).total_len();
+        let fd = memfd(len, 0);
+        let mut hostile = ShrinksAfterFirstLook {
+            fd: fd.as_fd(),
+            acted: false,
+        };
+        let r = check_memory(&mut hostile, len);
+        assert!(
+            matches!(r, Err(ShmError::NotSealed { found: 0, .. })),
+            "the guest trusted a size read before the seals: {r:?}"
+        );
+        // The host did shrink and seal it: the same file asked again is now short.
+        assert!(hostile.acted);
+        let r = check_memory(&mut fd.as_fd(), len);
+        assert!(
+            matches!(r, Err(ShmError::SizeMismatch { actual: 0, expected }) if expected == len),
+            "{r:?}"
+        );
+        // Right size and sealed: accepted.
+        let good = memfd(len, sys::REQUIRED_SEALS);
+        check_memory(&mut good.as_fd(), len).unwrap();
+    }
+
+    #[test]
+    fn unsealed_and_short_memory_is_refused_as_unsealed_and_never_mapped() {
+        let layout = Layout::symmetric(4096, 0);
+        let name = "vmlink-test-unsealed-short";
+        let (r, reply) = against(|h| {
+            let fd = named_memfd(c"vmlink-test-unsealed-short", layout.total_len() - 4096, 0);
+            offer_with(h, layout, fd)
+        });
+        assert!(
+            matches!(r, Err(ShmError::NotSealed { found: 0, .. })),
+            "an unsealed file's size means nothing: {r:?}"
+        );
+        refused_as_bad_offer(reply);
+        assert_eq!(mappings_of(name), 0);
+    }
+
+    #[test]
+    fn sealed_but_short_memory_is_refused_and_never_mapped() {
+        let layout = Layout::symmetric(4096, 4096);
+        let name = "vmlink-test-sealed-short";
+        let (r, reply) = against(|h| {
+            let fd = named_memfd(
+                c"vmlink-test-sealed-short",
+                layout.total_len() - 4096,
+                sys::REQUIRED_SEALS,
+            );
+            offer_with(h, layout, fd)
+        });
+        assert!(
+            matches!(r, Err(ShmError::SizeMismatch { actual, expected }) if actual + 4096 == expected),
+            "{r:?}"
+        );
+        refused_as_bad_offer(reply);
+        assert_eq!(mappings_of(name), 0);
+        // The same offer at the right size is mapped (so the check above can see one).
+        let (r, _) = against(|h| {
+            let fd = named_memfd(
+                c"vmlink-test-sealed-short",
+                layout.total_len(),
+                sys::REQUIRED_SEALS,
+            );
+            offer_with(h, layout, fd)
+        });
+        let endpoint = r.unwrap();
+        assert_eq!(mappings_of(name), 1);
+        drop(endpoint);
+        assert_eq!(mappings_of(name), 0);
+    }
+
+    #[test]
+    fn an_fd_that_cannot_carry_seals_is_not_a_memfd() {
+        let layout = Layout::symmetric(4096, 0);
+        let (r, reply) = against(|h| offer_with(h, layout, sys::eventfd().unwrap()));
+        assert!(matches!(r, Err(ShmError::NotAMemfd)), "{r:?}");
         refused_as_bad_offer(reply);
     }
 
