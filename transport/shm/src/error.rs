@@ -1,6 +1,8 @@
 //! Errors of the shared-memory transport.
 
+use std::fmt;
 use std::io;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use vmlink_channel::ChannelError;
@@ -28,6 +30,21 @@ pub enum RefusalCode {
     Internal,
     /// A code this side does not know (a newer peer).
     Other(u32),
+}
+
+impl fmt::Display for RefusalCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RefusalCode::NotAllowed => f.write_str("not allowed"),
+            RefusalCode::UnsupportedVersion => f.write_str("unsupported version"),
+            RefusalCode::UnknownService => f.write_str("unknown service"),
+            RefusalCode::Malformed => f.write_str("malformed message"),
+            RefusalCode::Busy => f.write_str("busy"),
+            RefusalCode::BadOffer => f.write_str("unusable offer"),
+            RefusalCode::Internal => f.write_str("internal error"),
+            RefusalCode::Other(c) => write!(f, "reason code {c}"),
+        }
+    }
 }
 
 impl RefusalCode {
@@ -62,6 +79,22 @@ impl RefusalCode {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ShmError {
+    /// A guest could not connect to the socket at `path` (`NotFound`: no socket file
+    /// there; `ConnectionRefused`: a socket file nobody listens on any more).
+    #[error("connect to {}: {source}", .path.display())]
+    Connect {
+        /// The socket's path.
+        path: PathBuf,
+        /// The system's error.
+        #[source]
+        source: io::Error,
+    },
+    /// Another listener is serving the socket path a listener was asked to bind.
+    #[error("another listener is serving {}", .0.display())]
+    SocketInUse(PathBuf),
+    /// The path a listener was asked to bind exists and is not a socket; it was left alone.
+    #[error("{} exists and is not a socket", .0.display())]
+    NotASocket(PathBuf),
     /// A system call failed.
     #[error("{what}: {source}")]
     Io {
@@ -91,10 +124,10 @@ pub enum ShmError {
         during: &'static str,
     },
     /// The peer sent nothing for too long.
-    #[error("the handshake timed out after {0:?} ({1})")]
+    #[error("the handshake timed out after {} ({})", Seconds(*.0), .1)]
     TimedOut(Duration, &'static str),
     /// Not a vmlink handshake at all.
-    #[error("not a vmlink-shm handshake: bad magic {0:02x?}")]
+    #[error("not a vmlink-shm handshake: bad magic bytes {}", Hex(.0))]
     BadMagic([u8; 8]),
     /// The peer speaks another protocol version.
     #[error("the peer speaks handshake version {peer}; this side speaks {ours}")]
@@ -128,7 +161,7 @@ pub enum ShmError {
         received: usize,
     },
     /// The host's policy refuses this peer (host side).
-    #[error("peer {peer} is not allowed to use service {service:?}")]
+    #[error("peer {peer} is not allowed to use service {}", Quoted(.service))]
     NotAllowed {
         /// Who connected.
         peer: PeerCredentials,
@@ -136,13 +169,13 @@ pub enum ShmError {
         service: String,
     },
     /// The host serves no such service (host side).
-    #[error("the peer asked for unknown service {0:?}")]
+    #[error("the peer asked for unknown service {}", Quoted(.0))]
     UnknownService(String),
     /// Too many handshakes are in progress; the connection was refused (host side).
     #[error("too many handshakes in progress ({0}); connection refused")]
     Busy(usize),
     /// The other side refused the handshake and said why.
-    #[error("the peer refused the handshake ({code:?}): {message}")]
+    #[error("the peer refused the handshake ({code}): {}", Escaped(.message))]
     Refused {
         /// The reason's code.
         code: RefusalCode,
@@ -168,11 +201,11 @@ pub enum ShmError {
         /// The layout's total.
         expected: u64,
     },
-    /// The offered memory is not a memfd (guest side).
-    #[error("the offered memory fd is not a regular file")]
+    /// The offered memory is not a memfd that can carry seals (guest side).
+    #[error("the offered memory fd is not a memfd (it cannot carry seals)")]
     NotAMemfd,
     /// The offer is for another service than the one asked for (guest side).
-    #[error("asked for service {asked:?} but the host offered {offered:?}")]
+    #[error("asked for service {} but the host offered {}", Quoted(.asked), Quoted(.offered))]
     ServiceMismatch {
         /// What we asked for.
         asked: String,
@@ -192,7 +225,7 @@ pub enum ShmError {
     #[error("no usable inherited socket: {0}")]
     NoInheritedSocket(String),
     /// [`Listener::accept_timeout`](crate::Listener::accept_timeout) waited in vain.
-    #[error("no connection was accepted within {0:?}")]
+    #[error("no connection was accepted within {}", Seconds(*.0))]
     AcceptTimedOut(Duration),
     /// The listener stopped.
     #[error("the listener has stopped")]
@@ -223,6 +256,130 @@ impl ShmError {
             | ShmError::ServiceMismatch { .. }
             | ShmError::Layout(_) => RefusalCode::BadOffer,
             _ => RefusalCode::Internal,
+        }
+    }
+}
+
+/// A duration in plain words ("5 seconds", "0.25 seconds").
+struct Seconds(Duration);
+
+impl fmt::Display for Seconds {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let secs = self.0.as_secs_f64();
+        if secs == 1.0 {
+            f.write_str("1 second")
+        } else {
+            write!(f, "{secs} seconds")
+        }
+    }
+}
+
+/// Bytes as space-separated hex pairs ("47 45 54 20").
+struct Hex<'a>(&'a [u8]);
+
+impl fmt::Display for Hex<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, b) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(" ")?;
+            }
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Text that came from the peer (or the environment), with control characters escaped so
+/// it stays on one line and cannot drive a terminal.
+pub(crate) struct Escaped<'a>(pub(crate) &'a str);
+
+impl fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for c in self.0.chars() {
+            if c.is_control() {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                fmt::Write::write_char(f, c)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A name in double quotes, escaped like [`Escaped`] (quotes and backslashes too).
+pub(crate) struct Quoted<'a>(pub(crate) &'a str);
+
+impl fmt::Display for Quoted<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"")?;
+        for c in self.0.chars() {
+            if c.is_control() || c == '"' || c == '\\' {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                fmt::Write::write_char(f, c)?;
+            }
+        }
+        f.write_str("\"")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every message is plain words: no Rust `Debug` output (`Some(`, `None`, `[..]`,
+    /// variant names, `5s`), one line even when the peer's text has control characters.
+    #[test]
+    fn messages_are_plain_words() {
+        let cases = [
+            (
+                ShmError::TimedOut(Duration::from_secs(5), "waiting for the guest's hello"),
+                "the handshake timed out after 5 seconds (waiting for the guest's hello)",
+            ),
+            (
+                ShmError::AcceptTimedOut(Duration::from_millis(250)),
+                "no connection was accepted within 0.25 seconds",
+            ),
+            (
+                ShmError::AcceptTimedOut(Duration::from_secs(1)),
+                "no connection was accepted within 1 second",
+            ),
+            (
+                ShmError::BadMagic(*b"GET / HT"),
+                "not a vmlink-shm handshake: bad magic bytes 47 45 54 20 2f 20 48 54",
+            ),
+            (
+                ShmError::UnknownService("no\"pe\n".into()),
+                "the peer asked for unknown service \"no\\\"pe\\n\"",
+            ),
+            (
+                ShmError::Refused {
+                    code: RefusalCode::UnknownService,
+                    message: "line one\nline two\u{1b}[2J".into(),
+                },
+                "the peer refused the handshake (unknown service): line one\\nline two\\u{1b}[2J",
+            ),
+            (
+                ShmError::Refused {
+                    code: RefusalCode::Other(99),
+                    message: "why".into(),
+                },
+                "the peer refused the handshake (reason code 99): why",
+            ),
+            (
+                ShmError::ServiceMismatch {
+                    asked: "a".into(),
+                    offered: "b".into(),
+                },
+                "asked for service \"a\" but the host offered \"b\"",
+            ),
+            (
+                ShmError::SocketInUse("/run/x/s".into()),
+                "another listener is serving /run/x/s",
+            ),
+        ];
+        for (error, text) in cases {
+            assert_eq!(error.to_string(), text);
         }
     }
 }

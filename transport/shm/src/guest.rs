@@ -10,7 +10,7 @@ use vmlink_channel::{Channel, Config, EventFdDoorbell};
 use zerocopy::FromBytes;
 
 use crate::endpoint::{Endpoint, Role, effective_config};
-use crate::error::ShmError;
+use crate::error::{Quoted, ShmError};
 use crate::host::DEFAULT_HANDSHAKE_TIMEOUT;
 use crate::memory::{Layout, Mapping, SharedMemory};
 use crate::protocol::{self, Deadline, OfferBody};
@@ -57,9 +57,15 @@ impl Guest {
         self
     }
 
-    /// Connects to the listener at `path` and runs the handshake.
+    /// Connects to the listener at `path` and runs the handshake. When nothing can be
+    /// reached there the error is [`ShmError::Connect`], whose source says why (`NotFound`:
+    /// no socket file; `ConnectionRefused`: a socket file nobody listens on).
     pub fn connect(&self, path: impl AsRef<Path>) -> Result<Endpoint, ShmError> {
-        let stream = UnixStream::connect(path).map_err(ShmError::io("connect to the host"))?;
+        let path = path.as_ref();
+        let stream = UnixStream::connect(path).map_err(|source| ShmError::Connect {
+            path: path.to_path_buf(),
+            source,
+        })?;
         self.connect_stream(stream)
     }
 
@@ -76,7 +82,10 @@ impl Guest {
         let value = std::env::var(SOCKET_FD_ENV)
             .map_err(|_| ShmError::NoInheritedSocket(format!("{SOCKET_FD_ENV} is not set")))?;
         let fd: RawFd = value.parse().map_err(|_| {
-            ShmError::NoInheritedSocket(format!("{SOCKET_FD_ENV}={value:?} is not an fd number"))
+            ShmError::NoInheritedSocket(format!(
+                "{SOCKET_FD_ENV}={} is not an fd number",
+                Quoted(&value)
+            ))
         })?;
         if fd < 3 {
             return Err(ShmError::NoInheritedSocket(format!(

@@ -101,7 +101,11 @@ impl Service {
     /// a `UnixStream::pair()`), blocking until it finishes or times out.
     pub fn serve_stream(&self, stream: UnixStream) -> Result<Endpoint, ShmError> {
         self.check()?;
-        host_handshake(stream, std::slice::from_ref(self))
+        host_handshake(
+            stream,
+            std::slice::from_ref(self),
+            hello_deadline(std::slice::from_ref(self)),
+        )
     }
 
     /// Spawns `command` as the guest: it inherits one end of a socket pair, its number in
@@ -121,7 +125,8 @@ impl Service {
         }
         let mut child = command.spawn().map_err(ShmError::io("spawn the guest"))?;
         drop(theirs);
-        match host_handshake(ours, std::slice::from_ref(self)) {
+        let services = std::slice::from_ref(self);
+        match host_handshake(ours, services, hello_deadline(services)) {
             Ok(endpoint) => Ok((endpoint, child)),
             Err(e) => {
                 let _ = child.kill();
@@ -148,14 +153,22 @@ fn refuse(sock: &UnixStream, error: ShmError, deadline: Deadline) -> ShmError {
     error
 }
 
-/// The host side of one handshake.
-fn host_handshake(stream: UnixStream, services: &[Service]) -> Result<Endpoint, ShmError> {
+/// The deadline for a guest's hello: the shortest handshake timeout of the services.
+fn hello_deadline(services: &[Service]) -> Deadline {
     let first = services
         .iter()
         .map(|s| s.handshake_timeout)
         .min()
         .unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT);
-    let deadline = Deadline::after(first);
+    Deadline::after(first)
+}
+
+/// The host side of one handshake; the guest's hello must come by `deadline`.
+fn host_handshake(
+    stream: UnixStream,
+    services: &[Service],
+    deadline: Deadline,
+) -> Result<Endpoint, ShmError> {
     let peer: PeerCredentials = sys::peer_credentials(stream.as_fd())
         .map_err(ShmError::io("SO_PEERCRED"))?
         .into();
@@ -282,6 +295,13 @@ type Outcome = Result<Endpoint, ShmError>;
 /// [`accept`](Self::accept) returns the outcome of each connection in the order the
 /// handshakes finish: a channel, or the error that ended the handshake.
 ///
+/// A connection that closes before sending a single byte (such as another listener's check
+/// whether this socket is still served) is not a handshake: it is closed and not reported.
+///
+/// Binding fails with [`ShmError::SocketInUse`] when another listener serves the path (the
+/// check does not disturb it), and with [`ShmError::NotASocket`] when the path is some
+/// other file, which is left alone.
+///
 /// Dropping the listener stops accepting and removes the socket file; handshakes still in
 /// flight finish (or time out) on their own and their channels are dropped.
 #[derive(Debug)]
@@ -386,21 +406,18 @@ fn prepare_directory(path: &Path) -> Result<(), ShmError> {
 }
 
 /// Removes a socket file nobody listens on any more; refuses to touch anything else.
+///
+/// Whether someone listens is found out by connecting and closing again at once, without
+/// a byte: a live [`Listener`] does not count such a connection as a handshake.
 fn remove_stale_socket(path: &Path) -> Result<(), ShmError> {
     let Ok(meta) = fs::symlink_metadata(path) else {
         return Ok(());
     };
     if !meta.file_type().is_socket() {
-        return Err(ShmError::Io {
-            what: "bind the socket: the path exists and is not a socket",
-            source: io::Error::from_raw_os_error(libc::EEXIST),
-        });
+        return Err(ShmError::NotASocket(path.to_path_buf()));
     }
     match UnixStream::connect(path) {
-        Ok(_) => Err(ShmError::Io {
-            what: "bind the socket: another listener is serving it",
-            source: io::Error::from_raw_os_error(libc::EADDRINUSE),
-        }),
+        Ok(_) => Err(ShmError::SocketInUse(path.to_path_buf())),
         Err(_) => fs::remove_file(path).map_err(ShmError::io("remove a stale socket")),
     }
 }
@@ -472,10 +489,18 @@ fn dispatch(
     let spawned = thread::Builder::new()
         .name("vmlink-shm-handshake".into())
         .spawn(move || {
-            let outcome = host_handshake(stream, &services);
+            let deadline = hello_deadline(&services);
+            let outcome = match sys::closed_before_a_byte(stream.as_fd(), deadline.at) {
+                // Not a handshake: nothing to report.
+                Ok(true) => None,
+                // Anything else (data, silence, an error) is the handshake's to judge.
+                Ok(false) | Err(_) => Some(host_handshake(stream, &services, deadline)),
+            };
             pending2.fetch_sub(1, Ordering::AcqRel);
             // The listener may be gone; then the channel is simply dropped.
-            let _ = tx2.send(outcome);
+            if let Some(outcome) = outcome {
+                let _ = tx2.send(outcome);
+            }
         });
     if let Err(e) = spawned {
         pending.fetch_sub(1, Ordering::AcqRel);

@@ -177,6 +177,38 @@ pub(crate) fn poll(fds: &mut [libc::pollfd], deadline: Option<Instant>) -> io::R
     }
 }
 
+/// Waits until `deadline` for the peer of a stream socket to send something or hang up,
+/// then tells whether it hung up without sending a byte. The byte, if any, is only peeked
+/// at: it stays in the socket for the next read. False when nothing came by the deadline.
+pub(crate) fn closed_before_a_byte(sock: BorrowedFd<'_>, deadline: Instant) -> io::Result<bool> {
+    if !poll_one(sock, libc::POLLIN, deadline)? {
+        return Ok(false);
+    }
+    let mut byte = 0u8;
+    loop {
+        // SAFETY: the buffer is one live, writable byte; MSG_PEEK leaves the data queued
+        // and no ancillary data is asked for, so no fd is installed.
+        let n = unsafe {
+            libc::recv(
+                sock.as_raw_fd(),
+                (&raw mut byte).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        if n >= 0 {
+            return Ok(n == 0);
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::Interrupted => {}
+            // A reset connection is a hang-up too.
+            io::ErrorKind::ConnectionReset => return Ok(true),
+            _ => return Err(e),
+        }
+    }
+}
+
 /// Control-message buffer with room for `MAX_FDS` fds, aligned for `cmsghdr`.
 #[repr(C, align(8))]
 struct CmsgBuf([u8; 64]);

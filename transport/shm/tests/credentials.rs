@@ -38,7 +38,7 @@ fn child_role() {
         .with_handshake_timeout(Duration::from_secs(10))
         .connect(&path);
     match (role.as_str(), r) {
-        ("blocked", Err(ShmError::Io { source, .. })) => {
+        ("blocked", Err(ShmError::Connect { source, .. })) => {
             assert_eq!(source.raw_os_error(), Some(libc::EACCES), "{source}");
         }
         ("refused", Err(ShmError::Refused { code, message })) => {

@@ -239,6 +239,67 @@ fn the_socket_directory_must_be_private() {
 }
 
 #[test]
+fn binding_a_served_path_fails_and_leaves_its_listener_alone() {
+    let _w = watchdog("served path", Duration::from_secs(30));
+    let path = socket_path("twice");
+    let listener = Listener::bind(&path, service(1000)).unwrap();
+    let e = Listener::bind(&path, service(1000)).unwrap_err();
+    assert!(
+        matches!(e, ShmError::SocketInUse(ref p) if *p == path),
+        "{e}"
+    );
+    assert_eq!(
+        e.to_string(),
+        format!("another listener is serving {}", path.display())
+    );
+    // A client that connects and closes without a word is no handshake either.
+    drop(UnixStream::connect(&path).unwrap());
+    // Neither shows up as an outcome: the next one is a good client's channel.
+    let e = listener
+        .accept_timeout(Duration::from_millis(300))
+        .unwrap_err();
+    assert!(matches!(e, ShmError::AcceptTimedOut(_)), "{e}");
+    good_client(&listener, 6);
+    assert!(path.exists(), "the live listener's socket is still there");
+    drop(listener);
+
+    // A path that is some other file is refused and left alone.
+    std::fs::write(&path, b"not a socket").unwrap();
+    let e = Listener::bind(&path, service(1000)).unwrap_err();
+    assert!(
+        matches!(e, ShmError::NotASocket(ref p) if *p == path),
+        "{e}"
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), b"not a socket");
+    remove_dir(&path);
+}
+
+#[test]
+fn connecting_where_nobody_listens_names_the_path() {
+    let path = socket_path("nobody");
+    // No socket file at all.
+    let e = Guest::new("svc").connect(&path).unwrap_err();
+    match &e {
+        ShmError::Connect { path: p, source } => {
+            assert_eq!(p, &path);
+            assert_eq!(source.kind(), std::io::ErrorKind::NotFound, "{e}");
+        }
+        other => panic!("{other}"),
+    }
+    assert!(e.to_string().contains(&path.display().to_string()), "{e}");
+    // A socket file nobody listens on any more.
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    let e = Guest::new("svc").connect(&path).unwrap_err();
+    assert!(
+        matches!(&e, ShmError::Connect { source, .. }
+            if source.kind() == std::io::ErrorKind::ConnectionRefused),
+        "{e}"
+    );
+    remove_dir(&path);
+}
+
+#[test]
 fn a_closed_peer_ends_a_blocked_receive() {
     let _w = watchdog("closed", Duration::from_secs(20));
     let (h, g) = UnixStream::pair().unwrap();
