@@ -14,7 +14,9 @@
 //!
 //! With the `tokio` feature, [`KvmDoorbell`] is also an
 //! [`AsyncDoorbell`](vmlink_channel::AsyncDoorbell): async waits register the ioeventfd
-//! with the reactor of the tokio runtime they run in.
+//! with the reactor of the tokio runtime they run in. The `test-utils` feature exposes
+//! `test_vm`, the test guest's VM setup shared by this crate's tests and the `kvm_demo`
+//! example; it is not part of the API.
 //!
 //! The guest side is the `no_std` ring and channel code itself, running on the guest's own
 //! physical memory; `transport/kvm/guest/` is a bare-metal test guest that does exactly
@@ -45,6 +47,7 @@ compile_error!("vmlink-kvm needs Linux (KVM)");
 
 mod doorbell;
 mod memory;
+#[cfg(feature = "test-utils")]
 #[doc(hidden)]
 pub mod test_vm;
 

@@ -1,5 +1,5 @@
 //! The bare-metal test guest's VM setup, shared by the real-KVM tests and the `kvm_demo`
-//! example (not part of the transport's API).
+//! example (feature `test-utils`; not part of the transport's API).
 //!
 //! Probes KVM, builds `transport/kvm/guest` with a nested cargo, loads its ELF, and sets
 //! up one vCPU in identity-mapped long mode at CPL3 (see `shared/KVM-NOTES.md`).
