@@ -3,14 +3,21 @@
 //! This is the adapter a VMM embeds. The guest describes a channel by a list of its 4 KiB
 //! page numbers (the guest's outgoing ring first, each ring a control page followed by its
 //! data pages, as in a VMBus GPADL); the host validates the list against the guest memory
-//! map and builds the two rings over those pages with the ring core's
-//! [`PageListMem`](vmlink_ring::PageListMem) backend. Doorbells go through KVM without a
-//! trip to userspace: guest→host by an ioeventfd on an MMIO (or PIO) address, host→guest by
-//! an irqfd on a GSI ([`KvmDoorbell`]).
+//! map and builds the two rings over those pages ([`GuestRing`]: the ring core's
+//! [`PageListMem`](vmlink_ring::PageListMem) backend with dirty tracking). Doorbells go
+//! through KVM without a trip to userspace: guest→host by an ioeventfd on an MMIO (or PIO)
+//! address, host→guest by an irqfd on a GSI ([`KvmDoorbell`]).
 //!
 //! Guest memory is rust-vmm `vm-memory` **0.17** (its `GuestMemory` trait, the name most
 //! VMMs use; 0.17.2 is 0.18's code under the old names, where the trait is called
 //! `GuestMemoryBackend`).
+//!
+//! Ring pages are guest memory the VMM also reaches through `vm-memory`, so
+//! [`RingPages::new`] is `unsafe`: its contract says what the VMM owes those pages while
+//! they are rings (kept mapped; no references to them; written only through the rings).
+//! Every store the host's rings make is marked dirty in the bitmap of the region holding
+//! the page (vm-memory's `backend-bitmap`), as vm-memory's own writes are, so a VMM that
+//! tracks dirty pages for live migration sees ring updates.
 //!
 //! With the `tokio` feature, [`KvmDoorbell`] is also an
 //! [`AsyncDoorbell`](vmlink_channel::AsyncDoorbell): async waits register the ioeventfd
@@ -24,7 +31,7 @@
 //!
 //! # Example (host side)
 //!
-//! ```no_run
+//! ```
 //! use vm_memory::{GuestAddress, GuestMemoryMmap};
 //! use vmlink_channel::Config;
 //! use vmlink_kvm::{KvmDoorbell, RingPages, host_channel};
@@ -33,10 +40,13 @@
 //! let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4 << 20)])?;
 //! // Page numbers the guest sent: a 3-page outgoing ring, then a 3-page incoming ring.
 //! let pages = [0x200, 0x207, 0x203, 0x210, 0x211, 0x215];
-//! let rings = RingPages::new(&mem, &pages, 3)?;
+//! // SAFETY: `mem` stays mapped until the rings are dropped (it is only dropped at the end
+//! // of `main`), and this VMM touches ring pages only through the rings.
+//! let rings = unsafe { RingPages::new(&mem, &pages, 3) }?;
 //! let doorbell = KvmDoorbell::new(0x3000_0000, 5)?;
 //! let channel = host_channel(&rings, doorbell, Config::default())?;
-//! # let _ = channel;
+//! // The guest has sent nothing yet.
+//! assert!(channel.try_recv(&mut [0u8; 64])?.is_none());
 //! # Ok(())
 //! # }
 //! ```

@@ -4,11 +4,12 @@
 use std::collections::HashMap;
 use std::ptr::NonNull;
 
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryRegion};
+use vm_memory::bitmap::{Bitmap, BitmapSlice, WithBitmapSlice};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryRegion};
 use vmlink_channel::packet::ReceivedGpaRange;
 use vmlink_channel::{Channel, ChannelError, Config, Doorbell};
 use vmlink_ring::protocol::PAGE_SIZE;
-use vmlink_ring::{ControlWords, DataPage, MAX_DATA_LEN, PageListMem};
+use vmlink_ring::{ControlWord, ControlWords, DataPage, MAX_DATA_LEN, PageListMem, RingMem};
 
 /// A guest's ring page list was rejected. Nothing was mapped.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -66,8 +67,14 @@ pub enum PageError {
     },
 }
 
-/// Resolves one guest page to its host address, checking the whole page is in one region.
-fn host_page<M: GuestMemory>(mem: &M, index: usize, page: u64) -> Result<NonNull<u8>, PageError> {
+/// Resolves one guest page to its host address and to the dirty bitmap of its region (a
+/// slice starting at the page), checking the whole page is in one region.
+fn host_page<'m, M, B>(mem: &'m M, index: usize, page: u64) -> Result<(NonNull<u8>, B), PageError>
+where
+    M: GuestMemory,
+    <M::R as GuestMemoryRegion>::B: WithBitmapSlice<'m, S = B>,
+    B: BitmapSlice,
+{
     let outside = PageError::OutsideGuestRam { index, page };
     let gpa = page.checked_mul(PAGE_SIZE as u64).ok_or(outside.clone())?;
     let (region, addr) = mem
@@ -84,27 +91,91 @@ fn host_page<M: GuestMemory>(mem: &M, index: usize, page: u64) -> Result<NonNull
     if !(host.as_ptr() as usize).is_multiple_of(8) {
         return Err(PageError::NoHostMapping { index, page });
     }
-    Ok(host)
+    // Bitmap offsets are relative to the region, as in vm-memory's own writes.
+    let dirty = region.bitmap().slice_at(addr.raw_value() as usize);
+    Ok((host, dirty))
+}
+
+/// A ring over guest pages, as the host sees it: the ring core's
+/// [`PageListMem`] over the ring's pages, plus the dirty bitmap of the
+/// guest memory regions holding them.
+///
+/// Every store goes to guest memory first and is then marked dirty in the region's bitmap
+/// (`vm_memory::bitmap::Bitmap::mark_dirty`), the order vm-memory's own writes use: a
+/// migration pass that clears the bit between the store and the mark copies the page
+/// again in its next pass. Data bytes mark the pages they land in, control words their
+/// control page; reads mark nothing. With `B = ()` (memory without dirty tracking) marking
+/// does nothing.
+///
+/// `B` is the bitmap slice type of the memory's regions: `()` for `GuestMemoryMmap<()>`,
+/// `RefSlice<'m, AtomicBitmap>` for `GuestMemoryMmap<AtomicBitmap>` (in general
+/// `vm_memory::bitmap::MS<'m, M>`).
+#[derive(Debug, Clone)]
+pub struct GuestRing<'m, B = ()> {
+    mem: PageListMem<'m, Vec<&'m DataPage>>,
+    control_dirty: B,
+    /// One per data page, in ring order, each starting at its page.
+    data_dirty: Vec<B>,
+}
+
+impl<B: Bitmap> GuestRing<'_, B> {
+    /// Marks `len` data-area bytes from `offset` dirty, page by page.
+    #[inline]
+    fn mark_data(&self, offset: usize, len: usize) {
+        let end = offset + len;
+        let mut at = offset;
+        while at < end {
+            let in_page = at % PAGE_SIZE;
+            let n = (PAGE_SIZE - in_page).min(end - at);
+            self.data_dirty[at / PAGE_SIZE].mark_dirty(in_page, n);
+            at += n;
+        }
+    }
+}
+
+impl<B: Bitmap> RingMem for GuestRing<'_, B> {
+    #[inline]
+    fn data_len(&self) -> usize {
+        self.mem.data_len()
+    }
+    #[inline]
+    fn load_control(&self, word: ControlWord) -> u32 {
+        self.mem.load_control(word)
+    }
+    #[inline]
+    fn store_control(&self, word: ControlWord, value: u32) {
+        self.mem.store_control(word, value);
+        self.control_dirty.mark_dirty(word.offset(), 4);
+    }
+    #[inline]
+    fn read_data(&self, offset: usize, buf: &mut [u8]) {
+        self.mem.read_data(offset, buf)
+    }
+    #[inline]
+    fn write_data(&self, offset: usize, data: &[u8]) {
+        self.mem.write_data(offset, data);
+        self.mark_data(offset, data.len());
+    }
 }
 
 /// A guest's two rings, validated and resolved to host memory.
 ///
-/// Borrows the guest memory, so it stays mapped while the rings (and any channel over them)
-/// live. Built only from a page list that passed every check.
+/// Borrows the guest memory for `'m`, and the rings and channels built from it borrow it
+/// too. Built only from a page list that passed every check, by the `unsafe`
+/// [`RingPages::new`], whose contract says what the VMM owes these pages while they are
+/// ring memory. `B` is the regions' dirty-bitmap slice type (see [`GuestRing`]): every page
+/// the host's rings write is marked dirty there.
 #[derive(Debug)]
-pub struct RingPages<'m> {
-    guest_to_host: (&'m ControlWords, Vec<&'m DataPage>),
-    host_to_guest: (&'m ControlWords, Vec<&'m DataPage>),
+pub struct RingPages<'m, B = ()> {
+    guest_to_host: GuestRing<'m, B>,
+    host_to_guest: GuestRing<'m, B>,
     pages: Vec<u64>,
 }
 
-/// A ring over guest pages, as the host sees it.
-pub type GuestRing<'m> = PageListMem<'m, Vec<&'m DataPage>>;
-
 /// The host's channel over a guest's rings.
-pub type HostChannel<'m, D> = Channel<GuestRing<'m>, D>;
+pub type HostChannel<'m, D, B = ()> = Channel<GuestRing<'m, B>, D>;
 
-impl<'m> RingPages<'m> {
+impl<'m, B: BitmapSlice> RingPages<'m, B> {
     /// Validates `pages` (4 KiB guest page numbers: the guest's outgoing ring, control page
     /// first, then the host's outgoing ring, control page first) against `mem` and resolves
     /// them. `guest_to_host` is the number of pages of the first ring, control page
@@ -113,11 +184,57 @@ impl<'m> RingPages<'m> {
     /// Every page is checked before any is mapped: inside guest RAM and wholly inside one
     /// region, no page twice, no two pages aliasing the same host memory, each ring at
     /// least a control page and a data page.
-    pub fn new<M: GuestMemory>(
-        mem: &'m M,
-        pages: &[u64],
-        guest_to_host: usize,
-    ) -> Result<Self, PageError> {
+    ///
+    /// # Safety
+    ///
+    /// The rings reach the listed pages through atomic references (`&ControlWords`,
+    /// `&DataPage`) made from the regions' host addresses
+    /// (`GuestMemoryRegion::get_host_address`), outside vm-memory's accessors, for as long
+    /// as the returned value or any ring or channel built from it lives (at most `'m`).
+    /// The guest may read and write the pages at any time; the ring code validates
+    /// everything it reads. For that time the caller (the VMM) guarantees:
+    ///
+    /// - **The pages stay mapped**, readable and writable, at the host addresses `mem`
+    ///   gives for them. Borrowing `mem` keeps its regions alive, but cannot stop memory
+    ///   being unmapped behind its back: no region holding a ring page may be removed from
+    ///   the host's address space (`munmap`), replaced (`mmap` with `MAP_FIXED`, `mremap`)
+    ///   or, if backed by a file, truncated.
+    /// - **Nothing else in this process writes them or makes references to them.** No Rust
+    ///   reference (`&`/`&mut`) to those bytes is formed (for example a slice built from
+    ///   `get_host_address`), and they are written only through rings built by
+    ///   `RingPages`. Reading them through vm-memory's accessors (`Bytes::read_slice`,
+    ///   `VolatileSlice`) is allowed, as a migration thread copying dirty pages does:
+    ///   vm-memory's own safe API mixes such volatile reads with atomic stores to guest
+    ///   memory, and this contract accepts the same. Such a copy may catch a ring
+    ///   mid-update, as it may any page the guest is writing.
+    ///
+    /// ```
+    /// use vm_memory::{GuestAddress, GuestMemoryMmap};
+    /// use vmlink_kvm::RingPages;
+    /// use vmlink_ring::RingMem;
+    ///
+    /// let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    /// // SAFETY: `mem` is an anonymous mapping owned here and kept until the rings are
+    /// // dropped; nothing else in this program touches the listed pages.
+    /// let rings = unsafe { RingPages::new(&mem, &[0x20, 0x35, 0x21, 0x40, 0x22], 3) }?;
+    /// assert_eq!(rings.guest_to_host().data_len(), 2 * 4096);
+    /// assert_eq!(rings.host_to_guest().data_len(), 4096);
+    /// # Ok::<(), vmlink_kvm::PageError>(())
+    /// ```
+    ///
+    /// Without `unsafe` (and so without a caller vouching for the contract) the call does
+    /// not compile:
+    ///
+    /// ```compile_fail,E0133
+    /// # use vm_memory::{GuestAddress, GuestMemoryMmap};
+    /// let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    /// let rings = vmlink_kvm::RingPages::new(&mem, &[0x20, 0x35, 0x21, 0x40, 0x22], 3);
+    /// ```
+    pub unsafe fn new<M>(mem: &'m M, pages: &[u64], guest_to_host: usize) -> Result<Self, PageError>
+    where
+        M: GuestMemory,
+        <M::R as GuestMemoryRegion>::B: WithBitmapSlice<'m, S = B>,
+    {
         let len = pages.len();
         if guest_to_host < 2 || len < guest_to_host + 2 {
             return Err(PageError::BadLength { len, guest_to_host });
@@ -143,7 +260,7 @@ impl<'m> RingPages<'m> {
             hosts.push(host_page(mem, index, page)?);
         }
         let mut by_host: HashMap<usize, usize> = HashMap::with_capacity(len);
-        for (index, host) in hosts.iter().enumerate() {
+        for (index, (host, _)) in hosts.iter().enumerate() {
             if let Some(&first) = by_host.get(&(host.as_ptr() as usize)) {
                 return Err(PageError::Aliased {
                     first,
@@ -152,18 +269,26 @@ impl<'m> RingPages<'m> {
             }
             by_host.insert(host.as_ptr() as usize, index);
         }
-        let ring = |hosts: &[NonNull<u8>]| {
-            // SAFETY: each pointer is the 8-aligned host address of a whole guest page,
-            // inside a region of `mem`, which is borrowed for 'm and so stays mapped; the
-            // pages are distinct; this process accesses them only atomically through the
-            // ring core (the guest may write them at any time, which atomics allow).
-            let control = unsafe { ControlWords::from_ptr(hosts[0]) };
+        let ring = |hosts: &[(NonNull<u8>, B)]| {
+            let (control_page, control_dirty) = &hosts[0];
+            // SAFETY: the pointer is the 8-aligned host address of a whole guest page of
+            // `mem` (checked by `host_page`), distinct from every other ring page (checked
+            // above). The caller guarantees it stays mapped while the rings live (at most
+            // 'm), that nothing else in this process makes references to it, and that this
+            // process writes it only through these atomics; its only other access is
+            // vm-memory's volatile reads, the mix vm-memory's safe API itself makes. The
+            // guest writes from outside the process, which atomics allow.
+            let control = unsafe { ControlWords::from_ptr(*control_page) };
             let data = hosts[1..]
                 .iter()
                 // SAFETY: as above, for each data page.
-                .map(|&p| unsafe { DataPage::from_ptr(p) })
+                .map(|(p, _)| unsafe { DataPage::from_ptr(*p) })
                 .collect::<Vec<_>>();
-            (control, data)
+            GuestRing {
+                mem: PageListMem::new(control, data).expect("validated: 1..=MAX_DATA_LEN"),
+                control_dirty: control_dirty.clone(),
+                data_dirty: hosts[1..].iter().map(|(_, d)| d.clone()).collect(),
+            }
         };
         Ok(Self {
             guest_to_host: ring(&hosts[..guest_to_host]),
@@ -178,26 +303,24 @@ impl<'m> RingPages<'m> {
     }
 
     /// The guest's outgoing ring (the host reads it).
-    pub fn guest_to_host(&self) -> GuestRing<'m> {
-        let (control, data) = &self.guest_to_host;
-        PageListMem::new(control, data.clone()).expect("validated: at least one data page")
+    pub fn guest_to_host(&self) -> GuestRing<'m, B> {
+        self.guest_to_host.clone()
     }
 
     /// The host's outgoing ring (the guest reads it).
-    pub fn host_to_guest(&self) -> GuestRing<'m> {
-        let (control, data) = &self.host_to_guest;
-        PageListMem::new(control, data.clone()).expect("validated: at least one data page")
+    pub fn host_to_guest(&self) -> GuestRing<'m, B> {
+        self.host_to_guest.clone()
     }
 }
 
 /// The host's channel over a guest's rings: writes the host-to-guest ring, reads the
 /// guest-to-host ring. The guest allocated the memory and so initialised both control
 /// pages; the channel checks them.
-pub fn host_channel<'m, D: Doorbell>(
-    rings: &RingPages<'m>,
+pub fn host_channel<'m, D: Doorbell, B: BitmapSlice>(
+    rings: &RingPages<'m, B>,
     doorbell: D,
     config: Config,
-) -> Result<HostChannel<'m, D>, ChannelError> {
+) -> Result<HostChannel<'m, D, B>, ChannelError> {
     Channel::new(
         rings.host_to_guest(),
         rings.guest_to_host(),
@@ -263,7 +386,19 @@ pub fn read_gpa_range<M: GuestMemory>(
 mod tests {
     use super::*;
     use vm_memory::GuestMemoryMmap;
-    use vmlink_ring::{RingMem, init_control};
+    use vmlink_ring::init_control;
+
+    /// `RingPages::new` over memory owned by the test.
+    fn rings<'m>(
+        mem: &'m GuestMemoryMmap<()>,
+        pages: &[u64],
+        guest_to_host: usize,
+    ) -> Result<RingPages<'m>, PageError> {
+        // SAFETY: each test's `mem` is an anonymous mapping it owns and keeps until the
+        // rings are gone; nothing in the test touches ring pages except through the rings
+        // and vm-memory's accessors.
+        unsafe { RingPages::new(mem, pages, guest_to_host) }
+    }
 
     fn two_regions() -> GuestMemoryMmap<()> {
         // 1 MiB at 0 and 1 MiB at 4 MiB: pages 0..0x100 and 0x400..0x500.
@@ -278,7 +413,7 @@ mod tests {
     fn accepts_scattered_pages_across_regions() {
         let mem = two_regions();
         let pages = [0x10, 0x4ff, 0x12, 0x400, 0x11, 0x20];
-        let rings = RingPages::new(&mem, &pages, 3).unwrap();
+        let rings = rings(&mem, &pages, 3).unwrap();
         assert_eq!(rings.pages(), &pages);
         let g2h = rings.guest_to_host();
         let h2g = rings.host_to_guest();
@@ -317,7 +452,7 @@ mod tests {
             (&[][..], 0),
         ] {
             assert_eq!(
-                RingPages::new(&mem, pages, g2h).unwrap_err(),
+                rings(&mem, pages, g2h).unwrap_err(),
                 PageError::BadLength {
                     len: pages.len(),
                     guest_to_host: g2h
@@ -339,7 +474,7 @@ mod tests {
             let mut pages = [1, 2, 3, 4];
             pages[index] = bad;
             assert_eq!(
-                RingPages::new(&mem, &pages, 2).unwrap_err(),
+                rings(&mem, &pages, 2).unwrap_err(),
                 PageError::OutsideGuestRam { index, page: bad },
                 "page {bad:#x}"
             );
@@ -351,7 +486,7 @@ mod tests {
         // A region whose size is not a page multiple: its last page is partial.
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 5 * 4096 + 100)]).unwrap();
         assert_eq!(
-            RingPages::new(&mem, &[1, 2, 3, 5], 2).unwrap_err(),
+            rings(&mem, &[1, 2, 3, 5], 2).unwrap_err(),
             PageError::OutsideGuestRam { index: 3, page: 5 }
         );
     }
@@ -360,7 +495,7 @@ mod tests {
     fn rejects_duplicates_and_overlap_between_rings() {
         let mem = two_regions();
         assert_eq!(
-            RingPages::new(&mem, &[1, 2, 3, 2], 2).unwrap_err(),
+            rings(&mem, &[1, 2, 3, 2], 2).unwrap_err(),
             PageError::Duplicate {
                 page: 2,
                 first: 1,
@@ -369,7 +504,7 @@ mod tests {
         );
         // Duplicates are reported before anything else, even with a page outside RAM.
         assert_eq!(
-            RingPages::new(&mem, &[0x9999, 7, 8, 7], 2).unwrap_err(),
+            rings(&mem, &[0x9999, 7, 8, 7], 2).unwrap_err(),
             PageError::Duplicate {
                 page: 7,
                 first: 1,

@@ -331,7 +331,11 @@ pub fn host_side(
         pages.windows(2).any(|w| w[1] != w[0] + 1),
         "the ring pages are scattered"
     );
-    let rings = RingPages::new(mem, &pages, g2h as usize).expect("valid page list");
+    // SAFETY: `mem` is the `TestVm`'s anonymous mapping, which outlives this function
+    // (the VM and its vCPU are dropped first); this host side touches the ring pages only
+    // through the rings, and reads only the mailbox and GPA-direct pages through
+    // vm-memory.
+    let rings = unsafe { RingPages::new(mem, &pages, g2h as usize) }.expect("valid page list");
     let channel = host_channel(&rings, bell, Config::default()).expect("host channel");
 
     let mut stats = HostStats::default();

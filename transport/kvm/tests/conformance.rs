@@ -47,9 +47,10 @@ fn pair(len: usize, ca: Config, cb: Config) -> (PageEnd, PageEnd) {
     let mut pages = scattered(0, data_pages);
     pages.extend(scattered(1, data_pages));
     assert!(pages.windows(2).any(|w| w[1] != w[0] + 1));
-    let rings: &'static RingPages<'static> = Box::leak(Box::new(
-        RingPages::new(mem, &pages, data_pages + 1).expect("valid page list"),
-    ));
+    // SAFETY: `mem` is leaked, so it stays mapped for the rest of the process; nothing but
+    // the rings touches the ring pages.
+    let rings = unsafe { RingPages::new(mem, &pages, data_pages + 1) }.expect("valid page list");
+    let rings: &'static RingPages<'static> = Box::leak(Box::new(rings));
     let (b_to_a, a_to_b) = (rings.guest_to_host(), rings.host_to_guest());
     assert_eq!(a_to_b.data_len(), len);
     init_control(&a_to_b);

@@ -25,7 +25,9 @@ fn dup(fd: &EventFd) -> OwnedFd {
 async fn host_awaits_the_guests_doorbell() {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
     let pages = [0x20, 0x31, 0x22, 0x40, 0x35, 0x27];
-    let rings = RingPages::new(&mem, &pages, 3).expect("valid page list");
+    // SAFETY: `mem` is an anonymous mapping owned by this test, dropped after the rings;
+    // nothing else touches the ring pages.
+    let rings = unsafe { RingPages::new(&mem, &pages, 3) }.expect("valid page list");
     init_control(&rings.guest_to_host());
     init_control(&rings.host_to_guest());
     let bell = KvmDoorbell::new(0x3000_0000, 5).unwrap();
