@@ -117,7 +117,7 @@ impl<M: RingMem, D: AsyncDoorbell> Channel<M, D> {
         request: &[u8],
         response: &mut [u8],
     ) -> Result<usize, ChannelError> {
-        let mut txn = self.begin_call()?;
+        let mut txn = self.begin_call(response.len())?;
         // On error or cancellation, dropping `txn` frees the id: the request never went out.
         self.send_packet_async(&request_packet(txn.tid(), &[request]))
             .await?;

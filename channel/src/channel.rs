@@ -1,7 +1,9 @@
 //! The channel: an outgoing ring, an incoming ring and a doorbell.
 
 #[cfg(feature = "alloc")]
-use alloc::{collections::VecDeque, vec::Vec};
+use alloc::vec::Vec;
+#[cfg(feature = "alloc")]
+use core::sync::atomic::AtomicUsize;
 use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use core::time::Duration;
 #[cfg(feature = "std")]
@@ -9,17 +11,20 @@ use std::time::Instant;
 
 use vmlink_ring::protocol::{FLAG_COMPLETION_REQUESTED, PacketType, packet_len};
 use vmlink_ring::{
-    OutgoingPacket, PacketInfo, PacketMeta, ReadError, Reader, RingError, RingMem, Signal,
-    WaitDecision, WriteError, WriteSlot, Writer,
+    OutgoingPacket, PacketInfo, PacketMeta, ReadError, Reader, RingMem, Signal, WaitDecision,
+    WriteError, WriteSlot, Writer,
 };
 
 use crate::doorbell::{Doorbell, DoorbellError};
 use crate::error::{ChannelError, FailureCause, ProtocolError};
 use crate::packet::{
-    GpaRange, encode_gpa_header, gpa_header_len, parse_gpa_header, validate_gpa_header,
-    validate_transfer_page_header,
+    GpaRange, encode_gpa_header, gpa_header_len, parse_gpa_header, parse_transfer_page_header,
 };
+#[cfg(feature = "alloc")]
+use crate::queue::PacketQueue;
 use crate::sync::{Guard, Hub, Lock};
+#[cfg(feature = "alloc")]
+use crate::txn::slot_index;
 use crate::txn::{MAX_TRANSACTIONS, Mode, Route, Transactions};
 
 /// Whether a send may wait for space.
@@ -47,6 +52,13 @@ pub struct Config {
     /// wait for completions. When it is full, callers stop reading the ring until a
     /// receiver takes packets.
     pub queue_depth: usize,
+    /// With `alloc`: how many bytes (headers and payloads) those packets may hold in all.
+    /// The queue's one buffer of exactly this size is allocated when the first packet is
+    /// queued; a peer that sends only maximum-size packets meets the same back-pressure
+    /// as a full queue, never more memory. A packet larger than this is never queued: it
+    /// stays in the ring until a receiver takes it. The default, 1 MiB, holds two of the
+    /// largest packets VMBus can describe (524,280 bytes).
+    pub queue_bytes: usize,
     /// GPA-direct page numbers must be below this (the shm transport's buffer area);
     /// `None` checks only the structure.
     pub gpa_page_limit: Option<u64>,
@@ -58,6 +70,7 @@ impl Default for Config {
             spin_iterations: 0,
             space_recheck: Duration::from_millis(10),
             queue_depth: 64,
+            queue_bytes: 1 << 20,
             gpa_page_limit: None,
         }
     }
@@ -81,6 +94,12 @@ impl Config {
     /// The same configuration with another unsolicited-packet queue depth.
     pub fn with_queue_depth(mut self, depth: usize) -> Self {
         self.queue_depth = depth;
+        self
+    }
+
+    /// The same configuration with another bound on the queue's bytes.
+    pub fn with_queue_bytes(mut self, bytes: usize) -> Self {
+        self.queue_bytes = bytes;
         self
     }
 }
@@ -217,24 +236,18 @@ impl Received {
     }
 }
 
-/// A packet waiting in the channel (copied out of the ring while a caller waited).
-#[cfg(feature = "alloc")]
-#[derive(Debug)]
-struct Queued {
-    meta: Received,
-    data: Vec<u8>,
-}
-
 struct RxState<M: RingMem> {
     reader: Reader<M>,
+    /// Packets copied out of the ring while callers waited for completions.
     #[cfg(feature = "alloc")]
-    queue: VecDeque<Queued>,
-    /// Buffers to reuse for queued packets, so steady state allocates nothing.
-    #[cfg(feature = "alloc")]
-    pool: Vec<Vec<u8>>,
-    /// Completions stored for waiting callers, by transaction slot.
+    queue: PacketQueue,
+    /// Completions stored for waiting callers, by transaction slot: the payload, when it
+    /// fitted the caller's buffer (never more than that buffer's length).
     #[cfg(feature = "alloc")]
     stored: Vec<Vec<u8>>,
+    /// The length of each slot's completion, stored or not.
+    #[cfg(feature = "alloc")]
+    stored_len: [usize; MAX_TRANSACTIONS],
     /// A polling spinner masked the incoming ring's interrupts and left them masked
     /// (nobody was waiting for a signal); arming for sleep unmasks and clears this.
     spin_masked: bool,
@@ -254,6 +267,10 @@ pub struct Channel<M: RingMem, D: Doorbell> {
     cause: Lock<Option<FailureCause>>,
     counters: AtomicCounters,
     txns: Transactions,
+    /// For each transaction slot a caller waits on: the length of its response buffer,
+    /// the most the receive path stores of its completion.
+    #[cfg(feature = "alloc")]
+    call_capacity: [AtomicUsize; MAX_TRANSACTIONS],
     hub: Hub,
     /// Someone arms the reader through the public `prepare_recv_wait` and waits on the
     /// doorbell outside the hub: polling spinners must then always unmask on their way
@@ -288,11 +305,11 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
             rx: Lock::new(RxState {
                 reader,
                 #[cfg(feature = "alloc")]
-                queue: VecDeque::with_capacity(config.queue_depth),
-                #[cfg(feature = "alloc")]
-                pool: Vec::with_capacity(config.queue_depth),
+                queue: PacketQueue::new(config.queue_bytes, config.queue_depth),
                 #[cfg(feature = "alloc")]
                 stored: (0..MAX_TRANSACTIONS).map(|_| Vec::new()).collect(),
+                #[cfg(feature = "alloc")]
+                stored_len: [0; MAX_TRANSACTIONS],
                 spin_masked: false,
             }),
             doorbell,
@@ -300,6 +317,8 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
             cause: Lock::new(None),
             counters: AtomicCounters::default(),
             txns: Transactions::new(),
+            #[cfg(feature = "alloc")]
+            call_capacity: core::array::from_fn(|_| AtomicUsize::new(0)),
             hub: Hub::default(),
             external_waits: AtomicBool::new(false),
             config,
@@ -739,7 +758,7 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
                 Err(e) => return Err(self.fail(e)),
             };
             if info.packet_type() != PacketType::Completion {
-                self.check_header(rx, &info)?;
+                // Extra headers are validated where they are copied out, never in the ring.
                 return Ok(Some(info));
             }
             match self.txns.route(info.transaction_id()) {
@@ -752,18 +771,23 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
                 Route::Late(index) => {
                     self.txns.free_late(index);
                     bump(&self.counters.late_completions, 1);
-                    self.consume(rx, &info);
+                    self.consume(&mut rx.reader, &info);
                 }
                 #[cfg(feature = "alloc")]
                 Route::Waiting(index) => {
-                    let mut stored = core::mem::take(&mut rx.stored[index]);
+                    // Stored only when it fits the caller's buffer: a peer cannot make the
+                    // channel hold more than its callers asked to receive.
+                    let needed = info.payload_len();
+                    let stored = &mut rx.stored[index];
                     stored.clear();
-                    stored.resize(info.payload_len(), 0);
-                    if let Some(p) = rx.reader.packet(&info) {
-                        let _ = p.read_payload(0, &mut stored);
+                    if needed <= self.call_capacity[index].load(Ordering::Acquire) {
+                        stored.resize(needed, 0);
+                        if let Some(p) = rx.reader.packet(&info) {
+                            p.read_payload(0, stored).map_err(|e| self.read_error(e))?;
+                        }
                     }
-                    rx.stored[index] = stored;
-                    self.consume(rx, &info);
+                    rx.stored_len[index] = needed;
+                    self.consume(&mut rx.reader, &info);
                     if !self.txns.mark_done(index) {
                         bump(&self.counters.late_completions, 1);
                     }
@@ -776,46 +800,31 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
     }
 
     /// Consumes the packet at the head (not yet committed) and counts it.
-    fn consume(&self, rx: &mut RxState<M>, info: &PacketInfo) {
-        if let Some(p) = rx.reader.packet(info) {
+    fn consume(&self, reader: &mut Reader<M>, info: &PacketInfo) {
+        if let Some(p) = reader.packet(info) {
             p.consume();
             bump(&self.counters.packets_received, 1);
             bump(&self.counters.bytes_received, info.packet_len() as u64);
         }
     }
 
-    /// Commits consumed packets and signals the writer if it waits for the space.
+    /// Commits consumed packets and signals the writer if it waits for the space. A writer
+    /// that has left needs no signal: that is not an error here, as the packets just
+    /// consumed must still reach the receiver (the channel notes the departure).
     fn commit_rx(&self, rx: &mut RxState<M>) -> Result<(), ChannelError> {
         let signal = rx.reader.commit();
-        self.signal(signal)
+        match self.signal(signal) {
+            Err(ChannelError::Closed) => Ok(()),
+            other => other,
+        }
     }
 
-    /// Validates a received packet's extra header (GPA ranges, transfer pages) straight
-    /// from ring memory, each word read once; a malformed one fails the channel.
-    fn check_header(&self, rx: &mut RxState<M>, info: &PacketInfo) -> Result<(), ChannelError> {
-        let Some(p) = rx.reader.packet(info) else {
-            return Ok(());
-        };
-        let read = |at: usize| {
-            let mut w = [0u8; 8];
-            let _ = p.read_header(at, &mut w);
-            w
-        };
-        let len = info.header_len();
-        let r = match info.packet_type() {
-            PacketType::GpaDirect => {
-                validate_gpa_header(len, self.config.gpa_page_limit, read).map(drop)
-            }
-            PacketType::TransferPages => validate_transfer_page_header(len, read).map(drop),
-            _ => Ok(()),
-        };
-        r.map_err(|e| self.fail(ProtocolError::Packet(e)))
-    }
-
-    /// Copies the packet `info` into `buf` (header, then payload) and consumes it.
+    /// Copies the packet `info` into `buf` (header, then payload) and consumes it. The
+    /// header is read out of the ring once and validated in `buf`: the caller gets exactly
+    /// the bytes that were checked.
     fn take_into(
         &self,
-        rx: &mut RxState<M>,
+        reader: &mut Reader<M>,
         info: &PacketInfo,
         buf: &mut [u8],
     ) -> Result<Received, ChannelError> {
@@ -826,13 +835,15 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
                 capacity: buf.len(),
             });
         }
-        if let Some(p) = rx.reader.packet(info) {
+        if let Some(p) = reader.packet(info) {
             let (h, rest) = buf.split_at_mut(meta.header_len);
-            p.read_header(0, h).map_err(read_error)?;
+            p.read_header(0, h).map_err(|e| self.read_error(e))?;
+            check_header(&meta, h, self.config.gpa_page_limit)
+                .map_err(|e| self.fail(ProtocolError::Packet(e)))?;
             p.read_payload(0, &mut rest[..meta.payload_len])
-                .map_err(read_error)?;
+                .map_err(|e| self.read_error(e))?;
         }
-        self.consume(rx, info);
+        self.consume(reader, info);
         if meta.packet_type == PacketType::Completion {
             self.txns.release_polled(meta.transaction_id);
         }
@@ -845,23 +856,20 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
         rx: &mut RxState<M>,
         buf: &mut [u8],
     ) -> Result<Option<Received>, ChannelError> {
-        let Some(front) = rx.queue.front() else {
+        let Some((meta, data)) = rx.queue.front() else {
             return Ok(None);
         };
-        if front.data.len() > buf.len() {
+        if data.len() > buf.len() {
             return Err(ChannelError::BufferTooSmall {
-                needed: front.data.len(),
+                needed: data.len(),
                 capacity: buf.len(),
             });
         }
-        let Some(q) = rx.queue.pop_front() else {
-            return Ok(None);
-        };
-        buf[..q.data.len()].copy_from_slice(&q.data);
-        rx.pool.push(q.data);
+        buf[..data.len()].copy_from_slice(data);
+        rx.queue.pop();
         // Queue space freed: callers blocked on a full queue may go on.
         self.hub.notify(&self.doorbell);
-        Ok(Some(q.meta))
+        Ok(Some(meta))
     }
 
     /// Receives one packet into `buf` if one is there; never waits.
@@ -885,7 +893,7 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
             }
             let got = self
                 .next_for_receiver(&mut rx)?
-                .map(|info| self.take_into(&mut rx, &info, buf));
+                .map(|info| self.take_into(&mut rx.reader, &info, buf));
             self.commit_rx(&mut rx)?;
             drop(rx);
             return match got {
@@ -934,12 +942,11 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
             let gone = self.known_gone();
             let mut rx = self.rx.lock();
             #[cfg(feature = "alloc")]
-            if let Some(q) = rx.queue.pop_front() {
-                self.hub.notify(&self.doorbell);
+            if let Some((meta, _)) = rx.queue.front() {
                 return Ok(Some(RecvGuard {
                     channel: self,
                     rx,
-                    source: Some(Source::Queued(q)),
+                    source: Some(Source::Queued(meta)),
                 }));
             }
             if let Some(info) = self.next_for_receiver(&mut rx)? {
@@ -994,12 +1001,13 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
         let mut took_queued = false;
         while n < max {
             #[cfg(feature = "alloc")]
-            if let Some(q) = rx.queue.pop_front() {
+            if let Some((meta, data)) = rx.queue.front() {
                 each(&BatchPacket {
-                    meta: q.meta,
-                    source: BatchSource::Queued(&q.data),
+                    meta,
+                    source: BatchSource::Queued(data),
+                    channel: self,
                 });
-                rx.pool.push(q.data);
+                rx.queue.pop();
                 took_queued = true;
                 n += 1;
                 continue;
@@ -1017,9 +1025,10 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
                 each(&BatchPacket {
                     meta,
                     source: BatchSource::Ring(&p),
+                    channel: self,
                 });
             }
-            self.consume(&mut rx, &info);
+            self.consume(&mut rx.reader, &info);
             if meta.packet_type == PacketType::Completion {
                 self.txns.release_polled(meta.transaction_id);
             }
@@ -1064,20 +1073,94 @@ fn copy_region(
     Ok(())
 }
 
-fn read_error(e: ReadError) -> ChannelError {
-    match e {
-        ReadError::BufferTooSmall { needed, capacity } => {
-            ChannelError::BufferTooSmall { needed, capacity }
-        }
-        ReadError::OutOfBounds { offset, len, size } => {
-            ChannelError::OutOfBounds { offset, len, size }
-        }
-        ReadError::Corrupt(r) => ChannelError::Failed(FailureCause::Ring(r)),
-        _ => ChannelError::Failed(FailureCause::Ring(RingError::TruncatedPacket {
-            offset: 0,
-            available: 0,
-        })),
+/// Validates a packet's extra header, copied out of the ring: GPA ranges and transfer
+/// pages have a structure; other packets' header bytes are padding.
+fn check_header(
+    meta: &Received,
+    header: &[u8],
+    gpa_page_limit: Option<u64>,
+) -> Result<(), crate::packet::PacketError> {
+    match meta.packet_type {
+        PacketType::GpaDirect => parse_gpa_header(header, gpa_page_limit).map(drop),
+        PacketType::TransferPages => parse_transfer_page_header(header).map(drop),
+        _ => Ok(()),
     }
+}
+
+/// What a packet read in place needs of its channel: the GPA page limit to validate a
+/// header against, and a way to fail the channel when it finds a violation.
+trait PacketSource {
+    fn gpa_page_limit(&self) -> Option<u64>;
+    fn read_error(&self, e: ReadError) -> ChannelError;
+    fn fail_protocol(&self, e: crate::packet::PacketError) -> ChannelError;
+}
+
+impl<M: RingMem, D: Doorbell> PacketSource for Channel<M, D> {
+    fn gpa_page_limit(&self) -> Option<u64> {
+        self.config.gpa_page_limit
+    }
+
+    /// A caller's mistake is its error; a corrupt ring fails the channel.
+    fn read_error(&self, e: ReadError) -> ChannelError {
+        match e {
+            ReadError::BufferTooSmall { needed, capacity } => {
+                ChannelError::BufferTooSmall { needed, capacity }
+            }
+            ReadError::OutOfBounds { offset, len, size } => {
+                ChannelError::OutOfBounds { offset, len, size }
+            }
+            ReadError::Corrupt(r) => self.fail(r),
+        }
+    }
+
+    fn fail_protocol(&self, e: crate::packet::PacketError) -> ChannelError {
+        self.fail(ProtocolError::Packet(e))
+    }
+}
+
+/// Copies a packet's whole extra header into `scratch` with `read` (one read of the ring).
+fn copy_header<'s>(
+    meta: &Received,
+    scratch: &'s mut [u8],
+    read: impl FnOnce(&mut [u8]) -> Result<(), ChannelError>,
+) -> Result<&'s mut [u8], ChannelError> {
+    let (len, capacity) = (meta.header_len, scratch.len());
+    let header = scratch.get_mut(..len).ok_or(ChannelError::BufferTooSmall {
+        needed: len,
+        capacity,
+    })?;
+    read(header)?;
+    Ok(header)
+}
+
+/// The whole extra header, copied into `scratch` once and validated there (a violation
+/// fails the channel): the caller gets exactly the bytes that were checked.
+fn validated_header<'s>(
+    channel: &dyn PacketSource,
+    meta: &Received,
+    scratch: &'s mut [u8],
+    read: impl FnOnce(&mut [u8]) -> Result<(), ChannelError>,
+) -> Result<&'s [u8], ChannelError> {
+    let header = copy_header(meta, scratch, read)?;
+    check_header(meta, header, channel.gpa_page_limit()).map_err(|e| channel.fail_protocol(e))?;
+    Ok(header)
+}
+
+/// A GPA-direct packet's ranges, from its header copied into `scratch` once and validated
+/// there (a violation fails the channel).
+fn validated_gpa_ranges<'s>(
+    channel: &dyn PacketSource,
+    meta: &Received,
+    scratch: &'s mut [u8],
+    read: impl FnOnce(&mut [u8]) -> Result<(), ChannelError>,
+) -> Result<crate::packet::GpaRanges<'s>, ChannelError> {
+    if meta.packet_type != PacketType::GpaDirect {
+        return Err(ChannelError::NotGpaDirect {
+            packet_type: meta.packet_type,
+        });
+    }
+    let header = copy_header(meta, scratch, read)?;
+    parse_gpa_header(header, channel.gpa_page_limit()).map_err(|e| channel.fail_protocol(e))
 }
 
 fn push_packet<M: RingMem>(
@@ -1195,8 +1278,9 @@ impl<M: RingMem, D: Doorbell> Drop for SendBatch<'_, M, D> {
 
 enum Source {
     Ring(PacketInfo),
+    /// The front of the channel's queue.
     #[cfg(feature = "alloc")]
-    Queued(Queued),
+    Queued(Received),
 }
 
 /// A received packet read in place. Consumed when dropped or committed.
@@ -1221,7 +1305,7 @@ impl<M: RingMem, D: Doorbell> RecvGuard<'_, M, D> {
         match &self.source {
             Some(Source::Ring(info)) => Received::from_info(info),
             #[cfg(feature = "alloc")]
-            Some(Source::Queued(q)) => q.meta,
+            Some(Source::Queued(meta)) => *meta,
             None => Received {
                 packet_type: PacketType::InBand,
                 transaction_id: 0,
@@ -1232,9 +1316,8 @@ impl<M: RingMem, D: Doorbell> RecvGuard<'_, M, D> {
         }
     }
 
+    /// Copies `buf.len()` bytes of the header (`header`) or payload at `offset` into `buf`.
     fn read(&mut self, header: bool, offset: usize, buf: &mut [u8]) -> Result<(), ChannelError> {
-        #[cfg(feature = "alloc")]
-        let meta = self.meta();
         let out_of_bounds = ChannelError::OutOfBounds {
             offset,
             len: buf.len(),
@@ -1242,26 +1325,23 @@ impl<M: RingMem, D: Doorbell> RecvGuard<'_, M, D> {
         };
         match &self.source {
             Some(Source::Ring(info)) => match self.rx.reader.packet(info) {
-                Some(p) if header => p.read_header(offset, buf).map_err(read_error),
-                Some(p) => p.read_payload(offset, buf).map_err(read_error),
-                None => Err(out_of_bounds),
-            },
+                Some(p) if header => p.read_header(offset, buf),
+                Some(p) => p.read_payload(offset, buf),
+                None => return Err(out_of_bounds),
+            }
+            .map_err(|e| self.channel.read_error(e)),
             None => Err(out_of_bounds),
             #[cfg(feature = "alloc")]
-            Some(Source::Queued(q)) => {
+            Some(Source::Queued(meta)) => {
+                let data = self.rx.queue.front().map_or(&[][..], |(_, d)| d);
                 let (start, size) = if header {
                     (0, meta.header_len)
                 } else {
                     (meta.header_len, meta.payload_len)
                 };
-                copy_region(&q.data, start, size, offset, buf)
+                copy_region(data, start, size, offset, buf)
             }
         }
-    }
-
-    /// Copies part of the extra header into `buf`.
-    pub fn read_header(&mut self, offset: usize, buf: &mut [u8]) -> Result<(), ChannelError> {
-        self.read(true, offset, buf)
     }
 
     /// Copies part of the payload into `buf`.
@@ -1269,23 +1349,25 @@ impl<M: RingMem, D: Doorbell> RecvGuard<'_, M, D> {
         self.read(false, offset, buf)
     }
 
-    /// Copies the extra header into `scratch` once and parses it as GPA ranges,
-    /// validated.
+    /// Copies the whole extra header (GPA ranges, transfer pages) into `scratch` once,
+    /// validates that copy and returns it: the bytes returned are exactly the bytes that
+    /// were checked, whatever the peer writes to the ring meanwhile. A malformed header
+    /// fails the channel; a `scratch` shorter than the header is
+    /// [`ChannelError::BufferTooSmall`].
+    pub fn header<'s>(&mut self, scratch: &'s mut [u8]) -> Result<&'s [u8], ChannelError> {
+        let (channel, meta) = (self.channel, self.meta());
+        validated_header(channel, &meta, scratch, |h| self.read(true, 0, h))
+    }
+
+    /// Copies a GPA-direct packet's header into `scratch` once and returns its ranges,
+    /// validated in that copy (a malformed header fails the channel).
+    /// [`ChannelError::NotGpaDirect`] for other packets.
     pub fn gpa_ranges<'s>(
         &mut self,
         scratch: &'s mut [u8],
     ) -> Result<crate::packet::GpaRanges<'s>, ChannelError> {
-        let len = self.meta().header_len;
-        if scratch.len() < len {
-            return Err(ChannelError::BufferTooSmall {
-                needed: len,
-                capacity: scratch.len(),
-            });
-        }
-        self.read_header(0, &mut scratch[..len])?;
-        let limit = self.channel.config.gpa_page_limit;
-        parse_gpa_header(&scratch[..len], limit)
-            .map_err(|e| self.channel.fail(ProtocolError::Packet(e)))
+        let (channel, meta) = (self.channel, self.meta());
+        validated_gpa_ranges(channel, &meta, scratch, |h| self.read(true, 0, h))
     }
 
     /// Consumes the packet and publishes the read index now, returning any doorbell error.
@@ -1299,7 +1381,7 @@ impl<M: RingMem, D: Doorbell> RecvGuard<'_, M, D> {
             Some(Source::Ring(info)) => {
                 let meta = Received::from_info(&info);
                 if self.rx.reader.packet(&info).is_some() {
-                    self.channel.consume(&mut self.rx, &info);
+                    self.channel.consume(&mut self.rx.reader, &info);
                     if meta.packet_type == PacketType::Completion {
                         self.channel.txns.release_polled(meta.transaction_id);
                     }
@@ -1307,8 +1389,10 @@ impl<M: RingMem, D: Doorbell> RecvGuard<'_, M, D> {
                 self.channel.commit_rx(&mut self.rx)
             }
             #[cfg(feature = "alloc")]
-            Some(Source::Queued(q)) => {
-                self.rx.pool.push(q.data);
+            Some(Source::Queued(_)) => {
+                self.rx.queue.pop();
+                // Queue space freed: callers blocked on a full queue may go on.
+                self.channel.hub.notify(&self.channel.doorbell);
                 Ok(())
             }
         }
@@ -1331,6 +1415,7 @@ enum BatchSource<'a, 'r, M: RingMem> {
 pub struct BatchPacket<'a, 'r, M: RingMem> {
     meta: Received,
     source: BatchSource<'a, 'r, M>,
+    channel: &'a dyn PacketSource,
 }
 
 impl<M: RingMem> core::fmt::Debug for BatchPacket<'_, '_, M> {
@@ -1350,7 +1435,9 @@ impl<M: RingMem> BatchPacket<'_, '_, M> {
     /// Copies part of the payload into `buf`.
     pub fn read_payload(&self, offset: usize, buf: &mut [u8]) -> Result<(), ChannelError> {
         match &self.source {
-            BatchSource::Ring(p) => p.read_payload(offset, buf).map_err(read_error),
+            BatchSource::Ring(p) => p
+                .read_payload(offset, buf)
+                .map_err(|e| self.channel.read_error(e)),
             #[cfg(feature = "alloc")]
             BatchSource::Queued(data) => {
                 let start = self.meta.header_len;
@@ -1360,16 +1447,33 @@ impl<M: RingMem> BatchPacket<'_, '_, M> {
         }
     }
 
-    /// Copies part of the extra header into `buf`.
-    pub fn read_header(&self, offset: usize, buf: &mut [u8]) -> Result<(), ChannelError> {
+    fn copy_whole_header(&self, buf: &mut [u8]) -> Result<(), ChannelError> {
         match &self.source {
-            BatchSource::Ring(p) => p.read_header(offset, buf).map_err(read_error),
+            BatchSource::Ring(p) => p
+                .read_header(0, buf)
+                .map_err(|e| self.channel.read_error(e)),
             #[cfg(feature = "alloc")]
-            BatchSource::Queued(data) => {
-                let size = self.meta.header_len;
-                copy_region(data, 0, size, offset, buf)
-            }
+            BatchSource::Queued(data) => copy_region(data, 0, self.meta.header_len, 0, buf),
         }
+    }
+
+    /// Copies the whole extra header into `scratch` once, validates that copy and returns
+    /// it (see [`RecvGuard::header`]).
+    pub fn header<'s>(&self, scratch: &'s mut [u8]) -> Result<&'s [u8], ChannelError> {
+        validated_header(self.channel, &self.meta, scratch, |h| {
+            self.copy_whole_header(h)
+        })
+    }
+
+    /// A GPA-direct packet's ranges, validated in a copy of its header in `scratch` (see
+    /// [`RecvGuard::gpa_ranges`]).
+    pub fn gpa_ranges<'s>(
+        &self,
+        scratch: &'s mut [u8],
+    ) -> Result<crate::packet::GpaRanges<'s>, ChannelError> {
+        validated_gpa_ranges(self.channel, &self.meta, scratch, |h| {
+            self.copy_whole_header(h)
+        })
     }
 }
 
@@ -1661,13 +1765,18 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
     /// meanwhile for receivers wait in the channel's queue, completions for other calls in
     /// their slots. A call that times out keeps its transaction id reserved until the late
     /// completion arrives, which is then discarded and counted.
+    ///
+    /// A completion longer than `response` is consumed without being copied (the channel
+    /// never holds more of a completion than its caller can take) and the call returns
+    /// [`ChannelError::BufferTooSmall`] with its length: size `response` for the largest
+    /// completion the peer may send.
     pub fn call(
         &self,
         request: &[u8],
         response: &mut [u8],
         deadline: Option<Instant>,
     ) -> Result<usize, ChannelError> {
-        let mut txn = self.begin_call()?;
+        let mut txn = self.begin_call(response.len())?;
         // On error, dropping `txn` frees the id: the request never went out.
         self.send_packet(&request_packet(txn.tid, &[request]), deadline)?;
         txn.sent();
@@ -1738,7 +1847,12 @@ impl<M: RingMem, D: Doorbell> Drop for PendingCall<'_, M, D> {
 
 #[cfg(feature = "alloc")]
 impl<M: RingMem, D: Doorbell> Channel<M, D> {
-    pub(crate) fn begin_call(&self) -> Result<PendingCall<'_, M, D>, ChannelError> {
+    /// Reserves a transaction id for a call whose response buffer holds `capacity` bytes:
+    /// the most of its completion the receive path will store.
+    pub(crate) fn begin_call(
+        &self,
+        capacity: usize,
+    ) -> Result<PendingCall<'_, M, D>, ChannelError> {
         self.check_send()?;
         let tid = self
             .txns
@@ -1746,6 +1860,8 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
             .ok_or(ChannelError::TransactionsExhausted {
                 capacity: MAX_TRANSACTIONS,
             })?;
+        // Published before the request goes out, so before its completion can arrive.
+        self.call_capacity[slot_index(tid)].store(capacity, Ordering::Release);
         Ok(PendingCall {
             channel: self,
             tid,
@@ -1772,11 +1888,10 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
         }
         let mut blocked = false;
         while let Some(info) = self.next_for_receiver(&mut rx)? {
-            if rx.queue.len() >= self.config.queue_depth {
+            if !self.queue_packet(&mut rx, &info)? {
                 blocked = true;
                 break;
             }
-            self.queue_packet(&mut rx, &info)?;
         }
         self.commit_rx(&mut rx)?;
         if let Some(len) = self.take_completion(&mut rx, txn, response)? {
@@ -1791,22 +1906,17 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
         Ok(CallStep::Idle)
     }
 
-    /// Copies a packet meant for a receiver into the queue, reusing a pooled buffer.
-    fn queue_packet(&self, rx: &mut RxState<M>, info: &PacketInfo) -> Result<(), ChannelError> {
-        let mut data = rx.pool.pop().unwrap_or_default();
-        data.clear();
-        data.resize(Received::from_info(info).len(), 0);
-        match self.take_into(rx, info, &mut data) {
-            Ok(meta) => {
-                rx.queue.push_back(Queued { meta, data });
-                self.hub.notify(&self.doorbell);
-                Ok(())
-            }
-            Err(e) => {
-                rx.pool.push(data);
-                Err(e)
-            }
+    /// Copies a packet meant for a receiver into the queue (its header validated there).
+    /// `Ok(false)` when the queue cannot take it now: it stays in the ring.
+    fn queue_packet(&self, rx: &mut RxState<M>, info: &PacketInfo) -> Result<bool, ChannelError> {
+        let RxState { reader, queue, .. } = rx;
+        let queued = queue.push(Received::from_info(info), |slot| {
+            self.take_into(reader, info, slot).map(drop)
+        })?;
+        if queued {
+            self.hub.notify(&self.doorbell);
         }
+        Ok(queued)
     }
 
     fn take_completion(
@@ -1818,17 +1928,20 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
         if !self.txns.is_done(txn.tid) {
             return Ok(None);
         }
-        let index = (txn.tid & 0xFFFF_FFFF) as usize;
-        let stored = &rx.stored[index];
-        let len = stored.len();
+        let index = slot_index(txn.tid);
+        let len = rx.stored_len[index];
         self.txns.free(txn.tid);
         txn.armed = false;
-        if len > response.len() {
+        // A completion longer than the caller's buffer was consumed without being stored.
+        let stored = rx.stored[index]
+            .get(..len)
+            .filter(|_| len <= response.len());
+        let Some(stored) = stored else {
             return Err(ChannelError::BufferTooSmall {
                 needed: len,
                 capacity: response.len(),
             });
-        }
+        };
         response[..len].copy_from_slice(stored);
         Ok(Some(len))
     }

@@ -59,7 +59,9 @@ pub enum ChannelError {
         /// The largest packet the ring carries.
         max: usize,
     },
-    /// The receive buffer is smaller than the packet; the packet stays queued.
+    /// The receive buffer is smaller than the packet. A receive leaves the packet queued;
+    /// a call's completion that does not fit its response buffer is consumed (the
+    /// transaction is over) and only its length is reported.
     #[error("a {needed}-byte packet does not fit in a {capacity}-byte buffer")]
     BufferTooSmall {
         /// Bytes the packet needs (header and payload).
@@ -89,6 +91,15 @@ pub enum ChannelError {
     /// A caller asked for something the channel cannot do (flags, header alignment).
     #[error("invalid request: {0}")]
     InvalidRequest(vmlink_ring::WriteError),
+    /// GPA ranges were asked of a packet that is not a GPA-direct packet.
+    #[error(
+        "GPA ranges were asked of a packet of type {}, not a GPA-direct packet (type 9)",
+        packet_type.raw()
+    )]
+    NotGpaDirect {
+        /// The packet's type.
+        packet_type: vmlink_ring::protocol::PacketType,
+    },
 }
 
 impl From<FailureCause> for ChannelError {

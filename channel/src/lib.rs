@@ -53,6 +53,8 @@ mod error;
 #[cfg(all(feature = "fd", target_os = "linux"))]
 pub mod fd;
 pub mod packet;
+#[cfg(feature = "alloc")]
+mod queue;
 mod sync;
 mod txn;
 

@@ -38,6 +38,12 @@ fn state(word: u64) -> u64 {
     word & STATE_MASK
 }
 
+/// The table slot a transaction id names (its low 32 bits; below [`MAX_TRANSACTIONS`] for
+/// every id this table handed out).
+pub(crate) fn slot_index(tid: u64) -> usize {
+    (tid & 0xFFFF_FFFF) as usize % MAX_TRANSACTIONS
+}
+
 /// How a transaction's completion is delivered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Mode {

@@ -1,6 +1,6 @@
 //! The data path allocates nothing: once a channel is warmed up (its unsolicited-packet
-//! queue, the queue's buffer pool and the per-transaction completion buffers have reached
-//! their steady capacity), sending, receiving, batching and calls make zero heap
+//! queue has its one buffer and the per-transaction completion buffers have reached their
+//! steady capacity), sending, receiving, batching and calls make zero heap
 //! allocations.
 //!
 //! A counting `#[global_allocator]` wraps `std::alloc::System` and counts allocations
@@ -15,7 +15,7 @@
 //! - batches of 16 (`push_in_band` / `push_in_place`, one commit) + `try_recv_batch`;
 //! - `call` with a server thread receiving and completing;
 //! - `call` while the server also sends unsolicited packets, which the caller queues (the
-//!   queue and its buffer pool) and a receiver thread takes.
+//!   queue's buffer) and a receiver thread takes.
 //!
 //! Why per-thread counting is sound: the channel starts no threads of its own and the
 //! in-process doorbell has none either, so every allocation the channel makes on behalf of

@@ -204,8 +204,10 @@ pub enum WriteError {
 }
 
 /// A read could not be done.
+///
+/// Exhaustive: a read fails because the caller's buffer or range is wrong, or because the
+/// peer corrupted the ring, and callers match on exactly these.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
 pub enum ReadError {
     /// The caller's buffer is smaller than the packet's payload; the packet stays queued.
     #[error("the packet's {needed}-byte payload does not fit in a {capacity}-byte buffer")]

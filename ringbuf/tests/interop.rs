@@ -411,7 +411,10 @@ fn drain_with_pending_send_size(feature_bits: u32) -> (bool, bool) {
     let _ = writer.commit();
     // What a full writer does before it sleeps (hv_sock's pending send size).
     ring.store_control(ControlWord::PendingSendSize, 2048);
-    assert!(!vmlink_ring::writer_needs_signal(&ring), "nothing is free yet");
+    assert!(
+        !vmlink_ring::writer_needs_signal(&ring),
+        "nothing is free yet"
+    );
     let mut buf = [0u8; 1024];
     let mut signal = vmlink_ring::Signal::NONE;
     while let Some((_, s)) = reader.read_into(&mut buf).unwrap() {
