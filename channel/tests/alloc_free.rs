@@ -441,7 +441,7 @@ fn calls_with_queued_packets_allocate_nothing() {
     let (caller, server, receiver) = thread::scope(|s| {
         // Warm-up, deterministic: while the caller waits for its completion, it queues
         // `depth` packets of the largest size (the queue is then full), which the test then
-        // drains; the pool ends up holding `depth` buffers of the largest size.
+        // drains; the queue has allocated its one buffer by then.
         let fill = s.spawn(move || {
             let mut buf = vec![0u8; max];
             let r = b.recv(&mut buf, soon()).expect("request");
