@@ -5,8 +5,8 @@
 //! it must work when the two sides see the same pages at different virtual addresses. Here
 //! the test process (the parent, test `parent_reads_from_child_process`) creates a memfd
 //! with `MFD_ALLOW_SEALING`, sizes it to one ring (4096-byte control page and a 16 KiB data
-//! area), seals it against shrinking and growing (DESIGN.md, "Rules for memory the peer can
-//! write", rule 6), maps it `MAP_SHARED`, initialises the control page and attaches a
+//! area), seals it against shrinking and growing (docs/ARCHITECTURE.md, "Rules for memory
+//! the peer can write", rule 6), maps it `MAP_SHARED`, initialises the control page and attaches a
 //! [`Reader`]. It then runs this same test binary again as a child process, which runs only
 //! `child_writer`: the child finds the inherited fd in `VMLINK_RING_CHILD_FD`, checks the
 //! seals and size, maps the fd itself (a separate `mmap` in another address space; if it

@@ -1,7 +1,7 @@
 //! A hostile peer, one rule at a time.
 //!
-//! Each test breaks one rule a peer must follow (DESIGN.md, "Rules for memory the peer can
-//! write") and checks that vmlink answers with the typed error for that rule, that its own
+//! Each test breaks one rule a peer must follow (docs/ARCHITECTURE.md, "Rules for memory
+//! the peer can write") and checks that vmlink answers with the typed error for that rule, that its own
 //! state is unchanged (repairing the ring lets the same packet through), and that nothing
 //! was published on its behalf. A last property test throws arbitrary ring images at the
 //! reader and requires bounded, panic-free progress.

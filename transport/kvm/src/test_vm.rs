@@ -2,7 +2,7 @@
 //! example (feature `test-utils`; not part of the transport's API).
 //!
 //! Probes KVM, builds `transport/kvm/guest` with a nested cargo, loads its ELF, and sets
-//! up one vCPU in identity-mapped long mode at CPL3 (see `shared/KVM-NOTES.md`).
+//! up one vCPU in identity-mapped long mode at CPL3 (see docs/ARCHITECTURE.md, "Guest memory under KVM").
 #![allow(unsafe_code)]
 
 use std::path::{Path, PathBuf};

@@ -83,3 +83,9 @@ pub const SOCKET_FD_ENV: &str = "VMLINK_SHM_FD";
 
 /// The handshake protocol version this crate speaks.
 pub const PROTOCOL_VERSION: u16 = protocol::VERSION;
+
+/// Every Rust block of the repository's README, compiled and run exactly as it stands (each
+/// is a whole program), so what a new user pastes works.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
