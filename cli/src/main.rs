@@ -49,9 +49,17 @@ enum Command {
     /// Both directions run at once; end of file on stdin finishes the outgoing one, and
     /// the command exits when both are finished. Progress is shown on stderr for long
     /// transfers when stderr is a terminal.
+    ///
+    /// The first client to complete the handshake is served. A client that fails it (an
+    /// unknown service, bytes that are no handshake, silence past the 5-second handshake
+    /// timeout) is refused with the reason and logged on stderr, and the command keeps
+    /// listening. Fails at once if another `vmlink serve` is listening on the socket.
     Serve(ServeArgs),
     /// Connect to `vmlink serve` and pipe bytes: stdin goes to the server, what the server
     /// sends comes out on stdout.
+    ///
+    /// Its outgoing direction finishes at end of file on stdin: to only receive, give it
+    /// `< /dev/null` rather than a terminal.
     Connect(ConnectArgs),
     /// Decode a ring's memory read-only: the control page and every queued packet, or
     /// exactly which rule a corrupt ring breaks.
@@ -85,7 +93,7 @@ struct ServeArgs {
     #[arg(long)]
     socket: PathBuf,
     /// The service name clients must ask for.
-    #[arg(long, default_value = DEFAULT_SERVICE)]
+    #[arg(long, default_value = pipe::DEFAULT_SERVICE)]
     service: String,
 }
 
@@ -96,7 +104,7 @@ struct ConnectArgs {
     #[arg(long)]
     socket: PathBuf,
     /// The service name to ask for.
-    #[arg(long, default_value = DEFAULT_SERVICE)]
+    #[arg(long, default_value = pipe::DEFAULT_SERVICE)]
     service: String,
 }
 
@@ -118,9 +126,6 @@ struct InspectArgs {
     #[arg(long)]
     json: bool,
 }
-
-/// The service name `serve` and `connect` use unless told otherwise.
-const DEFAULT_SERVICE: &str = "vmlink-pipe";
 
 /// Options of `vmlink demo-guest`.
 #[derive(Debug, Args)]

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use vmlink_shm::{Endpoint, Guest, Layout, Listener, Service, ShmChannel};
+use vmlink_shm::{Endpoint, Guest, Layout, Listener, RefusalCode, Service, ShmChannel, ShmError};
 
 use crate::error::{Context, Result, fail};
 
@@ -23,23 +23,117 @@ const HEADER: usize = 8;
 /// Data bytes per packet at most.
 pub const CHUNK: usize = 60 * 1024;
 /// Data area of each ring.
-const RING_BYTES: u64 = 1 << 20;
+pub const RING_BYTES: u64 = 1 << 20;
+/// The service name `serve` and `connect` use unless told otherwise.
+pub const DEFAULT_SERVICE: &str = "vmlink-pipe";
 /// Transfers shorter than this show no progress.
 const PROGRESS_AFTER: Duration = Duration::from_secs(1);
 
-/// Serves one client of `service` at `path`, then pipes.
+/// Serves the first client of `service` at `path` that completes the handshake, then
+/// pipes. A client whose handshake fails costs only itself: it is refused (the listener
+/// tells it why), one line on stderr says so, and the listener keeps waiting.
 pub fn serve(path: &Path, service: &str) -> Result<()> {
     let service = Service::new(service).with_layout(Layout::symmetric(RING_BYTES, 0));
-    let listener = Listener::bind(path, service).context("listen")?;
-    let end = listener.accept().context("accept a client")?;
+    let listener = match Listener::bind(path, service) {
+        Ok(listener) => listener,
+        Err(ShmError::SocketInUse(_)) => {
+            return fail(format!(
+                "another vmlink serve is listening on {}",
+                path.display()
+            ));
+        }
+        Err(ShmError::NotASocket(_)) => {
+            return fail(format!(
+                "{} exists and is not a socket; it was left alone (choose another path)",
+                path.display()
+            ));
+        }
+        Err(e) => return fail(format!("listen on {}: {e}", path.display())),
+    };
+    let end = loop {
+        match listener.accept() {
+            Ok(end) => break end,
+            Err(ShmError::ListenerStopped) => {
+                return fail(format!("stopped listening on {}", path.display()));
+            }
+            Err(e) => eprintln!(
+                "vmlink serve: refused a client ({}); still listening",
+                one_line(&e.to_string())
+            ),
+        }
+    };
     drop(listener);
     pipe(&end)
 }
 
 /// Connects to `service` at `path`, then pipes.
 pub fn connect(path: &Path, service: &str) -> Result<()> {
-    let end = Guest::new(service).connect(path).context("connect")?;
+    let end = match Guest::new(service).connect(path) {
+        Ok(end) => end,
+        Err(e) => return fail(connect_error(path, service, &e)),
+    };
     pipe(&end)
+}
+
+/// Why `vmlink connect` could not connect, in the words of its user.
+fn connect_error(path: &Path, service: &str, e: &ShmError) -> String {
+    let at = path.display();
+    match e {
+        ShmError::Connect { source, .. } if source.kind() == io::ErrorKind::NotFound => {
+            format!("no vmlink serve is listening on {at} (there is no socket file)")
+        }
+        ShmError::Connect { source, .. } if source.kind() == io::ErrorKind::ConnectionRefused => {
+            format!(
+                "no vmlink serve is listening on {at} (the socket file is left from one that \
+                 has stopped)"
+            )
+        }
+        ShmError::Connect { source, .. } => format!("cannot connect to {at}: {source}"),
+        ShmError::Refused {
+            code: RefusalCode::UnknownService,
+            ..
+        } => format!(
+            "the host offers no service {} (vmlink serve offers {} unless given --service)",
+            quoted(service),
+            quoted(DEFAULT_SERVICE)
+        ),
+        ShmError::Refused { code, message } => format!(
+            "the host at {at} refused the connection ({code}): {}",
+            one_line(message)
+        ),
+        e => format!(
+            "handshake with the host at {at} failed: {}",
+            one_line(&e.to_string())
+        ),
+    }
+}
+
+/// Text on one line, its control characters escaped.
+fn one_line(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+/// A name in double quotes, with quotes, backslashes and control characters escaped.
+fn quoted(name: &str) -> String {
+    let inner: String = name
+        .chars()
+        .map(|c| {
+            if c.is_control() || c == '"' || c == '\\' {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect();
+    format!("\"{inner}\"")
 }
 
 /// One frame: header and data.
@@ -173,5 +267,12 @@ mod tests {
         let mut lying = frame(b"abc", 0);
         lying[0] = 200;
         assert!(unframe(&lying).is_err());
+    }
+
+    #[test]
+    fn names_and_peer_text_stay_on_one_line() {
+        assert_eq!(quoted("nope"), "\"nope\"");
+        assert_eq!(quoted("a\"b\\c\nd"), "\"a\\\"b\\\\c\\nd\"");
+        assert_eq!(one_line("x\ny\u{1b}[2J"), "x\\ny\\u{1b}[2J");
     }
 }

@@ -111,3 +111,68 @@ fn help_lists_every_command() {
         "the guest side is hidden: {help}"
     );
 }
+
+/// `vmlink connect` at `socket` with nothing on stdin: its exit code and stderr.
+fn connect_alone(socket: &Path) -> (Option<i32>, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_vmlink"))
+        .arg("connect")
+        .arg("--socket")
+        .arg(socket)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run vmlink");
+    assert!(output.stdout.is_empty());
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn connect_says_nobody_listens_at_the_path() {
+    let dir = std::env::temp_dir().join(format!("vmlink-cli-nobody-{}", std::process::id()));
+    std::fs::DirBuilder::new().mode(0o700).create(&dir).unwrap();
+    let socket = dir.join("pipe.sock");
+
+    // No socket file at all.
+    let (code, err) = connect_alone(&socket);
+    assert_eq!(code, Some(2), "{err}");
+    assert_eq!(
+        err.trim_end(),
+        format!(
+            "vmlink connect: no vmlink serve is listening on {} (there is no socket file)",
+            socket.display()
+        )
+    );
+
+    // A socket file left by a listener that has gone (connect is refused).
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    let (code, err) = connect_alone(&socket);
+    assert_eq!(code, Some(2), "{err}");
+    assert_eq!(
+        err.trim_end(),
+        format!(
+            "vmlink connect: no vmlink serve is listening on {} (the socket file is left from \
+             one that has stopped)",
+            socket.display()
+        )
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn serve_and_connect_help_say_how_to_send_nothing_and_what_a_bad_client_costs() {
+    let help = |command: &str| {
+        let output = Command::new(env!("CARGO_BIN_EXE_vmlink"))
+            .args([command, "--help"])
+            .output()
+            .expect("run vmlink");
+        assert!(output.status.success());
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let serve = help("serve");
+    assert!(serve.contains("keeps listening"), "{serve}");
+    assert!(serve.contains("another `vmlink serve`"), "{serve}");
+    let connect = help("connect");
+    assert!(connect.contains("< /dev/null"), "{connect}");
+}
