@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use clap::ValueEnum;
-use vmlink_channel::packet::parse_gpa_header;
+use vmlink_channel::packet::{PacketError, parse_gpa_header};
 use vmlink_ring::protocol::{CONTROL_PAGE_SIZE, PacketType};
 use vmlink_ring::{ControlWord, HeapMem, Reader, RingMem};
 
@@ -98,12 +98,68 @@ pub fn run(
         ImageLayout::Ring => None,
         ImageLayout::Shm => Some(image.len() - 2 * (CONTROL_PAGE_SIZE + ring_data as usize)),
     };
+    let assumed = Assumed::new(layout, ring_data, image.len() as u64);
     if json {
-        println!("{}", to_json(path, &reports, buffer));
+        println!("{}", to_json(path, &assumed, &reports, buffer));
     } else {
-        print!("{}", to_text(path, &reports, buffer));
+        print!("{}", to_text(path, &assumed, &reports, buffer));
     }
     Ok(reports.iter().all(|r| r.error.is_none()))
+}
+
+/// The layout the file was decoded with, said in words, and how to choose another.
+struct Assumed {
+    /// `ring` or `shm`.
+    name: &'static str,
+    /// The data bytes of each ring.
+    ring_data: u64,
+    /// What that means.
+    description: String,
+    /// How to decode the file otherwise, when that may be what the user wants.
+    hint: Option<String>,
+}
+
+impl Assumed {
+    fn new(layout: ImageLayout, ring_data: u64, file_len: u64) -> Self {
+        let serve = crate::pipe::channel_layout();
+        let serve_ring_data = crate::pipe::RING_BYTES;
+        match layout {
+            ImageLayout::Ring => {
+                let data = file_len.saturating_sub(CONTROL_PAGE_SIZE as u64);
+                let hint = if file_len == serve.total_len() {
+                    format!(
+                        "this file has the size of a vmlink serve/connect channel's memory, \
+                         which holds two rings: decode it with --layout shm --ring-data \
+                         {serve_ring_data}"
+                    )
+                } else {
+                    "if this is a vmlink-shm channel's memory, which holds two rings and a \
+                     buffer area, decode it with --layout shm --ring-data BYTES, BYTES being \
+                     the data bytes of each ring"
+                        .to_owned()
+                };
+                Self {
+                    name: "ring",
+                    ring_data: data,
+                    description: format!(
+                        "one ring (--layout ring, the default): a {CONTROL_PAGE_SIZE}-byte \
+                         control page, then {data} data bytes"
+                    ),
+                    hint: Some(hint),
+                }
+            }
+            ImageLayout::Shm => Self {
+                name: "shm",
+                ring_data,
+                description: format!(
+                    "a vmlink-shm channel's memory (--layout shm --ring-data {ring_data}): the \
+                     guest_to_host ring, the host_to_guest ring (each a {CONTROL_PAGE_SIZE}-byte \
+                     control page and {ring_data} data bytes), then the buffer area"
+                ),
+                hint: None,
+            },
+        }
+    }
 }
 
 /// Decodes one ring image.
@@ -183,8 +239,9 @@ fn inspect_ring(name: &'static str, bytes: &[u8], max_packets: usize) -> RingRep
                 }
                 Err(e) => {
                     report.error = Some(format!(
-                        "packet at {:#x}: GPA-direct header: {e}",
-                        info.offset()
+                        "packet at {:#x}: GPA-direct header: {}",
+                        info.offset(),
+                        packet_error(&e)
                     ));
                 }
             }
@@ -207,6 +264,29 @@ fn inspect_ring(name: &'static str, bytes: &[u8], max_packets: usize) -> RingRep
     report
 }
 
+/// A header's defect in plain words.
+fn packet_error(e: &PacketError) -> String {
+    match *e {
+        PacketError::RangesMismatchHeader {
+            count,
+            needed: Some(needed),
+            len,
+        } => format!("its {count} ranges take {needed} bytes but the header has {len}"),
+        PacketError::RangesMismatchHeader {
+            count,
+            needed: None,
+            len,
+        } => format!("it names {count} ranges, more than its {len} bytes hold"),
+        ref other => other.to_string(),
+    }
+}
+
+/// Page numbers as a comma-separated list.
+fn page_list(pages: &[u64], separator: &str) -> String {
+    let pages: Vec<String> = pages.iter().map(u64::to_string).collect();
+    pages.join(separator)
+}
+
 /// A packet type's name.
 fn type_name(t: PacketType) -> &'static str {
     match t {
@@ -223,10 +303,19 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// The report as text.
-fn to_text(path: &Path, reports: &[RingReport], buffer: Option<usize>) -> String {
+fn to_text(
+    path: &Path,
+    assumed: &Assumed,
+    reports: &[RingReport],
+    buffer: Option<usize>,
+) -> String {
     let mut out = String::new();
     // Writing to a `String` cannot fail.
     let _ = writeln!(out, "{}", path.display());
+    let _ = writeln!(out, "layout: {}", assumed.description);
+    if let Some(hint) = &assumed.hint {
+        let _ = writeln!(out, "  {hint}");
+    }
     for r in reports {
         let _ = writeln!(out, "\n{}: {} data bytes", r.name, r.data_len);
         for (name, value) in r.control.into_iter().flatten() {
@@ -262,7 +351,8 @@ fn to_text(path: &Path, reports: &[RingReport], buffer: Option<usize>) -> String
             for (offset, count, pages) in &p.ranges {
                 let _ = writeln!(
                     out,
-                    "        range: {count} bytes at offset {offset} of pages {pages:?}"
+                    "        range: {count} bytes at offset {offset} of pages {}",
+                    page_list(pages, ", ")
                 );
             }
         }
@@ -279,13 +369,20 @@ fn to_text(path: &Path, reports: &[RingReport], buffer: Option<usize>) -> String
         }
     }
     if let Some(b) = buffer {
-        let _ = writeln!(out, "\nbuffer area: {b} bytes ({} pages)", b / 4096);
+        let pages = b / 4096;
+        let unit = if pages == 1 { "page" } else { "pages" };
+        let _ = writeln!(out, "\nbuffer area: {b} bytes ({pages} {unit})");
     }
     out
 }
 
 /// The report as one JSON object.
-fn to_json(path: &Path, reports: &[RingReport], buffer: Option<usize>) -> String {
+fn to_json(
+    path: &Path,
+    assumed: &Assumed,
+    reports: &[RingReport],
+    buffer: Option<usize>,
+) -> String {
     let rings: Vec<String> = reports
         .iter()
         .map(|r| {
@@ -308,7 +405,8 @@ fn to_json(path: &Path, reports: &[RingReport], buffer: Option<usize>) -> String
                         .iter()
                         .map(|(offset, count, pages)| {
                             format!(
-                                "{{\"byte_offset\":{offset},\"byte_count\":{count},\"pages\":{pages:?}}}"
+                                "{{\"byte_offset\":{offset},\"byte_count\":{count},\"pages\":[{}]}}",
+                                page_list(pages, ",")
                             )
                         })
                         .collect();
@@ -346,8 +444,18 @@ fn to_json(path: &Path, reports: &[RingReport], buffer: Option<usize>) -> String
         })
         .collect();
     format!(
-        "{{\"path\":{},\"rings\":[{}],\"buffer_bytes\":{}}}",
+        concat!(
+            "{{\"path\":{},\"layout\":\"{}\",\"ring_data\":{},\"layout_description\":{},",
+            "\"layout_hint\":{},\"rings\":[{}],\"buffer_bytes\":{}}}"
+        ),
         string(&path.display().to_string()),
+        assumed.name,
+        assumed.ring_data,
+        string(&assumed.description),
+        assumed
+            .hint
+            .as_deref()
+            .map_or_else(|| "null".to_owned(), string),
         rings.join(","),
         buffer.map_or_else(|| "null".to_owned(), |b| b.to_string())
     )

@@ -68,6 +68,12 @@ enum Command {
     /// `/proc/PID/fd/N`; it is read once into private memory and never written. Exits
     /// with status 0 when every ring is sound, 1 when one is corrupt (after printing what
     /// could be decoded and the broken rule), 2 when the file cannot be read.
+    ///
+    /// The file is taken as one ring unless told otherwise, and the output says which
+    /// layout it assumed. A vmlink-shm channel's memory (such as the memfd of `vmlink
+    /// serve` or `vmlink connect`) holds two rings and a buffer area: decode it with
+    /// `--layout shm --ring-data BYTES`, the data bytes of each ring (1048576 for `vmlink
+    /// serve` and `vmlink connect`).
     Inspect(InspectArgs),
     /// The guest side of `vmlink demo` (spawned by it; not for direct use).
     #[command(hide = true)]
@@ -113,10 +119,12 @@ struct ConnectArgs {
 struct InspectArgs {
     /// The file (or `/proc/PID/fd/N`) holding the ring memory.
     path: PathBuf,
-    /// What the file holds: one ring, or a vmlink-shm channel's whole memory.
+    /// What the file holds: one ring, or a vmlink-shm channel's whole memory (two rings,
+    /// then the buffer area).
     #[arg(long, value_enum, default_value = "ring")]
     layout: inspect::ImageLayout,
-    /// With `--layout shm`: the data bytes of each ring (without its control page).
+    /// With `--layout shm`: the data bytes of each ring (without its control page);
+    /// `vmlink serve` and `vmlink connect` use 1048576.
     #[arg(long, default_value_t = 64 * 1024)]
     ring_data: u64,
     /// Packets listed per ring at most (the rest are counted).

@@ -29,11 +29,17 @@ pub const DEFAULT_SERVICE: &str = "vmlink-pipe";
 /// Transfers shorter than this show no progress.
 const PROGRESS_AFTER: Duration = Duration::from_secs(1);
 
+/// The memory of each `serve` / `connect` channel: two rings of [`RING_BYTES`] data bytes,
+/// no buffer area.
+pub fn channel_layout() -> Layout {
+    Layout::symmetric(RING_BYTES, 0)
+}
+
 /// Serves the first client of `service` at `path` that completes the handshake, then
 /// pipes. A client whose handshake fails costs only itself: it is refused (the listener
 /// tells it why), one line on stderr says so, and the listener keeps waiting.
 pub fn serve(path: &Path, service: &str) -> Result<()> {
-    let service = Service::new(service).with_layout(Layout::symmetric(RING_BYTES, 0));
+    let service = Service::new(service).with_layout(channel_layout());
     let listener = match Listener::bind(path, service) {
         Ok(listener) => listener,
         Err(ShmError::SocketInUse(_)) => {

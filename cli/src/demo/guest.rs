@@ -136,7 +136,10 @@ impl GuestSide {
             tally.pass(len as usize);
         } else {
             tally.fail(len as usize, || {
-                format!("file: sent {len} bytes hashing to {hash:#018x}, the host has {reply:x?}")
+                format!(
+                    "file: sent {len} bytes hashing to {hash:#018x}, the host answered {}",
+                    wire::describe(&reply)
+                )
             });
         }
         Ok(tally)
@@ -297,7 +300,10 @@ fn file_channel(end: &Endpoint, path: &Path, buf: &mut [u8]) -> Result<()> {
                 free.push(slot);
                 Ok(())
             }
-            _ => fail(format!("unexpected packet {ack:x?} during the file copy")),
+            _ => fail(format!(
+                "unexpected {} during the file copy",
+                wire::describe(&ack)
+            )),
         }
     };
     loop {

@@ -208,7 +208,10 @@ impl HostSide {
             .context("wait for the guest's report")?;
         let w = wire::decode(r.payload(&self.buf));
         if word(&w, 0) != wire::REPORT {
-            return fail(format!("expected the guest's report, got {w:x?}"));
+            return fail(format!(
+                "expected the guest's report, got {}",
+                wire::describe(&w)
+            ));
         }
         let mut tally = Tally {
             packets: word(&w, 2),
@@ -422,7 +425,10 @@ impl HostSide {
                 if word(&w, 0) == wire::FILE_DONE {
                     break w;
                 }
-                return fail(format!("unexpected packet {w:x?} during the file copy"));
+                return fail(format!(
+                    "unexpected {} during the file copy",
+                    wire::describe(&w)
+                ));
             }
             let (slot, offset, len) = (word(&w, 0), word(&w, 1), word(&w, 2) as usize);
             let ranges: Vec<_> = parse_gpa_header(r.header(&self.buf), limit)
@@ -496,7 +502,10 @@ impl HostSide {
     ) -> Result<FileCopy> {
         let (len, guest_hash) = (word(done, 1), word(done, 2));
         if word(done, 0) != wire::FILE_DONE {
-            return fail(format!("expected the guest's file hash, got {done:x?}"));
+            return fail(format!(
+                "expected the guest's file hash, got {}",
+                wire::describe(done)
+            ));
         }
         let hash = hash::file(path).context("hash the received file")?;
         let how = if socket { "socket" } else { "buffer area" };

@@ -50,3 +50,46 @@ pub fn decode(payload: &[u8]) -> Vec<u64> {
 pub fn word(words: &[u64], i: usize) -> u64 {
     words.get(i).copied().unwrap_or(0)
 }
+
+/// Words of a packet at most shown by [`describe`].
+const SHOWN_WORDS: usize = 8;
+
+/// A packet's words for a message: "a packet of 2 words: 0x61636b 0x3" (the first
+/// [`SHOWN_WORDS`] of them).
+pub fn describe(words: &[u64]) -> String {
+    if words.is_empty() {
+        return "an empty packet".to_owned();
+    }
+    let shown: Vec<String> = words
+        .iter()
+        .take(SHOWN_WORDS)
+        .map(|w| format!("{w:#x}"))
+        .collect();
+    let more = if words.len() > SHOWN_WORDS {
+        " ..."
+    } else {
+        ""
+    };
+    let plural = if words.len() == 1 { "" } else { "s" };
+    format!(
+        "a packet of {} word{plural}: {}{more}",
+        words.len(),
+        shown.join(" ")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packets_are_described_in_plain_hex() {
+        assert_eq!(describe(&[]), "an empty packet");
+        assert_eq!(describe(&[ACK]), "a packet of 1 word: 0x61636b");
+        assert_eq!(describe(&[ACK, 3]), "a packet of 2 words: 0x61636b 0x3");
+        assert_eq!(
+            describe(&[1; 9]),
+            "a packet of 9 words: 0x1 0x1 0x1 0x1 0x1 0x1 0x1 0x1 ..."
+        );
+    }
+}
