@@ -23,7 +23,7 @@ pub enum PacketError {
     #[error("the packet names no ranges")]
     NoRanges,
     /// The ranges do not fill the header exactly.
-    #[error("{count} ranges need {needed:?} header bytes, the header has {len}")]
+    #[error("{}", describe_mismatch(*count, *needed, *len))]
     RangesMismatchHeader {
         /// The range count from the header.
         count: u32,
@@ -76,6 +76,33 @@ pub enum PacketError {
         /// The count.
         byte_count: u32,
     },
+}
+
+/// `RangesMismatchHeader` in plain words.
+struct Mismatch {
+    count: u32,
+    needed: Option<usize>,
+    len: usize,
+}
+
+impl core::fmt::Display for Mismatch {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let Mismatch { count, needed, len } = self;
+        match needed {
+            Some(needed) => write!(
+                f,
+                "the header's {count} ranges need {needed} bytes, but the header has {len}"
+            ),
+            None => write!(
+                f,
+                "the header names {count} ranges, more than its {len} bytes can hold"
+            ),
+        }
+    }
+}
+
+fn describe_mismatch(count: u32, needed: Option<usize>, len: usize) -> Mismatch {
+    Mismatch { count, needed, len }
 }
 
 /// Pages spanned by `byte_count` bytes starting `byte_offset` into the first page.
@@ -376,6 +403,29 @@ pub fn parse_transfer_page_header(header: &[u8]) -> Result<TransferPages<'_>, Pa
 mod tests {
     use super::*;
     use std::vec::Vec;
+
+    #[test]
+    fn mismatch_messages_are_plain_words() {
+        use std::string::ToString;
+        let overflow = PacketError::RangesMismatchHeader {
+            count: u32::MAX,
+            needed: None,
+            len: 24,
+        };
+        assert_eq!(
+            overflow.to_string(),
+            "the header names 4294967295 ranges, more than its 24 bytes can hold"
+        );
+        let short = PacketError::RangesMismatchHeader {
+            count: 2,
+            needed: Some(40),
+            len: 24,
+        };
+        assert_eq!(
+            short.to_string(),
+            "the header's 2 ranges need 40 bytes, but the header has 24"
+        );
+    }
 
     fn encode(ranges: &[GpaRange<'_>]) -> Vec<u8> {
         let len = gpa_header_len(ranges, None).unwrap();
