@@ -1,0 +1,242 @@
+//! Transactions: requests, completions and the calls that wait for them.
+
+use super::*;
+
+impl<M: RingMem, D: Doorbell> Channel<M, D> {
+    // ---- transactions ------------------------------------------------------------------
+
+    /// Sends a request whose completion will come back through the receive calls (as a
+    /// packet of type [`PacketType::Completion`] with the returned transaction id). Never
+    /// waits. For `no_std` users that poll; with `std`, [`call`](Self::call) is simpler.
+    ///
+    /// ```
+    /// use vmlink_channel::{Config, PacketType, in_process_channel_pair};
+    ///
+    /// let (a, b) = in_process_channel_pair(4096, Config::default())?;
+    /// let tid = a.try_start_request(b"status?")?;
+    /// let mut buf = [0u8; 64];
+    /// let request = b.try_recv(&mut buf)?.expect("the request");
+    /// assert!(request.completion_requested);
+    /// b.try_complete(request.transaction_id, b"ok")?;
+    /// let completion = a.try_recv(&mut buf)?.expect("the completion");
+    /// assert_eq!((completion.packet_type, completion.transaction_id), (PacketType::Completion, tid));
+    /// # Ok::<(), vmlink_channel::ChannelError>(())
+    /// ```
+    pub fn try_start_request(&self, request: &[u8]) -> Result<u64, ChannelError> {
+        // A failed or closed channel says so before anything else.
+        self.check_send()?;
+        let tid = self
+            .txns
+            .alloc(Mode::Polled)
+            .ok_or(ChannelError::TransactionsExhausted {
+                capacity: MAX_TRANSACTIONS,
+            })?;
+        match self.try_send_packet(&request_packet(tid, &[request])) {
+            Ok(()) => Ok(tid),
+            Err(e) => {
+                // Never sent: nothing will complete it.
+                self.txns.free(tid);
+                Err(e)
+            }
+        }
+    }
+}
+
+/// What one round of a call found.
+#[cfg(feature = "alloc")]
+pub(crate) enum CallStep {
+    /// The completion arrived: its payload length.
+    Done(usize),
+    /// The unsolicited-packet queue is full: wait for a receiver to take packets.
+    QueueFull,
+    /// The ring holds nothing more for now: wait for data.
+    Idle,
+}
+
+/// A call in flight: frees or abandons its transaction id if the call ends without its
+/// completion (an error, a timeout, a dropped future).
+#[cfg(feature = "alloc")]
+pub(crate) struct PendingCall<'c, M: RingMem, D: Doorbell> {
+    channel: &'c Channel<M, D>,
+    tid: u64,
+    /// The id still needs freeing or abandoning.
+    armed: bool,
+    /// The request went out, so a completion may still come.
+    sent: bool,
+}
+
+#[cfg(feature = "alloc")]
+impl<M: RingMem, D: Doorbell> PendingCall<'_, M, D> {
+    pub(crate) fn tid(&self) -> u64 {
+        self.tid
+    }
+
+    /// The request went out: from now on a completion may come.
+    pub(crate) fn sent(&mut self) {
+        self.sent = true;
+    }
+}
+
+#[cfg(feature = "alloc")]
+impl<M: RingMem, D: Doorbell> Drop for PendingCall<'_, M, D> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if self.sent {
+            // Keep the id until the late completion arrives.
+            self.channel.txns.abandon(self.tid);
+        } else {
+            // Dropped before the request went out (e.g. a future cancelled while it waited
+            // for space): nothing will complete it.
+            self.channel.txns.free(self.tid);
+        }
+    }
+}
+
+#[cfg(feature = "alloc")]
+impl<M: RingMem, D: Doorbell> Channel<M, D> {
+    /// Reserves a transaction id for a call whose response buffer holds `capacity` bytes:
+    /// the most of its completion the receive path will store.
+    pub(crate) fn begin_call(
+        &self,
+        capacity: usize,
+    ) -> Result<PendingCall<'_, M, D>, ChannelError> {
+        self.check_send()?;
+        let tid = self
+            .txns
+            .alloc(Mode::Waiting)
+            .ok_or(ChannelError::TransactionsExhausted {
+                capacity: MAX_TRANSACTIONS,
+            })?;
+        // Published before the request goes out, so before its completion can arrive.
+        self.call_capacity[slot_index(tid)].store(capacity, Ordering::Release);
+        Ok(PendingCall {
+            channel: self,
+            tid,
+            armed: true,
+            sent: false,
+        })
+    }
+
+    /// One round of waiting for a call's completion: read the ring (completions to their
+    /// slots, other packets to the queue), then take ours or arm for sleeping.
+    pub(crate) fn call_step(
+        &self,
+        txn: &mut PendingCall<'_, M, D>,
+        response: &mut [u8],
+    ) -> Result<CallStep, ChannelError> {
+        if let Some(e) = self.failed() {
+            return Err(e);
+        }
+        // Waiting callers learn of a departure from their wait (which asks the doorbell).
+        let gone = self.known_gone();
+        let mut rx = self.rx.lock();
+        if let Some(len) = self.take_completion(&mut rx, txn, response)? {
+            return Ok(CallStep::Done(len));
+        }
+        let mut blocked = false;
+        while let Some(info) = self.next_for_receiver(&mut rx)? {
+            if !self.queue_packet(&mut rx, &info)? {
+                blocked = true;
+                break;
+            }
+        }
+        self.commit_rx(&mut rx)?;
+        if let Some(len) = self.take_completion(&mut rx, txn, response)? {
+            return Ok(CallStep::Done(len));
+        }
+        if gone {
+            return Err(ChannelError::Closed);
+        }
+        if blocked {
+            return Ok(CallStep::QueueFull);
+        }
+        Ok(CallStep::Idle)
+    }
+
+    /// Copies a packet meant for a receiver into the queue (its header validated there).
+    /// `Ok(false)` when the queue cannot take it now: it stays in the ring.
+    pub(super) fn queue_packet(
+        &self,
+        rx: &mut RxState<M>,
+        info: &PacketInfo,
+    ) -> Result<bool, ChannelError> {
+        let RxState { reader, queue, .. } = rx;
+        let queued = queue.push(Received::from_info(info), |slot| {
+            self.take_into(reader, info, slot).map(drop)
+        })?;
+        if queued {
+            self.hub.notify(&self.doorbell);
+        }
+        Ok(queued)
+    }
+
+    pub(super) fn take_completion(
+        &self,
+        rx: &mut RxState<M>,
+        txn: &mut PendingCall<'_, M, D>,
+        response: &mut [u8],
+    ) -> Result<Option<usize>, ChannelError> {
+        if !self.txns.is_done(txn.tid) {
+            return Ok(None);
+        }
+        let index = slot_index(txn.tid);
+        let len = rx.stored_len[index];
+        self.txns.free(txn.tid);
+        txn.armed = false;
+        // A completion longer than the caller's buffer was consumed without being stored.
+        let stored = rx.stored[index]
+            .get(..len)
+            .filter(|_| len <= response.len());
+        let Some(stored) = stored else {
+            return Err(ChannelError::BufferTooSmall {
+                needed: len,
+                capacity: response.len(),
+            });
+        };
+        response[..len].copy_from_slice(stored);
+        Ok(Some(len))
+    }
+}
+
+#[cfg(feature = "alloc")]
+impl<M: RingMem, D: Doorbell> Channel<M, D> {
+    pub(crate) fn generation(&self) -> u64 {
+        self.hub.generation()
+    }
+
+    pub(crate) fn count_receive_sleep(&self) {
+        bump(&self.counters.receive_sleeps, 1);
+    }
+
+    pub(crate) fn forget_waiter(&self) {
+        self.hub.forget();
+    }
+}
+
+#[cfg(feature = "alloc")]
+impl<M: RingMem, D: crate::doorbell::AsyncDoorbell> Channel<M, D> {
+    pub(crate) fn poll_event(
+        &self,
+        seen: u64,
+        cx: &mut core::task::Context<'_>,
+    ) -> core::task::Poll<Result<(), ChannelError>> {
+        match self.hub.poll_wait(&self.doorbell, seen, cx) {
+            core::task::Poll::Pending => core::task::Poll::Pending,
+            core::task::Poll::Ready(Ok(signalled)) => {
+                if signalled {
+                    bump(&self.counters.signals_received, 1);
+                }
+                core::task::Poll::Ready(Ok(()))
+            }
+            core::task::Poll::Ready(Err(DoorbellError::PeerClosed)) => {
+                self.mark_peer_closed();
+                core::task::Poll::Ready(Ok(()))
+            }
+            core::task::Poll::Ready(Err(e)) => {
+                core::task::Poll::Ready(Err(self.fail(FailureCause::Doorbell(e))))
+            }
+        }
+    }
+}

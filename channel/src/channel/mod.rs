@@ -1,0 +1,296 @@
+//! The channel: an outgoing ring, an incoming ring and a doorbell.
+
+#[cfg(feature = "alloc")]
+use alloc::vec::Vec;
+#[cfg(feature = "alloc")]
+use core::sync::atomic::AtomicUsize;
+use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use core::time::Duration;
+#[cfg(feature = "std")]
+use std::time::Instant;
+
+use vmlink_ring::protocol::{FLAG_COMPLETION_REQUESTED, PacketType, packet_len};
+use vmlink_ring::{
+    OutgoingPacket, PacketInfo, PacketMeta, ReadError, Reader, RingMem, Signal, WaitDecision,
+    WriteError, WriteSlot, Writer,
+};
+
+use crate::doorbell::{Doorbell, DoorbellError};
+use crate::error::{ChannelError, FailureCause, ProtocolError};
+use crate::packet::{
+    GpaRange, encode_gpa_header, gpa_header_len, parse_gpa_header, parse_transfer_page_header,
+};
+#[cfg(feature = "alloc")]
+use crate::queue::PacketQueue;
+use crate::sync::{Guard, Hub, Lock};
+#[cfg(feature = "alloc")]
+use crate::txn::slot_index;
+use crate::txn::{MAX_TRANSACTIONS, Mode, Route, Transactions};
+
+/// Whether a send may wait for space.
+#[derive(Debug, Clone, Copy)]
+enum Until {
+    /// Never wait: a full ring is `ChannelError::Full`.
+    Never,
+    /// Wait until the deadline (`None`: as long as it takes).
+    #[cfg(feature = "std")]
+    Deadline(Option<Instant>),
+}
+
+mod call;
+mod config;
+mod recv;
+mod send;
+#[cfg(feature = "std")]
+mod wait;
+
+#[cfg(feature = "alloc")]
+pub(crate) use call::CallStep;
+use config::{AtomicCounters, bump};
+pub use config::{ChannelState, Config, Counters};
+pub use recv::{BatchPacket, Received, RecvGuard};
+pub use send::SendBatch;
+#[cfg(feature = "alloc")]
+pub(crate) use send::completion;
+#[cfg(feature = "std")]
+use send::push_packet;
+pub(crate) use send::request_packet;
+
+const OPEN: u8 = 0;
+const PEER_CLOSED: u8 = 1;
+const FAILED: u8 = 2;
+
+/// How a receive that finds the ring empty learns whether the peer has left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Probe {
+    /// Ask the doorbell (maybe a system call): `try_` receives, which must say `Closed`
+    /// themselves.
+    Doorbell,
+    /// The channel's state only: waiting loops, whose wait asks the doorbell.
+    #[cfg_attr(not(feature = "std"), allow(dead_code))]
+    State,
+}
+
+struct RxState<M: RingMem> {
+    reader: Reader<M>,
+    /// Packets copied out of the ring while callers waited for completions.
+    #[cfg(feature = "alloc")]
+    queue: PacketQueue,
+    /// Completions stored for waiting callers, by transaction slot: the payload, when it
+    /// fitted the caller's buffer (never more than that buffer's length).
+    #[cfg(feature = "alloc")]
+    stored: Vec<Vec<u8>>,
+    /// The length of each slot's completion, stored or not.
+    #[cfg(feature = "alloc")]
+    stored_len: [usize; MAX_TRANSACTIONS],
+    /// A polling spinner masked the incoming ring's interrupts and left them masked
+    /// (nobody was waiting for a signal); arming for sleep unmasks and clears this.
+    spin_masked: bool,
+}
+
+/// A VMBus-style channel: packets out through one ring, in through the other, and a
+/// doorbell that wakes the peer only when it needs waking.
+///
+/// Every method takes `&self`: a channel can be shared by threads (when its memory and
+/// doorbell allow), with many calls in flight at once. Sends lock the outgoing ring,
+/// receives the incoming one, each only for the ring operation itself.
+pub struct Channel<M: RingMem, D: Doorbell> {
+    tx: Lock<Writer<M>>,
+    rx: Lock<RxState<M>>,
+    doorbell: D,
+    state: AtomicU8,
+    cause: Lock<Option<FailureCause>>,
+    counters: AtomicCounters,
+    txns: Transactions,
+    /// For each transaction slot a caller waits on: the length of its response buffer,
+    /// the most the receive path stores of its completion.
+    #[cfg(feature = "alloc")]
+    call_capacity: [AtomicUsize; MAX_TRANSACTIONS],
+    hub: Hub,
+    /// Someone arms the reader through the public `prepare_recv_wait` and waits on the
+    /// doorbell outside the hub: polling spinners must then always unmask on their way
+    /// out, as the hub cannot tell whether that waiter still sleeps.
+    external_waits: AtomicBool,
+    config: Config,
+}
+
+impl<M: RingMem, D: Doorbell> core::fmt::Debug for Channel<M, D> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Channel")
+            .field("state", &self.state())
+            .field("counters", &self.counters())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<M: RingMem, D: Doorbell> Channel<M, D> {
+    /// A channel writing to `outgoing`, reading from `incoming`, signalling through
+    /// `doorbell`. Both rings' control pages must be initialised (by whichever side
+    /// allocated the memory); their indices are read once and validated.
+    pub fn new(
+        outgoing: M,
+        incoming: M,
+        doorbell: D,
+        config: Config,
+    ) -> Result<Self, ChannelError> {
+        let writer = Writer::new(outgoing).map_err(|e| ChannelError::Failed(e.into()))?;
+        let reader = Reader::new(incoming).map_err(|e| ChannelError::Failed(e.into()))?;
+        Ok(Self {
+            tx: Lock::new(writer),
+            rx: Lock::new(RxState {
+                reader,
+                #[cfg(feature = "alloc")]
+                queue: PacketQueue::new(config.queue_bytes, config.queue_depth),
+                #[cfg(feature = "alloc")]
+                stored: (0..MAX_TRANSACTIONS).map(|_| Vec::new()).collect(),
+                #[cfg(feature = "alloc")]
+                stored_len: [0; MAX_TRANSACTIONS],
+                spin_masked: false,
+            }),
+            doorbell,
+            state: AtomicU8::new(OPEN),
+            cause: Lock::new(None),
+            counters: AtomicCounters::default(),
+            txns: Transactions::new(),
+            #[cfg(feature = "alloc")]
+            call_capacity: core::array::from_fn(|_| AtomicUsize::new(0)),
+            hub: Hub::default(),
+            external_waits: AtomicBool::new(false),
+            config,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The doorbell.
+    pub fn doorbell(&self) -> &D {
+        &self.doorbell
+    }
+
+    /// The counters.
+    pub fn counters(&self) -> Counters {
+        self.counters.snapshot()
+    }
+
+    /// Where the channel is in its life.
+    pub fn state(&self) -> ChannelState {
+        match self.state.load(Ordering::Acquire) {
+            OPEN => ChannelState::Open,
+            PEER_CLOSED => ChannelState::PeerClosed,
+            _ => match *self.cause.lock() {
+                Some(c) => ChannelState::Failed(c),
+                None => ChannelState::Open,
+            },
+        }
+    }
+
+    /// The largest packet the outgoing ring carries (descriptor, header, padded payload).
+    pub fn max_packet_len(&self) -> usize {
+        self.tx.lock().max_packet_len()
+    }
+
+    /// Transactions in flight (or reserved for a late completion).
+    pub fn transactions_in_flight(&self) -> usize {
+        self.txns.in_use()
+    }
+
+    /// Puts the channel in the failed state (the first cause sticks) and returns the
+    /// error every call now returns.
+    fn fail(&self, cause: impl Into<FailureCause>) -> ChannelError {
+        let cause = cause.into();
+        let stored = {
+            let mut c = self.cause.lock();
+            *c.get_or_insert(cause)
+        };
+        self.state.store(FAILED, Ordering::Release);
+        self.hub.notify(&self.doorbell);
+        ChannelError::Failed(stored)
+    }
+
+    fn failed(&self) -> Option<ChannelError> {
+        if self.state.load(Ordering::Acquire) == FAILED {
+            return Some(ChannelError::Failed(
+                (*self.cause.lock()).unwrap_or(FailureCause::Doorbell(DoorbellError::PeerClosed)),
+            ));
+        }
+        None
+    }
+
+    fn mark_peer_closed(&self) {
+        let _ = self
+            .state
+            .compare_exchange(OPEN, PEER_CLOSED, Ordering::AcqRel, Ordering::Acquire);
+        self.hub.notify(&self.doorbell);
+    }
+
+    /// True when the channel already knows the peer is gone (an atomic load, no system
+    /// call). Receives read it *before* looking at the ring, so that what the peer
+    /// committed before leaving is still received.
+    fn known_gone(&self) -> bool {
+        self.state.load(Ordering::Acquire) == PEER_CLOSED
+    }
+
+    /// After a receive found nothing: with [`Probe::Doorbell`], asks the doorbell whether
+    /// the peer has left (maybe a system call, so only on this path). True means it has
+    /// just been found gone and the receive must look at the ring once more.
+    fn newly_gone(&self, probe: Probe) -> bool {
+        probe == Probe::Doorbell && self.peer_gone()
+    }
+
+    /// True when the peer is gone, asking the doorbell if the state does not say so yet.
+    fn peer_gone(&self) -> bool {
+        if self.state.load(Ordering::Acquire) == PEER_CLOSED {
+            return true;
+        }
+        if self.doorbell.peer_closed() {
+            self.mark_peer_closed();
+            return true;
+        }
+        false
+    }
+
+    fn doorbell_error(&self, e: DoorbellError) -> ChannelError {
+        match e {
+            DoorbellError::PeerClosed => {
+                self.mark_peer_closed();
+                ChannelError::Closed
+            }
+            other => self.fail(FailureCause::Doorbell(other)),
+        }
+    }
+
+    /// Rings the peer's doorbell if a commit asked for it.
+    fn signal(&self, signal: Signal) -> Result<(), ChannelError> {
+        if signal.is_needed() {
+            bump(&self.counters.signals_sent, 1);
+            self.doorbell.signal().map_err(|e| self.doorbell_error(e))?;
+        }
+        Ok(())
+    }
+
+    fn check_send(&self) -> Result<(), ChannelError> {
+        if let Some(e) = self.failed() {
+            return Err(e);
+        }
+        // Only what the channel already knows: asking the doorbell may be a system call,
+        // too dear for every send. A send to a peer that left unnoticed lands in a ring
+        // nobody reads (as it would had the peer left just after it); the first send that
+        // finds the ring full asks the doorbell and says `Closed`.
+        if self.known_gone() {
+            return Err(ChannelError::Closed);
+        }
+        Ok(())
+    }
+
+    fn write_error(&self, e: WriteError) -> ChannelError {
+        match e {
+            WriteError::Full { .. } => ChannelError::Full,
+            WriteError::TooLarge { len, max } => ChannelError::TooLarge { len, max },
+            WriteError::Corrupt(r) => self.fail(r),
+            other => ChannelError::InvalidRequest(other),
+        }
+    }
+}

@@ -1,0 +1,367 @@
+//! Sending: single packets, in place, GPA-direct, batches.
+
+use super::*;
+
+impl<M: RingMem, D: Doorbell> Channel<M, D> {
+    // ---- sending -----------------------------------------------------------------------
+
+    /// Runs `write` on the outgoing ring and publishes; `Full` if it does not fit now.
+    pub(super) fn try_send_with(
+        &self,
+        write: &mut dyn FnMut(&mut Writer<M>) -> Result<usize, WriteError>,
+    ) -> Result<(), ChannelError> {
+        self.check_send()?;
+        let signal = {
+            let mut tx = self.tx.lock();
+            let len = match write(&mut tx) {
+                Ok(len) => len,
+                Err(WriteError::Full { .. }) if self.peer_gone() => {
+                    return Err(ChannelError::Closed);
+                }
+                Err(e) => return Err(self.write_error(e)),
+            };
+            bump(&self.counters.packets_sent, 1);
+            bump(&self.counters.bytes_sent, len as u64);
+            tx.commit()
+        };
+        self.signal(signal)
+    }
+
+    /// Sends an in-band packet that asks for no completion; never waits.
+    ///
+    /// Sends do not ask the doorbell whether the peer is still there (that may be a system
+    /// call): until the channel has learnt of a departure, a packet may land in a ring
+    /// nobody reads, as it would had the peer left just after it. A send that finds the
+    /// ring full asks, and says [`ChannelError::Closed`] rather than `Full` once the peer
+    /// has gone.
+    ///
+    /// ```
+    /// use vmlink_channel::{ChannelError, Config, in_process_channel_pair};
+    ///
+    /// let (a, b) = in_process_channel_pair(4096, Config::default())?;
+    /// a.try_send(b"hello")?;
+    /// let mut buf = [0u8; 16];
+    /// let got = b.try_recv(&mut buf)?.expect("a packet");
+    /// assert_eq!(&got.payload(&buf)[..5], b"hello");
+    /// assert_eq!(b.try_recv(&mut buf)?, None);
+    /// // A full ring is an error for `try_` sends, never a wait.
+    /// while a.try_send(&[0; 1000]).is_ok() {}
+    /// assert_eq!(a.try_send(&[0; 1000]), Err(ChannelError::Full));
+    /// # Ok::<(), ChannelError>(())
+    /// ```
+    pub fn try_send(&self, payload: &[u8]) -> Result<(), ChannelError> {
+        self.try_send_packet(&OutgoingPacket::in_band(&[payload]))
+    }
+
+    /// Sends any packet; never waits.
+    pub fn try_send_packet(&self, packet: &OutgoingPacket<'_>) -> Result<(), ChannelError> {
+        self.try_send_with(&mut |w| push_packet(w, packet))
+    }
+
+    /// Sends a completion for `transaction_id`; never waits.
+    pub fn try_complete(&self, transaction_id: u64, payload: &[u8]) -> Result<(), ChannelError> {
+        self.try_send_packet(&completion(transaction_id, &[payload]))
+    }
+
+    /// Writes a packet in place: reserves `header_len` bytes of extra header and
+    /// `payload_len` bytes of payload, lets `fill` write them, and publishes. Never waits.
+    pub fn try_send_in_place<R>(
+        &self,
+        meta: PacketMeta,
+        header_len: usize,
+        payload_len: usize,
+        fill: impl FnOnce(&mut WriteSlot<'_, M>) -> R,
+    ) -> Result<R, ChannelError> {
+        self.send_in_place_until(meta, header_len, payload_len, Until::Never, fill)
+    }
+
+    /// Sends with or without waiting for space.
+    pub(super) fn send_until(
+        &self,
+        header_len: usize,
+        payload_len: usize,
+        until: Until,
+        write: &mut dyn FnMut(&mut Writer<M>) -> Result<usize, WriteError>,
+    ) -> Result<(), ChannelError> {
+        match until {
+            Until::Never => {
+                let _ = (header_len, payload_len);
+                self.try_send_with(write)
+            }
+            #[cfg(feature = "std")]
+            Until::Deadline(deadline) => self.send_with(header_len, payload_len, deadline, write),
+        }
+    }
+
+    pub(super) fn send_in_place_until<R>(
+        &self,
+        meta: PacketMeta,
+        header_len: usize,
+        payload_len: usize,
+        until: Until,
+        fill: impl FnOnce(&mut WriteSlot<'_, M>) -> R,
+    ) -> Result<R, ChannelError> {
+        let mut fill = Some(fill);
+        let mut out = None;
+        self.send_until(header_len, payload_len, until, &mut |w| {
+            let mut slot = w.reserve(meta, header_len, payload_len)?;
+            if let Some(f) = fill.take() {
+                out = Some(f(&mut slot));
+            }
+            slot.finish();
+            Ok(packet_len(header_len, payload_len).unwrap_or(0))
+        })?;
+        // `fill` ran: the reservation succeeded before it was called.
+        out.ok_or(ChannelError::Full)
+    }
+
+    pub(super) fn send_gpa_direct_until(
+        &self,
+        ranges: &[GpaRange<'_>],
+        payload: &[u8],
+        meta: PacketMeta,
+        until: Until,
+    ) -> Result<(), ChannelError> {
+        let header_len = gpa_header_len(ranges, self.config.gpa_page_limit)
+            .map_err(ChannelError::InvalidPacket)?;
+        let meta = PacketMeta {
+            packet_type: PacketType::GpaDirect,
+            ..meta
+        };
+        self.send_in_place_until(meta, header_len, payload.len(), until, |slot| {
+            encode_gpa_header(ranges, |at, bytes| {
+                let _ = slot.write_header(at, bytes);
+            });
+            let _ = slot.write_payload(0, payload);
+        })
+    }
+
+    /// Sends a GPA-direct packet: `ranges` describe where the bulk data is, `payload`
+    /// travels in-band after them. Never waits.
+    pub fn try_send_gpa_direct(
+        &self,
+        ranges: &[GpaRange<'_>],
+        payload: &[u8],
+        meta: PacketMeta,
+    ) -> Result<(), ChannelError> {
+        self.send_gpa_direct_until(ranges, payload, meta, Until::Never)
+    }
+
+    /// Starts a batch: packets pushed to it are published together by one commit, which
+    /// signals the peer at most once. The outgoing ring stays locked while the batch
+    /// lives; a batch dropped without [`SendBatch::commit`] is discarded.
+    ///
+    /// ```
+    /// use vmlink_channel::{Config, in_process_channel_pair};
+    ///
+    /// let (a, b) = in_process_channel_pair(4 * 4096, Config::default())?;
+    /// let mut batch = a.batch()?;
+    /// for i in 0..10u8 {
+    ///     batch.push_in_band(&[i; 32])?;
+    /// }
+    /// batch.commit()?; // one index store, at most one doorbell signal
+    /// assert_eq!(a.counters().signals_sent, 1);
+    ///
+    /// let mut sum = 0u32;
+    /// let n = b.try_recv_batch(64, |packet| {
+    ///     let mut first = [0u8; 1];
+    ///     packet.read_payload(0, &mut first).unwrap();
+    ///     sum += u32::from(first[0]);
+    /// })?;
+    /// assert_eq!((n, sum), (10, 45));
+    /// # Ok::<(), vmlink_channel::ChannelError>(())
+    /// ```
+    pub fn batch(&self) -> Result<SendBatch<'_, M, D>, ChannelError> {
+        self.check_send()?;
+        Ok(SendBatch {
+            channel: self,
+            tx: self.tx.lock(),
+            packets: 0,
+            bytes: 0,
+        })
+    }
+
+    /// Arms the reader for sleeping: unmask interrupts, fence, look again. Returns true
+    /// when it is safe to sleep.
+    pub(super) fn arm_reader(&self, rx: &mut RxState<M>) -> Result<bool, ChannelError> {
+        rx.spin_masked = false;
+        let (decision, signal) = rx.reader.prepare_wait().map_err(|e| self.fail(e))?;
+        self.signal(signal)?;
+        Ok(decision == WaitDecision::Sleep)
+    }
+
+    /// Asks the peer not to signal for new data: for a receiver that polls with the
+    /// `try_` calls. [`prepare_recv_wait`](Self::prepare_recv_wait) (and every blocking
+    /// or async receive that goes to sleep) unmasks again, with the fence and re-check that
+    /// keep a wake-up from being lost.
+    ///
+    /// ```
+    /// use vmlink_channel::{Config, in_process_channel_pair};
+    ///
+    /// let (a, b) = in_process_channel_pair(4096, Config::default())?;
+    /// b.mask_interrupts();
+    /// a.try_send(b"x")?;
+    /// assert_eq!(a.counters().signals_sent, 0, "a masked receiver is not signalled");
+    /// # Ok::<(), vmlink_channel::ChannelError>(())
+    /// ```
+    pub fn mask_interrupts(&self) {
+        self.rx.lock().reader.mask_interrupts();
+    }
+
+    /// Prepares to sleep until a packet arrives, for callers that wait on the doorbell
+    /// themselves (`no_std` code with its own idle loop): commits consumed packets,
+    /// unmasks interrupts, fences and looks again. On [`WaitDecision::Sleep`] the peer
+    /// will signal when it sends; wait with `self.doorbell().wait(..)`.
+    pub fn prepare_recv_wait(&self) -> Result<WaitDecision, ChannelError> {
+        self.external_waits.store(true, Ordering::SeqCst);
+        self.prepare_wait_for(true)
+    }
+
+    /// Arms the reader; with `queued`, packets waiting in the channel's queue count as
+    /// something to receive (for receivers; callers wait only for the ring).
+    pub(crate) fn prepare_wait_for(&self, queued: bool) -> Result<WaitDecision, ChannelError> {
+        let mut rx = self.rx.lock();
+        #[cfg(feature = "alloc")]
+        if queued && !rx.queue.is_empty() {
+            return Ok(WaitDecision::Ready);
+        }
+        #[cfg(not(feature = "alloc"))]
+        let _ = queued;
+        Ok(if self.arm_reader(&mut rx)? {
+            WaitDecision::Sleep
+        } else {
+            WaitDecision::Ready
+        })
+    }
+
+    /// Prepares to sleep until a packet with these sizes fits in the outgoing ring (sets
+    /// the pending send size, fences, looks again); see
+    /// [`prepare_recv_wait`](Self::prepare_recv_wait).
+    pub fn prepare_send_wait(
+        &self,
+        header_len: usize,
+        payload_len: usize,
+    ) -> Result<WaitDecision, ChannelError> {
+        bump(&self.counters.send_waits, 1);
+        let (decision, signal) = {
+            let mut tx = self.tx.lock();
+            tx.prepare_wait(header_len, payload_len)
+                .map_err(|e| self.write_error(e))?
+        };
+        self.signal(signal)?;
+        Ok(decision)
+    }
+}
+
+pub(super) fn push_packet<M: RingMem>(
+    w: &mut Writer<M>,
+    packet: &OutgoingPacket<'_>,
+) -> Result<usize, WriteError> {
+    let payload: usize = packet.payload.iter().map(|p| p.len()).sum();
+    w.push(packet)?;
+    Ok(packet_len(packet.header.len(), payload).unwrap_or(0))
+}
+
+/// An in-band request asking for a completion.
+pub(crate) fn request_packet<'a>(tid: u64, payload: &'a [&'a [u8]]) -> OutgoingPacket<'a> {
+    OutgoingPacket {
+        meta: PacketMeta {
+            packet_type: PacketType::InBand,
+            flags: FLAG_COMPLETION_REQUESTED,
+            transaction_id: tid,
+        },
+        header: &[],
+        payload,
+    }
+}
+
+/// A completion for `tid`.
+pub(crate) fn completion<'a>(tid: u64, payload: &'a [&'a [u8]]) -> OutgoingPacket<'a> {
+    OutgoingPacket {
+        meta: PacketMeta {
+            packet_type: PacketType::Completion,
+            flags: 0,
+            transaction_id: tid,
+        },
+        header: &[],
+        payload,
+    }
+}
+
+/// Packets pushed together and published by one commit.
+pub struct SendBatch<'c, M: RingMem, D: Doorbell> {
+    channel: &'c Channel<M, D>,
+    tx: Guard<'c, Writer<M>>,
+    packets: u64,
+    bytes: u64,
+}
+
+impl<M: RingMem, D: Doorbell> core::fmt::Debug for SendBatch<'_, M, D> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("SendBatch")
+            .field("packets", &self.packets)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<M: RingMem, D: Doorbell> SendBatch<'_, M, D> {
+    /// Adds a packet; `Full` when it does not fit (the packets added so far stay).
+    pub fn push(&mut self, packet: &OutgoingPacket<'_>) -> Result<(), ChannelError> {
+        let len = push_packet(&mut self.tx, packet).map_err(|e| self.channel.write_error(e))?;
+        self.packets += 1;
+        self.bytes += len as u64;
+        Ok(())
+    }
+
+    /// Adds an in-band packet that asks for no completion.
+    pub fn push_in_band(&mut self, payload: &[u8]) -> Result<(), ChannelError> {
+        self.push(&OutgoingPacket::in_band(&[payload]))
+    }
+
+    /// Adds a packet written in place by `fill`.
+    pub fn push_in_place<R>(
+        &mut self,
+        meta: PacketMeta,
+        header_len: usize,
+        payload_len: usize,
+        fill: impl FnOnce(&mut WriteSlot<'_, M>) -> R,
+    ) -> Result<R, ChannelError> {
+        let mut slot = self
+            .tx
+            .reserve(meta, header_len, payload_len)
+            .map_err(|e| self.channel.write_error(e))?;
+        let r = fill(&mut slot);
+        slot.finish();
+        self.packets += 1;
+        self.bytes += packet_len(header_len, payload_len).unwrap_or(0) as u64;
+        Ok(r)
+    }
+
+    /// Packets added so far.
+    pub fn len(&self) -> usize {
+        self.packets as usize
+    }
+
+    /// True when nothing was added.
+    pub fn is_empty(&self) -> bool {
+        self.packets == 0
+    }
+
+    /// Publishes every packet added, with one index store and at most one signal.
+    pub fn commit(mut self) -> Result<(), ChannelError> {
+        let signal = self.tx.commit();
+        let c = self.channel;
+        bump(&c.counters.packets_sent, self.packets);
+        bump(&c.counters.bytes_sent, self.bytes);
+        self.packets = 0;
+        drop(self);
+        c.signal(signal)
+    }
+}
+
+impl<M: RingMem, D: Doorbell> Drop for SendBatch<'_, M, D> {
+    fn drop(&mut self) {
+        // Uncommitted packets are discarded.
+        self.tx.revert();
+    }
+}

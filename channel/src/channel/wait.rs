@@ -1,0 +1,319 @@
+//! Waiting with `std`: deadlines, polling spins, and the blocking form of every operation.
+
+use super::*;
+
+// ---- waiting (std) ---------------------------------------------------------------------
+
+#[cfg(feature = "std")]
+pub(super) fn remaining(deadline: Option<Instant>) -> Result<Option<Duration>, ChannelError> {
+    match deadline {
+        None => Ok(None),
+        Some(d) => {
+            let now = Instant::now();
+            if now >= d {
+                Err(ChannelError::TimedOut)
+            } else {
+                Ok(Some(d - now))
+            }
+        }
+    }
+}
+
+#[cfg(feature = "std")]
+pub(super) fn min_timeout(a: Option<Duration>, b: Duration) -> Duration {
+    a.map_or(b, |a| a.min(b))
+}
+
+#[cfg(feature = "std")]
+impl<M: RingMem, D: Doorbell> Channel<M, D> {
+    /// Waits for the hub to move past `seen`, up to the deadline (and at most `cap`).
+    pub(super) fn wait_event(
+        &self,
+        seen: u64,
+        deadline: Option<Instant>,
+        cap: Option<Duration>,
+    ) -> Result<(), ChannelError> {
+        let left = remaining(deadline)?;
+        let timeout = match (left, cap) {
+            (l, Some(c)) => Some(min_timeout(l, c)),
+            (l, None) => l,
+        };
+        match self.hub.wait(&self.doorbell, seen, timeout) {
+            Ok(true) => {
+                bump(&self.counters.signals_received, 1);
+                Ok(())
+            }
+            Ok(false) => Ok(()),
+            Err(DoorbellError::PeerClosed) => {
+                self.mark_peer_closed();
+                Ok(())
+            }
+            Err(e) => Err(self.fail(FailureCause::Doorbell(e))),
+        }
+    }
+
+    /// Sends with flow control: when the ring is full, waits (pending send size and the
+    /// doorbell, re-checking every `space_recheck`) until `deadline`.
+    pub(super) fn send_with(
+        &self,
+        header_len: usize,
+        payload_len: usize,
+        deadline: Option<Instant>,
+        write: &mut dyn FnMut(&mut Writer<M>) -> Result<usize, WriteError>,
+    ) -> Result<(), ChannelError> {
+        loop {
+            let seen = self.hub.generation();
+            match self.try_send_with(write) {
+                Err(ChannelError::Full) => {}
+                other => return other,
+            }
+            if self.prepare_send_wait(header_len, payload_len)? == WaitDecision::Ready {
+                continue;
+            }
+            self.wait_event(seen, deadline, Some(self.config.space_recheck))?;
+        }
+    }
+
+    /// Sends an in-band packet that asks for no completion, waiting for space until
+    /// `deadline` (`None`: as long as it takes).
+    pub fn send(&self, payload: &[u8], deadline: Option<Instant>) -> Result<(), ChannelError> {
+        self.send_packet(&OutgoingPacket::in_band(&[payload]), deadline)
+    }
+
+    /// Sends any packet, waiting for space until `deadline`.
+    pub fn send_packet(
+        &self,
+        packet: &OutgoingPacket<'_>,
+        deadline: Option<Instant>,
+    ) -> Result<(), ChannelError> {
+        let payload: usize = packet.payload.iter().map(|p| p.len()).sum();
+        self.send_with(packet.header.len(), payload, deadline, &mut |w| {
+            push_packet(w, packet)
+        })
+    }
+
+    /// Sends a completion for `transaction_id`, waiting for space until `deadline`.
+    pub fn complete(
+        &self,
+        transaction_id: u64,
+        payload: &[u8],
+        deadline: Option<Instant>,
+    ) -> Result<(), ChannelError> {
+        self.send_packet(&completion(transaction_id, &[payload]), deadline)
+    }
+
+    /// Writes a packet in place, waiting for space until `deadline`.
+    pub fn send_in_place<R>(
+        &self,
+        meta: PacketMeta,
+        header_len: usize,
+        payload_len: usize,
+        deadline: Option<Instant>,
+        fill: impl FnOnce(&mut WriteSlot<'_, M>) -> R,
+    ) -> Result<R, ChannelError> {
+        self.send_in_place_until(
+            meta,
+            header_len,
+            payload_len,
+            Until::Deadline(deadline),
+            fill,
+        )
+    }
+
+    /// Sends a GPA-direct packet, waiting for space until `deadline`.
+    ///
+    /// ```
+    /// use vmlink_channel::packet::GpaRange;
+    /// use vmlink_channel::{Config, PacketMeta, in_process_channel_pair};
+    ///
+    /// let config = Config::default().with_gpa_page_limit(256);
+    /// let (a, b) = in_process_channel_pair(4096, config)?;
+    /// let pages = [10, 11];
+    /// let ranges = [GpaRange { byte_offset: 512, byte_count: 6000, pages: &pages }];
+    /// a.send_gpa_direct(&ranges, b"write", PacketMeta::in_band(), None)?;
+    ///
+    /// let mut guard = b.recv_in_place(None)?;
+    /// let mut scratch = [0u8; 64];
+    /// let range = guard.gpa_ranges(&mut scratch)?.next().expect("one range");
+    /// assert_eq!(range.byte_count, 6000);
+    /// assert_eq!(range.pages().collect::<Vec<_>>(), [10, 11]);
+    /// # Ok::<(), vmlink_channel::ChannelError>(())
+    /// ```
+    pub fn send_gpa_direct(
+        &self,
+        ranges: &[GpaRange<'_>],
+        payload: &[u8],
+        meta: PacketMeta,
+        deadline: Option<Instant>,
+    ) -> Result<(), ChannelError> {
+        self.send_gpa_direct_until(ranges, payload, meta, Until::Deadline(deadline))
+    }
+
+    /// Polling mode: looks at the ring up to `spin_iterations` times with interrupts
+    /// masked, so the peer need not signal while we spin. Returns true when something
+    /// arrived. If another thread of this channel waits (or may wait, see
+    /// `external_waits`), interrupts are unmasked again before it returns (with a fence
+    /// and a last look), so that thread is never left without signals, and anything that
+    /// arrived unsignalled is announced; with nobody waiting they stay masked for the next
+    /// spin.
+    pub(super) fn spin_for_data(&self, queued: bool) -> Result<bool, ChannelError> {
+        if self.config.spin_iterations == 0 {
+            return Ok(false);
+        }
+        {
+            let mut rx = self.rx.lock();
+            if !rx.spin_masked {
+                rx.reader.mask_interrupts();
+                rx.spin_masked = true;
+            }
+        }
+        let mut found = false;
+        // No backoff: a look reads the peer's write index, a cache line that stays shared
+        // (costing no traffic) until the peer writes it, and a backoff of even 64 pause
+        // instructions would add a microsecond to every wake-up.
+        for i in 0..self.config.spin_iterations {
+            core::hint::spin_loop();
+            if let Some(mut rx) = self.rx.try_lock() {
+                #[cfg(feature = "alloc")]
+                if queued && !rx.queue.is_empty() {
+                    found = true;
+                    break;
+                }
+                if rx.reader.available().map_or(true, |n| n > 0) {
+                    found = true;
+                    break;
+                }
+            }
+            // The state is an atomic; the doorbell's own check may be a system call, so
+            // it is consulted only now and then.
+            if self.state.load(Ordering::Acquire) != OPEN || (i % 64 == 63 && self.peer_gone()) {
+                found = true;
+                break;
+            }
+        }
+        // Found something and nobody waits for a signal: leave the interrupts masked, so
+        // the peer keeps not signalling while this channel polls. The generation moves
+        // first, so a waiter that armed before we masked and registers after this looks
+        // again and re-arms (`Hub::announce` explains the order).
+        if found && !self.external_waits.load(Ordering::SeqCst) && !self.hub.announce() {
+            return Ok(true);
+        }
+        let ready = {
+            let mut rx = self.rx.lock();
+            !self.arm_reader(&mut rx)?
+        };
+        if ready {
+            // Other threads asleep in this channel may wait for what arrived unsignalled.
+            self.hub.notify(&self.doorbell);
+        }
+        Ok(found || ready)
+    }
+
+    /// Waits until a receive may find something: spins first in polling mode, then arms
+    /// the reader and sleeps until an event or the deadline. With `queued`, packets in the
+    /// channel's queue count (receivers); without, only the ring does (callers, whose
+    /// completions never wait in the queue).
+    pub(super) fn wait_ready(
+        &self,
+        seen: u64,
+        deadline: Option<Instant>,
+        queued: bool,
+    ) -> Result<(), ChannelError> {
+        remaining(deadline)?;
+        // A departure the channel does not know of yet ends the doorbell wait below
+        // (`Doorbell::wait` returns on a hang-up), so no doorbell question here.
+        if self.spin_for_data(queued)? || self.known_gone() {
+            return Ok(());
+        }
+        if self.prepare_wait_for(queued)? == WaitDecision::Ready {
+            return Ok(());
+        }
+        bump(&self.counters.receive_sleeps, 1);
+        self.wait_event(seen, deadline, None)
+    }
+
+    /// Receives one packet into `buf`, waiting until `deadline` (`None`: as long as it
+    /// takes). [`ChannelError::Closed`] once the peer is gone and everything it committed
+    /// has been received.
+    pub fn recv(
+        &self,
+        buf: &mut [u8],
+        deadline: Option<Instant>,
+    ) -> Result<Received, ChannelError> {
+        loop {
+            let seen = self.hub.generation();
+            // The wait asks the doorbell whether the peer left.
+            if let Some(r) = self.try_recv_as(buf, Probe::State)? {
+                return Ok(r);
+            }
+            self.wait_ready(seen, deadline, true)?;
+        }
+    }
+
+    /// Receives the next packet in place, waiting until `deadline`.
+    pub fn recv_in_place(
+        &self,
+        deadline: Option<Instant>,
+    ) -> Result<RecvGuard<'_, M, D>, ChannelError> {
+        loop {
+            let seen = self.hub.generation();
+            if let Some(g) = self.try_recv_in_place_as(Probe::State)? {
+                return Ok(g);
+            }
+            self.wait_ready(seen, deadline, true)?;
+        }
+    }
+
+    /// Receives batches in place until `each` has seen at least one packet, waiting until
+    /// `deadline`; see [`try_recv_batch`](Self::try_recv_batch).
+    pub fn recv_batch(
+        &self,
+        max: usize,
+        deadline: Option<Instant>,
+        mut each: impl FnMut(&BatchPacket<'_, '_, M>),
+    ) -> Result<usize, ChannelError> {
+        loop {
+            let seen = self.hub.generation();
+            let (n, _) = self.recv_batch_once(max, &mut each)?;
+            if n > 0 {
+                return Ok(n);
+            }
+            self.wait_ready(seen, deadline, true)?;
+        }
+    }
+
+    /// Sends `request` (in-band, completion requested) and waits for its completion until
+    /// `deadline`, copying the completion's payload into `response`. Returns the
+    /// payload's length (padded to 8 bytes).
+    ///
+    /// Many calls may be in flight at once from different threads. Packets that arrive
+    /// meanwhile for receivers wait in the channel's queue, completions for other calls in
+    /// their slots. A call that times out keeps its transaction id reserved until the late
+    /// completion arrives, which is then discarded and counted.
+    ///
+    /// A completion longer than `response` is consumed without being copied (the channel
+    /// never holds more of a completion than its caller can take) and the call returns
+    /// [`ChannelError::BufferTooSmall`] with its length: size `response` for the largest
+    /// completion the peer may send.
+    pub fn call(
+        &self,
+        request: &[u8],
+        response: &mut [u8],
+        deadline: Option<Instant>,
+    ) -> Result<usize, ChannelError> {
+        let mut txn = self.begin_call(response.len())?;
+        // On error, dropping `txn` frees the id: the request never went out.
+        self.send_packet(&request_packet(txn.tid(), &[request]), deadline)?;
+        txn.sent();
+        loop {
+            let seen = self.hub.generation();
+            match self.call_step(&mut txn, response)? {
+                CallStep::Done(len) => return Ok(len),
+                CallStep::QueueFull => {
+                    self.wait_event(seen, deadline, Some(self.config.space_recheck))?
+                }
+                CallStep::Idle => self.wait_ready(seen, deadline, false)?,
+            }
+        }
+    }
+}
