@@ -303,6 +303,13 @@ def policy_only(uids=(), gids=()): return variant(2, 3, vec(list(uids)), vec(lis
 def sh_input(role, actions, keep_open=False, policy=POLICY_DEFAULT):
     return role + policy + vec(actions) + boolean(keep_open)
 
+# Extra headers: GPA-direct (one range of 16 bytes on page 3), the same on page 99 (past a
+# limit of 16), transfer pages (one range), and transfer pages naming no ranges.
+GOOD_GPA = [0, 0, 0, 0, 1, 0, 0, 0] + [16, 0, 0, 0, 0, 0, 0, 0] + [3] + [0] * 7
+BAD_GPA_PAGE = GOOD_GPA[:16] + [99] + [0] * 7
+GOOD_XFER = [1, 0, 1, 0, 1, 0, 0, 0] + [16, 0, 0, 0, 0, 0, 0, 0]
+BAD_XFER = [0] * 8
+
 SEEDS["channel_protocol"] = {
     # A request, its completion, then a duplicate completion: A must fail with
     # UnknownTransaction on the second.
@@ -324,6 +331,25 @@ SEEDS["channel_protocol"] = {
         cp_peer(A, peer_packet(ts_raw(99), fs_raw(0x8000), 1, 2, 10, len8=3)), cp_recv(A, 64),
         cp_scribble(A, 0, [0xFF] * 16), cp_control(B, 0, idx_raw(13)), cp_recv(B, 64),
         cp_control(A, 3, idx_raw(0xFFFFFFFF)), cp_send(B, 100)]),
+    # Whole-header reads in place and in batches: valid GPA-direct and transfer-page headers
+    # (`header` and `gpa_ranges`, scratch long enough or not), `gpa_ranges` of other types;
+    # malformed headers received but never read whole leave the channel open; read whole,
+    # they fail it (A through `gpa_ranges` in a batch, B through `header` in place).
+    "seed-header": cp_input(1, 1, 16, [
+        cp_send_packet(B, ts(2), fs(0), 0, GOOD_GPA, 8),
+        cp_recv_in_place(A, [rd(True, 0, 64), rd(True, 1, 64), rd(True, 0, 8), rd(True, 1, 23),
+                             rd(False, 0, 8)], True),
+        cp_send_packet(B, ts(1), fs(0), 0, GOOD_XFER, 8),
+        cp_send_packet(B, ts(0), fs(0), 0, [1] * 8, 8),
+        cp_recv_batch(A, 4, [rd(True, 0, 64), rd(True, 1, 64), rd(True, 0, 4)]),
+        cp_send_packet(B, ts(2), fs(0), 0, BAD_GPA_PAGE, 8),
+        cp_recv_in_place(A, [rd(False, 0, 8), rd(True, 0, 4)], False),
+        cp_send_packet(B, ts(1), fs(0), 0, BAD_XFER, 8),
+        cp_recv_batch(A, 4, [rd(False, 0, 8)]), cp_send(A, 8),
+        cp_send_packet(B, ts(2), fs(0), 0, BAD_GPA_PAGE, 8), cp_send(B, 8),
+        cp_recv_batch(A, 4, [rd(True, 1, 64), rd(True, 0, 64)]), cp_recv(A, 64), cp_send(A, 4),
+        cp_recv(B, 64), cp_peer(B, peer_packet(ts(1), fs(0), 0, 1, 8, fill_=0)),
+        cp_recv_in_place(B, [rd(True, 0, 64), rd(True, 0, 64)], True), cp_recv(B, 64)]),
     # Packets larger than the ring, then fill it, bad headers, and drain.
     "seed-full": cp_input(0, 0, None, [
         cp_too_large(A, 0), cp_too_large(B, 200), *[cp_send(A, 1000, i) for i in range(6)],
@@ -391,6 +417,19 @@ SEEDS["channel_blocking"] = {
         cb_work(1, w_recv_batch(3, 4, [])), cb_complete(pick_pending(0), 4), cb_wait(1),
         cb_work(2, w_call(8, 8, 4)), cb_work(1, w_recv(256, 4)), cb_pause(300), cb_leave(),
         cb_wait(2), cb_wait(1)]),
+    # A call whose response buffer is too small for its completion (BufferTooSmall with the
+    # completion's length, its id freed), then whole-header reads of hand-built headers: a
+    # malformed GPA-direct header read with too small a scratch leaves the channel open; a
+    # batch asks a transfer-page packet for GPA ranges (NotGpaDirect), then reads its
+    # malformed header, which fails the channel for every later call. Queue bound: 4 KiB.
+    "seed-header": cb_input(0, 0, 0x14, False, [
+        cb_work(1, w_call(8, 4, 4)), cb_pause(500), cb_peer_recv(0),
+        cb_complete(pick_pending(0), 100), cb_wait(1),
+        cb_packet(peer_packet(ts(2), fs(0), 0, 3, 8)),
+        cb_work(0, w_recv_in_place(4, [rd(False, 0, 8), rd(True, 0, 8)], True)), cb_wait(0),
+        cb_packet(peer_packet(ts(1), fs(0), 0, 1, 8, fill_=0)),
+        cb_work(2, w_recv_batch(4, 4, [rd(True, 1, 64), rd(True, 0, 64)])), cb_wait(2),
+        cb_work(0, w_recv(64, 1)), cb_wait(0)]),
     # A hostile writer: a completion for a raw id, a lying descriptor, scribbles and
     # control words on both rings, while a call and a receiver wait.
     "seed-hostile": cb_input(0, 0, 1, False, [

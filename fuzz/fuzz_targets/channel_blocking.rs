@@ -2,9 +2,11 @@
 //!
 //! Side A (ours) is shared by three worker threads, each running the blocking calls the
 //! script hands it, every one with a deadline of 0–4 ms: `call` (completions stored for
-//! the caller while other packets wait in the bounded unsolicited-packet queue, 1–4 deep),
-//! `send` (waiting for space in a 1–2 page ring), `recv` / `recv_in_place` / `recv_batch`,
-//! and `try_start_request` (a polled transaction whose completion a receiver gets). The main
+//! the caller while other packets wait in the unsolicited-packet queue, bounded to 1–4
+//! packets and to 1 MiB, 4 KiB, 256 or 24 bytes), `send` (waiting for space in a 1–2 page
+//! ring), `recv` / `recv_in_place` / `recv_batch` (with payload reads and whole-header reads:
+//! `header` or `gpa_ranges` into a scratch of any length), and `try_start_request` (a
+//! polled transaction whose completion a receiver gets). The main
 //! thread plays the peer between pauses: through side B it receives A's requests and
 //! completes them (pending, already completed, or raw ids; payloads of any length), sends
 //! packets (asking for completions or not) and may leave (dropping B and its doorbell);
@@ -23,7 +25,14 @@
 //!   same cause, and a call started on a failed channel returns exactly that cause;
 //! - while the peer only writes through B (no forged ring contents), a call's response
 //!   carries that caller's own token and the length of the first completion the peer sent
-//!   for its id; a `BufferTooSmall` names the caller's capacity;
+//!   for its id; a call's `BufferTooSmall` names the caller's capacity and that completion's
+//!   length (or the length of a completion the peer sent for an id it had not received);
+//! - payload reads from a packet received in place succeed exactly when in bounds; a
+//!   whole-header read returns exactly the `header_len` bytes when the scratch holds them
+//!   and `BufferTooSmall` exactly when it does not, `NotGpaDirect` exactly for GPA ranges of
+//!   another type, `Failed(c)` only for a GPA-direct or transfer-page header, with `c` the
+//!   channel's one cause from then on; what it hands out is valid (it parses; GPA ranges are
+//!   well formed and fill the header), and so is such a header copied by `recv`;
 //! - a completion handed to a receiver is for an id A started with `try_start_request`
 //!   and not yet completed; a channel failing with `UnknownTransaction { id }` (peer writing
 //!   through B only) had no such request outstanding: the peer never received a request
@@ -32,9 +41,11 @@
 //!   and stays, it returns to 0 once the peer has answered everything and A has drained its
 //!   ring (every abandoned call's late completion discarded);
 //! - no allocation any of A's calls makes is larger than twice A's incoming data area (so
-//!   none is sized by the peer beyond one ring).
+//!   none is sized by the peer beyond one ring), but for the unsolicited-packet queue's one
+//!   buffer of exactly `queue_bytes`, which only a call allocates.
 #![no_main]
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
@@ -43,12 +54,16 @@ use std::time::{Duration, Instant};
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
+use vmlink_channel::packet::{parse_gpa_header, parse_transfer_page_header};
 use vmlink_channel::{
     Channel, ChannelError, ChannelState, Config, Doorbell, FailureCause, InProcessDoorbell,
     MAX_TRANSACTIONS, OutgoingPacket, PacketMeta, PacketType, ProtocolError, Received,
     in_process_pair,
 };
-use vmlink_fuzz::{IndexValue, PeerPacket, Scribble, largest_alloc, write_wrapped_peer};
+use vmlink_fuzz::{
+    HeaderCall, HeaderVerdict, IndexValue, PeerPacket, Scribble, WholeHeader, largest_alloc,
+    read_whole_header, write_wrapped_peer,
+};
 use vmlink_ring::protocol::PAGE_SIZE;
 use vmlink_ring::{ControlWord, HeapMem, RingMem};
 
@@ -82,6 +97,9 @@ enum Work {
         buf_len: u16,
         ms: u8,
     },
+    /// `reads`: `(header, offset, len)`. A payload read (`!header`) copies `len` bytes at
+    /// `offset`; a header read copies the whole header into a `len`-byte scratch with
+    /// `header` (even `offset`) or `gpa_ranges` (odd).
     RecvInPlace {
         ms: u8,
         reads: Vec<(bool, u16, u16)>,
@@ -160,8 +178,10 @@ enum Step {
 
 #[derive(Arbitrary, Debug)]
 struct Input {
+    /// `% 2 + 1` pages; `/ 2 % 4` picks A's GPA page limit ([`gpa_limit`]).
     pages_ab: u8,
     pages_ba: u8,
+    /// The queue's bounds: `% 4 + 1` packets; `/ 4 % 4` picks the bytes ([`queue_bytes`]).
     queue_depth: u8,
     spin: bool,
     steps: Vec<Step>,
@@ -172,6 +192,10 @@ struct Shared {
     a: Chan,
     /// A's incoming data-area length.
     incoming_len: usize,
+    /// A's `Config::queue_bytes`.
+    queue_bytes: usize,
+    /// A's `Config::gpa_page_limit`.
+    gpa_limit: Option<u64>,
     /// The first failure cause anyone saw.
     cause: Mutex<Option<FailureCause>>,
     /// The peer has left.
@@ -183,6 +207,9 @@ struct Shared {
     polled: Mutex<HashSet<u64>>,
     /// The length of the first completion the peer sent for each token.
     first_completion: Mutex<HashMap<u64, usize>>,
+    /// Payload lengths (padded) of completions the peer sent with the token [`NOBODY`] (for
+    /// ids it had received no request for), with how many went out.
+    nobody_lengths: Mutex<HashMap<usize, usize>>,
 }
 
 /// Work handed to each worker and not finished (0 between inputs).
@@ -314,6 +341,48 @@ impl Shared {
     }
 }
 
+/// A's GPA page limit for the input's selector: none, nothing allowed, 16 pages, or far.
+fn gpa_limit(selector: u8) -> Option<u64> {
+    match selector / 2 % 4 {
+        0 => None,
+        1 => Some(0),
+        2 => Some(16),
+        _ => Some(1 << 40),
+    }
+}
+
+/// `Config::queue_bytes` for the input's selector: the default, a page, less than most
+/// packets, or only the smallest.
+fn queue_bytes(selector: u8) -> usize {
+    match selector / 4 % 4 {
+        0 => Config::default().queue_bytes,
+        1 => 4096,
+        2 => 256,
+        _ => 24,
+    }
+}
+
+/// A completion payload's length as the receiver sees it: padded to 8 bytes.
+fn padded(len: usize) -> usize {
+    len.div_ceil(8) * 8
+}
+
+/// A GPA-direct or transfer-page header handed out by a copying receive is valid.
+fn check_copied_header(what: &str, r: &Received, buf: &[u8], limit: Option<u64>) {
+    let header = r.header(buf);
+    match r.packet_type {
+        PacketType::GpaDirect => assert!(
+            parse_gpa_header(header, limit).is_ok(),
+            "{what}: an invalid GPA header handed out"
+        ),
+        PacketType::TransferPages => assert!(
+            parse_transfer_page_header(header).is_ok(),
+            "{what}: an invalid transfer-page header handed out"
+        ),
+        _ => {}
+    }
+}
+
 fn deadline(ms: u8) -> (Instant, Duration) {
     let d = Duration::from_millis(u64::from(ms % 5));
     (Instant::now() + d, d)
@@ -325,15 +394,29 @@ fn token_payload(token: u64, len: usize) -> Vec<u8> {
     p
 }
 
-/// Reads part of a received packet; succeeds exactly when in bounds.
+/// A payload read of `len` bytes at `offset` from a `size`-byte payload succeeds exactly
+/// when in bounds.
 fn check_read(what: &str, size: usize, offset: u16, r: Result<(), ChannelError>, len: usize) {
-    if offset as usize + len <= size {
+    let offset = offset as usize;
+    if offset + len <= size {
         assert_eq!(r, Ok(()), "{what}: in-bounds read failed");
     } else {
-        assert!(
-            matches!(r, Err(ChannelError::OutOfBounds { .. })),
-            "{what}: {r:?}"
+        assert_eq!(
+            r,
+            Err(ChannelError::OutOfBounds { offset, len, size }),
+            "{what}: out-of-bounds read"
         );
+    }
+}
+
+/// A whole-header read of a packet received in place, checked by [`read_whole_header`];
+/// a failure it reports must be the channel's one cause (the header's own, or the one the
+/// channel already had).
+fn header_read(sh: &Shared, what: &str, p: &mut impl WholeHeader, offset: u16, scratch: &mut [u8]) {
+    // Other threads and the peer may change the ring meanwhile: no memo.
+    let call = HeaderCall::from_selector(offset);
+    if let HeaderVerdict::Failed(c) = read_whole_header(p, call, scratch, sh.gpa_limit, None) {
+        sh.check_err(what, ChannelError::Failed(c), |_| false);
     }
 }
 
@@ -360,7 +443,12 @@ fn run_work(sh: &Shared, worker: usize, seq: u64, work: &Work) {
             let cap = *response_cap as usize % 9000;
             let mut response = vec![0u8; cap];
             let (r, largest) = largest_alloc(|| a.call(&request, &mut response, Some(d)));
-            assert!(largest <= bound, "call allocated {largest} bytes");
+            // Beyond the bound only the queue's one buffer, when this call queued the first
+            // packet.
+            assert!(
+                largest <= bound || largest == sh.queue_bytes,
+                "call allocated {largest} bytes"
+            );
             let r = match r {
                 Ok(n) => {
                     assert!(n <= cap, "call: {n} bytes into {cap}");
@@ -372,7 +460,7 @@ fn run_work(sh: &Shared, worker: usize, seq: u64, work: &Work) {
                         if got != NOBODY {
                             assert_eq!(got, token, "call: someone else's completion");
                             let sent = sh.first_completion.lock().unwrap().get(&token).copied();
-                            let want = sent.map(|l| l.div_ceil(8) * 8);
+                            let want = sent.map(padded);
                             assert_eq!(Some(n), want, "call: length");
                         }
                     }
@@ -381,6 +469,17 @@ fn run_work(sh: &Shared, worker: usize, seq: u64, work: &Work) {
                 Err(ChannelError::BufferTooSmall { needed, capacity }) => {
                     assert_eq!(capacity, cap, "call: BufferTooSmall capacity");
                     assert!(needed > cap, "call: BufferTooSmall for {needed} bytes");
+                    if !sh.forged.load(Ordering::SeqCst) {
+                        // The completion's real length: the first the peer sent for this
+                        // caller's request, or one it sent for an id it had not received
+                        // (which may have been this call's).
+                        let sent = sh.first_completion.lock().unwrap().get(&token).copied();
+                        let nobody = sh.nobody_lengths.lock().unwrap().contains_key(&needed);
+                        assert!(
+                            sent.map(padded) == Some(needed) || nobody,
+                            "call: BufferTooSmall needs {needed} bytes, the peer sent {sent:?}"
+                        );
+                    }
                     Ok(())
                 }
                 Err(e) => Err(e),
@@ -405,6 +504,7 @@ fn run_work(sh: &Shared, worker: usize, seq: u64, work: &Work) {
             let r = match r {
                 Ok(got) => {
                     assert!(got.len() <= cap);
+                    check_copied_header("recv", &got, &buf, sh.gpa_limit);
                     sh.received("recv", &got);
                     Ok(())
                 }
@@ -429,12 +529,12 @@ fn run_work(sh: &Shared, worker: usize, seq: u64, work: &Work) {
                     for &(header, offset, len) in reads.iter().take(3) {
                         let len = len as usize % 9000;
                         let mut buf = vec![0u8; len];
-                        let (r, size) = if header {
-                            (g.read_header(offset as usize, &mut buf), m.header_len)
+                        if header {
+                            header_read(sh, "RecvGuard", &mut g, offset, &mut buf);
                         } else {
-                            (g.read_payload(offset as usize, &mut buf), m.payload_len)
-                        };
-                        check_read("RecvGuard", size, offset, r, len);
+                            let r = g.read_payload(offset as usize, &mut buf);
+                            check_read("RecvGuard", m.payload_len, offset, r, len);
+                        }
                     }
                     if *commit { g.commit() } else { Ok(()) }
                 }
@@ -453,16 +553,16 @@ fn run_work(sh: &Shared, worker: usize, seq: u64, work: &Work) {
                 .collect();
             let mut got = Vec::with_capacity(8);
             let (r, largest) = largest_alloc(|| {
-                a.recv_batch(max, Some(d), |p| {
+                a.recv_batch(max, Some(d), |mut p| {
                     let m = p.meta();
                     got.push(m);
                     for (&(header, offset, _), buf) in reads.iter().zip(bufs.iter_mut()) {
-                        let (r, size) = if header {
-                            (p.read_header(offset as usize, buf), m.header_len)
+                        if header {
+                            header_read(sh, "BatchPacket", &mut p, offset, buf);
                         } else {
-                            (p.read_payload(offset as usize, buf), m.payload_len)
-                        };
-                        check_read("BatchPacket", size, offset, r, buf.len());
+                            let r = p.read_payload(offset as usize, buf);
+                            check_read("BatchPacket", m.payload_len, offset, r, buf.len());
+                        }
                     }
                 })
             });
@@ -600,13 +700,22 @@ impl Peer {
         let token = self.owner.get(&tid).copied().unwrap_or(NOBODY);
         let payload = token_payload(token, extra);
         // Recorded before the completion goes out: the caller may look at once.
+        // Only the first: a duplicate must not replace it.
         let fresh = token != NOBODY
-            && sh
-                .first_completion
+            && match sh.first_completion.lock().unwrap().entry(token) {
+                Entry::Vacant(v) => {
+                    v.insert(payload.len());
+                    true
+                }
+                Entry::Occupied(_) => false,
+            };
+        if token == NOBODY {
+            *sh.nobody_lengths
                 .lock()
                 .unwrap()
-                .insert(token, payload.len())
-                .is_none();
+                .entry(padded(payload.len()))
+                .or_default() += 1;
+        }
         match b.try_complete(tid, &payload) {
             Ok(()) => {
                 *self.completions.entry(tid).or_default() += 1;
@@ -615,6 +724,14 @@ impl Peer {
             Err(_) => {
                 if fresh {
                     sh.first_completion.lock().unwrap().remove(&token);
+                }
+                if token == NOBODY {
+                    let mut lengths = sh.nobody_lengths.lock().unwrap();
+                    let n = lengths.entry(padded(payload.len())).or_default();
+                    *n -= 1;
+                    if *n == 0 {
+                        lengths.remove(&padded(payload.len()));
+                    }
                 }
                 self.b_failed = matches!(b.state(), ChannelState::Failed(_));
                 false
@@ -638,7 +755,10 @@ fn drain_a(sh: &Shared) {
     let mut buf = vec![0u8; sh.incoming_len];
     for _ in 0..1024 {
         match sh.a.try_recv(&mut buf) {
-            Ok(Some(r)) => sh.received("settle: try_recv", &r),
+            Ok(Some(r)) => {
+                check_copied_header("settle: try_recv", &r, &buf, sh.gpa_limit);
+                sh.received("settle: try_recv", &r);
+            }
             Ok(None) => return,
             Err(e) => {
                 sh.check_err("settle: try_recv", e, |_| false);
@@ -658,7 +778,12 @@ fuzz_target!(|input: Input| {
     } else {
         Config::default()
     };
-    config = config.with_queue_depth(input.queue_depth as usize % 4 + 1);
+    config = config
+        .with_queue_depth(input.queue_depth as usize % 4 + 1)
+        .with_queue_bytes(queue_bytes(input.queue_depth));
+    if let Some(l) = gpa_limit(input.pages_ab) {
+        config = config.with_gpa_page_limit(l);
+    }
     config.space_recheck = Duration::from_millis(1);
     let (da, db) = in_process_pair();
     let a = Channel::new(ab.clone(), ba.clone(), da, config).unwrap();
@@ -666,11 +791,14 @@ fuzz_target!(|input: Input| {
     let sh = Shared {
         a,
         incoming_len: len_ba,
+        queue_bytes: config.queue_bytes,
+        gpa_limit: config.gpa_page_limit,
         cause: Mutex::new(None),
         peer_left: AtomicBool::new(false),
         forged: AtomicBool::new(false),
         polled: Mutex::new(HashSet::new()),
         first_completion: Mutex::new(HashMap::new()),
+        nobody_lengths: Mutex::new(HashMap::new()),
     };
     let mut peer = Peer {
         b: Some(b),

@@ -4,20 +4,31 @@
 //! A reads it) and an in-process doorbell pair. The script interleaves, on either side,
 //! `try_send` / `try_send_packet` (any type, flags, transaction id, header) / packets larger
 //! than the ring / `try_start_request` / `try_complete` (in-flight, stale, duplicate or raw
-//! ids) / `try_recv` / `try_recv_in_place` (with reads) / `try_recv_batch`, and the peer's
-//! own moves on the shared memory: hand-built packets published past the write index, byte
-//! scribbles over the data area, and arbitrary control words.
+//! ids) / `try_recv` / `try_recv_in_place` and `try_recv_batch` (with payload reads and
+//! whole-header reads: `header` or `gpa_ranges` into a scratch of any length), and the
+//! peer's own moves on the shared memory: hand-built packets published past the write index,
+//! byte scribbles over the data area, and arbitrary control words.
 //!
 //! Asserted after every step:
 //! - no panic, and every call returns (libFuzzer `-timeout`);
 //! - each call returns only the errors its documentation names;
-//! - an `Err(Failed(c))` leaves the channel in `Failed(c)`; once failed, it stays failed with
-//!   the same cause, and every later call on it returns `Failed(c)`;
+//! - an `Err(Failed(c))` leaves the channel in `Failed(c)`, and the channel never fails
+//!   without the call that failed it (a receive, a send, a whole-header read) saying so; once
+//!   failed, it stays failed with the same cause, and every later call on it returns
+//!   `Failed(c)`;
 //! - a completion handed to the caller carries an id that side started and has not yet seen
 //!   completed; a channel failing with `UnknownTransaction { id }` really had no such id in
 //!   flight; `transactions_in_flight()` equals the model's count and never exceeds
 //!   `MAX_TRANSACTIONS`;
-//! - reads from a received packet succeed exactly when in bounds;
+//! - payload reads from a received packet succeed exactly when in bounds; a whole-header read
+//!   returns exactly the `header_len` bytes when the scratch holds them and `BufferTooSmall`
+//!   (with those numbers) exactly when it does not, `NotGpaDirect` exactly for GPA ranges of
+//!   another type, and `Failed` only for a GPA-direct or transfer-page header: the header's
+//!   own `Protocol(Packet(_))` on a channel that had not failed (which fails from then on,
+//!   even though the receive itself succeeded), the old cause on one that had; what it hands
+//!   out is valid (it parses; GPA ranges are well formed and fill the header), and repeated
+//!   reads of one packet agree; a GPA-direct or transfer-page header copied by `try_recv` is
+//!   valid too;
 //! - receive calls allocate nothing (so nothing sized by the peer).
 #![no_main]
 
@@ -25,12 +36,14 @@ use std::sync::Arc;
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
+use vmlink_channel::packet::{parse_gpa_header, parse_transfer_page_header};
 use vmlink_channel::{
     Channel, ChannelError, ChannelState, Config, FailureCause, InProcessDoorbell, MAX_TRANSACTIONS,
     OutgoingPacket, PacketMeta, PacketType, ProtocolError, in_process_pair,
 };
 use vmlink_fuzz::{
-    FlagSel, IndexValue, NoAlloc, PeerPacket, Scribble, TypeSel, write_wrapped_peer,
+    FlagSel, HeaderCall, HeaderMemo, HeaderVerdict, IndexValue, NoAlloc, PeerPacket, Scribble,
+    TypeSel, read_whole_header, write_wrapped_peer,
 };
 use vmlink_ring::protocol::PAGE_SIZE;
 use vmlink_ring::{ControlWord, HeapMem, RingMem};
@@ -94,6 +107,9 @@ enum Op {
         side: Side,
         buf_len: u16,
     },
+    /// `reads`: `(header, offset, len)`. A payload read (`!header`) copies `len` bytes at
+    /// `offset`; a header read copies the whole header into a `len`-byte scratch with
+    /// `header` (even `offset`) or `gpa_ranges` (odd).
     RecvInPlace {
         side: Side,
         reads: Vec<(bool, u16, u16)>,
@@ -147,7 +163,10 @@ impl End {
         match (self.failed, st) {
             (Some(c), ChannelState::Failed(d)) => assert_eq!(c, d, "failure cause changed"),
             (Some(c), other) => panic!("channel failed with {c:?} but is now {other:?}"),
-            (None, ChannelState::Failed(d)) => self.failed = Some(d),
+            // Every failure is reported by the call that caused it (a receive, a send, a
+            // whole-header read): a malformed header received in place or in a batch and
+            // never read whole fails nothing.
+            (None, ChannelState::Failed(d)) => panic!("the channel failed silently with {d:?}"),
             (None, _) => {}
         }
         let n = self.chan.transactions_in_flight();
@@ -186,6 +205,37 @@ impl End {
             matches!(e, ChannelError::Closed) || allowed.iter().any(|f| f(&e)),
             "{what}: undocumented error {e:?}"
         );
+    }
+
+    /// Checks the cause a whole-header read failed with, given the channel's cause before
+    /// the read (`known`), and returns the channel's cause from then on.
+    fn header_failed(
+        &self,
+        what: &str,
+        known: Option<FailureCause>,
+        c: FailureCause,
+    ) -> FailureCause {
+        match known {
+            Some(k) => assert_eq!(c, k, "{what}: a header read on a failed channel"),
+            None => assert!(
+                matches!(c, FailureCause::Protocol(ProtocolError::Packet(_))),
+                "{what}: a header read failed the channel with {c:?}"
+            ),
+        }
+        assert_eq!(
+            self.chan.state(),
+            ChannelState::Failed(c),
+            "{what}: Failed but state differs"
+        );
+        c
+    }
+
+    /// The channel failed while a packet was read (a header read): from now on it is failed.
+    fn record_failure(&mut self, c: FailureCause) {
+        if let Some(f) = self.failed {
+            assert_eq!(f, c, "failure cause changed");
+        }
+        self.failed = Some(c);
     }
 
     fn check_ok_while_failed(&self, what: &str) {
@@ -237,27 +287,43 @@ fn payload(len: u16, fill: u8) -> Vec<u8> {
         .collect()
 }
 
-/// Reads part of a received packet; asserts it succeeds exactly when in bounds.
-fn check_read(
+/// Checks a payload read of `buf.len()` bytes at `offset` from a packet with a
+/// `payload_len`-byte payload: it succeeds exactly when in bounds. Allocates nothing.
+fn check_payload_read(
     what: &str,
-    header_len: usize,
     payload_len: usize,
-    header: bool,
     offset: u16,
-    len: u16,
-    read: impl FnOnce(bool, usize, &mut [u8]) -> Result<(), ChannelError>,
+    buf: &[u8],
+    r: Result<(), ChannelError>,
 ) {
-    let (offset, len) = (offset as usize, len as usize % 9000);
-    let mut buf = vec![0u8; len];
-    let size = if header { header_len } else { payload_len };
-    let r = read(header, offset, &mut buf);
-    if offset + len <= size {
+    let (offset, len) = (offset as usize, buf.len());
+    if offset + len <= payload_len {
         assert_eq!(r, Ok(()), "{what}: in-bounds read failed");
     } else {
-        assert!(
-            matches!(r, Err(ChannelError::OutOfBounds { .. })),
-            "{what}: {r:?}"
+        assert_eq!(
+            r,
+            Err(ChannelError::OutOfBounds {
+                offset,
+                len,
+                size: payload_len
+            }),
+            "{what}: out-of-bounds read"
         );
+    }
+}
+
+/// A GPA-direct or transfer-page header handed out by a copying receive is valid.
+fn check_copied_header(what: &str, packet_type: PacketType, header: &[u8], limit: Option<u64>) {
+    match packet_type {
+        PacketType::GpaDirect => assert!(
+            parse_gpa_header(header, limit).is_ok(),
+            "{what}: an invalid GPA header handed out"
+        ),
+        PacketType::TransferPages => assert!(
+            parse_transfer_page_header(header).is_ok(),
+            "{what}: an invalid transfer-page header handed out"
+        ),
+        _ => {}
     }
 }
 
@@ -277,9 +343,12 @@ fuzz_target!(|input: Input| {
     let ab = Arc::new(HeapMem::new(len_ab).unwrap());
     let ba = Arc::new(HeapMem::new(len_ba).unwrap());
     let mut config = Config::default().with_queue_depth(4);
-    if let Some(l) = input.gpa_limit {
-        config = config.with_gpa_page_limit(u64::from(l));
+    let limit = input.gpa_limit.map(u64::from);
+    if let Some(l) = limit {
+        config = config.with_gpa_page_limit(l);
     }
+    // What header reads returned for the packet being read (headers are at most a ring).
+    let mut memo = HeaderMemo::with_capacity(len_ab.max(len_ba));
     let (da, db) = in_process_pair();
     let a = Channel::new(ab.clone(), ba.clone(), da, config).unwrap();
     let b = Channel::new(ba.clone(), ab.clone(), db, config).unwrap();
@@ -418,6 +487,7 @@ fuzz_target!(|input: Input| {
                     Ok(Some(m)) => {
                         e.check_ok_while_failed("try_recv");
                         assert!(m.len() <= buf.len());
+                        check_copied_header("try_recv", m.packet_type, m.header(&buf), limit);
                         e.received(m.packet_type, m.transaction_id, m.completion_requested);
                     }
                     Ok(None) => e.check_ok_while_failed("try_recv"),
@@ -435,6 +505,7 @@ fuzz_target!(|input: Input| {
                 commit,
             } => {
                 let e = &mut ends[idx(*side)];
+                let known = e.failed;
                 let out = {
                     let g = NoAlloc::start("try_recv_in_place");
                     let r = e.chan.try_recv_in_place();
@@ -442,22 +513,27 @@ fuzz_target!(|input: Input| {
                     match r {
                         Ok(Some(mut guard)) => {
                             let m = guard.meta();
+                            // The channel's cause once a header read failed it.
+                            let mut now = known;
+                            memo.reset();
                             for &(header, offset, len) in reads.iter().take(8) {
-                                check_read(
-                                    "RecvGuard",
-                                    m.header_len,
-                                    m.payload_len,
-                                    header,
-                                    offset,
-                                    len,
-                                    |h, o, b| {
-                                        if h {
-                                            guard.read_header(o, b)
-                                        } else {
-                                            guard.read_payload(o, b)
-                                        }
-                                    },
-                                );
+                                let mut buf = vec![0u8; len as usize % 9000];
+                                if header {
+                                    let call = HeaderCall::from_selector(offset);
+                                    let v = read_whole_header(
+                                        &mut guard,
+                                        call,
+                                        &mut buf,
+                                        limit,
+                                        Some(&mut memo),
+                                    );
+                                    if let HeaderVerdict::Failed(c) = v {
+                                        now = Some(e.header_failed("RecvGuard", now, c));
+                                    }
+                                } else {
+                                    let r = guard.read_payload(offset as usize, &mut buf);
+                                    check_payload_read("RecvGuard", m.payload_len, offset, &buf, r);
+                                }
                             }
                             let r = if *commit {
                                 guard.commit()
@@ -465,19 +541,22 @@ fuzz_target!(|input: Input| {
                                 drop(guard);
                                 Ok(())
                             };
-                            Ok(Some((m, r)))
+                            Ok(Some((m, r, now)))
                         }
                         Ok(None) => Ok(None),
                         Err(err) => Err(err),
                     }
                 };
                 match out {
-                    Ok(Some((m, r))) => {
+                    Ok(Some((m, r, now))) => {
                         assert!(
-                            e.failed.is_none(),
+                            known.is_none(),
                             "try_recv_in_place succeeded on a failed channel"
                         );
                         e.received(m.packet_type, m.transaction_id, m.completion_requested);
+                        if let Some(c) = now {
+                            e.record_failure(c);
+                        }
                         if let Err(err) = r {
                             e.check_err("RecvGuard::commit", err, &[]);
                         }
@@ -488,30 +567,31 @@ fuzz_target!(|input: Input| {
             }
             Op::RecvBatch { side, max, reads } => {
                 let e = &mut ends[idx(*side)];
+                let known = e.failed;
+                let mut now = known;
                 let mut got = Vec::with_capacity(256);
                 let mut bufs: Vec<Vec<u8>> = reads
                     .iter()
                     .take(4)
                     .map(|r| vec![0u8; r.2 as usize % 9000])
                     .collect();
+                let chan = &e.chan;
+                let end = &*e;
                 let g = NoAlloc::start("try_recv_batch");
-                let r = e.chan.try_recv_batch(*max as usize % 8, |p| {
+                let r = chan.try_recv_batch(*max as usize % 8, |mut p| {
                     let m = p.meta();
                     got.push((m.packet_type, m.transaction_id, m.completion_requested));
+                    memo.reset();
                     for (&(header, offset, _), buf) in reads.iter().zip(bufs.iter_mut()) {
-                        let size = if header { m.header_len } else { m.payload_len };
-                        let r = if header {
-                            p.read_header(offset as usize, buf)
+                        if header {
+                            let call = HeaderCall::from_selector(offset);
+                            let v = read_whole_header(&mut p, call, buf, limit, Some(&mut memo));
+                            if let HeaderVerdict::Failed(c) = v {
+                                now = Some(end.header_failed("BatchPacket", now, c));
+                            }
                         } else {
-                            p.read_payload(offset as usize, buf)
-                        };
-                        if offset as usize + buf.len() <= size {
-                            assert_eq!(r, Ok(()), "BatchPacket: in-bounds read failed");
-                        } else {
-                            assert!(
-                                matches!(r, Err(ChannelError::OutOfBounds { .. })),
-                                "BatchPacket: {r:?}"
-                            );
+                            let r = p.read_payload(offset as usize, buf);
+                            check_payload_read("BatchPacket", m.payload_len, offset, buf, r);
                         }
                     }
                 });
@@ -519,13 +599,18 @@ fuzz_target!(|input: Input| {
                 for (t, id, c) in got.iter().copied() {
                     e.received(t, id, c);
                 }
-                match r {
-                    Ok(n) => {
-                        e.check_ok_while_failed("try_recv_batch");
-                        assert_eq!(n, got.len());
-                        assert!(n <= *max as usize % 8);
-                    }
-                    Err(err) => e.check_err("try_recv_batch", err, &[]),
+                if let Ok(n) = r {
+                    // A header read may have failed the channel during the batch: the batch
+                    // itself began on a working channel and still counts its packets.
+                    e.check_ok_while_failed("try_recv_batch");
+                    assert_eq!(n, got.len());
+                    assert!(n <= *max as usize % 8);
+                }
+                if let Some(c) = now {
+                    e.record_failure(c);
+                }
+                if let Err(err) = r {
+                    e.check_err("try_recv_batch", err, &[]);
                 }
             }
             Op::PeerPacket { reader, packet } => {

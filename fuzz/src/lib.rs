@@ -1,11 +1,18 @@
 //! Helpers shared by the fuzz targets: a hostile peer's vocabulary (raw or nudged control
-//! words, hand-built packets, scribbles), byte-level views of a ring, and an allocation
-//! guard that proves a library call allocated nothing.
+//! words, hand-built packets, scribbles), byte-level views of a ring, an allocation guard
+//! that proves a library call allocated nothing, and the checked whole-header reads of
+//! packets received in place.
 
 use arbitrary::Arbitrary;
 use core::cell::Cell;
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::alloc::{GlobalAlloc, Layout, System};
+use vmlink_channel::packet::{
+    GpaRanges, pages_spanned, parse_gpa_header, parse_transfer_page_header,
+};
+use vmlink_channel::{
+    BatchPacket, ChannelError, Doorbell, FailureCause, PacketType, Received, RecvGuard,
+};
 use vmlink_ring::protocol::{CONTROL_PAGE_SIZE, DESCRIPTOR_SIZE, PAGE_SIZE, TRAILER_SIZE};
 use vmlink_ring::{ControlWord, HeapMem, RingMem};
 
@@ -367,4 +374,254 @@ impl Scribble {
         let n = self.bytes.len().min(data_len);
         (0..n).map(move |i| (self.offset as usize + i) % data_len)
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Whole-header reads of received packets
+// ---------------------------------------------------------------------------------------
+
+/// A packet received in place whose extra header can be copied out whole:
+/// [`RecvGuard`] or a [`BatchPacket`].
+pub trait WholeHeader {
+    /// The packet's description.
+    fn received(&self) -> Received;
+    /// `header(scratch)`.
+    fn whole_header<'s>(&mut self, scratch: &'s mut [u8]) -> Result<&'s [u8], ChannelError>;
+    /// `gpa_ranges(scratch)`.
+    fn ranges<'s>(&mut self, scratch: &'s mut [u8]) -> Result<GpaRanges<'s>, ChannelError>;
+}
+
+impl<M: RingMem, D: Doorbell> WholeHeader for RecvGuard<'_, M, D> {
+    fn received(&self) -> Received {
+        self.meta()
+    }
+    fn whole_header<'s>(&mut self, scratch: &'s mut [u8]) -> Result<&'s [u8], ChannelError> {
+        self.header(scratch)
+    }
+    fn ranges<'s>(&mut self, scratch: &'s mut [u8]) -> Result<GpaRanges<'s>, ChannelError> {
+        self.gpa_ranges(scratch)
+    }
+}
+
+impl<M: RingMem> WholeHeader for &BatchPacket<'_, '_, M> {
+    fn received(&self) -> Received {
+        self.meta()
+    }
+    fn whole_header<'s>(&mut self, scratch: &'s mut [u8]) -> Result<&'s [u8], ChannelError> {
+        self.header(scratch)
+    }
+    fn ranges<'s>(&mut self, scratch: &'s mut [u8]) -> Result<GpaRanges<'s>, ChannelError> {
+        self.gpa_ranges(scratch)
+    }
+}
+
+/// Which whole-header read to make.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderCall {
+    /// `header(scratch)`.
+    Header,
+    /// `gpa_ranges(scratch)`.
+    GpaRanges,
+}
+
+impl HeaderCall {
+    /// The call a script's read selects (the reads' `offset`, which a whole-header read has
+    /// no use for, picks it: even for `header`, odd for `gpa_ranges`).
+    pub fn from_selector(v: u16) -> Self {
+        if v % 2 == 0 {
+            HeaderCall::Header
+        } else {
+            HeaderCall::GpaRanges
+        }
+    }
+}
+
+/// What a whole-header read amounted to, once its answer was checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderVerdict {
+    /// The header (or its ranges) was handed out.
+    Ok,
+    /// `BufferTooSmall`: the scratch was shorter than the header.
+    TooSmall,
+    /// `NotGpaDirect`: ranges asked of another packet type.
+    NotGpaDirect,
+    /// `Failed(cause)`: for a GPA-direct or transfer-page packet with a long enough scratch.
+    /// The caller checks the cause against the channel's (the header's own
+    /// `Protocol(Packet(_))`, or the cause the channel had already failed with) and treats
+    /// the channel as failed from then on.
+    Failed(FailureCause),
+}
+
+/// What earlier whole-header reads of one packet returned, for a packet whose bytes nobody
+/// rewrites while it is read (then every read must agree). Holds no more than its capacity,
+/// so it never allocates once made.
+pub struct HeaderMemo {
+    bytes: Vec<u8>,
+    /// `Some(true)`: a read handed out `bytes`; `Some(false)`: a read found it malformed.
+    valid: Option<bool>,
+}
+
+impl HeaderMemo {
+    /// A memo for headers of up to `capacity` bytes (longer ones are not remembered).
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self {
+            bytes: Vec::with_capacity(capacity),
+            valid: None,
+        }
+    }
+
+    /// Forgets everything: the next packet.
+    pub fn reset(&mut self) {
+        self.bytes.clear();
+        self.valid = None;
+    }
+
+    fn saw_valid(&mut self, bytes: &[u8]) {
+        match self.valid {
+            Some(true) => assert_eq!(self.bytes, bytes, "two reads of one header differ"),
+            Some(false) => panic!("a header found malformed was then handed out"),
+            None if bytes.len() <= self.bytes.capacity() => {
+                self.bytes.extend_from_slice(bytes);
+                self.valid = Some(true);
+            }
+            None => {}
+        }
+    }
+
+    fn saw_invalid(&mut self) {
+        assert_ne!(
+            self.valid,
+            Some(true),
+            "a header handed out was then found malformed"
+        );
+        self.valid = Some(false);
+    }
+}
+
+/// Checks received GPA ranges: at least one; each with an offset below 4096, a non-zero
+/// count, exactly the pages it spans, all below `limit`; together filling the `len`-byte
+/// header exactly. Allocates nothing.
+fn check_ranges(ranges: GpaRanges<'_>, len: usize, limit: Option<u64>) {
+    let mut used = 8usize;
+    let mut count = 0usize;
+    for r in ranges {
+        count += 1;
+        assert!(r.byte_offset < 4096, "gpa_ranges: offset {}", r.byte_offset);
+        assert!(r.byte_count > 0, "gpa_ranges: an empty range");
+        assert_eq!(
+            r.page_count(),
+            pages_spanned(r.byte_offset, r.byte_count),
+            "gpa_ranges: page count"
+        );
+        assert_eq!(r.pages().len(), r.page_count());
+        if let Some(l) = limit {
+            assert!(r.pages().all(|p| p < l), "gpa_ranges: a page past {l:#x}");
+        }
+        used += 8 + 8 * r.page_count();
+    }
+    assert!(count > 0, "gpa_ranges: no ranges");
+    assert_eq!(used, len, "gpa_ranges: the ranges do not fill the header");
+}
+
+/// Reads the whole extra header of `p` into `scratch` with `call` and checks the answer
+/// against the documented rules:
+/// - `Ok` exactly when the scratch holds the header (and, for `gpa_ranges`, the packet is
+///   GPA-direct); `header` returns exactly `header_len` bytes at the start of the scratch,
+///   and what it returns for a GPA-direct or transfer-page packet parses; GPA ranges are
+///   well formed, below `limit`, and fill the header;
+/// - `NotGpaDirect { packet_type }` exactly for `gpa_ranges` of another packet type;
+/// - `BufferTooSmall { needed: header_len, capacity: scratch.len() }` exactly when the
+///   scratch is shorter (and the call got that far);
+/// - `Failed(_)` only for GPA-direct and transfer-page packets, with a long enough scratch;
+/// - nothing else.
+///
+/// With a `memo` (the packet's bytes cannot change meanwhile), every read of the packet
+/// agrees: the same bytes, or malformed every time. Allocates nothing.
+pub fn read_whole_header(
+    p: &mut impl WholeHeader,
+    call: HeaderCall,
+    scratch: &mut [u8],
+    limit: Option<u64>,
+    memo: Option<&mut HeaderMemo>,
+) -> HeaderVerdict {
+    let m = p.received();
+    let (len, cap) = (m.header_len, scratch.len());
+    let structured = matches!(
+        m.packet_type,
+        PacketType::GpaDirect | PacketType::TransferPages
+    );
+    let at = scratch.as_ptr();
+    let r = match call {
+        HeaderCall::Header => p.whole_header(scratch).map(|h| {
+            assert_eq!(
+                h.len(),
+                len,
+                "header: {} bytes of a {len}-byte header",
+                h.len()
+            );
+            assert_eq!(h.as_ptr(), at, "header: not the scratch's bytes");
+            match m.packet_type {
+                PacketType::GpaDirect => assert!(
+                    parse_gpa_header(h, limit).is_ok(),
+                    "header: an invalid GPA header handed out"
+                ),
+                PacketType::TransferPages => assert!(
+                    parse_transfer_page_header(h).is_ok(),
+                    "header: an invalid transfer-page header handed out"
+                ),
+                _ => {}
+            }
+        }),
+        HeaderCall::GpaRanges => p
+            .ranges(scratch)
+            .map(|ranges| check_ranges(ranges, len, limit)),
+    };
+    let not_gpa = call == HeaderCall::GpaRanges && m.packet_type != PacketType::GpaDirect;
+    let verdict = match r {
+        Err(ChannelError::NotGpaDirect { packet_type }) => {
+            assert!(not_gpa, "{call:?}: NotGpaDirect for {:?}", m.packet_type);
+            assert_eq!(
+                packet_type, m.packet_type,
+                "NotGpaDirect names another type"
+            );
+            return HeaderVerdict::NotGpaDirect;
+        }
+        _ if not_gpa => panic!("gpa_ranges of a {:?} packet: {r:?}", m.packet_type),
+        Ok(()) => {
+            assert!(cap >= len, "{call:?}: a {len}-byte header into {cap} bytes");
+            HeaderVerdict::Ok
+        }
+        Err(ChannelError::BufferTooSmall { needed, capacity }) => {
+            assert!(
+                cap < len,
+                "{call:?}: BufferTooSmall for a {len}-byte header into {cap}"
+            );
+            assert_eq!(
+                (needed, capacity),
+                (len, cap),
+                "{call:?}: BufferTooSmall numbers"
+            );
+            return HeaderVerdict::TooSmall;
+        }
+        Err(ChannelError::Failed(c)) => {
+            assert!(
+                cap >= len,
+                "{call:?}: Failed before the header could be copied"
+            );
+            assert!(
+                structured,
+                "{call:?}: Failed({c:?}) for a {:?} packet, whose header has no structure",
+                m.packet_type
+            );
+            HeaderVerdict::Failed(c)
+        }
+        Err(e) => panic!("{call:?}: undocumented error {e:?}"),
+    };
+    if let Some(memo) = memo {
+        match verdict {
+            HeaderVerdict::Ok => memo.saw_valid(&scratch[..len]),
+            _ => memo.saw_invalid(),
+        }
+    }
+    verdict
 }
