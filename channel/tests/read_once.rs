@@ -230,14 +230,18 @@ fn a_malformed_header_fails_the_channel_on_every_path() {
     assert!(guard.header(&mut buf).is_err());
     drop(guard);
     assert_failed_with_packet_error(&b, PacketError::NoRanges);
-    // Batches.
+    // Batches: the batch stops at the packet that failed the channel and says so.
     let (a, b, _) = pair(Config::default());
     send_raw(&a, PacketType::GpaDirect, &bad);
-    b.try_recv_batch(4, |p| {
+    a.try_send(b"after").unwrap();
+    let mut handed = 0;
+    let r = b.try_recv_batch(4, |p| {
+        handed += 1;
         let mut scratch = [0u8; 64];
         assert!(p.gpa_ranges(&mut scratch).is_err());
-    })
-    .unwrap();
+    });
+    assert!(matches!(r, Err(ChannelError::Failed(_))), "{r:?}");
+    assert_eq!(handed, 1, "no packet after the one that failed the channel");
     assert_failed_with_packet_error(&b, PacketError::NoRanges);
     // Every later call says so.
     assert!(matches!(b.try_recv(&mut buf), Err(ChannelError::Failed(_))));

@@ -579,6 +579,11 @@ fuzz_target!(|input: Input| {
                 let end = &*e;
                 let g = NoAlloc::start("try_recv_batch");
                 let r = chan.try_recv_batch(*max as usize % 8, |mut p| {
+                    // A batch stops at the packet whose header read failed the channel.
+                    assert!(
+                        now == known,
+                        "try_recv_batch handed a packet after a header read failed the channel"
+                    );
                     let m = p.meta();
                     got.push((m.packet_type, m.transaction_id, m.completion_requested));
                     memo.reset();
@@ -600,8 +605,8 @@ fuzz_target!(|input: Input| {
                     e.received(t, id, c);
                 }
                 if let Ok(n) = r {
-                    // A header read may have failed the channel during the batch: the batch
-                    // itself began on a working channel and still counts its packets.
+                    // A header read that failed the channel ends the batch with that error.
+                    assert_eq!(now, known, "try_recv_batch succeeded after failing the channel");
                     e.check_ok_while_failed("try_recv_batch");
                     assert_eq!(n, got.len());
                     assert!(n <= *max as usize % 8);

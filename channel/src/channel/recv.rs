@@ -322,6 +322,11 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
                 rx.queue.pop();
                 took_queued = true;
                 n += 1;
+                // A header read in `each` may have failed the channel: stop there.
+                if let Some(e) = self.failed() {
+                    result = Err(e);
+                    break;
+                }
                 continue;
             }
             let info = match self.next_for_receiver(&mut rx) {
@@ -345,6 +350,11 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
                 self.txns.release_polled(meta.transaction_id);
             }
             n += 1;
+            // A header read in `each` may have failed the channel: no packet after it.
+            if let Some(e) = self.failed() {
+                result = Err(e);
+                break;
+            }
         }
         #[cfg(feature = "alloc")]
         if took_queued {
