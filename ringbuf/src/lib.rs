@@ -82,6 +82,7 @@ extern crate alloc;
 #[cfg(test)]
 extern crate std;
 
+pub mod area;
 mod error;
 mod mem;
 pub mod protocol;
@@ -90,6 +91,7 @@ mod ring;
 mod sync;
 mod writer;
 
+pub use area::{AreaError, AreaLayout};
 pub use error::{Index, LayoutError, ReadError, RingError, WriteError};
 #[cfg(feature = "alloc")]
 pub use mem::HeapMem;
