@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use vmlink_channel::ChannelError;
+use vmlink_ring::area::AreaError;
 
 use crate::memory::LayoutError;
 use crate::policy::PeerCredentials;
@@ -201,6 +202,24 @@ pub enum ShmError {
         /// The layout's total.
         expected: u64,
     },
+    /// The offered memory's header page breaks a rule of the memory header (guest side);
+    /// the memory was unmapped again unused.
+    #[error("the shared memory's header is invalid: {0}")]
+    BadHeader(AreaError),
+    /// The offered memory's header is sound but describes other memory than the offer
+    /// (guest side); the memory was unmapped again unused.
+    #[error(
+        "the shared memory's header disagrees with the offer: {what} is {header} in the \
+         header and {offer} in the offer"
+    )]
+    HeaderMismatch {
+        /// What differs, in words ("the buffer area's length").
+        what: &'static str,
+        /// The header's value.
+        header: u64,
+        /// The value the offer implies.
+        offer: u64,
+    },
     /// The offered memory is not a memfd that can carry seals (guest side).
     #[error("the offered memory fd is not a memfd (it cannot carry seals)")]
     NotAMemfd,
@@ -253,6 +272,8 @@ impl ShmError {
             ShmError::NotSealed { .. }
             | ShmError::SizeMismatch { .. }
             | ShmError::NotAMemfd
+            | ShmError::BadHeader(_)
+            | ShmError::HeaderMismatch { .. }
             | ShmError::ServiceMismatch { .. }
             | ShmError::Layout(_) => RefusalCode::BadOffer,
             _ => RefusalCode::Internal,
@@ -376,6 +397,20 @@ mod tests {
             (
                 ShmError::SocketInUse("/run/x/s".into()),
                 "another listener is serving /run/x/s",
+            ),
+            (
+                ShmError::HeaderMismatch {
+                    what: "the buffer area's length",
+                    header: 0,
+                    offer: 8192,
+                },
+                "the shared memory's header disagrees with the offer: the buffer area's \
+                 length is 0 in the header and 8192 in the offer",
+            ),
+            (
+                ShmError::BadHeader(AreaError::BadMagic { found: [0; 8] }),
+                "the shared memory's header is invalid: no memory header: the first 8 bytes \
+                 are 00 00 00 00 00 00 00 00 rather than \"VMLINKMA\"",
             ),
         ];
         for (error, text) in cases {

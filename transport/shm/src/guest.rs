@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use vmlink_channel::{Channel, Config, EventFdDoorbell};
+use vmlink_ring::area::AreaLayout;
 use zerocopy::FromBytes;
 
 use crate::endpoint::{Endpoint, Role, effective_config};
@@ -225,6 +226,11 @@ fn attach(
         sys::set_nonblocking(bell.as_fd()).map_err(ShmError::io("configure a doorbell fd"))?;
     }
     let map = Mapping::map(memfd, len as usize).map_err(ShmError::io("mmap"))?;
+    // The header page, read once into a private copy: it must be sound and say exactly
+    // what the offer says. On any failure the mapping is dropped (unmapped) unused.
+    let expected = layout.area()?;
+    let parsed = map.read_header().map_err(ShmError::BadHeader)?;
+    check_header(&parsed.layout, &expected)?;
     let memory = SharedMemory::new(map, layout);
     Ok((
         memory,
@@ -232,6 +238,49 @@ fn attach(
         host_bell,
         effective_config(config, layout),
     ))
+}
+
+/// Checks that a sound header describes exactly the memory the offer implies (the area's
+/// length was checked against the memory's when the header was parsed).
+fn check_header(header: &AreaLayout, offer: &AreaLayout) -> Result<(), ShmError> {
+    let mismatch = |what, header, offer| {
+        if header == offer {
+            Ok(())
+        } else {
+            Err(ShmError::HeaderMismatch {
+                what,
+                header,
+                offer,
+            })
+        }
+    };
+    let count = |a: &AreaLayout| a.channels().len() as u64;
+    mismatch("the number of channels", count(header), count(offer))?;
+    for (h, o) in header.channels().iter().zip(offer.channels()) {
+        let rings = [
+            (
+                "the guest-to-host ring's offset",
+                "the guest-to-host ring's length",
+                h.guest_to_host,
+                o.guest_to_host,
+            ),
+            (
+                "the host-to-guest ring's offset",
+                "the host-to-guest ring's length",
+                h.host_to_guest,
+                o.host_to_guest,
+            ),
+        ];
+        for (offset, len, h, o) in rings {
+            mismatch(offset, h.offset, o.offset)?;
+            mismatch(len, h.len, o.len)?;
+        }
+    }
+    let (h, o) = (header.buffer(), offer.buffer());
+    mismatch("the buffer area's offset", h.offset, o.offset)?;
+    mismatch("the buffer area's length", h.len, o.len)?;
+    debug_assert_eq!(header, offer);
+    Ok(())
 }
 
 /// What the guest asks the kernel about an offered memfd, one question per call, so the
@@ -297,6 +346,20 @@ mod tests {
         if seals != 0 {
             sys::add_seals(fd.as_fd(), seals).unwrap();
         }
+        fd
+    }
+
+    /// Writes `page` over the start of the file `fd`.
+    fn write_page(fd: BorrowedFd<'_>, page: &[u8]) {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::File::from(fd.try_clone_to_owned().unwrap());
+        file.write_all_at(page, 0).unwrap();
+    }
+
+    /// A sealed memfd of `layout`'s size with the memory header a host writes for it.
+    fn sound_memfd(layout: Layout) -> OwnedFd {
+        let fd = memfd(layout.total_len(), sys::REQUIRED_SEALS);
+        write_page(fd.as_fd(), &layout.area().unwrap().encode());
         fd
     }
 
@@ -515,6 +578,7 @@ mod tests {
                 layout.total_len(),
                 sys::REQUIRED_SEALS,
             );
+            write_page(fd.as_fd(), &layout.area().unwrap().encode());
             offer_with(h, layout, fd)
         });
         let endpoint = r.unwrap();
@@ -655,8 +719,7 @@ mod tests {
     #[test]
     fn received_fds_are_close_on_exec_and_memory_is_sealed() {
         let layout = Layout::symmetric(4096, 8192);
-        let (r, _) =
-            against(|h| offer_with(h, layout, memfd(layout.total_len(), sys::REQUIRED_SEALS)));
+        let (r, _) = against(|h| offer_with(h, layout, sound_memfd(layout)));
         let ep = r.unwrap();
         let mut fds = vec![ep.memory().mapping().memfd()];
         fds.push(ep.channel().doorbell().wait_fd());
@@ -673,5 +736,318 @@ mod tests {
         }
         assert_eq!(ep.buffer().pages(), 2);
         assert_eq!(ep.channel().config().gpa_page_limit, Some(2));
+    }
+    /// A host whose memory header is hostile: each test breaks one rule of a sound header
+    /// (or writes a sound header that disagrees with the offer) and expects the guest to
+    /// refuse the offer with exactly that rule, tell the host, and leave the memory unmapped.
+    mod header {
+        use super::*;
+        use std::ffi::CString;
+        use vmlink_ring::area::{AreaError, ChannelRings, Region, Span, Version};
+
+        /// Two rings of 1 data page each and 4 buffer pages: the header page, guest→host
+        /// at 0x1000, host→guest at 0x3000, the buffer at 0x5000; 0x9000 bytes in all.
+        const LAYOUT: Layout = Layout::new(8192, 8192, 4 * 4096);
+
+        const G2H: Region = Region::GuestToHost { channel: 0 };
+        const H2G: Region = Region::HostToGuest { channel: 0 };
+
+        fn sound_page() -> [u8; 4096] {
+            LAYOUT.area().unwrap().encode()
+        }
+
+        /// The sound page with `bytes` written at `at`.
+        fn with(at: usize, bytes: &[u8]) -> [u8; 4096] {
+            let mut page = sound_page();
+            page[at..at + bytes.len()].copy_from_slice(bytes);
+            page
+        }
+
+        /// Offers [`LAYOUT`] in a memfd named `name` whose first page is `page`; returns
+        /// what the guest made of it.
+        fn offer_page(
+            name: &str,
+            page: [u8; 4096],
+        ) -> (Result<Endpoint, ShmError>, Option<ShmError>) {
+            let cname = CString::new(name).unwrap();
+            against(move |h| {
+                let fd = named_memfd(&cname, LAYOUT.total_len(), sys::REQUIRED_SEALS);
+                write_page(fd.as_fd(), &page);
+                offer_with(h, LAYOUT, fd)
+            })
+        }
+
+        /// The guest's error for a refused page, after checking the host was told and the
+        /// memory is no longer mapped.
+        fn refused(name: &str, page: [u8; 4096]) -> ShmError {
+            let (r, reply) = offer_page(name, page);
+            let e = r.expect_err("the guest accepted a bad header");
+            refused_as_bad_offer(reply);
+            assert_eq!(mappings_of(name), 0, "the refused memory stayed mapped");
+            e
+        }
+
+        /// The rule a refused page broke.
+        fn rule(name: &str, page: [u8; 4096]) -> AreaError {
+            match refused(name, page) {
+                ShmError::BadHeader(e) => e,
+                other => panic!("not a header rule: {other}"),
+            }
+        }
+
+        #[test]
+        fn a_sound_header_is_accepted() {
+            let (r, _) = offer_page("vmlink-test-header-sound", sound_page());
+            let ep = r.unwrap();
+            let read = ep.memory().header().unwrap();
+            assert_eq!(read.layout, LAYOUT.area().unwrap());
+            assert_eq!(ep.memory().layout(), LAYOUT);
+            assert_eq!(ep.buffer().pages(), 4);
+            // Mapped once, so the refusals' count of 0 means unmapped, not never mapped.
+            assert_eq!(mappings_of("vmlink-test-header-sound"), 1);
+        }
+
+        #[test]
+        fn a_newer_minor_version_with_more_fields_is_accepted() {
+            // Version 1.3: 32 more bytes of fixed fields (the table moves after them) and
+            // bytes after the table, all unknown to this guest.
+            let sound = sound_page();
+            let mut page = [0xEEu8; 4096];
+            page[..64].copy_from_slice(&sound[..64]);
+            page[0x0A..0x0C].copy_from_slice(&3u16.to_le_bytes());
+            page[0x0C..0x10].copy_from_slice(&96u32.to_le_bytes());
+            page[64..96].fill(0xAA);
+            page[96..128].copy_from_slice(&sound[64..96]);
+            let (r, _) = offer_page("vmlink-test-header-minor", page);
+            let ep = r.unwrap();
+            assert_eq!(
+                ep.memory().header().unwrap().version,
+                Version { major: 1, minor: 3 }
+            );
+        }
+
+        #[test]
+        fn no_header_is_refused() {
+            assert_eq!(
+                rule("vmlink-test-header-none", [0; 4096]),
+                AreaError::BadMagic { found: [0; 8] }
+            );
+        }
+
+        #[test]
+        fn another_major_version_is_refused() {
+            assert_eq!(
+                rule("vmlink-test-header-major", with(0x08, &2u16.to_le_bytes())),
+                AreaError::UnsupportedVersion {
+                    found: Version { major: 2, minor: 0 },
+                    supported: Version { major: 1, minor: 0 },
+                }
+            );
+        }
+
+        #[test]
+        fn a_bad_header_length_is_refused() {
+            assert_eq!(
+                rule("vmlink-test-header-hlen", with(0x0C, &60u32.to_le_bytes())),
+                AreaError::BadHeaderLen { len: 60 }
+            );
+        }
+
+        #[test]
+        fn a_bad_entry_length_is_refused() {
+            assert_eq!(
+                rule("vmlink-test-header-elen", with(0x1C, &36u32.to_le_bytes())),
+                AreaError::BadEntryLen { len: 36 }
+            );
+        }
+
+        #[test]
+        fn a_reserved_byte_set_is_refused() {
+            assert_eq!(
+                rule("vmlink-test-header-reserved", with(0x38, &[1])),
+                AreaError::ReservedNotZero {
+                    offset: 0x38,
+                    value: 1
+                }
+            );
+        }
+
+        #[test]
+        fn an_area_length_of_part_pages_is_refused() {
+            assert_eq!(
+                rule(
+                    "vmlink-test-header-alen",
+                    with(0x10, &0x9001u64.to_le_bytes())
+                ),
+                AreaError::BadAreaLen { len: 0x9001 }
+            );
+        }
+
+        #[test]
+        fn an_area_length_other_than_the_memory_is_refused() {
+            assert_eq!(
+                rule(
+                    "vmlink-test-header-amem",
+                    with(0x10, &0xA000u64.to_le_bytes())
+                ),
+                AreaError::LengthMismatch {
+                    header: 0xA000,
+                    actual: 0x9000
+                }
+            );
+        }
+
+        #[test]
+        fn too_many_channels_are_refused() {
+            assert_eq!(
+                rule("vmlink-test-header-count", with(0x18, &65u32.to_le_bytes())),
+                AreaError::TooManyChannels { count: 65, max: 64 }
+            );
+        }
+
+        #[test]
+        fn a_table_past_the_page_is_refused() {
+            let mut page = with(0x18, &64u32.to_le_bytes());
+            page[0x1C..0x20].copy_from_slice(&64u32.to_le_bytes());
+            assert_eq!(
+                rule("vmlink-test-header-table", page),
+                AreaError::TablePastPage { end: 4160 }
+            );
+        }
+
+        #[test]
+        fn a_misaligned_ring_is_refused() {
+            assert_eq!(
+                rule(
+                    "vmlink-test-header-align",
+                    with(0x40, &0x1008u64.to_le_bytes())
+                ),
+                AreaError::Misaligned {
+                    region: G2H,
+                    offset: 0x1008
+                }
+            );
+        }
+
+        #[test]
+        fn a_ring_without_data_pages_is_refused() {
+            assert_eq!(
+                rule(
+                    "vmlink-test-header-ring",
+                    with(0x58, &4096u64.to_le_bytes())
+                ),
+                AreaError::BadRingLen {
+                    region: H2G,
+                    len: 4096
+                }
+            );
+        }
+
+        #[test]
+        fn a_buffer_of_part_pages_is_refused() {
+            assert_eq!(
+                rule(
+                    "vmlink-test-header-buffer",
+                    with(0x28, &0x1800u64.to_le_bytes())
+                ),
+                AreaError::BadBufferLen { len: 0x1800 }
+            );
+        }
+
+        #[test]
+        fn a_region_past_the_memory_is_refused() {
+            assert_eq!(
+                rule(
+                    "vmlink-test-header-outside",
+                    with(0x28, &0x5000u64.to_le_bytes())
+                ),
+                AreaError::OutsideArea {
+                    region: Region::Buffer,
+                    offset: 0x5000,
+                    len: 0x5000,
+                    area_len: 0x9000
+                }
+            );
+        }
+
+        #[test]
+        fn overlapping_regions_are_refused() {
+            assert_eq!(
+                rule(
+                    "vmlink-test-header-overlap",
+                    with(0x50, &0x2000u64.to_le_bytes())
+                ),
+                AreaError::Overlap {
+                    first: G2H,
+                    second: H2G
+                }
+            );
+        }
+
+        /// A sound header for another arrangement of the same 0x9000 bytes.
+        fn other(channels: &[ChannelRings], buffer: Span) -> [u8; 4096] {
+            AreaLayout::new(0x9000, channels, buffer).unwrap().encode()
+        }
+
+        fn ring(offset: u64) -> Span {
+            Span::new(offset, 8192)
+        }
+
+        #[test]
+        fn a_header_with_two_channels_is_refused() {
+            let ch = |at| ChannelRings {
+                guest_to_host: ring(at),
+                host_to_guest: ring(at + 8192),
+            };
+            let page = other(&[ch(0x1000), ch(0x5000)], Span::new(0x9000, 0));
+            let e = refused("vmlink-test-header-two", page);
+            assert!(
+                matches!(
+                    e,
+                    ShmError::HeaderMismatch {
+                        what: "the number of channels",
+                        header: 2,
+                        offer: 1
+                    }
+                ),
+                "{e}"
+            );
+        }
+
+        #[test]
+        fn a_header_with_the_rings_swapped_is_refused() {
+            let swapped = ChannelRings {
+                guest_to_host: ring(0x3000),
+                host_to_guest: ring(0x1000),
+            };
+            let page = other(&[swapped], Span::new(0x5000, 0x4000));
+            let e = refused("vmlink-test-header-swapped", page);
+            assert_eq!(
+                e.to_string(),
+                "the shared memory's header disagrees with the offer: the guest-to-host \
+                 ring's offset is 12288 in the header and 4096 in the offer"
+            );
+        }
+
+        #[test]
+        fn a_header_with_a_shorter_buffer_is_refused() {
+            let ch = ChannelRings {
+                guest_to_host: ring(0x1000),
+                host_to_guest: ring(0x3000),
+            };
+            let page = other(&[ch], Span::new(0x5000, 0x2000));
+            let e = refused("vmlink-test-header-shorter", page);
+            assert!(
+                matches!(
+                    e,
+                    ShmError::HeaderMismatch {
+                        what: "the buffer area's length",
+                        header: 0x2000,
+                        offer: 0x4000
+                    }
+                ),
+                "{e}"
+            );
+        }
     }
 }

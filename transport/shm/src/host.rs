@@ -270,7 +270,8 @@ fn host_handshake(
     Ok(Endpoint::new(channel, memory, peer, name, Role::Host))
 }
 
-/// A sealed memfd of `layout`'s size, mapped, both control pages initialised.
+/// A sealed memfd of `layout`'s size, mapped, its memory header written and both control
+/// pages initialised.
 fn create_memory(layout: Layout) -> Result<(SharedMemory, OwnedFd), ShmError> {
     let len = layout.validate()?;
     let memfd = sys::memfd_create(c"vmlink-shm").map_err(ShmError::io("memfd_create"))?;
@@ -279,6 +280,7 @@ fn create_memory(layout: Layout) -> Result<(SharedMemory, OwnedFd), ShmError> {
     let keep = memfd.try_clone().map_err(ShmError::io("dup"))?;
     let map = Mapping::map(keep, len as usize).map_err(ShmError::io("mmap"))?;
     let memory = SharedMemory::new(map, layout);
+    memory.write_header();
     init_control(&memory.guest_to_host());
     init_control(&memory.host_to_guest());
     Ok((memory, memfd))
@@ -547,5 +549,44 @@ mod tests {
                 ..
             }
         ));
+    }
+    #[test]
+    fn the_host_writes_the_memory_header_first() {
+        use std::os::unix::fs::FileExt;
+        use vmlink_ring::area::{AreaLayout, HEADER_LEN, VERSION};
+
+        let layout = Layout::new(2 * 4096, 3 * 4096, 4 * 4096);
+        let (h, g) = UnixStream::pair().unwrap();
+        let svc = Service::new("svc").with_layout(layout);
+        let host = thread::spawn(move || svc.serve_stream(h));
+        let guest = crate::Guest::new("svc").connect_stream(g).unwrap();
+        let host = host.join().unwrap().unwrap();
+
+        // The first page of the memfd, read with a system call: exactly the header of the
+        // layout, which either side reads back the same.
+        let file = std::fs::File::from(
+            host.memory()
+                .mapping()
+                .memfd()
+                .try_clone_to_owned()
+                .unwrap(),
+        );
+        let mut page = [0u8; HEADER_LEN];
+        file.read_exact_at(&mut page, 0).unwrap();
+        let area = layout.area().unwrap();
+        assert_eq!(page, area.encode());
+        let parsed = AreaLayout::parse(&page, layout.total_len()).unwrap();
+        assert_eq!(parsed.version, VERSION);
+        assert_eq!(parsed.layout, area);
+        assert_eq!(host.memory().header().unwrap(), parsed);
+        assert_eq!(guest.memory().header().unwrap(), parsed);
+        // The rings follow it: the host's outgoing ring's control page is where the header
+        // says, initialised (feature bit 0).
+        let ch = area.channels()[0];
+        let mut control = [0u8; 0x44];
+        file.read_exact_at(&mut control, ch.host_to_guest.offset)
+            .unwrap();
+        assert_eq!(control[0x40], 1);
+        assert_eq!(ch.host_to_guest.offset, 4096 + 2 * 4096);
     }
 }

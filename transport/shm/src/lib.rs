@@ -1,8 +1,10 @@
 //! vmlink's process shared-memory transport.
 //!
 //! Two processes share one channel's memory — a memfd sealed so it can neither shrink nor
-//! grow — laid out as `[guest→host ring][host→guest ring][buffer area]`, each ring a
-//! 4096-byte control page plus its data. One eventfd per direction is the doorbell. The
+//! grow — laid out as `[header page][guest→host ring][host→guest ring][buffer area]`, each
+//! ring a 4096-byte control page plus its data. The header page is vmlink's memory header
+//! ([`vmlink_ring::area`]): it lists the rings and the buffer area, so the memory describes
+//! itself to tools such as `vmlink inspect`. One eventfd per direction is the doorbell. The
 //! host allocates all of it and hands the fds to the guest over a Unix stream socket
 //! (`SCM_RIGHTS`) after a small versioned handshake and a check of the guest's credentials
 //! (`SO_PEERCRED`) against the service's [`Policy`]. The socket then stays open for the
@@ -18,8 +20,9 @@
 //!   whose 4 KiB pages are what GPA-direct page numbers index on this transport.
 //!
 //! The guest treats the host as hostile too: it checks the seals, the size and the layout
-//! before it maps anything, and every fd that arrives is close-on-exec and closed again if
-//! the message is wrong.
+//! before it maps anything, then that the memory header is sound and says exactly what the
+//! offer says before it uses anything; every fd that arrives is close-on-exec and closed
+//! again if the message is wrong.
 //!
 //! # Examples
 //!
@@ -72,7 +75,8 @@ pub use error::{RefusalCode, ShmError};
 pub use guest::Guest;
 pub use host::{DEFAULT_HANDSHAKE_TIMEOUT, Listener, MAX_PENDING_HANDSHAKES, Service};
 pub use memory::{
-    BufferArea, Layout, LayoutError, MAX_MEMORY_LEN, Mapping, OutOfBounds, SharedMemory, ShmRing,
+    BufferArea, HEADER_PAGE_LEN, Layout, LayoutError, MAX_MEMORY_LEN, Mapping, OutOfBounds,
+    SharedMemory, ShmRing,
 };
 pub use policy::{PeerCredentials, Policy};
 pub use vmlink_channel::Config;

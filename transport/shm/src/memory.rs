@@ -1,11 +1,16 @@
 //! The shared memory of one channel: a sealed memfd mapped `MAP_SHARED`, laid out as
-//! `[guest→host ring][host→guest ring][buffer area]`.
+//! `[header page][guest→host ring][host→guest ring][buffer area]`.
+//!
+//! The header page is vmlink's memory header ([`vmlink_ring::area`]): the host writes it
+//! before it offers the memory, and it lists the rings and the buffer area, so a tool that
+//! only has the memfd (`vmlink inspect /proc/PID/fd/N`) can read the channel. The guest
+//! checks that it says exactly what the offer says before it uses anything.
 //!
 //! [`Mapping`] owns the mapping and unmaps it on drop. [`SharedMemory`] is an `Arc` of it
 //! plus its [`Layout`]; the rings ([`ShmRing`]) and the buffer area ([`BufferArea`]) each
 //! hold a clone of that `Arc`, so the memory stays mapped as long as any of them lives.
 //! Nothing here forms a reference to plain bytes of the mapping: rings go through
-//! [`SliceMem`] (atomics), the buffer area is a slice of `AtomicU64`.
+//! [`SliceMem`] (atomics), the buffer area and the header page are slices of `AtomicU64`.
 
 use std::io;
 use std::ops::Range;
@@ -14,12 +19,16 @@ use std::ptr::{self, NonNull};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use vmlink_ring::area::{AreaError, AreaLayout, HEADER_LEN, ParsedHeader};
 use vmlink_ring::protocol::{CONTROL_PAGE_SIZE, PAGE_SIZE};
 use vmlink_ring::{ControlWord, MAX_DATA_LEN, RingMem, SliceMem};
 
-/// The largest memory a channel may have (rings and buffer area together): 4 GiB. A guest
-/// refuses an offer above it rather than map whatever a host asks.
+/// The largest memory a channel may have (header page, rings and buffer area together):
+/// 4 GiB. A guest refuses an offer above it rather than map whatever a host asks.
 pub const MAX_MEMORY_LEN: u64 = 1 << 32;
+
+/// The memory header page at the start of every channel's memory, before the rings.
+pub const HEADER_PAGE_LEN: u64 = HEADER_LEN as u64;
 
 /// Why a [`Layout`] is unusable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -52,9 +61,12 @@ pub enum LayoutError {
 }
 
 /// The sizes of a channel's memory, in bytes. Each ring is counted with its control page.
+///
+/// In memory the [`HEADER_PAGE_LEN`]-byte header page comes first, then the regions in the
+/// order of the fields, back to back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Layout {
-    /// The guest→host ring (the guest's outgoing ring), first in memory.
+    /// The guest→host ring (the guest's outgoing ring), right after the header page.
     pub guest_to_host: u64,
     /// The host→guest ring, right after it.
     pub host_to_guest: u64,
@@ -86,7 +98,7 @@ impl Layout {
         Self::new(ring, ring, buffer)
     }
 
-    /// Checks every length and returns the total.
+    /// Checks every length and returns the total, header page included.
     pub fn validate(&self) -> Result<u64, LayoutError> {
         let page = PAGE_SIZE as u64;
         for len in [self.guest_to_host, self.host_to_guest] {
@@ -100,7 +112,8 @@ impl Layout {
             return Err(LayoutError::BadBuffer { len: self.buffer });
         }
         // Each ring is at most 2 GiB + 4 KiB, so only the buffer can overflow the sum.
-        let len = (self.guest_to_host + self.host_to_guest).saturating_add(self.buffer);
+        let len =
+            (HEADER_PAGE_LEN + self.guest_to_host + self.host_to_guest).saturating_add(self.buffer);
         if len > MAX_MEMORY_LEN {
             return Err(LayoutError::TooLarge {
                 len,
@@ -110,9 +123,36 @@ impl Layout {
         Ok(len)
     }
 
-    /// The total length (of a validated layout).
+    /// The total length (of a validated layout), header page included.
     pub fn total_len(&self) -> u64 {
-        self.guest_to_host + self.host_to_guest + self.buffer
+        HEADER_PAGE_LEN + self.guest_to_host + self.host_to_guest + self.buffer
+    }
+
+    /// Where the guest→host ring starts: right after the header page.
+    pub fn guest_to_host_offset(&self) -> u64 {
+        HEADER_PAGE_LEN
+    }
+
+    /// Where the host→guest ring starts (of a validated layout).
+    pub fn host_to_guest_offset(&self) -> u64 {
+        HEADER_PAGE_LEN + self.guest_to_host
+    }
+
+    /// Where the buffer area starts (of a validated layout).
+    pub fn buffer_offset(&self) -> u64 {
+        HEADER_PAGE_LEN + self.guest_to_host + self.host_to_guest
+    }
+
+    /// What the memory header of this layout says: one channel, its two rings, the buffer
+    /// area, in this order after the header page.
+    pub fn area(&self) -> Result<AreaLayout, LayoutError> {
+        self.validate()?;
+        // Every rule of the header follows from the layout's own: whole pages, rings of a
+        // control page and 1 to 524288 data pages, back to back after the header page.
+        Ok(
+            AreaLayout::packed(&[(self.guest_to_host, self.host_to_guest)], self.buffer)
+                .expect("a valid layout is a valid area"),
+        )
     }
 
     /// The buffer area's length in 4 KiB pages: GPA-direct page numbers must be below it.
@@ -178,6 +218,43 @@ impl Mapping {
     pub fn memfd(&self) -> BorrowedFd<'_> {
         self.memfd.as_fd()
     }
+
+    /// The header page as 64-bit words (shared with the peer: access them atomically);
+    /// empty when the mapping is shorter than a header page.
+    fn header_words(&self) -> &[AtomicU64] {
+        if self.len < HEADER_LEN {
+            return &[];
+        }
+        // SAFETY: the first `HEADER_LEN` bytes lie inside the mapping (checked above), which
+        // lives as long as `&self`; the mapping is page-aligned, so 8-aligned. `AtomicU64`
+        // has the layout of `u64` and allows shared mutation, including by the peer.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().cast::<AtomicU64>(), HEADER_LEN / 8) }
+    }
+
+    /// A private copy of the header page, read once a word at a time (zeros when the
+    /// mapping is shorter than a header page).
+    pub(crate) fn read_header_page(&self) -> [u8; HEADER_LEN] {
+        let mut page = [0u8; HEADER_LEN];
+        let words = self.header_words();
+        if !words.is_empty() {
+            read_words(words, 0, &mut page);
+        }
+        page
+    }
+
+    /// Writes `page` over the header page, a word at a time.
+    pub(crate) fn write_header_page(&self, page: &[u8; HEADER_LEN]) {
+        let words = self.header_words();
+        if !words.is_empty() {
+            write_words(words, 0, page);
+        }
+    }
+
+    /// Reads the memory header once into a private copy and validates it against the
+    /// mapping's length.
+    pub fn read_header(&self) -> Result<ParsedHeader, AreaError> {
+        AreaLayout::parse(&self.read_header_page(), self.len as u64)
+    }
 }
 
 impl Drop for Mapping {
@@ -234,22 +311,38 @@ impl SharedMemory {
         }
     }
 
+    /// Writes the memory header that describes the layout (the host does, before it offers
+    /// the memory).
+    pub(crate) fn write_header(&self) {
+        let area = self.layout.area().expect("the layout was validated");
+        self.map.write_header_page(&area.encode());
+    }
+
+    /// Reads the memory header as it is now, once, into a private copy, and validates it.
+    /// The channel itself never uses it after the handshake: a tool's view of the memory.
+    pub fn header(&self) -> Result<ParsedHeader, AreaError> {
+        self.map.read_header()
+    }
+
     /// The guest→host ring (the guest writes it, the host reads it).
     pub fn guest_to_host(&self) -> ShmRing {
-        self.ring_at(0, self.layout.guest_to_host as usize)
+        self.ring_at(
+            self.layout.guest_to_host_offset() as usize,
+            self.layout.guest_to_host as usize,
+        )
     }
 
     /// The host→guest ring (the host writes it, the guest reads it).
     pub fn host_to_guest(&self) -> ShmRing {
         self.ring_at(
-            self.layout.guest_to_host as usize,
+            self.layout.host_to_guest_offset() as usize,
             self.layout.host_to_guest as usize,
         )
     }
 
     /// The buffer area.
     pub fn buffer(&self) -> BufferArea {
-        let offset = (self.layout.guest_to_host + self.layout.host_to_guest) as usize;
+        let offset = self.layout.buffer_offset() as usize;
         let len = self.layout.buffer as usize;
         assert!(offset + len <= self.map.len);
         let words: &'static [AtomicU64] = if len == 0 {
@@ -452,7 +545,7 @@ mod tests {
     fn layout_rules() {
         assert_eq!(
             Layout::default().validate(),
-            Ok(2 * (4096 + 65536) + (1 << 20))
+            Ok(4096 + 2 * (4096 + 65536) + (1 << 20))
         );
         assert_eq!(
             Layout::new(4096, 8192, 0).validate(),
@@ -471,5 +564,45 @@ mod tests {
             Err(LayoutError::TooLarge { .. })
         ));
         assert_eq!(Layout::symmetric(4096, 8192).buffer_pages(), 2);
+        // The limit counts the header page.
+        let ring = 4096 + (1u64 << 30);
+        let fits = Layout::new(ring, ring, MAX_MEMORY_LEN - 4096 - 2 * ring);
+        assert_eq!(fits.validate(), Ok(MAX_MEMORY_LEN));
+        assert_eq!(
+            Layout::new(ring, ring, fits.buffer + 4096).validate(),
+            Err(LayoutError::TooLarge {
+                len: MAX_MEMORY_LEN + 4096,
+                max: MAX_MEMORY_LEN
+            })
+        );
+    }
+
+    #[test]
+    fn the_header_page_comes_first() {
+        let layout = Layout::new(3 * 4096, 5 * 4096, 2 * 4096);
+        assert_eq!(layout.total_len(), 4096 + 10 * 4096);
+        assert_eq!(layout.guest_to_host_offset(), 4096);
+        assert_eq!(layout.host_to_guest_offset(), 4 * 4096);
+        assert_eq!(layout.buffer_offset(), 9 * 4096);
+        let area = layout.area().unwrap();
+        assert_eq!(area.len(), layout.total_len());
+        assert_eq!(area.channels().len(), 1);
+        let ch = area.channels()[0];
+        assert_eq!(
+            (ch.guest_to_host.offset, ch.guest_to_host.len),
+            (4096, 3 * 4096)
+        );
+        assert_eq!(
+            (ch.host_to_guest.offset, ch.host_to_guest.len),
+            (4 * 4096, 5 * 4096)
+        );
+        assert_eq!(
+            (area.buffer().offset, area.buffer().len),
+            (9 * 4096, 2 * 4096)
+        );
+        assert_eq!(
+            Layout::new(4096, 8192, 0).area(),
+            Err(LayoutError::BadRing { len: 4096 })
+        );
     }
 }
