@@ -1,29 +1,38 @@
 //! `vmlink inspect`: decodes a ring image read-only.
 //!
 //! The file (or `/proc/PID/fd/N` of a live channel's memfd) is opened read-only and read
-//! into memory once; the copy becomes a [`HeapMem`] ring and a [`Reader`] walks its queued
-//! packets. The original memory is never mapped or written. A ring that breaks a rule is
-//! reported with the [`RingError`](vmlink_ring::RingError) that names the rule, after
-//! whatever could be decoded before it.
+//! into memory once; each ring in the copy becomes a [`HeapMem`] ring and a [`Reader`]
+//! walks its queued packets. The original memory is never mapped or written. A ring that
+//! breaks a rule is reported with the [`RingError`](vmlink_ring::RingError) that names the
+//! rule, after whatever could be decoded before it.
+//!
+//! A file that starts with the memory header's magic (a vmlink-shm channel's memory, see
+//! [`vmlink_ring::area`]) is decoded as its header says: every channel's two rings and the
+//! buffer area, no flags needed. A corrupt header is reported with the
+//! [`AreaError`] that names the rule it breaks. Other files are decoded with the layout the
+//! flags give (one ring by default).
 
 use std::fmt::Write as _;
 use std::path::Path;
 
 use clap::ValueEnum;
 use vmlink_channel::packet::{PacketError, parse_gpa_header};
-use vmlink_ring::protocol::{CONTROL_PAGE_SIZE, PacketType};
+use vmlink_ring::area::{self, AreaError, AreaLayout, HEADER_MAGIC, ParsedHeader, Span};
+use vmlink_ring::protocol::{CONTROL_PAGE_SIZE, PAGE_SIZE, PacketType};
 use vmlink_ring::{ControlWord, HeapMem, Reader, RingMem};
+use vmlink_shm::HEADER_PAGE_LEN;
 
 use crate::error::{Context, Result, fail};
 use crate::report::string;
 
-/// What the file holds.
+/// What the file holds, when it does not start with a memory header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ImageLayout {
     /// One ring: a 4096-byte control page, then the data area.
     Ring,
-    /// A vmlink-shm channel's memory: the guest→host ring, the host→guest ring (each a
-    /// control page plus `--ring-data` bytes), then the buffer area.
+    /// A vmlink-shm channel's memory from before the memory header: the guest→host ring,
+    /// the host→guest ring (each a control page plus `--ring-data` bytes), then the buffer
+    /// area.
     Shm,
 }
 
@@ -48,7 +57,12 @@ struct Packet {
 /// One ring as decoded.
 #[derive(Debug)]
 struct RingReport {
-    name: &'static str,
+    /// `ring`, `guest_to_host`, or with a header `channel N guest_to_host`.
+    name: String,
+    /// The channel the ring belongs to, when the layout has channels.
+    channel: Option<usize>,
+    /// Where the ring starts in the file.
+    offset: u64,
     data_len: usize,
     /// The control page's words, if the image holds a ring at all.
     control: Option<[(&'static str, u32); 5]>,
@@ -61,7 +75,44 @@ struct RingReport {
     error: Option<String>,
 }
 
-/// Inspects `path`; returns whether every ring was sound. Prints to stdout.
+/// The buffer area as found.
+#[derive(Debug)]
+struct BufferReport {
+    /// Where it starts in the file, when a header says so.
+    offset: Option<u64>,
+    len: u64,
+    /// Its 4 KiB pages that hold a byte other than zero, when a header locates it.
+    used_pages: Option<u64>,
+}
+
+/// Everything the output says.
+struct Report<'a> {
+    path: &'a Path,
+    /// `ring`, `shm` or `header`.
+    layout: &'static str,
+    /// The data bytes of each ring, when the flags gave one size for all.
+    ring_data: Option<u64>,
+    /// The layout in words.
+    description: String,
+    /// How to decode the file otherwise, when that may be what the user wants.
+    hint: Option<String>,
+    /// The memory header, when the layout came from it.
+    header: Option<ParsedHeader>,
+    /// The rule a corrupt memory header breaks.
+    header_error: Option<AreaError>,
+    rings: Vec<RingReport>,
+    buffer: Option<BufferReport>,
+}
+
+impl Report<'_> {
+    /// Whether everything decoded is sound.
+    fn sound(&self) -> bool {
+        self.header_error.is_none() && self.rings.iter().all(|r| r.error.is_none())
+    }
+}
+
+/// Inspects `path`; returns whether the header (if any) and every ring were sound. Prints
+/// to stdout.
 pub fn run(
     path: &Path,
     layout: ImageLayout,
@@ -70,8 +121,101 @@ pub fn run(
     json: bool,
 ) -> Result<bool> {
     let image = std::fs::read(path).context(&format!("read {}", path.display()))?;
-    let rings: Vec<(&'static str, &[u8])> = match layout {
-        ImageLayout::Ring => vec![("ring", &image[..])],
+    let report = if area::has_magic(&image) {
+        from_header(path, &image, max_packets)
+    } else {
+        from_flags(path, &image, layout, ring_data, max_packets)?
+    };
+    if json {
+        println!("{}", to_json(&report));
+    } else {
+        print!("{}", to_text(&report));
+    }
+    Ok(report.sound())
+}
+
+/// Decodes a file that starts with the memory header's magic: as the header says, or not
+/// at all when the header is corrupt.
+fn from_header<'a>(path: &'a Path, image: &[u8], max_packets: usize) -> Report<'a> {
+    let mut report = Report {
+        path,
+        layout: "header",
+        ring_data: None,
+        description: String::new(),
+        hint: None,
+        header: None,
+        header_error: None,
+        rings: Vec::new(),
+        buffer: None,
+    };
+    let parsed = match AreaLayout::parse(image, image.len() as u64) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            report.description = format!(
+                "read from the memory's header (the file starts with its magic \"{}\"), \
+                 which is corrupt, so nothing else was decoded",
+                String::from_utf8_lossy(&HEADER_MAGIC)
+            );
+            report.header_error = Some(e);
+            return report;
+        }
+    };
+    let area = parsed.layout;
+    let count = area.channels().len();
+    let channels = if count == 1 { "channel" } else { "channels" };
+    report.description = format!(
+        "read from the memory's header (version {}): {count} {channels}, a buffer area of \
+         {} bytes, {} bytes in all; --layout and --ring-data are only for files without a \
+         header",
+        parsed.version,
+        area.buffer().len,
+        area.len()
+    );
+    for (i, ch) in area.channels().iter().enumerate() {
+        for (name, span) in [
+            ("guest_to_host", ch.guest_to_host),
+            ("host_to_guest", ch.host_to_guest),
+        ] {
+            let mut ring = inspect_ring(
+                format!("channel {i} {name}"),
+                slice(image, span),
+                max_packets,
+            );
+            ring.channel = Some(i);
+            ring.offset = span.offset;
+            report.rings.push(ring);
+        }
+    }
+    let buffer = area.buffer();
+    let used_pages = slice(image, buffer)
+        .chunks(PAGE_SIZE)
+        .filter(|page| page.iter().any(|&b| b != 0))
+        .count() as u64;
+    report.buffer = Some(BufferReport {
+        offset: Some(buffer.offset),
+        len: buffer.len,
+        used_pages: Some(used_pages),
+    });
+    report.header = Some(parsed);
+    report
+}
+
+/// The bytes of a region the header validated against the image's length.
+fn slice(image: &[u8], span: Span) -> &[u8] {
+    // Validated: offset + len <= image.len().
+    &image[span.offset as usize..(span.offset + span.len) as usize]
+}
+
+/// Decodes a file without a memory header with the layout the flags give.
+fn from_flags<'a>(
+    path: &'a Path,
+    image: &[u8],
+    layout: ImageLayout,
+    ring_data: u64,
+    max_packets: usize,
+) -> Result<Report<'a>> {
+    let rings: Vec<(&'static str, Option<usize>, usize, &[u8])> = match layout {
+        ImageLayout::Ring => vec![("ring", None, 0, image)],
         ImageLayout::Shm => {
             let ring = CONTROL_PAGE_SIZE as u64 + ring_data;
             if ring
@@ -85,26 +229,40 @@ pub fn run(
             }
             let ring = ring as usize;
             vec![
-                ("guest_to_host", &image[..ring]),
-                ("host_to_guest", &image[ring..2 * ring]),
+                ("guest_to_host", Some(0), 0, &image[..ring]),
+                ("host_to_guest", Some(0), ring, &image[ring..2 * ring]),
             ]
         }
     };
-    let reports: Vec<RingReport> = rings
+    let rings: Vec<RingReport> = rings
         .into_iter()
-        .map(|(name, bytes)| inspect_ring(name, bytes, max_packets))
+        .map(|(name, channel, offset, bytes)| {
+            let mut ring = inspect_ring(name.to_owned(), bytes, max_packets);
+            ring.channel = channel;
+            ring.offset = offset as u64;
+            ring
+        })
         .collect();
     let buffer = match layout {
         ImageLayout::Ring => None,
-        ImageLayout::Shm => Some(image.len() - 2 * (CONTROL_PAGE_SIZE + ring_data as usize)),
+        ImageLayout::Shm => Some(BufferReport {
+            offset: None,
+            len: (image.len() - 2 * (CONTROL_PAGE_SIZE + ring_data as usize)) as u64,
+            used_pages: None,
+        }),
     };
     let assumed = Assumed::new(layout, ring_data, image.len() as u64);
-    if json {
-        println!("{}", to_json(path, &assumed, &reports, buffer));
-    } else {
-        print!("{}", to_text(path, &assumed, &reports, buffer));
-    }
-    Ok(reports.iter().all(|r| r.error.is_none()))
+    Ok(Report {
+        path,
+        layout: assumed.name,
+        ring_data: Some(assumed.ring_data),
+        description: assumed.description,
+        hint: assumed.hint,
+        header: None,
+        header_error: None,
+        rings,
+        buffer,
+    })
 }
 
 /// The layout the file was decoded with, said in words, and how to choose another.
@@ -121,21 +279,24 @@ struct Assumed {
 
 impl Assumed {
     fn new(layout: ImageLayout, ring_data: u64, file_len: u64) -> Self {
-        let serve = crate::pipe::channel_layout();
+        // Channels of this vmlink start with a memory header and never get here; an image
+        // of the same channel from before the header is one page shorter.
+        let old_serve_len = crate::pipe::channel_layout().total_len() - HEADER_PAGE_LEN;
         let serve_ring_data = crate::pipe::RING_BYTES;
         match layout {
             ImageLayout::Ring => {
                 let data = file_len.saturating_sub(CONTROL_PAGE_SIZE as u64);
-                let hint = if file_len == serve.total_len() {
+                let hint = if file_len == old_serve_len {
                     format!(
-                        "this file has the size of a vmlink serve/connect channel's memory, \
-                         which holds two rings: decode it with --layout shm --ring-data \
-                         {serve_ring_data}"
+                        "this file has no memory header and the size of an older vmlink \
+                         serve/connect channel's memory, which holds two rings: decode it \
+                         with --layout shm --ring-data {serve_ring_data}"
                     )
                 } else {
-                    "if this is a vmlink-shm channel's memory, which holds two rings and a \
-                     buffer area, decode it with --layout shm --ring-data BYTES, BYTES being \
-                     the data bytes of each ring"
+                    "this file has no memory header; if it is the memory of a vmlink-shm \
+                     channel from before the header, which holds two rings and a buffer \
+                     area, decode it with --layout shm --ring-data BYTES, BYTES being the data \
+                     bytes of each ring"
                         .to_owned()
                 };
                 Self {
@@ -152,9 +313,10 @@ impl Assumed {
                 name: "shm",
                 ring_data,
                 description: format!(
-                    "a vmlink-shm channel's memory (--layout shm --ring-data {ring_data}): the \
-                     guest_to_host ring, the host_to_guest ring (each a {CONTROL_PAGE_SIZE}-byte \
-                     control page and {ring_data} data bytes), then the buffer area"
+                    "a vmlink-shm channel's memory without a memory header (--layout shm \
+                     --ring-data {ring_data}): the guest_to_host ring, the host_to_guest ring \
+                     (each a {CONTROL_PAGE_SIZE}-byte control page and {ring_data} data \
+                     bytes), then the buffer area"
                 ),
                 hint: None,
             },
@@ -163,9 +325,11 @@ impl Assumed {
 }
 
 /// Decodes one ring image.
-fn inspect_ring(name: &'static str, bytes: &[u8], max_packets: usize) -> RingReport {
+fn inspect_ring(name: String, bytes: &[u8], max_packets: usize) -> RingReport {
     let mut report = RingReport {
         name,
+        channel: None,
+        offset: 0,
         data_len: bytes.len().saturating_sub(CONTROL_PAGE_SIZE),
         control: None,
         queued: None,
@@ -302,21 +466,45 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The header's regions in words, one line each.
+fn header_lines(area: &AreaLayout) -> Vec<String> {
+    let mut lines: Vec<String> = area
+        .channels()
+        .iter()
+        .enumerate()
+        .map(|(i, ch)| {
+            format!(
+                "channel {i}: guest_to_host at {:#x} ({} bytes), host_to_guest at {:#x} ({} bytes)",
+                ch.guest_to_host.offset,
+                ch.guest_to_host.len,
+                ch.host_to_guest.offset,
+                ch.host_to_guest.len
+            )
+        })
+        .collect();
+    let b = area.buffer();
+    lines.push(format!("buffer area at {:#x} ({} bytes)", b.offset, b.len));
+    lines
+}
+
 /// The report as text.
-fn to_text(
-    path: &Path,
-    assumed: &Assumed,
-    reports: &[RingReport],
-    buffer: Option<usize>,
-) -> String {
+fn to_text(report: &Report<'_>) -> String {
     let mut out = String::new();
     // Writing to a `String` cannot fail.
-    let _ = writeln!(out, "{}", path.display());
-    let _ = writeln!(out, "layout: {}", assumed.description);
-    if let Some(hint) = &assumed.hint {
+    let _ = writeln!(out, "{}", report.path.display());
+    let _ = writeln!(out, "layout: {}", report.description);
+    if let Some(hint) = &report.hint {
         let _ = writeln!(out, "  {hint}");
     }
-    for r in reports {
+    if let Some(h) = &report.header {
+        for line in header_lines(&h.layout) {
+            let _ = writeln!(out, "  {line}");
+        }
+    }
+    if let Some(e) = &report.header_error {
+        let _ = writeln!(out, "  CORRUPT header: {e}");
+    }
+    for r in &report.rings {
         let _ = writeln!(out, "\n{}: {} data bytes", r.name, r.data_len);
         for (name, value) in r.control.into_iter().flatten() {
             let _ = writeln!(out, "  {name:<18} {value:#x}");
@@ -368,22 +556,63 @@ fn to_text(
             }
         }
     }
-    if let Some(b) = buffer {
-        let pages = b / 4096;
+    if let Some(b) = &report.buffer {
+        let pages = b.len / PAGE_SIZE as u64;
         let unit = if pages == 1 { "page" } else { "pages" };
-        let _ = writeln!(out, "\nbuffer area: {b} bytes ({pages} {unit})");
+        let _ = write!(out, "\nbuffer area: {} bytes ({pages} {unit})", b.len);
+        if let Some(offset) = b.offset {
+            let _ = write!(out, " at offset {offset:#x}");
+        }
+        if let Some(used) = b.used_pages.filter(|_| b.len > 0) {
+            let unit = if used == 1 {
+                "page holds"
+            } else {
+                "pages hold"
+            };
+            let _ = write!(out, "; {used} {unit} data other than zeros");
+        }
+        let _ = writeln!(out);
     }
     out
 }
 
+/// An optional number as JSON.
+fn number(n: Option<u64>) -> String {
+    n.map_or_else(|| "null".to_owned(), |n| n.to_string())
+}
+
+/// A region as a JSON object.
+fn span_json(s: Span) -> String {
+    format!("{{\"offset\":{},\"len\":{}}}", s.offset, s.len)
+}
+
+/// The memory header as a JSON object.
+fn header_json(h: &ParsedHeader) -> String {
+    let channels: Vec<String> = h
+        .layout
+        .channels()
+        .iter()
+        .map(|ch| {
+            format!(
+                "{{\"guest_to_host\":{},\"host_to_guest\":{}}}",
+                span_json(ch.guest_to_host),
+                span_json(ch.host_to_guest)
+            )
+        })
+        .collect();
+    format!(
+        "{{\"version\":\"{}\",\"area_len\":{},\"channels\":[{}],\"buffer\":{}}}",
+        h.version,
+        h.layout.len(),
+        channels.join(","),
+        span_json(h.layout.buffer())
+    )
+}
+
 /// The report as one JSON object.
-fn to_json(
-    path: &Path,
-    assumed: &Assumed,
-    reports: &[RingReport],
-    buffer: Option<usize>,
-) -> String {
-    let rings: Vec<String> = reports
+fn to_json(report: &Report<'_>) -> String {
+    let rings: Vec<String> = report
+        .rings
         .iter()
         .map(|r| {
             let control = r.control.map_or_else(
@@ -429,13 +658,16 @@ fn to_json(
                 .collect();
             format!(
                 concat!(
-                    "{{\"name\":\"{}\",\"data_len\":{},\"control\":{},\"queued\":{},",
-                    "\"packets\":[{}],\"more_packets\":{},\"ok\":{},\"error\":{}}}"
+                    "{{\"name\":{},\"channel\":{},\"offset\":{},\"data_len\":{},",
+                    "\"control\":{},\"queued\":{},\"packets\":[{}],\"more_packets\":{},",
+                    "\"ok\":{},\"error\":{}}}"
                 ),
-                r.name,
+                string(&r.name),
+                number(r.channel.map(|c| c as u64)),
+                r.offset,
                 r.data_len,
                 control,
-                r.queued.map_or_else(|| "null".to_owned(), |q| q.to_string()),
+                number(r.queued.map(|q| q as u64)),
                 packets.join(","),
                 r.more,
                 r.error.is_none(),
@@ -443,20 +675,33 @@ fn to_json(
             )
         })
         .collect();
+    let buffer = report.buffer.as_ref();
     format!(
         concat!(
-            "{{\"path\":{},\"layout\":\"{}\",\"ring_data\":{},\"layout_description\":{},",
-            "\"layout_hint\":{},\"rings\":[{}],\"buffer_bytes\":{}}}"
+            "{{\"path\":{},\"layout\":\"{}\",\"layout_from_header\":{},\"ring_data\":{},",
+            "\"layout_description\":{},\"layout_hint\":{},\"header\":{},\"header_error\":{},",
+            "\"rings\":[{}],\"buffer_bytes\":{},\"buffer_offset\":{},",
+            "\"buffer_used_pages\":{}}}"
         ),
-        string(&path.display().to_string()),
-        assumed.name,
-        assumed.ring_data,
-        string(&assumed.description),
-        assumed
+        string(&report.path.display().to_string()),
+        report.layout,
+        report.layout == "header",
+        number(report.ring_data),
+        string(&report.description),
+        report
             .hint
             .as_deref()
             .map_or_else(|| "null".to_owned(), string),
+        report
+            .header
+            .as_ref()
+            .map_or_else(|| "null".to_owned(), header_json),
+        report
+            .header_error
+            .map_or_else(|| "null".to_owned(), |e| string(&e.to_string())),
         rings.join(","),
-        buffer.map_or_else(|| "null".to_owned(), |b| b.to_string())
+        number(buffer.map(|b| b.len)),
+        number(buffer.and_then(|b| b.offset)),
+        number(buffer.and_then(|b| b.used_pages)),
     )
 }
