@@ -6,12 +6,12 @@
 //! from a script, interleaved with the handshake: it writes raw bytes or framed messages
 //! (right magic, any version / kind / body / declared length, cut short, or split in two
 //! writes with a pause between), hellos, readies, offers built from a layout with a memfd of
-//! the right or wrong size and seals, each write with zero to five fds attached via
-//! `SCM_RIGHTS` (memfds, eventfds, /dev/null, socket ends); it reads what our side sent
-//! (waiting for it, closing any fds that come along), so it can answer after our hello or
-//! offer or write after our ready; it pauses, and shuts down its write half. After the
-//! script its end is closed or left open (the handshake timeout is 20 ms, so a silent peer
-//! costs one timeout).
+//! the right or wrong size and seals (carrying the layout's memory header), each write with
+//! zero to five fds attached via `SCM_RIGHTS` (memfds, eventfds, /dev/null, socket ends); it
+//! reads what our side sent (waiting for it, closing any fds that come along), so it can
+//! answer after our hello or offer or write after our ready; it pauses, and shuts down its
+//! write half. After the script its end is closed or left open (the handshake timeout is
+//! 20 ms, so a silent peer costs one timeout).
 //!
 //! The socket pair always carries our own credentials; the input varies the `Policy`
 //! instead (same uid, nobody, lists of uids and gids that contain ours or not), so the same
@@ -288,7 +288,17 @@ fn encode(chunk: &Chunk, fds: &mut Vec<OwnedFd>) -> Vec<u8> {
             body.extend_from_slice(name);
             if let Some((delta, sealed)) = mfd {
                 let len = (layout.total_len() as i64 + *delta as i64 * 4096).clamp(0, 1 << 20);
-                fds.extend(memfd(len as usize, *sealed));
+                let fd = memfd(len as usize, *sealed);
+                // The memory header a host writes, where the page fits: without it the guest
+                // uses nothing, so its success path would never be reached.
+                if let (Some(fd), Ok(area)) = (&fd, layout.area())
+                    && len >= 4096
+                {
+                    let page = area.encode();
+                    // SAFETY: `fd` is an open memfd; `page` is a live buffer of its length.
+                    unsafe { libc::pwrite(fd.as_raw_fd(), page.as_ptr().cast(), page.len(), 0) };
+                }
+                fds.extend(fd);
             }
             for _ in 0..(*bells % 4) {
                 fds.extend(make_fd(FdKind::EventFd));
