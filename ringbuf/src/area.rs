@@ -37,7 +37,7 @@
 //! | 0x18 | 8 | host→guest ring length, control page included |
 //!
 //! Every ring starts on a page boundary and is a 4096-byte control page plus 1 to 524,288
-//! data pages (at most [`MAX_DATA_LEN`](crate::MAX_DATA_LEN) data bytes). No two regions
+//! data pages (at most [`MAX_DATA_LEN`] data bytes). No two regions
 //! (the header page, every ring, a non-empty buffer area) overlap, and each lies inside the
 //! area. Regions need not be in order or cover the whole area.
 //!
