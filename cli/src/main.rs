@@ -69,11 +69,13 @@ enum Command {
     /// with status 0 when every ring is sound, 1 when one is corrupt (after printing what
     /// could be decoded and the broken rule), 2 when the file cannot be read.
     ///
-    /// The file is taken as one ring unless told otherwise, and the output says which
-    /// layout it assumed. A vmlink-shm channel's memory (such as the memfd of `vmlink
-    /// serve` or `vmlink connect`) holds two rings and a buffer area: decode it with
-    /// `--layout shm --ring-data BYTES`, the data bytes of each ring (1048576 for `vmlink
-    /// serve` and `vmlink connect`).
+    /// Memory that starts with a vmlink memory header (every vmlink-shm channel's memfd,
+    /// such as that of `vmlink serve` or `vmlink connect`) describes itself: every channel's
+    /// two rings and the buffer area are decoded from it, with no flags (`--layout` and
+    /// `--ring-data` are then ignored). Any other file is taken as one ring unless told
+    /// otherwise, and the output says which layout it assumed; an image of a vmlink-shm
+    /// channel from before the header is decoded with `--layout shm --ring-data BYTES`, the
+    /// data bytes of each ring.
     Inspect(InspectArgs),
     /// The guest side of `vmlink demo` (spawned by it; not for direct use).
     #[command(hide = true)]
