@@ -469,6 +469,26 @@ SEEDS["shm_handshake"] = {
                                           sh_pause(2000), sh_shutdown(), sh_read(20)]),
 }
 
+def ah_built(rings, buffer_pages, edits=(), truncate=None, other_len=None, area_len=0):
+    return u64(area_len) + variant(1, 2,
+        vec([u8(g) + u8(h) for g, h in rings]), u16(buffer_pages),
+        vec([u16(a) + u8(v) for a, v in edits]),
+        option(None if truncate is None else u16(truncate)),
+        option(None if other_len is None else u64(other_len)))
+
+
+SEEDS["area_header"] = {
+    # A sound header: two channels of 17-page rings and a 256-page buffer area.
+    "seed-sound": ah_built([(17, 17), (2, 5)], 256),
+    # The same with its channel count raised past the table's end, and truncated.
+    "seed-edited": ah_built([(17, 17)], 16, edits=[(24, 70), (0x2A, 1)]),
+    "seed-truncated": ah_built([(3, 3)], 0, truncate=100),
+    # Another area length than the header's.
+    "seed-length": ah_built([(3, 3)], 4, other_len=1 << 20),
+    # Raw bytes: the magic and nothing else.
+    "seed-raw": u64(8192) + variant(0, 2, bytes_vec(b"VMLINKMA")),
+}
+
 for target, seeds in SEEDS.items():
     d = os.path.join(HERE, "corpus", target)
     os.makedirs(d, exist_ok=True)
