@@ -84,6 +84,7 @@ extern crate std;
 
 pub mod area;
 mod error;
+pub mod header;
 mod mem;
 pub mod protocol;
 mod reader;
