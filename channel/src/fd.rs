@@ -1,4 +1,9 @@
-//! Eventfd doorbells (Linux), and their tokio adapter.
+//! Eventfds, the poll loop, eventfd doorbells (Linux), and their tokio adapter.
+//!
+//! This module is vmlink's edge with the kernel for signalling, and every transport uses
+//! it: [`EventFd`] is the one eventfd type (vmlink-shm's doorbells, vmlink-kvm's ioeventfd
+//! and irqfd), and [`poll_until`] the one poll loop (deadline, `EINTR` retried, an
+//! [`Errno`] on failure). Both sit on `nix`, so no raw system call is written here.
 //!
 //! An [`EventFdDoorbell`] end owns two eventfds: the one it waits on (its bell) and the
 //! peer's, which it signals. The eventfd counter makes a ring sticky: a ring before the
@@ -17,21 +22,163 @@
 //! reactor of the tokio runtime it runs in, so a channel built on it can be used from
 //! blocking threads and async tasks alike. `TokioDoorbell` does the registration up front.
 
-// The only module of the crate that talks to the kernel: `eventfd`, `read`, `write` and
-// `poll` through `libc`. Each unsafe block makes exactly one such call (or wraps a fresh
-// fd), with its SAFETY argument above it; everything else in the crate stays safe.
-#![allow(unsafe_code)]
-
 use core::sync::atomic::{AtomicBool, Ordering};
 use core::time::Duration;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::time::Instant;
+
+use nix::poll::PollTimeout;
+use nix::sys::eventfd::EfdFlags;
 
 use crate::doorbell::{Doorbell, DoorbellError, Wake};
 
+/// The `nix` types [`poll_until`] takes and returns, so other crates need no `nix` of
+/// their own to call it.
+pub use nix::errno::Errno;
+pub use nix::poll::{PollFd, PollFlags};
+
+/// `POLLRDHUP`: the peer of a stream socket shut down its writing half or closed it.
+/// nix 0.32 has no name for it, so [`PollFd::revents`] reports `None` when it is set;
+/// [`revents`] reads that back as this flag.
+pub const POLLRDHUP: PollFlags = PollFlags::from_bits_retain(nix::libc::POLLRDHUP);
+
 /// Poll events that mean the peer hung up.
-const HANGUP_EVENTS: libc::c_short = libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR;
+const HANGUP_EVENTS: PollFlags = PollFlags::POLLHUP
+    .union(PollFlags::POLLERR)
+    .union(POLLRDHUP);
+
+impl From<Errno> for DoorbellError {
+    fn from(e: Errno) -> Self {
+        DoorbellError::Os(e as i32)
+    }
+}
+
+/// `poll(2)` until something is ready or `deadline` passes (`None`: no deadline), retrying
+/// on `EINTR` with the time left. Returns how many entries have events (0: the deadline
+/// passed); read each entry's events with [`revents`]. A deadline is never cut short: the
+/// milliseconds left are rounded up.
+pub fn poll_until(fds: &mut [PollFd<'_>], deadline: Option<Instant>) -> Result<usize, Errno> {
+    loop {
+        let timeout = match deadline {
+            None => PollTimeout::NONE,
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                let ms = left.as_nanos().div_ceil(1_000_000);
+                PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
+            }
+        };
+        match nix::poll::poll(fds, timeout) {
+            Ok(n) => return Ok(usize::try_from(n).unwrap_or(0)),
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The events [`poll_until`] found on `fd`. nix 0.32 cannot name `POLLRDHUP`; `poll(2)`
+/// reports only the events asked for plus `POLLHUP`, `POLLERR` and `POLLNVAL` (all named),
+/// so events it cannot name are `POLLRDHUP`, returned as [`POLLRDHUP`].
+pub fn revents(fd: &PollFd<'_>) -> PollFlags {
+    fd.revents().unwrap_or(POLLRDHUP)
+}
+
+/// An eventfd: a kernel counter that [`signal`](Self::signal) adds 1 to and
+/// [`drain`](Self::drain) reads back to zero, and that polls readable while non-zero.
+///
+/// [`new`](Self::new) makes one (counter 0, close-on-exec, non-blocking);
+/// [`from_fd`](Self::from_fd) takes one from elsewhere (a peer, a VMM), as it is. An fd
+/// that is not an eventfd makes the calls fail or report odd lengths as errors, never
+/// worse.
+#[derive(Debug)]
+pub struct EventFd(OwnedFd);
+
+impl EventFd {
+    /// A new eventfd, counter 0, close-on-exec and non-blocking.
+    pub fn new() -> io::Result<Self> {
+        let fd =
+            nix::sys::eventfd::EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?;
+        Ok(Self(fd.into()))
+    }
+
+    /// Takes `fd` as an eventfd. It should be non-blocking: a blocking one makes a
+    /// [`drain`](Self::drain) that finds the counter zero block.
+    pub fn from_fd(fd: OwnedFd) -> Self {
+        Self(fd)
+    }
+
+    /// Another fd for the same eventfd.
+    pub fn try_clone(&self) -> io::Result<Self> {
+        self.0.try_clone().map(Self)
+    }
+
+    /// Adds 1 to the counter. A saturated counter (`EAGAIN`) is rung already, so that is
+    /// success too.
+    pub fn signal(&self) -> Result<(), DoorbellError> {
+        loop {
+            match nix::unistd::write(&self.0, &1u64.to_ne_bytes()) {
+                Ok(_) | Err(Errno::EAGAIN) => return Ok(()),
+                Err(Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Reads the counter, resetting it. True when it was non-zero (the bell rang); false
+    /// when it was zero (`EAGAIN`: nothing rang, or another reader took it). The value is
+    /// not used: 8 bytes read means "rang", any other length is an error.
+    pub fn drain(&self) -> Result<bool, DoorbellError> {
+        let mut value = [0u8; 8];
+        loop {
+            match nix::unistd::read(&self.0, &mut value) {
+                Ok(8) => return Ok(true),
+                // An eventfd reads 8 bytes or fails; anything else is not an eventfd.
+                Ok(_) => return Err(Errno::EINVAL.into()),
+                Err(Errno::EAGAIN) => return Ok(false),
+                Err(Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Waits until the counter is non-zero or `deadline` passes (`None`: no deadline),
+    /// without reading it. True when it is readable.
+    pub fn wait_readable(&self, deadline: Option<Instant>) -> Result<bool, DoorbellError> {
+        let mut fds = [PollFd::new(self.0.as_fd(), PollFlags::POLLIN)];
+        if poll_until(&mut fds, deadline)? == 0 {
+            return Ok(false);
+        }
+        let events = revents(&fds[0]);
+        if events.contains(PollFlags::POLLNVAL) {
+            return Err(Errno::EBADF.into());
+        }
+        Ok(true)
+    }
+}
+
+impl AsFd for EventFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
+impl AsRawFd for EventFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+impl From<OwnedFd> for EventFd {
+    fn from(fd: OwnedFd) -> Self {
+        Self(fd)
+    }
+}
+
+impl From<EventFd> for OwnedFd {
+    fn from(fd: EventFd) -> Self {
+        fd.0
+    }
+}
 
 /// One end of a doorbell made of eventfds.
 ///
@@ -41,8 +188,8 @@ const HANGUP_EVENTS: libc::c_short = libc::POLLHUP | libc::POLLRDHUP | libc::POL
 /// never return [`DoorbellError::PeerClosed`].
 #[derive(Debug)]
 pub struct EventFdDoorbell {
-    wait: OwnedFd,
-    signal: OwnedFd,
+    wait: EventFd,
+    signal: EventFd,
     hangup: Option<OwnedFd>,
     /// The hang-up fd was seen hung up (it never recovers).
     closed: AtomicBool,
@@ -53,112 +200,7 @@ pub struct EventFdDoorbell {
 
 #[cfg(feature = "tokio")]
 fn io_error(e: &io::Error) -> DoorbellError {
-    DoorbellError::Os(e.raw_os_error().unwrap_or(libc::EIO))
-}
-
-fn errno() -> i32 {
-    io::Error::last_os_error()
-        .raw_os_error()
-        .unwrap_or(libc::EIO)
-}
-
-/// A new eventfd, counter 0, close-on-exec and non-blocking.
-fn eventfd() -> io::Result<OwnedFd> {
-    // SAFETY: `eventfd` takes no pointers; it returns a new fd or -1.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just returned by `eventfd`, is open, and nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Reads an eventfd's counter, resetting it. True when it was non-zero (the bell rang);
-/// false when it was zero (`EAGAIN`: nothing rang, or another reader took it).
-fn read_counter(fd: BorrowedFd<'_>) -> Result<bool, DoorbellError> {
-    let mut value = 0u64;
-    loop {
-        // SAFETY: `fd` is a borrowed open fd; the buffer is a live, writable u64 and the
-        // length passed is exactly its size.
-        let n = unsafe {
-            libc::read(
-                fd.as_raw_fd(),
-                (&raw mut value).cast::<libc::c_void>(),
-                size_of::<u64>(),
-            )
-        };
-        if n == size_of::<u64>() as isize {
-            return Ok(true);
-        }
-        if n >= 0 {
-            // An eventfd reads 8 bytes or fails; anything else is not an eventfd.
-            return Err(DoorbellError::Os(libc::EINVAL));
-        }
-        match errno() {
-            libc::EINTR => {}
-            libc::EAGAIN => return Ok(false),
-            e => return Err(DoorbellError::Os(e)),
-        }
-    }
-}
-
-/// Adds 1 to an eventfd's counter.
-fn add_one(fd: BorrowedFd<'_>) -> Result<(), DoorbellError> {
-    let one = 1u64;
-    loop {
-        // SAFETY: `fd` is a borrowed open fd; the buffer is a live u64 and the length passed
-        // is exactly its size.
-        let n = unsafe {
-            libc::write(
-                fd.as_raw_fd(),
-                (&raw const one).cast::<libc::c_void>(),
-                size_of::<u64>(),
-            )
-        };
-        if n >= 0 {
-            return Ok(());
-        }
-        match errno() {
-            libc::EINTR => {}
-            // The counter is saturated: the bell is rung already.
-            libc::EAGAIN => return Ok(()),
-            e => return Err(DoorbellError::Os(e)),
-        }
-    }
-}
-
-/// `poll(2)` until something is ready or `deadline` passes (`None`: no deadline), retrying
-/// on `EINTR`. Returns how many entries have events (0: timed out).
-fn poll_until(fds: &mut [libc::pollfd], deadline: Option<Instant>) -> Result<usize, DoorbellError> {
-    loop {
-        let timeout_ms: libc::c_int = match deadline {
-            None => -1,
-            Some(d) => {
-                let left = d.saturating_duration_since(Instant::now());
-                // Round up, so a wait never ends before its timeout.
-                let ms = left.as_nanos().div_ceil(1_000_000);
-                ms.min(libc::c_int::MAX as u128) as libc::c_int
-            }
-        };
-        // SAFETY: `fds` is a live, writable slice of `pollfd`s and the count passed is its
-        // length (at most 2 here, so the cast cannot truncate).
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        match errno() {
-            libc::EINTR => {}
-            e => return Err(DoorbellError::Os(e)),
-        }
-    }
-}
-
-fn pollfd(fd: BorrowedFd<'_>, events: libc::c_short) -> libc::pollfd {
-    libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events,
-        revents: 0,
-    }
+    DoorbellError::Os(e.raw_os_error().unwrap_or(Errno::EIO as i32))
 }
 
 impl EventFdDoorbell {
@@ -166,20 +208,21 @@ impl EventFdDoorbell {
     /// They have no hang-up fd; add one to each with [`with_hangup`](Self::with_hangup)
     /// (e.g. the two ends of a `UnixStream::pair()`).
     pub fn pair() -> io::Result<(Self, Self)> {
-        let a_bell = eventfd()?;
-        let b_bell = eventfd()?;
+        let a_bell = EventFd::new()?;
+        let b_bell = EventFd::new()?;
         let a = Self::from_fds(a_bell.try_clone()?, b_bell.try_clone()?);
         let b = Self::from_fds(b_bell, a_bell);
         Ok((a, b))
     }
 
     /// An end that waits on the eventfd `wait` and signals the eventfd `signal` (fds
-    /// received from the peer, a VMM, a parent process). They should be non-blocking; a
-    /// blocking `wait` fd could block a wait that another waiter raced to the ring.
-    pub fn from_fds(wait: OwnedFd, signal: OwnedFd) -> Self {
+    /// received from the peer, a VMM, a parent process: an [`OwnedFd`] or an [`EventFd`]).
+    /// They should be non-blocking; a blocking `wait` fd could block a wait that another
+    /// waiter raced to the ring.
+    pub fn from_fds(wait: impl Into<EventFd>, signal: impl Into<EventFd>) -> Self {
         Self {
-            wait,
-            signal,
+            wait: wait.into(),
+            signal: signal.into(),
             hangup: None,
             closed: AtomicBool::new(false),
             #[cfg(feature = "tokio")]
@@ -219,9 +262,9 @@ impl EventFdDoorbell {
         let Some(h) = &self.hangup else {
             return false;
         };
-        let mut fds = [pollfd(h.as_fd(), libc::POLLRDHUP)];
+        let mut fds = [PollFd::new(h.as_fd(), POLLRDHUP)];
         let hung_up = matches!(poll_until(&mut fds, Some(Instant::now())), Ok(1))
-            && fds[0].revents & HANGUP_EVENTS != 0;
+            && revents(&fds[0]).intersects(HANGUP_EVENTS);
         if hung_up {
             self.closed.store(true, Ordering::Release);
         }
@@ -231,7 +274,7 @@ impl EventFdDoorbell {
     /// The peer is gone; a ring that raced the hang-up is reported first.
     fn hung_up(&self) -> Result<Wake, DoorbellError> {
         self.closed.store(true, Ordering::Release);
-        if read_counter(self.wait.as_fd())? {
+        if self.wait.drain()? {
             return Ok(Wake::Signalled);
         }
         Err(DoorbellError::PeerClosed)
@@ -247,46 +290,44 @@ impl Doorbell for EventFdDoorbell {
     /// [`wait`]: Doorbell::wait
     /// [`peer_closed`]: Doorbell::peer_closed
     fn signal(&self) -> Result<(), DoorbellError> {
-        add_one(self.signal.as_fd())
+        self.signal.signal()
     }
 
     fn wait(&self, timeout: Option<Duration>) -> Result<Wake, DoorbellError> {
         // A timeout too large to add to now is no timeout.
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         let mut fds = [
-            pollfd(self.wait.as_fd(), libc::POLLIN),
-            pollfd(self.wait.as_fd(), 0),
+            PollFd::new(self.wait.as_fd(), PollFlags::POLLIN),
+            PollFd::new(self.wait.as_fd(), PollFlags::empty()),
         ];
         let count = match &self.hangup {
             Some(h) => {
-                fds[1] = pollfd(h.as_fd(), libc::POLLRDHUP);
+                fds[1] = PollFd::new(h.as_fd(), POLLRDHUP);
                 2
             }
             None => 1,
         };
         loop {
-            for f in &mut fds {
-                f.revents = 0;
-            }
+            // `poll` rewrites every entry's events, so nothing is left from the last turn.
             if poll_until(&mut fds[..count], deadline)? == 0 {
                 return Ok(Wake::TimedOut);
             }
-            let bell = fds[0].revents;
-            if bell & libc::POLLNVAL != 0 {
-                return Err(DoorbellError::Os(libc::EBADF));
+            let bell = revents(&fds[0]);
+            if bell.contains(PollFlags::POLLNVAL) {
+                return Err(Errno::EBADF.into());
             }
-            if bell & (libc::POLLIN | libc::POLLERR) != 0 {
+            if bell.intersects(PollFlags::POLLIN | PollFlags::POLLERR) {
                 // Consume the ring. Finding the counter zero means another reader took it
                 // first: a spurious wake-up, which callers tolerate.
-                read_counter(self.wait.as_fd())?;
+                self.wait.drain()?;
                 return Ok(Wake::Signalled);
             }
             if count == 2 {
-                let hangup = fds[1].revents;
-                if hangup & libc::POLLNVAL != 0 {
-                    return Err(DoorbellError::Os(libc::EBADF));
+                let hangup = revents(&fds[1]);
+                if hangup.contains(PollFlags::POLLNVAL) {
+                    return Err(Errno::EBADF.into());
                 }
-                if hangup & HANGUP_EVENTS != 0 {
+                if hangup.intersects(HANGUP_EVENTS) {
                     // The bell was looked at before the hang-up fd, so a peer that rang
                     // and then left may have rung after that look: `hung_up` reads again.
                     return self.hung_up();
@@ -297,7 +338,7 @@ impl Doorbell for EventFdDoorbell {
 
     /// Adds 1 to our own eventfd, waking a thread of this side blocked in `wait`.
     fn wake_local(&self) -> Result<(), DoorbellError> {
-        add_one(self.wait.as_fd())
+        self.wait.signal()
     }
 
     fn peer_closed(&self) -> bool {
@@ -313,25 +354,29 @@ mod tokio_bell {
     use core::task::{Context, Poll};
     use core::time::Duration;
     use std::io;
-    use std::os::fd::{AsFd, OwnedFd};
+    use std::os::fd::{AsRawFd, OwnedFd};
 
     use tokio::io::Interest;
     use tokio::io::unix::AsyncFd;
 
-    use super::{EventFdDoorbell, io_error, read_counter};
+    use super::{Errno, EventFd, EventFdDoorbell, io_error};
     use crate::doorbell::{AsyncDoorbell, Doorbell, DoorbellError, Wake};
 
     /// An end's fds on tokio's reactor: duplicates of the bell and hang-up fds, so each
     /// registration owns the fd it registered.
     #[derive(Debug)]
     pub(super) struct Registrations {
-        bell: AsyncFd<OwnedFd>,
+        bell: AsyncFd<EventFd>,
         hangup: Option<AsyncFd<OwnedFd>>,
     }
 
-    fn register(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
-        // SAFETY: the `AsyncFd` owns `fd`: it stays open, and `as_raw_fd` keeps returning the
-        // same descriptor, until the `AsyncFd` is dropped or `into_inner` gives it back.
+    // The one unsafe call of the module: tokio's registration, whose contract is about
+    // the fd staying open, which owning it guarantees.
+    #[allow(unsafe_code)]
+    fn register<T: AsRawFd>(fd: T) -> io::Result<AsyncFd<T>> {
+        // SAFETY: the `AsyncFd` owns `fd` (an `EventFd` or `OwnedFd`): it stays open, and
+        // `as_raw_fd` keeps returning the same descriptor, until the `AsyncFd` is dropped or
+        // `into_inner` gives it back.
         unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
             .map_err(|e| e.into_parts().1)
     }
@@ -354,7 +399,7 @@ mod tokio_bell {
         ) -> Poll<Result<(), DoorbellError>> {
             loop {
                 match self.bell.poll_read_ready(cx) {
-                    Poll::Ready(Ok(mut guard)) => match read_counter(self.bell.get_ref().as_fd()) {
+                    Poll::Ready(Ok(mut guard)) => match self.bell.get_ref().drain() {
                         Ok(true) => return Poll::Ready(Ok(())),
                         // Readiness was stale (a blocking wait or another reader took the
                         // ring): clear it and poll again, which registers the waker.
@@ -398,7 +443,7 @@ mod tokio_bell {
                 return r.poll_wait(self, cx);
             }
             if tokio::runtime::Handle::try_current().is_err() {
-                return Poll::Ready(Err(DoorbellError::Os(libc::ENOTSUP)));
+                return Poll::Ready(Err(Errno::ENOTSUP.into()));
             }
             match Registrations::new(self) {
                 Ok(r) => {
