@@ -106,7 +106,7 @@ impl Guest {
         // of it; nothing else in this crate uses it.
         let owned = unsafe { OwnedFd::from_raw_fd(fd) };
         match sys::socket_type(owned.as_fd()) {
-            Ok(libc::SOCK_STREAM) => {}
+            Ok(sys::SockType::Stream) => {}
             _ => {
                 // Not ours after all: give it back unclosed.
                 std::mem::forget(owned);
@@ -139,9 +139,7 @@ fn reject(stream: &UnixStream, error: ShmError, deadline: Deadline) -> ShmError 
 fn guest_handshake(guest: &Guest, stream: UnixStream) -> Result<Endpoint, ShmError> {
     let name = protocol::check_service_name(guest.service.as_bytes())?.to_owned();
     let deadline = Deadline::after(guest.timeout);
-    let host = sys::peer_credentials(stream.as_fd())
-        .map_err(ShmError::io("SO_PEERCRED"))?
-        .into();
+    let host = sys::peer_credentials(stream.as_fd()).map_err(ShmError::io("SO_PEERCRED"))?;
 
     protocol::send(
         stream.as_fd(),
@@ -288,13 +286,13 @@ fn check_header(header: &AreaLayout, offer: &AreaLayout) -> Result<(), ShmError>
 /// between them).
 trait MemfdFacts {
     /// The file's seals (`F_GET_SEALS`; an error for a file that cannot carry seals).
-    fn seals(&mut self) -> std::io::Result<libc::c_int>;
+    fn seals(&mut self) -> std::io::Result<std::ffi::c_int>;
     /// The file's size and whether it is a regular file (`fstat`).
     fn size(&mut self) -> std::io::Result<(u64, bool)>;
 }
 
 impl MemfdFacts for std::os::fd::BorrowedFd<'_> {
-    fn seals(&mut self) -> std::io::Result<libc::c_int> {
+    fn seals(&mut self) -> std::io::Result<std::ffi::c_int> {
         sys::get_seals(*self)
     }
 
@@ -340,7 +338,7 @@ mod tests {
 
     const T: Duration = Duration::from_secs(5);
 
-    fn memfd(len: u64, seals: libc::c_int) -> OwnedFd {
+    fn memfd(len: u64, seals: std::ffi::c_int) -> OwnedFd {
         let fd = sys::memfd_create(c"test").unwrap();
         sys::ftruncate(fd.as_fd(), len).unwrap();
         if seals != 0 {
@@ -441,8 +439,16 @@ mod tests {
         );
         refused_as_bad_offer(reply);
         // Sealed against shrinking only: still refused (growing and resealing stay open).
-        let (r, _) =
-            against(|h| offer_with(h, layout, memfd(layout.total_len(), libc::F_SEAL_SHRINK)));
+        let (r, _) = against(|h| {
+            offer_with(
+                h,
+                layout,
+                memfd(
+                    layout.total_len(),
+                    nix::fcntl::SealFlag::F_SEAL_SHRINK.bits(),
+                ),
+            )
+        });
         assert!(matches!(r, Err(ShmError::NotSealed { .. })), "{r:?}");
     }
 
@@ -464,7 +470,7 @@ mod tests {
     }
 
     /// A memfd named `name` (for `/proc/self/maps`) of `len` bytes with `seals`.
-    fn named_memfd(name: &std::ffi::CStr, len: u64, seals: libc::c_int) -> OwnedFd {
+    fn named_memfd(name: &std::ffi::CStr, len: u64, seals: std::ffi::c_int) -> OwnedFd {
         let fd = sys::memfd_create(name).unwrap();
         sys::ftruncate(fd.as_fd(), len).unwrap();
         if seals != 0 {
@@ -499,7 +505,7 @@ mod tests {
     }
 
     impl MemfdFacts for ShrinksAfterFirstLook<'_> {
-        fn seals(&mut self) -> std::io::Result<libc::c_int> {
+        fn seals(&mut self) -> std::io::Result<std::ffi::c_int> {
             let answer = sys::get_seals(self.fd);
             self.act_once();
             answer
@@ -639,38 +645,18 @@ mod tests {
 
     /// `sys::send_with_fds` allows 3; this test needs 4.
     fn send_raw_with_4_fds(h: &UnixStream, bytes: &[u8], fds: &[BorrowedFd<'_>; 4]) {
+        use nix::sys::socket::{ControlMessage, MsgFlags, UnixAddr, sendmsg};
         use std::os::fd::AsRawFd;
-        let mut cbuf = [0u64; 8];
-        let mut iov = libc::iovec {
-            iov_base: bytes.as_ptr().cast_mut().cast(),
-            iov_len: bytes.len(),
-        };
-        // SAFETY: `msghdr` is plain old data, valid when zeroed.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = &raw mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = cbuf.as_mut_ptr().cast();
-        // SAFETY: CMSG_SPACE only computes a size.
-        msg.msg_controllen = unsafe { libc::CMSG_SPACE(16) } as _;
-        // SAFETY: `cmsghdr` is plain old data, valid when zeroed.
-        let mut hdr: libc::cmsghdr = unsafe { std::mem::zeroed() };
-        hdr.cmsg_level = libc::SOL_SOCKET;
-        hdr.cmsg_type = libc::SCM_RIGHTS;
-        // SAFETY: CMSG_LEN only computes a size.
-        hdr.cmsg_len = unsafe { libc::CMSG_LEN(16) } as _;
-        // SAFETY: the control buffer (64 bytes) holds a header and 4 fds.
-        let cmsg = unsafe { libc::CMSG_FIRSTHDR(&raw const msg) };
-        // SAFETY: `cmsg` points at the start of `cbuf`.
-        unsafe { cmsg.write_unaligned(hdr) };
-        // SAFETY: the data follows the header inside `cbuf`.
-        let data = unsafe { libc::CMSG_DATA(cmsg) }.cast::<i32>();
-        for (i, fd) in fds.iter().enumerate() {
-            // SAFETY: slot `i < 4` lies inside `cbuf`.
-            unsafe { data.wrapping_add(i).write_unaligned(fd.as_raw_fd()) };
-        }
-        // SAFETY: `msg` describes live buffers for the call.
-        let n = unsafe { libc::sendmsg(h.as_raw_fd(), &raw const msg, libc::MSG_NOSIGNAL) };
-        assert_eq!(n as usize, bytes.len());
+        let raw = fds.map(|fd| fd.as_raw_fd());
+        let n = sendmsg::<UnixAddr>(
+            h.as_raw_fd(),
+            &[std::io::IoSlice::new(bytes)],
+            &[ControlMessage::ScmRights(&raw)],
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        )
+        .unwrap();
+        assert_eq!(n, bytes.len());
     }
 
     #[test]
@@ -726,13 +712,9 @@ mod tests {
         fds.push(ep.channel().doorbell().signal_fd());
         fds.push(ep.channel().doorbell().hangup_fd().unwrap());
         for fd in fds {
-            use std::os::fd::AsRawFd;
-            // SAFETY: F_GETFD takes no argument.
-            let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) };
-            assert!(
-                flags >= 0 && flags & libc::FD_CLOEXEC != 0,
-                "fd {fd:?} inherits"
-            );
+            use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+            let flags = FdFlag::from_bits_retain(fcntl(fd, FcntlArg::F_GETFD).unwrap());
+            assert!(flags.contains(FdFlag::FD_CLOEXEC), "fd {fd:?} inherits");
         }
         assert_eq!(ep.buffer().pages(), 2);
         assert_eq!(ep.channel().config().gpa_page_limit, Some(2));

@@ -2,7 +2,7 @@
 //! both over.
 
 use std::fs::{self, DirBuilder};
-use std::io::{self, Write};
+use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -169,9 +169,8 @@ fn host_handshake(
     services: &[Service],
     deadline: Deadline,
 ) -> Result<Endpoint, ShmError> {
-    let peer: PeerCredentials = sys::peer_credentials(stream.as_fd())
-        .map_err(ShmError::io("SO_PEERCRED"))?
-        .into();
+    let peer: PeerCredentials =
+        sys::peer_credentials(stream.as_fd()).map_err(ShmError::io("SO_PEERCRED"))?;
 
     // 1. The guest's hello names the service.
     let hello = protocol::recv(&stream, deadline, "waiting for the guest's hello")
@@ -310,7 +309,7 @@ type Outcome = Result<Endpoint, ShmError>;
 pub struct Listener {
     path: PathBuf,
     outcomes: Mutex<mpsc::Receiver<Outcome>>,
-    stop: std::fs::File,
+    stop: sys::EventFd,
     acceptor: Option<JoinHandle<()>>,
 }
 
@@ -332,7 +331,7 @@ impl Listener {
         listener
             .set_nonblocking(true)
             .map_err(ShmError::io("make the socket non-blocking"))?;
-        let stop = sys::eventfd().map_err(ShmError::io("eventfd"))?;
+        let stop = sys::EventFd::new().map_err(ShmError::io("eventfd"))?;
         let stop_wait = stop.try_clone().map_err(ShmError::io("dup"))?;
         let (tx, rx) = mpsc::channel();
         let services: Arc<[Service]> = services.into();
@@ -343,7 +342,7 @@ impl Listener {
         Ok(Self {
             path,
             outcomes: Mutex::new(rx),
-            stop: stop.into(),
+            stop,
             acceptor: Some(acceptor),
         })
     }
@@ -372,8 +371,8 @@ impl Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        // Wakes the accept thread's poll; an eventfd write of 8 bytes cannot be partial.
-        let _ = (&self.stop).write_all(&1u64.to_ne_bytes());
+        // Wakes the accept thread's poll.
+        let _ = self.stop.signal();
         if let Some(t) = self.acceptor.take() {
             let _ = t.join();
         }
@@ -426,29 +425,21 @@ fn remove_stale_socket(path: &Path) -> Result<(), ShmError> {
 
 fn accept_loop(
     listener: UnixListener,
-    stop: OwnedFd,
+    stop: sys::EventFd,
     services: Arc<[Service]>,
     tx: mpsc::Sender<Outcome>,
 ) {
     let pending = Arc::new(AtomicUsize::new(0));
     loop {
         let mut fds = [
-            libc::pollfd {
-                fd: std::os::fd::AsRawFd::as_raw_fd(&listener),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: std::os::fd::AsRawFd::as_raw_fd(&stop),
-                events: libc::POLLIN,
-                revents: 0,
-            },
+            sys::PollFd::new(listener.as_fd(), sys::PollFlags::POLLIN),
+            sys::PollFd::new(stop.as_fd(), sys::PollFlags::POLLIN),
         ];
-        if let Err(e) = sys::poll(&mut fds, None) {
-            let _ = tx.send(Err(ShmError::io("poll the listener")(e)));
+        if let Err(e) = sys::poll_until(&mut fds, None) {
+            let _ = tx.send(Err(ShmError::io("poll the listener")(e.into())));
             return;
         }
-        if fds[1].revents != 0 {
+        if !sys::revents(&fds[1]).is_empty() {
             return;
         }
         loop {

@@ -13,12 +13,14 @@
 //! [`SliceMem`] (atomics), the buffer area and the header page are slices of `AtomicU64`.
 
 use std::io;
+use std::num::NonZeroUsize;
 use std::ops::Range;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::ptr::{self, NonNull};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::ptr::NonNull;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use nix::sys::mman::{self, MapFlags, ProtFlags};
 use vmlink_ring::area::{AreaError, AreaLayout, HEADER_LEN, ParsedHeader};
 use vmlink_ring::protocol::{CONTROL_PAGE_SIZE, PAGE_SIZE};
 use vmlink_ring::{ControlWord, MAX_DATA_LEN, RingMem, SliceMem};
@@ -181,27 +183,25 @@ impl Mapping {
     /// Maps `len` bytes of `memfd` read-write and shared. The caller has checked that the
     /// file is at least `len` bytes long and sealed against shrinking, so no access faults.
     pub(crate) fn map(memfd: OwnedFd, len: usize) -> io::Result<Self> {
-        if len == 0 {
-            return Err(io::Error::from_raw_os_error(libc::EINVAL));
-        }
-        // SAFETY: a null hint without MAP_FIXED lets the kernel pick an unused range, so no
-        // existing mapping is replaced; the fd is open for the call.
+        let size = NonZeroUsize::new(len).ok_or(io::ErrorKind::InvalidInput)?;
+        // SAFETY: no address hint and no MAP_FIXED let the kernel pick an unused range, so
+        // no existing mapping is replaced; the fd is open for the call. The new mapping is
+        // reached only through atomics (see `Send` / `Sync` above) and unmapped in `drop`.
         let addr = unsafe {
-            libc::mmap(
-                ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                memfd.as_raw_fd(),
+            mman::mmap(
+                None,
+                size,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+                &memfd,
                 0,
             )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let ptr = NonNull::new(addr.cast::<u8>())
-            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
-        Ok(Self { ptr, len, memfd })
+        }?;
+        Ok(Self {
+            ptr: addr.cast(),
+            len,
+            memfd,
+        })
     }
 
     /// The mapping's length in bytes.
@@ -261,7 +261,7 @@ impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: `ptr..ptr + len` is exactly the mapping `map` made; every ring and buffer
         // view holds an `Arc` of this mapping, so none is left when it drops.
-        let _ = unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        let _ = unsafe { mman::munmap(self.ptr.cast(), self.len) };
     }
 }
 

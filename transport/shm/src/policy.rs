@@ -20,16 +20,6 @@ impl fmt::Display for PeerCredentials {
     }
 }
 
-impl From<libc::ucred> for PeerCredentials {
-    fn from(c: libc::ucred) -> Self {
-        Self {
-            pid: c.pid,
-            uid: c.uid,
-            gid: c.gid,
-        }
-    }
-}
-
 /// Which peers a service accepts: a peer is allowed when its uid is in the allowed uids or
 /// its primary gid is in the allowed gids (supplementary groups are not consulted).
 ///

@@ -133,11 +133,13 @@ pub(crate) fn send(
         match sys::send_with_fds(sock, &bytes[sent..], attach) {
             Ok(n) => sent += n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if !sys::poll_one(sock, libc::POLLOUT, deadline.at).map_err(ShmError::io("poll"))? {
+                if !sys::poll_one(sock, sys::PollFlags::POLLOUT, deadline.at)
+                    .map_err(ShmError::io("poll"))?
+                {
                     return Err(ShmError::TimedOut(deadline.timeout, "sending"));
                 }
             }
-            Err(e) if e.raw_os_error() == Some(libc::EPIPE) => {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
                 return Err(ShmError::PeerClosed { during: "sending" });
             }
             Err(e) => return Err(ShmError::io("sendmsg")(e)),
@@ -187,11 +189,13 @@ fn recv_exact(
                 got += r.len;
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if !sys::poll_one(sock, libc::POLLIN, deadline.at).map_err(ShmError::io("poll"))? {
+                if !sys::poll_one(sock, sys::PollFlags::POLLIN, deadline.at)
+                    .map_err(ShmError::io("poll"))?
+                {
                     return Err(ShmError::TimedOut(deadline.timeout, during));
                 }
             }
-            Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
                 return Err(ShmError::PeerClosed { during });
             }
             Err(e) => return Err(ShmError::io("recvmsg")(e)),

@@ -1,226 +1,156 @@
-//! The system calls the transport makes, each wrapped in a small safe function.
+//! The system calls the transport makes, each wrapped in a small safe function over `nix`.
 //!
-//! Nearly all of the crate's `unsafe` is here and in [`crate::memory`] (the mapping); the
-//! only other blocks are `Service::spawn`'s `pre_exec` hook and `Guest::from_env` taking
-//! ownership of the inherited fd. Each block makes one call (or takes ownership of one
-//! fresh fd) and says why that is sound above it.
+//! Eventfds and the poll loop are vmlink-channel's ([`EventFd`], [`poll_until`]); memfds,
+//! seals, `fstat`, `fcntl`, socket options and `SCM_RIGHTS` messages are `nix` calls. The
+//! crate's `unsafe` is the mapping ([`crate::memory`]), `Service::spawn`'s `pre_exec` hook,
+//! `Guest::from_env` taking ownership of the inherited fd, and here two blocks: borrowing a
+//! raw fd for one `fcntl` (`set_cloexec_raw`) and owning the fds `SCM_RIGHTS` installed.
+//! Each says why it is sound above it.
 
 use std::io;
-use std::mem::{size_of, zeroed};
+use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Instant;
 
+use nix::fcntl::{FcntlArg, FdFlag, OFlag, SealFlag, fcntl};
+use nix::sys::memfd::MFdFlags;
+pub(crate) use nix::sys::socket::SockType;
+use nix::sys::socket::{
+    ControlMessage, ControlMessageOwned, MsgFlags, UnixAddr, getsockopt, recvmsg, sendmsg, sockopt,
+};
+use nix::sys::stat::SFlag;
+pub(crate) use vmlink_channel::fd::{Errno, EventFd, PollFd, PollFlags, poll_until, revents};
+
+use crate::policy::PeerCredentials;
+
 /// The seals a channel's memfd carries: it can neither shrink nor grow, and no seal can be
 /// added or removed any more.
-pub(crate) const REQUIRED_SEALS: libc::c_int =
-    libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+pub(crate) const REQUIRED_SEALS: i32 = SealFlag::F_SEAL_SHRINK
+    .union(SealFlag::F_SEAL_GROW)
+    .union(SealFlag::F_SEAL_SEAL)
+    .bits();
 
-/// Most fds one handshake message may carry (the offer carries 3). A control buffer with
-/// room for exactly this many makes the kernel set `MSG_CTRUNC` when a peer sends more.
+/// Most fds one handshake message may carry (the offer carries 3); a message with more is
+/// reported as truncated.
 pub(crate) const MAX_FDS: usize = 3;
-
-fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(rc)
-    }
-}
-
-/// Takes ownership of an fd a system call just returned.
-fn owned(fd: libc::c_int) -> io::Result<OwnedFd> {
-    let fd = check(fd)?;
-    // SAFETY: `fd` was just returned open by the kernel and nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
 
 /// This process's effective uid.
 pub(crate) fn geteuid() -> u32 {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
+    nix::unistd::geteuid().as_raw()
 }
 
 /// A new memfd, close-on-exec, with sealing allowed.
 pub(crate) fn memfd_create(name: &std::ffi::CStr) -> io::Result<OwnedFd> {
-    // SAFETY: `name` is a valid NUL-terminated string that outlives the call.
-    let fd =
-        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
-    owned(fd)
+    Ok(nix::sys::memfd::memfd_create(
+        name,
+        MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+    )?)
 }
 
 /// `ftruncate(2)`.
 pub(crate) fn ftruncate(fd: BorrowedFd<'_>, len: u64) -> io::Result<()> {
-    let len = libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
-    // SAFETY: plain integer arguments; the fd is open for the call.
-    check(unsafe { libc::ftruncate(fd.as_raw_fd(), len) }).map(drop)
+    let len = len.try_into().map_err(|_| Errno::EFBIG)?;
+    Ok(nix::unistd::ftruncate(fd, len)?)
 }
 
 /// Adds seals to a memfd.
-pub(crate) fn add_seals(fd: BorrowedFd<'_>, seals: libc::c_int) -> io::Result<()> {
-    // SAFETY: F_ADD_SEALS takes an int argument and touches no memory of ours.
-    check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) }).map(drop)
+pub(crate) fn add_seals(fd: BorrowedFd<'_>, seals: i32) -> io::Result<()> {
+    fcntl(fd, FcntlArg::F_ADD_SEALS(SealFlag::from_bits_retain(seals)))?;
+    Ok(())
 }
 
 /// The seals on a memfd (`EINVAL` for a file that does not support sealing).
-pub(crate) fn get_seals(fd: BorrowedFd<'_>) -> io::Result<libc::c_int> {
-    // SAFETY: F_GET_SEALS takes no argument and touches no memory of ours.
-    check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) })
+pub(crate) fn get_seals(fd: BorrowedFd<'_>) -> io::Result<i32> {
+    Ok(fcntl(fd, FcntlArg::F_GET_SEALS)?)
 }
 
 /// The size of the file behind `fd` and whether it is a regular file.
 pub(crate) fn file_size(fd: BorrowedFd<'_>) -> io::Result<(u64, bool)> {
-    // SAFETY: `stat` is plain old data, valid when zeroed.
-    let mut st: libc::stat = unsafe { zeroed() };
-    // SAFETY: `st` is a live, writable `stat` for the kernel to fill.
-    check(unsafe { libc::fstat(fd.as_raw_fd(), &raw mut st) })?;
-    let regular = st.st_mode & libc::S_IFMT == libc::S_IFREG;
+    let st = nix::sys::stat::fstat(fd)?;
+    let regular = st.st_mode & SFlag::S_IFMT.bits() == SFlag::S_IFREG.bits();
     Ok((u64::try_from(st.st_size).unwrap_or(0), regular))
 }
 
-/// A new eventfd, counter 0, close-on-exec and non-blocking.
+/// A new eventfd (vmlink-channel's [`EventFd`]) as an fd to send or to build a doorbell
+/// from.
 pub(crate) fn eventfd() -> io::Result<OwnedFd> {
-    // SAFETY: `eventfd` takes no pointers; it returns a new fd or -1.
-    owned(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })
+    EventFd::new().map(OwnedFd::from)
 }
 
 /// Makes a received fd non-blocking, as the eventfd doorbell expects.
 pub(crate) fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
-    // SAFETY: F_GETFL takes no argument.
-    let flags = check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
-    // SAFETY: F_SETFL takes an int argument.
-    check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) }).map(drop)
+    let flags = OFlag::from_bits_retain(fcntl(fd, FcntlArg::F_GETFL)?);
+    fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+    Ok(())
 }
 
-/// Sets or clears close-on-exec on a raw fd. Async-signal-safe, for use between `fork` and
-/// `exec`.
+/// Sets or clears close-on-exec on a raw fd. Async-signal-safe (one `fcntl`, no
+/// allocation), for use between `fork` and `exec`. An fd that is not open gives `EBADF`.
 pub(crate) fn set_cloexec_raw(fd: RawFd, on: bool) -> io::Result<()> {
-    let flag = if on { libc::FD_CLOEXEC } else { 0 };
-    // SAFETY: F_SETFD takes an int argument; an fd that is not open gives EBADF.
-    check(unsafe { libc::fcntl(fd, libc::F_SETFD, flag) }).map(drop)
+    let flag = if on {
+        FdFlag::FD_CLOEXEC
+    } else {
+        FdFlag::empty()
+    };
+    // SAFETY: the borrow is used for this one `fcntl` and ends with it; nothing is read,
+    // written or closed through it. Callers pass an fd that is open (the socket the parent
+    // keeps open across `fork`) or one they were told is open (`Guest::from_env`), where a
+    // number that is not open only makes `fcntl` fail with `EBADF`.
+    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    fcntl(fd, FcntlArg::F_SETFD(flag))?;
+    Ok(())
 }
 
-/// The type of a socket (`SOCK_STREAM`, ...), or an error when `fd` is not a socket.
-pub(crate) fn socket_type(fd: BorrowedFd<'_>) -> io::Result<libc::c_int> {
-    let mut ty: libc::c_int = 0;
-    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `ty` and `len` are live and writable; `len` holds the size of `ty`.
-    check(unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_TYPE,
-            (&raw mut ty).cast(),
-            &raw mut len,
-        )
-    })?;
-    Ok(ty)
+/// The type of a socket (`Stream`, ...), or an error when `fd` is not a socket.
+pub(crate) fn socket_type(fd: BorrowedFd<'_>) -> io::Result<SockType> {
+    Ok(getsockopt(&fd, sockopt::SockType)?)
 }
 
 /// The credentials of the process at the other end of a Unix socket, as of `connect` /
 /// `socketpair`.
-pub(crate) fn peer_credentials(fd: BorrowedFd<'_>) -> io::Result<libc::ucred> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: `cred` and `len` are live and writable; `len` holds the size of `cred`.
-    check(unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&raw mut cred).cast(),
-            &raw mut len,
-        )
-    })?;
-    Ok(cred)
+pub(crate) fn peer_credentials(fd: BorrowedFd<'_>) -> io::Result<PeerCredentials> {
+    let cred = getsockopt(&fd, sockopt::PeerCredentials)?;
+    Ok(PeerCredentials {
+        pid: cred.pid(),
+        uid: cred.uid(),
+        gid: cred.gid(),
+    })
 }
 
-/// `poll(2)` one fd for `events` until `deadline`, retrying on `EINTR`. True when ready.
+/// Polls one fd for `events` until `deadline` (vmlink-channel's [`poll_until`]: `EINTR`
+/// retried). True when ready.
 pub(crate) fn poll_one(
     fd: BorrowedFd<'_>,
-    events: libc::c_short,
+    events: PollFlags,
     deadline: Instant,
 ) -> io::Result<bool> {
-    let mut fds = [libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events,
-        revents: 0,
-    }];
-    poll(&mut fds, Some(deadline)).map(|n| n > 0)
-}
-
-/// `poll(2)` until something is ready or `deadline` passes (`None`: no deadline), retrying
-/// on `EINTR`. Returns how many entries have events.
-pub(crate) fn poll(fds: &mut [libc::pollfd], deadline: Option<Instant>) -> io::Result<usize> {
-    loop {
-        let timeout_ms = match deadline {
-            None => -1,
-            Some(d) => {
-                let left = d.saturating_duration_since(Instant::now());
-                left.as_nanos()
-                    .div_ceil(1_000_000)
-                    .min(libc::c_int::MAX as u128) as libc::c_int
-            }
-        };
-        // SAFETY: `fds` is a live, writable slice of `pollfd`s and the count is its length.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
+    let mut fds = [PollFd::new(fd, events)];
+    Ok(poll_until(&mut fds, Some(deadline))? > 0)
 }
 
 /// Waits until `deadline` for the peer of a stream socket to send something or hang up,
 /// then tells whether it hung up without sending a byte. The byte, if any, is only peeked
 /// at: it stays in the socket for the next read. False when nothing came by the deadline.
 pub(crate) fn closed_before_a_byte(sock: BorrowedFd<'_>, deadline: Instant) -> io::Result<bool> {
-    if !poll_one(sock, libc::POLLIN, deadline)? {
+    if !poll_one(sock, PollFlags::POLLIN, deadline)? {
         return Ok(false);
     }
-    let mut byte = 0u8;
+    let mut byte = [0u8; 1];
     loop {
-        // SAFETY: the buffer is one live, writable byte; MSG_PEEK leaves the data queued
-        // and no ancillary data is asked for, so no fd is installed.
-        let n = unsafe {
-            libc::recv(
-                sock.as_raw_fd(),
-                (&raw mut byte).cast(),
-                1,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        if n >= 0 {
-            return Ok(n == 0);
-        }
-        let e = io::Error::last_os_error();
-        match e.kind() {
-            io::ErrorKind::Interrupted => {}
+        // MSG_PEEK leaves the data queued; no ancillary data is asked for, so no fd is
+        // installed.
+        match nix::sys::socket::recv(
+            sock.as_raw_fd(),
+            &mut byte,
+            MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+        ) {
+            Ok(n) => return Ok(n == 0),
+            Err(Errno::EINTR) => {}
             // A reset connection is a hang-up too.
-            io::ErrorKind::ConnectionReset => return Ok(true),
-            _ => return Err(e),
+            Err(Errno::ECONNRESET) => return Ok(true),
+            Err(e) => return Err(e.into()),
         }
     }
-}
-
-/// Control-message buffer with room for `MAX_FDS` fds, aligned for `cmsghdr`.
-#[repr(C, align(8))]
-struct CmsgBuf([u8; 64]);
-
-fn cmsg_len(fds: usize) -> usize {
-    // SAFETY: CMSG_LEN only computes a size.
-    unsafe { libc::CMSG_LEN((fds * size_of::<RawFd>()) as u32) as usize }
-}
-
-fn cmsg_space(fds: usize) -> usize {
-    // SAFETY: CMSG_SPACE only computes a size.
-    unsafe { libc::CMSG_SPACE((fds * size_of::<RawFd>()) as u32) as usize }
 }
 
 /// Sends `data` and `fds` in one `sendmsg`, never raising `SIGPIPE`, without blocking.
@@ -231,54 +161,24 @@ pub(crate) fn send_with_fds(
     fds: &[BorrowedFd<'_>],
 ) -> io::Result<usize> {
     assert!(fds.len() <= MAX_FDS, "at most {MAX_FDS} fds per message");
-    let mut iov = libc::iovec {
-        iov_base: data.as_ptr().cast_mut().cast(),
-        iov_len: data.len(),
-    };
-    let mut cbuf = CmsgBuf([0; 64]);
-    // SAFETY: `msghdr` is plain old data, valid when zeroed.
-    let mut msg: libc::msghdr = unsafe { zeroed() };
-    msg.msg_iov = &raw mut iov;
-    msg.msg_iovlen = 1;
-    if !fds.is_empty() {
-        let space = cmsg_space(fds.len());
-        assert!(space <= cbuf.0.len());
-        msg.msg_control = cbuf.0.as_mut_ptr().cast();
-        msg.msg_controllen = space as _;
-        // SAFETY: `msg` points at a control buffer of `space` bytes, enough for one header.
-        let cmsg = unsafe { libc::CMSG_FIRSTHDR(&raw const msg) };
-        assert!(!cmsg.is_null());
-        // SAFETY: `cmsghdr` is plain old data, valid when zeroed.
-        let mut hdr: libc::cmsghdr = unsafe { zeroed() };
-        hdr.cmsg_level = libc::SOL_SOCKET;
-        hdr.cmsg_type = libc::SCM_RIGHTS;
-        hdr.cmsg_len = cmsg_len(fds.len()) as _;
-        // SAFETY: `cmsg` points at the start of `cbuf`, which has room for the header and
-        // `fds.len()` fds (checked against CMSG_SPACE above).
-        unsafe { cmsg.write_unaligned(hdr) };
-        // SAFETY: CMSG_DATA points inside `cbuf` just past the header.
-        let data_ptr = unsafe { libc::CMSG_DATA(cmsg) }.cast::<RawFd>();
-        for (i, fd) in fds.iter().enumerate() {
-            // SAFETY: slot `i < fds.len()` lies inside the space reserved above;
-            // `write_unaligned` needs no alignment.
-            unsafe { data_ptr.wrapping_add(i).write_unaligned(fd.as_raw_fd()) };
-        }
+    let mut raw = [0 as RawFd; MAX_FDS];
+    for (slot, fd) in raw.iter_mut().zip(fds) {
+        *slot = fd.as_raw_fd();
     }
+    let rights = [ControlMessage::ScmRights(&raw[..fds.len()])];
+    let cmsgs: &[ControlMessage<'_>] = if fds.is_empty() { &[] } else { &rights };
+    let iov = [IoSlice::new(data)];
     loop {
-        // SAFETY: `msg` describes live buffers (`data`, `cbuf`) for the duration of the call.
-        let n = unsafe {
-            libc::sendmsg(
-                sock.as_raw_fd(),
-                &raw const msg,
-                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-            )
-        };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
+        match sendmsg::<UnixAddr>(
+            sock.as_raw_fd(),
+            &iov,
+            cmsgs,
+            MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
+            None,
+        ) {
+            Ok(n) => return Ok(n),
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
         }
     }
 }
@@ -290,72 +190,71 @@ pub(crate) struct Received {
     pub(crate) len: usize,
     /// Fds that came with them, owned (close-on-exec from the start).
     pub(crate) fds: Vec<OwnedFd>,
-    /// The kernel dropped ancillary data that did not fit (`MSG_CTRUNC`).
+    /// The peer sent more than [`MAX_FDS`] fds (they are all in `fds`, to be closed), or
+    /// the kernel dropped ancillary data that did not fit (`MSG_CTRUNC`).
     pub(crate) truncated: bool,
 }
 
-/// One non-blocking `recvmsg` into `buf`, accepting up to `MAX_FDS` fds, which arrive
-/// close-on-exec (`MSG_CMSG_CLOEXEC`). Every fd the kernel installed is returned owned,
-/// so dropping the result closes them.
+/// The most fds one `sendmsg` can carry on Linux (`SCM_MAX_FD`).
+const SCM_MAX_FD: usize = 253;
+
+/// Control-message buffer with room for `SCM_MAX_FD` fds, aligned for `cmsghdr`: the
+/// kernel never has to truncate an `SCM_RIGHTS` message, so every fd it installed is
+/// handed to us (nix gives no control messages at all once `MSG_CTRUNC` is set): room for
+/// `CMSG_SPACE(253 * 4)`, a `cmsghdr` (16 bytes on 64-bit Linux) and the fds rounded up to 8.
+#[repr(C, align(8))]
+struct CmsgBuf([u8; CMSG_ROOM]);
+
+const CMSG_ROOM: usize = 16 + (SCM_MAX_FD * size_of::<RawFd>()).next_multiple_of(8);
+
+/// One non-blocking `recvmsg` into `buf`, accepting every fd the message carries, which
+/// arrive close-on-exec (`MSG_CMSG_CLOEXEC`). Every fd the kernel installed is returned
+/// owned, so dropping the result closes them; more than [`MAX_FDS`] is reported as
+/// `truncated`.
 pub(crate) fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    let mut cbuf = CmsgBuf([0; 64]);
-    // Exactly room for `MAX_FDS` fds (not the padded CMSG_SPACE, which fits one more on
-    // 64-bit targets), so a peer sending more makes the kernel set MSG_CTRUNC.
-    let space = cmsg_len(MAX_FDS);
-    assert!(space <= cbuf.0.len());
-    // SAFETY: `msghdr` is plain old data, valid when zeroed.
-    let mut msg: libc::msghdr = unsafe { zeroed() };
-    msg.msg_iov = &raw mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.0.as_mut_ptr().cast();
-    msg.msg_controllen = space as _;
-    let n = loop {
-        // SAFETY: `msg` describes live, writable buffers (`buf`, `cbuf`) for the call.
-        let n = unsafe {
-            libc::recvmsg(
-                sock.as_raw_fd(),
-                &raw mut msg,
-                libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT,
-            )
-        };
-        if n >= 0 {
-            break n as usize;
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
+    let mut cbuf = CmsgBuf([0; CMSG_ROOM]);
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = loop {
+        match recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut cbuf.0),
+            MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
+        ) {
+            Ok(msg) => break msg,
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
         }
     };
     let mut fds = Vec::new();
-    // SAFETY: `msg` was filled by the kernel; CMSG_FIRSTHDR reads its control fields.
-    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&raw const msg) };
-    while !cmsg.is_null() {
-        // SAFETY: a non-null header from CMSG_FIRSTHDR / CMSG_NXTHDR lies inside `cbuf`,
-        // which the kernel filled; the header is copied out unaligned.
-        let hdr = unsafe { cmsg.read_unaligned() };
-        if hdr.cmsg_level == libc::SOL_SOCKET && hdr.cmsg_type == libc::SCM_RIGHTS {
-            let header_len = cmsg_len(0);
-            let count = (hdr.cmsg_len as usize).saturating_sub(header_len) / size_of::<RawFd>();
-            // SAFETY: CMSG_DATA points just past the header, inside `cbuf`.
-            let data = unsafe { libc::CMSG_DATA(cmsg) }.cast::<RawFd>();
-            for i in 0..count {
-                // SAFETY: the kernel wrote `count` fds after the header, within `cbuf`
-                // (`cmsg_len` never exceeds the control length it reports).
-                let raw = unsafe { data.wrapping_add(i).read_unaligned() };
-                // SAFETY: SCM_RIGHTS installed `raw` in this process for us alone.
-                fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
+    let mut truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
+    // With `MSG_CTRUNC` nix lists no control message; the buffer's size rules that out
+    // for `SCM_RIGHTS`, the only kind a Unix socket sends us unasked.
+    if let Ok(cmsgs) = msg.cmsgs() {
+        for cmsg in cmsgs {
+            if let ControlMessageOwned::ScmRights(raw) = cmsg {
+                for fd in raw {
+                    // SAFETY: `SCM_RIGHTS` installed `fd` in this process for us alone, and
+                    // nothing else has seen it.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                }
             }
         }
-        // SAFETY: `cmsg` is a valid header inside `msg`'s control buffer.
-        cmsg = unsafe { libc::CMSG_NXTHDR(&raw const msg, cmsg) };
     }
+    truncated |= fds.len() > MAX_FDS;
     Ok(Received {
-        len: n,
+        len: msg.bytes,
         fds,
-        truncated: msg.msg_flags & libc::MSG_CTRUNC != 0,
+        truncated,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_control_buffer_holds_the_most_fds_a_message_carries() {
+        assert!(nix::cmsg_space!([RawFd; SCM_MAX_FD]).len() <= CMSG_ROOM);
+    }
 }

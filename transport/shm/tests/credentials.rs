@@ -16,15 +16,11 @@ const PATH_ENV: &str = "VMLINK_SHM_TEST_PATH";
 
 /// Drops every privilege to `NOBODY` (groups first, then gid, then uid).
 fn become_nobody() {
-    // SAFETY: setgroups with a zero count reads no memory.
-    let rc = unsafe { libc::setgroups(0, std::ptr::null()) };
-    assert_eq!(rc, 0, "setgroups");
-    // SAFETY: plain integer argument.
-    assert_eq!(unsafe { libc::setgid(NOBODY) }, 0, "setgid");
-    // SAFETY: plain integer argument.
-    assert_eq!(unsafe { libc::setuid(NOBODY) }, 0, "setuid");
-    // SAFETY: no arguments.
-    assert_eq!(unsafe { libc::geteuid() }, NOBODY);
+    use nix::unistd::{Gid, Uid, geteuid, setgid, setgroups, setuid};
+    setgroups(&[]).expect("setgroups");
+    setgid(Gid::from_raw(NOBODY)).expect("setgid");
+    setuid(Uid::from_raw(NOBODY)).expect("setuid");
+    assert_eq!(geteuid().as_raw(), NOBODY);
 }
 
 #[test]
@@ -39,7 +35,11 @@ fn child_role() {
         .connect(&path);
     match (role.as_str(), r) {
         ("blocked", Err(ShmError::Connect { source, .. })) => {
-            assert_eq!(source.raw_os_error(), Some(libc::EACCES), "{source}");
+            assert_eq!(
+                source.raw_os_error(),
+                Some(nix::errno::Errno::EACCES as i32),
+                "{source}"
+            );
         }
         ("refused", Err(ShmError::Refused { code, message })) => {
             assert_eq!(code, RefusalCode::NotAllowed);
@@ -64,8 +64,7 @@ fn another_users_guest_is_stopped_and_refused() {
     if role().is_some() {
         return;
     }
-    // SAFETY: no arguments.
-    if unsafe { libc::geteuid() } != 0 {
+    if !nix::unistd::geteuid().is_root() {
         println!("SKIPPED: needs root to run a child as another user");
         return;
     }

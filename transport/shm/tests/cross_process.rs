@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -333,8 +332,9 @@ fn guest_killed_while_the_host_is_blocked_in_receive() {
     let pid = child.child.id() as i32;
     let killer = thread::spawn(move || {
         thread::sleep(Duration::from_millis(200));
-        // SAFETY: kill takes plain integers; the child is ours and not yet reaped.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+        // The child is ours and not yet reaped, so the pid is still its.
+        let pid = nix::unistd::Pid::from_raw(pid);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("kill");
         Instant::now()
     });
     let r = ch.recv(&mut buf, soon(20));
@@ -349,17 +349,16 @@ fn guest_killed_while_the_host_is_blocked_in_receive() {
 
 fn truncate_guest() {
     let g = Guest::new("trunc").from_env().expect("guest handshake");
-    let fd = g.memory().mapping().memfd().as_raw_fd();
+    use nix::errno::Errno;
+    use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+    let fd = g.memory().mapping().memfd();
     let len = g.memory().layout().total_len() as i64;
     for size in [0, len / 2, len + 4096] {
-        // SAFETY: ftruncate takes plain integers.
-        let rc = unsafe { libc::ftruncate(fd, size) };
-        let err = std::io::Error::last_os_error().raw_os_error();
-        assert_eq!((rc, err), (-1, Some(libc::EPERM)), "ftruncate to {size}");
+        let r = nix::unistd::ftruncate(fd, size);
+        assert_eq!(r, Err(Errno::EPERM), "ftruncate to {size}");
     }
-    // SAFETY: F_ADD_SEALS takes an int argument.
-    let rc = unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_WRITE) };
-    assert_eq!(rc, -1, "F_SEAL_SEAL forbids more seals");
+    let r = fcntl(fd, FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_WRITE));
+    assert!(r.is_err(), "F_SEAL_SEAL forbids more seals");
     g.channel().send(b"tried", soon(20)).expect("report");
     let mut buf = [0u8; 64];
     let r = g
