@@ -1,13 +1,19 @@
 //! KVM doorbells: guest→host by ioeventfd, host→guest by irqfd.
-#![allow(unsafe_code)]
+//!
+//! Both are vmlink-channel's [`EventFd`], and waits use its poll loop, like every other
+//! vmlink doorbell. kvm-ioctls 0.25 registers eventfds only as vmm-sys-util's `EventFd`
+//! (`VmFd::register_ioevent`, `register_irqfd` and their `unregister_*` take
+//! `&vmm_sys_util::eventfd::EventFd`), so [`KvmDoorbell::register`] hands KVM duplicates of
+//! the same two eventfds in that type; nothing else uses it.
 
-use std::os::fd::AsRawFd;
+use std::io;
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use vmlink_channel::fd::EventFd;
 use vmlink_channel::{Doorbell, DoorbellError, Wake};
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 /// Registering or unregistering a doorbell's eventfds with KVM failed.
 #[derive(Debug, thiserror::Error)]
@@ -45,31 +51,34 @@ pub struct KvmDoorbell {
     async_bell: vmlink_channel::EventFdDoorbell,
 }
 
-/// A duplicate of `fd` as an `OwnedFd`.
-#[cfg(feature = "tokio")]
-fn owned_dup(fd: &EventFd) -> std::io::Result<std::os::fd::OwnedFd> {
-    use std::os::fd::{FromRawFd, IntoRawFd};
-    let raw = fd.try_clone()?.into_raw_fd();
-    // SAFETY: `into_raw_fd` handed us sole ownership of a freshly duplicated, open fd.
-    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) })
+/// vmm-sys-util's `EventFd` over a duplicate of `fd`, for kvm-ioctls' registration calls,
+/// which take no other type.
+// The one unsafe call of the module: vmm-sys-util 0.15 builds its `EventFd` from an fd
+// only through `FromRawFd`.
+#[allow(unsafe_code)]
+fn for_kvm(fd: &EventFd) -> io::Result<vmm_sys_util::eventfd::EventFd> {
+    let raw = OwnedFd::from(fd.try_clone()?).into_raw_fd();
+    // SAFETY: `into_raw_fd` handed us sole ownership of a freshly duplicated, open eventfd;
+    // the new `EventFd` owns it from here and closes it when dropped.
+    Ok(unsafe { vmm_sys_util::eventfd::EventFd::from_raw_fd(raw) })
 }
 
 impl KvmDoorbell {
     /// A doorbell whose guest→host side is an MMIO write to `mmio_addr` and whose
     /// host→guest side raises `gsi`.
-    pub fn new(mmio_addr: u64, gsi: u32) -> std::io::Result<Self> {
+    pub fn new(mmio_addr: u64, gsi: u32) -> io::Result<Self> {
         Self::with_address(IoEventAddress::Mmio(mmio_addr), gsi)
     }
 
     /// A doorbell on any ioeventfd address (MMIO or PIO).
-    pub fn with_address(addr: IoEventAddress, gsi: u32) -> std::io::Result<Self> {
-        let ioevent = EventFd::new(EFD_NONBLOCK)?;
-        let irq = EventFd::new(EFD_NONBLOCK)?;
+    pub fn with_address(addr: IoEventAddress, gsi: u32) -> io::Result<Self> {
+        let ioevent = EventFd::new()?;
+        let irq = EventFd::new()?;
         Ok(Self {
             #[cfg(feature = "tokio")]
             async_bell: vmlink_channel::EventFdDoorbell::from_fds(
-                owned_dup(&ioevent)?,
-                owned_dup(&irq)?,
+                ioevent.try_clone()?,
+                irq.try_clone()?,
             ),
             ioevent,
             irq,
@@ -110,21 +119,15 @@ impl KvmDoorbell {
     /// [`DoorbellError::PeerClosed`] once pending rings are consumed.
     pub fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
-        let _ = self.ioevent.write(1);
+        let _ = self.ioevent.signal();
     }
 
     /// Registers the ioeventfd and the irqfd with `vm`. The returned registration
     /// unregisters both when dropped, so tearing a channel down while the guest keeps
     /// running leaves nothing behind.
     pub fn register<'v>(&self, vm: &'v VmFd) -> Result<DoorbellRegistration<'v>, RegisterError> {
-        let ioevent = self
-            .ioevent
-            .try_clone()
-            .map_err(|e| RegisterError::IoEvent(e.into()))?;
-        let irq = self
-            .irq
-            .try_clone()
-            .map_err(|e| RegisterError::IrqFd(e.into()))?;
+        let ioevent = for_kvm(&self.ioevent).map_err(|e| RegisterError::IoEvent(e.into()))?;
+        let irq = for_kvm(&self.irq).map_err(|e| RegisterError::IrqFd(e.into()))?;
         vm.register_ioevent(&ioevent, &self.addr, NoDatamatch)
             .map_err(RegisterError::IoEvent)?;
         if let Err(e) = vm.register_irqfd(&irq, self.gsi) {
@@ -140,26 +143,6 @@ impl KvmDoorbell {
             active: true,
         })
     }
-
-    /// Consumes a pending ring; true if there was one.
-    fn take(&self) -> Result<bool, DoorbellError> {
-        match self.ioevent.read() {
-            Ok(_) => Ok(true),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
-            Err(e) => Err(DoorbellError::Os(e.raw_os_error().unwrap_or(0))),
-        }
-    }
-}
-
-fn timeout_ms(timeout: Option<Duration>) -> libc::c_int {
-    match timeout {
-        None => -1,
-        Some(t) => {
-            // Round up so a short timeout still sleeps.
-            let ms = t.as_micros().div_ceil(1000);
-            ms.min(libc::c_int::MAX as u128) as libc::c_int
-        }
-    }
 }
 
 impl Doorbell for KvmDoorbell {
@@ -167,47 +150,30 @@ impl Doorbell for KvmDoorbell {
         if self.closed.load(Ordering::SeqCst) {
             return Err(DoorbellError::PeerClosed);
         }
-        self.irq
-            .write(1)
-            .map_err(|e| DoorbellError::Os(e.raw_os_error().unwrap_or(0)))?;
+        self.irq.signal()?;
         self.signals.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
     fn wait(&self, timeout: Option<Duration>) -> Result<Wake, DoorbellError> {
+        // A timeout too large to add to now is no timeout.
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         loop {
-            if self.take()? {
+            if self.ioevent.drain()? {
                 self.wakes.fetch_add(1, Ordering::Relaxed);
                 return Ok(Wake::Signalled);
             }
             if self.closed.load(Ordering::SeqCst) {
                 return Err(DoorbellError::PeerClosed);
             }
-            let mut pfd = libc::pollfd {
-                fd: self.ioevent.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: `pfd` is one valid, initialised pollfd that lives across the call;
-            // the fd is owned by `self`.
-            let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms(timeout)) };
-            if n < 0 {
-                let err = std::io::Error::last_os_error();
-                if err.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(DoorbellError::Os(err.raw_os_error().unwrap_or(0)));
-            }
-            if n == 0 {
+            if !self.ioevent.wait_readable(deadline)? {
                 return Ok(Wake::TimedOut);
             }
         }
     }
 
     fn wake_local(&self) -> Result<(), DoorbellError> {
-        self.ioevent
-            .write(1)
-            .map_err(|e| DoorbellError::Os(e.raw_os_error().unwrap_or(0)))
+        self.ioevent.signal()
     }
 
     fn peer_closed(&self) -> bool {
@@ -247,8 +213,8 @@ impl vmlink_channel::AsyncDoorbell for KvmDoorbell {
 #[derive(Debug)]
 pub struct DoorbellRegistration<'v> {
     vm: &'v VmFd,
-    ioevent: EventFd,
-    irq: EventFd,
+    ioevent: vmm_sys_util::eventfd::EventFd,
+    irq: vmm_sys_util::eventfd::EventFd,
     addr: IoEventAddress,
     gsi: u32,
     active: bool,
@@ -290,7 +256,7 @@ mod tests {
         let bell = KvmDoorbell::new(0x3000_0000, 5).unwrap();
         assert_eq!(bell.wait(Some(Duration::ZERO)), Ok(Wake::TimedOut));
         // What the guest's MMIO write does through KVM.
-        bell.ioevent_fd().write(1).unwrap();
+        bell.ioevent_fd().signal().unwrap();
         assert_eq!(bell.wait(None), Ok(Wake::Signalled));
         bell.wake_local().unwrap();
         assert_eq!(
@@ -303,7 +269,7 @@ mod tests {
         );
         assert_eq!(bell.wakes(), 2);
         bell.signal().unwrap();
-        assert_eq!(bell.irq_fd().read().unwrap(), 1);
+        assert_eq!(bell.irq_fd().drain(), Ok(true));
         assert_eq!(bell.signals_sent(), 1);
         bell.close();
         assert!(bell.peer_closed());

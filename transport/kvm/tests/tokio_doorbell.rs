@@ -3,7 +3,6 @@
 //! stand-in guest on a thread sends them and rings the `KvmDoorbell`'s ioeventfd, which is
 //! what KVM does on the guest's MMIO write.
 
-use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -11,15 +10,8 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmlink_channel::{AsyncDoorbell, Channel, ChannelError, Config, EventFdDoorbell};
 use vmlink_kvm::{KvmDoorbell, RingPages, host_channel};
 use vmlink_ring::init_control;
-use vmm_sys_util::eventfd::EventFd;
 
 const PACKETS: u32 = 2000;
-
-fn dup(fd: &EventFd) -> OwnedFd {
-    let raw = fd.try_clone().expect("dup").into_raw_fd();
-    // SAFETY: `into_raw_fd` handed us sole ownership of a freshly duplicated, open fd.
-    unsafe { OwnedFd::from_raw_fd(raw) }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_awaits_the_guests_doorbell() {
@@ -32,7 +24,10 @@ async fn host_awaits_the_guests_doorbell() {
     init_control(&rings.host_to_guest());
     let bell = KvmDoorbell::new(0x3000_0000, 5).unwrap();
     // The stand-in guest waits on the irqfd and rings the ioeventfd.
-    let guest_bell = EventFdDoorbell::from_fds(dup(bell.irq_fd()), dup(bell.ioevent_fd()));
+    let guest_bell = EventFdDoorbell::from_fds(
+        bell.irq_fd().try_clone().expect("dup"),
+        bell.ioevent_fd().try_clone().expect("dup"),
+    );
     let host = host_channel(&rings, &bell, Config::default()).expect("host channel");
 
     // Nothing rang yet: a wait is pending (and registers with the reactor).
