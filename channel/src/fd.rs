@@ -101,6 +101,14 @@ impl EventFd {
         Ok(Self(fd.into()))
     }
 
+    /// A new eventfd, counter 0, close-on-exec and blocking: [`drain`](Self::drain) sleeps
+    /// in `read(2)` until the counter is non-zero. For a thread that does nothing but wait
+    /// on it (the benchmarks' eventfd floor); doorbells use [`new`](Self::new).
+    pub fn blocking() -> io::Result<Self> {
+        let fd = nix::sys::eventfd::EventFd::from_flags(EfdFlags::EFD_CLOEXEC)?;
+        Ok(Self(fd.into()))
+    }
+
     /// Takes `fd` as an eventfd. It should be non-blocking: a blocking one makes a
     /// [`drain`](Self::drain) that finds the counter zero block.
     pub fn from_fd(fd: OwnedFd) -> Self {
@@ -126,7 +134,8 @@ impl EventFd {
 
     /// Reads the counter, resetting it. True when it was non-zero (the bell rang); false
     /// when it was zero (`EAGAIN`: nothing rang, or another reader took it). The value is
-    /// not used: 8 bytes read means "rang", any other length is an error.
+    /// not used: 8 bytes read means "rang", any other length is an error. A blocking
+    /// eventfd ([`blocking`](Self::blocking)) waits for a ring instead of returning false.
     pub fn drain(&self) -> Result<bool, DoorbellError> {
         let mut value = [0u8; 8];
         loop {

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use criterion::{Criterion, Throughput};
 use crossbeam_utils::CachePadded;
-use nix::sys::eventfd::{EfdFlags, EventFd};
+use vmlink_channel::fd::EventFd;
 use vmlink_channel::{Channel, Config, Doorbell, EventFdDoorbell, in_process_channel_pair};
 use vmlink_ring::{HeapMem, OutgoingPacket, Reader, Writer};
 
@@ -281,17 +281,17 @@ fn rtrb_pair(g: &mut Group<'_>) {
 }
 
 /// Raw eventfd ping-pong, blocking reads: the floor for a sleeping round trip. Carries no
-/// payload; each side sums the counter values it read.
+/// payload; each side counts the rings it read.
 fn eventfd_pingpong(g: &mut Group<'_>) {
-    let ping = Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC).expect("eventfd"));
-    let pong = Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC).expect("eventfd"));
+    let ping = Arc::new(EventFd::blocking().expect("eventfd"));
+    let pong = Arc::new(EventFd::blocking().expect("eventfd"));
     let peer = {
         let (ping, pong) = (Arc::clone(&ping), Arc::clone(&pong));
         Peer::spawn("eventfd-echo", move |n| {
             let mut sum = 0u64;
             for _ in 0..n {
-                sum += ping.read().expect("eventfd read");
-                pong.write(1).expect("eventfd write");
+                sum += u64::from(ping.drain().expect("eventfd read"));
+                pong.signal().expect("eventfd write");
             }
             sum
         })
@@ -303,8 +303,8 @@ fn eventfd_pingpong(g: &mut Group<'_>) {
         move |n| {
             let mut sum = 0u64;
             for _ in 0..n {
-                ping.write(1).expect("eventfd write");
-                sum += pong.read().expect("eventfd read");
+                ping.signal().expect("eventfd write");
+                sum += u64::from(pong.drain().expect("eventfd read"));
             }
             sum
         },
