@@ -87,10 +87,10 @@ pub use inproc::{InProcessDoorbell, in_process_pair};
 #[cfg(feature = "std")]
 mod inproc {
     use super::{AsyncDoorbell, Doorbell, DoorbellError, Wake};
+    use crate::sync::{AtomicBool, Condvar, Mutex, MutexGuard, Ordering};
     use core::task::{Context, Poll, Waker};
     use core::time::Duration;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+    use std::sync::Arc;
     use std::time::Instant;
 
     #[derive(Debug, Default)]
@@ -172,6 +172,9 @@ mod inproc {
 
         fn wait(&self, timeout: Option<Duration>) -> Result<Wake, DoorbellError> {
             let bell = self.mine();
+            // loom has no clock: in a model a timed wait never times out.
+            #[cfg(loom)]
+            let timeout: Option<Duration> = timeout.and(None);
             let deadline = timeout.map(|t| Instant::now() + t);
             let mut st = bell.lock();
             loop {

@@ -74,5 +74,8 @@ pub use fd::EventFdDoorbell;
 pub use fd::TokioDoorbell;
 #[cfg(feature = "std")]
 pub use pair::{InProcessChannel, in_process_channel_pair};
+#[cfg(all(loom, feature = "std"))]
+#[doc(hidden)]
+pub use sync::LoomHub;
 pub use txn::MAX_TRANSACTIONS;
 pub use vmlink_ring::{OutgoingPacket, PacketMeta, WriteSlot, protocol::PacketType};

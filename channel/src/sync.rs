@@ -3,14 +3,35 @@
 //! Locks guard short critical sections only (ring operations); nobody sleeps while holding
 //! one. With `std` they are `std::sync::Mutex` (poisoning ignored: ring state stays
 //! consistent because every ring call is all-or-nothing); without it, spin locks.
+//!
+//! Every atomic, mutex and condition variable of the crate comes from here, so that under
+//! `--cfg loom` they are loom's and `tests/loom.rs` model-checks the hub and the polling
+//! spinner. loom has no clock: its `Condvar::wait_timeout` waits until notified, and the
+//! in-process doorbell ignores its timeout, so in a model a timed wait never times out.
 
 #[cfg(feature = "alloc")]
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+pub(crate) use core::sync::atomic::Ordering;
 #[cfg(feature = "alloc")]
 use core::task::{Context, Poll, Waker};
 #[cfg(feature = "std")]
 use core::time::Duration;
+
+// The primitives: core's and std's, or loom's.
+#[cfg(not(loom))]
+pub(crate) use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64};
+#[cfg(loom)]
+pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64};
+
+#[cfg(all(feature = "alloc", not(loom)))]
+pub(crate) use core::sync::atomic::AtomicUsize;
+#[cfg(all(feature = "alloc", loom))]
+pub(crate) use loom::sync::atomic::AtomicUsize;
+
+#[cfg(all(feature = "std", loom))]
+pub(crate) use loom::sync::{Condvar, Mutex, MutexGuard};
+#[cfg(all(feature = "std", not(loom)))]
+pub(crate) use std::sync::{Condvar, Mutex, MutexGuard};
 
 #[cfg(feature = "alloc")]
 use crate::doorbell::AsyncDoorbell;
@@ -19,16 +40,28 @@ use crate::doorbell::DoorbellError;
 #[cfg(feature = "std")]
 use crate::doorbell::{Doorbell, Wake};
 
+/// Stands between a `SeqCst` store and a `SeqCst` load of another atomic where the hub
+/// relies on their single total order (a waiter raises the count then reads the
+/// generation; an announcer bumps the generation then reads the count). A normal build
+/// needs nothing here and gets nothing. loom treats `SeqCst` accesses as `AcqRel` (so it
+/// would report lost wake-ups that cannot happen) but models `fence(SeqCst)` fully, so under
+/// loom a fence stands in for that order.
+#[inline(always)]
+fn seq_cst_order() {
+    #[cfg(loom)]
+    loom::sync::atomic::fence(Ordering::SeqCst);
+}
+
 /// A mutual-exclusion lock.
 #[derive(Debug, Default)]
 pub(crate) struct Lock<T>(
-    #[cfg(feature = "std")] std::sync::Mutex<T>,
+    #[cfg(feature = "std")] Mutex<T>,
     #[cfg(not(feature = "std"))] spin::Mutex<T>,
 );
 
 /// A held lock.
 #[cfg(feature = "std")]
-pub(crate) type Guard<'a, T> = std::sync::MutexGuard<'a, T>;
+pub(crate) type Guard<'a, T> = MutexGuard<'a, T>;
 /// A held lock.
 #[cfg(not(feature = "std"))]
 pub(crate) type Guard<'a, T> = spin::MutexGuard<'a, T>;
@@ -36,7 +69,7 @@ pub(crate) type Guard<'a, T> = spin::MutexGuard<'a, T>;
 impl<T> Lock<T> {
     pub(crate) fn new(value: T) -> Self {
         #[cfg(feature = "std")]
-        return Self(std::sync::Mutex::new(value));
+        return Self(Mutex::new(value));
         #[cfg(not(feature = "std"))]
         return Self(spin::Mutex::new(value));
     }
@@ -106,7 +139,7 @@ pub(crate) struct Hub {
     waiting: AtomicU32,
     state: Lock<HubState>,
     #[cfg(feature = "std")]
-    cv: std::sync::Condvar,
+    cv: Condvar,
 }
 
 impl Hub {
@@ -155,6 +188,7 @@ impl Hub {
     #[cfg(feature = "std")]
     pub(crate) fn announce(&self) -> bool {
         self.generation.fetch_add(1, Ordering::SeqCst);
+        seq_cst_order();
         self.waiting.load(Ordering::SeqCst) != 0
     }
 
@@ -164,6 +198,7 @@ impl Hub {
     /// one atomic add.
     pub(crate) fn notify<D: crate::doorbell::Doorbell + ?Sized>(&self, doorbell: &D) {
         self.generation.fetch_add(1, Ordering::SeqCst);
+        seq_cst_order();
         if self.waiting.load(Ordering::SeqCst) == 0 {
             return;
         }
@@ -195,6 +230,7 @@ impl Hub {
         if !st.sleeper {
             st.sleeper = true;
             self.recount(&st);
+            seq_cst_order();
             // An event announced before `waiting` rose was not seen as needing a wake:
             // look once more.
             if self.generation() != seen {
@@ -214,6 +250,7 @@ impl Hub {
         }
         st.cv_waiters += 1;
         self.recount(&st);
+        seq_cst_order();
         if self.generation() != seen {
             st.cv_waiters -= 1;
             self.recount(&st);
@@ -260,6 +297,7 @@ impl Hub {
             st.wakers.push(cx.waker().clone());
             self.recount(&st);
         }
+        seq_cst_order();
         // As in `wait`: an event announced before we were counted is seen now.
         if self.generation() != seen {
             return Poll::Ready(Ok(false));
@@ -276,5 +314,40 @@ impl Hub {
             w.wake();
         }
         self.recount(&st);
+    }
+}
+
+/// The real [`Hub`] behind a public face, under `--cfg loom` only, for the model checks in
+/// `tests/loom.rs` (the hub itself stays crate-private).
+#[cfg(all(loom, feature = "std"))]
+#[doc(hidden)]
+#[derive(Debug, Default)]
+pub struct LoomHub(Hub);
+
+#[cfg(all(loom, feature = "std"))]
+impl LoomHub {
+    /// `Hub::generation`.
+    pub fn generation(&self) -> u64 {
+        self.0.generation()
+    }
+
+    /// `Hub::announce`.
+    pub fn announce(&self) -> bool {
+        self.0.announce()
+    }
+
+    /// `Hub::notify`.
+    pub fn notify<D: Doorbell + ?Sized>(&self, doorbell: &D) {
+        self.0.notify(doorbell)
+    }
+
+    /// `Hub::wait`.
+    pub fn wait<D: Doorbell + ?Sized>(
+        &self,
+        doorbell: &D,
+        seen: u64,
+        timeout: Option<Duration>,
+    ) -> Result<bool, crate::doorbell::DoorbellError> {
+        self.0.wait(doorbell, seen, timeout)
     }
 }

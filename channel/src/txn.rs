@@ -9,7 +9,7 @@
 // Without `alloc` no caller can wait for a stored completion, so the waiting states go unused.
 #![cfg_attr(not(feature = "alloc"), allow(dead_code))]
 
-use core::sync::atomic::{AtomicU64, Ordering};
+use crate::sync::{AtomicU64, Ordering};
 
 /// How many transactions may be in flight on one channel at once.
 pub const MAX_TRANSACTIONS: usize = 64;

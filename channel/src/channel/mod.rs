@@ -2,9 +2,8 @@
 
 #[cfg(feature = "alloc")]
 use alloc::vec::Vec;
-#[cfg(feature = "alloc")]
-use core::sync::atomic::AtomicUsize;
-use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+// The counters' own: statistics that order nothing, so plain atomics even under loom.
+use core::sync::atomic::AtomicU64;
 use core::time::Duration;
 #[cfg(feature = "std")]
 use std::time::Instant;
@@ -22,6 +21,9 @@ use crate::packet::{
 };
 #[cfg(feature = "alloc")]
 use crate::queue::PacketQueue;
+#[cfg(feature = "alloc")]
+use crate::sync::AtomicUsize;
+use crate::sync::{AtomicBool, AtomicU8, Ordering};
 use crate::sync::{Guard, Hub, Lock};
 #[cfg(feature = "alloc")]
 use crate::txn::slot_index;
