@@ -79,7 +79,7 @@ impl<M: RingMem, D: AsyncDoorbell> Channel<M, D> {
 
     /// Sends any packet, waiting asynchronously for space.
     pub async fn send_packet_async(&self, packet: &OutgoingPacket<'_>) -> Result<(), ChannelError> {
-        let payload: usize = packet.payload.iter().map(|p| p.len()).sum();
+        let payload = packet.payload.len();
         loop {
             let seen = self.generation();
             match self.try_send_packet(packet) {
@@ -95,7 +95,7 @@ impl<M: RingMem, D: AsyncDoorbell> Channel<M, D> {
     /// Sends an in-band packet that asks for no completion, waiting asynchronously for
     /// space.
     pub async fn send_async(&self, payload: &[u8]) -> Result<(), ChannelError> {
-        self.send_packet_async(&OutgoingPacket::in_band(&[payload]))
+        self.send_packet_async(&OutgoingPacket::in_band_slice(payload))
             .await
     }
 

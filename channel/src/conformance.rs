@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use std::vec::Vec;
 
 use vmlink_ring::protocol::{FLAG_COMPLETION_REQUESTED, TransferPageHeader, TransferPageRange};
-use vmlink_ring::{OutgoingPacket, PacketMeta, RingMem};
+use vmlink_ring::{OutgoingPacket, PacketMeta, Payload, RingMem};
 use zerocopy::IntoBytes;
 
 use crate::channel::{Channel, ChannelState, Config};
@@ -654,7 +654,7 @@ fn transfer_a<M: RingMem, D: Doorbell>(e: End<M, D>) {
         let packet = OutgoingPacket {
             meta,
             header: &header,
-            payload: &[],
+            payload: Payload::EMPTY,
         };
         ch.send_packet(&packet, soon()).expect("send");
     }

@@ -78,4 +78,6 @@ pub use pair::{InProcessChannel, in_process_channel_pair};
 #[doc(hidden)]
 pub use sync::LoomHub;
 pub use txn::MAX_TRANSACTIONS;
-pub use vmlink_ring::{OutgoingPacket, PacketMeta, WriteSlot, protocol::PacketType};
+pub use vmlink_ring::{
+    OutgoingPacket, PacketMeta, Payload, RawPacket, WriteSlot, protocol::PacketType,
+};

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use vmlink_channel::packet::{GpaRange, PacketError, parse_gpa_header};
 use vmlink_channel::{
     Channel, ChannelError, ChannelState, Config, FailureCause, InProcessDoorbell, OutgoingPacket,
-    PacketMeta, PacketType, ProtocolError, in_process_pair,
+    PacketMeta, PacketType, Payload, ProtocolError, in_process_pair,
 };
 use vmlink_ring::{ControlWord, HeapMem, RingMem};
 
@@ -201,7 +201,7 @@ fn send_raw(a: &Honest, packet_type: PacketType, header: &[u8]) {
             transaction_id: 0,
         },
         header,
-        payload: &[b"x"],
+        payload: Payload::Bytes(b"x"),
     };
     a.try_send_packet(&packet).unwrap();
 }

@@ -12,14 +12,14 @@ use std::time::{Duration, Instant};
 
 use vmlink_ring::area::{AreaError, AreaLayout, Region, Version};
 use vmlink_ring::protocol::{CONTROL_PAGE_SIZE, FLAG_COMPLETION_REQUESTED, PacketType};
-use vmlink_ring::{HeapMem, OutgoingPacket, PacketMeta, RingError, Writer};
+use vmlink_ring::{HeapMem, OutgoingPacket, PacketMeta, Payload, RingError, Writer};
 
 /// A ring with 16 KiB of data holding: in-band "hello" (32 bytes of ring at 0x0), a
 /// request with transaction id 7 (at 0x20), and in-band "bye".
 fn image() -> Vec<u8> {
     let mem = HeapMem::new(4 * 4096).unwrap();
     let mut w = Writer::new(&mem).unwrap();
-    w.push(&OutgoingPacket::in_band(&[b"hello"])).unwrap();
+    w.push(&OutgoingPacket::in_band_slice(b"hello")).unwrap();
     let request = OutgoingPacket {
         meta: PacketMeta {
             packet_type: PacketType::InBand,
@@ -27,10 +27,10 @@ fn image() -> Vec<u8> {
             transaction_id: 7,
         },
         header: &[],
-        payload: &[b"ping1234"],
+        payload: Payload::Bytes(b"ping1234"),
     };
     w.push(&request).unwrap();
-    w.push(&OutgoingPacket::in_band(&[b"bye"])).unwrap();
+    w.push(&OutgoingPacket::in_band_slice(b"bye")).unwrap();
     let _ = w.commit();
     mem.to_image()
 }
@@ -188,7 +188,7 @@ fn a_gpa_range_count_past_the_header_is_said_in_words() {
             transaction_id: 1,
         },
         header: &header,
-        payload: &[b"data"],
+        payload: Payload::Bytes(b"data"),
     };
     w.push(&packet).unwrap();
     let _ = w.commit();
@@ -239,7 +239,7 @@ fn gpa_ranges_list_their_pages_plainly() {
             transaction_id: 1,
         },
         header: &header,
-        payload: &[],
+        payload: Payload::EMPTY,
     };
     w.push(&packet).unwrap();
     let _ = w.commit();

@@ -198,6 +198,14 @@ pub enum WriteError {
         /// Size of the region.
         size: usize,
     },
+    /// A `pending_send_size` that no amount of free space could exceed.
+    #[error("a pending send size of {bytes} bytes is not below the {data_len}-byte data area")]
+    PendingSendSizeTooLarge {
+        /// The size asked for.
+        bytes: usize,
+        /// The data area's length.
+        data_len: usize,
+    },
     /// The peer corrupted the ring.
     #[error("the ring is corrupt: {0}")]
     Corrupt(#[from] RingError),

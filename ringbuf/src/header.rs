@@ -7,6 +7,9 @@
 //! Sending: [`GpaHeader`] and [`TransferPagesHeader`] check ranges once and write the exact
 //! header bytes into a caller's buffer ([`GpaHeader::write_to`]) or through a callback
 //! ([`GpaHeader::encode`], which fills a reserved packet in place); nothing is allocated.
+//! [`OutgoingPacket::gpa_direct`](crate::OutgoingPacket::gpa_direct) and
+//! [`OutgoingPacket::transfer_pages`](crate::OutgoingPacket::transfer_pages) build whole
+//! packets with them.
 //!
 //! Receiving: parsing works on bytes already copied out of the ring, so each value is read
 //! once; every count, offset and page number is checked with checked arithmetic against the
@@ -946,7 +949,10 @@ mod tests {
                 limit: 42
             }
         );
-        assert_eq!(GpaHeader::new(&[], None).unwrap_err(), PacketError::NoRanges);
+        assert_eq!(
+            GpaHeader::new(&[], None).unwrap_err(),
+            PacketError::NoRanges
+        );
     }
 
     #[test]
@@ -961,10 +967,7 @@ mod tests {
         };
         let fits = (MAX_HEADER_LEN - 8) / 16;
         let ranges = alloc::vec![one; fits + 1];
-        assert_eq!(
-            gpa_header_len(&ranges[..fits], None),
-            Ok(8 + 16 * fits)
-        );
+        assert_eq!(gpa_header_len(&ranges[..fits], None), Ok(8 + 16 * fits));
         assert!(8 + 16 * fits <= MAX_HEADER_LEN);
         assert_eq!(
             gpa_header_len(&ranges, None),

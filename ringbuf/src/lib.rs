@@ -102,4 +102,4 @@ pub use mem::{
 };
 pub use reader::{IncomingPacket, PacketInfo, Reader};
 pub use ring::{Signal, WaitDecision, init_control, reader_needs_signal, writer_needs_signal};
-pub use writer::{OutgoingPacket, PacketMeta, WriteSlot, Writer};
+pub use writer::{OutgoingPacket, PacketMeta, Payload, RawPacket, WriteSlot, Writer};

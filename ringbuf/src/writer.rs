@@ -1,6 +1,7 @@
 //! The writing half of a ring.
 
 use crate::error::{Index, RingError, WriteError};
+use crate::header::{GpaHeader, PacketError, TransferPagesHeader};
 use crate::mem::{ControlWord, RingMem};
 use crate::protocol::{
     DESCRIPTOR_SIZE, KNOWN_FLAGS, PacketDescriptor, PacketType, TRAILER_SIZE, max_packet_len,
@@ -32,31 +33,166 @@ impl PacketMeta {
     }
 }
 
+/// The payload of an [`OutgoingPacket`]: one slice, or several gathered in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Payload<'a> {
+    /// One contiguous slice.
+    Bytes(&'a [u8]),
+    /// Slices gathered in order, as if they were one.
+    Gather(&'a [&'a [u8]]),
+}
+
+impl Payload<'_> {
+    /// No payload.
+    pub const EMPTY: Payload<'static> = Payload::Bytes(&[]);
+
+    /// Length in bytes (before padding); `usize::MAX` if the gathered lengths overflow,
+    /// which no ring carries.
+    #[inline]
+    pub fn len(&self) -> usize {
+        match self {
+            Payload::Bytes(bytes) => bytes.len(),
+            Payload::Gather(parts) => parts.iter().fold(0, |n, p| n.saturating_add(p.len())),
+        }
+    }
+
+    /// True when there are no bytes.
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Default for Payload<'_> {
+    fn default() -> Self {
+        Payload::EMPTY
+    }
+}
+
+impl<'a> From<&'a [u8]> for Payload<'a> {
+    fn from(bytes: &'a [u8]) -> Self {
+        Payload::Bytes(bytes)
+    }
+}
+
+impl<'a, const N: usize> From<&'a [u8; N]> for Payload<'a> {
+    fn from(bytes: &'a [u8; N]) -> Self {
+        Payload::Bytes(bytes)
+    }
+}
+
+impl<'a> From<&'a [&'a [u8]]> for Payload<'a> {
+    fn from(parts: &'a [&'a [u8]]) -> Self {
+        Payload::Gather(parts)
+    }
+}
+
 /// A packet to copy into the ring: descriptor fields, an optional extra header (GPA ranges,
-/// transfer-page ranges; a multiple of 8 bytes) and a payload gathered from slices.
+/// transfer-page ranges; a multiple of 8 bytes) and a payload.
+///
+/// ```
+/// use vmlink_ring::header::{GpaHeader, GpaRange};
+/// use vmlink_ring::{HeapMem, OutgoingPacket, Reader, Writer};
+/// use vmlink_ring::protocol::PacketType;
+///
+/// let ring = HeapMem::new(4 * 4096)?;
+/// let (mut writer, mut reader) = (Writer::new(&ring)?, Reader::new(&ring)?);
+/// writer.push(&OutgoingPacket::in_band_slice(b"one slice"))?;
+///
+/// let ranges = [GpaRange { byte_offset: 0, byte_count: 4096, pages: &[9] }];
+/// let mut scratch = [0u8; 32];
+/// let packet = OutgoingPacket::gpa_direct(&GpaHeader::new(&ranges, None)?, &mut scratch, b"tag")?;
+/// let _signal = writer.write(&packet)?;
+///
+/// assert_eq!(reader.peek()?.expect("in-band").info().payload_len(), 16);
+/// reader.peek()?.expect("in-band").consume();
+/// let gpa = reader.peek()?.expect("GPA direct");
+/// assert_eq!(gpa.info().packet_type(), PacketType::GpaDirect);
+/// assert_eq!(gpa.info().header_len(), 24);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone, Copy)]
 pub struct OutgoingPacket<'a> {
     /// Descriptor fields.
     pub meta: PacketMeta,
     /// Bytes between the descriptor and the payload; `data_offset` points past them.
     pub header: &'a [u8],
-    /// The payload, gathered from these slices in order and padded with zeros to 8 bytes.
-    pub payload: &'a [&'a [u8]],
+    /// The payload, padded with zeros to 8 bytes.
+    pub payload: Payload<'a>,
 }
 
 impl<'a> OutgoingPacket<'a> {
-    /// An in-band packet carrying `payload`.
+    /// An in-band packet carrying the concatenation of `payload`'s slices.
     pub const fn in_band(payload: &'a [&'a [u8]]) -> Self {
         Self {
             meta: PacketMeta::in_band(),
             header: &[],
-            payload,
+            payload: Payload::Gather(payload),
         }
     }
 
-    fn payload_len(&self) -> usize {
-        self.payload.iter().map(|p| p.len()).sum()
+    /// An in-band packet carrying `payload`.
+    pub const fn in_band_slice(payload: &'a [u8]) -> Self {
+        Self {
+            meta: PacketMeta::in_band(),
+            header: &[],
+            payload: Payload::Bytes(payload),
+        }
     }
+
+    /// A GPA-direct packet: `header`'s bytes, written into the front of `scratch`, then
+    /// `payload`. It asks for no completion; set [`meta`](Self::meta)'s flags and
+    /// transaction id for a request.
+    pub fn gpa_direct(
+        header: &GpaHeader<'_>,
+        scratch: &'a mut [u8],
+        payload: &'a [u8],
+    ) -> Result<Self, PacketError> {
+        Ok(Self {
+            meta: PacketMeta {
+                packet_type: PacketType::GpaDirect,
+                ..PacketMeta::in_band()
+            },
+            header: header.write_to(scratch)?,
+            payload: Payload::Bytes(payload),
+        })
+    }
+
+    /// A transfer-page packet: `header`'s bytes, written into the front of `scratch`, then
+    /// `payload`. It asks for no completion; set [`meta`](Self::meta)'s flags and
+    /// transaction id for a request.
+    pub fn transfer_pages(
+        header: &TransferPagesHeader<'_>,
+        scratch: &'a mut [u8],
+        payload: &'a [u8],
+    ) -> Result<Self, PacketError> {
+        Ok(Self {
+            meta: PacketMeta {
+                packet_type: PacketType::TransferPages,
+                ..PacketMeta::in_band()
+            },
+            header: header.write_to(scratch)?,
+            payload: Payload::Bytes(payload),
+        })
+    }
+
+    /// The packet's length in the ring (descriptor, header and padded payload; trailer
+    /// excluded); `None` on overflow.
+    #[inline]
+    pub fn packet_len(&self) -> Option<usize> {
+        packet_len(self.header.len(), self.payload.len())
+    }
+}
+
+/// A packet written exactly as given, descriptor included, for tests, fuzzers and probes
+/// that play a peer breaking the rules (see [`Writer::push_raw`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawPacket<'a> {
+    /// Written as is: any type, flags, data offset and length, valid or not.
+    pub descriptor: PacketDescriptor,
+    /// Everything after the descriptor (extra header and payload), padded with zeros to 8
+    /// bytes. Its length, not the descriptor's, is what the packet takes in the ring.
+    pub body: &'a [u8],
 }
 
 /// The writing half of a ring: puts packets in, publishes them, and says when to signal.
@@ -213,7 +349,6 @@ impl<M: RingMem> Writer<M> {
     ) -> Result<WriteSlot<'_, M>, WriteError> {
         let len = self.packet_len_for(&meta, header_len, payload_len)?;
         self.claim(len)?;
-        let start = self.tail;
         let descriptor = PacketDescriptor {
             packet_type: meta.packet_type.raw(),
             // Both fit: `len <= 524_280` bytes, i.e. at most u16::MAX 8-byte units.
@@ -222,6 +357,20 @@ impl<M: RingMem> Writer<M> {
             flags: meta.flags,
             transaction_id: meta.transaction_id,
         };
+        Ok(self.start_packet(&descriptor, len, header_len, payload_len))
+    }
+
+    /// Writes the descriptor and the zero padding of a `len`-byte packet whose room was
+    /// claimed at the tail.
+    #[inline]
+    fn start_packet(
+        &mut self,
+        descriptor: &PacketDescriptor,
+        len: usize,
+        header_len: usize,
+        payload_len: usize,
+    ) -> WriteSlot<'_, M> {
+        let start = self.tail;
         write_wrapped(&self.mem, self.geo, start, descriptor.as_bytes());
         let body_len = header_len + payload_len;
         if !body_len.is_multiple_of(8) {
@@ -229,24 +378,71 @@ impl<M: RingMem> Writer<M> {
             let last = self.geo.advance(start, len - 8);
             write_wrapped(&self.mem, self.geo, last, &[0; 8]);
         }
-        Ok(WriteSlot {
+        WriteSlot {
             writer: self,
             start,
             len,
             header_len,
             payload_len,
-        })
+        }
     }
 
     /// Appends a packet without publishing it; [`commit`](Self::commit) publishes.
     pub fn push(&mut self, packet: &OutgoingPacket<'_>) -> Result<(), WriteError> {
-        let mut slot = self.reserve(packet.meta, packet.header.len(), packet.payload_len())?;
+        let mut slot = self.reserve(packet.meta, packet.header.len(), packet.payload.len())?;
         slot.write_header(0, packet.header)?;
-        let mut at = 0;
-        for part in packet.payload {
-            slot.write_payload(at, part)?;
-            at += part.len();
+        match packet.payload {
+            Payload::Bytes(bytes) => slot.write_payload(0, bytes)?,
+            Payload::Gather(parts) => {
+                let mut at = 0;
+                for part in parts {
+                    slot.write_payload(at, part)?;
+                    at += part.len();
+                }
+            }
         }
+        slot.finish();
+        Ok(())
+    }
+
+    /// Appends a packet whose descriptor is written exactly as given, without publishing
+    /// it; [`commit`](Self::commit) publishes.
+    ///
+    /// For tests, fuzzers and probes that play a peer breaking the rules: the descriptor
+    /// may name any type, flags, data offset and length, valid or not, and nothing is
+    /// checked but the room the packet takes. That room is the descriptor, the body
+    /// padded to 8 bytes and the trailer (which holds the packet's start, as always),
+    /// whatever the descriptor claims, so the writer's own state stays sound and the
+    /// packets pushed after this one land where a reader that skipped this one by its real
+    /// size would find them. A reader that believes the descriptor may be misled: that is
+    /// the point.
+    ///
+    /// ```
+    /// use vmlink_ring::protocol::PacketDescriptor;
+    /// use vmlink_ring::{HeapMem, RawPacket, Reader, RingError, Writer};
+    ///
+    /// let ring = HeapMem::new(4096)?;
+    /// let (mut writer, mut reader) = (Writer::new(&ring)?, Reader::new(&ring)?);
+    /// let lie = PacketDescriptor { packet_type: 6, data_offset8: 2, length8: 200, ..Default::default() };
+    /// writer.push_raw(&RawPacket { descriptor: lie, body: b"short" })?;
+    /// let _ = writer.commit();
+    /// assert!(matches!(reader.peek(), Err(RingError::LengthPastAvailable { length: 1600, .. })));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn push_raw(&mut self, packet: &RawPacket<'_>) -> Result<(), WriteError> {
+        let max = self.max_packet_len();
+        let len = match packet_len(0, packet.body.len()) {
+            Some(len) if len <= max => len,
+            len => {
+                return Err(WriteError::TooLarge {
+                    len: len.unwrap_or(usize::MAX),
+                    max,
+                });
+            }
+        };
+        self.claim(len)?;
+        let mut slot = self.start_packet(&packet.descriptor, len, 0, packet.body.len());
+        slot.write_payload(0, packet.body)?;
         slot.finish();
         Ok(())
     }
@@ -284,6 +480,61 @@ impl<M: RingMem> Writer<M> {
     /// Drops every packet added since the last commit.
     pub fn revert(&mut self) {
         self.tail = self.published;
+    }
+
+    /// Sets `pending_send_size` to exactly `bytes`: the reader then signals when one of
+    /// its commits makes the free space go from `bytes` or less to more than `bytes`
+    /// (and not otherwise), provided the ring's `feature_bits` bit 0 is set.
+    ///
+    /// For a writer that chooses its own threshold; [`prepare_wait`](Self::prepare_wait)
+    /// picks one with hysteresis instead. Issues a full fence after the store, so a
+    /// [`free_space`](Self::free_space) check made next either sees the room the reader
+    /// frees or the reader sees this value and signals: re-check before sleeping. The next
+    /// successful reservation clears it, as does
+    /// [`clear_pending_send_size`](Self::clear_pending_send_size); 0 clears it at once.
+    /// `bytes` must be below the data length (more is never free), else
+    /// [`WriteError::PendingSendSizeTooLarge`] and nothing is stored.
+    ///
+    /// ```
+    /// use vmlink_ring::{HeapMem, OutgoingPacket, Reader, Writer};
+    ///
+    /// let ring = HeapMem::new(4096)?;
+    /// let (mut writer, mut reader) = (Writer::new(&ring)?, Reader::new(&ring)?);
+    /// for _ in 0..3 {
+    ///     writer.push(&OutgoingPacket::in_band_slice(&[7; 1000]))?; // 1024 bytes each
+    /// }
+    /// let _ = writer.commit();
+    /// writer.set_pending_send_size(2048)?; // 4096 - 3 * 1024 = 1024 bytes free now
+    ///
+    /// let mut buf = [0u8; 1000];
+    /// let (_, signal) = reader.read_into(&mut buf)?.expect("a packet");
+    /// assert!(!signal.is_needed(), "2048 bytes free: not more than 2048 yet");
+    /// let (_, signal) = reader.read_into(&mut buf)?.expect("a packet");
+    /// assert!(signal.is_needed(), "3072 bytes free: past 2048");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn set_pending_send_size(&mut self, bytes: usize) -> Result<(), WriteError> {
+        if bytes == 0 {
+            self.clear_pending_send_size();
+            return Ok(());
+        }
+        let data_len = self.geo.len();
+        if bytes >= data_len {
+            return Err(WriteError::PendingSendSizeTooLarge { bytes, data_len });
+        }
+        // Below the data length, which fits in u32.
+        self.mem
+            .store_control(ControlWord::PendingSendSize, bytes as u32);
+        self.pending_armed = true;
+        // Pairs with the reader's fence in `Reader::commit`, as in `prepare_wait`.
+        fence(Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Clears `pending_send_size`: the reader no longer signals for free space.
+    pub fn clear_pending_send_size(&mut self) {
+        self.mem.store_control(ControlWord::PendingSendSize, 0);
+        self.pending_armed = false;
     }
 
     /// Prepares to sleep until a packet with `header_len` bytes of extra header and
@@ -413,5 +664,249 @@ impl<'w, M: RingMem> WriteSlot<'w, M> {
         );
         writer.tail = writer.geo.advance(trailer_at, TRAILER_SIZE);
         writer
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::error::RingError;
+    use crate::header::{GpaRange, parse_gpa_header, parse_transfer_page_header};
+    use crate::protocol::TransferPageRange;
+    use crate::{HeapMem, Reader};
+
+    /// One packet of `payload` bytes takes `16 + payload + 8` bytes of ring.
+    fn fill(writer: &mut Writer<&HeapMem>, packets: usize, payload: usize) {
+        let bytes = alloc::vec![0x5A; payload];
+        for _ in 0..packets {
+            writer.push(&OutgoingPacket::in_band_slice(&bytes)).unwrap();
+        }
+        let _ = writer.commit();
+    }
+
+    #[test]
+    fn pending_send_size_is_exact_and_signals_on_crossing_only() {
+        let ring = HeapMem::new(4096).unwrap();
+        let mut writer = Writer::new(&ring).unwrap();
+        let mut reader = Reader::new(&ring).unwrap();
+        // 12 packets of 312 bytes: 3744 used, 352 free.
+        fill(&mut writer, 12, 288);
+        assert_eq!(writer.free_space().unwrap(), 352);
+        // Below a quarter of the ring, which `prepare_wait` would have raised it to.
+        let threshold = 1000;
+        writer.set_pending_send_size(threshold).unwrap();
+        assert_eq!(ring.load_control(ControlWord::PendingSendSize), 1000);
+
+        let mut free = 352;
+        let mut signals = 0;
+        let mut buf = [0u8; 288];
+        while let Some((_, signal)) = reader.read_into(&mut buf).unwrap() {
+            let before = free;
+            free += 312;
+            let crossed = before <= threshold && threshold < free;
+            assert_eq!(signal.is_needed(), crossed, "free {before} -> {free}");
+            signals += usize::from(signal.is_needed());
+        }
+        assert_eq!(signals, 1, "exactly one commit crosses the threshold");
+        assert_eq!(free, 4096);
+
+        // Cleared: nothing signals however much is freed.
+        fill(&mut writer, 12, 288);
+        writer.set_pending_send_size(1000).unwrap();
+        writer.clear_pending_send_size();
+        assert_eq!(ring.load_control(ControlWord::PendingSendSize), 0);
+        while let Some((_, signal)) = reader.read_into(&mut buf).unwrap() {
+            assert!(!signal.is_needed());
+        }
+
+        // Exactly at the threshold is not past it: free goes 352 -> 664 -> 976 -> 1288,
+        // and with a threshold of 976 the third commit, not the second, signals.
+        fill(&mut writer, 12, 288);
+        writer.set_pending_send_size(976).unwrap();
+        let signalled: alloc::vec::Vec<bool> = (0..4)
+            .map(|_| {
+                let (_, signal) = reader.read_into(&mut buf).unwrap().unwrap();
+                signal.is_needed()
+            })
+            .collect();
+        assert_eq!(signalled, [false, false, true, false]);
+    }
+
+    #[test]
+    fn pending_send_size_bounds_and_clearing() {
+        let ring = HeapMem::new(4096).unwrap();
+        let mut writer = Writer::new(&ring).unwrap();
+        assert_eq!(
+            writer.set_pending_send_size(4096).unwrap_err(),
+            WriteError::PendingSendSizeTooLarge {
+                bytes: 4096,
+                data_len: 4096
+            }
+        );
+        assert_eq!(ring.load_control(ControlWord::PendingSendSize), 0);
+        writer.set_pending_send_size(4095).unwrap();
+        assert_eq!(ring.load_control(ControlWord::PendingSendSize), 4095);
+        writer.set_pending_send_size(0).unwrap();
+        assert_eq!(ring.load_control(ControlWord::PendingSendSize), 0);
+        // The next successful reservation clears it, as after `prepare_wait`.
+        writer.set_pending_send_size(64).unwrap();
+        writer.push(&OutgoingPacket::in_band_slice(b"go")).unwrap();
+        assert_eq!(ring.load_control(ControlWord::PendingSendSize), 0);
+    }
+
+    #[test]
+    fn single_slice_and_gathered_payloads_write_the_same_bytes() {
+        let a = HeapMem::new(4096).unwrap();
+        let b = HeapMem::new(4096).unwrap();
+        let (mut wa, mut wb) = (Writer::new(&a).unwrap(), Writer::new(&b).unwrap());
+        let _ = wa
+            .write(&OutgoingPacket::in_band_slice(b"hello, guest"))
+            .unwrap();
+        let _ = wb
+            .write(&OutgoingPacket::in_band(&[b"hello, ", b"guest"]))
+            .unwrap();
+        assert_eq!(a.to_image(), b.to_image());
+        assert_eq!(Payload::from(b"abc").len(), 3);
+        assert_eq!(Payload::Gather(&[b"ab", b"c"]).len(), 3);
+        assert!(Payload::default().is_empty());
+        assert_eq!(
+            OutgoingPacket::in_band_slice(b"hello, guest").packet_len(),
+            Some(32)
+        );
+    }
+
+    #[test]
+    fn gpa_direct_and_transfer_page_packets() {
+        let ring = HeapMem::new(4096).unwrap();
+        let mut writer = Writer::new(&ring).unwrap();
+        let mut reader = Reader::new(&ring).unwrap();
+        let ranges = [GpaRange {
+            byte_offset: 8,
+            byte_count: 4096,
+            pages: &[4, 5],
+        }];
+        let gpa = GpaHeader::new(&ranges, Some(6)).unwrap();
+        let mut scratch = [0u8; 64];
+        let mut packet = OutgoingPacket::gpa_direct(&gpa, &mut scratch, b"payload").unwrap();
+        packet.meta.flags = crate::protocol::FLAG_COMPLETION_REQUESTED;
+        packet.meta.transaction_id = 77;
+        writer.push(&packet).unwrap();
+        let xfer_ranges = [TransferPageRange {
+            byte_count: 10,
+            byte_offset: 20,
+        }];
+        let xfer = TransferPagesHeader::new(1, true, &xfer_ranges).unwrap();
+        let mut scratch = [0u8; 16];
+        writer
+            .push(&OutgoingPacket::transfer_pages(&xfer, &mut scratch, &[]).unwrap())
+            .unwrap();
+        let _ = writer.commit();
+
+        let p = reader.peek().unwrap().unwrap();
+        let info = *p.info();
+        assert_eq!(info.packet_type(), PacketType::GpaDirect);
+        assert_eq!(
+            (info.transaction_id(), info.completion_requested()),
+            (77, true)
+        );
+        let mut header = [0u8; 32];
+        p.read_header(0, &mut header).unwrap();
+        let range = parse_gpa_header(&header, Some(6)).unwrap().next().unwrap();
+        assert_eq!((range.byte_offset, range.byte_count), (8, 4096));
+        assert!(range.pages().eq([4, 5]));
+        let mut payload = [0u8; 8];
+        p.read_payload(0, &mut payload).unwrap();
+        assert_eq!(&payload[..7], b"payload");
+        p.consume();
+
+        let p = reader.peek().unwrap().unwrap();
+        assert_eq!(p.info().packet_type(), PacketType::TransferPages);
+        assert_eq!(p.info().payload_len(), 0);
+        let mut header = [0u8; 16];
+        p.read_header(0, &mut header).unwrap();
+        let t = parse_transfer_page_header(&header).unwrap();
+        assert_eq!((t.pageset_id, t.sender_owns_set), (1, true));
+        assert!(t.ranges().eq(xfer_ranges));
+
+        // A scratch buffer too short for the header is a typed error.
+        let mut short = [0u8; 8];
+        assert_eq!(
+            OutgoingPacket::gpa_direct(&gpa, &mut short, &[]).unwrap_err(),
+            PacketError::BufferTooSmall {
+                needed: 32,
+                capacity: 8
+            }
+        );
+    }
+
+    #[test]
+    fn raw_packets_take_their_real_size_whatever_the_descriptor_says() {
+        let ring = HeapMem::new(4096).unwrap();
+        let mut writer = Writer::new(&ring).unwrap();
+        let mut reader = Reader::new(&ring).unwrap();
+        // Unknown type, unknown flags, and lengths that lie in both directions.
+        let lies = [
+            PacketDescriptor {
+                packet_type: 0x77,
+                data_offset8: 1,
+                length8: 0,
+                flags: 0xFFFF,
+                transaction_id: u64::MAX,
+            },
+            PacketDescriptor {
+                packet_type: 6,
+                data_offset8: 2,
+                length8: u16::MAX,
+                flags: 0,
+                transaction_id: 1,
+            },
+        ];
+        for d in &lies {
+            writer
+                .push_raw(&RawPacket {
+                    descriptor: *d,
+                    body: b"thirteen byte",
+                })
+                .unwrap();
+        }
+        // Each took 16 + 16 + 8 bytes, so a real packet follows at 80.
+        writer
+            .push(&OutgoingPacket::in_band_slice(b"honest"))
+            .unwrap();
+        let _ = writer.commit();
+        assert_eq!(writer.published_index(), 80 + 32);
+
+        // The descriptors and padded bodies are in the ring exactly as given.
+        let image = ring.to_image();
+        let data = &image[4096..];
+        assert_eq!(&data[..16], lies[0].as_bytes());
+        assert_eq!(&data[16..32], b"thirteen byte\0\0\0");
+        assert_eq!(&data[32..40], &trailer_for(0).to_le_bytes());
+        assert_eq!(&data[40..56], lies[1].as_bytes());
+        assert_eq!(&data[72..80], &trailer_for(40).to_le_bytes());
+
+        // The reader refuses the first packet by its type.
+        assert_eq!(
+            reader.peek().unwrap_err(),
+            RingError::UnknownPacketType {
+                offset: 0,
+                packet_type: 0x77
+            }
+        );
+        // The writer is unharmed: it keeps writing where it should, and refuses what the
+        // ring cannot hold.
+        assert_eq!(writer.free_space().unwrap(), 4096 - 112);
+        let huge = alloc::vec![0u8; 4096];
+        assert!(matches!(
+            writer.push_raw(&RawPacket {
+                descriptor: PacketDescriptor::default(),
+                body: &huge,
+            }),
+            Err(WriteError::TooLarge {
+                len: 4112,
+                max: 4080
+            })
+        ));
+        assert!(!writer.has_uncommitted());
     }
 }

@@ -39,7 +39,7 @@ use std::ptr::{self, NonNull};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 use vmlink_ring::protocol::{CONTROL_PAGE_SIZE, PacketType, TRAILER_SIZE, packet_len};
-use vmlink_ring::{OutgoingPacket, PacketInfo, PacketMeta, Reader, SliceMem, Writer};
+use vmlink_ring::{OutgoingPacket, PacketInfo, PacketMeta, Payload, Reader, SliceMem, Writer};
 
 /// The ring's data area: four pages.
 const DATA_LEN: usize = 16 * 1024;
@@ -474,7 +474,7 @@ fn child_writer() {
             .write(&OutgoingPacket {
                 meta,
                 header: &[],
-                payload: &[&payload[..len]],
+                payload: Payload::Bytes(&payload[..len]),
             })
             .expect("write a packet into free space");
     }

@@ -12,7 +12,8 @@ use proptest::prelude::*;
 use vmlink_ring::protocol::{PacketDescriptor, PacketType};
 use vmlink_ring::{
     ControlWord, ControlWords, HeapMem, Index, LayoutError, OutgoingPacket, PacketMeta,
-    PageListMem, ReadError, Reader, RingError, RingMem, SliceMem, WriteError, Writer,
+    PageListMem, Payload, RawPacket, ReadError, Reader, RingError, RingMem, SliceMem, WriteError,
+    Writer,
 };
 
 const DATA: usize = 4096;
@@ -21,7 +22,9 @@ const DATA: usize = 4096;
 fn ring_with_one_packet() -> HeapMem {
     let ring = HeapMem::new(DATA).unwrap();
     let mut w = Writer::new(&ring).unwrap();
-    let _ = w.write(&OutgoingPacket::in_band(&[b"8 bytes!"])).unwrap();
+    let _ = w
+        .write(&OutgoingPacket::in_band_slice(b"8 bytes!"))
+        .unwrap();
     ring
 }
 
@@ -148,6 +151,107 @@ fn unknown_flags() {
             },
         );
     }
+}
+
+/// The descriptor rules again, broken by a peer that writes its packets with
+/// [`Writer::push_raw`] instead of by hand: each bad packet is refused by its own rule, and
+/// the raw writer stays sound (a valid raw packet reads back as written).
+#[test]
+fn raw_packets_break_each_descriptor_rule() {
+    let good = PacketDescriptor {
+        packet_type: PacketType::InBand.raw(),
+        data_offset8: 2,
+        length8: 3,
+        flags: 0,
+        transaction_id: 9,
+    };
+    type Corrupt = fn(&mut PacketDescriptor);
+    let cases: [(Corrupt, RingError); 5] = [
+        (
+            |d| d.data_offset8 = 1,
+            RingError::DataOffsetTooSmall {
+                offset: 0,
+                data_offset: 8,
+            },
+        ),
+        (
+            |d| d.data_offset8 = 4,
+            RingError::DataOffsetPastLength {
+                offset: 0,
+                data_offset: 32,
+                length: 24,
+            },
+        ),
+        (
+            |d| d.length8 = u16::MAX,
+            RingError::LengthPastAvailable {
+                offset: 0,
+                length: 524_280,
+                available: 32,
+            },
+        ),
+        (
+            |d| d.packet_type = 0x0D,
+            RingError::UnknownPacketType {
+                offset: 0,
+                packet_type: 0x0D,
+            },
+        ),
+        (
+            |d| d.flags = 0x8000,
+            RingError::UnknownFlags {
+                offset: 0,
+                flags: 0x8000,
+            },
+        ),
+    ];
+    for (corrupt, expected) in cases {
+        let ring = HeapMem::new(DATA).unwrap();
+        let mut peer = Writer::new(&ring).unwrap();
+        let mut bad = good;
+        corrupt(&mut bad);
+        peer.push_raw(&RawPacket {
+            descriptor: bad,
+            body: b"8 bytes!",
+        })
+        .unwrap();
+        let _ = peer.commit();
+        assert_eq!(peer.published_index(), 32, "the packet's real size");
+        let mut reader = Reader::new(&ring).unwrap();
+        assert_eq!(reader.peek().unwrap_err(), expected);
+    }
+
+    let ring = HeapMem::new(DATA).unwrap();
+    let mut peer = Writer::new(&ring).unwrap();
+    peer.push_raw(&RawPacket {
+        descriptor: good,
+        body: b"8 bytes!",
+    })
+    .unwrap();
+    let _ = peer.commit();
+    assert_eq!(ring.to_image(), ring_with_one_packet_tid(9).to_image());
+    let mut buf = [0u8; 8];
+    let (info, _) = Reader::new(&ring)
+        .unwrap()
+        .read_into(&mut buf)
+        .unwrap()
+        .expect("the valid raw packet");
+    assert_eq!((info.transaction_id(), &buf), (9, b"8 bytes!"));
+}
+
+/// [`ring_with_one_packet`] with a transaction id on the packet.
+fn ring_with_one_packet_tid(transaction_id: u64) -> HeapMem {
+    let ring = HeapMem::new(DATA).unwrap();
+    let mut w = Writer::new(&ring).unwrap();
+    let packet = OutgoingPacket {
+        meta: PacketMeta {
+            transaction_id,
+            ..PacketMeta::in_band()
+        },
+        ..OutgoingPacket::in_band_slice(b"8 bytes!")
+    };
+    let _ = w.write(&packet).unwrap();
+    ring
 }
 
 #[test]
@@ -286,10 +390,12 @@ fn read_index_out_of_range_or_misaligned() {
         let ring = HeapMem::new(DATA).unwrap();
         let mut writer = Writer::new(&ring).unwrap();
         let big = [7u8; 4000];
-        let _ = writer.write(&OutgoingPacket::in_band(&[&big])).unwrap();
+        let _ = writer.write(&OutgoingPacket::in_band_slice(&big)).unwrap();
         ring.store_control(ControlWord::ReadIndex, value);
         assert_eq!(
-            writer.write(&OutgoingPacket::in_band(&[&big])).unwrap_err(),
+            writer
+                .write(&OutgoingPacket::in_band_slice(&big))
+                .unwrap_err(),
             WriteError::Corrupt(expected)
         );
         assert_eq!(
@@ -310,7 +416,9 @@ fn write_index_moved_backwards() {
     let ring = HeapMem::new(DATA).unwrap();
     let mut writer = Writer::new(&ring).unwrap();
     for _ in 0..3 {
-        let _ = writer.write(&OutgoingPacket::in_band(&[b"abc"])).unwrap();
+        let _ = writer
+            .write(&OutgoingPacket::in_band_slice(b"abc"))
+            .unwrap();
     }
     let mut reader = Reader::new(&ring).unwrap();
     reader.peek().unwrap().unwrap().consume();
@@ -344,7 +452,9 @@ fn read_index_moved_backwards_or_past_the_writer() {
     let payload = [1u8; 1000];
     let mut reader = Reader::new(&ring).unwrap();
     for _ in 0..3 {
-        let _ = writer.write(&OutgoingPacket::in_band(&[&payload])).unwrap();
+        let _ = writer
+            .write(&OutgoingPacket::in_band_slice(&payload))
+            .unwrap();
     }
     // The reader consumes two packets (1024 bytes each with descriptor and trailer).
     for _ in 0..2 {
@@ -458,10 +568,10 @@ fn read_index_read_once_per_look() {
         loads: Cell::new(0),
     };
     let mut writer = Writer::new(&flip).unwrap();
-    let _ = writer.write(&OutgoingPacket::in_band(&[&big])).unwrap();
+    let _ = writer.write(&OutgoingPacket::in_band_slice(&big)).unwrap();
     let after_first = flip.loads.get();
     // The second packet does not fit the cached view; one look finds the space.
-    writer.push(&OutgoingPacket::in_band(&[&big])).unwrap();
+    writer.push(&OutgoingPacket::in_band_slice(&big)).unwrap();
     assert_eq!(flip.loads.get(), after_first + 1);
 }
 
@@ -498,10 +608,14 @@ fn descriptor_rewritten_after_validation_cannot_widen_the_packet() {
 fn writer_ignores_its_own_index_in_shared_memory() {
     let ring = HeapMem::new(DATA).unwrap();
     let mut writer = Writer::new(&ring).unwrap();
-    let _ = writer.write(&OutgoingPacket::in_band(&[b"one"])).unwrap();
+    let _ = writer
+        .write(&OutgoingPacket::in_band_slice(b"one"))
+        .unwrap();
     // The peer scribbles on the write index; the writer keeps its own.
     ring.store_control(ControlWord::WriteIndex, 0x800);
-    let _ = writer.write(&OutgoingPacket::in_band(&[b"two"])).unwrap();
+    let _ = writer
+        .write(&OutgoingPacket::in_band_slice(b"two"))
+        .unwrap();
     assert_eq!(ring.load_control(ControlWord::WriteIndex), 64);
     let mut reader = Reader::new(&ring).unwrap();
     let mut buf = [0u8; 8];
@@ -519,7 +633,9 @@ fn caller_errors_are_typed_and_harmless() {
     assert_eq!(max, 4080);
     let big = vec![0u8; max - 16 + 1];
     assert_eq!(
-        writer.write(&OutgoingPacket::in_band(&[&big])).unwrap_err(),
+        writer
+            .write(&OutgoingPacket::in_band_slice(&big))
+            .unwrap_err(),
         WriteError::TooLarge { len: max + 8, max }
     );
     assert_eq!(
@@ -530,7 +646,7 @@ fn caller_errors_are_typed_and_harmless() {
     let bad_header = OutgoingPacket {
         meta: PacketMeta::in_band(),
         header: &header,
-        payload: &[],
+        payload: Payload::EMPTY,
     };
     assert_eq!(
         writer.write(&bad_header).unwrap_err(),
@@ -543,7 +659,7 @@ fn caller_errors_are_typed_and_harmless() {
             transaction_id: 0,
         },
         header: &[],
-        payload: &[],
+        payload: Payload::EMPTY,
     };
     assert_eq!(
         writer.write(&bad_flags).unwrap_err(),
@@ -582,7 +698,7 @@ fn caller_errors_are_typed_and_harmless() {
     assert_eq!(ring.load_control(ControlWord::WriteIndex), 0);
 
     let _ = writer
-        .write(&OutgoingPacket::in_band(&[&[5u8; 40]]))
+        .write(&OutgoingPacket::in_band_slice(&[5u8; 40]))
         .unwrap();
     let mut reader = Reader::new(&ring).unwrap();
     let mut small = [0u8; 39];

@@ -11,7 +11,9 @@
 use vmlink_ring::protocol::{
     FLAG_COMPLETION_REQUESTED, GpaDirectHeader, GpaRangeHeader, PacketDescriptor, PacketType,
 };
-use vmlink_ring::{ControlWord, HeapMem, OutgoingPacket, PacketMeta, Reader, RingMem, Writer};
+use vmlink_ring::{
+    ControlWord, HeapMem, OutgoingPacket, PacketMeta, Payload, Reader, RingMem, Writer,
+};
 use zerocopy::IntoBytes;
 
 const CONTROL: usize = 4096;
@@ -158,7 +160,9 @@ fn padding_need_not_be_zero_and_feature_bits_may_be_zero() {
     let _ = reader.commit();
     // And our writer works on a ring whose feature bits are 0.
     let mut writer = Writer::new(&ring).unwrap();
-    let _ = writer.write(&OutgoingPacket::in_band(&[b"reply"])).unwrap();
+    let _ = writer
+        .write(&OutgoingPacket::in_band_slice(b"reply"))
+        .unwrap();
     assert!(reader.peek().unwrap().is_some());
 }
 
@@ -248,7 +252,7 @@ fn our_writer_produces_linux_bytes() {
         .push(&OutgoingPacket {
             meta: request,
             header: &[],
-            payload: &[&body[..10], &body[10..]],
+            payload: Payload::Gather(&[&body[..10], &body[10..]]),
         })
         .unwrap();
     let completion = PacketMeta {
@@ -260,7 +264,7 @@ fn our_writer_produces_linux_bytes() {
         .push(&OutgoingPacket {
             meta: completion,
             header: &[],
-            payload: &[],
+            payload: Payload::EMPTY,
         })
         .unwrap();
     let _ = writer.commit();
@@ -299,7 +303,7 @@ fn in_place_write_matches_copy_write() {
         .write(&OutgoingPacket {
             meta,
             header: &header,
-            payload: &[&body],
+            payload: Payload::Bytes(&body),
         })
         .unwrap();
     let mut w = Writer::new(&b).unwrap();
@@ -318,9 +322,11 @@ fn in_place_write_matches_copy_write() {
 fn packet_infos_go_stale_when_the_reader_moves() {
     let ring = HeapMem::new(4096).unwrap();
     let mut writer = Writer::new(&ring).unwrap();
-    let _ = writer.write(&OutgoingPacket::in_band(&[b"first"])).unwrap();
     let _ = writer
-        .write(&OutgoingPacket::in_band(&[b"second"]))
+        .write(&OutgoingPacket::in_band_slice(b"first"))
+        .unwrap();
+    let _ = writer
+        .write(&OutgoingPacket::in_band_slice(b"second"))
         .unwrap();
     let mut reader = Reader::new(&ring).unwrap();
     let first = reader.peek_info().unwrap().unwrap();
@@ -370,7 +376,7 @@ fn page_list_ring_wraps_across_pages_and_the_end() {
     let mut buf = vec![0u8; 8192];
     for (i, len) in [5000usize, 4096, 100, 7000, 3].into_iter().enumerate() {
         let body = payload(i as u8, len);
-        let _ = writer.write(&OutgoingPacket::in_band(&[&body])).unwrap();
+        let _ = writer.write(&OutgoingPacket::in_band_slice(&body)).unwrap();
         let (info, _) = reader.read_into(&mut buf).unwrap().unwrap();
         assert_eq!(info.payload_len(), len.div_ceil(8) * 8);
         assert_eq!(&buf[..len], &body[..], "packet {i}");
@@ -382,7 +388,7 @@ fn page_list_ring_wraps_across_pages_and_the_end() {
     let mut w2 = Writer::new(&heap).unwrap();
     for (i, len) in [5000usize, 4096, 100, 7000, 3].into_iter().enumerate() {
         let _ = w2
-            .write(&OutgoingPacket::in_band(&[&payload(i as u8, len)]))
+            .write(&OutgoingPacket::in_band_slice(&payload(i as u8, len)))
             .unwrap();
     }
     let image = heap.to_image();
@@ -407,7 +413,10 @@ fn drain_with_pending_send_size(feature_bits: u32) -> (bool, bool) {
     let mut writer = Writer::new(&ring).unwrap();
     let mut reader = Reader::new(&ring).unwrap();
     let payload = [7u8; 1000];
-    while writer.push(&OutgoingPacket::in_band(&[&payload])).is_ok() {}
+    while writer
+        .push(&OutgoingPacket::in_band_slice(&payload))
+        .is_ok()
+    {}
     let _ = writer.commit();
     // What a full writer does before it sleeps (hv_sock's pending send size).
     ring.store_control(ControlWord::PendingSendSize, 2048);

@@ -60,7 +60,9 @@
 use loom::sync::Notify;
 use loom::thread;
 use std::sync::Arc;
-use vmlink_ring::{HeapMem, OutgoingPacket, PacketMeta, Reader, WaitDecision, WriteError, Writer};
+use vmlink_ring::{
+    HeapMem, OutgoingPacket, PacketMeta, Payload, Reader, WaitDecision, WriteError, Writer,
+};
 
 /// One 4096-byte data page: small enough that big packets fill it.
 const DATA_LEN: usize = 4096;
@@ -190,7 +192,7 @@ fn run_writer(ring: Arc<HeapMem>, bells: &Bells, lens: &[usize], style: WriterSt
         let packet = OutgoingPacket {
             meta: meta(i),
             header: &[],
-            payload: &parts,
+            payload: Payload::Gather(&parts),
         };
         loop {
             match writer.push(&packet) {

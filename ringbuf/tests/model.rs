@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 use proptest::prelude::*;
 use vmlink_ring::protocol::{FLAG_COMPLETION_REQUESTED, PacketType, max_packet_len, packet_len};
 use vmlink_ring::{
-    ControlWord, HeapMem, OutgoingPacket, PacketMeta, ReadError, Reader, RingMem, Signal,
+    ControlWord, HeapMem, OutgoingPacket, PacketMeta, Payload, ReadError, Reader, RingMem, Signal,
     WaitDecision, WriteError, Writer, reader_needs_signal, writer_needs_signal,
 };
 
@@ -235,7 +235,7 @@ fn run(pages: usize, start_word: usize, ops: Vec<Op>) {
                     writer.push(&OutgoingPacket {
                         meta: pkt.meta,
                         header: &pkt.header,
-                        payload: &[a, b],
+                        payload: Payload::Gather(&[a, b]),
                     })
                 };
                 let free = m.writer_free();
@@ -394,7 +394,7 @@ fn full_and_empty_edges() {
         let biggest = vec![0x5Au8; max - 16];
         assert!(
             writer
-                .write(&OutgoingPacket::in_band(&[&biggest]))
+                .write(&OutgoingPacket::in_band_slice(&biggest))
                 .unwrap()
                 .is_needed()
         );
@@ -405,7 +405,7 @@ fn full_and_empty_edges() {
         let fits = free.saturating_sub(8 + 1 + 16) / 8 * 8;
         if free > 24 {
             let p = vec![1u8; fits];
-            writer.push(&OutgoingPacket::in_band(&[&p])).unwrap();
+            writer.push(&OutgoingPacket::in_band_slice(&p)).unwrap();
             let left = writer.free_space().unwrap();
             assert!(left <= 16 && left > 0, "left {left}");
             writer.revert();

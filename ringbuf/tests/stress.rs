@@ -41,8 +41,8 @@ use vmlink_ring::protocol::{
     DESCRIPTOR_SIZE, FLAG_COMPLETION_REQUESTED, PacketType, max_packet_len, packet_len,
 };
 use vmlink_ring::{
-    HeapMem, OutgoingPacket, PacketInfo, PacketMeta, Reader, Signal, WaitDecision, WriteError,
-    Writer,
+    HeapMem, OutgoingPacket, PacketInfo, PacketMeta, Payload, Reader, Signal, WaitDecision,
+    WriteError, Writer,
 };
 
 /// The data area: two pages, so the largest packets fill the ring on their own.
@@ -271,7 +271,7 @@ fn run_writer(ring: Arc<HeapMem>, shared: &Shared) -> WriterReport {
                         .push(&OutgoingPacket {
                             meta,
                             header: &[],
-                            payload: &[a, b],
+                            payload: Payload::Gather(&[a, b]),
                         })
                         .map(|()| true)
                 }
@@ -280,7 +280,7 @@ fn run_writer(ring: Arc<HeapMem>, shared: &Shared) -> WriterReport {
                     .write(&OutgoingPacket {
                         meta,
                         header: &[],
-                        payload: &[&data],
+                        payload: Payload::Bytes(&data),
                     })
                     .map(|signal| {
                         shared.to_reader.ring_if(signal);

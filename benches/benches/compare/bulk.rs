@@ -154,7 +154,7 @@ fn vmlink_copy(g: &mut Group<'_>, size: usize) {
             for _ in 0..n {
                 let data = source(&mut src, seq);
                 loop {
-                    match writer.write(&OutgoingPacket::in_band(&[data])) {
+                    match writer.write(&OutgoingPacket::in_band_slice(data)) {
                         Ok(_) => break,
                         Err(WriteError::Full { .. }) => b.snooze(),
                         Err(e) => panic!("ring write failed: {e}"),

@@ -135,7 +135,7 @@ fn vmlink_ring_polling(g: &mut Group<'_>) {
                 take(&mut reader, &mut buf);
                 check.packet(&buf);
                 let _ = writer
-                    .write(&OutgoingPacket::in_band(&[&buf]))
+                    .write(&OutgoingPacket::in_band_slice(&buf))
                     .expect("room for the response");
             }
             check.round()
@@ -156,7 +156,7 @@ fn vmlink_ring_polling(g: &mut Group<'_>) {
                 let m = msg(seq);
                 seq += 1;
                 let _ = writer
-                    .write(&OutgoingPacket::in_band(&[&m]))
+                    .write(&OutgoingPacket::in_band_slice(&m))
                     .expect("room for the request");
                 take(&mut reader, &mut buf);
                 check.packet(&buf);

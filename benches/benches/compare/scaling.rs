@@ -204,7 +204,7 @@ fn ring_polling(g: &mut Group<'_>, len: usize) {
                 take(&mut reader, &mut buf);
                 check.packet(&buf);
                 let _ = writer
-                    .write(&OutgoingPacket::in_band(&[&buf]))
+                    .write(&OutgoingPacket::in_band_slice(&buf))
                     .expect("room for the response");
             }
             check.round()
@@ -226,7 +226,7 @@ fn ring_polling(g: &mut Group<'_>, len: usize) {
                 stamp(&mut src, seq, stride(len), 0);
                 seq += 1;
                 let _ = writer
-                    .write(&OutgoingPacket::in_band(&[&src]))
+                    .write(&OutgoingPacket::in_band_slice(&src))
                     .expect("room for the request");
                 take(&mut reader, &mut buf);
                 check.packet(&buf);

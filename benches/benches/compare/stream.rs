@@ -105,7 +105,7 @@ pub fn ring_stream(g: &mut Group<'_>, name: String, ring: usize, payload: usize,
             let mut b = Backoff::default();
             while seq < end {
                 stamp(&mut src, seq, stride, 0);
-                match writer.push(&OutgoingPacket::in_band(&[&src])) {
+                match writer.push(&OutgoingPacket::in_band_slice(&src)) {
                     Ok(()) => {
                         seq += 1;
                         if seq.is_multiple_of(batch) || seq == end {

@@ -50,7 +50,7 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
     /// # Ok::<(), ChannelError>(())
     /// ```
     pub fn try_send(&self, payload: &[u8]) -> Result<(), ChannelError> {
-        self.try_send_packet(&OutgoingPacket::in_band(&[payload]))
+        self.try_send_packet(&OutgoingPacket::in_band_slice(payload))
     }
 
     /// Sends any packet; never waits.
@@ -257,9 +257,8 @@ pub(super) fn push_packet<M: RingMem>(
     w: &mut Writer<M>,
     packet: &OutgoingPacket<'_>,
 ) -> Result<usize, WriteError> {
-    let payload: usize = packet.payload.iter().map(|p| p.len()).sum();
     w.push(packet)?;
-    Ok(packet_len(packet.header.len(), payload).unwrap_or(0))
+    Ok(packet.packet_len().unwrap_or(0))
 }
 
 /// An in-band request asking for a completion.
@@ -271,7 +270,7 @@ pub(crate) fn request_packet<'a>(tid: u64, payload: &'a [&'a [u8]]) -> OutgoingP
             transaction_id: tid,
         },
         header: &[],
-        payload,
+        payload: vmlink_ring::Payload::Gather(payload),
     }
 }
 
@@ -284,7 +283,7 @@ pub(crate) fn completion<'a>(tid: u64, payload: &'a [&'a [u8]]) -> OutgoingPacke
             transaction_id: tid,
         },
         header: &[],
-        payload,
+        payload: vmlink_ring::Payload::Gather(payload),
     }
 }
 
@@ -315,7 +314,7 @@ impl<M: RingMem, D: Doorbell> SendBatch<'_, M, D> {
 
     /// Adds an in-band packet that asks for no completion.
     pub fn push_in_band(&mut self, payload: &[u8]) -> Result<(), ChannelError> {
-        self.push(&OutgoingPacket::in_band(&[payload]))
+        self.push(&OutgoingPacket::in_band_slice(payload))
     }
 
     /// Adds a packet written in place by `fill`.

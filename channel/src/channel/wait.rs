@@ -77,7 +77,7 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
     /// Sends an in-band packet that asks for no completion, waiting for space until
     /// `deadline` (`None`: as long as it takes).
     pub fn send(&self, payload: &[u8], deadline: Option<Instant>) -> Result<(), ChannelError> {
-        self.send_packet(&OutgoingPacket::in_band(&[payload]), deadline)
+        self.send_packet(&OutgoingPacket::in_band_slice(payload), deadline)
     }
 
     /// Sends any packet, waiting for space until `deadline`.
@@ -86,7 +86,7 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
         packet: &OutgoingPacket<'_>,
         deadline: Option<Instant>,
     ) -> Result<(), ChannelError> {
-        let payload: usize = packet.payload.iter().map(|p| p.len()).sum();
+        let payload = packet.payload.len();
         self.send_with(packet.header.len(), payload, deadline, &mut |w| {
             push_packet(w, packet)
         })
