@@ -36,7 +36,8 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 #![cfg_attr(not(feature = "std"), no_std)]
-// Denied, not forbidden: `fd` (eventfd syscalls) allows it for itself alone.
+// Denied, not forbidden: `fd` allows it for tokio's fd registration alone (its system calls
+// go through nix).
 #![deny(unsafe_code)]
 #![warn(clippy::alloc_instead_of_core)]
 
