@@ -71,9 +71,11 @@
 //! | `spin_for_data`: no `notify` when `arm_reader` finds data              | f           |
 //! | `arm_reader`'s `Reader::prepare_wait` without its `fence(SeqCst)`      | e, f        |
 //! | `arm_reader`'s `Reader::prepare_wait` without its re-check (`Sleep`)   | e, f        |
+//! | `commit_rx`: no notify when a receive leaves known packets behind      | g           |
 //!
 //! (a: `hub_notify`, b: `hub_announce`, c: `hub_two_waiters_notify`,
-//! d: `hub_two_waiters_doorbell`, e: `spinner_recv`, f: `spinner_two_receivers`.)
+//! d: `hub_two_waiters_doorbell`, e: `spinner_recv`, f: `spinner_two_receivers`,
+//! g: `two_receivers_batch`.)
 //!
 //! Tried too, and not caught, because each is redundant for threads:
 //!
@@ -84,17 +86,17 @@
 //!   wakes the condition-variable waiters one hop later. `wake_all` is what wakes async
 //!   tasks (which wait without a sleeper); these models have none.
 //!
-//! # A lost wake-up this model finds
+//! # A lost wake-up this model found
 //!
-//! (g) `two_receivers_batch`, ignored until the receive path is fixed: as (f), but the
-//! sender commits both packets in one batch. loom reports `deadlock` (in 0.1 s, with or
-//! without polling): receiver 1 arms and sleeps in the doorbell; the sender stores its
-//! write index; receiver 2 takes the first packet and publishes its read index; the
-//! sender's `Writer::commit` then finds the read index moved ("the reader is awake") and
-//! does not signal; receiver 2 returns with the second packet still in the ring, and
-//! receiver 1 sleeps until the peer's next signal, which may never come. A receive that
-//! leaves packets behind while another thread of the channel waits must pass the wake-up
-//! on (e.g. `if hub.announce() { hub.notify(..) }` after it commits).
+//! (g) `two_receivers_batch`: as (f), but the sender commits both packets in one batch.
+//! Before the receive path announced packets it leaves behind, loom reported `deadlock`
+//! (in 0.1 s, with or without polling): receiver 1 arms and sleeps in the doorbell; the
+//! sender stores its write index; receiver 2 takes the first packet and publishes its read
+//! index; the sender's `Writer::commit` then finds the read index moved ("the reader is
+//! awake") and does not signal; receiver 2 returns with the second packet still in the
+//! ring, and receiver 1 sleeps until the peer's next signal, which may never come. Now a
+//! receive that consumed packets and knows of more notifies the hub after its commit
+//! (`commit_rx`); removing that notification makes (g) deadlock again.
 
 #![cfg(loom)]
 
@@ -335,10 +337,8 @@ fn spinner_two_receivers() {
     two_receivers(Sends::OneByOne, Some(2));
 }
 
-/// (g) Two receivers, two packets in one batch: fails today (see "A lost wake-up this
-/// model finds" above). Run with `-- --ignored`.
+/// (g) Two receivers, two packets in one batch (see "A lost wake-up this model found").
 #[test]
-#[ignore = "finds a lost wake-up in the receive path, not fixed yet"]
 fn two_receivers_batch() {
     two_receivers(Sends::Batch, Some(2));
 }

@@ -139,6 +139,14 @@ impl<M: RingMem> Reader<M> {
         Ok(self.queued())
     }
 
+    /// Bytes queued after the consumed packets as far as this reader already knows: from
+    /// the writer's index as last read, without reading shared memory. At most what is
+    /// really there; the writer may have published more since.
+    #[inline]
+    pub fn known_available(&self) -> usize {
+        self.queued()
+    }
+
     fn queued(&self) -> usize {
         self.geo.used(self.cached_write, self.head)
     }

@@ -119,8 +119,16 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
     /// Commits consumed packets and signals the writer if it waits for the space. A writer
     /// that has left needs no signal: that is not an error here, as the packets just
     /// consumed must still reach the receiver (the channel notes the departure).
+    ///
+    /// Packets left behind are announced to the channel's other waiters: a writer that
+    /// saw this receive move the read index while it published took the reader for awake
+    /// and did not signal, so a thread asleep in the doorbell would not learn of them.
     pub(super) fn commit_rx(&self, rx: &mut RxState<M>) -> Result<(), ChannelError> {
+        let consumed = rx.reader.has_uncommitted();
         let signal = rx.reader.commit();
+        if consumed && rx.reader.known_available() > 0 {
+            self.hub.notify(&self.doorbell);
+        }
         match self.signal(signal) {
             Err(ChannelError::Closed) => Ok(()),
             other => other,
