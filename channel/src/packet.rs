@@ -7,8 +7,8 @@
 //! the header's length before it is used, and nothing is allocated.
 
 pub use vmlink_ring::header::{
-    GpaHeader, GpaRange, GpaRanges, MAX_HEADER_LEN, PacketError, ReceivedGpaRange,
-    TransferPages, TransferPagesHeader, encode_gpa_header, gpa_header_len, pages_spanned,
-    parse_gpa_header, parse_transfer_page_header, transfer_page_header_len,
-    validate_gpa_header, validate_transfer_page_header,
+    GpaHeader, GpaRange, GpaRanges, MAX_HEADER_LEN, PacketError, ReceivedGpaRange, TransferPages,
+    TransferPagesHeader, encode_gpa_header, gpa_header_len, pages_spanned, parse_gpa_header,
+    parse_transfer_page_header, transfer_page_header_len, validate_gpa_header,
+    validate_transfer_page_header,
 };
