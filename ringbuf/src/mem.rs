@@ -9,23 +9,25 @@
 //! Backends:
 //! - [`HeapMem`] (feature `alloc`): a ring on the heap, for tests and in-process use, with
 //!   byte-image import and export.
-//! - [`SliceMem`]: a contiguous control page and data area, either borrowed from safe
-//!   storage or built over a mapped region with the one unsafe constructor
-//!   [`SliceMem::from_raw`].
+//! - [`SliceMem`]: a contiguous control page and data area borrowed as atomics, from
+//!   safe storage or from a mapped region.
 //! - [`PageListMem`]: a control page and a list of separate data pages, as a guest describes
 //!   a ring by its page numbers; packets may span pages and wrap across the end.
 //!
-//! This is the only module of the crate that contains `unsafe`.
-#![allow(unsafe_code)]
+//! Everything here is safe code: [`ControlWords::from_atomics`] and
+//! [`DataPage::from_atomics`] view atomics the caller already holds, and turning a mapped
+//! region's raw pointer into such atomics is the job of the `vmlink-ring-mapping` crate,
+//! which holds the `unsafe` and its arguments.
 
 use crate::error::LayoutError;
+#[cfg(feature = "alloc")]
+use crate::protocol::CONTROL_PAGE_SIZE;
 use crate::protocol::{
-    ALIGNMENT, CONTROL_PAGE_SIZE, FEATURE_BITS_OFFSET, INTERRUPT_MASK_OFFSET, PAGE_SIZE,
-    PENDING_SEND_SIZE_OFFSET, READ_INDEX_OFFSET, WRITE_INDEX_OFFSET,
+    ALIGNMENT, FEATURE_BITS_OFFSET, INTERRUPT_MASK_OFFSET, PAGE_SIZE, PENDING_SEND_SIZE_OFFSET,
+    READ_INDEX_OFFSET, WRITE_INDEX_OFFSET,
 };
 use crate::sync::{AtomicU32, AtomicU64, Ordering};
-#[cfg(not(loom))]
-use core::ptr::NonNull;
+use bytemuck::TransparentWrapper;
 
 /// The largest data area a ring may have: indices are `u32` and the ring arithmetic adds
 /// two of them.
@@ -169,8 +171,11 @@ pub fn check_data_len(len: usize) -> Result<(), LayoutError> {
 }
 
 /// The control words of a ring's control page (its first 128 bytes).
-#[derive(Debug)]
-#[repr(C, align(8))]
+///
+/// `#[repr(transparent)]` over `[AtomicU32; CONTROL_WORDS]`: [`from_atomics`](Self::from_atomics)
+/// views words held elsewhere (a mapped control page, say) as control words.
+#[derive(Debug, TransparentWrapper)]
+#[repr(transparent)]
 pub struct ControlWords([AtomicU32; CONTROL_WORDS]);
 
 impl Default for ControlWords {
@@ -185,19 +190,28 @@ impl ControlWords {
         Self(core::array::from_fn(|_| AtomicU32::new(0)))
     }
 
-    /// The control words at the start of a mapped control page.
+    /// The first [`CONTROL_WORDS`] words of a control page, held elsewhere, as control
+    /// words (the same memory, no copy).
     ///
-    /// # Safety
-    /// `ptr` must be 8-byte aligned and point to at least 128 bytes that stay mapped,
-    /// readable and writable for `'a`, and that are only ever accessed atomically (by us
-    /// through the returned reference, by the peer however it likes from outside this
-    /// process or through atomics).
-    #[cfg(not(loom))]
-    pub unsafe fn from_ptr<'a>(ptr: NonNull<u8>) -> &'a Self {
-        // SAFETY: the caller guarantees alignment, size and lifetime; `ControlWords` is
-        // `repr(C)` over atomics, which have the same layout as `u32` and allow shared
-        // mutation.
-        unsafe { ptr.cast::<Self>().as_ref() }
+    /// ```
+    /// use core::sync::atomic::{AtomicU32, Ordering};
+    /// use vmlink_ring::{CONTROL_WORDS, ControlWord, ControlWords, DataPage, PageListMem, RingMem};
+    ///
+    /// let words: [AtomicU32; CONTROL_WORDS] = core::array::from_fn(|_| AtomicU32::new(0));
+    /// let page = DataPage::new();
+    /// let ring = PageListMem::new(ControlWords::from_atomics(&words), [&page])?;
+    /// ring.store_control(ControlWord::ReadIndex, 0x40);
+    /// assert_eq!(words[1].load(Ordering::Relaxed), 0x40);
+    /// # Ok::<(), vmlink_ring::LayoutError>(())
+    /// ```
+    #[inline]
+    pub fn from_atomics(words: &[AtomicU32; CONTROL_WORDS]) -> &Self {
+        Self::wrap_ref(words)
+    }
+
+    /// The words, in control-page order.
+    pub fn atomics(&self) -> &[AtomicU32; CONTROL_WORDS] {
+        &self.0
     }
 
     #[inline]
@@ -217,8 +231,11 @@ impl ControlWords {
 }
 
 /// One 4 KiB data page of a ring.
-#[derive(Debug)]
-#[repr(C, align(8))]
+///
+/// `#[repr(transparent)]` over `[AtomicU64; PAGE_WORDS]`: [`from_atomics`](Self::from_atomics)
+/// views words held elsewhere (a mapped page, say) as a data page.
+#[derive(Debug, TransparentWrapper)]
+#[repr(transparent)]
 pub struct DataPage([AtomicU64; PAGE_WORDS]);
 
 impl Default for DataPage {
@@ -239,17 +256,10 @@ impl DataPage {
         alloc::boxed::Box::new(Self::new())
     }
 
-    /// The page at a mapped address.
-    ///
-    /// # Safety
-    /// `ptr` must be 8-byte aligned and point to 4096 bytes that stay mapped, readable and
-    /// writable for `'a`, and that this process only accesses atomically while the
-    /// reference lives.
-    #[cfg(not(loom))]
-    pub unsafe fn from_ptr<'a>(ptr: NonNull<u8>) -> &'a Self {
-        // SAFETY: the caller guarantees alignment, size and lifetime; `DataPage` is
-        // `repr(C)` over `AtomicU64`, which has the layout of `u64`.
-        unsafe { ptr.cast::<Self>().as_ref() }
+    /// A page's words, held elsewhere, as a data page (the same memory, no copy).
+    #[inline]
+    pub fn from_atomics(words: &[AtomicU64; PAGE_WORDS]) -> &Self {
+        Self::wrap_ref(words)
     }
 
     /// The page's words.
@@ -312,6 +322,9 @@ fn write_words(words: &[AtomicU64], offset: usize, data: &[u8]) {
 }
 
 /// A ring whose data area is one contiguous run of words.
+///
+/// Over a mapped region (a control page followed by the data area), build it with
+/// `vmlink_ring_mapping::slice_mem`, which checks the region and holds the `unsafe`.
 #[derive(Debug, Clone, Copy)]
 pub struct SliceMem<'a> {
     control: &'a ControlWords,
@@ -322,37 +335,6 @@ impl<'a> SliceMem<'a> {
     /// A ring over borrowed control words and data words.
     pub fn new(control: &'a ControlWords, data: &'a [AtomicU64]) -> Result<Self, LayoutError> {
         check_data_len(data.len() * 8)?;
-        Ok(Self { control, data })
-    }
-
-    /// A ring over a mapped region: a 4096-byte control page followed by the data area.
-    ///
-    /// # Safety
-    /// `ptr..ptr + len` must stay mapped, readable and writable for `'a`, and this process
-    /// must access it only through ring memory (atomically) while the returned value or
-    /// anything built from it lives. Other processes or a guest may write it at any time;
-    /// that is what this backend is for. If another process can shrink the mapping (a
-    /// file it can truncate), seal it first, or an access may fault.
-    #[cfg(not(loom))]
-    pub unsafe fn from_raw(ptr: NonNull<u8>, len: usize) -> Result<Self, LayoutError> {
-        let addr = ptr.as_ptr() as usize;
-        if !addr.is_multiple_of(ALIGNMENT) {
-            return Err(LayoutError::Misaligned { addr });
-        }
-        if len < CONTROL_PAGE_SIZE + PAGE_SIZE {
-            return Err(LayoutError::RegionTooShort { len });
-        }
-        let data_len = len - CONTROL_PAGE_SIZE;
-        check_data_len(data_len)?;
-        // SAFETY: the region starts 8-aligned and holds at least the control page; the
-        // caller guarantees it stays mapped for 'a and is only accessed atomically.
-        let control = unsafe { ControlWords::from_ptr(ptr) };
-        // SAFETY: `CONTROL_PAGE_SIZE < len`, so the offset stays inside the region.
-        let data_ptr = unsafe { ptr.add(CONTROL_PAGE_SIZE) }.cast::<AtomicU64>();
-        // SAFETY: `data_ptr` is 8-aligned (a 4096-byte offset from an 8-aligned base) and
-        // `data_len / 8` words lie inside the region, which lives for 'a; `AtomicU64` has
-        // the layout of `u64` and permits shared mutation.
-        let data = unsafe { core::slice::from_raw_parts(data_ptr.as_ptr(), data_len / 8) };
         Ok(Self { control, data })
     }
 }
@@ -610,44 +592,25 @@ mod tests {
     }
 
     #[test]
-    fn slice_mem_from_raw_checks_region() {
-        // A region of one control page and two data pages, 8-aligned.
-        let backing: alloc::vec::Vec<AtomicU64> =
-            (0..3 * PAGE_WORDS).map(|_| AtomicU64::new(0)).collect();
-        // The pointer covers the whole allocation (a pointer from `&backing[0]` would cover
-        // one word only, and Miri rejects access past it).
-        let base = NonNull::from(backing.as_slice()).cast::<u8>();
-        // SAFETY: `backing` outlives `mem` and is only accessed atomically.
-        let mem = unsafe { SliceMem::from_raw(base, 3 * PAGE_SIZE) }.unwrap();
-        assert_eq!(mem.data_len(), 2 * PAGE_SIZE);
-        mem.store_control(ControlWord::ReadIndex, 0x18);
-        assert_eq!(backing[0].load(Ordering::Relaxed) >> 32, 0x18);
-        mem.write_data(8, &[0xAB; 8]);
-        assert_eq!(
-            backing[PAGE_WORDS + 1].load(Ordering::Relaxed),
-            0xABAB_ABAB_ABAB_ABAB
-        );
+    fn atomics_are_viewed_in_place() {
+        let words: [AtomicU32; CONTROL_WORDS] = core::array::from_fn(|_| AtomicU32::new(0));
+        let control = ControlWords::from_atomics(&words);
+        assert!(core::ptr::eq(control.atomics(), &words));
+        let page_words: [AtomicU64; PAGE_WORDS] = core::array::from_fn(|_| AtomicU64::new(0));
+        let page = DataPage::from_atomics(&page_words);
+        assert!(core::ptr::eq(page.words(), &page_words[..]));
 
-        // SAFETY: as above; the constructor rejects the region before touching it.
-        let short = unsafe { SliceMem::from_raw(base, PAGE_SIZE) };
+        let mem = PageListMem::new(control, [page]).unwrap();
+        mem.store_control(ControlWord::FeatureBits, 1);
+        assert_eq!(words[0x40 / 4].load(Ordering::Relaxed), 1);
+        mem.write_data(PAGE_SIZE - 8, &[0xCD; 8]);
         assert_eq!(
-            short.unwrap_err(),
-            LayoutError::RegionTooShort { len: PAGE_SIZE }
+            page_words[PAGE_WORDS - 1].load(Ordering::Relaxed),
+            0xCDCD_CDCD_CDCD_CDCD
         );
-        // SAFETY: as above.
-        let ragged = unsafe { SliceMem::from_raw(base, 2 * PAGE_SIZE + 8) };
-        assert_eq!(
-            ragged.unwrap_err(),
-            LayoutError::NotPageMultiple { len: PAGE_SIZE + 8 }
-        );
-        // SAFETY: as above; rejected for alignment before any access.
-        let odd = unsafe {
-            SliceMem::from_raw(
-                NonNull::new(base.as_ptr().wrapping_add(4)).unwrap(),
-                2 * PAGE_SIZE,
-            )
-        };
-        assert!(matches!(odd, Err(LayoutError::Misaligned { .. })));
+        // The wrappers add nothing to the layout.
+        assert_eq!(core::mem::align_of::<ControlWords>(), 4);
+        assert_eq!(core::mem::align_of::<DataPage>(), 8);
     }
 
     #[test]

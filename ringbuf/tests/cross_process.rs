@@ -153,7 +153,8 @@ impl Mapping {
         // it at any time, which `SliceMem` allows. The memfd is sealed against shrinking
         // (the parent seals it before mapping; the child checks the seal before mapping),
         // so no access can fault with SIGBUS.
-        unsafe { SliceMem::from_raw(self.ptr, self.len) }.expect("a page-aligned ring region")
+        unsafe { vmlink_ring_mapping::slice_mem(self.ptr, self.len) }
+            .expect("a page-aligned ring region")
     }
 }
 

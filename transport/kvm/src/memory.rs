@@ -9,7 +9,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryRegion};
 use vmlink_channel::packet::ReceivedGpaRange;
 use vmlink_channel::{Channel, ChannelError, Config, Doorbell};
 use vmlink_ring::protocol::PAGE_SIZE;
-use vmlink_ring::{ControlWord, ControlWords, DataPage, MAX_DATA_LEN, PageListMem, RingMem};
+use vmlink_ring::{ControlWord, DataPage, MAX_DATA_LEN, PageListMem, RingMem};
 
 /// A guest's ring page list was rejected. Nothing was mapped.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -278,12 +278,14 @@ impl<'m, B: BitmapSlice> RingPages<'m, B> {
             // process writes it only through these atomics; its only other access is
             // vm-memory's volatile reads, the mix vm-memory's safe API itself makes. The
             // guest writes from outside the process, which atomics allow.
-            let control = unsafe { ControlWords::from_ptr(*control_page) };
+            let control = unsafe { vmlink_ring_mapping::control_words(*control_page) }
+                .expect("host_page checked 8-byte alignment");
             let data = hosts[1..]
                 .iter()
                 // SAFETY: as above, for each data page.
-                .map(|(p, _)| unsafe { DataPage::from_ptr(*p) })
-                .collect::<Vec<_>>();
+                .map(|(p, _)| unsafe { vmlink_ring_mapping::data_page(*p) })
+                .collect::<Result<Vec<_>, _>>()
+                .expect("host_page checked 8-byte alignment");
             GuestRing {
                 mem: PageListMem::new(control, data).expect("validated: 1..=MAX_DATA_LEN"),
                 control_dirty: control_dirty.clone(),

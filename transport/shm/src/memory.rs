@@ -303,7 +303,7 @@ impl SharedMemory {
         // `ShmRing`. This process accesses it only through `SliceMem` (atomics); the peer
         // may write it at any time, which `SliceMem` allows. The memfd is sealed against
         // shrinking, so no access can fault.
-        let mem = unsafe { SliceMem::from_raw(start, len) }
+        let mem = unsafe { vmlink_ring_mapping::slice_mem(start, len) }
             .expect("a validated layout holds page-aligned rings");
         ShmRing {
             mem,

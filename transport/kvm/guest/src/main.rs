@@ -15,7 +15,7 @@ use core::time::Duration;
 
 use vmlink_channel::packet::GpaRange;
 use vmlink_channel::{Channel, ChannelError, Config, Doorbell, DoorbellError, PacketMeta, Wake};
-use vmlink_ring::{ControlWord, ControlWords, DataPage, PageListMem, RingMem, init_control};
+use vmlink_ring::{ControlWord, PageListMem, RingMem, init_control};
 
 const MAILBOX: u64 = 0x20_0000;
 const DOORBELL: u64 = 0x3000_0000;
@@ -102,9 +102,9 @@ fn main() -> ! {
     }
     // SAFETY: each ring page is an identity-mapped 4 KiB guest page, distinct from every
     // other page we use, accessed only atomically by us and by the host.
-    let ctrl = |n: u64| unsafe { ControlWords::from_ptr(page(n)) };
+    let ctrl = |n: u64| unsafe { vmlink_ring_mapping::control_words(page(n)) }.expect("aligned");
     // SAFETY: as above.
-    let data = |n: u64| unsafe { DataPage::from_ptr(page(n)) };
+    let data = |n: u64| unsafe { vmlink_ring_mapping::data_page(page(n)) }.expect("aligned");
     let mut g2h_pages = [data(pages[1]); RING_PAGES - 1];
     let mut h2g_pages = [data(pages[RING_PAGES + 1]); RING_PAGES - 1];
     for i in 1..RING_PAGES {
