@@ -873,7 +873,7 @@ fuzz_target!(|input: Input| {
                                 transaction_id: if *completion_requested { 7 } else { 0 },
                             },
                             header: &[],
-                            payload: &[&p],
+                            payload: vmlink_ring::Payload::Bytes(&p),
                         };
                         let _ = b.try_send_packet(&packet);
                     }

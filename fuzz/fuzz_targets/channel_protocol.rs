@@ -404,7 +404,7 @@ fuzz_target!(|input: Input| {
                         transaction_id: *transaction_id,
                     },
                     header,
-                    payload: &[&p],
+                    payload: vmlink_ring::Payload::Bytes(&p),
                 };
                 match e.chan.try_send_packet(&packet) {
                     Ok(()) => e.check_ok_while_failed("try_send_packet"),

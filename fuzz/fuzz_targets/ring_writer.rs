@@ -512,7 +512,7 @@ fn run(input: &Input) {
                 let packet = OutgoingPacket {
                     meta,
                     header: &header,
-                    payload: &slices,
+                    payload: vmlink_ring::Payload::Gather(&slices),
                 };
                 let is_write = matches!(action, Action::Write(_));
                 let payload: Vec<u8> = parts.concat();
