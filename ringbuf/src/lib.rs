@@ -12,6 +12,8 @@
 //!   whether the peer must be signalled ([`Signal`]); [`Reader::prepare_wait`] and
 //!   [`Writer::prepare_wait`] implement the interrupt-mask and pending-send-size
 //!   handshakes that make sleeping safe.
+//! - [`words`] holds the one copy between shared `AtomicU64` words and private bytes:
+//!   relaxed, little-endian, range-checked in its public form.
 //! - The peer is treated as hostile: every value it controls is read once, validated, and
 //!   a violation yields a typed [`RingError`] rather than a panic, a hang or an
 //!   out-of-bounds access.
@@ -90,6 +92,7 @@ pub mod protocol;
 mod reader;
 mod ring;
 mod sync;
+pub mod words;
 mod writer;
 
 pub use area::{AreaError, AreaLayout};

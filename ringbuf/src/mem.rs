@@ -2,9 +2,9 @@
 //!
 //! [`RingMem`] is the only way the ring code touches memory the peer can write. Control
 //! words are atomics; the data area is a sequence of `AtomicU64` words copied with relaxed
-//! word-wise loads and stores, so a peer writing at the same time can make us read
-//! garbage, which validation then rejects, but never undefined behaviour. No `&[u8]` or
-//! `&mut [u8]` into ring memory is ever formed.
+//! word-wise loads and stores ([`crate::words`]), so a peer writing at the same time can
+//! make us read garbage, which validation then rejects, but never undefined behaviour. No
+//! `&[u8]` or `&mut [u8]` into ring memory is ever formed.
 //!
 //! Backends:
 //! - [`HeapMem`] (feature `alloc`): a ring on the heap, for tests and in-process use, with
@@ -23,10 +23,11 @@ use crate::error::LayoutError;
 #[cfg(feature = "alloc")]
 use crate::protocol::CONTROL_PAGE_SIZE;
 use crate::protocol::{
-    ALIGNMENT, FEATURE_BITS_OFFSET, INTERRUPT_MASK_OFFSET, PAGE_SIZE, PENDING_SEND_SIZE_OFFSET,
+    FEATURE_BITS_OFFSET, INTERRUPT_MASK_OFFSET, PAGE_SIZE, PENDING_SEND_SIZE_OFFSET,
     READ_INDEX_OFFSET, WRITE_INDEX_OFFSET,
 };
 use crate::sync::{AtomicU32, AtomicU64, Ordering};
+use crate::words::{read_words_unchecked, write_words_unchecked};
 use bytemuck::TransparentWrapper;
 
 /// The largest data area a ring may have: indices are `u32` and the ring arithmetic adds
@@ -268,59 +269,6 @@ impl DataPage {
     }
 }
 
-/// Copies from `words` starting `offset` bytes in; unaligned edges are taken from whole
-/// words.
-#[inline]
-fn read_words(words: &[AtomicU64], offset: usize, buf: &mut [u8]) {
-    let mut word = offset / ALIGNMENT;
-    let skip = offset % ALIGNMENT;
-    let mut out = buf;
-    if skip != 0 && !out.is_empty() {
-        let bytes = words[word].load(Ordering::Relaxed).to_le_bytes();
-        let n = (ALIGNMENT - skip).min(out.len());
-        out[..n].copy_from_slice(&bytes[skip..skip + n]);
-        out = &mut out[n..];
-        word += 1;
-    }
-    let (chunks, rest) = out.as_chunks_mut::<ALIGNMENT>();
-    let n = chunks.len();
-    for (chunk, w) in chunks.iter_mut().zip(&words[word..word + n]) {
-        *chunk = w.load(Ordering::Relaxed).to_le_bytes();
-    }
-    word += n;
-    if !rest.is_empty() {
-        let bytes = words[word].load(Ordering::Relaxed).to_le_bytes();
-        rest.copy_from_slice(&bytes[..rest.len()]);
-    }
-}
-
-/// Copies `data` into `words` starting `offset` bytes in. Partial words at the edges are
-/// read, merged and written back; the writer owns those bytes while it writes them.
-#[inline]
-fn write_words(words: &[AtomicU64], offset: usize, data: &[u8]) {
-    let mut word = offset / ALIGNMENT;
-    let skip = offset % ALIGNMENT;
-    let mut input = data;
-    if skip != 0 && !input.is_empty() {
-        let n = (ALIGNMENT - skip).min(input.len());
-        let mut bytes = words[word].load(Ordering::Relaxed).to_le_bytes();
-        bytes[skip..skip + n].copy_from_slice(&input[..n]);
-        words[word].store(u64::from_le_bytes(bytes), Ordering::Relaxed);
-        input = &input[n..];
-        word += 1;
-    }
-    let (chunks, rest) = input.as_chunks::<ALIGNMENT>();
-    for (chunk, w) in chunks.iter().zip(&words[word..word + chunks.len()]) {
-        w.store(u64::from_le_bytes(*chunk), Ordering::Relaxed);
-    }
-    word += chunks.len();
-    if !rest.is_empty() {
-        let mut bytes = words[word].load(Ordering::Relaxed).to_le_bytes();
-        bytes[..rest.len()].copy_from_slice(rest);
-        words[word].store(u64::from_le_bytes(bytes), Ordering::Relaxed);
-    }
-}
-
 /// A ring whose data area is one contiguous run of words.
 ///
 /// Over a mapped region (a control page followed by the data area), build it with
@@ -354,11 +302,11 @@ impl RingMem for SliceMem<'_> {
     }
     #[inline]
     fn read_data(&self, offset: usize, buf: &mut [u8]) {
-        read_words(self.data, offset, buf)
+        read_words_unchecked(self.data, offset, buf)
     }
     #[inline]
     fn write_data(&self, offset: usize, data: &[u8]) {
-        write_words(self.data, offset, data)
+        write_words_unchecked(self.data, offset, data)
     }
 }
 
@@ -421,13 +369,13 @@ impl<'a, L: AsRef<[&'a DataPage]>> RingMem for PageListMem<'a, L> {
     #[inline]
     fn read_data(&self, offset: usize, buf: &mut [u8]) {
         self.for_each_page(offset, buf.len(), |page, in_page, range| {
-            read_words(&page.0, in_page, &mut buf[range])
+            read_words_unchecked(&page.0, in_page, &mut buf[range])
         })
     }
     #[inline]
     fn write_data(&self, offset: usize, data: &[u8]) {
         self.for_each_page(offset, data.len(), |page, in_page, range| {
-            write_words(&page.0, in_page, &data[range])
+            write_words_unchecked(&page.0, in_page, &data[range])
         })
     }
 }
@@ -495,7 +443,7 @@ impl HeapMem {
         {
             *bytes = word.load(Ordering::Relaxed).to_le_bytes();
         }
-        read_words(&self.data, 0, data);
+        read_words_unchecked(&self.data, 0, data);
         image
     }
 }
@@ -516,46 +464,17 @@ impl RingMem for HeapMem {
     }
     #[inline]
     fn read_data(&self, offset: usize, buf: &mut [u8]) {
-        read_words(&self.data, offset, buf)
+        read_words_unchecked(&self.data, offset, buf)
     }
     #[inline]
     fn write_data(&self, offset: usize, data: &[u8]) {
-        write_words(&self.data, offset, data)
+        write_words_unchecked(&self.data, offset, data)
     }
 }
 
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
-
-    #[test]
-    fn word_copies_handle_every_alignment() {
-        let words: [AtomicU64; 4] = core::array::from_fn(|_| AtomicU64::new(0));
-        let pattern: [u8; 32] = core::array::from_fn(|i| i as u8 + 1);
-        // Every offset and length natively; the first word's offsets under Miri.
-        let offsets = if cfg!(miri) { 0..9 } else { 0..32 };
-        for offset in offsets {
-            for len in 0..=32 - offset {
-                for w in &words {
-                    w.store(0, Ordering::Relaxed);
-                }
-                write_words(&words, offset, &pattern[..len]);
-                let mut all = [0u8; 32];
-                read_words(&words, 0, &mut all);
-                for (i, b) in all.iter().enumerate() {
-                    let expect = if i >= offset && i < offset + len {
-                        pattern[i - offset]
-                    } else {
-                        0
-                    };
-                    assert_eq!(*b, expect, "offset {offset} len {len} byte {i}");
-                }
-                let mut back = [0u8; 32];
-                read_words(&words, offset, &mut back[..len]);
-                assert_eq!(&back[..len], &pattern[..len]);
-            }
-        }
-    }
 
     #[test]
     fn data_len_rules() {

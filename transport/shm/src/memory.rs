@@ -18,11 +18,12 @@ use std::ops::Range;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 
 use nix::sys::mman::{self, MapFlags, ProtFlags};
 use vmlink_ring::area::{AreaError, AreaLayout, HEADER_LEN, ParsedHeader};
 use vmlink_ring::protocol::{CONTROL_PAGE_SIZE, PAGE_SIZE};
+use vmlink_ring::words::{WordsOutOfBounds, read_words, write_words};
 use vmlink_ring::{ControlWord, MAX_DATA_LEN, RingMem, SliceMem};
 
 /// The largest memory a channel may have (header page, rings and buffer area together):
@@ -235,19 +236,18 @@ impl Mapping {
     /// mapping is shorter than a header page).
     pub(crate) fn read_header_page(&self) -> [u8; HEADER_LEN] {
         let mut page = [0u8; HEADER_LEN];
-        let words = self.header_words();
-        if !words.is_empty() {
-            read_words(words, 0, &mut page);
+        // A short mapping has no header words: the copy is refused before it reads any.
+        match read_words(self.header_words(), 0, &mut page) {
+            Ok(()) => page,
+            Err(WordsOutOfBounds { .. }) => [0u8; HEADER_LEN],
         }
-        page
     }
 
-    /// Writes `page` over the header page, a word at a time.
+    /// Writes `page` over the header page, a word at a time (nothing when the mapping is
+    /// shorter than a header page).
     pub(crate) fn write_header_page(&self, page: &[u8; HEADER_LEN]) {
-        let words = self.header_words();
-        if !words.is_empty() {
-            write_words(words, 0, page);
-        }
+        // A short mapping has no header words: the copy is refused before it writes any.
+        let _: Result<(), WordsOutOfBounds> = write_words(self.header_words(), 0, page);
     }
 
     /// Reads the memory header once into a private copy and validates it against the
@@ -451,65 +451,25 @@ impl BufferArea {
         (offset < self.len()).then_some(offset)
     }
 
-    fn check(&self, offset: usize, len: usize) -> Result<(), OutOfBounds> {
-        match offset.checked_add(len) {
-            Some(end) if end <= self.len() => Ok(()),
-            _ => Err(OutOfBounds {
-                offset,
-                len,
-                size: self.len(),
-            }),
-        }
-    }
-
     /// Copies `buf.len()` bytes starting `offset` bytes into the area into `buf`.
     pub fn read(&self, offset: usize, buf: &mut [u8]) -> Result<(), OutOfBounds> {
-        self.check(offset, buf.len())?;
-        read_words(self.words, offset, buf);
-        Ok(())
+        read_words(self.words, offset, buf).map_err(OutOfBounds::from_words)
     }
 
     /// Copies `data` into the area starting `offset` bytes in.
     pub fn write(&self, offset: usize, data: &[u8]) -> Result<(), OutOfBounds> {
-        self.check(offset, data.len())?;
-        write_words(self.words, offset, data);
-        Ok(())
+        write_words(self.words, offset, data).map_err(OutOfBounds::from_words)
     }
 }
 
-/// Copies from `words` starting `offset` bytes in, a whole word at a time.
-fn read_words(words: &[AtomicU64], offset: usize, buf: &mut [u8]) {
-    let mut at = offset;
-    let mut out = buf;
-    while !out.is_empty() {
-        let skip = at % 8;
-        let n = (8 - skip).min(out.len());
-        let bytes = words[at / 8].load(Ordering::Relaxed).to_le_bytes();
-        out[..n].copy_from_slice(&bytes[skip..skip + n]);
-        out = &mut out[n..];
-        at += n;
-    }
-}
-
-/// Copies `data` into `words` starting `offset` bytes in; partial words at the edges are
-/// merged with what is there.
-fn write_words(words: &[AtomicU64], offset: usize, data: &[u8]) {
-    let mut at = offset;
-    let mut input = data;
-    while !input.is_empty() {
-        let skip = at % 8;
-        let n = (8 - skip).min(input.len());
-        let word = &words[at / 8];
-        let value = if n == 8 {
-            u64::from_le_bytes(input[..8].try_into().expect("8 bytes"))
-        } else {
-            let mut bytes = word.load(Ordering::Relaxed).to_le_bytes();
-            bytes[skip..skip + n].copy_from_slice(&input[..n]);
-            u64::from_le_bytes(bytes)
-        };
-        word.store(value, Ordering::Relaxed);
-        input = &input[n..];
-        at += n;
+impl OutOfBounds {
+    /// The buffer area's words are the whole area, so the copy's range is the access's.
+    fn from_words(e: WordsOutOfBounds) -> Self {
+        Self {
+            offset: e.offset,
+            len: e.len,
+            size: e.size,
+        }
     }
 }
 
@@ -517,28 +477,74 @@ fn write_words(words: &[AtomicU64], offset: usize, data: &[u8]) {
 mod tests {
     use super::*;
 
+    /// A memfd of `len` bytes, mapped whole.
+    fn mapping(len: usize) -> Mapping {
+        let fd = crate::sys::memfd_create(c"vmlink-memory-test").unwrap();
+        crate::sys::ftruncate(fd.as_fd(), len as u64).unwrap();
+        Mapping::map(fd, len).unwrap()
+    }
+
     #[test]
-    fn word_copies_at_every_alignment() {
-        let words: Vec<AtomicU64> = (0..6).map(|_| AtomicU64::new(0)).collect();
+    fn the_buffer_area_copies_in_range_and_refuses_the_rest() {
+        let layout = Layout::symmetric(4096, 2 * 4096);
+        let memory = SharedMemory::new(mapping(layout.validate().unwrap() as usize), layout);
+        let area = memory.buffer();
+        assert_eq!(area.len(), 8192);
         let pattern: Vec<u8> = (1..=40).collect();
-        for offset in 0..40 {
-            for len in 0..=40 - offset {
-                for w in &words {
-                    w.store(0, Ordering::Relaxed);
-                }
-                write_words(&words, offset, &pattern[..len]);
-                let mut all = [0u8; 48];
-                read_words(&words, 0, &mut all);
-                for (i, b) in all.iter().enumerate() {
-                    let expect = if (offset..offset + len).contains(&i) {
-                        pattern[i - offset]
-                    } else {
-                        0
-                    };
-                    assert_eq!(*b, expect, "offset {offset} len {len} byte {i}");
-                }
-            }
+        // Across a page boundary at every alignment, and up to the very end.
+        for offset in (4096 - 20..4096 + 8).chain(8192 - 40..=8192) {
+            let len = pattern.len().min(8192 - offset);
+            area.write(offset, &pattern[..len]).unwrap();
+            let mut back = vec![0u8; len];
+            area.read(offset, &mut back).unwrap();
+            assert_eq!(back, pattern[..len], "offset {offset}");
         }
+        // The ring's checked copies refuse these whole; the area reports them in its terms.
+        let before = {
+            let mut all = vec![0u8; area.len()];
+            area.read(0, &mut all).unwrap();
+            all
+        };
+        for (offset, len) in [(8193, 0), (8192, 1), (8190, 8), (usize::MAX, 1)] {
+            let err = OutOfBounds {
+                offset,
+                len,
+                size: 8192,
+            };
+            assert_eq!(area.write(offset, &pattern[..len]), Err(err));
+            let mut buf = vec![0xC3u8; len];
+            assert_eq!(area.read(offset, &mut buf), Err(err));
+            assert!(buf.iter().all(|&b| b == 0xC3));
+        }
+        let mut after = vec![0u8; area.len()];
+        area.read(0, &mut after).unwrap();
+        assert_eq!(after, before, "a refused write wrote");
+        // No buffer area: only empty copies at 0.
+        let bare = Layout::symmetric(4096, 0);
+        let none = SharedMemory::new(mapping(bare.validate().unwrap() as usize), bare).buffer();
+        assert_eq!(none.read(0, &mut []), Ok(()));
+        assert_eq!(
+            none.write(0, &[1]),
+            Err(OutOfBounds {
+                offset: 0,
+                len: 1,
+                size: 0
+            })
+        );
+    }
+
+    #[test]
+    fn the_header_page_round_trips_and_a_short_mapping_has_none() {
+        let layout = Layout::symmetric(4096, 0);
+        let memory = SharedMemory::new(mapping(layout.validate().unwrap() as usize), layout);
+        memory.write_header();
+        let page = memory.mapping().read_header_page();
+        assert_eq!(page, layout.area().unwrap().encode());
+        assert_eq!(memory.header().unwrap().layout, layout.area().unwrap());
+        // Shorter than a header page: reads are zeros and writes do nothing, no panic.
+        let short = mapping(HEADER_LEN - 8);
+        short.write_header_page(&page);
+        assert_eq!(short.read_header_page(), [0u8; HEADER_LEN]);
     }
 
     #[test]
