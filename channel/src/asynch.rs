@@ -13,20 +13,21 @@ use core::future::Future;
 use core::pin::Pin;
 use core::task::{Context, Poll};
 
-use vmlink_ring::{OutgoingPacket, RingMem, WaitDecision};
+use vmlink_ring::{OutgoingPacket, WaitDecision};
 
-use crate::channel::{Channel, Received, request_packet};
+use crate::channel::{Endpoint, request_packet};
 use crate::doorbell::AsyncDoorbell;
 use crate::error::ChannelError;
+use crate::link::{PacketRx, PacketTx, Received};
 
 /// Resolves when the channel's hub moves past a generation.
-struct Event<'c, M: RingMem, D: AsyncDoorbell> {
-    channel: &'c Channel<M, D>,
+struct Event<'c, T: PacketTx, R: PacketRx, D: AsyncDoorbell> {
+    channel: &'c Endpoint<T, R, D>,
     seen: u64,
     registered: bool,
 }
 
-impl<M: RingMem, D: AsyncDoorbell> Future for Event<'_, M, D> {
+impl<T: PacketTx, R: PacketRx, D: AsyncDoorbell> Future for Event<'_, T, R, D> {
     type Output = Result<(), ChannelError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -43,7 +44,7 @@ impl<M: RingMem, D: AsyncDoorbell> Future for Event<'_, M, D> {
     }
 }
 
-impl<M: RingMem, D: AsyncDoorbell> Drop for Event<'_, M, D> {
+impl<T: PacketTx, R: PacketRx, D: AsyncDoorbell> Drop for Event<'_, T, R, D> {
     fn drop(&mut self) {
         if self.registered {
             self.channel.forget_waiter();
@@ -51,8 +52,8 @@ impl<M: RingMem, D: AsyncDoorbell> Drop for Event<'_, M, D> {
     }
 }
 
-impl<M: RingMem, D: AsyncDoorbell> Channel<M, D> {
-    fn event(&self, seen: u64) -> Event<'_, M, D> {
+impl<T: PacketTx, R: PacketRx, D: AsyncDoorbell> Endpoint<T, R, D> {
+    fn event(&self, seen: u64) -> Event<'_, T, R, D> {
         Event {
             channel: self,
             seen,

@@ -564,8 +564,7 @@ fn gpa_a<M: RingMem, D: Doorbell>(e: End<M, D>) {
 
 fn gpa_b<M: RingMem, D: Doorbell>(e: End<M, D>) {
     let ch = e.channel;
-    {
-        let mut guard = ch.recv_in_place(soon()).expect("recv");
+    ch.recv_with(soon(), |guard| {
         let m = guard.meta();
         assert_eq!(
             (m.packet_type, m.transaction_id, m.header_len),
@@ -582,7 +581,8 @@ fn gpa_b<M: RingMem, D: Doorbell>(e: End<M, D>) {
         let mut body = [0u8; 4];
         guard.read_payload(0, &mut body).expect("payload");
         assert_eq!(&body, b"bulk");
-    }
+    })
+    .expect("recv");
     ch.send(b"got it", soon()).expect("acknowledge");
     until_closed(&ch);
 }
@@ -686,7 +686,7 @@ fn transfer_b<M: RingMem, D: Doorbell>(e: End<M, D>) {
 
 const BIG: usize = 20_000;
 
-/// Zero-copy: a packet written in place, read in place, consumed when the guard drops.
+/// Zero-copy: a packet written in place, read in place, consumed when the reading ends.
 fn zero_copy_a<M: RingMem, D: Doorbell>(e: End<M, D>) {
     let ch = e.channel;
     let big = pattern(9, BIG);
@@ -704,8 +704,7 @@ fn zero_copy_a<M: RingMem, D: Doorbell>(e: End<M, D>) {
 fn zero_copy_b<M: RingMem, D: Doorbell>(e: End<M, D>) {
     let ch = e.channel;
     let big = pattern(9, BIG);
-    {
-        let mut g = ch.recv_in_place(soon()).expect("recv in place");
+    ch.recv_with(soon(), |g| {
         assert_eq!(g.meta().payload_len, BIG);
         let mut tail = [0u8; 100];
         g.read_payload(BIG - 100, &mut tail)
@@ -715,14 +714,17 @@ fn zero_copy_b<M: RingMem, D: Doorbell>(e: End<M, D>) {
             g.read_payload(BIG - 50, &mut tail),
             Err(ChannelError::OutOfBounds { .. })
         ));
-    }
-    // Consumed when the guard dropped: the next packet is the next one.
-    let g = ch.recv_in_place(soon()).expect("recv");
-    let mut four = [0u8; 4];
-    let mut g = g;
-    g.read_payload(0, &mut four).expect("read");
+    })
+    .expect("recv in place");
+    // Consumed when the closure returned: the next packet is the next one.
+    let four = ch
+        .recv_with(soon(), |g| {
+            let mut four = [0u8; 4];
+            g.read_payload(0, &mut four).expect("read");
+            four
+        })
+        .expect("recv");
     assert_eq!(&four, b"next");
-    g.commit().expect("commit");
     let mut buf = [0u8; 8];
     assert_eq!(ch.try_recv(&mut buf).expect("recv"), None);
     ch.send(b"ok", soon()).expect("acknowledge");

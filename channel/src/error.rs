@@ -100,6 +100,21 @@ pub enum ChannelError {
         /// The packet's type.
         packet_type: vmlink_ring::protocol::PacketType,
     },
+    /// Transfer-page ranges were asked of a packet that is not a transfer-page packet.
+    #[error(
+        "transfer pages were asked of a packet of type {}, not a transfer-page packet (type 7)",
+        packet_type.raw()
+    )]
+    NotTransferPages {
+        /// The packet's type.
+        packet_type: vmlink_ring::protocol::PacketType,
+    },
+    /// The link cannot do this at all (GPA-direct packets on a socket or a secure layer).
+    #[error("this link does not support {what}")]
+    Unsupported {
+        /// What was asked.
+        what: &'static str,
+    },
 }
 
 impl From<FailureCause> for ChannelError {

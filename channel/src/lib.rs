@@ -53,6 +53,7 @@ pub mod doorbell;
 mod error;
 #[cfg(all(feature = "fd", target_os = "linux"))]
 pub mod fd;
+pub mod link;
 pub mod packet;
 #[cfg(feature = "alloc")]
 mod queue;
@@ -62,9 +63,7 @@ mod txn;
 #[cfg(feature = "std")]
 mod pair;
 
-pub use channel::{
-    BatchPacket, Channel, ChannelState, Config, Counters, Received, RecvGuard, SendBatch,
-};
+pub use channel::{Channel, ChannelState, Config, Counters, Endpoint, Packet, SendBatch};
 pub use doorbell::{AsyncDoorbell, Doorbell, DoorbellError, Wake};
 #[cfg(feature = "std")]
 pub use doorbell::{InProcessDoorbell, in_process_pair};
@@ -73,6 +72,7 @@ pub use error::{ChannelError, FailureCause, ProtocolError};
 pub use fd::EventFdDoorbell;
 #[cfg(all(feature = "tokio", target_os = "linux"))]
 pub use fd::TokioDoorbell;
+pub use link::{PacketRx, PacketTx, Received, RingRx, RingTx};
 #[cfg(feature = "std")]
 pub use pair::{InProcessChannel, in_process_channel_pair};
 #[cfg(all(loom, feature = "std"))]

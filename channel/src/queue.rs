@@ -9,7 +9,7 @@
 
 use alloc::{collections::VecDeque, vec, vec::Vec};
 
-use crate::channel::Received;
+use crate::link::Received;
 
 #[derive(Debug, Clone, Copy)]
 struct Item {

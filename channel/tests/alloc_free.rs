@@ -11,7 +11,7 @@
 //! - `try_send` + `try_recv`;
 //! - `send` + `recv`, blocking with deadlines, on two threads over a tiny ring (so senders
 //!   wait for space and receivers sleep);
-//! - `send_in_place` + `recv_in_place`, the same way;
+//! - `send_in_place` + `recv_with`, the same way;
 //! - batches of 16 (`push_in_band` / `push_in_place`, one commit) + `try_recv_batch`;
 //! - `call` with a server thread receiving and completing;
 //! - `call` while the server also sends unsolicited packets, which the caller queues (the
@@ -276,7 +276,7 @@ fn blocking_send_and_recv_allocate_nothing() {
 fn in_place_send_and_recv_allocate_nothing() {
     init();
     two_threads(
-        "send_in_place + recv_in_place",
+        "send_in_place + recv_with",
         |a, payload| {
             a.send_in_place(PacketMeta::in_band(), 0, payload.len(), soon(), |slot| {
                 slot.write_payload(0, payload).expect("write_payload")
@@ -284,11 +284,12 @@ fn in_place_send_and_recv_allocate_nothing() {
             .expect("send_in_place")
         },
         |b, buf| {
-            let mut g = b.recv_in_place(soon()).expect("recv_in_place");
-            let len = g.meta().payload_len;
-            g.read_payload(0, &mut buf[..len]).expect("read_payload");
-            g.commit().expect("commit");
-            len
+            b.recv_with(soon(), |g| {
+                let len = g.meta().payload_len;
+                g.read_payload(0, &mut buf[..len]).expect("read_payload");
+                len
+            })
+            .expect("recv_with")
         },
     );
 }

@@ -121,23 +121,24 @@ fn copying_receive_hands_out_the_validated_header() {
 fn in_place_receive_hands_out_the_validated_header() {
     let (a, b, reads) = pair(config());
     send_gpa(&a);
-    let mut guard = b.try_recv_in_place().unwrap().expect("the packet");
-    let mut scratch = [0u8; 64];
-    assert_original(guard.gpa_ranges(&mut scratch).unwrap());
-    assert_eq!(reads.load(Ordering::SeqCst), 1, "the header is read once");
-    let mut body = [0u8; 4];
-    guard.read_payload(0, &mut body).unwrap();
-    assert_eq!(&body, b"bulk");
-    // A second look at the header reads the (now hostile) ring again and is checked again:
-    // it fails the channel rather than hand out unchecked bytes.
-    let mut again = [0u8; 64];
-    assert!(matches!(
-        guard.header(&mut again),
-        Err(ChannelError::Failed(FailureCause::Protocol(
-            ProtocolError::Packet(_)
-        )))
-    ));
-    drop(guard);
+    let r = b.try_recv_with(|guard| {
+        let mut scratch = [0u8; 64];
+        assert_original(guard.gpa_ranges(&mut scratch).unwrap());
+        assert_eq!(reads.load(Ordering::SeqCst), 1, "the header is read once");
+        let mut body = [0u8; 4];
+        guard.read_payload(0, &mut body).unwrap();
+        assert_eq!(&body, b"bulk");
+        // A second look at the header reads the (now hostile) ring again and is checked
+        // again: it fails the channel rather than hand out unchecked bytes.
+        let mut again = [0u8; 64];
+        assert!(matches!(
+            guard.header(&mut again),
+            Err(ChannelError::Failed(FailureCause::Protocol(
+                ProtocolError::Packet(_)
+            )))
+        ));
+    });
+    assert!(matches!(r, Err(ChannelError::Failed(_))), "{r:?}");
     assert!(matches!(b.state(), ChannelState::Failed(_)));
 }
 
@@ -226,9 +227,8 @@ fn a_malformed_header_fails_the_channel_on_every_path() {
     // In place.
     let (a, b, _) = pair(Config::default());
     send_raw(&a, PacketType::TransferPages, &bad);
-    let mut guard = b.try_recv_in_place().unwrap().expect("the packet");
-    assert!(guard.header(&mut buf).is_err());
-    drop(guard);
+    let r = b.try_recv_with(|guard| assert!(guard.header(&mut buf).is_err()));
+    assert!(matches!(r, Err(ChannelError::Failed(_))), "{r:?}");
     assert_failed_with_packet_error(&b, PacketError::NoRanges);
     // Batches: the batch stops at the packet that failed the channel and says so.
     let (a, b, _) = pair(Config::default());
@@ -251,15 +251,19 @@ fn a_malformed_header_fails_the_channel_on_every_path() {
 fn gpa_ranges_of_another_packet_type_is_the_callers_error() {
     let (a, b, _) = pair(Config::default());
     a.try_send(b"plain").unwrap();
-    let mut guard = b.try_recv_in_place().unwrap().expect("the packet");
-    let mut scratch = [0u8; 64];
+    let err = b
+        .try_recv_with(|guard| {
+            let mut scratch = [0u8; 64];
+            guard.gpa_ranges(&mut scratch).err()
+        })
+        .unwrap()
+        .expect("the packet");
     assert_eq!(
-        guard.gpa_ranges(&mut scratch).err(),
+        err,
         Some(ChannelError::NotGpaDirect {
             packet_type: PacketType::InBand
         })
     );
-    drop(guard);
     assert_eq!(
         b.state(),
         ChannelState::Open,

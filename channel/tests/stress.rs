@@ -3,7 +3,7 @@
 //!
 //! Side A runs two callers (`call`), one streamer (a random mix of `send`, `send_in_place`
 //! and batches of `push_in_band` / `push_in_place`) and one receiver (a random mix of
-//! `recv`, `recv_in_place` and `recv_batch`). Side B runs one server thread that receives
+//! `recv`, `recv_with` and `recv_batch`). Side B runs one server thread that receives
 //! everything with the same random mix of receive calls, completes every request with a
 //! payload derived from it (`complete`, blocking), and streams packets back with the same
 //! random mix of sends. Both directions are busy at once; the rings are so small that
@@ -215,7 +215,7 @@ struct Ops {
     calls: AtomicU64,
     completions: AtomicU64,
     recv: AtomicU64,
-    recv_in_place: AtomicU64,
+    recv_with: AtomicU64,
     recv_batch: AtomicU64,
     recv_batch_packets: AtomicU64,
     stream_a: AtomicU64,
@@ -424,7 +424,7 @@ impl StreamCheck {
     }
 }
 
-/// One random receive operation (`recv`, `recv_in_place` or `recv_batch`), handing each
+/// One random receive operation (`recv`, `recv_with` or `recv_batch`), handing each
 /// packet to `each`. Blocks until at least one packet arrives.
 fn random_recv(
     ch: &InProcessChannel,
@@ -440,19 +440,20 @@ fn random_recv(
             each(&r, r.payload(buf));
         }
         1 => {
-            let mut g = ok("recv_in_place", ch.recv_in_place(None));
-            let meta = g.meta();
+            let meta = ok(
+                "recv_with",
+                ch.recv_with(None, |g| {
+                    let meta = g.meta();
+                    let len = meta.payload_len;
+                    // Two reads, so offsets inside the packet are exercised too.
+                    let split = len.min(8);
+                    ok("read_payload", g.read_payload(0, &mut buf[..split]));
+                    ok("read_payload", g.read_payload(split, &mut buf[split..len]));
+                    meta
+                }),
+            );
             let len = meta.payload_len;
-            // Two reads, so offsets inside the packet are exercised too.
-            let split = len.min(8);
-            ok("read_payload", g.read_payload(0, &mut buf[..split]));
-            ok("read_payload", g.read_payload(split, &mut buf[split..len]));
-            if rng.below(2) == 0 {
-                ok("guard commit", g.commit());
-            } else {
-                drop(g);
-            }
-            inc(&run.ops.recv_in_place);
+            inc(&run.ops.recv_with);
             each(&meta, &buf[..len]);
         }
         _ => {
@@ -616,7 +617,7 @@ fn describe(name: &str, c: &Counters) -> String {
 fn ops_line(o: &Ops) -> String {
     format!(
         "ops: send {}, send_in_place {}, batches {} ({} packets, {} hit a full ring), calls {}, \
-         completions {}, recv {}, recv_in_place {}, recv_batch {} ({} packets), \
+         completions {}, recv {}, recv_with {}, recv_batch {} ({} packets), \
          stream A->B {}, stream B->A {}",
         get(&o.send),
         get(&o.send_in_place),
@@ -626,7 +627,7 @@ fn ops_line(o: &Ops) -> String {
         get(&o.calls),
         get(&o.completions),
         get(&o.recv),
-        get(&o.recv_in_place),
+        get(&o.recv_with),
         get(&o.recv_batch),
         get(&o.recv_batch_packets),
         get(&o.stream_a),
@@ -771,7 +772,7 @@ fn stress(name: &str, ring: usize, config: Config) {
         ("batch", &o.batches),
         ("call", &o.calls),
         ("recv", &o.recv),
-        ("recv_in_place", &o.recv_in_place),
+        ("recv_with", &o.recv_with),
         ("recv_batch", &o.recv_batch),
     ] {
         assert!(get(n) > 0, "[{name}] {op} never ran");

@@ -4,7 +4,7 @@
 //! script hands it, every one with a deadline of 0–4 ms: `call` (completions stored for
 //! the caller while other packets wait in the unsolicited-packet queue, bounded to 1–4
 //! packets and to 1 MiB, 4 KiB, 256 or 24 bytes), `send` (waiting for space in a 1–2 page
-//! ring), `recv` / `recv_in_place` / `recv_batch` (with payload reads and whole-header reads:
+//! ring), `recv` / `recv_with` / `recv_batch` (with payload reads and whole-header reads:
 //! `header` or `gpa_ranges` into a scratch of any length), and `try_start_request` (a
 //! polled transaction whose completion a receiver gets). The main
 //! thread plays the peer between pauses: through side B it receives A's requests and
@@ -103,7 +103,6 @@ enum Work {
     RecvInPlace {
         ms: u8,
         reads: Vec<(bool, u16, u16)>,
-        commit: bool,
     },
     RecvBatch {
         max: u8,
@@ -517,30 +516,31 @@ fn run_work(sh: &Shared, worker: usize, seq: u64, work: &Work) {
             };
             ("recv", r)
         }
-        Work::RecvInPlace { ms, reads, commit } => {
+        Work::RecvInPlace { ms, reads } => {
             let (d, dur) = deadline(*ms);
             limit += dur;
-            let (r, largest) = largest_alloc(|| a.recv_in_place(Some(d)));
-            assert!(largest <= bound, "recv_in_place allocated {largest} bytes");
-            let r = match r {
-                Ok(mut g) => {
+            let mut got = None;
+            let (r, largest) = largest_alloc(|| {
+                a.recv_with(Some(d), |g| {
                     let m = g.meta();
-                    sh.received("recv_in_place", &m);
+                    got = Some(m);
                     for &(header, offset, len) in reads.iter().take(3) {
                         let len = len as usize % 9000;
                         let mut buf = vec![0u8; len];
                         if header {
-                            header_read(sh, "RecvGuard", &mut g, offset, &mut buf);
+                            header_read(sh, "Packet", g, offset, &mut buf);
                         } else {
                             let r = g.read_payload(offset as usize, &mut buf);
-                            check_read("RecvGuard", m.payload_len, offset, r, len);
+                            check_read("Packet", m.payload_len, offset, r, len);
                         }
                     }
-                    if *commit { g.commit() } else { Ok(()) }
-                }
-                Err(e) => Err(e),
-            };
-            ("recv_in_place", r)
+                })
+            });
+            assert!(largest <= bound, "recv_with allocated {largest} bytes");
+            if let Some(m) = &got {
+                sh.received("recv_with", m);
+            }
+            ("recv_with", r)
         }
         Work::RecvBatch { max, ms, reads } => {
             let (d, dur) = deadline(*ms);
@@ -553,15 +553,15 @@ fn run_work(sh: &Shared, worker: usize, seq: u64, work: &Work) {
                 .collect();
             let mut got = Vec::with_capacity(8);
             let (r, largest) = largest_alloc(|| {
-                a.recv_batch(max, Some(d), |mut p| {
+                a.recv_batch(max, Some(d), |p| {
                     let m = p.meta();
                     got.push(m);
                     for (&(header, offset, _), buf) in reads.iter().zip(bufs.iter_mut()) {
                         if header {
-                            header_read(sh, "BatchPacket", &mut p, offset, buf);
+                            header_read(sh, "Packet", p, offset, buf);
                         } else {
                             let r = p.read_payload(offset as usize, buf);
-                            check_read("BatchPacket", m.payload_len, offset, r, buf.len());
+                            check_read("Packet", m.payload_len, offset, r, buf.len());
                         }
                     }
                 })

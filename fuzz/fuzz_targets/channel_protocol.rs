@@ -4,7 +4,7 @@
 //! A reads it) and an in-process doorbell pair. The script interleaves, on either side,
 //! `try_send` / `try_send_packet` (any type, flags, transaction id, header) / packets larger
 //! than the ring / `try_start_request` / `try_complete` (in-flight, stale, duplicate or raw
-//! ids) / `try_recv` / `try_recv_in_place` and `try_recv_batch` (with payload reads and
+//! ids) / `try_recv` / `try_recv_with` and `try_recv_batch` (with payload reads and
 //! whole-header reads: `header` or `gpa_ranges` into a scratch of any length), and the
 //! peer's own moves on the shared memory: hand-built packets published past the write index,
 //! byte scribbles over the data area, and arbitrary control words.
@@ -113,7 +113,6 @@ enum Op {
     RecvInPlace {
         side: Side,
         reads: Vec<(bool, u16, u16)>,
-        commit: bool,
     },
     RecvBatch {
         side: Side,
@@ -499,70 +498,57 @@ fuzz_target!(|input: Input| {
                     }
                 }
             }
-            Op::RecvInPlace {
-                side,
-                reads,
-                commit,
-            } => {
+            Op::RecvInPlace { side, reads } => {
                 let e = &mut ends[idx(*side)];
                 let known = e.failed;
-                let out = {
-                    let g = NoAlloc::start("try_recv_in_place");
-                    let r = e.chan.try_recv_in_place();
-                    g.finish();
-                    match r {
-                        Ok(Some(mut guard)) => {
-                            let m = guard.meta();
-                            // The channel's cause once a header read failed it.
-                            let mut now = known;
-                            memo.reset();
-                            for &(header, offset, len) in reads.iter().take(8) {
-                                let mut buf = vec![0u8; len as usize % 9000];
-                                if header {
-                                    let call = HeaderCall::from_selector(offset);
-                                    let v = read_whole_header(
-                                        &mut guard,
-                                        call,
-                                        &mut buf,
-                                        limit,
-                                        Some(&mut memo),
-                                    );
-                                    if let HeaderVerdict::Failed(c) = v {
-                                        now = Some(e.header_failed("RecvGuard", now, c));
-                                    }
-                                } else {
-                                    let r = guard.read_payload(offset as usize, &mut buf);
-                                    check_payload_read("RecvGuard", m.payload_len, offset, &buf, r);
-                                }
+                // The channel's cause once a header read failed it.
+                let mut now = known;
+                let mut got = None;
+                let end = &*e;
+                let g = NoAlloc::start("try_recv_with");
+                let r = end.chan.try_recv_with(|p| {
+                    let m = p.meta();
+                    got = Some(m);
+                    memo.reset();
+                    for &(header, offset, len) in reads.iter().take(8) {
+                        let mut buf = vec![0u8; len as usize % 9000];
+                        if header {
+                            let call = HeaderCall::from_selector(offset);
+                            let v = read_whole_header(p, call, &mut buf, limit, Some(&mut memo));
+                            if let HeaderVerdict::Failed(c) = v {
+                                now = Some(end.header_failed("Packet", now, c));
                             }
-                            let r = if *commit {
-                                guard.commit()
-                            } else {
-                                drop(guard);
-                                Ok(())
-                            };
-                            Ok(Some((m, r, now)))
+                        } else {
+                            let r = p.read_payload(offset as usize, &mut buf);
+                            check_payload_read("Packet", m.payload_len, offset, &buf, r);
                         }
-                        Ok(None) => Ok(None),
-                        Err(err) => Err(err),
                     }
-                };
-                match out {
-                    Ok(Some((m, r, now))) => {
-                        assert!(
-                            known.is_none(),
-                            "try_recv_in_place succeeded on a failed channel"
+                });
+                g.finish();
+                if let Some(m) = got {
+                    assert!(
+                        known.is_none(),
+                        "try_recv_with handed a packet on a failed channel"
+                    );
+                    e.received(m.packet_type, m.transaction_id, m.completion_requested);
+                }
+                match r {
+                    Ok(Some(())) => {
+                        assert_eq!(
+                            now, known,
+                            "try_recv_with succeeded after failing the channel"
                         );
-                        e.received(m.packet_type, m.transaction_id, m.completion_requested);
-                        if let Some(c) = now {
+                    }
+                    Ok(None) => e.check_ok_while_failed("try_recv_with"),
+                    Err(err) => {
+                        if let Some(c) = now.filter(|_| known.is_none()) {
+                            // The header read failed the channel: the receive says so.
+                            assert_eq!(err, ChannelError::Failed(c));
                             e.record_failure(c);
-                        }
-                        if let Err(err) = r {
-                            e.check_err("RecvGuard::commit", err, &[]);
+                        } else {
+                            e.check_err("try_recv_with", err, &[]);
                         }
                     }
-                    Ok(None) => e.check_ok_while_failed("try_recv_in_place"),
-                    Err(err) => e.check_err("try_recv_in_place", err, &[]),
                 }
             }
             Op::RecvBatch { side, max, reads } => {
@@ -578,7 +564,7 @@ fuzz_target!(|input: Input| {
                 let chan = &e.chan;
                 let end = &*e;
                 let g = NoAlloc::start("try_recv_batch");
-                let r = chan.try_recv_batch(*max as usize % 8, |mut p| {
+                let r = chan.try_recv_batch(*max as usize % 8, |p| {
                     // A batch stops at the packet whose header read failed the channel.
                     assert!(
                         now == known,
@@ -590,13 +576,13 @@ fuzz_target!(|input: Input| {
                     for (&(header, offset, _), buf) in reads.iter().zip(bufs.iter_mut()) {
                         if header {
                             let call = HeaderCall::from_selector(offset);
-                            let v = read_whole_header(&mut p, call, buf, limit, Some(&mut memo));
+                            let v = read_whole_header(p, call, buf, limit, Some(&mut memo));
                             if let HeaderVerdict::Failed(c) = v {
-                                now = Some(end.header_failed("BatchPacket", now, c));
+                                now = Some(end.header_failed("Packet", now, c));
                             }
                         } else {
                             let r = p.read_payload(offset as usize, buf);
-                            check_payload_read("BatchPacket", m.payload_len, offset, buf, r);
+                            check_payload_read("Packet", m.payload_len, offset, buf, r);
                         }
                     }
                 });
@@ -606,7 +592,10 @@ fuzz_target!(|input: Input| {
                 }
                 if let Ok(n) = r {
                     // A header read that failed the channel ends the batch with that error.
-                    assert_eq!(now, known, "try_recv_batch succeeded after failing the channel");
+                    assert_eq!(
+                        now, known,
+                        "try_recv_batch succeeded after failing the channel"
+                    );
                     e.check_ok_while_failed("try_recv_batch");
                     assert_eq!(n, got.len());
                     assert!(n <= *max as usize % 8);

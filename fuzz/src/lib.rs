@@ -10,9 +10,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use vmlink_channel::packet::{
     GpaRanges, pages_spanned, parse_gpa_header, parse_transfer_page_header,
 };
-use vmlink_channel::{
-    BatchPacket, ChannelError, Doorbell, FailureCause, PacketType, Received, RecvGuard,
-};
+use vmlink_channel::{ChannelError, FailureCause, Packet, PacketType, Received};
 use vmlink_ring::protocol::{CONTROL_PAGE_SIZE, DESCRIPTOR_SIZE, PAGE_SIZE, TRAILER_SIZE};
 use vmlink_ring::{ControlWord, HeapMem, RingMem};
 
@@ -380,8 +378,8 @@ impl Scribble {
 // Whole-header reads of received packets
 // ---------------------------------------------------------------------------------------
 
-/// A packet received in place whose extra header can be copied out whole:
-/// [`RecvGuard`] or a [`BatchPacket`].
+/// A packet received in place whose extra header can be copied out whole (a
+/// [`Packet`]).
 pub trait WholeHeader {
     /// The packet's description.
     fn received(&self) -> Received;
@@ -391,19 +389,7 @@ pub trait WholeHeader {
     fn ranges<'s>(&mut self, scratch: &'s mut [u8]) -> Result<GpaRanges<'s>, ChannelError>;
 }
 
-impl<M: RingMem, D: Doorbell> WholeHeader for RecvGuard<'_, M, D> {
-    fn received(&self) -> Received {
-        self.meta()
-    }
-    fn whole_header<'s>(&mut self, scratch: &'s mut [u8]) -> Result<&'s [u8], ChannelError> {
-        self.header(scratch)
-    }
-    fn ranges<'s>(&mut self, scratch: &'s mut [u8]) -> Result<GpaRanges<'s>, ChannelError> {
-        self.gpa_ranges(scratch)
-    }
-}
-
-impl<M: RingMem> WholeHeader for &BatchPacket<'_, '_, M> {
+impl WholeHeader for Packet<'_> {
     fn received(&self) -> Received {
         self.meta()
     }

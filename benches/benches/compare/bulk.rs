@@ -325,24 +325,28 @@ fn vmlink_gpa_direct(g: &mut Group<'_>, size: usize) {
         let mut scratch = [0u8; 256];
         Peer::spawn("gpa-consumer", move |n| {
             for _ in 0..n {
-                let mut guard = rx.recv_in_place(None).expect("a GPA-direct packet");
-                let range = guard
-                    .gpa_ranges(&mut scratch)
-                    .expect("valid ranges")
-                    .next()
-                    .expect("one range");
-                assert_eq!(range.byte_count as usize, size, "whole packet in one range");
-                let mut first_page = None;
-                for (i, p) in range.pages().enumerate() {
-                    first_page.get_or_insert(p);
-                    let words = &area[p as usize * (PAGE / 8)..(p as usize + 1) * (PAGE / 8)];
-                    for (w, out) in words.iter().zip(page.as_chunks_mut::<8>().0) {
-                        *out = w.load(Ordering::Relaxed).to_le_bytes();
-                    }
-                    check.part(&page, i * per_page);
-                }
-                check.end_packet();
-                drop(guard);
+                let first_page = rx
+                    .recv_with(None, |guard| {
+                        let range = guard
+                            .gpa_ranges(&mut scratch)
+                            .expect("valid ranges")
+                            .next()
+                            .expect("one range");
+                        assert_eq!(range.byte_count as usize, size, "whole packet in one range");
+                        let mut first_page = None;
+                        for (i, p) in range.pages().enumerate() {
+                            first_page.get_or_insert(p);
+                            let words =
+                                &area[p as usize * (PAGE / 8)..(p as usize + 1) * (PAGE / 8)];
+                            for (w, out) in words.iter().zip(page.as_chunks_mut::<8>().0) {
+                                *out = w.load(Ordering::Relaxed).to_le_bytes();
+                            }
+                            check.part(&page, i * per_page);
+                        }
+                        check.end_packet();
+                        first_page
+                    })
+                    .expect("a GPA-direct packet");
                 let slot = first_page.expect("pages") / pages_per_slot as u64;
                 rx.send(&slot.to_le_bytes(), None)
                     .expect("hand the buffer back");

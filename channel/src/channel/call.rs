@@ -2,7 +2,7 @@
 
 use super::*;
 
-impl<M: RingMem, D: Doorbell> Channel<M, D> {
+impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
     // ---- transactions ------------------------------------------------------------------
 
     /// Sends a request whose completion will come back through the receive calls (as a
@@ -56,8 +56,8 @@ pub(crate) enum CallStep {
 /// A call in flight: frees or abandons its transaction id if the call ends without its
 /// completion (an error, a timeout, a dropped future).
 #[cfg(feature = "alloc")]
-pub(crate) struct PendingCall<'c, M: RingMem, D: Doorbell> {
-    channel: &'c Channel<M, D>,
+pub(crate) struct PendingCall<'c, T: PacketTx, R: PacketRx, D: Doorbell> {
+    channel: &'c Endpoint<T, R, D>,
     tid: u64,
     /// The id still needs freeing or abandoning.
     armed: bool,
@@ -66,7 +66,7 @@ pub(crate) struct PendingCall<'c, M: RingMem, D: Doorbell> {
 }
 
 #[cfg(feature = "alloc")]
-impl<M: RingMem, D: Doorbell> PendingCall<'_, M, D> {
+impl<T: PacketTx, R: PacketRx, D: Doorbell> PendingCall<'_, T, R, D> {
     pub(crate) fn tid(&self) -> u64 {
         self.tid
     }
@@ -78,7 +78,7 @@ impl<M: RingMem, D: Doorbell> PendingCall<'_, M, D> {
 }
 
 #[cfg(feature = "alloc")]
-impl<M: RingMem, D: Doorbell> Drop for PendingCall<'_, M, D> {
+impl<T: PacketTx, R: PacketRx, D: Doorbell> Drop for PendingCall<'_, T, R, D> {
     fn drop(&mut self) {
         if !self.armed {
             return;
@@ -95,13 +95,13 @@ impl<M: RingMem, D: Doorbell> Drop for PendingCall<'_, M, D> {
 }
 
 #[cfg(feature = "alloc")]
-impl<M: RingMem, D: Doorbell> Channel<M, D> {
+impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
     /// Reserves a transaction id for a call whose response buffer holds `capacity` bytes:
     /// the most of its completion the receive path will store.
     pub(crate) fn begin_call(
         &self,
         capacity: usize,
-    ) -> Result<PendingCall<'_, M, D>, ChannelError> {
+    ) -> Result<PendingCall<'_, T, R, D>, ChannelError> {
         self.check_send()?;
         let tid = self
             .txns
@@ -123,7 +123,7 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
     /// slots, other packets to the queue), then take ours or arm for sleeping.
     pub(crate) fn call_step(
         &self,
-        txn: &mut PendingCall<'_, M, D>,
+        txn: &mut PendingCall<'_, T, R, D>,
         response: &mut [u8],
     ) -> Result<CallStep, ChannelError> {
         if let Some(e) = self.failed() {
@@ -159,13 +159,11 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
     /// `Ok(false)` when the queue cannot take it now: it stays in the ring.
     pub(super) fn queue_packet(
         &self,
-        rx: &mut RxState<M>,
-        info: &PacketInfo,
+        rx: &mut RxState<R>,
+        info: &Received,
     ) -> Result<bool, ChannelError> {
-        let RxState { reader, queue, .. } = rx;
-        let queued = queue.push(Received::from_info(info), |slot| {
-            self.take_into(reader, info, slot).map(drop)
-        })?;
+        let RxState { link, queue, .. } = rx;
+        let queued = queue.push(*info, |slot| self.take_into(link, info, slot).map(drop))?;
         if queued {
             self.hub.notify(&self.doorbell);
         }
@@ -174,8 +172,8 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
 
     pub(super) fn take_completion(
         &self,
-        rx: &mut RxState<M>,
-        txn: &mut PendingCall<'_, M, D>,
+        rx: &mut RxState<R>,
+        txn: &mut PendingCall<'_, T, R, D>,
         response: &mut [u8],
     ) -> Result<Option<usize>, ChannelError> {
         if !self.txns.is_done(txn.tid) {
@@ -201,7 +199,7 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
 }
 
 #[cfg(feature = "alloc")]
-impl<M: RingMem, D: Doorbell> Channel<M, D> {
+impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
     pub(crate) fn generation(&self) -> u64 {
         self.hub.generation()
     }
@@ -216,7 +214,7 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
 }
 
 #[cfg(feature = "alloc")]
-impl<M: RingMem, D: crate::doorbell::AsyncDoorbell> Channel<M, D> {
+impl<T: PacketTx, R: PacketRx, D: crate::doorbell::AsyncDoorbell> Endpoint<T, R, D> {
     pub(crate) fn poll_event(
         &self,
         seen: u64,

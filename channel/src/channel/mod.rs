@@ -1,4 +1,5 @@
-//! The channel: an outgoing ring, an incoming ring and a doorbell.
+//! The endpoint: a packet link's two halves, a doorbell, and everything written once over
+//! them (transactions, the queue, failure states, counters, waiting).
 
 #[cfg(feature = "alloc")]
 use alloc::vec::Vec;
@@ -8,17 +9,13 @@ use core::time::Duration;
 #[cfg(feature = "std")]
 use std::time::Instant;
 
-use vmlink_ring::protocol::{FLAG_COMPLETION_REQUESTED, PacketType, packet_len};
-use vmlink_ring::{
-    OutgoingPacket, PacketInfo, PacketMeta, ReadError, Reader, RingMem, Signal, WaitDecision,
-    WriteError, WriteSlot, Writer,
-};
+use vmlink_ring::protocol::{FLAG_COMPLETION_REQUESTED, PacketType};
+use vmlink_ring::{OutgoingPacket, PacketMeta, RingMem, Signal, WaitDecision, WriteSlot};
 
 use crate::doorbell::{Doorbell, DoorbellError};
 use crate::error::{ChannelError, FailureCause, ProtocolError};
-use crate::packet::{
-    GpaRange, encode_gpa_header, gpa_header_len, parse_gpa_header, parse_transfer_page_header,
-};
+use crate::link::{PacketRx, PacketTx, Received, RingRx, RingTx};
+use crate::packet::{GpaRange, parse_gpa_header, parse_transfer_page_header};
 #[cfg(feature = "alloc")]
 use crate::queue::PacketQueue;
 #[cfg(feature = "alloc")]
@@ -50,12 +47,10 @@ mod wait;
 pub(crate) use call::CallStep;
 use config::{AtomicCounters, bump};
 pub use config::{ChannelState, Config, Counters};
-pub use recv::{BatchPacket, Received, RecvGuard};
+pub use recv::Packet;
 pub use send::SendBatch;
 #[cfg(feature = "alloc")]
 pub(crate) use send::completion;
-#[cfg(feature = "std")]
-use send::push_packet;
 pub(crate) use send::request_packet;
 
 const OPEN: u8 = 0;
@@ -73,8 +68,8 @@ enum Probe {
     State,
 }
 
-struct RxState<M: RingMem> {
-    reader: Reader<M>,
+struct RxState<R> {
+    link: R,
     /// Packets copied out of the ring while callers waited for completions.
     #[cfg(feature = "alloc")]
     queue: PacketQueue,
@@ -90,15 +85,20 @@ struct RxState<M: RingMem> {
     spin_masked: bool,
 }
 
-/// A VMBus-style channel: packets out through one ring, in through the other, and a
-/// doorbell that wakes the peer only when it needs waking.
+/// One side of a packet link with everything written once above it: transactions
+/// ([`call`](Self::call)), the queue of packets kept while calls wait, failure states,
+/// counters, and waiting on a doorbell that wakes the peer only when it needs waking.
 ///
-/// Every method takes `&self`: a channel can be shared by threads (when its memory and
-/// doorbell allow), with many calls in flight at once. Sends lock the outgoing ring,
-/// receives the incoming one, each only for the ring operation itself.
-pub struct Channel<M: RingMem, D: Doorbell> {
-    tx: Lock<Writer<M>>,
-    rx: Lock<RxState<M>>,
+/// Every method takes `&self`: an endpoint can be shared by threads (when its link and
+/// doorbell allow), with many calls in flight at once. Sends lock the sending half,
+/// receives the receiving one, each only for the link operation itself.
+///
+/// Over a VMBus ring pair it is a [`Channel`]; any other [`PacketTx`] / [`PacketRx`] pair
+/// (a stream transport, a layer over another link) gets the same API from
+/// [`Endpoint::over`].
+pub struct Endpoint<T, R, D> {
+    tx: Lock<T>,
+    rx: Lock<RxState<R>>,
     doorbell: D,
     state: AtomicU8,
     cause: Lock<Option<FailureCause>>,
@@ -116,9 +116,13 @@ pub struct Channel<M: RingMem, D: Doorbell> {
     config: Config,
 }
 
-impl<M: RingMem, D: Doorbell> core::fmt::Debug for Channel<M, D> {
+/// A VMBus-style channel: packets out through one ring, in through the other, and a
+/// doorbell that wakes the peer only when it needs waking.
+pub type Channel<M, D> = Endpoint<RingTx<M>, RingRx<M>, D>;
+
+impl<T: PacketTx, R: PacketRx, D: Doorbell> core::fmt::Debug for Endpoint<T, R, D> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("Channel")
+        f.debug_struct("Endpoint")
             .field("state", &self.state())
             .field("counters", &self.counters())
             .finish_non_exhaustive()
@@ -135,12 +139,23 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
         doorbell: D,
         config: Config,
     ) -> Result<Self, ChannelError> {
-        let writer = Writer::new(outgoing).map_err(|e| ChannelError::Failed(e.into()))?;
-        let reader = Reader::new(incoming).map_err(|e| ChannelError::Failed(e.into()))?;
-        Ok(Self {
-            tx: Lock::new(writer),
+        Ok(Self::over(
+            RingTx::new(outgoing)?,
+            RingRx::new(incoming)?,
+            doorbell,
+            config,
+        ))
+    }
+}
+
+impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
+    /// An endpoint sending through `tx`, receiving through `rx`, signalling the peer and
+    /// sleeping through `doorbell`.
+    pub fn over(tx: T, rx: R, doorbell: D, config: Config) -> Self {
+        Self {
+            tx: Lock::new(tx),
             rx: Lock::new(RxState {
-                reader,
+                link: rx,
                 #[cfg(feature = "alloc")]
                 queue: PacketQueue::new(config.queue_bytes, config.queue_depth),
                 #[cfg(feature = "alloc")]
@@ -159,7 +174,7 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
             hub: Hub::default(),
             external_waits: AtomicBool::new(false),
             config,
-        })
+        }
     }
 
     /// The configuration.
@@ -287,12 +302,11 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
         Ok(())
     }
 
-    fn write_error(&self, e: WriteError) -> ChannelError {
+    /// A link's error as the endpoint reports it: a broken link fails the endpoint.
+    fn link_error(&self, e: ChannelError) -> ChannelError {
         match e {
-            WriteError::Full { .. } => ChannelError::Full,
-            WriteError::TooLarge { len, max } => ChannelError::TooLarge { len, max },
-            WriteError::Corrupt(r) => self.fail(r),
-            other => ChannelError::InvalidRequest(other),
+            ChannelError::Failed(cause) => self.fail(cause),
+            other => other,
         }
     }
 }

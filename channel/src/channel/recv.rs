@@ -1,101 +1,53 @@
-//! Receiving: the copying, in-place and batch paths, and the validated packet views.
+//! Receiving: the copying, in-place and batch paths, and the one packet view.
 
 use super::*;
 
-/// A received packet, copied into the caller's buffer: its extra header first, then its
-/// payload.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Received {
-    /// The packet type.
-    pub packet_type: PacketType,
-    /// The transaction id.
-    pub transaction_id: u64,
-    /// The sender asked for a completion.
-    pub completion_requested: bool,
-    /// Bytes of extra header at the start of the buffer (GPA ranges, transfer pages).
-    pub header_len: usize,
-    /// Bytes of payload after the header, padding to 8 bytes included.
-    pub payload_len: usize,
-}
-
-impl Received {
-    pub(super) fn from_info(info: &PacketInfo) -> Self {
-        Self {
-            packet_type: info.packet_type(),
-            transaction_id: info.transaction_id(),
-            completion_requested: info.completion_requested(),
-            header_len: info.header_len(),
-            payload_len: info.payload_len(),
-        }
-    }
-
-    /// Header and payload bytes in the buffer.
-    pub fn len(&self) -> usize {
-        self.header_len + self.payload_len
-    }
-
-    /// True when the packet carries neither header nor payload.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The header within the buffer the packet was received into.
-    pub fn header<'b>(&self, buf: &'b [u8]) -> &'b [u8] {
-        &buf[..self.header_len]
-    }
-
-    /// The payload within the buffer the packet was received into.
-    pub fn payload<'b>(&self, buf: &'b [u8]) -> &'b [u8] {
-        &buf[self.header_len..self.len()]
-    }
-}
-
-impl<M: RingMem, D: Doorbell> Channel<M, D> {
+impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
     // ---- receiving ---------------------------------------------------------------------
 
     /// Takes the next packet meant for a receiver off the incoming ring, dealing with
     /// completions for waiting callers on the way. Consumed packets are not yet committed.
     pub(super) fn next_for_receiver(
         &self,
-        rx: &mut RxState<M>,
-    ) -> Result<Option<PacketInfo>, ChannelError> {
+        rx: &mut RxState<R>,
+    ) -> Result<Option<Received>, ChannelError> {
         loop {
-            let info = match rx.reader.peek_info() {
+            let info = match rx.link.peek() {
                 Ok(Some(info)) => info,
                 Ok(None) => return Ok(None),
-                Err(e) => return Err(self.fail(e)),
+                Err(e) => return Err(self.link_error(e)),
             };
-            if info.packet_type() != PacketType::Completion {
+            if info.packet_type != PacketType::Completion {
                 // Extra headers are validated where they are copied out, never in the ring.
                 return Ok(Some(info));
             }
-            match self.txns.route(info.transaction_id()) {
+            match self.txns.route(info.transaction_id) {
                 Route::Polled => return Ok(Some(info)),
                 Route::Unknown => {
                     return Err(self.fail(ProtocolError::UnknownTransaction {
-                        transaction_id: info.transaction_id(),
+                        transaction_id: info.transaction_id,
                     }));
                 }
                 Route::Late(index) => {
                     self.txns.free_late(index);
                     bump(&self.counters.late_completions, 1);
-                    self.consume(&mut rx.reader, &info);
+                    self.consume(&mut rx.link, &info);
                 }
                 #[cfg(feature = "alloc")]
                 Route::Waiting(index) => {
                     // Stored only when it fits the caller's buffer: a peer cannot make the
                     // channel hold more than its callers asked to receive.
-                    let needed = info.payload_len();
+                    let needed = info.payload_len;
                     let stored = &mut rx.stored[index];
                     stored.clear();
                     if needed <= self.call_capacity[index].load(Ordering::Acquire) {
                         stored.resize(needed, 0);
-                        if let Some(p) = rx.reader.packet(&info) {
-                            p.read_payload(0, stored).map_err(|e| self.read_error(e))?;
-                        }
+                        rx.link
+                            .read_payload(0, stored)
+                            .map_err(|e| self.link_error(e))?;
                     }
                     rx.stored_len[index] = needed;
-                    self.consume(&mut rx.reader, &info);
+                    self.consume(&mut rx.link, &info);
                     if !self.txns.mark_done(index) {
                         bump(&self.counters.late_completions, 1);
                     }
@@ -108,12 +60,14 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
     }
 
     /// Consumes the packet at the head (not yet committed) and counts it.
-    pub(super) fn consume(&self, reader: &mut Reader<M>, info: &PacketInfo) {
-        if let Some(p) = reader.packet(info) {
-            p.consume();
-            bump(&self.counters.packets_received, 1);
-            bump(&self.counters.bytes_received, info.packet_len() as u64);
-        }
+    pub(super) fn consume(&self, link: &mut R, info: &Received) {
+        link.consume();
+        bump(&self.counters.packets_received, 1);
+        bump(
+            &self.counters.bytes_received,
+            vmlink_ring::protocol::packet_len(info.header_len, info.payload_len).unwrap_or(0)
+                as u64,
+        );
     }
 
     /// Commits consumed packets and signals the writer if it waits for the space. A writer
@@ -123,10 +77,10 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
     /// Packets left behind are announced to the channel's other waiters: a writer that
     /// saw this receive move the read index while it published took the reader for awake
     /// and did not signal, so a thread asleep in the doorbell would not learn of them.
-    pub(super) fn commit_rx(&self, rx: &mut RxState<M>) -> Result<(), ChannelError> {
-        let consumed = rx.reader.has_uncommitted();
-        let signal = rx.reader.commit();
-        if consumed && rx.reader.known_available() > 0 {
+    pub(super) fn commit_rx(&self, rx: &mut RxState<R>) -> Result<(), ChannelError> {
+        let consumed = rx.link.has_uncommitted();
+        let signal = rx.link.commit();
+        if consumed && rx.link.known_available() {
             self.hub.notify(&self.doorbell);
         }
         match self.signal(signal) {
@@ -140,26 +94,24 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
     /// the bytes that were checked.
     pub(super) fn take_into(
         &self,
-        reader: &mut Reader<M>,
-        info: &PacketInfo,
+        link: &mut R,
+        info: &Received,
         buf: &mut [u8],
     ) -> Result<Received, ChannelError> {
-        let meta = Received::from_info(info);
+        let meta = *info;
         if meta.len() > buf.len() {
             return Err(ChannelError::BufferTooSmall {
                 needed: meta.len(),
                 capacity: buf.len(),
             });
         }
-        if let Some(p) = reader.packet(info) {
-            let (h, rest) = buf.split_at_mut(meta.header_len);
-            p.read_header(0, h).map_err(|e| self.read_error(e))?;
-            check_header(&meta, h, self.config.gpa_page_limit)
-                .map_err(|e| self.fail(ProtocolError::Packet(e)))?;
-            p.read_payload(0, &mut rest[..meta.payload_len])
-                .map_err(|e| self.read_error(e))?;
-        }
-        self.consume(reader, info);
+        let (h, rest) = buf.split_at_mut(meta.header_len);
+        link.read_header(0, h).map_err(|e| self.link_error(e))?;
+        check_header(&meta, h, self.config.gpa_page_limit)
+            .map_err(|e| self.fail(ProtocolError::Packet(e)))?;
+        link.read_payload(0, &mut rest[..meta.payload_len])
+            .map_err(|e| self.link_error(e))?;
+        self.consume(link, info);
         if meta.packet_type == PacketType::Completion {
             self.txns.release_polled(meta.transaction_id);
         }
@@ -169,7 +121,7 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
     #[cfg(feature = "alloc")]
     pub(super) fn take_queued(
         &self,
-        rx: &mut RxState<M>,
+        rx: &mut RxState<R>,
         buf: &mut [u8],
     ) -> Result<Option<Received>, ChannelError> {
         let Some((meta, data)) = rx.queue.front() else {
@@ -213,7 +165,7 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
             }
             let got = self
                 .next_for_receiver(&mut rx)?
-                .map(|info| self.take_into(&mut rx.reader, &info, buf));
+                .map(|info| self.take_into(&mut rx.link, &info, buf));
             self.commit_rx(&mut rx)?;
             drop(rx);
             return match got {
@@ -225,9 +177,9 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
         }
     }
 
-    /// Receives the next packet in place, if one is there; never waits. The returned
-    /// guard reads straight out of ring memory; the packet is consumed when the guard is
-    /// dropped or committed. The incoming ring stays locked meanwhile.
+    /// Receives the next packet in place, if one is there, and hands it to `f`; never
+    /// waits. `f` reads straight out of the link (nothing is copied but what it reads);
+    /// the packet is consumed when `f` returns. The receiving half stays locked meanwhile.
     ///
     /// ```
     /// use vmlink_channel::{Config, PacketMeta, in_process_channel_pair};
@@ -240,48 +192,37 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
     ///     }
     /// })?;
     /// // Read just the part needed, straight out of the ring.
-    /// let mut guard = b.try_recv_in_place()?.expect("a packet");
-    /// let mut last = [0u8; 4];
-    /// guard.read_payload(8188, &mut last)?;
-    /// assert_eq!(last, [7; 4]);
-    /// drop(guard); // consumed here
+    /// let last = b.try_recv_with(|packet| {
+    ///     let mut last = [0u8; 4];
+    ///     packet.read_payload(8188, &mut last).map(|()| last)
+    /// })?;
+    /// assert_eq!(last, Some(Ok([7; 4])));
     /// # Ok::<(), vmlink_channel::ChannelError>(())
     /// ```
-    pub fn try_recv_in_place(&self) -> Result<Option<RecvGuard<'_, M, D>>, ChannelError> {
-        self.try_recv_in_place_as(Probe::Doorbell)
+    pub fn try_recv_with<X>(
+        &self,
+        f: impl FnOnce(&mut Packet<'_>) -> X,
+    ) -> Result<Option<X>, ChannelError> {
+        self.try_recv_with_as(Probe::Doorbell, f)
     }
 
-    pub(super) fn try_recv_in_place_as(
+    pub(super) fn try_recv_with_as<X>(
         &self,
         probe: Probe,
-    ) -> Result<Option<RecvGuard<'_, M, D>>, ChannelError> {
+        f: impl FnOnce(&mut Packet<'_>) -> X,
+    ) -> Result<Option<X>, ChannelError> {
+        let mut f = Some(f);
+        let mut out = None;
         loop {
-            if let Some(e) = self.failed() {
-                return Err(e);
+            let (n, gone) = self.recv_batch_once(1, &mut |p| {
+                if let Some(f) = f.take() {
+                    out = Some(f(p));
+                }
+            })?;
+            if n > 0 {
+                return Ok(out);
             }
-            let gone = self.known_gone();
-            let mut rx = self.rx.lock();
-            #[cfg(feature = "alloc")]
-            if let Some((meta, _)) = rx.queue.front() {
-                return Ok(Some(RecvGuard {
-                    channel: self,
-                    rx,
-                    source: Some(Source::Queued(meta)),
-                }));
-            }
-            if let Some(info) = self.next_for_receiver(&mut rx)? {
-                return Ok(Some(RecvGuard {
-                    channel: self,
-                    rx,
-                    source: Some(Source::Ring(info)),
-                }));
-            }
-            self.commit_rx(&mut rx)?;
-            drop(rx);
-            if gone {
-                return Err(ChannelError::Closed);
-            }
-            if !self.newly_gone(probe) {
+            if gone || !self.newly_gone(probe) {
                 return Ok(None);
             }
         }
@@ -293,7 +234,7 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
     pub fn try_recv_batch(
         &self,
         max: usize,
-        mut each: impl FnMut(&BatchPacket<'_, '_, M>),
+        mut each: impl FnMut(&mut Packet<'_>),
     ) -> Result<usize, ChannelError> {
         loop {
             match self.recv_batch_once(max, &mut each)? {
@@ -304,11 +245,11 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
     }
 
     /// One batch: how many packets were handled, and whether the peer was known to be
-    /// gone before the ring was read (`Closed` when that found nothing).
+    /// gone before the link was read (`Closed` when that found nothing).
     pub(super) fn recv_batch_once(
         &self,
         max: usize,
-        each: &mut impl FnMut(&BatchPacket<'_, '_, M>),
+        each: &mut dyn FnMut(&mut Packet<'_>),
     ) -> Result<(usize, bool), ChannelError> {
         if let Some(e) = self.failed() {
             return Err(e);
@@ -322,10 +263,10 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
         while n < max {
             #[cfg(feature = "alloc")]
             if let Some((meta, data)) = rx.queue.front() {
-                each(&BatchPacket {
+                each(&mut Packet {
                     meta,
-                    source: BatchSource::Queued(data),
-                    channel: self,
+                    source: Source::Queued(data),
+                    endpoint: self,
                 });
                 rx.queue.pop();
                 took_queued = true;
@@ -345,17 +286,14 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
                     break;
                 }
             };
-            let meta = Received::from_info(&info);
-            if let Some(p) = rx.reader.packet(&info) {
-                each(&BatchPacket {
-                    meta,
-                    source: BatchSource::Ring(&p),
-                    channel: self,
-                });
-            }
-            self.consume(&mut rx.reader, &info);
-            if meta.packet_type == PacketType::Completion {
-                self.txns.release_polled(meta.transaction_id);
+            each(&mut Packet {
+                meta: info,
+                source: Source::Link(&mut rx.link),
+                endpoint: self,
+            });
+            self.consume(&mut rx.link, &info);
+            if info.packet_type == PacketType::Completion {
+                self.txns.release_polled(info.transaction_id);
             }
             n += 1;
             // A header read in `each` may have failed the channel: no packet after it.
@@ -417,30 +355,22 @@ pub(super) fn check_header(
     }
 }
 
-/// What a packet read in place needs of its channel: the GPA page limit to validate a
-/// header against, and a way to fail the channel when it finds a violation.
+/// What a packet read in place needs of its endpoint: the GPA page limit to validate a
+/// header against, and a way to fail the endpoint when it finds a violation.
 pub(super) trait PacketSource {
     fn gpa_page_limit(&self) -> Option<u64>;
-    fn read_error(&self, e: ReadError) -> ChannelError;
+    fn link_error(&self, e: ChannelError) -> ChannelError;
     fn fail_protocol(&self, e: crate::packet::PacketError) -> ChannelError;
 }
 
-impl<M: RingMem, D: Doorbell> PacketSource for Channel<M, D> {
+impl<T: PacketTx, R: PacketRx, D: Doorbell> PacketSource for Endpoint<T, R, D> {
     fn gpa_page_limit(&self) -> Option<u64> {
         self.config.gpa_page_limit
     }
 
-    /// A caller's mistake is its error; a corrupt ring fails the channel.
-    fn read_error(&self, e: ReadError) -> ChannelError {
-        match e {
-            ReadError::BufferTooSmall { needed, capacity } => {
-                ChannelError::BufferTooSmall { needed, capacity }
-            }
-            ReadError::OutOfBounds { offset, len, size } => {
-                ChannelError::OutOfBounds { offset, len, size }
-            }
-            ReadError::Corrupt(r) => self.fail(r),
-        }
+    /// A caller's mistake is its error; a broken link fails the endpoint.
+    fn link_error(&self, e: ChannelError) -> ChannelError {
+        Endpoint::link_error(self, e)
     }
 
     fn fail_protocol(&self, e: crate::packet::PacketError) -> ChannelError {
@@ -448,8 +378,8 @@ impl<M: RingMem, D: Doorbell> PacketSource for Channel<M, D> {
     }
 }
 
-/// Copies a packet's whole extra header into `scratch` with `read` (one read of the ring).
-pub(super) fn copy_header<'s>(
+/// Copies a packet's whole extra header into `scratch` with `read` (one read of the link).
+fn copy_header<'s>(
     meta: &Received,
     scratch: &'s mut [u8],
     read: impl FnOnce(&mut [u8]) -> Result<(), ChannelError>,
@@ -463,238 +393,108 @@ pub(super) fn copy_header<'s>(
     Ok(header)
 }
 
-/// The whole extra header, copied into `scratch` once and validated there (a violation
-/// fails the channel): the caller gets exactly the bytes that were checked.
-pub(super) fn validated_header<'s>(
-    channel: &dyn PacketSource,
-    meta: &Received,
-    scratch: &'s mut [u8],
-    read: impl FnOnce(&mut [u8]) -> Result<(), ChannelError>,
-) -> Result<&'s [u8], ChannelError> {
-    let header = copy_header(meta, scratch, read)?;
-    check_header(meta, header, channel.gpa_page_limit()).map_err(|e| channel.fail_protocol(e))?;
-    Ok(header)
-}
-
-/// A GPA-direct packet's ranges, from its header copied into `scratch` once and validated
-/// there (a violation fails the channel).
-pub(super) fn validated_gpa_ranges<'s>(
-    channel: &dyn PacketSource,
-    meta: &Received,
-    scratch: &'s mut [u8],
-    read: impl FnOnce(&mut [u8]) -> Result<(), ChannelError>,
-) -> Result<crate::packet::GpaRanges<'s>, ChannelError> {
-    if meta.packet_type != PacketType::GpaDirect {
-        return Err(ChannelError::NotGpaDirect {
-            packet_type: meta.packet_type,
-        });
-    }
-    let header = copy_header(meta, scratch, read)?;
-    parse_gpa_header(header, channel.gpa_page_limit()).map_err(|e| channel.fail_protocol(e))
-}
-
-pub(super) enum Source {
-    Ring(PacketInfo),
-    /// The front of the channel's queue.
+enum Source<'a> {
+    /// The packet at the head of the receiving half.
+    Link(&'a mut dyn PacketRx),
+    /// The front of the endpoint's queue.
     #[cfg(feature = "alloc")]
-    Queued(Received),
+    Queued(&'a [u8]),
 }
 
-/// A received packet read in place. Consumed when dropped or committed.
-pub struct RecvGuard<'c, M: RingMem, D: Doorbell> {
-    channel: &'c Channel<M, D>,
-    rx: Guard<'c, RxState<M>>,
-    /// `None` once consumed.
-    source: Option<Source>,
+/// A received packet, read in place: the one view every in-place receive hands out
+/// ([`Endpoint::try_recv_with`], [`Endpoint::try_recv_batch`] and their waiting forms).
+///
+/// Reads go straight to the link (ring memory, for a [`Channel`]) or to the endpoint's
+/// queue. Extra headers are copied out once into the caller's scratch buffer and validated
+/// there: [`header`](Self::header), [`gpa_ranges`](Self::gpa_ranges) and
+/// [`transfer_pages`](Self::transfer_pages) hand out exactly the bytes that were checked,
+/// whatever the peer writes meanwhile; a malformed header fails the endpoint.
+pub struct Packet<'a> {
+    meta: Received,
+    source: Source<'a>,
+    endpoint: &'a dyn PacketSource,
 }
 
-impl<M: RingMem, D: Doorbell> core::fmt::Debug for RecvGuard<'_, M, D> {
+impl core::fmt::Debug for Packet<'_> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("RecvGuard")
-            .field("packet", &self.meta())
+        f.debug_struct("Packet")
+            .field("meta", &self.meta)
             .finish_non_exhaustive()
     }
 }
 
-impl<M: RingMem, D: Doorbell> RecvGuard<'_, M, D> {
+impl Packet<'_> {
     /// The packet's type, transaction id and lengths.
     pub fn meta(&self) -> Received {
-        match &self.source {
-            Some(Source::Ring(info)) => Received::from_info(info),
-            #[cfg(feature = "alloc")]
-            Some(Source::Queued(meta)) => *meta,
-            None => Received {
-                packet_type: PacketType::InBand,
-                transaction_id: 0,
-                completion_requested: false,
-                header_len: 0,
-                payload_len: 0,
-            },
-        }
+        self.meta
     }
 
     /// Copies `buf.len()` bytes of the header (`header`) or payload at `offset` into `buf`.
-    pub(super) fn read(
-        &mut self,
-        header: bool,
-        offset: usize,
-        buf: &mut [u8],
-    ) -> Result<(), ChannelError> {
-        let out_of_bounds = ChannelError::OutOfBounds {
-            offset,
-            len: buf.len(),
-            size: 0,
-        };
-        match &self.source {
-            Some(Source::Ring(info)) => match self.rx.reader.packet(info) {
-                Some(p) if header => p.read_header(offset, buf),
-                Some(p) => p.read_payload(offset, buf),
-                None => return Err(out_of_bounds),
+    fn read(&mut self, header: bool, offset: usize, buf: &mut [u8]) -> Result<(), ChannelError> {
+        match &mut self.source {
+            Source::Link(link) => if header {
+                link.read_header(offset, buf)
+            } else {
+                link.read_payload(offset, buf)
             }
-            .map_err(|e| self.channel.read_error(e)),
-            None => Err(out_of_bounds),
+            .map_err(|e| self.endpoint.link_error(e)),
             #[cfg(feature = "alloc")]
-            Some(Source::Queued(meta)) => {
-                let data = self.rx.queue.front().map_or(&[][..], |(_, d)| d);
+            Source::Queued(data) => {
                 let (start, size) = if header {
-                    (0, meta.header_len)
+                    (0, self.meta.header_len)
                 } else {
-                    (meta.header_len, meta.payload_len)
+                    (self.meta.header_len, self.meta.payload_len)
                 };
                 copy_region(data, start, size, offset, buf)
             }
         }
     }
 
-    /// Copies part of the payload into `buf`.
+    /// Copies `buf.len()` bytes of the payload, starting at `offset`, into `buf`.
     pub fn read_payload(&mut self, offset: usize, buf: &mut [u8]) -> Result<(), ChannelError> {
         self.read(false, offset, buf)
     }
 
     /// Copies the whole extra header (GPA ranges, transfer pages) into `scratch` once,
-    /// validates that copy and returns it: the bytes returned are exactly the bytes that
-    /// were checked, whatever the peer writes to the ring meanwhile. A malformed header
-    /// fails the channel; a `scratch` shorter than the header is
+    /// validates that copy and returns it. A `scratch` shorter than the header is
     /// [`ChannelError::BufferTooSmall`].
     pub fn header<'s>(&mut self, scratch: &'s mut [u8]) -> Result<&'s [u8], ChannelError> {
-        let (channel, meta) = (self.channel, self.meta());
-        validated_header(channel, &meta, scratch, |h| self.read(true, 0, h))
+        let (endpoint, meta) = (self.endpoint, self.meta);
+        let header = copy_header(&meta, scratch, |h| self.read(true, 0, h))?;
+        check_header(&meta, header, endpoint.gpa_page_limit())
+            .map_err(|e| endpoint.fail_protocol(e))?;
+        Ok(header)
     }
 
-    /// Copies a GPA-direct packet's header into `scratch` once and returns its ranges,
-    /// validated in that copy (a malformed header fails the channel).
+    /// A GPA-direct packet's ranges, validated in a copy of its header in `scratch`.
     /// [`ChannelError::NotGpaDirect`] for other packets.
     pub fn gpa_ranges<'s>(
         &mut self,
         scratch: &'s mut [u8],
     ) -> Result<crate::packet::GpaRanges<'s>, ChannelError> {
-        let (channel, meta) = (self.channel, self.meta());
-        validated_gpa_ranges(channel, &meta, scratch, |h| self.read(true, 0, h))
-    }
-
-    /// Consumes the packet and publishes the read index now, returning any doorbell error.
-    pub fn commit(mut self) -> Result<(), ChannelError> {
-        self.finish()
-    }
-
-    pub(super) fn finish(&mut self) -> Result<(), ChannelError> {
-        match self.source.take() {
-            None => Ok(()),
-            Some(Source::Ring(info)) => {
-                let meta = Received::from_info(&info);
-                if self.rx.reader.packet(&info).is_some() {
-                    self.channel.consume(&mut self.rx.reader, &info);
-                    if meta.packet_type == PacketType::Completion {
-                        self.channel.txns.release_polled(meta.transaction_id);
-                    }
-                }
-                self.channel.commit_rx(&mut self.rx)
-            }
-            #[cfg(feature = "alloc")]
-            Some(Source::Queued(_)) => {
-                self.rx.queue.pop();
-                // Queue space freed: callers blocked on a full queue may go on.
-                self.channel.hub.notify(&self.channel.doorbell);
-                Ok(())
-            }
+        let (endpoint, meta) = (self.endpoint, self.meta);
+        if meta.packet_type != PacketType::GpaDirect {
+            return Err(ChannelError::NotGpaDirect {
+                packet_type: meta.packet_type,
+            });
         }
-    }
-}
-
-impl<M: RingMem, D: Doorbell> Drop for RecvGuard<'_, M, D> {
-    fn drop(&mut self) {
-        let _ = self.finish();
-    }
-}
-
-pub(super) enum BatchSource<'a, 'r, M: RingMem> {
-    Ring(&'a vmlink_ring::IncomingPacket<'r, M>),
-    #[cfg(feature = "alloc")]
-    Queued(&'a [u8]),
-}
-
-/// One packet of a receive batch, read in place.
-pub struct BatchPacket<'a, 'r, M: RingMem> {
-    meta: Received,
-    source: BatchSource<'a, 'r, M>,
-    channel: &'a dyn PacketSource,
-}
-
-impl<M: RingMem> core::fmt::Debug for BatchPacket<'_, '_, M> {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("BatchPacket")
-            .field("meta", &self.meta)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<M: RingMem> BatchPacket<'_, '_, M> {
-    /// The packet's type, transaction id and lengths.
-    pub fn meta(&self) -> Received {
-        self.meta
+        let header = copy_header(&meta, scratch, |h| self.read(true, 0, h))?;
+        parse_gpa_header(header, endpoint.gpa_page_limit()).map_err(|e| endpoint.fail_protocol(e))
     }
 
-    /// Copies part of the payload into `buf`.
-    pub fn read_payload(&self, offset: usize, buf: &mut [u8]) -> Result<(), ChannelError> {
-        match &self.source {
-            BatchSource::Ring(p) => p
-                .read_payload(offset, buf)
-                .map_err(|e| self.channel.read_error(e)),
-            #[cfg(feature = "alloc")]
-            BatchSource::Queued(data) => {
-                let start = self.meta.header_len;
-                let size = self.meta.payload_len;
-                copy_region(data, start, size, offset, buf)
-            }
-        }
-    }
-
-    pub(super) fn copy_whole_header(&self, buf: &mut [u8]) -> Result<(), ChannelError> {
-        match &self.source {
-            BatchSource::Ring(p) => p
-                .read_header(0, buf)
-                .map_err(|e| self.channel.read_error(e)),
-            #[cfg(feature = "alloc")]
-            BatchSource::Queued(data) => copy_region(data, 0, self.meta.header_len, 0, buf),
-        }
-    }
-
-    /// Copies the whole extra header into `scratch` once, validates that copy and returns
-    /// it (see [`RecvGuard::header`]).
-    pub fn header<'s>(&self, scratch: &'s mut [u8]) -> Result<&'s [u8], ChannelError> {
-        validated_header(self.channel, &self.meta, scratch, |h| {
-            self.copy_whole_header(h)
-        })
-    }
-
-    /// A GPA-direct packet's ranges, validated in a copy of its header in `scratch` (see
-    /// [`RecvGuard::gpa_ranges`]).
-    pub fn gpa_ranges<'s>(
-        &self,
+    /// A transfer-page packet's page set and ranges, validated in a copy of its header in
+    /// `scratch`. [`ChannelError::NotTransferPages`] for other packets.
+    pub fn transfer_pages<'s>(
+        &mut self,
         scratch: &'s mut [u8],
-    ) -> Result<crate::packet::GpaRanges<'s>, ChannelError> {
-        validated_gpa_ranges(self.channel, &self.meta, scratch, |h| {
-            self.copy_whole_header(h)
-        })
+    ) -> Result<crate::packet::TransferPages<'s>, ChannelError> {
+        let (endpoint, meta) = (self.endpoint, self.meta);
+        if meta.packet_type != PacketType::TransferPages {
+            return Err(ChannelError::NotTransferPages {
+                packet_type: meta.packet_type,
+            });
+        }
+        let header = copy_header(&meta, scratch, |h| self.read(true, 0, h))?;
+        parse_transfer_page_header(header).map_err(|e| endpoint.fail_protocol(e))
     }
 }

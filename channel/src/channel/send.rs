@@ -2,23 +2,23 @@
 
 use super::*;
 
-impl<M: RingMem, D: Doorbell> Channel<M, D> {
+impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
     // ---- sending -----------------------------------------------------------------------
 
-    /// Runs `write` on the outgoing ring and publishes; `Full` if it does not fit now.
+    /// Runs `write` on the sending half and publishes; `Full` if it does not fit now.
     pub(super) fn try_send_with(
         &self,
-        write: &mut dyn FnMut(&mut Writer<M>) -> Result<usize, WriteError>,
+        write: &mut dyn FnMut(&mut T) -> Result<usize, ChannelError>,
     ) -> Result<(), ChannelError> {
         self.check_send()?;
         let signal = {
             let mut tx = self.tx.lock();
             let len = match write(&mut tx) {
                 Ok(len) => len,
-                Err(WriteError::Full { .. }) if self.peer_gone() => {
+                Err(ChannelError::Full) if self.peer_gone() => {
                     return Err(ChannelError::Closed);
                 }
-                Err(e) => return Err(self.write_error(e)),
+                Err(e) => return Err(self.link_error(e)),
             };
             bump(&self.counters.packets_sent, 1);
             bump(&self.counters.bytes_sent, len as u64);
@@ -55,24 +55,12 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
 
     /// Sends any packet; never waits.
     pub fn try_send_packet(&self, packet: &OutgoingPacket<'_>) -> Result<(), ChannelError> {
-        self.try_send_with(&mut |w| push_packet(w, packet))
+        self.try_send_with(&mut |w| w.push(packet))
     }
 
     /// Sends a completion for `transaction_id`; never waits.
     pub fn try_complete(&self, transaction_id: u64, payload: &[u8]) -> Result<(), ChannelError> {
         self.try_send_packet(&completion(transaction_id, &[payload]))
-    }
-
-    /// Writes a packet in place: reserves `header_len` bytes of extra header and
-    /// `payload_len` bytes of payload, lets `fill` write them, and publishes. Never waits.
-    pub fn try_send_in_place<R>(
-        &self,
-        meta: PacketMeta,
-        header_len: usize,
-        payload_len: usize,
-        fill: impl FnOnce(&mut WriteSlot<'_, M>) -> R,
-    ) -> Result<R, ChannelError> {
-        self.send_in_place_until(meta, header_len, payload_len, Until::Never, fill)
     }
 
     /// Sends with or without waiting for space.
@@ -81,7 +69,7 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
         header_len: usize,
         payload_len: usize,
         until: Until,
-        write: &mut dyn FnMut(&mut Writer<M>) -> Result<usize, WriteError>,
+        write: &mut dyn FnMut(&mut T) -> Result<usize, ChannelError>,
     ) -> Result<(), ChannelError> {
         match until {
             Until::Never => {
@@ -93,28 +81,6 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
         }
     }
 
-    pub(super) fn send_in_place_until<R>(
-        &self,
-        meta: PacketMeta,
-        header_len: usize,
-        payload_len: usize,
-        until: Until,
-        fill: impl FnOnce(&mut WriteSlot<'_, M>) -> R,
-    ) -> Result<R, ChannelError> {
-        let mut fill = Some(fill);
-        let mut out = None;
-        self.send_until(header_len, payload_len, until, &mut |w| {
-            let mut slot = w.reserve(meta, header_len, payload_len)?;
-            if let Some(f) = fill.take() {
-                out = Some(f(&mut slot));
-            }
-            slot.finish();
-            Ok(packet_len(header_len, payload_len).unwrap_or(0))
-        })?;
-        // `fill` ran: the reservation succeeded before it was called.
-        out.ok_or(ChannelError::Full)
-    }
-
     pub(super) fn send_gpa_direct_until(
         &self,
         ranges: &[GpaRange<'_>],
@@ -122,17 +88,12 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
         meta: PacketMeta,
         until: Until,
     ) -> Result<(), ChannelError> {
-        let header_len = gpa_header_len(ranges, self.config.gpa_page_limit)
-            .map_err(ChannelError::InvalidPacket)?;
-        let meta = PacketMeta {
-            packet_type: PacketType::GpaDirect,
-            ..meta
-        };
-        self.send_in_place_until(meta, header_len, payload.len(), until, |slot| {
-            encode_gpa_header(ranges, |at, bytes| {
-                let _ = slot.write_header(at, bytes);
-            });
-            let _ = slot.write_payload(0, payload);
+        let limit = self.config.gpa_page_limit;
+        // The header's length, for a wait for space; a malformed list is refused here.
+        let header_len =
+            crate::packet::gpa_header_len(ranges, limit).map_err(ChannelError::InvalidPacket)?;
+        self.send_until(header_len, payload.len(), until, &mut |w| {
+            w.push_gpa_direct(ranges, payload, meta, limit)
         })
     }
 
@@ -171,7 +132,7 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
     /// assert_eq!((n, sum), (10, 45));
     /// # Ok::<(), vmlink_channel::ChannelError>(())
     /// ```
-    pub fn batch(&self) -> Result<SendBatch<'_, M, D>, ChannelError> {
+    pub fn batch(&self) -> Result<SendBatch<'_, T, R, D>, ChannelError> {
         self.check_send()?;
         Ok(SendBatch {
             channel: self,
@@ -183,9 +144,9 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
 
     /// Arms the reader for sleeping: unmask interrupts, fence, look again. Returns true
     /// when it is safe to sleep.
-    pub(super) fn arm_reader(&self, rx: &mut RxState<M>) -> Result<bool, ChannelError> {
+    pub(super) fn arm_reader(&self, rx: &mut RxState<R>) -> Result<bool, ChannelError> {
         rx.spin_masked = false;
-        let (decision, signal) = rx.reader.prepare_wait().map_err(|e| self.fail(e))?;
+        let (decision, signal) = rx.link.prepare_wait().map_err(|e| self.link_error(e))?;
         self.signal(signal)?;
         Ok(decision == WaitDecision::Sleep)
     }
@@ -205,7 +166,7 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
     /// # Ok::<(), vmlink_channel::ChannelError>(())
     /// ```
     pub fn mask_interrupts(&self) {
-        self.rx.lock().reader.mask_interrupts();
+        self.rx.lock().link.mask_interrupts();
     }
 
     /// Prepares to sleep until a packet arrives, for callers that wait on the doorbell
@@ -246,19 +207,48 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
         let (decision, signal) = {
             let mut tx = self.tx.lock();
             tx.prepare_wait(header_len, payload_len)
-                .map_err(|e| self.write_error(e))?
+                .map_err(|e| self.link_error(e))?
         };
         self.signal(signal)?;
         Ok(decision)
     }
 }
 
-pub(super) fn push_packet<M: RingMem>(
-    w: &mut Writer<M>,
-    packet: &OutgoingPacket<'_>,
-) -> Result<usize, WriteError> {
-    w.push(packet)?;
-    Ok(packet.packet_len().unwrap_or(0))
+impl<M: RingMem, D: Doorbell> Channel<M, D> {
+    /// Writes a packet in place: reserves `header_len` bytes of extra header and
+    /// `payload_len` bytes of payload, lets `fill` write them, and publishes. Never waits.
+    pub fn try_send_in_place<X>(
+        &self,
+        meta: PacketMeta,
+        header_len: usize,
+        payload_len: usize,
+        fill: impl FnOnce(&mut WriteSlot<'_, M>) -> X,
+    ) -> Result<X, ChannelError> {
+        self.send_in_place_until(meta, header_len, payload_len, Until::Never, fill)
+    }
+
+    pub(super) fn send_in_place_until<X>(
+        &self,
+        meta: PacketMeta,
+        header_len: usize,
+        payload_len: usize,
+        until: Until,
+        fill: impl FnOnce(&mut WriteSlot<'_, M>) -> X,
+    ) -> Result<X, ChannelError> {
+        let mut fill = Some(fill);
+        let mut out = None;
+        self.send_until(header_len, payload_len, until, &mut |w| {
+            // `fill` is taken only once the reservation succeeded: a full ring keeps it for
+            // the next try.
+            let (r, len) = w.push_in_place(meta, header_len, payload_len, |slot| {
+                fill.take().map(|f| f(slot))
+            })?;
+            out = r;
+            Ok(len)
+        })?;
+        // `fill` ran: the reservation succeeded before it was called.
+        out.ok_or(ChannelError::Full)
+    }
 }
 
 /// An in-band request asking for a completion.
@@ -288,14 +278,14 @@ pub(crate) fn completion<'a>(tid: u64, payload: &'a [&'a [u8]]) -> OutgoingPacke
 }
 
 /// Packets pushed together and published by one commit.
-pub struct SendBatch<'c, M: RingMem, D: Doorbell> {
-    channel: &'c Channel<M, D>,
-    tx: Guard<'c, Writer<M>>,
+pub struct SendBatch<'c, T: PacketTx, R: PacketRx, D: Doorbell> {
+    channel: &'c Endpoint<T, R, D>,
+    tx: Guard<'c, T>,
     packets: u64,
     bytes: u64,
 }
 
-impl<M: RingMem, D: Doorbell> core::fmt::Debug for SendBatch<'_, M, D> {
+impl<T: PacketTx, R: PacketRx, D: Doorbell> core::fmt::Debug for SendBatch<'_, T, R, D> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("SendBatch")
             .field("packets", &self.packets)
@@ -303,10 +293,13 @@ impl<M: RingMem, D: Doorbell> core::fmt::Debug for SendBatch<'_, M, D> {
     }
 }
 
-impl<M: RingMem, D: Doorbell> SendBatch<'_, M, D> {
+impl<T: PacketTx, R: PacketRx, D: Doorbell> SendBatch<'_, T, R, D> {
     /// Adds a packet; `Full` when it does not fit (the packets added so far stay).
     pub fn push(&mut self, packet: &OutgoingPacket<'_>) -> Result<(), ChannelError> {
-        let len = push_packet(&mut self.tx, packet).map_err(|e| self.channel.write_error(e))?;
+        let len = self
+            .tx
+            .push(packet)
+            .map_err(|e| self.channel.link_error(e))?;
         self.packets += 1;
         self.bytes += len as u64;
         Ok(())
@@ -315,25 +308,6 @@ impl<M: RingMem, D: Doorbell> SendBatch<'_, M, D> {
     /// Adds an in-band packet that asks for no completion.
     pub fn push_in_band(&mut self, payload: &[u8]) -> Result<(), ChannelError> {
         self.push(&OutgoingPacket::in_band_slice(payload))
-    }
-
-    /// Adds a packet written in place by `fill`.
-    pub fn push_in_place<R>(
-        &mut self,
-        meta: PacketMeta,
-        header_len: usize,
-        payload_len: usize,
-        fill: impl FnOnce(&mut WriteSlot<'_, M>) -> R,
-    ) -> Result<R, ChannelError> {
-        let mut slot = self
-            .tx
-            .reserve(meta, header_len, payload_len)
-            .map_err(|e| self.channel.write_error(e))?;
-        let r = fill(&mut slot);
-        slot.finish();
-        self.packets += 1;
-        self.bytes += packet_len(header_len, payload_len).unwrap_or(0) as u64;
-        Ok(r)
     }
 
     /// Packets added so far.
@@ -358,9 +332,28 @@ impl<M: RingMem, D: Doorbell> SendBatch<'_, M, D> {
     }
 }
 
-impl<M: RingMem, D: Doorbell> Drop for SendBatch<'_, M, D> {
+impl<T: PacketTx, R: PacketRx, D: Doorbell> Drop for SendBatch<'_, T, R, D> {
     fn drop(&mut self) {
         // Uncommitted packets are discarded.
-        self.tx.revert();
+        self.tx.rollback();
+    }
+}
+
+impl<M: RingMem, D: Doorbell> SendBatch<'_, RingTx<M>, RingRx<M>, D> {
+    /// Adds a packet written in place by `fill`.
+    pub fn push_in_place<X>(
+        &mut self,
+        meta: PacketMeta,
+        header_len: usize,
+        payload_len: usize,
+        fill: impl FnOnce(&mut WriteSlot<'_, M>) -> X,
+    ) -> Result<X, ChannelError> {
+        let (r, len) = self
+            .tx
+            .push_in_place(meta, header_len, payload_len, fill)
+            .map_err(|e| self.channel.link_error(e))?;
+        self.packets += 1;
+        self.bytes += len as u64;
+        Ok(r)
     }
 }

@@ -25,7 +25,7 @@ pub(super) fn min_timeout(a: Option<Duration>, b: Duration) -> Duration {
 }
 
 #[cfg(feature = "std")]
-impl<M: RingMem, D: Doorbell> Channel<M, D> {
+impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
     /// Waits for the hub to move past `seen`, up to the deadline (and at most `cap`).
     pub(super) fn wait_event(
         &self,
@@ -59,7 +59,7 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
         header_len: usize,
         payload_len: usize,
         deadline: Option<Instant>,
-        write: &mut dyn FnMut(&mut Writer<M>) -> Result<usize, WriteError>,
+        write: &mut dyn FnMut(&mut T) -> Result<usize, ChannelError>,
     ) -> Result<(), ChannelError> {
         loop {
             let seen = self.hub.generation();
@@ -88,7 +88,7 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
     ) -> Result<(), ChannelError> {
         let payload = packet.payload.len();
         self.send_with(packet.header.len(), payload, deadline, &mut |w| {
-            push_packet(w, packet)
+            w.push(packet)
         })
     }
 
@@ -100,24 +100,6 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
         deadline: Option<Instant>,
     ) -> Result<(), ChannelError> {
         self.send_packet(&completion(transaction_id, &[payload]), deadline)
-    }
-
-    /// Writes a packet in place, waiting for space until `deadline`.
-    pub fn send_in_place<R>(
-        &self,
-        meta: PacketMeta,
-        header_len: usize,
-        payload_len: usize,
-        deadline: Option<Instant>,
-        fill: impl FnOnce(&mut WriteSlot<'_, M>) -> R,
-    ) -> Result<R, ChannelError> {
-        self.send_in_place_until(
-            meta,
-            header_len,
-            payload_len,
-            Until::Deadline(deadline),
-            fill,
-        )
     }
 
     /// Sends a GPA-direct packet, waiting for space until `deadline`.
@@ -132,11 +114,13 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
     /// let ranges = [GpaRange { byte_offset: 512, byte_count: 6000, pages: &pages }];
     /// a.send_gpa_direct(&ranges, b"write", PacketMeta::in_band(), None)?;
     ///
-    /// let mut guard = b.recv_in_place(None)?;
-    /// let mut scratch = [0u8; 64];
-    /// let range = guard.gpa_ranges(&mut scratch)?.next().expect("one range");
-    /// assert_eq!(range.byte_count, 6000);
-    /// assert_eq!(range.pages().collect::<Vec<_>>(), [10, 11]);
+    /// let pages = b.recv_with(None, |packet| {
+    ///     let mut scratch = [0u8; 64];
+    ///     let range = packet.gpa_ranges(&mut scratch)?.next().expect("one range");
+    ///     assert_eq!(range.byte_count, 6000);
+    ///     Ok::<_, vmlink_channel::ChannelError>(range.pages().collect::<Vec<_>>())
+    /// })??;
+    /// assert_eq!(pages, [10, 11]);
     /// # Ok::<(), vmlink_channel::ChannelError>(())
     /// ```
     pub fn send_gpa_direct(
@@ -163,7 +147,7 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
         {
             let mut rx = self.rx.lock();
             if !rx.spin_masked {
-                rx.reader.mask_interrupts();
+                rx.link.mask_interrupts();
                 rx.spin_masked = true;
             }
         }
@@ -179,7 +163,7 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
                     found = true;
                     break;
                 }
-                if rx.reader.available().map_or(true, |n| n > 0) {
+                if rx.link.poll_available() {
                     found = true;
                     break;
                 }
@@ -250,15 +234,24 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
         }
     }
 
-    /// Receives the next packet in place, waiting until `deadline`.
-    pub fn recv_in_place(
+    /// Receives the next packet in place, waiting until `deadline`, and hands it to `f`;
+    /// see [`try_recv_with`](Self::try_recv_with).
+    pub fn recv_with<X>(
         &self,
         deadline: Option<Instant>,
-    ) -> Result<RecvGuard<'_, M, D>, ChannelError> {
+        f: impl FnOnce(&mut Packet<'_>) -> X,
+    ) -> Result<X, ChannelError> {
+        let mut f = Some(f);
+        let mut out = None;
         loop {
             let seen = self.hub.generation();
-            if let Some(g) = self.try_recv_in_place_as(Probe::State)? {
-                return Ok(g);
+            let (n, _) = self.recv_batch_once(1, &mut |p| {
+                if let Some(f) = f.take() {
+                    out = Some(f(p));
+                }
+            })?;
+            if let Some(x) = out.take().filter(|_| n > 0) {
+                return Ok(x);
             }
             self.wait_ready(seen, deadline, true)?;
         }
@@ -270,7 +263,7 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
         &self,
         max: usize,
         deadline: Option<Instant>,
-        mut each: impl FnMut(&BatchPacket<'_, '_, M>),
+        mut each: impl FnMut(&mut Packet<'_>),
     ) -> Result<usize, ChannelError> {
         loop {
             let seen = self.hub.generation();
@@ -315,5 +308,26 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
                 CallStep::Idle => self.wait_ready(seen, deadline, false)?,
             }
         }
+    }
+}
+
+#[cfg(feature = "std")]
+impl<M: RingMem, D: Doorbell> Channel<M, D> {
+    /// Writes a packet in place, waiting for space until `deadline`.
+    pub fn send_in_place<X>(
+        &self,
+        meta: PacketMeta,
+        header_len: usize,
+        payload_len: usize,
+        deadline: Option<Instant>,
+        fill: impl FnOnce(&mut WriteSlot<'_, M>) -> X,
+    ) -> Result<X, ChannelError> {
+        self.send_in_place_until(
+            meta,
+            header_len,
+            payload_len,
+            Until::Deadline(deadline),
+            fill,
+        )
     }
 }
