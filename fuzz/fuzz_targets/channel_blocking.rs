@@ -520,18 +520,21 @@ fn run_work(sh: &Shared, worker: usize, seq: u64, work: &Work) {
             let (d, dur) = deadline(*ms);
             limit += dur;
             let mut got = None;
+            let mut bufs: Vec<Vec<u8>> = reads
+                .iter()
+                .take(3)
+                .map(|r| vec![0u8; r.2 as usize % 9000])
+                .collect();
             let (r, largest) = largest_alloc(|| {
                 a.recv_with(Some(d), |g| {
                     let m = g.meta();
                     got = Some(m);
-                    for &(header, offset, len) in reads.iter().take(3) {
-                        let len = len as usize % 9000;
-                        let mut buf = vec![0u8; len];
+                    for (&(header, offset, _), buf) in reads.iter().zip(bufs.iter_mut()) {
                         if header {
-                            header_read(sh, "Packet", g, offset, &mut buf);
+                            header_read(sh, "Packet", g, offset, buf);
                         } else {
-                            let r = g.read_payload(offset as usize, &mut buf);
-                            check_read("Packet", m.payload_len, offset, r, len);
+                            let r = g.read_payload(offset as usize, buf);
+                            check_read("Packet", m.payload_len, offset, r, buf.len());
                         }
                     }
                 })

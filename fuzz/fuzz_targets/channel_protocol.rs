@@ -504,23 +504,27 @@ fuzz_target!(|input: Input| {
                 // The channel's cause once a header read failed it.
                 let mut now = known;
                 let mut got = None;
+                let mut bufs: Vec<Vec<u8>> = reads
+                    .iter()
+                    .take(8)
+                    .map(|r| vec![0u8; r.2 as usize % 9000])
+                    .collect();
                 let end = &*e;
                 let g = NoAlloc::start("try_recv_with");
                 let r = end.chan.try_recv_with(|p| {
                     let m = p.meta();
                     got = Some(m);
                     memo.reset();
-                    for &(header, offset, len) in reads.iter().take(8) {
-                        let mut buf = vec![0u8; len as usize % 9000];
+                    for (&(header, offset, _), buf) in reads.iter().zip(bufs.iter_mut()) {
                         if header {
                             let call = HeaderCall::from_selector(offset);
-                            let v = read_whole_header(p, call, &mut buf, limit, Some(&mut memo));
+                            let v = read_whole_header(p, call, buf, limit, Some(&mut memo));
                             if let HeaderVerdict::Failed(c) = v {
                                 now = Some(end.header_failed("Packet", now, c));
                             }
                         } else {
-                            let r = p.read_payload(offset as usize, &mut buf);
-                            check_payload_read("Packet", m.payload_len, offset, &buf, r);
+                            let r = p.read_payload(offset as usize, buf);
+                            check_payload_read("Packet", m.payload_len, offset, buf, r);
                         }
                     }
                 });
