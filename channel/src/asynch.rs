@@ -15,19 +15,19 @@ use core::task::{Context, Poll};
 
 use vmlink_ring::{OutgoingPacket, WaitDecision};
 
-use crate::channel::{Endpoint, request_packet};
+use crate::channel::{Core, Half, Ops, RxState, request_packet};
 use crate::doorbell::AsyncDoorbell;
 use crate::error::ChannelError;
 use crate::link::{PacketRx, PacketTx, Received};
 
 /// Resolves when the channel's hub moves past a generation.
-struct Event<'c, T: PacketTx, R: PacketRx, D: AsyncDoorbell> {
-    channel: &'c Endpoint<T, R, D>,
+struct Event<'c, D: AsyncDoorbell> {
+    channel: &'c Core<D>,
     seen: u64,
     registered: bool,
 }
 
-impl<T: PacketTx, R: PacketRx, D: AsyncDoorbell> Future for Event<'_, T, R, D> {
+impl<D: AsyncDoorbell> Future for Event<'_, D> {
     type Output = Result<(), ChannelError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -44,7 +44,7 @@ impl<T: PacketTx, R: PacketRx, D: AsyncDoorbell> Future for Event<'_, T, R, D> {
     }
 }
 
-impl<T: PacketTx, R: PacketRx, D: AsyncDoorbell> Drop for Event<'_, T, R, D> {
+impl<D: AsyncDoorbell> Drop for Event<'_, D> {
     fn drop(&mut self) {
         if self.registered {
             self.channel.forget_waiter();
@@ -52,19 +52,19 @@ impl<T: PacketTx, R: PacketRx, D: AsyncDoorbell> Drop for Event<'_, T, R, D> {
     }
 }
 
-impl<T: PacketTx, R: PacketRx, D: AsyncDoorbell> Endpoint<T, R, D> {
-    fn event(&self, seen: u64) -> Event<'_, T, R, D> {
+impl<D: AsyncDoorbell> Core<D> {
+    fn event(&self, seen: u64) -> Event<'_, D> {
         Event {
             channel: self,
             seen,
             registered: false,
         }
     }
+}
 
-    /// Receives one packet into `buf`, waiting asynchronously.
-    /// [`ChannelError::Closed`] once the peer is gone and everything it committed has been
-    /// received.
-    pub async fn recv_async(&self, buf: &mut [u8]) -> Result<Received, ChannelError> {
+impl<'a, R: PacketRx, D: AsyncDoorbell, TC, RC: Half<Item = RxState<R>>> Ops<'a, D, TC, RC> {
+    /// See the public method of the same name.
+    pub(crate) async fn recv_async(&self, buf: &mut [u8]) -> Result<Received, ChannelError> {
         loop {
             let seen = self.generation();
             if let Some(r) = self.try_recv(buf)? {
@@ -77,9 +77,14 @@ impl<T: PacketTx, R: PacketRx, D: AsyncDoorbell> Endpoint<T, R, D> {
             }
         }
     }
+}
 
-    /// Sends any packet, waiting asynchronously for space.
-    pub async fn send_packet_async(&self, packet: &OutgoingPacket<'_>) -> Result<(), ChannelError> {
+impl<'a, T: PacketTx, D: AsyncDoorbell, TC: Half<Item = T>, RC> Ops<'a, D, TC, RC> {
+    /// See the public method of the same name.
+    pub(crate) async fn send_packet_async(
+        &self,
+        packet: &OutgoingPacket<'_>,
+    ) -> Result<(), ChannelError> {
         let payload = packet.payload.len();
         loop {
             let seen = self.generation();
@@ -93,15 +98,14 @@ impl<T: PacketTx, R: PacketRx, D: AsyncDoorbell> Endpoint<T, R, D> {
         }
     }
 
-    /// Sends an in-band packet that asks for no completion, waiting asynchronously for
-    /// space.
-    pub async fn send_async(&self, payload: &[u8]) -> Result<(), ChannelError> {
+    /// See the public method of the same name.
+    pub(crate) async fn send_async(&self, payload: &[u8]) -> Result<(), ChannelError> {
         self.send_packet_async(&OutgoingPacket::in_band_slice(payload))
             .await
     }
 
-    /// Sends a completion for `transaction_id`, waiting asynchronously for space.
-    pub async fn complete_async(
+    /// See the public method of the same name.
+    pub(crate) async fn complete_async(
         &self,
         transaction_id: u64,
         payload: &[u8],
@@ -109,11 +113,19 @@ impl<T: PacketTx, R: PacketRx, D: AsyncDoorbell> Endpoint<T, R, D> {
         self.send_packet_async(&crate::channel::completion(transaction_id, &[payload]))
             .await
     }
+}
 
-    /// Sends `request` and waits asynchronously for its completion, copying its payload
-    /// into `response`; see [`call`](Self::call). Dropping the future abandons the call:
-    /// its transaction id stays reserved until the late completion arrives.
-    pub async fn call_async(
+impl<
+    'a,
+    T: PacketTx,
+    R: PacketRx,
+    D: AsyncDoorbell,
+    TC: Half<Item = T>,
+    RC: Half<Item = RxState<R>>,
+> Ops<'a, D, TC, RC>
+{
+    /// See the public method of the same name.
+    pub(crate) async fn call_async(
         &self,
         request: &[u8],
         response: &mut [u8],

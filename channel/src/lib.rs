@@ -64,6 +64,8 @@ mod txn;
 mod pair;
 
 pub use channel::{Channel, ChannelState, Config, Counters, Endpoint, Packet, SendBatch};
+#[cfg(feature = "alloc")]
+pub use channel::{Receiver, Sender};
 pub use doorbell::{AsyncDoorbell, Doorbell, DoorbellError, Wake};
 #[cfg(feature = "std")]
 pub use doorbell::{InProcessDoorbell, in_process_pair};

@@ -81,13 +81,24 @@ impl<T> Lock<T> {
         return self.0.lock();
     }
 
-    #[cfg(feature = "std")]
     pub(crate) fn try_lock(&self) -> Option<Guard<'_, T>> {
-        match self.0.try_lock() {
+        #[cfg(feature = "std")]
+        return match self.0.try_lock() {
             Ok(g) => Some(g),
             Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
             Err(std::sync::TryLockError::WouldBlock) => None,
-        }
+        };
+        #[cfg(not(feature = "std"))]
+        return self.0.try_lock();
+    }
+
+    /// The value, for the lock's only owner.
+    #[cfg(feature = "alloc")]
+    pub(crate) fn into_inner(self) -> T {
+        #[cfg(feature = "std")]
+        return self.0.into_inner().unwrap_or_else(|e| e.into_inner());
+        #[cfg(not(feature = "std"))]
+        return self.0.into_inner();
     }
 }
 

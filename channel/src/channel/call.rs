@@ -2,27 +2,11 @@
 
 use super::*;
 
-impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
+impl<'a, T: PacketTx, D: Doorbell, TC: Half<Item = T>, RC> Ops<'a, D, TC, RC> {
     // ---- transactions ------------------------------------------------------------------
 
-    /// Sends a request whose completion will come back through the receive calls (as a
-    /// packet of type [`PacketType::Completion`] with the returned transaction id). Never
-    /// waits. For `no_std` users that poll; with `std`, [`call`](Self::call) is simpler.
-    ///
-    /// ```
-    /// use vmlink_channel::{Config, PacketType, in_process_channel_pair};
-    ///
-    /// let (a, b) = in_process_channel_pair(4096, Config::default())?;
-    /// let tid = a.try_start_request(b"status?")?;
-    /// let mut buf = [0u8; 64];
-    /// let request = b.try_recv(&mut buf)?.expect("the request");
-    /// assert!(request.completion_requested);
-    /// b.try_complete(request.transaction_id, b"ok")?;
-    /// let completion = a.try_recv(&mut buf)?.expect("the completion");
-    /// assert_eq!((completion.packet_type, completion.transaction_id), (PacketType::Completion, tid));
-    /// # Ok::<(), vmlink_channel::ChannelError>(())
-    /// ```
-    pub fn try_start_request(&self, request: &[u8]) -> Result<u64, ChannelError> {
+    /// See the public method of the same name.
+    pub(crate) fn try_start_request(&self, request: &[u8]) -> Result<u64, ChannelError> {
         // A failed or closed channel says so before anything else.
         self.check_send()?;
         let tid = self
@@ -56,8 +40,8 @@ pub(crate) enum CallStep {
 /// A call in flight: frees or abandons its transaction id if the call ends without its
 /// completion (an error, a timeout, a dropped future).
 #[cfg(feature = "alloc")]
-pub(crate) struct PendingCall<'c, T: PacketTx, R: PacketRx, D: Doorbell> {
-    channel: &'c Endpoint<T, R, D>,
+pub(crate) struct PendingCall<'c, D: Doorbell> {
+    channel: &'c Core<D>,
     tid: u64,
     /// The id still needs freeing or abandoning.
     armed: bool,
@@ -66,7 +50,7 @@ pub(crate) struct PendingCall<'c, T: PacketTx, R: PacketRx, D: Doorbell> {
 }
 
 #[cfg(feature = "alloc")]
-impl<T: PacketTx, R: PacketRx, D: Doorbell> PendingCall<'_, T, R, D> {
+impl<D: Doorbell> PendingCall<'_, D> {
     pub(crate) fn tid(&self) -> u64 {
         self.tid
     }
@@ -78,7 +62,7 @@ impl<T: PacketTx, R: PacketRx, D: Doorbell> PendingCall<'_, T, R, D> {
 }
 
 #[cfg(feature = "alloc")]
-impl<T: PacketTx, R: PacketRx, D: Doorbell> Drop for PendingCall<'_, T, R, D> {
+impl<D: Doorbell> Drop for PendingCall<'_, D> {
     fn drop(&mut self) {
         if !self.armed {
             return;
@@ -95,13 +79,12 @@ impl<T: PacketTx, R: PacketRx, D: Doorbell> Drop for PendingCall<'_, T, R, D> {
 }
 
 #[cfg(feature = "alloc")]
-impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
+impl<'a, T: PacketTx, R: PacketRx, D: Doorbell, TC: Half<Item = T>, RC: Half<Item = RxState<R>>>
+    Ops<'a, D, TC, RC>
+{
     /// Reserves a transaction id for a call whose response buffer holds `capacity` bytes:
     /// the most of its completion the receive path will store.
-    pub(crate) fn begin_call(
-        &self,
-        capacity: usize,
-    ) -> Result<PendingCall<'_, T, R, D>, ChannelError> {
+    pub(crate) fn begin_call(&self, capacity: usize) -> Result<PendingCall<'_, D>, ChannelError> {
         self.check_send()?;
         let tid = self
             .txns
@@ -112,7 +95,7 @@ impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
         // Published before the request goes out, so before its completion can arrive.
         self.call_capacity[slot_index(tid)].store(capacity, Ordering::Release);
         Ok(PendingCall {
-            channel: self,
+            channel: self.core,
             tid,
             armed: true,
             sent: false,
@@ -123,7 +106,7 @@ impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
     /// slots, other packets to the queue), then take ours or arm for sleeping.
     pub(crate) fn call_step(
         &self,
-        txn: &mut PendingCall<'_, T, R, D>,
+        txn: &mut PendingCall<'_, D>,
         response: &mut [u8],
     ) -> Result<CallStep, ChannelError> {
         if let Some(e) = self.failed() {
@@ -173,7 +156,7 @@ impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
     pub(super) fn take_completion(
         &self,
         rx: &mut RxState<R>,
-        txn: &mut PendingCall<'_, T, R, D>,
+        txn: &mut PendingCall<'_, D>,
         response: &mut [u8],
     ) -> Result<Option<usize>, ChannelError> {
         if !self.txns.is_done(txn.tid) {
@@ -199,7 +182,7 @@ impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
 }
 
 #[cfg(feature = "alloc")]
-impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
+impl<D: Doorbell> Core<D> {
     pub(crate) fn generation(&self) -> u64 {
         self.hub.generation()
     }
@@ -214,7 +197,7 @@ impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
 }
 
 #[cfg(feature = "alloc")]
-impl<T: PacketTx, R: PacketRx, D: crate::doorbell::AsyncDoorbell> Endpoint<T, R, D> {
+impl<D: crate::doorbell::AsyncDoorbell> Core<D> {
     pub(crate) fn poll_event(
         &self,
         seen: u64,

@@ -38,6 +38,7 @@ enum Until {
 
 mod call;
 mod config;
+mod handles;
 mod recv;
 mod send;
 #[cfg(feature = "std")]
@@ -47,6 +48,8 @@ mod wait;
 pub(crate) use call::CallStep;
 use config::{AtomicCounters, bump};
 pub use config::{ChannelState, Config, Counters};
+#[cfg(feature = "alloc")]
+pub use handles::{Receiver, Sender};
 pub use recv::Packet;
 pub use send::SendBatch;
 #[cfg(feature = "alloc")]
@@ -68,7 +71,7 @@ enum Probe {
     State,
 }
 
-struct RxState<R> {
+pub(crate) struct RxState<R> {
     link: R,
     /// Packets copied out of the ring while callers waited for completions.
     #[cfg(feature = "alloc")]
@@ -85,20 +88,10 @@ struct RxState<R> {
     spin_masked: bool,
 }
 
-/// One side of a packet link with everything written once above it: transactions
-/// ([`call`](Self::call)), the queue of packets kept while calls wait, failure states,
-/// counters, and waiting on a doorbell that wakes the peer only when it needs waking.
-///
-/// Every method takes `&self`: an endpoint can be shared by threads (when its link and
-/// doorbell allow), with many calls in flight at once. Sends lock the sending half,
-/// receives the receiving one, each only for the link operation itself.
-///
-/// Over a VMBus ring pair it is a [`Channel`]; any other [`PacketTx`] / [`PacketRx`] pair
-/// (a stream transport, a layer over another link) gets the same API from
-/// [`Endpoint::over`].
-pub struct Endpoint<T, R, D> {
-    tx: Lock<T>,
-    rx: Lock<RxState<R>>,
+/// What an endpoint shares between its halves: the doorbell, the state, the transaction
+/// table, the wake-up hub, the counters and the configuration. Everything written once
+/// over the link that needs neither half lives here.
+pub(crate) struct Core<D> {
     doorbell: D,
     state: AtomicU8,
     cause: Lock<Option<FailureCause>>,
@@ -114,6 +107,84 @@ pub struct Endpoint<T, R, D> {
     /// out, as the hub cannot tell whether that waiter still sleeps.
     external_waits: AtomicBool,
     config: Config,
+}
+
+/// Where a half lives: behind a lock in a shared [`Endpoint`], in a `RefCell` in a
+/// [`Sender`] or [`Receiver`] that one thread owns (no lock, no atomic instruction).
+pub(crate) trait Half {
+    type Item;
+    type Guard<'a>: core::ops::DerefMut<Target = Self::Item>
+    where
+        Self: 'a;
+    fn lock(&self) -> Self::Guard<'_>;
+    #[cfg_attr(not(feature = "std"), allow(dead_code))]
+    fn try_lock(&self) -> Option<Self::Guard<'_>>;
+}
+
+impl<X> Half for Lock<X> {
+    type Item = X;
+    type Guard<'a>
+        = Guard<'a, X>
+    where
+        X: 'a;
+    fn lock(&self) -> Guard<'_, X> {
+        Lock::lock(self)
+    }
+    fn try_lock(&self) -> Option<Guard<'_, X>> {
+        Lock::try_lock(self)
+    }
+}
+
+impl<X> Half for core::cell::RefCell<X> {
+    type Item = X;
+    type Guard<'a>
+        = core::cell::RefMut<'a, X>
+    where
+        X: 'a;
+    fn lock(&self) -> core::cell::RefMut<'_, X> {
+        self.borrow_mut()
+    }
+    fn try_lock(&self) -> Option<core::cell::RefMut<'_, X>> {
+        self.try_borrow_mut().ok()
+    }
+}
+
+/// The half a [`Sender`] or [`Receiver`] does not have.
+#[cfg(feature = "alloc")]
+pub(crate) struct NoHalf;
+
+/// The operations, written once over the core and whichever halves a handle has: an
+/// [`Endpoint`] has both behind locks, a [`Sender`] only the sending one, a [`Receiver`]
+/// only the receiving one.
+pub(crate) struct Ops<'a, D, TC, RC> {
+    core: &'a Core<D>,
+    tx: &'a TC,
+    rx: &'a RC,
+}
+
+impl<D, TC, RC> core::ops::Deref for Ops<'_, D, TC, RC> {
+    type Target = Core<D>;
+    fn deref(&self) -> &Core<D> {
+        self.core
+    }
+}
+
+/// One side of a packet link with everything written once above it: transactions
+/// ([`call`](Self::call)), the queue of packets kept while calls wait, failure states,
+/// counters, and waiting on a doorbell that wakes the peer only when it needs waking.
+///
+/// Every method takes `&self`: an endpoint can be shared by threads (when its link and
+/// doorbell allow), with many calls in flight at once. Sends lock the sending half,
+/// receives the receiving one, each only for the link operation itself. Two threads that
+/// only send and only receive use [`split`](Self::split) instead: halves without locks.
+///
+/// Over a VMBus ring pair it is a [`Channel`]; any other [`PacketTx`] / [`PacketRx`] pair
+/// (a stream transport, a layer over another link) gets the same API from
+/// [`Endpoint::over`].
+pub struct Endpoint<T, R, D> {
+    core: Core<D>,
+    tx: Lock<T>,
+    rx: Lock<RxState<R>>,
 }
 
 /// A VMBus-style channel: packets out through one ring, in through the other, and a
@@ -148,22 +219,26 @@ impl<M: RingMem, D: Doorbell> Channel<M, D> {
     }
 }
 
-impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
-    /// An endpoint sending through `tx`, receiving through `rx`, signalling the peer and
-    /// sleeping through `doorbell`.
-    pub fn over(tx: T, rx: R, doorbell: D, config: Config) -> Self {
+impl<R> RxState<R> {
+    fn new(link: R, config: &Config) -> Self {
+        #[cfg(not(feature = "alloc"))]
+        let _ = config;
         Self {
-            tx: Lock::new(tx),
-            rx: Lock::new(RxState {
-                link: rx,
-                #[cfg(feature = "alloc")]
-                queue: PacketQueue::new(config.queue_bytes, config.queue_depth),
-                #[cfg(feature = "alloc")]
-                stored: (0..MAX_TRANSACTIONS).map(|_| Vec::new()).collect(),
-                #[cfg(feature = "alloc")]
-                stored_len: [0; MAX_TRANSACTIONS],
-                spin_masked: false,
-            }),
+            link,
+            #[cfg(feature = "alloc")]
+            queue: PacketQueue::new(config.queue_bytes, config.queue_depth),
+            #[cfg(feature = "alloc")]
+            stored: (0..MAX_TRANSACTIONS).map(|_| Vec::new()).collect(),
+            #[cfg(feature = "alloc")]
+            stored_len: [0; MAX_TRANSACTIONS],
+            spin_masked: false,
+        }
+    }
+}
+
+impl<D: Doorbell> Core<D> {
+    fn new(doorbell: D, config: Config) -> Self {
+        Self {
             doorbell,
             state: AtomicU8::new(OPEN),
             cause: Lock::new(None),
@@ -177,23 +252,13 @@ impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
         }
     }
 
-    /// The configuration.
-    pub fn config(&self) -> &Config {
-        &self.config
-    }
-
-    /// The doorbell.
-    pub fn doorbell(&self) -> &D {
-        &self.doorbell
-    }
-
     /// The counters.
-    pub fn counters(&self) -> Counters {
+    fn counters(&self) -> Counters {
         self.counters.snapshot()
     }
 
     /// Where the channel is in its life.
-    pub fn state(&self) -> ChannelState {
+    fn state(&self) -> ChannelState {
         match self.state.load(Ordering::Acquire) {
             OPEN => ChannelState::Open,
             PEER_CLOSED => ChannelState::PeerClosed,
@@ -202,16 +267,6 @@ impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
                 None => ChannelState::Open,
             },
         }
-    }
-
-    /// The largest packet the outgoing ring carries (descriptor, header, padded payload).
-    pub fn max_packet_len(&self) -> usize {
-        self.tx.lock().max_packet_len()
-    }
-
-    /// Transactions in flight (or reserved for a late completion).
-    pub fn transactions_in_flight(&self) -> usize {
-        self.txns.in_use()
     }
 
     /// Puts the channel in the failed state (the first cause sticks) and returns the

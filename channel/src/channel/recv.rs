@@ -2,7 +2,7 @@
 
 use super::*;
 
-impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
+impl<'a, R: PacketRx, D: Doorbell, TC, RC: Half<Item = RxState<R>>> Ops<'a, D, TC, RC> {
     // ---- receiving ---------------------------------------------------------------------
 
     /// Takes the next packet meant for a receiver off the incoming ring, dealing with
@@ -140,11 +140,8 @@ impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
         Ok(Some(meta))
     }
 
-    /// Receives one packet into `buf` if one is there; never waits.
-    ///
-    /// `Ok(None)` when nothing is queued; [`ChannelError::Closed`] once the peer is gone
-    /// and everything it committed has been received.
-    pub fn try_recv(&self, buf: &mut [u8]) -> Result<Option<Received>, ChannelError> {
+    /// See the public method of the same name.
+    pub(crate) fn try_recv(&self, buf: &mut [u8]) -> Result<Option<Received>, ChannelError> {
         self.try_recv_as(buf, Probe::Doorbell)
     }
 
@@ -177,29 +174,8 @@ impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
         }
     }
 
-    /// Receives the next packet in place, if one is there, and hands it to `f`; never
-    /// waits. `f` reads straight out of the link (nothing is copied but what it reads);
-    /// the packet is consumed when `f` returns. The receiving half stays locked meanwhile.
-    ///
-    /// ```
-    /// use vmlink_channel::{Config, PacketMeta, in_process_channel_pair};
-    ///
-    /// let (a, b) = in_process_channel_pair(4 * 4096, Config::default())?;
-    /// // Fill a packet in place: no intermediate buffer.
-    /// a.try_send_in_place(PacketMeta::in_band(), 0, 8192, |slot| {
-    ///     for chunk in 0..8 {
-    ///         slot.write_payload(chunk * 1024, &[chunk as u8; 1024]).unwrap();
-    ///     }
-    /// })?;
-    /// // Read just the part needed, straight out of the ring.
-    /// let last = b.try_recv_with(|packet| {
-    ///     let mut last = [0u8; 4];
-    ///     packet.read_payload(8188, &mut last).map(|()| last)
-    /// })?;
-    /// assert_eq!(last, Some(Ok([7; 4])));
-    /// # Ok::<(), vmlink_channel::ChannelError>(())
-    /// ```
-    pub fn try_recv_with<X>(
+    /// See the public method of the same name.
+    pub(crate) fn try_recv_with<X>(
         &self,
         f: impl FnOnce(&mut Packet<'_>) -> X,
     ) -> Result<Option<X>, ChannelError> {
@@ -228,10 +204,8 @@ impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
         }
     }
 
-    /// Receives up to `max` packets in place under one lock and one commit (so the peer is
-    /// signalled at most once), handing each to `each`. Returns how many were handled;
-    /// never waits.
-    pub fn try_recv_batch(
+    /// See the public method of the same name.
+    pub(crate) fn try_recv_batch(
         &self,
         max: usize,
         mut each: impl FnMut(&mut Packet<'_>),
@@ -266,7 +240,7 @@ impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
                 each(&mut Packet {
                     meta,
                     source: Source::Queued(data),
-                    endpoint: self,
+                    endpoint: self.core,
                 });
                 rx.queue.pop();
                 took_queued = true;
@@ -289,7 +263,7 @@ impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
             each(&mut Packet {
                 meta: info,
                 source: Source::Link(&mut rx.link),
-                endpoint: self,
+                endpoint: self.core,
             });
             self.consume(&mut rx.link, &info);
             if info.packet_type == PacketType::Completion {
@@ -363,14 +337,14 @@ pub(super) trait PacketSource {
     fn fail_protocol(&self, e: crate::packet::PacketError) -> ChannelError;
 }
 
-impl<T: PacketTx, R: PacketRx, D: Doorbell> PacketSource for Endpoint<T, R, D> {
+impl<D: Doorbell> PacketSource for Core<D> {
     fn gpa_page_limit(&self) -> Option<u64> {
         self.config.gpa_page_limit
     }
 
     /// A caller's mistake is its error; a broken link fails the endpoint.
     fn link_error(&self, e: ChannelError) -> ChannelError {
-        Endpoint::link_error(self, e)
+        Core::link_error(self, e)
     }
 
     fn fail_protocol(&self, e: crate::packet::PacketError) -> ChannelError {

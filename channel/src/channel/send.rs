@@ -2,7 +2,7 @@
 
 use super::*;
 
-impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
+impl<'a, T: PacketTx, D: Doorbell, TC: Half<Item = T>, RC> Ops<'a, D, TC, RC> {
     // ---- sending -----------------------------------------------------------------------
 
     /// Runs `write` on the sending half and publishes; `Full` if it does not fit now.
@@ -27,39 +27,22 @@ impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
         self.signal(signal)
     }
 
-    /// Sends an in-band packet that asks for no completion; never waits.
-    ///
-    /// Sends do not ask the doorbell whether the peer is still there (that may be a system
-    /// call): until the channel has learnt of a departure, a packet may land in a ring
-    /// nobody reads, as it would had the peer left just after it. A send that finds the
-    /// ring full asks, and says [`ChannelError::Closed`] rather than `Full` once the peer
-    /// has gone.
-    ///
-    /// ```
-    /// use vmlink_channel::{ChannelError, Config, in_process_channel_pair};
-    ///
-    /// let (a, b) = in_process_channel_pair(4096, Config::default())?;
-    /// a.try_send(b"hello")?;
-    /// let mut buf = [0u8; 16];
-    /// let got = b.try_recv(&mut buf)?.expect("a packet");
-    /// assert_eq!(&got.payload(&buf)[..5], b"hello");
-    /// assert_eq!(b.try_recv(&mut buf)?, None);
-    /// // A full ring is an error for `try_` sends, never a wait.
-    /// while a.try_send(&[0; 1000]).is_ok() {}
-    /// assert_eq!(a.try_send(&[0; 1000]), Err(ChannelError::Full));
-    /// # Ok::<(), ChannelError>(())
-    /// ```
-    pub fn try_send(&self, payload: &[u8]) -> Result<(), ChannelError> {
+    /// See the public method of the same name.
+    pub(crate) fn try_send(&self, payload: &[u8]) -> Result<(), ChannelError> {
         self.try_send_packet(&OutgoingPacket::in_band_slice(payload))
     }
 
-    /// Sends any packet; never waits.
-    pub fn try_send_packet(&self, packet: &OutgoingPacket<'_>) -> Result<(), ChannelError> {
+    /// See the public method of the same name.
+    pub(crate) fn try_send_packet(&self, packet: &OutgoingPacket<'_>) -> Result<(), ChannelError> {
         self.try_send_with(&mut |w| w.push(packet))
     }
 
-    /// Sends a completion for `transaction_id`; never waits.
-    pub fn try_complete(&self, transaction_id: u64, payload: &[u8]) -> Result<(), ChannelError> {
+    /// See the public method of the same name.
+    pub(crate) fn try_complete(
+        &self,
+        transaction_id: u64,
+        payload: &[u8],
+    ) -> Result<(), ChannelError> {
         self.try_send_packet(&completion(transaction_id, &[payload]))
     }
 
@@ -97,9 +80,8 @@ impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
         })
     }
 
-    /// Sends a GPA-direct packet: `ranges` describe where the bulk data is, `payload`
-    /// travels in-band after them. Never waits.
-    pub fn try_send_gpa_direct(
+    /// See the public method of the same name.
+    pub(crate) fn try_send_gpa_direct(
         &self,
         ranges: &[GpaRange<'_>],
         payload: &[u8],
@@ -108,40 +90,35 @@ impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
         self.send_gpa_direct_until(ranges, payload, meta, Until::Never)
     }
 
-    /// Starts a batch: packets pushed to it are published together by one commit, which
-    /// signals the peer at most once. The outgoing ring stays locked while the batch
-    /// lives; a batch dropped without [`SendBatch::commit`] is discarded.
-    ///
-    /// ```
-    /// use vmlink_channel::{Config, in_process_channel_pair};
-    ///
-    /// let (a, b) = in_process_channel_pair(4 * 4096, Config::default())?;
-    /// let mut batch = a.batch()?;
-    /// for i in 0..10u8 {
-    ///     batch.push_in_band(&[i; 32])?;
-    /// }
-    /// batch.commit()?; // one index store, at most one doorbell signal
-    /// assert_eq!(a.counters().signals_sent, 1);
-    ///
-    /// let mut sum = 0u32;
-    /// let n = b.try_recv_batch(64, |packet| {
-    ///     let mut first = [0u8; 1];
-    ///     packet.read_payload(0, &mut first).unwrap();
-    ///     sum += u32::from(first[0]);
-    /// })?;
-    /// assert_eq!((n, sum), (10, 45));
-    /// # Ok::<(), vmlink_channel::ChannelError>(())
-    /// ```
-    pub fn batch(&self) -> Result<SendBatch<'_, T, R, D>, ChannelError> {
+    /// See the public method of the same name.
+    pub(crate) fn batch(&self) -> Result<SendBatch<'a, T, D, TC::Guard<'a>>, ChannelError> {
         self.check_send()?;
         Ok(SendBatch {
-            channel: self,
+            channel: self.core,
             tx: self.tx.lock(),
             packets: 0,
             bytes: 0,
         })
     }
 
+    /// See the public method of the same name.
+    pub(crate) fn prepare_send_wait(
+        &self,
+        header_len: usize,
+        payload_len: usize,
+    ) -> Result<WaitDecision, ChannelError> {
+        bump(&self.counters.send_waits, 1);
+        let (decision, signal) = {
+            let mut tx = self.tx.lock();
+            tx.prepare_wait(header_len, payload_len)
+                .map_err(|e| self.link_error(e))?
+        };
+        self.signal(signal)?;
+        Ok(decision)
+    }
+}
+
+impl<'a, R: PacketRx, D: Doorbell, TC, RC: Half<Item = RxState<R>>> Ops<'a, D, TC, RC> {
     /// Arms the reader for sleeping: unmask interrupts, fence, look again. Returns true
     /// when it is safe to sleep.
     pub(super) fn arm_reader(&self, rx: &mut RxState<R>) -> Result<bool, ChannelError> {
@@ -151,29 +128,13 @@ impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
         Ok(decision == WaitDecision::Sleep)
     }
 
-    /// Asks the peer not to signal for new data: for a receiver that polls with the
-    /// `try_` calls. [`prepare_recv_wait`](Self::prepare_recv_wait) (and every blocking
-    /// or async receive that goes to sleep) unmasks again, with the fence and re-check that
-    /// keep a wake-up from being lost.
-    ///
-    /// ```
-    /// use vmlink_channel::{Config, in_process_channel_pair};
-    ///
-    /// let (a, b) = in_process_channel_pair(4096, Config::default())?;
-    /// b.mask_interrupts();
-    /// a.try_send(b"x")?;
-    /// assert_eq!(a.counters().signals_sent, 0, "a masked receiver is not signalled");
-    /// # Ok::<(), vmlink_channel::ChannelError>(())
-    /// ```
-    pub fn mask_interrupts(&self) {
+    /// See the public method of the same name.
+    pub(crate) fn mask_interrupts(&self) {
         self.rx.lock().link.mask_interrupts();
     }
 
-    /// Prepares to sleep until a packet arrives, for callers that wait on the doorbell
-    /// themselves (`no_std` code with its own idle loop): commits consumed packets,
-    /// unmasks interrupts, fences and looks again. On [`WaitDecision::Sleep`] the peer
-    /// will signal when it sends; wait with `self.doorbell().wait(..)`.
-    pub fn prepare_recv_wait(&self) -> Result<WaitDecision, ChannelError> {
+    /// See the public method of the same name.
+    pub(crate) fn prepare_recv_wait(&self) -> Result<WaitDecision, ChannelError> {
         self.external_waits.store(true, Ordering::SeqCst);
         self.prepare_wait_for(true)
     }
@@ -194,30 +155,11 @@ impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
             WaitDecision::Ready
         })
     }
-
-    /// Prepares to sleep until a packet with these sizes fits in the outgoing ring (sets
-    /// the pending send size, fences, looks again); see
-    /// [`prepare_recv_wait`](Self::prepare_recv_wait).
-    pub fn prepare_send_wait(
-        &self,
-        header_len: usize,
-        payload_len: usize,
-    ) -> Result<WaitDecision, ChannelError> {
-        bump(&self.counters.send_waits, 1);
-        let (decision, signal) = {
-            let mut tx = self.tx.lock();
-            tx.prepare_wait(header_len, payload_len)
-                .map_err(|e| self.link_error(e))?
-        };
-        self.signal(signal)?;
-        Ok(decision)
-    }
 }
 
-impl<M: RingMem, D: Doorbell> Channel<M, D> {
-    /// Writes a packet in place: reserves `header_len` bytes of extra header and
-    /// `payload_len` bytes of payload, lets `fill` write them, and publishes. Never waits.
-    pub fn try_send_in_place<X>(
+impl<'a, M: RingMem, D: Doorbell, TC: Half<Item = RingTx<M>>, RC> Ops<'a, D, TC, RC> {
+    /// See the public method of the same name.
+    pub(crate) fn try_send_in_place<X>(
         &self,
         meta: PacketMeta,
         header_len: usize,
@@ -278,14 +220,21 @@ pub(crate) fn completion<'a>(tid: u64, payload: &'a [&'a [u8]]) -> OutgoingPacke
 }
 
 /// Packets pushed together and published by one commit.
-pub struct SendBatch<'c, T: PacketTx, R: PacketRx, D: Doorbell> {
-    channel: &'c Endpoint<T, R, D>,
-    tx: Guard<'c, T>,
+pub struct SendBatch<
+    'c,
+    T: PacketTx,
+    D: Doorbell,
+    G: core::ops::DerefMut<Target = T> = Guard<'c, T>,
+> {
+    channel: &'c Core<D>,
+    tx: G,
     packets: u64,
     bytes: u64,
 }
 
-impl<T: PacketTx, R: PacketRx, D: Doorbell> core::fmt::Debug for SendBatch<'_, T, R, D> {
+impl<T: PacketTx, D: Doorbell, G: core::ops::DerefMut<Target = T>> core::fmt::Debug
+    for SendBatch<'_, T, D, G>
+{
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("SendBatch")
             .field("packets", &self.packets)
@@ -293,7 +242,7 @@ impl<T: PacketTx, R: PacketRx, D: Doorbell> core::fmt::Debug for SendBatch<'_, T
     }
 }
 
-impl<T: PacketTx, R: PacketRx, D: Doorbell> SendBatch<'_, T, R, D> {
+impl<T: PacketTx, D: Doorbell, G: core::ops::DerefMut<Target = T>> SendBatch<'_, T, D, G> {
     /// Adds a packet; `Full` when it does not fit (the packets added so far stay).
     pub fn push(&mut self, packet: &OutgoingPacket<'_>) -> Result<(), ChannelError> {
         let len = self
@@ -332,14 +281,16 @@ impl<T: PacketTx, R: PacketRx, D: Doorbell> SendBatch<'_, T, R, D> {
     }
 }
 
-impl<T: PacketTx, R: PacketRx, D: Doorbell> Drop for SendBatch<'_, T, R, D> {
+impl<T: PacketTx, D: Doorbell, G: core::ops::DerefMut<Target = T>> Drop for SendBatch<'_, T, D, G> {
     fn drop(&mut self) {
         // Uncommitted packets are discarded.
         self.tx.rollback();
     }
 }
 
-impl<M: RingMem, D: Doorbell> SendBatch<'_, RingTx<M>, RingRx<M>, D> {
+impl<M: RingMem, D: Doorbell, G: core::ops::DerefMut<Target = RingTx<M>>>
+    SendBatch<'_, RingTx<M>, D, G>
+{
     /// Adds a packet written in place by `fill`.
     pub fn push_in_place<X>(
         &mut self,

@@ -25,7 +25,7 @@ pub(super) fn min_timeout(a: Option<Duration>, b: Duration) -> Duration {
 }
 
 #[cfg(feature = "std")]
-impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
+impl<D: Doorbell> Core<D> {
     /// Waits for the hub to move past `seen`, up to the deadline (and at most `cap`).
     pub(super) fn wait_event(
         &self,
@@ -51,7 +51,10 @@ impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
             Err(e) => Err(self.fail(FailureCause::Doorbell(e))),
         }
     }
+}
 
+#[cfg(feature = "std")]
+impl<'a, T: PacketTx, D: Doorbell, TC: Half<Item = T>, RC> Ops<'a, D, TC, RC> {
     /// Sends with flow control: when the ring is full, waits (pending send size and the
     /// doorbell, re-checking every `space_recheck`) until `deadline`.
     pub(super) fn send_with(
@@ -74,14 +77,17 @@ impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
         }
     }
 
-    /// Sends an in-band packet that asks for no completion, waiting for space until
-    /// `deadline` (`None`: as long as it takes).
-    pub fn send(&self, payload: &[u8], deadline: Option<Instant>) -> Result<(), ChannelError> {
+    /// See the public method of the same name.
+    pub(crate) fn send(
+        &self,
+        payload: &[u8],
+        deadline: Option<Instant>,
+    ) -> Result<(), ChannelError> {
         self.send_packet(&OutgoingPacket::in_band_slice(payload), deadline)
     }
 
-    /// Sends any packet, waiting for space until `deadline`.
-    pub fn send_packet(
+    /// See the public method of the same name.
+    pub(crate) fn send_packet(
         &self,
         packet: &OutgoingPacket<'_>,
         deadline: Option<Instant>,
@@ -92,8 +98,8 @@ impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
         })
     }
 
-    /// Sends a completion for `transaction_id`, waiting for space until `deadline`.
-    pub fn complete(
+    /// See the public method of the same name.
+    pub(crate) fn complete(
         &self,
         transaction_id: u64,
         payload: &[u8],
@@ -102,28 +108,8 @@ impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
         self.send_packet(&completion(transaction_id, &[payload]), deadline)
     }
 
-    /// Sends a GPA-direct packet, waiting for space until `deadline`.
-    ///
-    /// ```
-    /// use vmlink_channel::packet::GpaRange;
-    /// use vmlink_channel::{Config, PacketMeta, in_process_channel_pair};
-    ///
-    /// let config = Config::default().with_gpa_page_limit(256);
-    /// let (a, b) = in_process_channel_pair(4096, config)?;
-    /// let pages = [10, 11];
-    /// let ranges = [GpaRange { byte_offset: 512, byte_count: 6000, pages: &pages }];
-    /// a.send_gpa_direct(&ranges, b"write", PacketMeta::in_band(), None)?;
-    ///
-    /// let pages = b.recv_with(None, |packet| {
-    ///     let mut scratch = [0u8; 64];
-    ///     let range = packet.gpa_ranges(&mut scratch)?.next().expect("one range");
-    ///     assert_eq!(range.byte_count, 6000);
-    ///     Ok::<_, vmlink_channel::ChannelError>(range.pages().collect::<Vec<_>>())
-    /// })??;
-    /// assert_eq!(pages, [10, 11]);
-    /// # Ok::<(), vmlink_channel::ChannelError>(())
-    /// ```
-    pub fn send_gpa_direct(
+    /// See the public method of the same name.
+    pub(crate) fn send_gpa_direct(
         &self,
         ranges: &[GpaRange<'_>],
         payload: &[u8],
@@ -132,7 +118,10 @@ impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
     ) -> Result<(), ChannelError> {
         self.send_gpa_direct_until(ranges, payload, meta, Until::Deadline(deadline))
     }
+}
 
+#[cfg(feature = "std")]
+impl<'a, R: PacketRx, D: Doorbell, TC, RC: Half<Item = RxState<R>>> Ops<'a, D, TC, RC> {
     /// Polling mode: looks at the ring up to `spin_iterations` times with interrupts
     /// masked, so the peer need not signal while we spin. Returns true when something
     /// arrived. If another thread of this channel waits (or may wait, see
@@ -216,10 +205,8 @@ impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
         self.wait_event(seen, deadline, None)
     }
 
-    /// Receives one packet into `buf`, waiting until `deadline` (`None`: as long as it
-    /// takes). [`ChannelError::Closed`] once the peer is gone and everything it committed
-    /// has been received.
-    pub fn recv(
+    /// See the public method of the same name.
+    pub(crate) fn recv(
         &self,
         buf: &mut [u8],
         deadline: Option<Instant>,
@@ -234,9 +221,8 @@ impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
         }
     }
 
-    /// Receives the next packet in place, waiting until `deadline`, and hands it to `f`;
-    /// see [`try_recv_with`](Self::try_recv_with).
-    pub fn recv_with<X>(
+    /// See the public method of the same name.
+    pub(crate) fn recv_with<X>(
         &self,
         deadline: Option<Instant>,
         f: impl FnOnce(&mut Packet<'_>) -> X,
@@ -257,9 +243,8 @@ impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
         }
     }
 
-    /// Receives batches in place until `each` has seen at least one packet, waiting until
-    /// `deadline`; see [`try_recv_batch`](Self::try_recv_batch).
-    pub fn recv_batch(
+    /// See the public method of the same name.
+    pub(crate) fn recv_batch(
         &self,
         max: usize,
         deadline: Option<Instant>,
@@ -274,21 +259,14 @@ impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
             self.wait_ready(seen, deadline, true)?;
         }
     }
+}
 
-    /// Sends `request` (in-band, completion requested) and waits for its completion until
-    /// `deadline`, copying the completion's payload into `response`. Returns the
-    /// payload's length (padded to 8 bytes).
-    ///
-    /// Many calls may be in flight at once from different threads. Packets that arrive
-    /// meanwhile for receivers wait in the channel's queue, completions for other calls in
-    /// their slots. A call that times out keeps its transaction id reserved until the late
-    /// completion arrives, which is then discarded and counted.
-    ///
-    /// A completion longer than `response` is consumed without being copied (the channel
-    /// never holds more of a completion than its caller can take) and the call returns
-    /// [`ChannelError::BufferTooSmall`] with its length: size `response` for the largest
-    /// completion the peer may send.
-    pub fn call(
+#[cfg(feature = "std")]
+impl<'a, T: PacketTx, R: PacketRx, D: Doorbell, TC: Half<Item = T>, RC: Half<Item = RxState<R>>>
+    Ops<'a, D, TC, RC>
+{
+    /// See the public method of the same name.
+    pub(crate) fn call(
         &self,
         request: &[u8],
         response: &mut [u8],
@@ -312,9 +290,9 @@ impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
 }
 
 #[cfg(feature = "std")]
-impl<M: RingMem, D: Doorbell> Channel<M, D> {
-    /// Writes a packet in place, waiting for space until `deadline`.
-    pub fn send_in_place<X>(
+impl<'a, M: RingMem, D: Doorbell, TC: Half<Item = RingTx<M>>, RC> Ops<'a, D, TC, RC> {
+    /// See the public method of the same name.
+    pub(crate) fn send_in_place<X>(
         &self,
         meta: PacketMeta,
         header_len: usize,
