@@ -109,6 +109,12 @@ pub enum ChannelError {
         /// The packet's type.
         packet_type: vmlink_ring::protocol::PacketType,
     },
+    /// A saved endpoint does not fit the endpoint it is restored into.
+    #[error("the saved endpoint cannot be restored: {reason}")]
+    BadSavedState {
+        /// What does not fit.
+        reason: &'static str,
+    },
     /// The link cannot do this at all (GPA-direct packets on a socket or a secure layer).
     #[error("this link does not support {what}")]
     Unsupported {

@@ -65,7 +65,7 @@ mod pair;
 
 pub use channel::{Channel, ChannelState, Config, Counters, Endpoint, Packet, SendBatch};
 #[cfg(feature = "alloc")]
-pub use channel::{Receiver, Sender};
+pub use channel::{Receiver, SavedEndpoint, Sender};
 pub use doorbell::{AsyncDoorbell, Doorbell, DoorbellError, Wake};
 #[cfg(feature = "std")]
 pub use doorbell::{InProcessDoorbell, in_process_pair};
@@ -80,7 +80,7 @@ pub use pair::{InProcessChannel, in_process_channel_pair};
 #[cfg(all(loom, feature = "std"))]
 #[doc(hidden)]
 pub use sync::LoomHub;
-pub use txn::MAX_TRANSACTIONS;
+pub use txn::{MAX_TRANSACTIONS, SavedSlot};
 pub use vmlink_ring::{
     OutgoingPacket, PacketMeta, Payload, RawPacket, WriteSlot, protocol::PacketType,
 };

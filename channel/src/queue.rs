@@ -114,6 +114,14 @@ impl PacketQueue {
         Some((item.meta, bytes))
     }
 
+    /// Every packet, oldest first: its description and bytes.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (Received, &[u8])> {
+        self.items.iter().filter_map(|item| {
+            let bytes = self.buf.get(item.start..item.start + item.meta.len())?;
+            Some((item.meta, bytes))
+        })
+    }
+
     /// Drops the oldest packet.
     pub(crate) fn pop(&mut self) {
         if self.items.pop_front().is_none() {

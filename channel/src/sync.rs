@@ -94,6 +94,15 @@ impl<T> Lock<T> {
 
     /// The value, for the lock's only owner.
     #[cfg(feature = "alloc")]
+    pub(crate) fn get_mut(&mut self) -> &mut T {
+        #[cfg(feature = "std")]
+        return self.0.get_mut().unwrap_or_else(|e| e.into_inner());
+        #[cfg(not(feature = "std"))]
+        return self.0.get_mut();
+    }
+
+    /// The value, for the lock's only owner.
+    #[cfg(feature = "alloc")]
     pub(crate) fn into_inner(self) -> T {
         #[cfg(feature = "std")]
         return self.0.into_inner().unwrap_or_else(|e| e.into_inner());

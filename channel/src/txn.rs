@@ -66,6 +66,17 @@ pub(crate) enum Route {
     Unknown,
 }
 
+/// A transaction slot in a saved endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SavedSlot {
+    /// Nothing in flight.
+    Free,
+    /// A request started with `try_start_request`: its completion goes to a receiver.
+    Polled,
+    /// A completion may still come and will be discarded (its caller is gone).
+    Abandoned,
+}
+
 /// The table of transaction slots.
 #[derive(Debug)]
 pub(crate) struct Transactions {
@@ -190,6 +201,38 @@ impl Transactions {
             return false;
         };
         self.leave_waiting(&self.slots[index], cur, ABANDONED)
+    }
+
+    /// The table as a successor takes it over ([`Endpoint::save`](crate::Endpoint::save)):
+    /// each slot's generation, and the ids still owed a completion. Polled transactions
+    /// stay polled (their completions go to the successor's receivers); a caller waiting
+    /// in this process cannot follow, so its id is kept reserved for the late completion;
+    /// a completion that arrived for a caller here is this process's, and its slot is free.
+    pub(crate) fn save(&self) -> [(u32, SavedSlot); MAX_TRANSACTIONS] {
+        core::array::from_fn(|i| {
+            let w = self.slots[i].load(Ordering::Acquire);
+            let saved = match state(w) {
+                POLLED => SavedSlot::Polled,
+                WAITING | ABANDONED => SavedSlot::Abandoned,
+                _ => SavedSlot::Free,
+            };
+            (generation(w), saved)
+        })
+    }
+
+    /// A table as [`save`](Self::save) left it.
+    pub(crate) fn restore(saved: &[(u32, SavedSlot); MAX_TRANSACTIONS]) -> Self {
+        Self {
+            slots: core::array::from_fn(|i| {
+                let (g, s) = saved[i];
+                let st = match s {
+                    SavedSlot::Free => FREE,
+                    SavedSlot::Polled => POLLED,
+                    SavedSlot::Abandoned => ABANDONED,
+                };
+                AtomicU64::new(word(g, st))
+            }),
+        }
     }
 
     /// Slots not free (in flight, done, or reserved for a late completion).

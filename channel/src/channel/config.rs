@@ -122,6 +122,21 @@ pub(super) fn bump(c: &AtomicU64, n: u64) {
 }
 
 impl AtomicCounters {
+    #[cfg(feature = "alloc")]
+    pub(super) fn from_snapshot(c: &Counters) -> Self {
+        Self {
+            packets_sent: AtomicU64::new(c.packets_sent),
+            bytes_sent: AtomicU64::new(c.bytes_sent),
+            packets_received: AtomicU64::new(c.packets_received),
+            bytes_received: AtomicU64::new(c.bytes_received),
+            signals_sent: AtomicU64::new(c.signals_sent),
+            signals_received: AtomicU64::new(c.signals_received),
+            send_waits: AtomicU64::new(c.send_waits),
+            receive_sleeps: AtomicU64::new(c.receive_sleeps),
+            late_completions: AtomicU64::new(c.late_completions),
+        }
+    }
+
     pub(super) fn snapshot(&self) -> Counters {
         let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
         Counters {

@@ -40,6 +40,8 @@ mod call;
 mod config;
 mod handles;
 mod recv;
+#[cfg(feature = "alloc")]
+mod saved;
 mod send;
 #[cfg(feature = "std")]
 mod wait;
@@ -51,6 +53,8 @@ pub use config::{ChannelState, Config, Counters};
 #[cfg(feature = "alloc")]
 pub use handles::{Receiver, Sender};
 pub use recv::Packet;
+#[cfg(feature = "alloc")]
+pub use saved::SavedEndpoint;
 pub use send::SendBatch;
 #[cfg(feature = "alloc")]
 pub(crate) use send::completion;

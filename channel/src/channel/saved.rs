@@ -1,0 +1,150 @@
+//! Saving an endpoint for a successor (servicing) and restoring it.
+//!
+//! What is saved is what the endpoint holds in private memory: the transaction table, the
+//! packets queued for receivers, the counters and the failure state. The links' positions
+//! live in the memory they share with the peer (a ring's indices) and are not copied:
+//! saving commits what the receiving half consumed and discards what the sending half
+//! pushed but did not commit, so nothing is half-kept, and a successor's link reads the
+//! positions back from the shared memory.
+
+use alloc::vec::Vec;
+
+use super::*;
+use crate::txn::SavedSlot;
+
+/// An endpoint's saved state: see [`Endpoint::save`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SavedEndpoint {
+    transactions: [(u32, SavedSlot); MAX_TRANSACTIONS],
+    queued: Vec<(Received, Vec<u8>)>,
+    counters: Counters,
+    failure: Option<FailureCause>,
+    peer_closed: bool,
+}
+
+impl SavedEndpoint {
+    /// Each transaction slot: its generation (the high half of the ids it hands out) and
+    /// what is in flight there.
+    pub fn transactions(&self) -> &[(u32, SavedSlot); MAX_TRANSACTIONS] {
+        &self.transactions
+    }
+
+    /// The packets queued for receivers, oldest first: description and bytes (extra
+    /// header, then payload).
+    pub fn queued(&self) -> &[(Received, Vec<u8>)] {
+        &self.queued
+    }
+
+    /// The counters.
+    pub fn counters(&self) -> Counters {
+        self.counters
+    }
+
+    /// Why the endpoint failed, if it had.
+    pub fn failure(&self) -> Option<FailureCause> {
+        self.failure
+    }
+
+    /// The peer had left.
+    pub fn peer_closed(&self) -> bool {
+        self.peer_closed
+    }
+}
+
+impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
+    /// Quiesces the endpoint and saves its state for a successor, handing back the links
+    /// and the doorbell (a successor in this process takes them; one in another process
+    /// maps the same memory and gets the doorbell's fds).
+    ///
+    /// Consumed packets are committed (the peer is signalled if it waits for the space),
+    /// packets pushed but not committed are discarded. Polled transactions stay in flight;
+    /// a call waiting in this process cannot follow, so its id stays reserved and its
+    /// completion will be discarded as late.
+    ///
+    /// ```
+    /// use vmlink_channel::{Config, Endpoint, in_process_channel_pair};
+    ///
+    /// let (a, b) = in_process_channel_pair(4096, Config::default())?;
+    /// let tid = a.try_start_request(b"status?")?;
+    /// let (saved, tx, rx, doorbell) = a.save();
+    /// // ... a successor takes over ...
+    /// let a = Endpoint::restore(tx, rx, doorbell, Config::default(), &saved)?;
+    /// let mut buf = [0u8; 64];
+    /// let request = b.try_recv(&mut buf)?.expect("the request");
+    /// b.try_complete(request.transaction_id, b"fine")?;
+    /// assert_eq!(a.try_recv(&mut buf)?.expect("its completion").transaction_id, tid);
+    /// # Ok::<(), vmlink_channel::ChannelError>(())
+    /// ```
+    pub fn save(self) -> (SavedEndpoint, T, R, D) {
+        let Endpoint { core, tx, rx } = self;
+        let mut tx = tx.into_inner();
+        let mut rx = rx.into_inner();
+        tx.rollback();
+        let signal = rx.link.commit();
+        // A peer that left needs no signal; any other doorbell error is the successor's
+        // to meet.
+        let _ = core.signal(signal);
+        let saved = SavedEndpoint {
+            transactions: core.txns.save(),
+            queued: rx.queue.iter().map(|(m, b)| (m, b.to_vec())).collect(),
+            counters: core.counters(),
+            failure: match core.state() {
+                ChannelState::Failed(c) => Some(c),
+                _ => None,
+            },
+            peer_closed: core.state() == ChannelState::PeerClosed,
+        };
+        let Core { doorbell, .. } = core;
+        (saved, tx, rx.link, doorbell)
+    }
+
+    /// An endpoint over `tx` and `rx` that goes on from `saved`: its transactions, queued
+    /// packets, counters and state. The peer is signalled once, so a wake-up lost while
+    /// nobody served the endpoint cannot leave it asleep.
+    ///
+    /// [`ChannelError::BadSavedState`] when `saved` does not fit this endpoint (more queued
+    /// packets, or bytes, than `config` lets it queue; a packet whose bytes do not match
+    /// its description).
+    pub fn restore(
+        tx: T,
+        rx: R,
+        doorbell: D,
+        config: Config,
+        saved: &SavedEndpoint,
+    ) -> Result<Self, ChannelError> {
+        let mut ep = Self::over(tx, rx, doorbell, config);
+        {
+            let rx = ep.rx.get_mut();
+            for (meta, bytes) in &saved.queued {
+                if bytes.len() != meta.len() {
+                    return Err(ChannelError::BadSavedState {
+                        reason: "a queued packet's bytes do not match its description",
+                    });
+                }
+                let fits = rx.queue.push(*meta, |slot| {
+                    slot.copy_from_slice(bytes);
+                    Ok::<(), ChannelError>(())
+                })?;
+                if !fits {
+                    return Err(ChannelError::BadSavedState {
+                        reason: "more queued packets than this endpoint's queue holds",
+                    });
+                }
+            }
+        }
+        ep.core.txns = Transactions::restore(&saved.transactions);
+        ep.core.counters = AtomicCounters::from_snapshot(&saved.counters);
+        if let Some(cause) = saved.failure {
+            *ep.core.cause.get_mut() = Some(cause);
+            ep.core.state = AtomicU8::new(FAILED);
+        } else if saved.peer_closed {
+            ep.core.state = AtomicU8::new(PEER_CLOSED);
+        }
+        // The unstick: whatever the peer waited for while nobody served this side.
+        match ep.core.signal(Signal::NEEDED) {
+            Ok(()) | Err(ChannelError::Closed) => {}
+            Err(e) => return Err(e),
+        }
+        Ok(ep)
+    }
+}

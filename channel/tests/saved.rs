@@ -1,0 +1,123 @@
+//! Saving an endpoint and restoring it in a successor: transactions, queued packets,
+//! counters and state go on as if nothing had happened.
+
+use std::time::{Duration, Instant};
+
+use vmlink_channel::{
+    ChannelError, ChannelState, Config, Endpoint, FailureCause, PacketType, ProtocolError,
+    SavedSlot, in_process_channel_pair,
+};
+
+fn soon() -> Option<Instant> {
+    Some(Instant::now() + Duration::from_secs(10))
+}
+
+fn later(ms: u64) -> Option<Instant> {
+    Some(Instant::now() + Duration::from_millis(ms))
+}
+
+#[test]
+fn a_restored_endpoint_goes_on_where_the_saved_one_stopped() {
+    let (a, b) = in_process_channel_pair(4 * 4096, Config::default()).unwrap();
+    // A polled request in flight, and a call that gives up while three packets for
+    // receivers arrive and are queued.
+    let polled = a.try_start_request(b"polled").unwrap();
+    for i in 0..3u8 {
+        b.try_send(&[i; 8]).unwrap();
+    }
+    let mut response = [0u8; 64];
+    assert_eq!(
+        a.call(b"abandoned", &mut response, later(50)),
+        Err(ChannelError::TimedOut)
+    );
+    let before = a.counters();
+
+    let (saved, tx, rx, doorbell) = a.save();
+    assert_eq!(saved.queued().len(), 3, "{saved:?}");
+    let kinds = |want: SavedSlot| {
+        saved
+            .transactions()
+            .iter()
+            .filter(|(_, s)| *s == want)
+            .count()
+    };
+    assert_eq!(
+        (kinds(SavedSlot::Polled), kinds(SavedSlot::Abandoned)),
+        (1, 1)
+    );
+    assert_eq!(saved.counters(), before);
+
+    let a = Endpoint::restore(tx, rx, doorbell, Config::default(), &saved).unwrap();
+    assert_eq!(a.transactions_in_flight(), 2);
+    // The peer answers both requests.
+    let mut buf = [0u8; 64];
+    for _ in 0..2 {
+        let r = b.recv(&mut buf, soon()).unwrap();
+        b.complete(r.transaction_id, b"answer", soon()).unwrap();
+    }
+    // The queued packets first, in order; then the polled completion. The completion of
+    // the abandoned call is discarded and counted, not an unknown transaction.
+    for i in 0..3u8 {
+        let r = a.recv(&mut buf, soon()).unwrap();
+        assert_eq!(r.payload(&buf), &[i; 8]);
+    }
+    let c = a.recv(&mut buf, soon()).unwrap();
+    assert_eq!(
+        (c.packet_type, c.transaction_id),
+        (PacketType::Completion, polled)
+    );
+    assert_eq!(a.try_recv(&mut buf).unwrap(), None);
+    assert_eq!(a.counters().late_completions, before.late_completions + 1);
+    assert_eq!(a.transactions_in_flight(), 0);
+    assert_eq!(a.state(), ChannelState::Open);
+    // New ids never repeat the old ones: a late completion for one of them stays late.
+    let fresh = a.try_start_request(b"new").unwrap();
+    assert_ne!(fresh, polled);
+    assert!(a.counters().packets_received >= before.packets_received + 2);
+}
+
+#[test]
+fn restoring_signals_the_peer_once() {
+    let (a, _b) = in_process_channel_pair(4096, Config::default()).unwrap();
+    let sent = a.counters().signals_sent;
+    let (saved, tx, rx, doorbell) = a.save();
+    let a = Endpoint::restore(tx, rx, doorbell, Config::default(), &saved).unwrap();
+    assert_eq!(a.counters().signals_sent, sent + 1);
+}
+
+#[test]
+fn a_failed_endpoint_stays_failed_across_a_restore() {
+    let (a, b) = in_process_channel_pair(4096, Config::default()).unwrap();
+    // A completion for an id nobody started fails the receiver.
+    b.try_complete(0xdead, b"?").unwrap();
+    let mut buf = [0u8; 64];
+    let err = a.try_recv(&mut buf).unwrap_err();
+    let cause = FailureCause::Protocol(ProtocolError::UnknownTransaction {
+        transaction_id: 0xdead,
+    });
+    assert_eq!(err, ChannelError::Failed(cause));
+    let (saved, tx, rx, doorbell) = a.save();
+    assert_eq!(saved.failure(), Some(cause));
+    let a = Endpoint::restore(tx, rx, doorbell, Config::default(), &saved).unwrap();
+    assert_eq!(a.state(), ChannelState::Failed(cause));
+    assert_eq!(a.try_send(b"x"), Err(ChannelError::Failed(cause)));
+}
+
+#[test]
+fn a_successor_with_a_smaller_queue_refuses_the_state() {
+    let (a, b) = in_process_channel_pair(4 * 4096, Config::default()).unwrap();
+    for i in 0..3u8 {
+        b.try_send(&[i; 8]).unwrap();
+    }
+    let mut response = [0u8; 8];
+    let _ = a.call(b"wait", &mut response, later(20));
+    let (saved, tx, rx, doorbell) = a.save();
+    assert_eq!(saved.queued().len(), 3);
+    let small = Config::default().with_queue_depth(2);
+    assert_eq!(
+        Endpoint::restore(tx, rx, doorbell, small, &saved).err(),
+        Some(ChannelError::BadSavedState {
+            reason: "more queued packets than this endpoint's queue holds"
+        })
+    );
+}
