@@ -13,12 +13,13 @@ use core::future::Future;
 use core::pin::Pin;
 use core::task::{Context, Poll};
 
-use vmlink_ring::{OutgoingPacket, WaitDecision};
+use vmlink_ring::{OutgoingPacket, PacketMeta, WaitDecision};
 
-use crate::channel::{Core, Half, Ops, RxState, request_packet};
+use crate::channel::{Core, Half, Ops, Packet, Probe, RxState, request_packet};
 use crate::doorbell::AsyncDoorbell;
 use crate::error::ChannelError;
 use crate::link::{PacketRx, PacketTx, Received};
+use crate::packet::GpaRange;
 
 /// Resolves when the channel's hub moves past a generation.
 struct Event<'c, D: AsyncDoorbell> {
@@ -65,10 +66,50 @@ impl<D: AsyncDoorbell> Core<D> {
 impl<'a, R: PacketRx, D: AsyncDoorbell, TC, RC: Half<Item = RxState<R>>> Ops<'a, D, TC, RC> {
     /// See the public method of the same name.
     pub(crate) async fn recv_async(&self, buf: &mut [u8]) -> Result<Received, ChannelError> {
+        self.recv_op_async(|ops| ops.try_recv_as(buf, Probe::State))
+            .await
+    }
+
+    /// See the public method of the same name.
+    pub(crate) async fn recv_with_async<X>(
+        &self,
+        f: impl FnOnce(&mut Packet<'_>) -> X,
+    ) -> Result<X, ChannelError> {
+        let mut f = Some(f);
+        self.recv_op_async(|ops| {
+            let mut out = None;
+            ops.recv_batch_once(1, &mut |p| {
+                if let Some(f) = f.take() {
+                    out = Some(f(p));
+                }
+            })?;
+            Ok(out)
+        })
+        .await
+    }
+
+    /// See the public method of the same name.
+    pub(crate) async fn recv_batch_async(
+        &self,
+        max: usize,
+        mut each: impl FnMut(&mut Packet<'_>),
+    ) -> Result<usize, ChannelError> {
+        self.recv_op_async(|ops| {
+            let (n, _) = ops.recv_batch_once(max, &mut each)?;
+            Ok((n > 0).then_some(n))
+        })
+        .await
+    }
+
+    /// Runs a receive until it finds something, sleeping asynchronously between tries.
+    async fn recv_op_async<X>(
+        &self,
+        mut op: impl FnMut(&Self) -> Result<Option<X>, ChannelError>,
+    ) -> Result<X, ChannelError> {
         loop {
             let seen = self.generation();
-            if let Some(r) = self.try_recv(buf)? {
-                return Ok(r);
+            if let Some(x) = op(self)? {
+                return Ok(x);
             }
             // Not `prepare_recv_wait`: this wait goes through the hub.
             if self.prepare_wait_for(true)? == WaitDecision::Sleep {
@@ -80,38 +121,59 @@ impl<'a, R: PacketRx, D: AsyncDoorbell, TC, RC: Half<Item = RxState<R>>> Ops<'a,
 }
 
 impl<'a, T: PacketTx, D: AsyncDoorbell, TC: Half<Item = T>, RC> Ops<'a, D, TC, RC> {
-    /// See the public method of the same name.
-    pub(crate) async fn send_packet_async(
+    /// Sends with flow control, waiting asynchronously for space.
+    async fn send_with_async(
         &self,
-        packet: &OutgoingPacket<'_>,
+        header_len: usize,
+        payload_len: usize,
+        write: &mut (dyn FnMut(&mut T) -> Result<usize, ChannelError> + Send),
     ) -> Result<(), ChannelError> {
-        let payload = packet.payload.len();
         loop {
             let seen = self.generation();
-            match self.try_send_packet(packet) {
+            match self.try_send_with(write) {
                 Err(ChannelError::Full) => {}
                 other => return other,
             }
-            if self.prepare_send_wait(packet.header.len(), payload)? == WaitDecision::Sleep {
+            if self.prepare_send_wait(header_len, payload_len)? == WaitDecision::Sleep {
                 self.event(seen).await?;
             }
         }
     }
 
     /// See the public method of the same name.
-    pub(crate) async fn send_async(&self, payload: &[u8]) -> Result<(), ChannelError> {
-        self.send_packet_async(&OutgoingPacket::in_band_slice(payload))
-            .await
+    pub(crate) async fn send_packet_async(
+        &self,
+        packet: &OutgoingPacket<'_>,
+    ) -> Result<(), ChannelError> {
+        let (h, p) = (packet.header.len(), packet.payload.len());
+        self.send_with_async(h, p, &mut |w| w.push(packet)).await
     }
 
     /// See the public method of the same name.
-    pub(crate) async fn complete_async(
+    pub(crate) async fn send_gpa_direct_async(
         &self,
-        transaction_id: u64,
+        ranges: &[GpaRange<'_>],
         payload: &[u8],
+        meta: PacketMeta,
     ) -> Result<(), ChannelError> {
-        self.send_packet_async(&crate::channel::completion(transaction_id, &[payload]))
-            .await
+        let limit = self.gpa_page_limit();
+        let header_len =
+            crate::packet::gpa_header_len(ranges, limit).map_err(ChannelError::InvalidPacket)?;
+        self.send_with_async(header_len, payload.len(), &mut |w| {
+            w.push_gpa_direct(ranges, payload, meta, limit)
+        })
+        .await
+    }
+
+    /// See the public method of the same name.
+    pub(crate) async fn start_request_async(&self, request: &[u8]) -> Result<u64, ChannelError> {
+        let tid = self.alloc_polled()?;
+        let parts = [request];
+        let packet = request_packet(tid, &parts);
+        let sent = self
+            .send_with_async(0, request.len(), &mut |w| w.push(&packet))
+            .await;
+        self.sent_or_freed(tid, sent)
     }
 }
 

@@ -24,8 +24,10 @@ use vmlink_ring::protocol::{FLAG_COMPLETION_REQUESTED, TransferPageHeader, Trans
 use vmlink_ring::{OutgoingPacket, PacketMeta, Payload, RingMem};
 use zerocopy::IntoBytes;
 
+use crate::Wait;
 use crate::channel::{Channel, ChannelState, Config};
 use crate::doorbell::Doorbell;
+use crate::error::Polled;
 use crate::error::{ChannelError, FailureCause, ProtocolError};
 use crate::packet::{GpaRange, PacketError, parse_transfer_page_header};
 use crate::{MAX_TRANSACTIONS, PacketType};
@@ -284,7 +286,10 @@ fn in_band_a<M: RingMem, D: Doorbell>(e: End<M, D>) {
     assert!(!r.completion_requested);
     assert_eq!(r.payload_len, 8, "payloads are padded to 8 bytes");
     assert_eq!(&r.payload(&buf)[..6], b"from b");
-    assert_eq!(ch.try_recv(&mut buf).expect("nothing more"), None);
+    assert_eq!(
+        ch.recv(&mut buf, Wait::Now).polled().expect("nothing more"),
+        None
+    );
 }
 
 fn in_band_b<M: RingMem, D: Doorbell>(e: End<M, D>) {
@@ -313,7 +318,10 @@ fn sizes_a<M: RingMem, D: Doorbell>(e: End<M, D>) {
     }
     let too_big = std::vec![0u8; max_payload + 1];
     assert!(
-        matches!(ch.try_send(&too_big), Err(ChannelError::TooLarge { .. })),
+        matches!(
+            ch.send(&too_big, Wait::Now),
+            Err(ChannelError::TooLarge { .. })
+        ),
         "a packet larger than the ring can hold is rejected at once"
     );
     assert!(matches!(
@@ -401,7 +409,7 @@ fn unsolicited_a<M: RingMem, D: Doorbell>(e: End<M, D>) {
             "unsolicited packet {i} kept in order"
         );
     }
-    assert_eq!(ch.try_recv(&mut buf).expect("empty"), None);
+    assert_eq!(ch.recv(&mut buf, Wait::Now).polled().expect("empty"), None);
 }
 
 fn unsolicited_b<M: RingMem, D: Doorbell>(e: End<M, D>) {
@@ -467,8 +475,16 @@ fn unknown_a<M: RingMem, D: Doorbell>(e: End<M, D>) {
             transaction_id: 0x1234_5678,
         }));
     assert_eq!(ch.recv(&mut buf, soon()), Err(expected));
-    assert_eq!(ch.try_recv(&mut buf), Err(expected), "sticky");
-    assert_eq!(ch.try_send(b"x"), Err(expected), "sends fail fast too");
+    assert_eq!(
+        ch.recv(&mut buf, Wait::Now).polled(),
+        Err(expected),
+        "sticky"
+    );
+    assert_eq!(
+        ch.send(b"x", Wait::Now),
+        Err(expected),
+        "sends fail fast too"
+    );
     assert_eq!(ch.call(b"x", &mut buf, soon()), Err(expected));
     assert!(matches!(ch.state(), ChannelState::Failed(_)));
 }
@@ -484,10 +500,10 @@ fn unknown_b<M: RingMem, D: Doorbell>(e: End<M, D>) {
 fn exhaust_a<M: RingMem, D: Doorbell>(e: End<M, D>) {
     let ch = e.channel;
     let ids: Vec<u64> = (0..MAX_TRANSACTIONS)
-        .map(|_| ch.try_start_request(b"r").expect("start"))
+        .map(|_| ch.start_request(b"r", Wait::Now).expect("start"))
         .collect();
     assert_eq!(
-        ch.try_start_request(b"r"),
+        ch.start_request(b"r", Wait::Now),
         Err(ChannelError::TransactionsExhausted {
             capacity: MAX_TRANSACTIONS
         })
@@ -502,7 +518,8 @@ fn exhaust_a<M: RingMem, D: Doorbell>(e: End<M, D>) {
         );
     }
     assert_eq!(ch.transactions_in_flight(), 0);
-    ch.try_start_request(b"again").expect("ids are free again");
+    ch.start_request(b"again", Wait::Now)
+        .expect("ids are free again");
 }
 
 fn exhaust_b<M: RingMem, D: Doorbell>(e: End<M, D>) {
@@ -551,7 +568,7 @@ fn gpa_a<M: RingMem, D: Doorbell>(e: End<M, D>) {
         pages: &far,
     }];
     assert_eq!(
-        ch.try_send_gpa_direct(&bad, b"", gpa_meta()),
+        ch.send_gpa_direct(&bad, b"", gpa_meta(), Wait::Now),
         Err(ChannelError::InvalidPacket(PacketError::PageOutOfRange {
             index: 0,
             page: 64,
@@ -726,7 +743,7 @@ fn zero_copy_b<M: RingMem, D: Doorbell>(e: End<M, D>) {
         .expect("recv");
     assert_eq!(&four, b"next");
     let mut buf = [0u8; 8];
-    assert_eq!(ch.try_recv(&mut buf).expect("recv"), None);
+    assert_eq!(ch.recv(&mut buf, Wait::Now).polled().expect("recv"), None);
     ch.send(b"ok", soon()).expect("acknowledge");
     until_closed(&ch);
 }
@@ -780,17 +797,17 @@ fn batch_b<M: RingMem, D: Doorbell>(e: End<M, D>) {
 
 const CHUNK: usize = 1000;
 
-/// A full ring: `try_send` says so, `send` waits for space (or its deadline), and a
+/// A full ring: `send` (`Wait::Now`) says so, `send` waits for space (or its deadline), and a
 /// receive on the other side frees it.
 fn flow_a<M: RingMem, D: Doorbell>(e: End<M, D>) {
     let ch = e.channel;
     let chunk = std::vec![7u8; CHUNK];
     let mut sent = 0u8;
-    while ch.try_send(&chunk).is_ok() {
+    while ch.send(&chunk, Wait::Now).is_ok() {
         sent += 1;
     }
     assert!(sent >= 3, "a 4 KiB ring holds three 1000-byte packets");
-    assert_eq!(ch.try_send(&chunk), Err(ChannelError::Full));
+    assert_eq!(ch.send(&chunk, Wait::Now), Err(ChannelError::Full));
     let t0 = Instant::now();
     assert_eq!(ch.send(&chunk, after(50)), Err(ChannelError::TimedOut));
     assert!(t0.elapsed() >= Duration::from_millis(45));
@@ -859,7 +876,10 @@ fn close_a<M: RingMem, D: Doorbell>(e: End<M, D>) {
         assert_eq!(r.payload(&buf), &[i; 16]);
     }
     assert_eq!(ch.recv(&mut buf, soon()), Err(ChannelError::Closed));
-    assert_eq!(ch.try_recv(&mut buf), Err(ChannelError::Closed));
+    assert_eq!(
+        ch.recv(&mut buf, Wait::Now).polled(),
+        Err(ChannelError::Closed)
+    );
     assert_eq!(ch.send(b"x", soon()), Err(ChannelError::Closed));
     assert_eq!(ch.state(), ChannelState::PeerClosed);
 }
@@ -908,7 +928,7 @@ fn corrupt_a<M: RingMem, D: Doorbell>(e: End<M, D>) {
         Err(err),
         "fails fast, never blocks"
     );
-    assert_eq!(ch.try_send(b"x"), Err(err));
+    assert_eq!(ch.send(b"x", Wait::Now), Err(err));
     assert!(t0.elapsed() < Duration::from_secs(1));
     assert_eq!(ch.state(), ChannelState::Failed(cause));
 }

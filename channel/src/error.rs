@@ -45,9 +45,12 @@ pub enum ChannelError {
     /// The channel failed; every later call fails with the same cause.
     #[error("the channel failed: {0}")]
     Failed(FailureCause),
-    /// A `try_` send found the outgoing ring full.
+    /// A send that may not wait ([`Wait::Now`](crate::Wait::Now)) found the outgoing ring full.
     #[error("the outgoing ring is full")]
     Full,
+    /// Nothing to receive now (a receive with [`Wait::Now`](crate::Wait::Now)).
+    #[error("nothing to receive now")]
+    Empty,
     /// The deadline passed before the operation could complete.
     #[error("the deadline passed")]
     TimedOut,
@@ -126,5 +129,36 @@ pub enum ChannelError {
 impl From<FailureCause> for ChannelError {
     fn from(cause: FailureCause) -> Self {
         ChannelError::Failed(cause)
+    }
+}
+
+/// A poll's result: `Ok(None)` when the operation would have had to wait
+/// ([`ChannelError::Empty`] or [`ChannelError::Full`] from a [`Wait::Now`](crate::Wait::Now)
+/// call), its value or its other error otherwise.
+///
+/// ```
+/// use vmlink_channel::{Config, Polled, Wait, in_process_channel_pair};
+///
+/// let (a, b) = in_process_channel_pair(4096, Config::default())?;
+/// let mut buf = [0u8; 16];
+/// assert_eq!(b.recv(&mut buf, Wait::Now).polled()?, None);
+/// a.send(b"x", Wait::Now)?;
+/// while let Some(r) = b.recv(&mut buf, Wait::Now).polled()? {
+///     assert_eq!(&r.payload(&buf)[..1], b"x");
+/// }
+/// # Ok::<(), vmlink_channel::ChannelError>(())
+/// ```
+pub trait Polled<T> {
+    /// `Ok(None)` for `Empty` and `Full`.
+    fn polled(self) -> Result<Option<T>, ChannelError>;
+}
+
+impl<T> Polled<T> for Result<T, ChannelError> {
+    fn polled(self) -> Result<Option<T>, ChannelError> {
+        match self {
+            Ok(v) => Ok(Some(v)),
+            Err(ChannelError::Empty | ChannelError::Full) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 }

@@ -71,7 +71,7 @@ pub(crate) enum Route {
 pub enum SavedSlot {
     /// Nothing in flight.
     Free,
-    /// A request started with `try_start_request`: its completion goes to a receiver.
+    /// A request started with `start_request`: its completion goes to a receiver.
     Polled,
     /// A completion may still come and will be discarded (its caller is gone).
     Abandoned,

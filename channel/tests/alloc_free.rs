@@ -8,11 +8,11 @@
 //! measuring on. Each scenario warms up unmeasured, then measures every thread that touches
 //! the channel (sender, receiver, caller, server) for many iterations and asserts that each
 //! counted zero:
-//! - `try_send` + `try_recv`;
+//! - `send` (`Wait::Now`) + `recv` (`Wait::Now`);
 //! - `send` + `recv`, blocking with deadlines, on two threads over a tiny ring (so senders
 //!   wait for space and receivers sleep);
 //! - `send_in_place` + `recv_with`, the same way;
-//! - batches of 16 (`push_in_band` / `push_in_place`, one commit) + `try_recv_batch`;
+//! - batches of 16 (`push_in_band` / `push_in_place`, one commit) + `recv_batch` (`Wait::Now`);
 //! - `call` with a server thread receiving and completing;
 //! - `call` while the server also sends unsolicited packets, which the caller queues (the
 //!   queue's buffer) and a receiver thread takes.
@@ -34,6 +34,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use vmlink_channel::Polled;
+use vmlink_channel::Wait;
 use vmlink_channel::{Config, InProcessChannel, PacketMeta, in_process_channel_pair};
 
 struct Counting;
@@ -178,7 +180,7 @@ fn the_counter_counts() {
 }
 
 #[test]
-fn try_send_and_try_recv_allocate_nothing() {
+fn polling_send_and_recv_allocate_nothing() {
     init();
     const N: usize = 100_000;
     let (a, b) = in_process_channel_pair(16 * 4096, Config::default()).expect("pair");
@@ -187,8 +189,12 @@ fn try_send_and_try_recv_allocate_nothing() {
     let mut buf = vec![0u8; max];
     let round = |i: usize, buf: &mut [u8]| {
         let len = len_for(i, max);
-        a.try_send(&payload[..len]).expect("try_send");
-        let r = b.try_recv(buf).expect("try_recv").expect("a packet");
+        a.send(&payload[..len], Wait::Now).expect("send(Now)");
+        let r = b
+            .recv(buf, Wait::Now)
+            .polled()
+            .expect("recv(Now)")
+            .expect("a packet");
         assert_eq!(r.payload_len, len.div_ceil(8) * 8);
         assert!(buf[..len] == payload[..len]);
     };
@@ -200,7 +206,7 @@ fn try_send_and_try_recv_allocate_nothing() {
             round(i, &mut buf);
         }
     });
-    assert_no_allocations("try_send + try_recv", &[("test", n)]);
+    assert_no_allocations("send(Now) + recv(Now)", &[("test", n)]);
 }
 
 /// Runs a sender and a receiver on two threads over a tiny ring, each measured after its
@@ -320,7 +326,7 @@ fn batches_allocate_nothing() {
         batch.commit().expect("commit");
         let mut k = 0;
         let n = b
-            .try_recv_batch(BATCH, |p| {
+            .recv_batch(BATCH, Wait::Now, |p| {
                 let len = len_for(i * BATCH + k + 1, 256);
                 let padded = len.div_ceil(8) * 8;
                 assert_eq!(p.meta().payload_len, padded);
@@ -328,7 +334,7 @@ fn batches_allocate_nothing() {
                 assert!(buf[..len] == payload[..len]);
                 k += 1;
             })
-            .expect("try_recv_batch");
+            .expect("recv_batch(Now)");
         assert_eq!(n, BATCH);
     };
     for i in 0..WARM_UP {
@@ -339,7 +345,7 @@ fn batches_allocate_nothing() {
             round(i);
         }
     });
-    assert_no_allocations("batch of 16 + try_recv_batch", &[("test", n)]);
+    assert_no_allocations("batch of 16 + recv_batch(Now)", &[("test", n)]);
 }
 
 /// The completion for a request: the request reversed.

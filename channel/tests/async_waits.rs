@@ -9,6 +9,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use tokio::time::{sleep, timeout};
+use vmlink_channel::Polled;
+use vmlink_channel::Wait;
 use vmlink_channel::{
     ChannelError, ChannelState, Config, InProcessChannel, in_process_channel_pair,
 };
@@ -203,7 +205,7 @@ async fn cancelled_waits_lose_nothing() {
         let chunk = vec![7u8; 1000];
         let marker = vec![9u8; 1000];
         let mut queued = 0;
-        while host.try_send(&chunk).is_ok() {
+        while host.send(&chunk, Wait::Now).is_ok() {
             queued += 1;
         }
         assert!(
@@ -218,7 +220,7 @@ async fn cancelled_waits_lose_nothing() {
             assert_eq!(r.payload(&big), &chunk[..]);
         }
         assert_eq!(
-            guest.try_recv(&mut big).expect("recv"),
+            guest.recv(&mut big, Wait::Now).polled().expect("recv"),
             None,
             "the cancelled send left nothing in the ring"
         );
@@ -313,7 +315,7 @@ async fn a_departing_peer_ends_every_wait() {
         dropper.await.expect("dropper");
 
         let (host, guest) = tiny_pair();
-        while host.try_send(&[1u8; 1000]).is_ok() {}
+        while host.send(&[1u8; 1000], Wait::Now).is_ok() {}
         let dropper = drop_later(guest);
         assert_eq!(
             host.send_async(&[2u8; 1000]).await,
@@ -464,7 +466,7 @@ async fn a_call_dropped_before_its_request_went_out_frees_its_id() {
         let (host, guest) = tiny_pair();
         let chunk = vec![7u8; 1000];
         let mut queued = 0;
-        while host.try_send(&chunk).is_ok() {
+        while host.send(&chunk, Wait::Now).is_ok() {
             queued += 1;
         }
         let mut response = [0u8; 64];
@@ -483,7 +485,7 @@ async fn a_call_dropped_before_its_request_went_out_frees_its_id() {
             assert!(!r.completion_requested);
         }
         assert_eq!(
-            guest.try_recv(&mut buf).expect("recv"),
+            guest.recv(&mut buf, Wait::Now).polled().expect("recv"),
             None,
             "no request was sent"
         );

@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 
+use vmlink_channel::Polled;
+use vmlink_channel::Wait;
 use vmlink_channel::conformance::{End, Threads, run_all};
 use vmlink_channel::{Channel, Config, InProcessDoorbell, in_process_pair};
 use vmlink_ring::{ControlWord, HeapMem, RingMem};
@@ -43,15 +45,16 @@ fn a_failed_channel_reports_its_cause_before_running_out_of_ids() {
     use vmlink_channel::{ChannelError, MAX_TRANSACTIONS, in_process_channel_pair};
     let (a, b) = in_process_channel_pair(16 * 4096, Config::default()).expect("pair");
     for _ in 0..MAX_TRANSACTIONS {
-        a.try_start_request(b"r").expect("start");
+        a.start_request(b"r", Wait::Now).expect("start");
     }
-    b.try_complete(0xdead, b"")
+    b.complete(0xdead, b"", Wait::Now)
         .expect("a completion for an id never issued");
     let mut buf = [0u8; 64];
     let e = a
-        .try_recv(&mut buf)
+        .recv(&mut buf, Wait::Now)
+        .polled()
         .expect_err("the bogus completion fails the channel");
     assert!(matches!(e, ChannelError::Failed(_)), "{e:?}");
-    assert_eq!(a.try_start_request(b"r"), Err(e));
+    assert_eq!(a.start_request(b"r", Wait::Now), Err(e));
     assert_eq!(a.call(b"r", &mut buf, None), Err(e));
 }

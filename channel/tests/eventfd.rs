@@ -12,6 +12,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use tokio::time::{sleep, timeout};
+use vmlink_channel::Polled;
+use vmlink_channel::Wait;
 use vmlink_channel::conformance::{End, Threads, run_all};
 use vmlink_channel::{
     Channel, ChannelError, ChannelState, Config, Doorbell, DoorbellError, EventFdDoorbell,
@@ -152,31 +154,36 @@ fn ends<D: Doorbell>(len: usize, ca: Config, cb: Config, (da, db): (D, D)) -> En
     )
 }
 
-/// A peer that left unnoticed: a `try_recv` that finds the ring empty asks the doorbell and
-/// says `Closed` at once (after what the peer committed); `try_send` lands packets in the
+/// A peer that left unnoticed: a `recv` (`Wait::Now`) that finds the ring empty asks the doorbell and
+/// says `Closed` at once (after what the peer committed); `send` (`Wait::Now`) lands packets in the
 /// ring nobody reads until it is full, then says `Closed`, never `Full`.
 #[test]
 fn try_calls_notice_a_departed_peer() {
     let (a, b) = ends(4096, Config::default(), Config::default(), bell_pair());
     let (a, b) = (a.channel, b.channel);
-    b.try_send(b"last words").expect("b sends before leaving");
+    b.send(b"last words", Wait::Now)
+        .expect("b sends before leaving");
     drop(b);
     let mut buf = [0u8; 64];
     let r = a
-        .try_recv(&mut buf)
+        .recv(&mut buf, Wait::Now)
+        .polled()
         .expect("committed data first")
         .expect("a packet");
     assert_eq!(&r.payload(&buf)[..10], b"last words");
-    assert_eq!(a.try_recv(&mut buf), Err(ChannelError::Closed));
+    assert_eq!(
+        a.recv(&mut buf, Wait::Now).polled(),
+        Err(ChannelError::Closed)
+    );
     assert_eq!(a.state(), ChannelState::PeerClosed);
-    assert_eq!(a.try_send(b"x"), Err(ChannelError::Closed));
+    assert_eq!(a.send(b"x", Wait::Now), Err(ChannelError::Closed));
 
     let (a, b) = ends(4096, Config::default(), Config::default(), bell_pair());
     let (a, b) = (a.channel, b.channel);
     drop(b);
     let mut sent = 0;
     let end = loop {
-        match a.try_send(&[7; 256]) {
+        match a.send(&[7; 256], Wait::Now) {
             Ok(()) => sent += 1,
             Err(e) => break e,
         }

@@ -3,6 +3,8 @@
 use std::thread;
 use std::time::{Duration, Instant};
 
+use vmlink_channel::Polled;
+use vmlink_channel::Wait;
 use vmlink_channel::{ChannelError, ChannelState, Config, in_process_channel_pair};
 
 fn soon() -> Option<Instant> {
@@ -46,7 +48,7 @@ fn packets_that_free_space_for_a_departed_writer_still_arrive() {
     let (host, guest) = in_process_channel_pair(4096, Config::default()).unwrap();
     let payload = [1u8; 1000];
     let mut sent = 0;
-    while host.try_send(&payload).is_ok() {
+    while host.send(&payload, Wait::Now).is_ok() {
         sent += 1;
     }
     // One more send waits for space (arming pending_send_size), times out, and leaves.
@@ -58,7 +60,7 @@ fn packets_that_free_space_for_a_departed_writer_still_arrive() {
     let mut buf = [0u8; 1024];
     let mut received = 0;
     loop {
-        match guest.try_recv(&mut buf) {
+        match guest.recv(&mut buf, Wait::Now).polled() {
             Ok(Some(r)) => {
                 assert_eq!(r.payload(&buf), &payload[..]);
                 received += 1;

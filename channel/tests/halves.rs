@@ -4,6 +4,8 @@
 use std::thread;
 use std::time::{Duration, Instant};
 
+use vmlink_channel::Polled;
+use vmlink_channel::Wait;
 use vmlink_channel::{
     ChannelError, ChannelState, Config, InProcessChannel, PacketType, in_process_channel_pair,
 };
@@ -70,7 +72,7 @@ fn four_halves_stream_both_ways_through_small_rings() {
 fn a_request_from_the_sender_completes_at_the_receiver() {
     let (a, b) = in_process_channel_pair(4096, Config::default()).unwrap();
     let (mut tx, mut rx) = a.split();
-    let tid = tx.try_start_request(b"status?").unwrap();
+    let tid = tx.start_request(b"status?", Wait::Now).unwrap();
     assert_eq!(tx.transactions_in_flight(), 1);
     let mut buf = [0u8; 64];
     let request = b.recv(&mut buf, soon()).unwrap();
@@ -91,13 +93,16 @@ fn the_halves_share_the_state() {
     let (mut tx, mut rx) = a.split();
     drop(b);
     let mut buf = [0u8; 8];
-    assert_eq!(rx.try_recv(&mut buf), Err(ChannelError::Closed));
+    assert_eq!(
+        rx.recv(&mut buf, Wait::Now).polled(),
+        Err(ChannelError::Closed)
+    );
     assert_eq!(
         tx.state(),
         ChannelState::PeerClosed,
         "the sender sees it too"
     );
-    assert_eq!(tx.try_send(b"x"), Err(ChannelError::Closed));
+    assert_eq!(tx.send(b"x", Wait::Now), Err(ChannelError::Closed));
 }
 
 /// A batch on a sender: one commit, one signal.
@@ -112,7 +117,7 @@ fn a_sender_batches() {
     batch.commit().unwrap();
     assert_eq!(tx.counters().signals_sent, 1);
     let mut n = 0;
-    b.try_recv_batch(64, |p| {
+    b.recv_batch(64, Wait::Now, |p| {
         let mut first = [0u8; 1];
         p.read_payload(0, &mut first).unwrap();
         assert_eq!(first[0], n);

@@ -13,6 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use vmlink_channel::Polled;
+use vmlink_channel::Wait;
 use vmlink_channel::packet::GpaRange;
 use vmlink_channel::{
     ChannelError, ChannelState, Config, Endpoint, FailureCause, InProcessDoorbell, OutgoingPacket,
@@ -342,7 +344,7 @@ fn a_framed_stream_refuses_gpa_direct_packets() {
         pages: &pages,
     }];
     assert_eq!(
-        client.try_send_gpa_direct(&ranges, b"x", PacketMeta::in_band()),
+        client.send_gpa_direct(&ranges, b"x", PacketMeta::in_band(), Wait::Now),
         Err(ChannelError::Unsupported {
             what: "GPA-direct packets"
         })
@@ -352,7 +354,7 @@ fn a_framed_stream_refuses_gpa_direct_packets() {
         ChannelState::Open,
         "a refusal fails nothing"
     );
-    client.try_send(b"still open").unwrap();
+    client.send(b"still open", Wait::Now).unwrap();
 }
 
 #[test]
@@ -367,7 +369,7 @@ fn a_garbage_frame_fails_the_receiver_and_delivers_nothing() {
     let (atx, _) = framed_pair(4096).0;
     let ep = Endpoint::over(atx, arx, da, Config::default());
     let mut buf = [0u8; 64];
-    assert_eq!(ep.try_recv(&mut buf), Err(bad_frame()));
+    assert_eq!(ep.recv(&mut buf, Wait::Now).polled(), Err(bad_frame()));
     assert!(matches!(ep.state(), ChannelState::Failed(_)));
     assert_eq!(ep.counters().packets_received, 0);
 }
@@ -518,7 +520,7 @@ fn calls_run_through_a_layer_that_rewrites_payloads() {
 #[test]
 fn the_ring_under_a_layer_carries_only_rewritten_bytes() {
     let (a, _b, a_to_b) = layered_pair(4096);
-    a.try_send(b"plain text").unwrap();
+    a.send(b"plain text", Wait::Now).unwrap();
     // Read the ring under the layer without it: the payload is scrambled.
     let mut raw = RingRx::new(a_to_b).unwrap();
     let r = raw.peek().unwrap().expect("the packet");
@@ -540,7 +542,7 @@ fn a_layer_refuses_gpa_direct_packets_the_ring_below_would_carry() {
         pages: &pages,
     }];
     assert_eq!(
-        a.try_send_gpa_direct(&ranges, b"x", PacketMeta::in_band()),
+        a.send_gpa_direct(&ranges, b"x", PacketMeta::in_band(), Wait::Now),
         Err(ChannelError::Unsupported {
             what: "GPA-direct packets"
         })

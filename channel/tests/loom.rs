@@ -49,7 +49,7 @@
 //!   sleeper and whichever waits on the condition variable, both return (c, d);
 //! - the polling spinner (`spin_for_data`, `arm_reader`, `wait_ready` under
 //!   `Config::polling(2)`): a receiver blocked in `Channel::recv` always gets the packet
-//!   its peer sends with `Channel::try_send` (e); with two receivers on one channel and
+//!   its peer sends with `Channel::send` (e); with two receivers on one channel and
 //!   two packets sent one by one, each receiver gets one: the spinner unmasks (and
 //!   notifies) on its way out when the other receiver sleeps (f).
 //!
@@ -103,6 +103,7 @@
 use loom::sync::atomic::{AtomicBool, Ordering};
 use loom::thread;
 use std::sync::Arc;
+use vmlink_channel::Wait;
 use vmlink_channel::{
     Config, Doorbell, InProcessChannel, InProcessDoorbell, LoomHub, in_process_channel_pair,
     in_process_pair,
@@ -270,14 +271,14 @@ fn recv_one(b: &InProcessChannel) -> u8 {
     data[0]
 }
 
-/// (e) A polling receiver blocked in `recv`, a sender's `try_send`. Every interleaving.
+/// (e) A polling receiver blocked in `recv`, a sender's `send` (`Wait::Now`). Every interleaving.
 #[test]
 fn spinner_recv() {
     check(None, || {
         let (a, b) = pair();
         let sender = {
             let a = a.clone();
-            spawn(move || a.try_send(&payload(7)).unwrap())
+            spawn(move || a.send(&payload(7), Wait::Now).unwrap())
         };
         assert_eq!(recv_one(&b), 7);
         sender.join().unwrap();
@@ -290,7 +291,7 @@ fn spinner_recv() {
 /// How the sender of `two_receivers` publishes its two packets.
 #[derive(Clone, Copy)]
 enum Sends {
-    /// `try_send` each: two commits.
+    /// `send` (`Wait::Now`) each: two commits.
     OneByOne,
     /// One batch: one commit, at most one signal.
     Batch,
@@ -305,8 +306,8 @@ fn two_receivers(sends: Sends, bound: Option<usize>) {
             let a = a.clone();
             spawn(move || match sends {
                 Sends::OneByOne => {
-                    a.try_send(&payload(1)).unwrap();
-                    a.try_send(&payload(2)).unwrap();
+                    a.send(&payload(1), Wait::Now).unwrap();
+                    a.send(&payload(2), Wait::Now).unwrap();
                 }
                 Sends::Batch => {
                     let mut batch = a.batch().unwrap();

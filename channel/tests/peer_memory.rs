@@ -15,6 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use vmlink_channel::Polled;
+use vmlink_channel::Wait;
 use vmlink_channel::{ChannelError, Config, in_process_channel_pair};
 
 struct Peak;
@@ -121,7 +123,7 @@ fn a_flood_of_maximum_size_packets_meets_the_queue_bound() {
     let mut buf = vec![0u8; max + 64];
     let mut received = 0;
     loop {
-        let r = match guest.try_recv(&mut buf) {
+        let r = match guest.recv(&mut buf, Wait::Now).polled() {
             Ok(Some(r)) => r,
             Ok(None) | Err(ChannelError::Closed) => break,
             Err(e) => panic!("receive: {e}"),

@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use vmlink_channel::Polled;
+use vmlink_channel::Wait;
 use vmlink_channel::packet::{GpaRange, PacketError, parse_gpa_header};
 use vmlink_channel::{
     Channel, ChannelError, ChannelState, Config, FailureCause, InProcessDoorbell, OutgoingPacket,
@@ -94,7 +96,8 @@ fn send_gpa<M: RingMem, D: vmlink_channel::Doorbell>(a: &Channel<M, D>) {
         flags: 0,
         transaction_id: 0,
     };
-    a.try_send_gpa_direct(&ranges, b"bulk", meta).unwrap();
+    a.send_gpa_direct(&ranges, b"bulk", meta, Wait::Now)
+        .unwrap();
 }
 
 /// The ranges a header names, checked against what was sent.
@@ -110,7 +113,11 @@ fn copying_receive_hands_out_the_validated_header() {
     let (a, b, reads) = pair(config());
     send_gpa(&a);
     let mut buf = [0u8; 64];
-    let r = b.try_recv(&mut buf).unwrap().expect("the packet");
+    let r = b
+        .recv(&mut buf, Wait::Now)
+        .polled()
+        .unwrap()
+        .expect("the packet");
     assert_eq!(r.packet_type, PacketType::GpaDirect);
     assert_original(parse_gpa_header(r.header(&buf), Some(16)).unwrap());
     assert_eq!(reads.load(Ordering::SeqCst), 1, "the header is read once");
@@ -121,23 +128,25 @@ fn copying_receive_hands_out_the_validated_header() {
 fn in_place_receive_hands_out_the_validated_header() {
     let (a, b, reads) = pair(config());
     send_gpa(&a);
-    let r = b.try_recv_with(|guard| {
-        let mut scratch = [0u8; 64];
-        assert_original(guard.gpa_ranges(&mut scratch).unwrap());
-        assert_eq!(reads.load(Ordering::SeqCst), 1, "the header is read once");
-        let mut body = [0u8; 4];
-        guard.read_payload(0, &mut body).unwrap();
-        assert_eq!(&body, b"bulk");
-        // A second look at the header reads the (now hostile) ring again and is checked
-        // again: it fails the channel rather than hand out unchecked bytes.
-        let mut again = [0u8; 64];
-        assert!(matches!(
-            guard.header(&mut again),
-            Err(ChannelError::Failed(FailureCause::Protocol(
-                ProtocolError::Packet(_)
-            )))
-        ));
-    });
+    let r = b
+        .recv_with(Wait::Now, |guard| {
+            let mut scratch = [0u8; 64];
+            assert_original(guard.gpa_ranges(&mut scratch).unwrap());
+            assert_eq!(reads.load(Ordering::SeqCst), 1, "the header is read once");
+            let mut body = [0u8; 4];
+            guard.read_payload(0, &mut body).unwrap();
+            assert_eq!(&body, b"bulk");
+            // A second look at the header reads the (now hostile) ring again and is checked
+            // again: it fails the channel rather than hand out unchecked bytes.
+            let mut again = [0u8; 64];
+            assert!(matches!(
+                guard.header(&mut again),
+                Err(ChannelError::Failed(FailureCause::Protocol(
+                    ProtocolError::Packet(_)
+                )))
+            ));
+        })
+        .polled();
     assert!(matches!(r, Err(ChannelError::Failed(_))), "{r:?}");
     assert!(matches!(b.state(), ChannelState::Failed(_)));
 }
@@ -148,7 +157,7 @@ fn batch_receive_hands_out_the_validated_header() {
     send_gpa(&a);
     let mut seen = 0;
     let n = b
-        .try_recv_batch(8, |p| {
+        .recv_batch(8, Wait::Now, |p| {
             let mut scratch = [0u8; 64];
             assert_original(p.gpa_ranges(&mut scratch).unwrap());
             seen += 1;
@@ -169,7 +178,8 @@ fn queued_packets_keep_the_validated_header() {
             .recv(&mut buf, Some(Instant::now() + Duration::from_secs(10)))
             .unwrap();
         send_gpa(&a);
-        a.try_complete(request.transaction_id, b"done").unwrap();
+        a.complete(request.transaction_id, b"done", Wait::Now)
+            .unwrap();
         a
     });
     let mut response = [0u8; 8];
@@ -184,7 +194,11 @@ fn queued_packets_keep_the_validated_header() {
     let _a = server.join().unwrap();
     assert_eq!(reads.load(Ordering::SeqCst), 1, "read once, into the queue");
     let mut buf = [0u8; 64];
-    let r = b.try_recv(&mut buf).unwrap().expect("the queued packet");
+    let r = b
+        .recv(&mut buf, Wait::Now)
+        .polled()
+        .unwrap()
+        .expect("the queued packet");
     assert_original(parse_gpa_header(r.header(&buf), Some(16)).unwrap());
     assert_eq!(
         reads.load(Ordering::SeqCst),
@@ -204,7 +218,7 @@ fn send_raw(a: &Honest, packet_type: PacketType, header: &[u8]) {
         header,
         payload: Payload::Bytes(b"x"),
     };
-    a.try_send_packet(&packet).unwrap();
+    a.send_packet(&packet, Wait::Now).unwrap();
 }
 
 fn assert_failed_with_packet_error(b: &Victim, expected: PacketError) {
@@ -222,20 +236,22 @@ fn a_malformed_header_fails_the_channel_on_every_path() {
     let (a, b, _) = pair(Config::default());
     send_raw(&a, PacketType::GpaDirect, &bad);
     let mut buf = [0u8; 64];
-    assert!(b.try_recv(&mut buf).is_err());
+    assert!(b.recv(&mut buf, Wait::Now).polled().is_err());
     assert_failed_with_packet_error(&b, PacketError::NoRanges);
     // In place.
     let (a, b, _) = pair(Config::default());
     send_raw(&a, PacketType::TransferPages, &bad);
-    let r = b.try_recv_with(|guard| assert!(guard.header(&mut buf).is_err()));
+    let r = b
+        .recv_with(Wait::Now, |guard| assert!(guard.header(&mut buf).is_err()))
+        .polled();
     assert!(matches!(r, Err(ChannelError::Failed(_))), "{r:?}");
     assert_failed_with_packet_error(&b, PacketError::NoRanges);
     // Batches: the batch stops at the packet that failed the channel and says so.
     let (a, b, _) = pair(Config::default());
     send_raw(&a, PacketType::GpaDirect, &bad);
-    a.try_send(b"after").unwrap();
+    a.send(b"after", Wait::Now).unwrap();
     let mut handed = 0;
-    let r = b.try_recv_batch(4, |p| {
+    let r = b.recv_batch(4, Wait::Now, |p| {
         handed += 1;
         let mut scratch = [0u8; 64];
         assert!(p.gpa_ranges(&mut scratch).is_err());
@@ -244,18 +260,22 @@ fn a_malformed_header_fails_the_channel_on_every_path() {
     assert_eq!(handed, 1, "no packet after the one that failed the channel");
     assert_failed_with_packet_error(&b, PacketError::NoRanges);
     // Every later call says so.
-    assert!(matches!(b.try_recv(&mut buf), Err(ChannelError::Failed(_))));
+    assert!(matches!(
+        b.recv(&mut buf, Wait::Now).polled(),
+        Err(ChannelError::Failed(_))
+    ));
 }
 
 #[test]
 fn gpa_ranges_of_another_packet_type_is_the_callers_error() {
     let (a, b, _) = pair(Config::default());
-    a.try_send(b"plain").unwrap();
+    a.send(b"plain", Wait::Now).unwrap();
     let err = b
-        .try_recv_with(|guard| {
+        .recv_with(Wait::Now, |guard| {
             let mut scratch = [0u8; 64];
             guard.gpa_ranges(&mut scratch).err()
         })
+        .polled()
         .unwrap()
         .expect("the packet");
     assert_eq!(

@@ -7,6 +7,7 @@ use vmlink_channel::{
     ChannelError, ChannelState, Config, Endpoint, FailureCause, PacketType, ProtocolError,
     SavedSlot, in_process_channel_pair,
 };
+use vmlink_channel::{Polled, Wait};
 
 fn soon() -> Option<Instant> {
     Some(Instant::now() + Duration::from_secs(10))
@@ -21,9 +22,9 @@ fn a_restored_endpoint_goes_on_where_the_saved_one_stopped() {
     let (a, b) = in_process_channel_pair(4 * 4096, Config::default()).unwrap();
     // A polled request in flight, and a call that gives up while three packets for
     // receivers arrive and are queued.
-    let polled = a.try_start_request(b"polled").unwrap();
+    let polled = a.start_request(b"polled", Wait::Now).unwrap();
     for i in 0..3u8 {
-        b.try_send(&[i; 8]).unwrap();
+        b.send(&[i; 8], Wait::Now).unwrap();
     }
     let mut response = [0u8; 64];
     assert_eq!(
@@ -66,12 +67,12 @@ fn a_restored_endpoint_goes_on_where_the_saved_one_stopped() {
         (c.packet_type, c.transaction_id),
         (PacketType::Completion, polled)
     );
-    assert_eq!(a.try_recv(&mut buf).unwrap(), None);
+    assert_eq!(a.recv(&mut buf, Wait::Now).polled().unwrap(), None);
     assert_eq!(a.counters().late_completions, before.late_completions + 1);
     assert_eq!(a.transactions_in_flight(), 0);
     assert_eq!(a.state(), ChannelState::Open);
     // New ids never repeat the old ones: a late completion for one of them stays late.
-    let fresh = a.try_start_request(b"new").unwrap();
+    let fresh = a.start_request(b"new", Wait::Now).unwrap();
     assert_ne!(fresh, polled);
     assert!(a.counters().packets_received >= before.packets_received + 2);
 }
@@ -89,9 +90,9 @@ fn restoring_signals_the_peer_once() {
 fn a_failed_endpoint_stays_failed_across_a_restore() {
     let (a, b) = in_process_channel_pair(4096, Config::default()).unwrap();
     // A completion for an id nobody started fails the receiver.
-    b.try_complete(0xdead, b"?").unwrap();
+    b.complete(0xdead, b"?", Wait::Now).unwrap();
     let mut buf = [0u8; 64];
-    let err = a.try_recv(&mut buf).unwrap_err();
+    let err = a.recv(&mut buf, Wait::Now).polled().unwrap_err();
     let cause = FailureCause::Protocol(ProtocolError::UnknownTransaction {
         transaction_id: 0xdead,
     });
@@ -100,14 +101,14 @@ fn a_failed_endpoint_stays_failed_across_a_restore() {
     assert_eq!(saved.failure(), Some(cause));
     let a = Endpoint::restore(tx, rx, doorbell, Config::default(), &saved).unwrap();
     assert_eq!(a.state(), ChannelState::Failed(cause));
-    assert_eq!(a.try_send(b"x"), Err(ChannelError::Failed(cause)));
+    assert_eq!(a.send(b"x", Wait::Now), Err(ChannelError::Failed(cause)));
 }
 
 #[test]
 fn a_successor_with_a_smaller_queue_refuses_the_state() {
     let (a, b) = in_process_channel_pair(4 * 4096, Config::default()).unwrap();
     for i in 0..3u8 {
-        b.try_send(&[i; 8]).unwrap();
+        b.send(&[i; 8], Wait::Now).unwrap();
     }
     let mut response = [0u8; 8];
     let _ = a.call(b"wait", &mut response, later(20));

@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use vmlink_channel::Polled;
+use vmlink_channel::Wait;
 use vmlink_channel::{Channel, ChannelError, ChannelState, Config, InProcessDoorbell};
 use vmlink_ring::area::{AreaLayout, HEADER_LEN};
 use vmlink_ring::{ControlWord, RingMem, SliceMem, init_control};
@@ -146,14 +148,18 @@ fn a_sub_channel_that_fails_takes_no_other_down() {
     let mut buf = [0u8; 64];
     let (host1, _) = &channels[1];
     assert!(matches!(
-        host1.try_recv(&mut buf),
+        host1.recv(&mut buf, Wait::Now).polled(),
         Err(ChannelError::Failed(_))
     ));
     assert!(matches!(host1.state(), ChannelState::Failed(_)));
     for i in [0, 2] {
         let (host, guest) = &channels[i];
-        guest.try_send(b"alive").unwrap();
-        let r = host.try_recv(&mut buf).unwrap().expect("a packet");
+        guest.send(b"alive", Wait::Now).unwrap();
+        let r = host
+            .recv(&mut buf, Wait::Now)
+            .polled()
+            .unwrap()
+            .expect("a packet");
         assert_eq!(&r.payload(&buf)[..5], b"alive");
         assert_eq!(host.state(), ChannelState::Open, "channel {i}");
     }

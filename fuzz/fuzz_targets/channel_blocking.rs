@@ -5,7 +5,7 @@
 //! the caller while other packets wait in the unsolicited-packet queue, bounded to 1–4
 //! packets and to 1 MiB, 4 KiB, 256 or 24 bytes), `send` (waiting for space in a 1–2 page
 //! ring), `recv` / `recv_with` / `recv_batch` (with payload reads and whole-header reads:
-//! `header` or `gpa_ranges` into a scratch of any length), and `try_start_request` (a
+//! `header` or `gpa_ranges` into a scratch of any length), and `start_request` (a
 //! polled transaction whose completion a receiver gets). The main
 //! thread plays the peer between pauses: through side B it receives A's requests and
 //! completes them (pending, already completed, or raw ids; payloads of any length), sends
@@ -33,7 +33,7 @@
 //!   another type, `Failed(c)` only for a GPA-direct or transfer-page header, with `c` the
 //!   channel's one cause from then on; what it hands out is valid (it parses; GPA ranges are
 //!   well formed and fill the header), and so is such a header copied by `recv`;
-//! - a completion handed to a receiver is for an id A started with `try_start_request`
+//! - a completion handed to a receiver is for an id A started with `start_request`
 //!   and not yet completed; a channel failing with `UnknownTransaction { id }` (peer writing
 //!   through B only) had no such request outstanding: the peer never received a request
 //!   with that id, or had completed it before;
@@ -54,6 +54,8 @@ use std::time::{Duration, Instant};
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
+use vmlink_channel::Polled;
+use vmlink_channel::Wait;
 use vmlink_channel::packet::{parse_gpa_header, parse_transfer_page_header};
 use vmlink_channel::{
     Channel, ChannelError, ChannelState, Config, Doorbell, FailureCause, InProcessDoorbell,
@@ -202,7 +204,7 @@ struct Shared {
     /// The peer has written A's rings other than through B: contents are not the peer's
     /// protocol-level choices any more.
     forged: AtomicBool,
-    /// Ids A started with `try_start_request` whose completion no receiver got yet.
+    /// Ids A started with `start_request` whose completion no receiver got yet.
     polled: Mutex<HashSet<u64>>,
     /// The length of the first completion the peer sent for each token.
     first_completion: Mutex<HashMap<u64, usize>>,
@@ -593,7 +595,7 @@ fn run_work(sh: &Shared, worker: usize, seq: u64, work: &Work) {
             // Held while the request goes out, so a receiver cannot see the completion
             // before the id is recorded.
             let mut polled = sh.polled.lock().unwrap();
-            let r = a.try_start_request(&request);
+            let r = a.start_request(&request, Wait::Now);
             if let Ok(tid) = r {
                 assert!(
                     polled.insert(tid),
@@ -601,7 +603,7 @@ fn run_work(sh: &Shared, worker: usize, seq: u64, work: &Work) {
                 );
             }
             drop(polled);
-            ("try_start_request", r.map(drop))
+            ("start_request(Now)", r.map(drop))
         }
     };
     let took = start.elapsed();
@@ -670,7 +672,7 @@ impl Peer {
         let Some(b) = &self.b else { return 0 };
         let mut n = 0;
         while n < max {
-            match b.try_recv(&mut self.buf) {
+            match b.recv(&mut self.buf, Wait::Now).polled() {
                 Ok(Some(r)) => {
                     n += 1;
                     if r.completion_requested && r.payload_len >= 8 {
@@ -719,7 +721,7 @@ impl Peer {
                 .entry(padded(payload.len()))
                 .or_default() += 1;
         }
-        match b.try_complete(tid, &payload) {
+        match b.complete(tid, &payload, Wait::Now) {
             Ok(()) => {
                 *self.completions.entry(tid).or_default() += 1;
                 true
@@ -757,7 +759,7 @@ fn word_of(w: Word) -> ControlWord {
 fn drain_a(sh: &Shared) {
     let mut buf = vec![0u8; sh.incoming_len];
     for _ in 0..1024 {
-        match sh.a.try_recv(&mut buf) {
+        match sh.a.recv(&mut buf, Wait::Now).polled() {
             Ok(Some(r)) => {
                 check_copied_header("settle: try_recv", &r, &buf, sh.gpa_limit);
                 sh.received("settle: try_recv", &r);
@@ -878,14 +880,14 @@ fuzz_target!(|input: Input| {
                             header: &[],
                             payload: vmlink_ring::Payload::Bytes(&p),
                         };
-                        let _ = b.try_send_packet(&packet);
+                        let _ = b.send_packet(&packet, Wait::Now);
                     }
                 }
                 Step::PeerFlood { len } => {
                     if let Some(b) = &peer.b {
                         let p = vec![0x3C; *len as usize];
                         for _ in 0..64 {
-                            if b.try_send(&p).is_err() {
+                            if b.send(&p, Wait::Now).is_err() {
                                 break;
                             }
                         }

@@ -2,9 +2,9 @@
 //!
 //! Two `Channel`s share two `HeapMem` rings (A writes ring `ab`, B reads it; B writes `ba`,
 //! A reads it) and an in-process doorbell pair. The script interleaves, on either side,
-//! `try_send` / `try_send_packet` (any type, flags, transaction id, header) / packets larger
-//! than the ring / `try_start_request` / `try_complete` (in-flight, stale, duplicate or raw
-//! ids) / `try_recv` / `try_recv_with` and `try_recv_batch` (with payload reads and
+//! `send` (`Wait::Now`) / `send_packet` (`Wait::Now`) (any type, flags, transaction id, header) / packets larger
+//! than the ring / `start_request` / `complete` (`Wait::Now`) (in-flight, stale, duplicate or raw
+//! ids) / `recv` (`Wait::Now`) / `recv_with` (`Wait::Now`) and `recv_batch` (`Wait::Now`) (with payload reads and
 //! whole-header reads: `header` or `gpa_ranges` into a scratch of any length), and the
 //! peer's own moves on the shared memory: hand-built packets published past the write index,
 //! byte scribbles over the data area, and arbitrary control words.
@@ -27,7 +27,7 @@
 //!   own `Protocol(Packet(_))` on a channel that had not failed (which fails from then on,
 //!   even though the receive itself succeeded), the old cause on one that had; what it hands
 //!   out is valid (it parses; GPA ranges are well formed and fill the header), and repeated
-//!   reads of one packet agree; a GPA-direct or transfer-page header copied by `try_recv` is
+//!   reads of one packet agree; a GPA-direct or transfer-page header copied by `recv` (`Wait::Now`) is
 //!   valid too;
 //! - receive calls allocate nothing (so nothing sized by the peer).
 #![no_main]
@@ -36,6 +36,8 @@ use std::sync::Arc;
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
+use vmlink_channel::Polled;
+use vmlink_channel::Wait;
 use vmlink_channel::packet::{parse_gpa_header, parse_transfer_page_header};
 use vmlink_channel::{
     Channel, ChannelError, ChannelState, Config, FailureCause, InProcessDoorbell, MAX_TRANSACTIONS,
@@ -149,7 +151,7 @@ struct End {
     incoming: Arc<HeapMem>,
     /// Ids this end started that it has not yet received a completion for.
     in_flight: Vec<u64>,
-    /// Every id this end was handed by `try_start_request`.
+    /// Every id this end was handed by `start_request`.
     issued: Vec<u64>,
     last_received: u64,
     /// Failure cause once failed.
@@ -379,9 +381,9 @@ fuzz_target!(|input: Input| {
             Op::Send { side, len, fill } => {
                 let e = &mut ends[idx(*side)];
                 let p = payload(*len, *fill);
-                match e.chan.try_send(&p) {
-                    Ok(()) => e.check_ok_while_failed("try_send"),
-                    Err(err) => e.check_err("try_send", err, &[is_full, is_too_large]),
+                match e.chan.send(&p, Wait::Now) {
+                    Ok(()) => e.check_ok_while_failed("send(Now)"),
+                    Err(err) => e.check_err("send(Now)", err, &[is_full, is_too_large]),
                 }
             }
             Op::SendPacket {
@@ -405,24 +407,26 @@ fuzz_target!(|input: Input| {
                     header,
                     payload: vmlink_ring::Payload::Bytes(&p),
                 };
-                match e.chan.try_send_packet(&packet) {
-                    Ok(()) => e.check_ok_while_failed("try_send_packet"),
-                    Err(err) => {
-                        e.check_err("try_send_packet", err, &[is_full, is_too_large, is_invalid])
-                    }
+                match e.chan.send_packet(&packet, Wait::Now) {
+                    Ok(()) => e.check_ok_while_failed("send_packet(Now)"),
+                    Err(err) => e.check_err(
+                        "send_packet(Now)",
+                        err,
+                        &[is_full, is_too_large, is_invalid],
+                    ),
                 }
             }
             Op::TooLarge { side, extra } => {
                 let e = &mut ends[idx(*side)];
                 let p = vec![1u8; e.chan.max_packet_len() + *extra as usize];
-                match e.chan.try_send(&p) {
+                match e.chan.send(&p, Wait::Now) {
                     Ok(()) => panic!("a packet larger than the ring was sent"),
                     Err(err) => e.check_err("try_send(too large)", err, &[is_too_large]),
                 }
                 assert!(
                     e.failed.is_some()
                         || matches!(
-                            e.chan.try_send(&p),
+                            e.chan.send(&p, Wait::Now),
                             Err(ChannelError::TooLarge { .. } | ChannelError::Closed)
                         )
                 );
@@ -430,9 +434,9 @@ fuzz_target!(|input: Input| {
             Op::StartRequest { side, len } => {
                 let e = &mut ends[idx(*side)];
                 let p = payload(*len, 0x11);
-                match e.chan.try_start_request(&p) {
+                match e.chan.start_request(&p, Wait::Now) {
                     Ok(tid) => {
-                        e.check_ok_while_failed("try_start_request");
+                        e.check_ok_while_failed("start_request(Now)");
                         assert!(!e.in_flight.contains(&tid), "id {tid:#x} handed out twice");
                         assert_ne!(tid, 0);
                         e.in_flight.push(tid);
@@ -448,7 +452,7 @@ fuzz_target!(|input: Input| {
                             assert_eq!(e.in_flight.len(), MAX_TRANSACTIONS);
                         }
                         e.check_err(
-                            "try_start_request",
+                            "start_request(Now)",
                             err,
                             &[is_full, is_too_large, is_exhausted],
                         )
@@ -471,30 +475,30 @@ fuzz_target!(|input: Input| {
                 };
                 let e = &mut ends[i];
                 let p = payload(*len, 0x22);
-                match e.chan.try_complete(id, &p) {
-                    Ok(()) => e.check_ok_while_failed("try_complete"),
-                    Err(err) => e.check_err("try_complete", err, &[is_full, is_too_large]),
+                match e.chan.complete(id, &p, Wait::Now) {
+                    Ok(()) => e.check_ok_while_failed("complete(Now)"),
+                    Err(err) => e.check_err("complete(Now)", err, &[is_full, is_too_large]),
                 }
             }
             Op::Recv { side, buf_len } => {
                 let e = &mut ends[idx(*side)];
                 let mut buf = vec![0u8; *buf_len as usize % 20_000];
-                let g = NoAlloc::start("try_recv");
-                let r = e.chan.try_recv(&mut buf);
+                let g = NoAlloc::start("recv(Now)");
+                let r = e.chan.recv(&mut buf, Wait::Now).polled();
                 g.finish();
                 match r {
                     Ok(Some(m)) => {
-                        e.check_ok_while_failed("try_recv");
+                        e.check_ok_while_failed("recv(Now)");
                         assert!(m.len() <= buf.len());
-                        check_copied_header("try_recv", m.packet_type, m.header(&buf), limit);
+                        check_copied_header("recv(Now)", m.packet_type, m.header(&buf), limit);
                         e.received(m.packet_type, m.transaction_id, m.completion_requested);
                     }
-                    Ok(None) => e.check_ok_while_failed("try_recv"),
+                    Ok(None) => e.check_ok_while_failed("recv(Now)"),
                     Err(err) => {
                         if let ChannelError::BufferTooSmall { capacity, .. } = err {
                             assert_eq!(capacity, buf.len());
                         }
-                        e.check_err("try_recv", err, &[is_small])
+                        e.check_err("recv(Now)", err, &[is_small])
                     }
                 }
             }
@@ -510,29 +514,32 @@ fuzz_target!(|input: Input| {
                     .map(|r| vec![0u8; r.2 as usize % 9000])
                     .collect();
                 let end = &*e;
-                let g = NoAlloc::start("try_recv_with");
-                let r = end.chan.try_recv_with(|p| {
-                    let m = p.meta();
-                    got = Some(m);
-                    memo.reset();
-                    for (&(header, offset, _), buf) in reads.iter().zip(bufs.iter_mut()) {
-                        if header {
-                            let call = HeaderCall::from_selector(offset);
-                            let v = read_whole_header(p, call, buf, limit, Some(&mut memo));
-                            if let HeaderVerdict::Failed(c) = v {
-                                now = Some(end.header_failed("Packet", now, c));
+                let g = NoAlloc::start("recv_with(Now)");
+                let r = end
+                    .chan
+                    .recv_with(Wait::Now, |p| {
+                        let m = p.meta();
+                        got = Some(m);
+                        memo.reset();
+                        for (&(header, offset, _), buf) in reads.iter().zip(bufs.iter_mut()) {
+                            if header {
+                                let call = HeaderCall::from_selector(offset);
+                                let v = read_whole_header(p, call, buf, limit, Some(&mut memo));
+                                if let HeaderVerdict::Failed(c) = v {
+                                    now = Some(end.header_failed("Packet", now, c));
+                                }
+                            } else {
+                                let r = p.read_payload(offset as usize, buf);
+                                check_payload_read("Packet", m.payload_len, offset, buf, r);
                             }
-                        } else {
-                            let r = p.read_payload(offset as usize, buf);
-                            check_payload_read("Packet", m.payload_len, offset, buf, r);
                         }
-                    }
-                });
+                    })
+                    .polled();
                 g.finish();
                 if let Some(m) = got {
                     assert!(
                         known.is_none(),
-                        "try_recv_with handed a packet on a failed channel"
+                        "recv_with(Now) handed a packet on a failed channel"
                     );
                     e.received(m.packet_type, m.transaction_id, m.completion_requested);
                 }
@@ -540,17 +547,17 @@ fuzz_target!(|input: Input| {
                     Ok(Some(())) => {
                         assert_eq!(
                             now, known,
-                            "try_recv_with succeeded after failing the channel"
+                            "recv_with(Now) succeeded after failing the channel"
                         );
                     }
-                    Ok(None) => e.check_ok_while_failed("try_recv_with"),
+                    Ok(None) => e.check_ok_while_failed("recv_with(Now)"),
                     Err(err) => {
                         if let Some(c) = now.filter(|_| known.is_none()) {
                             // The header read failed the channel: the receive says so.
                             assert_eq!(err, ChannelError::Failed(c));
                             e.record_failure(c);
                         } else {
-                            e.check_err("try_recv_with", err, &[]);
+                            e.check_err("recv_with(Now)", err, &[]);
                         }
                     }
                 }
@@ -567,12 +574,12 @@ fuzz_target!(|input: Input| {
                     .collect();
                 let chan = &e.chan;
                 let end = &*e;
-                let g = NoAlloc::start("try_recv_batch");
-                let r = chan.try_recv_batch(*max as usize % 8, |p| {
+                let g = NoAlloc::start("recv_batch(Now)");
+                let r = chan.recv_batch(*max as usize % 8, Wait::Now, |p| {
                     // A batch stops at the packet whose header read failed the channel.
                     assert!(
                         now == known,
-                        "try_recv_batch handed a packet after a header read failed the channel"
+                        "recv_batch(Now) handed a packet after a header read failed the channel"
                     );
                     let m = p.meta();
                     got.push((m.packet_type, m.transaction_id, m.completion_requested));
@@ -598,9 +605,9 @@ fuzz_target!(|input: Input| {
                     // A header read that failed the channel ends the batch with that error.
                     assert_eq!(
                         now, known,
-                        "try_recv_batch succeeded after failing the channel"
+                        "recv_batch(Now) succeeded after failing the channel"
                     );
-                    e.check_ok_while_failed("try_recv_batch");
+                    e.check_ok_while_failed("recv_batch(Now)");
                     assert_eq!(n, got.len());
                     assert!(n <= *max as usize % 8);
                 }
@@ -608,7 +615,7 @@ fuzz_target!(|input: Input| {
                     e.record_failure(c);
                 }
                 if let Err(err) = r {
-                    e.check_err("try_recv_batch", err, &[]);
+                    e.check_err("recv_batch(Now)", err, &[]);
                 }
             }
             Op::PeerPacket { reader, packet } => {

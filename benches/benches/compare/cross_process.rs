@@ -18,6 +18,7 @@ use vmlink_channel::{ChannelError, Config};
 use vmlink_shm::{Guest, Layout, Service, ShmChannel};
 
 use crate::harness::{Backoff, Check, Group, MSG, expected, msg, send_batches, verify};
+use vmlink_channel::Wait;
 
 /// Names the child's role; the bench's `main` hands over to [`child_main`] when it is set.
 pub const CHILD_ENV: &str = "VMLINK_BENCH_CHILD";
@@ -123,14 +124,14 @@ fn shm_echo(ch: &ShmChannel) -> bool {
 /// the end of a round and is completed with the round's checksum (the parent compares it
 /// with the closed form).
 fn shm_sink(ch: &ShmChannel) -> bool {
-    // Polling with `try_recv_batch`: the producer need not signal.
+    // Polling with `recv_batch` (`Wait::Now`): the producer need not signal.
     ch.mask_interrupts();
     let mut check = Check::new(8);
     let mut buf = [0u8; MSG];
     let mut fence = None;
     let mut b = Backoff::default();
     loop {
-        let got = ch.try_recv_batch(64, |p| {
+        let got = ch.recv_batch(64, Wait::Now, |p| {
             let meta = p.meta();
             if meta.completion_requested {
                 fence = Some(meta.transaction_id);
@@ -286,7 +287,7 @@ fn stream_rtt_loop(g: &mut Group<'_>, name: &str, tx: &mut dyn Write, rx: &mut d
 }
 
 /// `stream_64` across processes: batches of 32 over shm to a child that spins on
-/// `try_recv_batch`; each round ends with a request the child completes with its
+/// `recv_batch` (`Wait::Now`); each round ends with a request the child completes with its
 /// checksum, so the time covers every packet's arrival.
 pub fn shm_stream(g: &mut Group<'_>, name: &str) {
     let (ch, child) = shm_child(Role::ShmSink);

@@ -16,6 +16,7 @@ use crate::harness::{
     BULK_STRIDE, Backoff, Check, Group, MSG, Msg, Peer, Round, bench_pair, msg, send_batches,
     stamp, verify,
 };
+use vmlink_channel::Wait;
 
 /// Data bytes of each vmlink ring; holds 744 packets of 64 bytes (88 bytes with descriptor
 /// and trailer).
@@ -126,12 +127,12 @@ pub fn ring_stream(g: &mut Group<'_>, name: String, ring: usize, payload: usize,
     );
 }
 
-/// vmlink channels: `try_send` per packet, or `batch()` of 32 per commit; the consumer
-/// takes up to 64 per `try_recv_batch` (one lock, one commit).
+/// vmlink channels: `send` (`Wait::Now`) per packet, or `batch()` of 32 per commit; the consumer
+/// takes up to 64 per `recv_batch` (`Wait::Now`) (one lock, one commit).
 fn vmlink_channel(g: &mut Group<'_>, name: &'static str, batched: bool) {
     let (tx, rx) =
         in_process_channel_pair(RING, Config::polling(crate::rtt::SPIN)).expect("channel pair");
-    // The consumer polls with `try_recv_batch`: it tells the producer not to signal.
+    // The consumer polls with `recv_batch` (`Wait::Now`): it tells the producer not to signal.
     rx.mask_interrupts();
     let peer = {
         let mut check = Check::new(8);
@@ -141,7 +142,7 @@ fn vmlink_channel(g: &mut Group<'_>, name: &'static str, batched: bool) {
             let mut b = Backoff::default();
             while got < n {
                 let k = rx
-                    .try_recv_batch(64, |p| {
+                    .recv_batch(64, Wait::Now, |p| {
                         p.read_payload(0, &mut buf).expect("64-byte payload");
                         check.packet(&buf);
                     })
@@ -167,7 +168,7 @@ fn vmlink_channel(g: &mut Group<'_>, name: &'static str, batched: bool) {
             }
             let mut b = Backoff::default();
             while seq < end {
-                match tx.try_send(&msg(seq)) {
+                match tx.send(&msg(seq), Wait::Now) {
                     Ok(()) => seq += 1,
                     Err(ChannelError::Full) => b.snooze(),
                     Err(e) => panic!("send failed: {e}"),

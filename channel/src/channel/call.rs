@@ -6,19 +6,36 @@ impl<'a, T: PacketTx, D: Doorbell, TC: Half<Item = T>, RC> Ops<'a, D, TC, RC> {
     // ---- transactions ------------------------------------------------------------------
 
     /// See the public method of the same name.
-    pub(crate) fn try_start_request(&self, request: &[u8]) -> Result<u64, ChannelError> {
-        // A failed or closed channel says so before anything else.
+    pub(crate) fn start_request(&self, request: &[u8], wait: Wait) -> Result<u64, ChannelError> {
+        let tid = self.alloc_polled()?;
+        let parts = [request];
+        let packet = request_packet(tid, &parts);
+        self.sent_or_freed(
+            tid,
+            self.send_until(0, request.len(), wait, &mut |w| w.push(&packet)),
+        )
+    }
+
+    /// Reserves an id for a polled request. A failed or closed channel says so first.
+    pub(crate) fn alloc_polled(&self) -> Result<u64, ChannelError> {
         self.check_send()?;
-        let tid = self
-            .txns
+        self.txns
             .alloc(Mode::Polled)
             .ok_or(ChannelError::TransactionsExhausted {
                 capacity: MAX_TRANSACTIONS,
-            })?;
-        match self.try_send_packet(&request_packet(tid, &[request])) {
+            })
+    }
+
+    /// The id of a request that went out, or its send's error with the id freed (never
+    /// sent: nothing will complete it).
+    pub(crate) fn sent_or_freed(
+        &self,
+        tid: u64,
+        sent: Result<(), ChannelError>,
+    ) -> Result<u64, ChannelError> {
+        match sent {
             Ok(()) => Ok(tid),
             Err(e) => {
-                // Never sent: nothing will complete it.
                 self.txns.free(tid);
                 Err(e)
             }
@@ -140,7 +157,7 @@ impl<'a, T: PacketTx, R: PacketRx, D: Doorbell, TC: Half<Item = T>, RC: Half<Ite
 
     /// Copies a packet meant for a receiver into the queue (its header validated there).
     /// `Ok(false)` when the queue cannot take it now: it stays in the ring.
-    pub(super) fn queue_packet(
+    pub(crate) fn queue_packet(
         &self,
         rx: &mut RxState<R>,
         info: &Received,
@@ -153,7 +170,7 @@ impl<'a, T: PacketTx, R: PacketRx, D: Doorbell, TC: Half<Item = T>, RC: Half<Ite
         Ok(queued)
     }
 
-    pub(super) fn take_completion(
+    pub(crate) fn take_completion(
         &self,
         rx: &mut RxState<R>,
         txn: &mut PendingCall<'_, D>,

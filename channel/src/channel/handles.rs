@@ -14,7 +14,8 @@ use vmlink_ring::{OutgoingPacket, PacketMeta, RingMem, WaitDecision, WriteSlot};
 #[cfg(feature = "alloc")]
 use super::NoHalf;
 use super::{
-    ChannelState, Config, Core, Counters, Endpoint, Lock, Ops, Packet, RxState, SendBatch,
+    ChannelState, Config, Core, Counters, Endpoint, Lock, Ops, Packet, RxState, SendBatch, Wait,
+    completion,
 };
 use crate::Channel;
 #[cfg(feature = "alloc")]
@@ -216,344 +217,396 @@ impl<R: PacketRx, D: Doorbell> Receiver<R, D> {
     }
 }
 
+/// The sending operations, on the endpoint (`&self`) and on a [`Sender`] (`&mut self`).
+macro_rules! send_ops {
+    ($recv:ty) => {
+        /// Sends an in-band packet that asks for no completion.
+        ///
+        /// Sends do not ask the doorbell whether the peer is still there (that may be a
+        /// system call): until the channel has learnt of a departure, a packet may land in
+        /// a ring nobody reads, as it would had the peer left just after it. A send that
+        /// finds the ring full asks, and says [`ChannelError::Closed`] rather than `Full`
+        /// once the peer has gone.
+        ///
+        /// ```
+        /// use vmlink_channel::{ChannelError, Config, Wait, in_process_channel_pair};
+        ///
+        /// let (a, b) = in_process_channel_pair(4096, Config::default())?;
+        /// a.send(b"hello", Wait::Now)?;
+        /// let mut buf = [0u8; 16];
+        /// let got = b.recv(&mut buf, Wait::Now)?;
+        /// assert_eq!(&got.payload(&buf)[..5], b"hello");
+        /// assert_eq!(b.recv(&mut buf, Wait::Now), Err(ChannelError::Empty));
+        /// // A full ring is an error for a send that may not wait.
+        /// while a.send(&[0; 1000], Wait::Now).is_ok() {}
+        /// assert_eq!(a.send(&[0; 1000], Wait::Now), Err(ChannelError::Full));
+        /// # Ok::<(), ChannelError>(())
+        /// ```
+        pub fn send(
+            self: $recv,
+            payload: &[u8],
+            wait: impl Into<Wait>,
+        ) -> Result<(), ChannelError> {
+            self.send_packet(&OutgoingPacket::in_band_slice(payload), wait)
+        }
+
+        /// Sends any packet.
+        pub fn send_packet(
+            self: $recv,
+            packet: &OutgoingPacket<'_>,
+            wait: impl Into<Wait>,
+        ) -> Result<(), ChannelError> {
+            let (h, p) = (packet.header.len(), packet.payload.len());
+            self.ops()
+                .send_until(h, p, wait.into(), &mut |w| w.push(packet))
+        }
+
+        /// Sends a completion for `transaction_id`.
+        pub fn complete(
+            self: $recv,
+            transaction_id: u64,
+            payload: &[u8],
+            wait: impl Into<Wait>,
+        ) -> Result<(), ChannelError> {
+            self.send_packet(&completion(transaction_id, &[payload]), wait)
+        }
+
+        /// Sends a GPA-direct packet: `ranges` describe where the bulk data is, `payload`
+        /// travels in-band after them. A link that cannot carry guest pages refuses with
+        /// [`ChannelError::Unsupported`].
+        ///
+        /// ```
+        /// use vmlink_channel::packet::GpaRange;
+        /// use vmlink_channel::{Config, PacketMeta, Wait, in_process_channel_pair};
+        ///
+        /// let config = Config::default().with_gpa_page_limit(256);
+        /// let (a, b) = in_process_channel_pair(4096, config)?;
+        /// let pages = [10, 11];
+        /// let ranges = [GpaRange { byte_offset: 512, byte_count: 6000, pages: &pages }];
+        /// a.send_gpa_direct(&ranges, b"write", PacketMeta::in_band(), Wait::Forever)?;
+        ///
+        /// let pages = b.recv_with(Wait::Forever, |packet| {
+        ///     let mut scratch = [0u8; 64];
+        ///     let range = packet.gpa_ranges(&mut scratch)?.next().expect("one range");
+        ///     assert_eq!(range.byte_count, 6000);
+        ///     Ok::<_, vmlink_channel::ChannelError>(range.pages().collect::<Vec<_>>())
+        /// })??;
+        /// assert_eq!(pages, [10, 11]);
+        /// # Ok::<(), vmlink_channel::ChannelError>(())
+        /// ```
+        pub fn send_gpa_direct(
+            self: $recv,
+            ranges: &[GpaRange<'_>],
+            payload: &[u8],
+            meta: PacketMeta,
+            wait: impl Into<Wait>,
+        ) -> Result<(), ChannelError> {
+            self.ops()
+                .send_gpa_direct_until(ranges, payload, meta, wait.into())
+        }
+
+        /// Sends a request whose completion comes back through the receive calls (as a
+        /// packet of type [`PacketType`](crate::PacketType)`::Completion` with the returned
+        /// transaction id): for code that polls, or that receives on another thread. With
+        /// `std`, [`Endpoint::call`] waits for the completion itself.
+        ///
+        /// ```
+        /// use vmlink_channel::{Config, PacketType, Wait, in_process_channel_pair};
+        ///
+        /// let (a, b) = in_process_channel_pair(4096, Config::default())?;
+        /// let tid = a.start_request(b"status?", Wait::Now)?;
+        /// let mut buf = [0u8; 64];
+        /// let request = b.recv(&mut buf, Wait::Now)?;
+        /// assert!(request.completion_requested);
+        /// b.complete(request.transaction_id, b"ok", Wait::Now)?;
+        /// let completion = a.recv(&mut buf, Wait::Now)?;
+        /// assert_eq!((completion.packet_type, completion.transaction_id), (PacketType::Completion, tid));
+        /// # Ok::<(), vmlink_channel::ChannelError>(())
+        /// ```
+        pub fn start_request(
+            self: $recv,
+            request: &[u8],
+            wait: impl Into<Wait>,
+        ) -> Result<u64, ChannelError> {
+            self.ops().start_request(request, wait.into())
+        }
+
+        /// Prepares to sleep until a packet with these sizes fits in the outgoing ring (sets
+        /// the pending send size, fences, looks again), for code that waits on the doorbell
+        /// itself; see [`Endpoint::prepare_recv_wait`].
+        pub fn prepare_send_wait(
+            self: $recv,
+            header_len: usize,
+            payload_len: usize,
+        ) -> Result<WaitDecision, ChannelError> {
+            self.ops().prepare_send_wait(header_len, payload_len)
+        }
+    };
+}
+
+/// The async twins of the sending operations.
+#[cfg(feature = "alloc")]
+macro_rules! send_ops_async {
+    ($recv:ty) => {
+        /// [`send`](Self::send), waiting asynchronously for space.
+        pub async fn send_async(self: $recv, payload: &[u8]) -> Result<(), ChannelError> {
+            self.send_packet_async(&OutgoingPacket::in_band_slice(payload))
+                .await
+        }
+
+        /// [`send_packet`](Self::send_packet), waiting asynchronously for space.
+        pub async fn send_packet_async(
+            self: $recv,
+            packet: &OutgoingPacket<'_>,
+        ) -> Result<(), ChannelError> {
+            self.ops().send_packet_async(packet).await
+        }
+
+        /// [`complete`](Self::complete), waiting asynchronously for space.
+        pub async fn complete_async(
+            self: $recv,
+            transaction_id: u64,
+            payload: &[u8],
+        ) -> Result<(), ChannelError> {
+            self.send_packet_async(&completion(transaction_id, &[payload]))
+                .await
+        }
+
+        /// [`send_gpa_direct`](Self::send_gpa_direct), waiting asynchronously for space.
+        pub async fn send_gpa_direct_async(
+            self: $recv,
+            ranges: &[GpaRange<'_>],
+            payload: &[u8],
+            meta: PacketMeta,
+        ) -> Result<(), ChannelError> {
+            self.ops()
+                .send_gpa_direct_async(ranges, payload, meta)
+                .await
+        }
+
+        /// [`start_request`](Self::start_request), waiting asynchronously for space.
+        pub async fn start_request_async(self: $recv, request: &[u8]) -> Result<u64, ChannelError> {
+            self.ops().start_request_async(request).await
+        }
+    };
+}
+
+/// The in-place send over a ring, and its async twin.
+macro_rules! ring_send_ops {
+    ($recv:ty) => {
+        /// Writes a packet in place: reserves `header_len` bytes of extra header and
+        /// `payload_len` bytes of payload in the ring, lets `fill` write them, and
+        /// publishes.
+        ///
+        /// ```
+        /// use vmlink_channel::{Config, PacketMeta, Wait, in_process_channel_pair};
+        ///
+        /// let (a, b) = in_process_channel_pair(4 * 4096, Config::default())?;
+        /// // Fill a packet in place: no intermediate buffer.
+        /// a.send_in_place(PacketMeta::in_band(), 0, 8192, Wait::Now, |slot| {
+        ///     for chunk in 0..8 {
+        ///         slot.write_payload(chunk * 1024, &[chunk as u8; 1024]).unwrap();
+        ///     }
+        /// })?;
+        /// // Read just the part needed, straight out of the ring.
+        /// let last = b.recv_with(Wait::Now, |packet| {
+        ///     let mut last = [0u8; 4];
+        ///     packet.read_payload(8188, &mut last).map(|()| last)
+        /// })?;
+        /// assert_eq!(last, Ok([7; 4]));
+        /// # Ok::<(), vmlink_channel::ChannelError>(())
+        /// ```
+        pub fn send_in_place<X>(
+            self: $recv,
+            meta: PacketMeta,
+            header_len: usize,
+            payload_len: usize,
+            wait: impl Into<Wait>,
+            fill: impl FnOnce(&mut WriteSlot<'_, M>) -> X,
+        ) -> Result<X, ChannelError> {
+            self.ops()
+                .send_in_place_until(meta, header_len, payload_len, wait.into(), fill)
+        }
+    };
+}
+
+/// The receiving operations, on the endpoint (`&self`) and on a [`Receiver`] (`&mut self`).
+macro_rules! recv_ops {
+    ($recv:ty) => {
+        /// Receives one packet into `buf` (its extra header, then its payload).
+        ///
+        /// [`ChannelError::Closed`] once the peer is gone and everything it committed has
+        /// been received; with [`Wait::Now`], [`ChannelError::Empty`] when nothing is there.
+        pub fn recv(
+            self: $recv,
+            buf: &mut [u8],
+            wait: impl Into<Wait>,
+        ) -> Result<Received, ChannelError> {
+            match wait.into() {
+                Wait::Now => self.ops().try_recv(buf)?.ok_or(ChannelError::Empty),
+                #[cfg(feature = "std")]
+                w => self.ops().recv(buf, w.deadline().unwrap_or(None)),
+            }
+        }
+
+        /// Receives the next packet in place and hands it to `f`. `f` reads straight out
+        /// of the link (nothing is copied but what it reads); the packet is consumed when
+        /// `f` returns. The receiving half stays locked meanwhile.
+        ///
+        /// A header that `f` finds malformed fails the channel: the receive returns that
+        /// failure, though `f` ran.
+        pub fn recv_with<X>(
+            self: $recv,
+            wait: impl Into<Wait>,
+            f: impl FnOnce(&mut Packet<'_>) -> X,
+        ) -> Result<X, ChannelError> {
+            match wait.into() {
+                Wait::Now => self.ops().try_recv_with(f)?.ok_or(ChannelError::Empty),
+                #[cfg(feature = "std")]
+                w => self.ops().recv_with(w.deadline().unwrap_or(None), f),
+            }
+        }
+
+        /// Receives up to `max` packets in place under one lock and one commit (so the
+        /// peer is signalled at most once), handing each to `each`; returns how many. It
+        /// waits (as `wait` allows) until there is at least one; with [`Wait::Now`] it
+        /// returns 0 when there is none (a count, not [`ChannelError::Empty`]).
+        ///
+        /// ```
+        /// use vmlink_channel::{Config, Wait, in_process_channel_pair};
+        ///
+        /// let (a, b) = in_process_channel_pair(4 * 4096, Config::default())?;
+        /// let mut batch = a.batch()?;
+        /// for i in 0..10u8 {
+        ///     batch.push_in_band(&[i; 32])?;
+        /// }
+        /// batch.commit()?; // one index store, at most one doorbell signal
+        /// assert_eq!(a.counters().signals_sent, 1);
+        ///
+        /// let mut sum = 0u32;
+        /// let n = b.recv_batch(64, Wait::Now, |packet| {
+        ///     let mut first = [0u8; 1];
+        ///     packet.read_payload(0, &mut first).unwrap();
+        ///     sum += u32::from(first[0]);
+        /// })?;
+        /// assert_eq!((n, sum), (10, 45));
+        /// # Ok::<(), vmlink_channel::ChannelError>(())
+        /// ```
+        pub fn recv_batch(
+            self: $recv,
+            max: usize,
+            wait: impl Into<Wait>,
+            each: impl FnMut(&mut Packet<'_>),
+        ) -> Result<usize, ChannelError> {
+            match wait.into() {
+                Wait::Now => self.ops().try_recv_batch(max, each),
+                #[cfg(feature = "std")]
+                w => self
+                    .ops()
+                    .recv_batch(max, w.deadline().unwrap_or(None), each),
+            }
+        }
+
+        /// Asks the peer not to signal for new data: for a receiver that polls with
+        /// [`Wait::Now`]. [`prepare_recv_wait`](Self::prepare_recv_wait) (and every receive
+        /// that goes to sleep) unmasks again, with the fence and re-check that keep a
+        /// wake-up from being lost.
+        ///
+        /// ```
+        /// use vmlink_channel::{Config, Wait, in_process_channel_pair};
+        ///
+        /// let (a, b) = in_process_channel_pair(4096, Config::default())?;
+        /// b.mask_interrupts();
+        /// a.send(b"x", Wait::Now)?;
+        /// assert_eq!(a.counters().signals_sent, 0, "a masked receiver is not signalled");
+        /// # Ok::<(), vmlink_channel::ChannelError>(())
+        /// ```
+        pub fn mask_interrupts(self: $recv) {
+            self.ops().mask_interrupts()
+        }
+
+        /// Prepares to sleep until a packet arrives, for code that waits on the doorbell
+        /// itself (`no_std` code with its own idle loop): commits consumed packets,
+        /// unmasks interrupts, fences and looks again. On [`WaitDecision::Sleep`] the peer
+        /// will signal when it sends; then wait on the doorbell.
+        pub fn prepare_recv_wait(self: $recv) -> Result<WaitDecision, ChannelError> {
+            self.ops().prepare_recv_wait()
+        }
+    };
+}
+
+/// The async twins of the receiving operations.
+#[cfg(feature = "alloc")]
+macro_rules! recv_ops_async {
+    ($recv:ty) => {
+        /// [`recv`](Self::recv), waiting asynchronously.
+        pub async fn recv_async(self: $recv, buf: &mut [u8]) -> Result<Received, ChannelError> {
+            self.ops().recv_async(buf).await
+        }
+
+        /// [`recv_with`](Self::recv_with), waiting asynchronously.
+        pub async fn recv_with_async<X>(
+            self: $recv,
+            f: impl FnOnce(&mut Packet<'_>) -> X,
+        ) -> Result<X, ChannelError> {
+            self.ops().recv_with_async(f).await
+        }
+
+        /// [`recv_batch`](Self::recv_batch), waiting asynchronously.
+        pub async fn recv_batch_async(
+            self: $recv,
+            max: usize,
+            each: impl FnMut(&mut Packet<'_>),
+        ) -> Result<usize, ChannelError> {
+            self.ops().recv_batch_async(max, each).await
+        }
+    };
+}
+
 impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
-    /// Sends an in-band packet that asks for no completion; never waits.
-    ///
-    /// Sends do not ask the doorbell whether the peer is still there (that may be a system
-    /// call): until the channel has learnt of a departure, a packet may land in a ring
-    /// nobody reads, as it would had the peer left just after it. A send that finds the
-    /// ring full asks, and says [`ChannelError::Closed`] rather than `Full` once the peer
-    /// has gone.
-    ///
-    /// ```
-    /// use vmlink_channel::{ChannelError, Config, in_process_channel_pair};
-    ///
-    /// let (a, b) = in_process_channel_pair(4096, Config::default())?;
-    /// a.try_send(b"hello")?;
-    /// let mut buf = [0u8; 16];
-    /// let got = b.try_recv(&mut buf)?.expect("a packet");
-    /// assert_eq!(&got.payload(&buf)[..5], b"hello");
-    /// assert_eq!(b.try_recv(&mut buf)?, None);
-    /// // A full ring is an error for `try_` sends, never a wait.
-    /// while a.try_send(&[0; 1000]).is_ok() {}
-    /// assert_eq!(a.try_send(&[0; 1000]), Err(ChannelError::Full));
-    /// # Ok::<(), ChannelError>(())
-    /// ```
-    pub fn try_send(&self, payload: &[u8]) -> Result<(), ChannelError> {
-        self.ops().try_send(payload)
-    }
-
-    /// Sends any packet; never waits.
-    pub fn try_send_packet(&self, packet: &OutgoingPacket<'_>) -> Result<(), ChannelError> {
-        self.ops().try_send_packet(packet)
-    }
-
-    /// Sends a completion for `transaction_id`; never waits.
-    pub fn try_complete(&self, transaction_id: u64, payload: &[u8]) -> Result<(), ChannelError> {
-        self.ops().try_complete(transaction_id, payload)
-    }
-
-    /// Sends a GPA-direct packet: `ranges` describe where the bulk data is, `payload`
-    /// travels in-band after them. Never waits.
-    pub fn try_send_gpa_direct(
-        &self,
-        ranges: &[GpaRange<'_>],
-        payload: &[u8],
-        meta: PacketMeta,
-    ) -> Result<(), ChannelError> {
-        self.ops().try_send_gpa_direct(ranges, payload, meta)
-    }
+    send_ops!(&Self);
+    recv_ops!(&Self);
 
     /// Starts a batch: packets pushed to it are published together by one commit, which
-    /// signals the peer at most once. The outgoing ring stays locked while the batch
+    /// signals the peer at most once. The sending half stays locked while the batch
     /// lives; a batch dropped without [`SendBatch::commit`] is discarded.
-    ///
-    /// ```
-    /// use vmlink_channel::{Config, in_process_channel_pair};
-    ///
-    /// let (a, b) = in_process_channel_pair(4 * 4096, Config::default())?;
-    /// let mut batch = a.batch()?;
-    /// for i in 0..10u8 {
-    ///     batch.push_in_band(&[i; 32])?;
-    /// }
-    /// batch.commit()?; // one index store, at most one doorbell signal
-    /// assert_eq!(a.counters().signals_sent, 1);
-    ///
-    /// let mut sum = 0u32;
-    /// let n = b.try_recv_batch(64, |packet| {
-    ///     let mut first = [0u8; 1];
-    ///     packet.read_payload(0, &mut first).unwrap();
-    ///     sum += u32::from(first[0]);
-    /// })?;
-    /// assert_eq!((n, sum), (10, 45));
-    /// # Ok::<(), vmlink_channel::ChannelError>(())
-    /// ```
     pub fn batch(&self) -> Result<SendBatch<'_, T, D>, ChannelError> {
         self.ops().batch()
     }
 
-    /// Prepares to sleep until a packet with these sizes fits in the outgoing ring (sets
-    /// the pending send size, fences, looks again); see
-    /// [`prepare_recv_wait`](Self::prepare_recv_wait).
-    pub fn prepare_send_wait(
-        &self,
-        header_len: usize,
-        payload_len: usize,
-    ) -> Result<WaitDecision, ChannelError> {
-        self.ops().prepare_send_wait(header_len, payload_len)
-    }
-
-    /// Asks the peer not to signal for new data: for a receiver that polls with the
-    /// `try_` calls. [`prepare_recv_wait`](Self::prepare_recv_wait) (and every blocking
-    /// or async receive that goes to sleep) unmasks again, with the fence and re-check that
-    /// keep a wake-up from being lost.
-    ///
-    /// ```
-    /// use vmlink_channel::{Config, in_process_channel_pair};
-    ///
-    /// let (a, b) = in_process_channel_pair(4096, Config::default())?;
-    /// b.mask_interrupts();
-    /// a.try_send(b"x")?;
-    /// assert_eq!(a.counters().signals_sent, 0, "a masked receiver is not signalled");
-    /// # Ok::<(), vmlink_channel::ChannelError>(())
-    /// ```
-    pub fn mask_interrupts(&self) {
-        self.ops().mask_interrupts()
-    }
-
-    /// Prepares to sleep until a packet arrives, for callers that wait on the doorbell
-    /// themselves (`no_std` code with its own idle loop): commits consumed packets,
-    /// unmasks interrupts, fences and looks again. On [`WaitDecision::Sleep`] the peer
-    /// will signal when it sends; wait with `self.doorbell().wait(..)`.
-    pub fn prepare_recv_wait(&self) -> Result<WaitDecision, ChannelError> {
-        self.ops().prepare_recv_wait()
-    }
-
-    /// Receives one packet into `buf` if one is there; never waits.
-    ///
-    /// `Ok(None)` when nothing is queued; [`ChannelError::Closed`] once the peer is gone
-    /// and everything it committed has been received.
-    pub fn try_recv(&self, buf: &mut [u8]) -> Result<Option<Received>, ChannelError> {
-        self.ops().try_recv(buf)
-    }
-
-    /// Receives the next packet in place, if one is there, and hands it to `f`; never
-    /// waits. `f` reads straight out of the link (nothing is copied but what it reads);
-    /// the packet is consumed when `f` returns. The receiving half stays locked meanwhile.
-    ///
-    /// ```
-    /// use vmlink_channel::{Config, PacketMeta, in_process_channel_pair};
-    ///
-    /// let (a, b) = in_process_channel_pair(4 * 4096, Config::default())?;
-    /// // Fill a packet in place: no intermediate buffer.
-    /// a.try_send_in_place(PacketMeta::in_band(), 0, 8192, |slot| {
-    ///     for chunk in 0..8 {
-    ///         slot.write_payload(chunk * 1024, &[chunk as u8; 1024]).unwrap();
-    ///     }
-    /// })?;
-    /// // Read just the part needed, straight out of the ring.
-    /// let last = b.try_recv_with(|packet| {
-    ///     let mut last = [0u8; 4];
-    ///     packet.read_payload(8188, &mut last).map(|()| last)
-    /// })?;
-    /// assert_eq!(last, Some(Ok([7; 4])));
-    /// # Ok::<(), vmlink_channel::ChannelError>(())
-    /// ```
-    pub fn try_recv_with<X>(
-        &self,
-        f: impl FnOnce(&mut Packet<'_>) -> X,
-    ) -> Result<Option<X>, ChannelError> {
-        self.ops().try_recv_with(f)
-    }
-
-    /// Receives up to `max` packets in place under one lock and one commit (so the peer is
-    /// signalled at most once), handing each to `each`. Returns how many were handled;
-    /// never waits.
-    pub fn try_recv_batch(
-        &self,
-        max: usize,
-        each: impl FnMut(&mut Packet<'_>),
-    ) -> Result<usize, ChannelError> {
-        self.ops().try_recv_batch(max, each)
-    }
-
-    #[cfg(feature = "std")]
-    /// Sends an in-band packet that asks for no completion, waiting for space until
-    /// `deadline` (`None`: as long as it takes).
-    pub fn send(&self, payload: &[u8], deadline: Option<Instant>) -> Result<(), ChannelError> {
-        self.ops().send(payload, deadline)
-    }
-
-    #[cfg(feature = "std")]
-    /// Sends any packet, waiting for space until `deadline`.
-    pub fn send_packet(
-        &self,
-        packet: &OutgoingPacket<'_>,
-        deadline: Option<Instant>,
-    ) -> Result<(), ChannelError> {
-        self.ops().send_packet(packet, deadline)
-    }
-
-    #[cfg(feature = "std")]
-    /// Sends a completion for `transaction_id`, waiting for space until `deadline`.
-    pub fn complete(
-        &self,
-        transaction_id: u64,
-        payload: &[u8],
-        deadline: Option<Instant>,
-    ) -> Result<(), ChannelError> {
-        self.ops().complete(transaction_id, payload, deadline)
-    }
-
-    #[cfg(feature = "std")]
-    /// Sends a GPA-direct packet, waiting for space until `deadline`.
-    ///
-    /// ```
-    /// use vmlink_channel::packet::GpaRange;
-    /// use vmlink_channel::{Config, PacketMeta, in_process_channel_pair};
-    ///
-    /// let config = Config::default().with_gpa_page_limit(256);
-    /// let (a, b) = in_process_channel_pair(4096, config)?;
-    /// let pages = [10, 11];
-    /// let ranges = [GpaRange { byte_offset: 512, byte_count: 6000, pages: &pages }];
-    /// a.send_gpa_direct(&ranges, b"write", PacketMeta::in_band(), None)?;
-    ///
-    /// let pages = b.recv_with(None, |packet| {
-    ///     let mut scratch = [0u8; 64];
-    ///     let range = packet.gpa_ranges(&mut scratch)?.next().expect("one range");
-    ///     assert_eq!(range.byte_count, 6000);
-    ///     Ok::<_, vmlink_channel::ChannelError>(range.pages().collect::<Vec<_>>())
-    /// })??;
-    /// assert_eq!(pages, [10, 11]);
-    /// # Ok::<(), vmlink_channel::ChannelError>(())
-    /// ```
-    pub fn send_gpa_direct(
-        &self,
-        ranges: &[GpaRange<'_>],
-        payload: &[u8],
-        meta: PacketMeta,
-        deadline: Option<Instant>,
-    ) -> Result<(), ChannelError> {
-        self.ops().send_gpa_direct(ranges, payload, meta, deadline)
-    }
-
-    #[cfg(feature = "std")]
-    /// Receives one packet into `buf`, waiting until `deadline` (`None`: as long as it
-    /// takes). [`ChannelError::Closed`] once the peer is gone and everything it committed
-    /// has been received.
-    pub fn recv(
-        &self,
-        buf: &mut [u8],
-        deadline: Option<Instant>,
-    ) -> Result<Received, ChannelError> {
-        self.ops().recv(buf, deadline)
-    }
-
-    #[cfg(feature = "std")]
-    /// Receives the next packet in place, waiting until `deadline`, and hands it to `f`;
-    /// see [`try_recv_with`](Self::try_recv_with).
-    pub fn recv_with<X>(
-        &self,
-        deadline: Option<Instant>,
-        f: impl FnOnce(&mut Packet<'_>) -> X,
-    ) -> Result<X, ChannelError> {
-        self.ops().recv_with(deadline, f)
-    }
-
-    #[cfg(feature = "std")]
-    /// Receives batches in place until `each` has seen at least one packet, waiting until
-    /// `deadline`; see [`try_recv_batch`](Self::try_recv_batch).
-    pub fn recv_batch(
-        &self,
-        max: usize,
-        deadline: Option<Instant>,
-        each: impl FnMut(&mut Packet<'_>),
-    ) -> Result<usize, ChannelError> {
-        self.ops().recv_batch(max, deadline, each)
-    }
-
-    #[cfg(feature = "std")]
-    /// Sends `request` (in-band, completion requested) and waits for its completion until
-    /// `deadline`, copying the completion's payload into `response`. Returns the
-    /// payload's length (padded to 8 bytes).
+    /// Sends `request` (in-band, completion requested) and waits for its completion,
+    /// copying the completion's payload into `response`. Returns the payload's length
+    /// (padded to 8 bytes).
     ///
     /// Many calls may be in flight at once from different threads. Packets that arrive
     /// meanwhile for receivers wait in the channel's queue, completions for other calls in
-    /// their slots. A call that times out keeps its transaction id reserved until the late
+    /// their slots. A call that gives up (its deadline passed; with [`Wait::Now`], at once
+    /// if the completion is not there) keeps its transaction id reserved until the late
     /// completion arrives, which is then discarded and counted.
     ///
     /// A completion longer than `response` is consumed without being copied (the channel
     /// never holds more of a completion than its caller can take) and the call returns
     /// [`ChannelError::BufferTooSmall`] with its length: size `response` for the largest
     /// completion the peer may send.
+    #[cfg(feature = "std")]
     pub fn call(
         &self,
         request: &[u8],
         response: &mut [u8],
-        deadline: Option<Instant>,
+        wait: impl Into<Wait>,
     ) -> Result<usize, ChannelError> {
+        let deadline = wait.into().deadline().unwrap_or(Some(Instant::now()));
         self.ops().call(request, response, deadline)
-    }
-
-    /// Sends a request whose completion will come back through the receive calls (as a
-    /// packet of type [`PacketType::Completion`] with the returned transaction id). Never
-    /// waits. For `no_std` users that poll; with `std`, [`call`](Self::call) is simpler.
-    ///
-    /// ```
-    /// use vmlink_channel::{Config, PacketType, in_process_channel_pair};
-    ///
-    /// let (a, b) = in_process_channel_pair(4096, Config::default())?;
-    /// let tid = a.try_start_request(b"status?")?;
-    /// let mut buf = [0u8; 64];
-    /// let request = b.try_recv(&mut buf)?.expect("the request");
-    /// assert!(request.completion_requested);
-    /// b.try_complete(request.transaction_id, b"ok")?;
-    /// let completion = a.try_recv(&mut buf)?.expect("the completion");
-    /// assert_eq!((completion.packet_type, completion.transaction_id), (PacketType::Completion, tid));
-    /// # Ok::<(), vmlink_channel::ChannelError>(())
-    /// ```
-    pub fn try_start_request(&self, request: &[u8]) -> Result<u64, ChannelError> {
-        self.ops().try_start_request(request)
     }
 }
 
 #[cfg(feature = "alloc")]
 impl<T: PacketTx, R: PacketRx, D: AsyncDoorbell> Endpoint<T, R, D> {
-    #[cfg(feature = "alloc")]
-    /// Receives one packet into `buf`, waiting asynchronously.
-    /// [`ChannelError::Closed`] once the peer is gone and everything it committed has been
-    /// received.
-    pub async fn recv_async(&self, buf: &mut [u8]) -> Result<Received, ChannelError> {
-        self.ops().recv_async(buf).await
-    }
+    send_ops_async!(&Self);
+    recv_ops_async!(&Self);
 
-    #[cfg(feature = "alloc")]
-    /// Sends any packet, waiting asynchronously for space.
-    pub async fn send_packet_async(&self, packet: &OutgoingPacket<'_>) -> Result<(), ChannelError> {
-        self.ops().send_packet_async(packet).await
-    }
-
-    #[cfg(feature = "alloc")]
-    /// Sends an in-band packet that asks for no completion, waiting asynchronously for
-    /// space.
-    pub async fn send_async(&self, payload: &[u8]) -> Result<(), ChannelError> {
-        self.ops().send_async(payload).await
-    }
-
-    #[cfg(feature = "alloc")]
-    /// Sends a completion for `transaction_id`, waiting asynchronously for space.
-    pub async fn complete_async(
-        &self,
-        transaction_id: u64,
-        payload: &[u8],
-    ) -> Result<(), ChannelError> {
-        self.ops().complete_async(transaction_id, payload).await
-    }
-
-    #[cfg(feature = "alloc")]
-    /// Sends `request` and waits asynchronously for its completion, copying its payload
-    /// into `response`; see [`call`](Self::call). Dropping the future abandons the call:
-    /// its transaction id stays reserved until the late completion arrives.
+    /// [`call`](Self::call), waiting asynchronously. Dropping the future abandons the
+    /// call: its transaction id stays reserved until the late completion arrives.
     pub async fn call_async(
         &self,
         request: &[u8],
@@ -564,254 +617,37 @@ impl<T: PacketTx, R: PacketRx, D: AsyncDoorbell> Endpoint<T, R, D> {
 }
 
 impl<M: RingMem, D: Doorbell> Channel<M, D> {
-    /// Writes a packet in place: reserves `header_len` bytes of extra header and
-    /// `payload_len` bytes of payload, lets `fill` write them, and publishes. Never waits.
-    pub fn try_send_in_place<X>(
-        &self,
-        meta: PacketMeta,
-        header_len: usize,
-        payload_len: usize,
-        fill: impl FnOnce(&mut WriteSlot<'_, M>) -> X,
-    ) -> Result<X, ChannelError> {
-        self.ops()
-            .try_send_in_place(meta, header_len, payload_len, fill)
-    }
-
-    #[cfg(feature = "std")]
-    /// Writes a packet in place, waiting for space until `deadline`.
-    pub fn send_in_place<X>(
-        &self,
-        meta: PacketMeta,
-        header_len: usize,
-        payload_len: usize,
-        deadline: Option<Instant>,
-        fill: impl FnOnce(&mut WriteSlot<'_, M>) -> X,
-    ) -> Result<X, ChannelError> {
-        self.ops()
-            .send_in_place(meta, header_len, payload_len, deadline, fill)
-    }
+    ring_send_ops!(&Self);
 }
 
 #[cfg(feature = "alloc")]
 impl<T: PacketTx, D: Doorbell> Sender<T, D> {
-    /// [`Endpoint::try_send`], on this half alone.
-    pub fn try_send(&mut self, payload: &[u8]) -> Result<(), ChannelError> {
-        self.ops().try_send(payload)
-    }
+    send_ops!(&mut Self);
 
-    /// [`Endpoint::try_send_packet`], on this half alone.
-    pub fn try_send_packet(&mut self, packet: &OutgoingPacket<'_>) -> Result<(), ChannelError> {
-        self.ops().try_send_packet(packet)
-    }
-
-    /// [`Endpoint::try_complete`], on this half alone.
-    pub fn try_complete(
-        &mut self,
-        transaction_id: u64,
-        payload: &[u8],
-    ) -> Result<(), ChannelError> {
-        self.ops().try_complete(transaction_id, payload)
-    }
-
-    /// [`Endpoint::try_send_gpa_direct`], on this half alone.
-    pub fn try_send_gpa_direct(
-        &mut self,
-        ranges: &[GpaRange<'_>],
-        payload: &[u8],
-        meta: PacketMeta,
-    ) -> Result<(), ChannelError> {
-        self.ops().try_send_gpa_direct(ranges, payload, meta)
-    }
-
-    /// [`Endpoint::batch`], on this half alone.
+    /// Starts a batch; see [`Endpoint::batch`].
     pub fn batch(
         &mut self,
     ) -> Result<SendBatch<'_, T, D, core::cell::RefMut<'_, T>>, ChannelError> {
         self.ops().batch()
     }
-
-    /// [`Endpoint::prepare_send_wait`], on this half alone.
-    pub fn prepare_send_wait(
-        &mut self,
-        header_len: usize,
-        payload_len: usize,
-    ) -> Result<WaitDecision, ChannelError> {
-        self.ops().prepare_send_wait(header_len, payload_len)
-    }
-
-    #[cfg(feature = "std")]
-    /// [`Endpoint::send`], on this half alone.
-    pub fn send(&mut self, payload: &[u8], deadline: Option<Instant>) -> Result<(), ChannelError> {
-        self.ops().send(payload, deadline)
-    }
-
-    #[cfg(feature = "std")]
-    /// [`Endpoint::send_packet`], on this half alone.
-    pub fn send_packet(
-        &mut self,
-        packet: &OutgoingPacket<'_>,
-        deadline: Option<Instant>,
-    ) -> Result<(), ChannelError> {
-        self.ops().send_packet(packet, deadline)
-    }
-
-    #[cfg(feature = "std")]
-    /// [`Endpoint::complete`], on this half alone.
-    pub fn complete(
-        &mut self,
-        transaction_id: u64,
-        payload: &[u8],
-        deadline: Option<Instant>,
-    ) -> Result<(), ChannelError> {
-        self.ops().complete(transaction_id, payload, deadline)
-    }
-
-    #[cfg(feature = "std")]
-    /// [`Endpoint::send_gpa_direct`], on this half alone.
-    pub fn send_gpa_direct(
-        &mut self,
-        ranges: &[GpaRange<'_>],
-        payload: &[u8],
-        meta: PacketMeta,
-        deadline: Option<Instant>,
-    ) -> Result<(), ChannelError> {
-        self.ops().send_gpa_direct(ranges, payload, meta, deadline)
-    }
-
-    /// [`Endpoint::try_start_request`], on this half alone.
-    pub fn try_start_request(&mut self, request: &[u8]) -> Result<u64, ChannelError> {
-        self.ops().try_start_request(request)
-    }
 }
 
 #[cfg(feature = "alloc")]
 impl<T: PacketTx, D: AsyncDoorbell> Sender<T, D> {
-    #[cfg(feature = "alloc")]
-    /// [`Endpoint::send_packet_async`], on this half alone.
-    pub async fn send_packet_async(
-        &mut self,
-        packet: &OutgoingPacket<'_>,
-    ) -> Result<(), ChannelError> {
-        self.ops().send_packet_async(packet).await
-    }
-
-    #[cfg(feature = "alloc")]
-    /// [`Endpoint::send_async`], on this half alone.
-    pub async fn send_async(&mut self, payload: &[u8]) -> Result<(), ChannelError> {
-        self.ops().send_async(payload).await
-    }
-
-    #[cfg(feature = "alloc")]
-    /// [`Endpoint::complete_async`], on this half alone.
-    pub async fn complete_async(
-        &mut self,
-        transaction_id: u64,
-        payload: &[u8],
-    ) -> Result<(), ChannelError> {
-        self.ops().complete_async(transaction_id, payload).await
-    }
+    send_ops_async!(&mut Self);
 }
 
 #[cfg(feature = "alloc")]
 impl<M: RingMem, D: Doorbell> Sender<RingTx<M>, D> {
-    /// [`Endpoint::try_send_in_place`], on this half alone.
-    pub fn try_send_in_place<X>(
-        &mut self,
-        meta: PacketMeta,
-        header_len: usize,
-        payload_len: usize,
-        fill: impl FnOnce(&mut WriteSlot<'_, M>) -> X,
-    ) -> Result<X, ChannelError> {
-        self.ops()
-            .try_send_in_place(meta, header_len, payload_len, fill)
-    }
-
-    #[cfg(feature = "std")]
-    /// [`Endpoint::send_in_place`], on this half alone.
-    pub fn send_in_place<X>(
-        &mut self,
-        meta: PacketMeta,
-        header_len: usize,
-        payload_len: usize,
-        deadline: Option<Instant>,
-        fill: impl FnOnce(&mut WriteSlot<'_, M>) -> X,
-    ) -> Result<X, ChannelError> {
-        self.ops()
-            .send_in_place(meta, header_len, payload_len, deadline, fill)
-    }
+    ring_send_ops!(&mut Self);
 }
 
 #[cfg(feature = "alloc")]
 impl<R: PacketRx, D: Doorbell> Receiver<R, D> {
-    /// [`Endpoint::mask_interrupts`], on this half alone.
-    pub fn mask_interrupts(&mut self) {
-        self.ops().mask_interrupts()
-    }
-
-    /// [`Endpoint::prepare_recv_wait`], on this half alone.
-    pub fn prepare_recv_wait(&mut self) -> Result<WaitDecision, ChannelError> {
-        self.ops().prepare_recv_wait()
-    }
-
-    /// [`Endpoint::try_recv`], on this half alone.
-    pub fn try_recv(&mut self, buf: &mut [u8]) -> Result<Option<Received>, ChannelError> {
-        self.ops().try_recv(buf)
-    }
-
-    /// [`Endpoint::try_recv_with`], on this half alone.
-    pub fn try_recv_with<X>(
-        &mut self,
-        f: impl FnOnce(&mut Packet<'_>) -> X,
-    ) -> Result<Option<X>, ChannelError> {
-        self.ops().try_recv_with(f)
-    }
-
-    /// [`Endpoint::try_recv_batch`], on this half alone.
-    pub fn try_recv_batch(
-        &mut self,
-        max: usize,
-        each: impl FnMut(&mut Packet<'_>),
-    ) -> Result<usize, ChannelError> {
-        self.ops().try_recv_batch(max, each)
-    }
-
-    #[cfg(feature = "std")]
-    /// [`Endpoint::recv`], on this half alone.
-    pub fn recv(
-        &mut self,
-        buf: &mut [u8],
-        deadline: Option<Instant>,
-    ) -> Result<Received, ChannelError> {
-        self.ops().recv(buf, deadline)
-    }
-
-    #[cfg(feature = "std")]
-    /// [`Endpoint::recv_with`], on this half alone.
-    pub fn recv_with<X>(
-        &mut self,
-        deadline: Option<Instant>,
-        f: impl FnOnce(&mut Packet<'_>) -> X,
-    ) -> Result<X, ChannelError> {
-        self.ops().recv_with(deadline, f)
-    }
-
-    #[cfg(feature = "std")]
-    /// [`Endpoint::recv_batch`], on this half alone.
-    pub fn recv_batch(
-        &mut self,
-        max: usize,
-        deadline: Option<Instant>,
-        each: impl FnMut(&mut Packet<'_>),
-    ) -> Result<usize, ChannelError> {
-        self.ops().recv_batch(max, deadline, each)
-    }
+    recv_ops!(&mut Self);
 }
 
 #[cfg(feature = "alloc")]
 impl<R: PacketRx, D: AsyncDoorbell> Receiver<R, D> {
-    #[cfg(feature = "alloc")]
-    /// [`Endpoint::recv_async`], on this half alone.
-    pub async fn recv_async(&mut self, buf: &mut [u8]) -> Result<Received, ChannelError> {
-        self.ops().recv_async(buf).await
-    }
+    recv_ops_async!(&mut Self);
 }

@@ -26,14 +26,51 @@ use crate::sync::{Guard, Hub, Lock};
 use crate::txn::slot_index;
 use crate::txn::{MAX_TRANSACTIONS, Mode, Route, Transactions};
 
-/// Whether a send may wait for space.
-#[derive(Debug, Clone, Copy)]
-enum Until {
-    /// Never wait: a full ring is `ChannelError::Full`.
-    Never,
-    /// Wait until the deadline (`None`: as long as it takes).
+/// How long an operation may wait: the one waiting shape every operation takes.
+///
+/// `Now` never sleeps: what cannot happen at once is [`ChannelError::Full`] for a send,
+/// [`ChannelError::Empty`] for a receive. `Until` waits up to a deadline, then says
+/// [`ChannelError::TimedOut`]; `Forever` waits as long as it takes. Every operation also
+/// has an `_async` twin that waits on the executor instead (deadlines come from the
+/// executor's timers).
+///
+/// `Option<Instant>` converts (`None` is `Forever`), as does an `Instant`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// Do not wait.
+    Now,
+    /// Wait until the deadline.
     #[cfg(feature = "std")]
-    Deadline(Option<Instant>),
+    Until(Instant),
+    /// Wait as long as it takes.
+    #[cfg(feature = "std")]
+    Forever,
+}
+
+#[cfg(feature = "std")]
+impl From<Option<Instant>> for Wait {
+    fn from(deadline: Option<Instant>) -> Self {
+        deadline.map_or(Wait::Forever, Wait::Until)
+    }
+}
+
+#[cfg(feature = "std")]
+impl From<Instant> for Wait {
+    fn from(deadline: Instant) -> Self {
+        Wait::Until(deadline)
+    }
+}
+
+impl Wait {
+    /// The deadline of a wait that may sleep (`None`: no deadline); `Err(())` for `Now`.
+    #[cfg(feature = "std")]
+    fn deadline(self) -> Result<Option<Instant>, ()> {
+        match self {
+            Wait::Now => Err(()),
+            Wait::Until(d) => Ok(Some(d)),
+            Wait::Forever => Ok(None),
+        }
+    }
 }
 
 mod call;
@@ -50,6 +87,7 @@ mod wait;
 pub(crate) use call::CallStep;
 use config::{AtomicCounters, bump};
 pub use config::{ChannelState, Config, Counters};
+
 #[cfg(feature = "alloc")]
 pub use handles::{Receiver, Sender};
 pub use recv::Packet;
@@ -66,8 +104,8 @@ const FAILED: u8 = 2;
 
 /// How a receive that finds the ring empty learns whether the peer has left.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Probe {
-    /// Ask the doorbell (maybe a system call): `try_` receives, which must say `Closed`
+pub(crate) enum Probe {
+    /// Ask the doorbell (maybe a system call): receives that do not wait, which must say `Closed`
     /// themselves.
     Doorbell,
     /// The channel's state only: waiting loops, whose wait asks the doorbell.
@@ -254,6 +292,11 @@ impl<D: Doorbell> Core<D> {
             external_waits: AtomicBool::new(false),
             config,
         }
+    }
+
+    /// The configured GPA page limit.
+    pub(crate) fn gpa_page_limit(&self) -> Option<u64> {
+        self.config.gpa_page_limit
     }
 
     /// The counters.

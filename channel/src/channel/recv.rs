@@ -7,7 +7,7 @@ impl<'a, R: PacketRx, D: Doorbell, TC, RC: Half<Item = RxState<R>>> Ops<'a, D, T
 
     /// Takes the next packet meant for a receiver off the incoming ring, dealing with
     /// completions for waiting callers on the way. Consumed packets are not yet committed.
-    pub(super) fn next_for_receiver(
+    pub(crate) fn next_for_receiver(
         &self,
         rx: &mut RxState<R>,
     ) -> Result<Option<Received>, ChannelError> {
@@ -60,7 +60,7 @@ impl<'a, R: PacketRx, D: Doorbell, TC, RC: Half<Item = RxState<R>>> Ops<'a, D, T
     }
 
     /// Consumes the packet at the head (not yet committed) and counts it.
-    pub(super) fn consume(&self, link: &mut R, info: &Received) {
+    pub(crate) fn consume(&self, link: &mut R, info: &Received) {
         link.consume();
         bump(&self.counters.packets_received, 1);
         bump(
@@ -77,7 +77,7 @@ impl<'a, R: PacketRx, D: Doorbell, TC, RC: Half<Item = RxState<R>>> Ops<'a, D, T
     /// Packets left behind are announced to the channel's other waiters: a writer that
     /// saw this receive move the read index while it published took the reader for awake
     /// and did not signal, so a thread asleep in the doorbell would not learn of them.
-    pub(super) fn commit_rx(&self, rx: &mut RxState<R>) -> Result<(), ChannelError> {
+    pub(crate) fn commit_rx(&self, rx: &mut RxState<R>) -> Result<(), ChannelError> {
         let consumed = rx.link.has_uncommitted();
         let signal = rx.link.commit();
         if consumed && rx.link.known_available() {
@@ -92,7 +92,7 @@ impl<'a, R: PacketRx, D: Doorbell, TC, RC: Half<Item = RxState<R>>> Ops<'a, D, T
     /// Copies the packet `info` into `buf` (header, then payload) and consumes it. The
     /// header is read out of the ring once and validated in `buf`: the caller gets exactly
     /// the bytes that were checked.
-    pub(super) fn take_into(
+    pub(crate) fn take_into(
         &self,
         link: &mut R,
         info: &Received,
@@ -119,7 +119,7 @@ impl<'a, R: PacketRx, D: Doorbell, TC, RC: Half<Item = RxState<R>>> Ops<'a, D, T
     }
 
     #[cfg(feature = "alloc")]
-    pub(super) fn take_queued(
+    pub(crate) fn take_queued(
         &self,
         rx: &mut RxState<R>,
         buf: &mut [u8],
@@ -145,7 +145,7 @@ impl<'a, R: PacketRx, D: Doorbell, TC, RC: Half<Item = RxState<R>>> Ops<'a, D, T
         self.try_recv_as(buf, Probe::Doorbell)
     }
 
-    pub(super) fn try_recv_as(
+    pub(crate) fn try_recv_as(
         &self,
         buf: &mut [u8],
         probe: Probe,
@@ -182,7 +182,7 @@ impl<'a, R: PacketRx, D: Doorbell, TC, RC: Half<Item = RxState<R>>> Ops<'a, D, T
         self.try_recv_with_as(Probe::Doorbell, f)
     }
 
-    pub(super) fn try_recv_with_as<X>(
+    pub(crate) fn try_recv_with_as<X>(
         &self,
         probe: Probe,
         f: impl FnOnce(&mut Packet<'_>) -> X,
@@ -220,7 +220,7 @@ impl<'a, R: PacketRx, D: Doorbell, TC, RC: Half<Item = RxState<R>>> Ops<'a, D, T
 
     /// One batch: how many packets were handled, and whether the peer was known to be
     /// gone before the link was read (`Closed` when that found nothing).
-    pub(super) fn recv_batch_once(
+    pub(crate) fn recv_batch_once(
         &self,
         max: usize,
         each: &mut dyn FnMut(&mut Packet<'_>),
@@ -293,7 +293,7 @@ impl<'a, R: PacketRx, D: Doorbell, TC, RC: Half<Item = RxState<R>>> Ops<'a, D, T
 /// Copies `buf.len()` bytes at `offset` of the `size`-byte region starting at `start` of
 /// `data` (a packet copied out of the ring).
 #[cfg(feature = "alloc")]
-pub(super) fn copy_region(
+pub(crate) fn copy_region(
     data: &[u8],
     start: usize,
     size: usize,
@@ -317,7 +317,7 @@ pub(super) fn copy_region(
 
 /// Validates a packet's extra header, copied out of the ring: GPA ranges and transfer
 /// pages have a structure; other packets' header bytes are padding.
-pub(super) fn check_header(
+pub(crate) fn check_header(
     meta: &Received,
     header: &[u8],
     gpa_page_limit: Option<u64>,
@@ -376,7 +376,8 @@ enum Source<'a> {
 }
 
 /// A received packet, read in place: the one view every in-place receive hands out
-/// ([`Endpoint::try_recv_with`], [`Endpoint::try_recv_batch`] and their waiting forms).
+/// ([`Endpoint::recv_with`], [`Endpoint::recv_batch`], their async twins and the same on a
+/// [`Receiver`](crate::Receiver)).
 ///
 /// Reads go straight to the link (ring memory, for a [`Channel`]) or to the endpoint's
 /// queue. Extra headers are copied out once into the caller's scratch buffer and validated

@@ -62,17 +62,17 @@ impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
     /// completion will be discarded as late.
     ///
     /// ```
-    /// use vmlink_channel::{Config, Endpoint, in_process_channel_pair};
+    /// use vmlink_channel::{Config, Endpoint, Wait, in_process_channel_pair};
     ///
     /// let (a, b) = in_process_channel_pair(4096, Config::default())?;
-    /// let tid = a.try_start_request(b"status?")?;
+    /// let tid = a.start_request(b"status?", Wait::Now)?;
     /// let (saved, tx, rx, doorbell) = a.save();
     /// // ... a successor takes over ...
     /// let a = Endpoint::restore(tx, rx, doorbell, Config::default(), &saved)?;
     /// let mut buf = [0u8; 64];
-    /// let request = b.try_recv(&mut buf)?.expect("the request");
-    /// b.try_complete(request.transaction_id, b"fine")?;
-    /// assert_eq!(a.try_recv(&mut buf)?.expect("its completion").transaction_id, tid);
+    /// let request = b.recv(&mut buf, Wait::Now)?;
+    /// b.complete(request.transaction_id, b"fine", Wait::Now)?;
+    /// assert_eq!(a.recv(&mut buf, Wait::Now)?.transaction_id, tid);
     /// # Ok::<(), vmlink_channel::ChannelError>(())
     /// ```
     pub fn save(self) -> (SavedEndpoint, T, R, D) {

@@ -6,7 +6,7 @@ impl<'a, T: PacketTx, D: Doorbell, TC: Half<Item = T>, RC> Ops<'a, D, TC, RC> {
     // ---- sending -----------------------------------------------------------------------
 
     /// Runs `write` on the sending half and publishes; `Full` if it does not fit now.
-    pub(super) fn try_send_with(
+    pub(crate) fn try_send_with(
         &self,
         write: &mut dyn FnMut(&mut T) -> Result<usize, ChannelError>,
     ) -> Result<(), ChannelError> {
@@ -27,67 +27,36 @@ impl<'a, T: PacketTx, D: Doorbell, TC: Half<Item = T>, RC> Ops<'a, D, TC, RC> {
         self.signal(signal)
     }
 
-    /// See the public method of the same name.
-    pub(crate) fn try_send(&self, payload: &[u8]) -> Result<(), ChannelError> {
-        self.try_send_packet(&OutgoingPacket::in_band_slice(payload))
-    }
-
-    /// See the public method of the same name.
-    pub(crate) fn try_send_packet(&self, packet: &OutgoingPacket<'_>) -> Result<(), ChannelError> {
-        self.try_send_with(&mut |w| w.push(packet))
-    }
-
-    /// See the public method of the same name.
-    pub(crate) fn try_complete(
-        &self,
-        transaction_id: u64,
-        payload: &[u8],
-    ) -> Result<(), ChannelError> {
-        self.try_send_packet(&completion(transaction_id, &[payload]))
-    }
-
     /// Sends with or without waiting for space.
-    pub(super) fn send_until(
+    pub(crate) fn send_until(
         &self,
         header_len: usize,
         payload_len: usize,
-        until: Until,
+        wait: Wait,
         write: &mut dyn FnMut(&mut T) -> Result<usize, ChannelError>,
     ) -> Result<(), ChannelError> {
-        match until {
-            Until::Never => {
-                let _ = (header_len, payload_len);
-                self.try_send_with(write)
-            }
-            #[cfg(feature = "std")]
-            Until::Deadline(deadline) => self.send_with(header_len, payload_len, deadline, write),
+        #[cfg(feature = "std")]
+        if let Ok(deadline) = wait.deadline() {
+            return self.send_with(header_len, payload_len, deadline, write);
         }
+        let _ = (header_len, payload_len, wait);
+        self.try_send_with(write)
     }
 
-    pub(super) fn send_gpa_direct_until(
+    pub(crate) fn send_gpa_direct_until(
         &self,
         ranges: &[GpaRange<'_>],
         payload: &[u8],
         meta: PacketMeta,
-        until: Until,
+        wait: Wait,
     ) -> Result<(), ChannelError> {
         let limit = self.config.gpa_page_limit;
         // The header's length, for a wait for space; a malformed list is refused here.
         let header_len =
             crate::packet::gpa_header_len(ranges, limit).map_err(ChannelError::InvalidPacket)?;
-        self.send_until(header_len, payload.len(), until, &mut |w| {
+        self.send_until(header_len, payload.len(), wait, &mut |w| {
             w.push_gpa_direct(ranges, payload, meta, limit)
         })
-    }
-
-    /// See the public method of the same name.
-    pub(crate) fn try_send_gpa_direct(
-        &self,
-        ranges: &[GpaRange<'_>],
-        payload: &[u8],
-        meta: PacketMeta,
-    ) -> Result<(), ChannelError> {
-        self.send_gpa_direct_until(ranges, payload, meta, Until::Never)
     }
 
     /// See the public method of the same name.
@@ -121,7 +90,7 @@ impl<'a, T: PacketTx, D: Doorbell, TC: Half<Item = T>, RC> Ops<'a, D, TC, RC> {
 impl<'a, R: PacketRx, D: Doorbell, TC, RC: Half<Item = RxState<R>>> Ops<'a, D, TC, RC> {
     /// Arms the reader for sleeping: unmask interrupts, fence, look again. Returns true
     /// when it is safe to sleep.
-    pub(super) fn arm_reader(&self, rx: &mut RxState<R>) -> Result<bool, ChannelError> {
+    pub(crate) fn arm_reader(&self, rx: &mut RxState<R>) -> Result<bool, ChannelError> {
         rx.spin_masked = false;
         let (decision, signal) = rx.link.prepare_wait().map_err(|e| self.link_error(e))?;
         self.signal(signal)?;
@@ -158,28 +127,17 @@ impl<'a, R: PacketRx, D: Doorbell, TC, RC: Half<Item = RxState<R>>> Ops<'a, D, T
 }
 
 impl<'a, M: RingMem, D: Doorbell, TC: Half<Item = RingTx<M>>, RC> Ops<'a, D, TC, RC> {
-    /// See the public method of the same name.
-    pub(crate) fn try_send_in_place<X>(
+    pub(crate) fn send_in_place_until<X>(
         &self,
         meta: PacketMeta,
         header_len: usize,
         payload_len: usize,
-        fill: impl FnOnce(&mut WriteSlot<'_, M>) -> X,
-    ) -> Result<X, ChannelError> {
-        self.send_in_place_until(meta, header_len, payload_len, Until::Never, fill)
-    }
-
-    pub(super) fn send_in_place_until<X>(
-        &self,
-        meta: PacketMeta,
-        header_len: usize,
-        payload_len: usize,
-        until: Until,
+        wait: Wait,
         fill: impl FnOnce(&mut WriteSlot<'_, M>) -> X,
     ) -> Result<X, ChannelError> {
         let mut fill = Some(fill);
         let mut out = None;
-        self.send_until(header_len, payload_len, until, &mut |w| {
+        self.send_until(header_len, payload_len, wait, &mut |w| {
             // `fill` is taken only once the reservation succeeded: a full ring keeps it for
             // the next try.
             let (r, len) = w.push_in_place(meta, header_len, payload_len, |slot| {

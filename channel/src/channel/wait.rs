@@ -5,7 +5,7 @@ use super::*;
 // ---- waiting (std) ---------------------------------------------------------------------
 
 #[cfg(feature = "std")]
-pub(super) fn remaining(deadline: Option<Instant>) -> Result<Option<Duration>, ChannelError> {
+pub(crate) fn remaining(deadline: Option<Instant>) -> Result<Option<Duration>, ChannelError> {
     match deadline {
         None => Ok(None),
         Some(d) => {
@@ -20,14 +20,14 @@ pub(super) fn remaining(deadline: Option<Instant>) -> Result<Option<Duration>, C
 }
 
 #[cfg(feature = "std")]
-pub(super) fn min_timeout(a: Option<Duration>, b: Duration) -> Duration {
+pub(crate) fn min_timeout(a: Option<Duration>, b: Duration) -> Duration {
     a.map_or(b, |a| a.min(b))
 }
 
 #[cfg(feature = "std")]
 impl<D: Doorbell> Core<D> {
     /// Waits for the hub to move past `seen`, up to the deadline (and at most `cap`).
-    pub(super) fn wait_event(
+    pub(crate) fn wait_event(
         &self,
         seen: u64,
         deadline: Option<Instant>,
@@ -57,7 +57,7 @@ impl<D: Doorbell> Core<D> {
 impl<'a, T: PacketTx, D: Doorbell, TC: Half<Item = T>, RC> Ops<'a, D, TC, RC> {
     /// Sends with flow control: when the ring is full, waits (pending send size and the
     /// doorbell, re-checking every `space_recheck`) until `deadline`.
-    pub(super) fn send_with(
+    pub(crate) fn send_with(
         &self,
         header_len: usize,
         payload_len: usize,
@@ -76,48 +76,6 @@ impl<'a, T: PacketTx, D: Doorbell, TC: Half<Item = T>, RC> Ops<'a, D, TC, RC> {
             self.wait_event(seen, deadline, Some(self.config.space_recheck))?;
         }
     }
-
-    /// See the public method of the same name.
-    pub(crate) fn send(
-        &self,
-        payload: &[u8],
-        deadline: Option<Instant>,
-    ) -> Result<(), ChannelError> {
-        self.send_packet(&OutgoingPacket::in_band_slice(payload), deadline)
-    }
-
-    /// See the public method of the same name.
-    pub(crate) fn send_packet(
-        &self,
-        packet: &OutgoingPacket<'_>,
-        deadline: Option<Instant>,
-    ) -> Result<(), ChannelError> {
-        let payload = packet.payload.len();
-        self.send_with(packet.header.len(), payload, deadline, &mut |w| {
-            w.push(packet)
-        })
-    }
-
-    /// See the public method of the same name.
-    pub(crate) fn complete(
-        &self,
-        transaction_id: u64,
-        payload: &[u8],
-        deadline: Option<Instant>,
-    ) -> Result<(), ChannelError> {
-        self.send_packet(&completion(transaction_id, &[payload]), deadline)
-    }
-
-    /// See the public method of the same name.
-    pub(crate) fn send_gpa_direct(
-        &self,
-        ranges: &[GpaRange<'_>],
-        payload: &[u8],
-        meta: PacketMeta,
-        deadline: Option<Instant>,
-    ) -> Result<(), ChannelError> {
-        self.send_gpa_direct_until(ranges, payload, meta, Until::Deadline(deadline))
-    }
 }
 
 #[cfg(feature = "std")]
@@ -129,7 +87,7 @@ impl<'a, R: PacketRx, D: Doorbell, TC, RC: Half<Item = RxState<R>>> Ops<'a, D, T
     /// and a last look), so that thread is never left without signals, and anything that
     /// arrived unsignalled is announced; with nobody waiting they stay masked for the next
     /// spin.
-    pub(super) fn spin_for_data(&self, queued: bool) -> Result<bool, ChannelError> {
+    pub(crate) fn spin_for_data(&self, queued: bool) -> Result<bool, ChannelError> {
         if self.config.spin_iterations == 0 {
             return Ok(false);
         }
@@ -186,7 +144,7 @@ impl<'a, R: PacketRx, D: Doorbell, TC, RC: Half<Item = RxState<R>>> Ops<'a, D, T
     /// the reader and sleeps until an event or the deadline. With `queued`, packets in the
     /// channel's queue count (receivers); without, only the ring does (callers, whose
     /// completions never wait in the queue).
-    pub(super) fn wait_ready(
+    pub(crate) fn wait_ready(
         &self,
         seen: u64,
         deadline: Option<Instant>,
@@ -274,7 +232,10 @@ impl<'a, T: PacketTx, R: PacketRx, D: Doorbell, TC: Half<Item = T>, RC: Half<Ite
     ) -> Result<usize, ChannelError> {
         let mut txn = self.begin_call(response.len())?;
         // On error, dropping `txn` frees the id: the request never went out.
-        self.send_packet(&request_packet(txn.tid(), &[request]), deadline)?;
+        let parts = [request];
+        let packet = request_packet(txn.tid(), &parts);
+        let (h, p) = (packet.header.len(), packet.payload.len());
+        self.send_with(h, p, deadline, &mut |w| w.push(&packet))?;
         txn.sent();
         loop {
             let seen = self.hub.generation();
@@ -286,26 +247,5 @@ impl<'a, T: PacketTx, R: PacketRx, D: Doorbell, TC: Half<Item = T>, RC: Half<Ite
                 CallStep::Idle => self.wait_ready(seen, deadline, false)?,
             }
         }
-    }
-}
-
-#[cfg(feature = "std")]
-impl<'a, M: RingMem, D: Doorbell, TC: Half<Item = RingTx<M>>, RC> Ops<'a, D, TC, RC> {
-    /// See the public method of the same name.
-    pub(crate) fn send_in_place<X>(
-        &self,
-        meta: PacketMeta,
-        header_len: usize,
-        payload_len: usize,
-        deadline: Option<Instant>,
-        fill: impl FnOnce(&mut WriteSlot<'_, M>) -> X,
-    ) -> Result<X, ChannelError> {
-        self.send_in_place_until(
-            meta,
-            header_len,
-            payload_len,
-            Until::Deadline(deadline),
-            fill,
-        )
     }
 }

@@ -33,7 +33,7 @@
 //!
 //! ```
 //! use vm_memory::{GuestAddress, GuestMemoryMmap};
-//! use vmlink_channel::Config;
+//! use vmlink_channel::{ChannelError, Config, Wait};
 //! use vmlink_kvm::{KvmDoorbell, RingPages, host_channel};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -46,7 +46,7 @@
 //! let doorbell = KvmDoorbell::new(0x3000_0000, 5)?;
 //! let channel = host_channel(&rings, doorbell, Config::default())?;
 //! // The guest has sent nothing yet.
-//! assert!(channel.try_recv(&mut [0u8; 64])?.is_none());
+//! assert_eq!(channel.recv(&mut [0u8; 64], Wait::Now), Err(ChannelError::Empty));
 //! # Ok(())
 //! # }
 //! ```

@@ -388,6 +388,7 @@ pub fn read_gpa_range<M: GuestMemory>(
 mod tests {
     use super::*;
     use vm_memory::GuestMemoryMmap;
+    use vmlink_channel::{Polled, Wait};
     use vmlink_ring::init_control;
 
     /// `RingPages::new` over memory owned by the test.
@@ -435,12 +436,12 @@ mod tests {
         let (a, b) = vmlink_channel::in_process_pair();
         let host = host_channel(&rings, a, Config::default()).unwrap();
         let guest = Channel::new(g2h, h2g, b, Config::default()).unwrap();
-        guest.try_send(b"to host!").unwrap();
-        host.try_send(b"to guest").unwrap();
+        guest.send(b"to host!", Wait::Now).unwrap();
+        host.send(b"to guest", Wait::Now).unwrap();
         let mut buf = [0u8; 32];
-        let got = host.try_recv(&mut buf).unwrap().unwrap();
+        let got = host.recv(&mut buf, Wait::Now).polled().unwrap().unwrap();
         assert_eq!(got.payload(&buf), b"to host!");
-        let got = guest.try_recv(&mut buf).unwrap().unwrap();
+        let got = guest.recv(&mut buf, Wait::Now).polled().unwrap().unwrap();
         assert_eq!(got.payload(&buf), b"to guest");
     }
 

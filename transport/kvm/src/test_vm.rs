@@ -20,6 +20,8 @@ use crate::{KvmDoorbell, RingPages, host_channel, read_gpa_range};
 use kvm_bindings::{KVM_IRQCHIP_PIC_MASTER, kvm_irqchip, kvm_segment, kvm_userspace_memory_region};
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
+use vmlink_channel::Polled;
+use vmlink_channel::Wait;
 
 /// Guest RAM size (one region at GPA 0).
 pub const MEM_SIZE: usize = 4 << 20;
@@ -355,7 +357,7 @@ pub fn host_side(
             c[0..4].copy_from_slice(&KIND_COMPLETION.to_le_bytes());
             c[4..8].copy_from_slice(&seq.to_le_bytes());
             c[8..12].copy_from_slice(&12u32.to_le_bytes());
-            match channel.try_complete(tid, &c) {
+            match channel.complete(tid, &c, Wait::Now) {
                 Ok(()) => {
                     completions.pop_front();
                     stats.requests_completed += 1;
@@ -388,7 +390,7 @@ pub fn host_side(
                 }
                 len
             };
-            match channel.try_send(&out[..len]) {
+            match channel.send(&out[..len], Wait::Now) {
                 Ok(()) => {
                     progress = true;
                     pending_len = 0;
@@ -403,7 +405,11 @@ pub fn host_side(
             }
         }
         // Receive.
-        while let Some(r) = channel.try_recv(&mut buf).expect("host receive") {
+        while let Some(r) = channel
+            .recv(&mut buf, Wait::Now)
+            .polled()
+            .expect("host receive")
+        {
             progress = true;
             let p = r.payload(&buf);
             if r.packet_type == PacketType::GpaDirect {

@@ -10,6 +10,8 @@
 
 use vm_memory::bitmap::{AtomicBitmap, Bitmap, RefSlice};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion, MmapRegion};
+use vmlink_channel::Polled;
+use vmlink_channel::Wait;
 use vmlink_channel::{Channel, Config, InProcessDoorbell, in_process_pair};
 use vmlink_kvm::{GuestRing, HostChannel, RingPages, host_channel};
 use vmlink_ring::protocol::PAGE_SIZE;
@@ -117,7 +119,8 @@ fn host_sends_mark_exactly_the_pages_they_write() {
     let mut buf = vec![0u8; 8192];
     let mut receive = |want: &[u8]| {
         let got = guest
-            .try_recv(&mut buf)
+            .recv(&mut buf, Wait::Now)
+            .polled()
             .expect("guest receive")
             .expect("a packet");
         assert_eq!(got.payload(&buf), want);
@@ -126,14 +129,14 @@ fn host_sends_mark_exactly_the_pages_they_write() {
     // 5024 ring bytes from offset 0: data pages 0 and 1, and write_index.
     clear(&mem);
     let first = payload(1, 5000);
-    host.try_send(&first).expect("send");
+    host.send(&first, Wait::Now).expect("send");
     assert_eq!(dirty_pages(&mem), pages(vec![h2g_control, d0, d1]));
     receive(&first);
 
     // From 5024 to 11048: data pages 1 and 2.
     clear(&mem);
     let second = payload(2, 6000);
-    host.try_send(&second).expect("send");
+    host.send(&second, Wait::Now).expect("send");
     assert_eq!(dirty_pages(&mem), pages(vec![h2g_control, d1, d2]));
     receive(&second);
 
@@ -141,7 +144,7 @@ fn host_sends_mark_exactly_the_pages_they_write() {
     clear(&mem);
     let third = payload(3, 3000);
     assert!(5024 + ring_bytes(6000) + ring_bytes(3000) > 3 * PAGE_SIZE);
-    host.try_send(&third).expect("send");
+    host.send(&third, Wait::Now).expect("send");
     assert_eq!(dirty_pages(&mem), pages(vec![h2g_control, d0, d2]));
     receive(&third);
     assert_eq!(
@@ -162,14 +165,23 @@ fn host_reads_mark_only_the_guests_control_page() {
     // read index (and reading the data marks nothing).
     let sent = [payload(4, 4000), payload(5, 3000)];
     for p in &sent {
-        guest.try_send(p).expect("guest send");
+        guest.send(p, Wait::Now).expect("guest send");
     }
     clear(&mem);
     for p in &sent {
-        let got = host.try_recv(&mut buf).expect("receive").expect("a packet");
+        let got = host
+            .recv(&mut buf, Wait::Now)
+            .polled()
+            .expect("receive")
+            .expect("a packet");
         assert_eq!(got.payload(&buf), &p[..]);
     }
-    assert!(host.try_recv(&mut buf).expect("receive").is_none());
+    assert!(
+        host.recv(&mut buf, Wait::Now)
+            .polled()
+            .expect("receive")
+            .is_none()
+    );
     assert_eq!(dirty_pages(&mem), [g2h_control]);
     assert_eq!(
         control(&mem, g2h_control, ControlWord::ReadIndex) as usize,
@@ -198,7 +210,7 @@ fn a_host_waiting_for_space_marks_its_control_page() {
     } = setup(&mem);
     let h2g_control = H2G[0];
     let mut sent = 0u8;
-    while host.try_send(&payload(sent, 1000)).is_ok() {
+    while host.send(&payload(sent, 1000), Wait::Now).is_ok() {
         sent += 1;
     }
     assert!(

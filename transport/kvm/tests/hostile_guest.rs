@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use kvm_ioctls::VcpuExit;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmlink_channel::Polled;
+use vmlink_channel::Wait;
 use vmlink_channel::{ChannelError, ChannelState, Config, Doorbell, FailureCause};
 use vmlink_kvm::test_vm::{
     ACK, CONTROL, DONE, DOORBELL, GSI, HOSTILE_GOOD, MAILBOX, MAILBOX_MAGIC, TestVm, build_guest,
@@ -39,7 +41,7 @@ fn host_side(mem: &GuestMemoryMmap, bell: &KvmDoorbell, ready: mpsc::Receiver<()
     let deadline = Instant::now() + Duration::from_secs(20);
     let cause = loop {
         assert!(Instant::now() < deadline, "no failure after {good} packets");
-        match channel.try_recv(&mut buf) {
+        match channel.recv(&mut buf, Wait::Now).polled() {
             Ok(Some(r)) => {
                 let p = r.payload(&buf);
                 assert_eq!(p.len(), 40);
@@ -63,11 +65,11 @@ fn host_side(mem: &GuestMemoryMmap, bell: &KvmDoorbell, ready: mpsc::Receiver<()
     );
     // Every later call fails fast with the same cause.
     assert_eq!(
-        channel.try_recv(&mut buf).map(|_| ()),
+        channel.recv(&mut buf, Wait::Now).polled().map(|_| ()),
         Err(ChannelError::Failed(FailureCause::Ring(cause)))
     );
     assert_eq!(
-        channel.try_send(b"x"),
+        channel.send(b"x", Wait::Now),
         Err(ChannelError::Failed(FailureCause::Ring(cause)))
     );
     drop(channel);

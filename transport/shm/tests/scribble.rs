@@ -11,6 +11,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{ChildProcess, child_command, mix, role, watchdog};
+use vmlink_channel::Polled;
+use vmlink_channel::Wait;
 use vmlink_channel::{ChannelError, ChannelState, FailureCause};
 use vmlink_ring::{ControlWord, RingMem};
 use vmlink_shm::{Guest, Layout, Service};
@@ -40,8 +42,8 @@ fn child_role() {
             let mut buf = vec![0u8; 1 << 16];
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let len = 8 + (mix(seed ^ n) % 3000) as usize;
-                let _ = channel.try_send(&vec![n as u8; len]);
-                let _ = channel.try_recv(&mut buf);
+                let _ = channel.send(&vec![n as u8; len], Wait::Now);
+                let _ = channel.recv(&mut buf, Wait::Now).polled();
                 n += 1;
             }
         });

@@ -16,6 +16,8 @@ use core::time::Duration;
 use vmlink_channel::packet::GpaRange;
 use vmlink_channel::{Channel, ChannelError, Config, Doorbell, DoorbellError, PacketMeta, Wake};
 use vmlink_ring::{ControlWord, PageListMem, RingMem, init_control};
+use vmlink_channel::Wait;
+use vmlink_channel::Polled;
 
 const MAILBOX: u64 = 0x20_0000;
 const DOORBELL: u64 = 0x3000_0000;
@@ -192,7 +194,7 @@ fn main() -> ! {
                 byte_count: GPA_LEN,
                 pages: &GPA_PAGES,
             };
-            match channel.try_send_gpa_direct(&[range], b"gpa-direct", PacketMeta::in_band()) {
+            match channel.send_gpa_direct(&[range], b"gpa-direct", PacketMeta::in_band(), Wait::Now) {
                 Ok(()) => gpa_sent = true,
                 Err(ChannelError::Full) => {}
                 Err(_) => {
@@ -216,7 +218,7 @@ fn main() -> ! {
                 if in_flight == outstanding.len() {
                     Err(ChannelError::Full)
                 } else {
-                    channel.try_start_request(&out[..len]).map(|tid| {
+                    channel.start_request(&out[..len], Wait::Now).map(|tid| {
                         let slot = outstanding
                             .iter_mut()
                             .find(|s| s.0 == u64::MAX)
@@ -227,7 +229,7 @@ fn main() -> ! {
                     })
                 }
             } else {
-                channel.try_send(&out[..len])
+                channel.send(&out[..len], Wait::Now)
             };
             match sent {
                 Ok(()) => {
@@ -245,7 +247,7 @@ fn main() -> ! {
 
         // Receive everything there is.
         loop {
-            match channel.try_recv(&mut buf) {
+            match channel.recv(&mut buf, Wait::Now).polled() {
                 Ok(Some(r)) => {
                     progress = true;
                     let p = r.payload(&buf);
@@ -334,7 +336,7 @@ fn main() -> ! {
     for (i, f) in fields.iter().enumerate() {
         out[i * 8..i * 8 + 8].copy_from_slice(&f.to_le_bytes());
     }
-    while let Err(ChannelError::Full) = channel.try_send(&out[..fields.len() * 8]) {
+    while let Err(ChannelError::Full) = channel.send(&out[..fields.len() * 8], Wait::Now) {
         core::hint::spin_loop();
     }
     mmio_write(CONTROL, DONE);
@@ -348,7 +350,7 @@ fn hostile<R: RingMem, D: Doorbell>(channel: &Channel<R, D>, raw: &R, mode: u64)
     for i in 0..HOSTILE_GOOD {
         let mut p = [0u8; 40];
         p[0..4].copy_from_slice(&i.to_le_bytes());
-        while let Err(ChannelError::Full) = channel.try_send(&p) {
+        while let Err(ChannelError::Full) = channel.send(&p, Wait::Now) {
             core::hint::spin_loop();
         }
     }
