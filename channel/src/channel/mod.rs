@@ -94,7 +94,6 @@ pub use recv::Packet;
 #[cfg(feature = "alloc")]
 pub use saved::SavedEndpoint;
 pub use send::SendBatch;
-#[cfg(feature = "alloc")]
 pub(crate) use send::completion;
 pub(crate) use send::request_packet;
 

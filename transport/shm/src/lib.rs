@@ -79,7 +79,7 @@ pub use memory::{
     SharedMemory, ShmRing,
 };
 pub use policy::{PeerCredentials, Policy};
-pub use vmlink_channel::Config;
+pub use vmlink_channel::{Config, Wait};
 
 /// The environment variable through which [`Service::spawn`] tells the child which fd is
 /// its end of the socket.
