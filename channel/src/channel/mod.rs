@@ -294,6 +294,7 @@ impl<D: Doorbell> Core<D> {
     }
 
     /// The configured GPA page limit.
+    #[cfg(feature = "alloc")]
     pub(crate) fn gpa_page_limit(&self) -> Option<u64> {
         self.config.gpa_page_limit
     }
