@@ -257,7 +257,7 @@ def tid_last(): return variant(2, 3)
 def cp_complete(side, tid, n): return variant(4, 11, side, tid, u16(n))
 def cp_recv(side, n): return variant(5, 11, side, u16(n))
 def rd(header, off, n): return boolean(header) + u16(off) + u16(n)
-def cp_recv_in_place(side, reads, commit): return variant(6, 11, side, vec(reads), boolean(commit))
+def cp_recv_in_place(side, reads): return variant(6, 11, side, vec(reads))
 def cp_recv_batch(side, mx, reads): return variant(7, 11, side, u8(mx), vec(reads))
 def ts(i): return variant(i, 5)                    # TypeSel: InBand, Xfer, Gpa, Comp, Raw
 def ts_raw(v): return variant(4, 5, u16(v))
@@ -319,8 +319,8 @@ SEEDS["channel_protocol"] = {
     # Stale and raw ids, in-place and batch receives with in- and out-of-bounds reads.
     "seed-stale": cp_input(1, 1, 16, [
         cp_start(A, 3), cp_start(A, 300), cp_recv_batch(B, 2, [rd(False, 0, 8), rd(False, 290, 20)]),
-        cp_complete(B, tid_issued(1), 9), cp_recv_in_place(A, [rd(False, 0, 16), rd(True, 0, 1)], True),
-        cp_complete(B, tid_raw(0x100000001), 0), cp_recv_in_place(A, [], False),
+        cp_complete(B, tid_issued(1), 9), cp_recv_in_place(A, [rd(False, 0, 16), rd(True, 0, 1)]),
+        cp_complete(B, tid_raw(0x100000001), 0), cp_recv_in_place(A, []),
         cp_complete(B, tid_issued(0), 0), cp_recv(A, 4)]),
     # Hostile writers: a GPA header, a lying descriptor, scribbles and control words.
     "seed-corrupt": cp_input(0, 2, 4, [
@@ -338,18 +338,18 @@ SEEDS["channel_protocol"] = {
     "seed-header": cp_input(1, 1, 16, [
         cp_send_packet(B, ts(2), fs(0), 0, GOOD_GPA, 8),
         cp_recv_in_place(A, [rd(True, 0, 64), rd(True, 1, 64), rd(True, 0, 8), rd(True, 1, 23),
-                             rd(False, 0, 8)], True),
+                             rd(False, 0, 8)]),
         cp_send_packet(B, ts(1), fs(0), 0, GOOD_XFER, 8),
         cp_send_packet(B, ts(0), fs(0), 0, [1] * 8, 8),
         cp_recv_batch(A, 4, [rd(True, 0, 64), rd(True, 1, 64), rd(True, 0, 4)]),
         cp_send_packet(B, ts(2), fs(0), 0, BAD_GPA_PAGE, 8),
-        cp_recv_in_place(A, [rd(False, 0, 8), rd(True, 0, 4)], False),
+        cp_recv_in_place(A, [rd(False, 0, 8), rd(True, 0, 4)]),
         cp_send_packet(B, ts(1), fs(0), 0, BAD_XFER, 8),
         cp_recv_batch(A, 4, [rd(False, 0, 8)]), cp_send(A, 8),
         cp_send_packet(B, ts(2), fs(0), 0, BAD_GPA_PAGE, 8), cp_send(B, 8),
         cp_recv_batch(A, 4, [rd(True, 1, 64), rd(True, 0, 64)]), cp_recv(A, 64), cp_send(A, 4),
         cp_recv(B, 64), cp_peer(B, peer_packet(ts(1), fs(0), 0, 1, 8, fill_=0)),
-        cp_recv_in_place(B, [rd(True, 0, 64), rd(True, 0, 64)], True), cp_recv(B, 64)]),
+        cp_recv_in_place(B, [rd(True, 0, 64), rd(True, 0, 64)]), cp_recv(B, 64)]),
     # Packets larger than the ring, then fill it, bad headers, and drain.
     "seed-full": cp_input(0, 0, None, [
         cp_too_large(A, 0), cp_too_large(B, 200), *[cp_send(A, 1000, i) for i in range(6)],
@@ -367,7 +367,7 @@ def cb_work(worker, work): return variant(0, 11, u8(worker), work)
 def w_call(req, cap, ms): return variant(0, 6, u16(req), u16(cap), u8(ms))
 def w_send(n, ms): return variant(1, 6, u16(n), u8(ms))
 def w_recv(cap, ms): return variant(2, 6, u16(cap), u8(ms))
-def w_recv_in_place(ms, reads, commit): return variant(3, 6, u8(ms), vec(reads), boolean(commit))
+def w_recv_in_place(ms, reads): return variant(3, 6, u8(ms), vec(reads))
 def w_recv_batch(mx, ms, reads): return variant(4, 6, u8(mx), u8(ms), vec(reads))
 def w_start(n): return variant(5, 6, u16(n))
 def cb_pause(us): return variant(1, 11, u16(us))
@@ -397,7 +397,7 @@ SEEDS["channel_blocking"] = {
         cb_pause(500), cb_flood(40), cb_peer_recv(7), cb_complete(pick_pending(2), 30),
         cb_complete(pick_pending(1), 0), cb_complete(pick_pending(0), 100),
         cb_work(2, w_recv(4096, 4)), cb_work(2, w_recv_batch(7, 4, [rd(False, 0, 8)])),
-        cb_work(2, w_recv_in_place(4, [rd(False, 0, 40), rd(True, 0, 1)], True)),
+        cb_work(2, w_recv_in_place(4, [rd(False, 0, 40), rd(True, 0, 1)])),
         cb_wait(0), cb_wait(1), cb_wait(2)]),
     # A call times out, its completion comes late (discarded), then again (a duplicate:
     # UnknownTransaction).
@@ -426,7 +426,7 @@ SEEDS["channel_blocking"] = {
         cb_work(1, w_call(8, 4, 4)), cb_pause(500), cb_peer_recv(0),
         cb_complete(pick_pending(0), 100), cb_wait(1),
         cb_packet(peer_packet(ts(2), fs(0), 0, 3, 8)),
-        cb_work(0, w_recv_in_place(4, [rd(False, 0, 8), rd(True, 0, 8)], True)), cb_wait(0),
+        cb_work(0, w_recv_in_place(4, [rd(False, 0, 8), rd(True, 0, 8)])), cb_wait(0),
         cb_packet(peer_packet(ts(1), fs(0), 0, 1, 8, fill_=0)),
         cb_work(2, w_recv_batch(4, 4, [rd(True, 1, 64), rd(True, 0, 64)])), cb_wait(2),
         cb_work(0, w_recv(64, 1)), cb_wait(0)]),

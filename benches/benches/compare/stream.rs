@@ -35,6 +35,7 @@ pub fn stream_64(c: &mut Criterion) {
     vmlink_ring(&mut g, "vmlink/ring_commit_32", BATCH);
     vmlink_channel(&mut g, "vmlink/channel_try_send", false);
     vmlink_channel(&mut g, "vmlink/channel_batch_32", true);
+    vmlink_channel_split(&mut g, "vmlink/channel_split");
     rtrb_push_pop(&mut g);
     rtrb_chunks(&mut g);
     crossbeam_array_queue(&mut g);
@@ -166,6 +167,56 @@ fn vmlink_channel(g: &mut Group<'_>, name: &'static str, batched: bool) {
                 send_batches(&tx, &mut seq, end, BATCH);
                 return 0;
             }
+            let mut b = Backoff::default();
+            while seq < end {
+                match tx.send(&msg(seq), Wait::Now) {
+                    Ok(()) => seq += 1,
+                    Err(ChannelError::Full) => b.snooze(),
+                    Err(e) => panic!("send failed: {e}"),
+                }
+            }
+            0
+        },
+        consumer_saw_all(name),
+    );
+}
+
+/// vmlink channels split into halves: a `Sender` sends per packet, a `Receiver` takes up to
+/// 64 per `recv_batch`; neither takes a lock.
+fn vmlink_channel_split(g: &mut Group<'_>, name: &'static str) {
+    let (a, b) =
+        in_process_channel_pair(RING, Config::polling(crate::rtt::SPIN)).expect("channel pair");
+    let (mut tx, _a_rx) = a.split();
+    let (_b_tx, mut rx) = b.split();
+    rx.mask_interrupts();
+    let peer = {
+        let mut check = Check::new(8);
+        let mut buf = [0u8; MSG];
+        Peer::spawn("split-consumer", move |n| {
+            let mut got = 0;
+            let mut b = Backoff::default();
+            while got < n {
+                let k = rx
+                    .recv_batch(64, Wait::Now, |p| {
+                        p.read_payload(0, &mut buf).expect("64-byte payload");
+                        check.packet(&buf);
+                    })
+                    .expect("receive");
+                if k == 0 {
+                    b.snooze();
+                }
+                got += k as u64;
+            }
+            check.round()
+        })
+    };
+    let mut seq = 0u64;
+    bench_pair(
+        g,
+        name,
+        peer,
+        move |n| {
+            let end = seq + n;
             let mut b = Backoff::default();
             while seq < end {
                 match tx.send(&msg(seq), Wait::Now) {
