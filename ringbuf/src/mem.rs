@@ -27,7 +27,7 @@ use crate::protocol::{
     READ_INDEX_OFFSET, WRITE_INDEX_OFFSET,
 };
 use crate::sync::{AtomicU32, AtomicU64, Ordering};
-use crate::words::{read_words_unchecked, write_words_unchecked};
+use crate::words::{load_words, read_words_unchecked, store_words, write_words_unchecked};
 use bytemuck::TransparentWrapper;
 
 /// The largest data area a ring may have: indices are `u32` and the ring arithmetic adds
@@ -106,6 +106,25 @@ pub trait RingMem {
 
     /// Copies `data` into the data area starting `offset` bytes in.
     fn write_data(&self, offset: usize, data: &[u8]);
+
+    /// Copies `out.len()` 8-byte words starting `offset` bytes into the data area (a
+    /// multiple of 8) into `out`, each word the little-endian value of its 8 bytes: the same
+    /// as [`read_data`](Self::read_data) into `out`'s bytes, which is what the default does.
+    /// Backends that hold the data area as words override it to skip the byte handling:
+    /// the ring reads descriptors this way.
+    #[inline]
+    fn read_data_words(&self, offset: usize, out: &mut [u64]) {
+        self.read_data(offset, bytemuck::cast_slice_mut(out))
+    }
+
+    /// Copies `words` into the data area starting `offset` bytes in (a multiple of 8), each
+    /// word as its 8 little-endian bytes: the same as [`write_data`](Self::write_data) with
+    /// `words`' bytes, which is what the default does. Backends that hold the data area as
+    /// words override it to skip the byte handling: the ring writes small packets this way.
+    #[inline]
+    fn write_data_words(&self, offset: usize, words: &[u64]) {
+        self.write_data(offset, bytemuck::cast_slice(words))
+    }
 }
 
 impl<T: RingMem + ?Sized> RingMem for &T {
@@ -128,6 +147,14 @@ impl<T: RingMem + ?Sized> RingMem for &T {
     #[inline]
     fn write_data(&self, offset: usize, data: &[u8]) {
         (**self).write_data(offset, data)
+    }
+    #[inline]
+    fn read_data_words(&self, offset: usize, out: &mut [u64]) {
+        (**self).read_data_words(offset, out)
+    }
+    #[inline]
+    fn write_data_words(&self, offset: usize, words: &[u64]) {
+        (**self).write_data_words(offset, words)
     }
 }
 
@@ -152,6 +179,14 @@ impl<T: RingMem + ?Sized> RingMem for alloc::sync::Arc<T> {
     #[inline]
     fn write_data(&self, offset: usize, data: &[u8]) {
         (**self).write_data(offset, data)
+    }
+    #[inline]
+    fn read_data_words(&self, offset: usize, out: &mut [u64]) {
+        (**self).read_data_words(offset, out)
+    }
+    #[inline]
+    fn write_data_words(&self, offset: usize, words: &[u64]) {
+        (**self).write_data_words(offset, words)
     }
 }
 
@@ -308,6 +343,14 @@ impl RingMem for SliceMem<'_> {
     fn write_data(&self, offset: usize, data: &[u8]) {
         write_words_unchecked(self.data, offset, data)
     }
+    #[inline]
+    fn read_data_words(&self, offset: usize, out: &mut [u64]) {
+        load_words(self.data, offset, out)
+    }
+    #[inline]
+    fn write_data_words(&self, offset: usize, words: &[u64]) {
+        store_words(self.data, offset, words)
+    }
 }
 
 /// A ring whose data area is a list of separate 4 KiB pages, in ring order.
@@ -387,12 +430,24 @@ impl<'a, L: AsRef<[&'a DataPage]>> RingMem for PageListMem<'a, L> {
 /// imported and exported, so tests can hand-build rings the way other implementations
 /// write them. Only the first 128 bytes of the control page are kept; the rest is reserved
 /// and exported as zeros.
+///
+/// The control words sit in cache lines of their own: the data area's pointer and length
+/// (read on every copy) and whatever precedes the ring in its allocation (an `Arc`'s
+/// counts) never share a line with the indices the peer writes.
 #[cfg(feature = "alloc")]
 #[derive(Debug)]
+#[repr(C)]
 pub struct HeapMem {
-    control: ControlWords,
     data: alloc::boxed::Box<[AtomicU64]>,
+    control: LineAligned<ControlWords>,
 }
+
+/// A value starting on a 128-byte boundary (two cache lines, as adjacent-line prefetch
+/// pairs them) and padded to a multiple of 128 bytes.
+#[cfg(feature = "alloc")]
+#[derive(Debug)]
+#[repr(C, align(128))]
+struct LineAligned<T>(T);
 
 #[cfg(feature = "alloc")]
 impl HeapMem {
@@ -400,7 +455,7 @@ impl HeapMem {
     pub fn new(data_len: usize) -> Result<Self, LayoutError> {
         check_data_len(data_len)?;
         let mem = Self {
-            control: ControlWords::new(),
+            control: LineAligned(ControlWords::new()),
             data: (0..data_len / 8).map(|_| AtomicU64::new(0)).collect(),
         };
         crate::ring::init_control(&mem);
@@ -428,7 +483,10 @@ impl HeapMem {
             .iter()
             .map(|b| AtomicU64::new(u64::from_le_bytes(*b)))
             .collect();
-        Ok(Self { control, data })
+        Ok(Self {
+            data,
+            control: LineAligned(control),
+        })
     }
 
     /// The ring as a byte image: control page (reserved bytes zero), then the data area.
@@ -437,6 +495,7 @@ impl HeapMem {
         let (control_bytes, data) = image.split_at_mut(CONTROL_PAGE_SIZE);
         for (word, bytes) in self
             .control
+            .0
             .0
             .iter()
             .zip(control_bytes.as_chunks_mut::<4>().0)
@@ -456,11 +515,11 @@ impl RingMem for HeapMem {
     }
     #[inline]
     fn load_control(&self, word: ControlWord) -> u32 {
-        self.control.load(word)
+        self.control.0.load(word)
     }
     #[inline]
     fn store_control(&self, word: ControlWord, value: u32) {
-        self.control.store(word, value)
+        self.control.0.store(word, value)
     }
     #[inline]
     fn read_data(&self, offset: usize, buf: &mut [u8]) {
@@ -469,6 +528,14 @@ impl RingMem for HeapMem {
     #[inline]
     fn write_data(&self, offset: usize, data: &[u8]) {
         write_words_unchecked(&self.data, offset, data)
+    }
+    #[inline]
+    fn read_data_words(&self, offset: usize, out: &mut [u64]) {
+        load_words(&self.data, offset, out)
+    }
+    #[inline]
+    fn write_data_words(&self, offset: usize, words: &[u64]) {
+        store_words(&self.data, offset, words)
     }
 }
 
@@ -561,6 +628,55 @@ mod tests {
             PageListMem::new(&control, empty).unwrap_err(),
             LayoutError::NoDataPages
         );
+    }
+
+    /// Writes words with `write_data_words` and reads them back both ways, then bytes with
+    /// `write_data` read back as words: the word methods are the byte methods' little-endian
+    /// view, whichever backend (overridden or default) runs them.
+    fn words_match_bytes(mem: &dyn RingMem) {
+        let words: alloc::vec::Vec<u64> = (0..400u64).map(|i| i.wrapping_mul(K) + 1).collect();
+        // Across a page boundary of the page list.
+        let at = PAGE_SIZE - 8 * 7;
+        mem.write_data_words(at, &words);
+        let mut bytes = alloc::vec![0u8; words.len() * 8];
+        mem.read_data(at, &mut bytes);
+        let expect: alloc::vec::Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        assert_eq!(bytes, expect);
+        let mut back = alloc::vec![0u64; words.len()];
+        mem.read_data_words(at, &mut back);
+        assert_eq!(back, words);
+        mem.write_data(8, &[0xAB; 16]);
+        let mut two = [0u64; 2];
+        mem.read_data_words(8, &mut two);
+        assert_eq!(two, [0xABAB_ABAB_ABAB_ABAB; 2]);
+    }
+
+    const K: u64 = 0x9e37_79b9_7f4a_7c15;
+
+    #[test]
+    fn word_copies_are_the_bytes_little_endian() {
+        let heap = HeapMem::new(2 * PAGE_SIZE).unwrap();
+        words_match_bytes(&heap);
+        words_match_bytes(&&heap);
+        words_match_bytes(&alloc::sync::Arc::new(HeapMem::new(2 * PAGE_SIZE).unwrap()));
+        let control = ControlWords::new();
+        let data: alloc::vec::Vec<AtomicU64> =
+            (0..2 * PAGE_WORDS).map(|_| AtomicU64::new(0)).collect();
+        words_match_bytes(&SliceMem::new(&control, &data).unwrap());
+        let pages = [DataPage::new(), DataPage::new()];
+        words_match_bytes(&PageListMem::new(&control, [&pages[1], &pages[0]]).unwrap());
+    }
+
+    #[test]
+    fn heap_control_words_have_lines_of_their_own() {
+        let mem = alloc::sync::Arc::new(HeapMem::new(PAGE_SIZE).unwrap());
+        let base = alloc::sync::Arc::as_ptr(&mem) as usize;
+        let control = core::ptr::from_ref(&mem.control) as usize;
+        // The data pointer and length come first, and the Arc's counts before them: all in
+        // lines before the control words' first line.
+        assert!(control - base >= 16);
+        assert_eq!(control % 128, 0);
+        assert_eq!(core::mem::size_of::<HeapMem>() % 128, 0);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use crate::protocol::{
     DESCRIPTOR_SIZE, FEATURE_PENDING_SEND_SIZE, KNOWN_FLAGS, PacketDescriptor, PacketType,
     TRAILER_SIZE,
 };
-use crate::ring::{Geometry, Signal, WaitDecision, in_bounds, read_wrapped};
+use crate::ring::{Geometry, Signal, WaitDecision, in_bounds, read_words_wrapped, read_wrapped};
 use crate::sync::{Ordering, fence};
 
 /// A validated packet descriptor, copied out of the ring.
@@ -189,8 +189,8 @@ impl<M: RingMem> Reader<M> {
                 available: available32,
             });
         }
-        let mut raw = [0u8; DESCRIPTOR_SIZE];
-        read_wrapped(&self.mem, self.geo, offset, &mut raw);
+        let mut raw = [0u64; DESCRIPTOR_SIZE / 8];
+        read_words_wrapped(&self.mem, self.geo, offset, &mut raw);
         let d: PacketDescriptor = zerocopy::transmute!(raw);
         let packet_type =
             PacketType::from_raw(d.packet_type).ok_or(RingError::UnknownPacketType {

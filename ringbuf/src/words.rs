@@ -170,5 +170,34 @@ pub(crate) fn write_words_unchecked(words: &[AtomicU64], offset: usize, data: &[
     }
 }
 
+/// Loads `out.len()` whole words starting at byte `offset` (a multiple of 8) of `words`,
+/// a relaxed load each: the ring's word-aligned reads.
+///
+/// Safe code: out of range, a slice index panics; the ring calls it with ranges it has
+/// validated.
+#[inline]
+pub(crate) fn load_words(words: &[AtomicU64], offset: usize, out: &mut [u64]) {
+    debug_assert!(offset.is_multiple_of(ALIGNMENT));
+    let first = offset / ALIGNMENT;
+    let n = out.len();
+    for (o, w) in out.iter_mut().zip(&words[first..first + n]) {
+        *o = w.load(Ordering::Relaxed);
+    }
+}
+
+/// Stores `src` as whole words starting at byte `offset` (a multiple of 8) of `words`, a
+/// relaxed store each: the ring's word-aligned writes.
+///
+/// Safe code: out of range, a slice index panics; the ring calls it with ranges it has
+/// validated.
+#[inline]
+pub(crate) fn store_words(words: &[AtomicU64], offset: usize, src: &[u64]) {
+    debug_assert!(offset.is_multiple_of(ALIGNMENT));
+    let first = offset / ALIGNMENT;
+    for (w, v) in words[first..first + src.len()].iter().zip(src) {
+        w.store(*v, Ordering::Relaxed);
+    }
+}
+
 #[cfg(all(test, not(loom)))]
 mod tests;

@@ -7,7 +7,7 @@ use crate::protocol::{
     DESCRIPTOR_SIZE, KNOWN_FLAGS, PacketDescriptor, PacketType, TRAILER_SIZE, max_packet_len,
     packet_len, trailer_for,
 };
-use crate::ring::{Geometry, Signal, WaitDecision, in_bounds, write_wrapped};
+use crate::ring::{Geometry, Signal, WaitDecision, in_bounds, write_words_wrapped, write_wrapped};
 use crate::sync::{Ordering, fence};
 use zerocopy::IntoBytes;
 
@@ -349,14 +349,7 @@ impl<M: RingMem> Writer<M> {
     ) -> Result<WriteSlot<'_, M>, WriteError> {
         let len = self.packet_len_for(&meta, header_len, payload_len)?;
         self.claim(len)?;
-        let descriptor = PacketDescriptor {
-            packet_type: meta.packet_type.raw(),
-            // Both fit: `len <= 524_280` bytes, i.e. at most u16::MAX 8-byte units.
-            data_offset8: ((DESCRIPTOR_SIZE + header_len) / 8) as u16,
-            length8: (len / 8) as u16,
-            flags: meta.flags,
-            transaction_id: meta.transaction_id,
-        };
+        let descriptor = descriptor_for(&meta, header_len, len);
         Ok(self.start_packet(&descriptor, len, header_len, payload_len))
     }
 
@@ -388,7 +381,51 @@ impl<M: RingMem> Writer<M> {
     }
 
     /// Appends a packet without publishing it; [`commit`](Self::commit) publishes.
+    ///
+    /// A small packet (at most [`ASSEMBLE_MAX`] bytes in the ring, trailer included) is
+    /// assembled privately and copied into the ring in one pass; a larger one is written
+    /// piece by piece in place, where the payload copy dominates.
+    #[inline]
     pub fn push(&mut self, packet: &OutgoingPacket<'_>) -> Result<(), WriteError> {
+        let header_len = packet.header.len();
+        let len = self.packet_len_for(&packet.meta, header_len, packet.payload.len())?;
+        if len + TRAILER_SIZE > ASSEMBLE_MAX {
+            return self.push_in_place(packet);
+        }
+        self.claim(len)?;
+        let start = self.tail;
+        let words = (len + TRAILER_SIZE) / 8;
+        let mut image = [0u64; ASSEMBLE_MAX / 8];
+        let descriptor = descriptor_for(&packet.meta, header_len, len);
+        let descriptor: [u64; DESCRIPTOR_SIZE / 8] = zerocopy::transmute!(descriptor);
+        image[..DESCRIPTOR_SIZE / 8].copy_from_slice(&descriptor);
+        {
+            let body: &mut [u8] =
+                bytemuck::cast_slice_mut(&mut image[DESCRIPTOR_SIZE / 8..words - 1]);
+            body[..header_len].copy_from_slice(packet.header);
+            let mut at = header_len;
+            // The lengths were summed without overflow into `len`, so every part fits;
+            // the padding after the payload stays zero.
+            match packet.payload {
+                Payload::Bytes(bytes) => body[at..at + bytes.len()].copy_from_slice(bytes),
+                Payload::Gather(parts) => {
+                    for part in parts {
+                        body[at..at + part.len()].copy_from_slice(part);
+                        at += part.len();
+                    }
+                }
+            }
+        }
+        image[words - 1] = trailer_for(start);
+        write_words_wrapped(&self.mem, self.geo, start, &image[..words]);
+        self.tail = self.geo.advance(start, len + TRAILER_SIZE);
+        Ok(())
+    }
+
+    /// [`push`](Self::push) for a large packet: descriptor, header, payload parts and
+    /// trailer each copied into the ring where they go.
+    #[inline(never)]
+    fn push_in_place(&mut self, packet: &OutgoingPacket<'_>) -> Result<(), WriteError> {
         let mut slot = self.reserve(packet.meta, packet.header.len(), packet.payload.len())?;
         slot.write_header(0, packet.header)?;
         match packet.payload {
@@ -573,6 +610,24 @@ impl<M: RingMem> Writer<M> {
             return Ok((WaitDecision::Ready, signal));
         }
         Ok((WaitDecision::Sleep, signal))
+    }
+}
+
+/// The largest packet, trailer included, that [`Writer::push`] assembles privately before
+/// copying it into the ring in one pass (larger ones are copied piece by piece in place).
+pub const ASSEMBLE_MAX: usize = 256;
+
+/// The descriptor of a `len`-byte packet (trailer excluded) with `header_len` bytes of
+/// extra header; both lengths already checked by `packet_len_for`.
+#[inline]
+fn descriptor_for(meta: &PacketMeta, header_len: usize, len: usize) -> PacketDescriptor {
+    PacketDescriptor {
+        packet_type: meta.packet_type.raw(),
+        // Both fit: `len <= 524_280` bytes, i.e. at most u16::MAX 8-byte units.
+        data_offset8: ((DESCRIPTOR_SIZE + header_len) / 8) as u16,
+        length8: (len / 8) as u16,
+        flags: meta.flags,
+        transaction_id: meta.transaction_id,
     }
 }
 

@@ -371,21 +371,35 @@ pub struct ShmRing {
     _map: Arc<Mapping>,
 }
 
+// Inlined across crates: every ring access of a channel goes through these.
 impl RingMem for ShmRing {
+    #[inline]
     fn data_len(&self) -> usize {
         self.mem.data_len()
     }
+    #[inline]
     fn load_control(&self, word: ControlWord) -> u32 {
         self.mem.load_control(word)
     }
+    #[inline]
     fn store_control(&self, word: ControlWord, value: u32) {
         self.mem.store_control(word, value)
     }
+    #[inline]
     fn read_data(&self, offset: usize, buf: &mut [u8]) {
         self.mem.read_data(offset, buf)
     }
+    #[inline]
     fn write_data(&self, offset: usize, data: &[u8]) {
         self.mem.write_data(offset, data)
+    }
+    #[inline]
+    fn read_data_words(&self, offset: usize, out: &mut [u64]) {
+        self.mem.read_data_words(offset, out)
+    }
+    #[inline]
+    fn write_data_words(&self, offset: usize, words: &[u64]) {
+        self.mem.write_data_words(offset, words)
     }
 }
 
