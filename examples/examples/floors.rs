@@ -12,7 +12,7 @@
 
 use std::hint::spin_loop;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::Instant;
 
@@ -20,6 +20,14 @@ use nix::sched::{CpuSet, sched_setaffinity};
 use nix::unistd::Pid;
 use vmlink_channel::{ChannelError, Config, Wait, in_process_channel_pair};
 use vmlink_ring::{HeapMem, OutgoingPacket, Reader, WriteError, Writer};
+
+#[path = "common/floor.rs"]
+mod floor;
+#[path = "common/message.rs"]
+mod message;
+
+use floor::{FloorReader, FloorRing, FloorWriter};
+use message::{check, check_words, msg, msg_words};
 
 /// Round trips per case per round.
 const RTT_MSGS: u64 = 100_000;
@@ -36,7 +44,8 @@ const SPIN: u32 = 10_000;
 const RTRB_ITEMS: usize = 1024;
 
 // ---------------------------------------------------------------------------------------
-// Pinning, spinning and checking.
+// Pinning and spinning (the messages and their checks: common/message.rs; the VMBus-layout
+// floor ring: common/floor.rs).
 // ---------------------------------------------------------------------------------------
 
 /// Set when either thread of a case panics, so the other stops spinning.
@@ -74,42 +83,6 @@ fn pin(cpu: usize) {
     sched_setaffinity(Pid::from_raw(0), &set).expect("sched_setaffinity");
 }
 
-const K: u64 = 0x9e37_79b9_7f4a_7c15;
-
-/// Word `j` of message `seq`: every word differs, so loss, reordering and tearing show.
-#[inline]
-fn word(seq: u64, j: usize) -> u64 {
-    seq.wrapping_mul(K).wrapping_add(j as u64)
-}
-
-/// Message number `seq` as words.
-#[inline]
-fn msg_words(seq: u64) -> [u64; 8] {
-    std::array::from_fn(|j| word(seq, j))
-}
-
-/// Message number `seq` as bytes.
-#[inline]
-fn msg(seq: u64) -> [u8; 64] {
-    let mut m = [0u8; 64];
-    for (j, chunk) in m.chunks_exact_mut(8).enumerate() {
-        chunk.copy_from_slice(&word(seq, j).to_le_bytes());
-    }
-    m
-}
-
-/// Panics unless `got` is message `seq`.
-#[inline]
-fn check(seq: u64, got: &[u8]) {
-    assert!(got == msg(seq), "message {seq} wrong, torn or lost");
-}
-
-/// Panics unless `got` is message `seq`.
-#[inline]
-fn check_words(seq: u64, got: &[u64; 8]) {
-    assert!(*got == msg_words(seq), "message {seq} wrong, torn or lost");
-}
-
 /// Runs `peer` on CPU 1 and `main` on this thread (pinned to CPU 0); the clock starts once
 /// the peer is pinned and stops when both have finished. Nanoseconds per message.
 fn measure(n: u64, peer: impl FnOnce() + Send, main: impl FnOnce()) -> f64 {
@@ -134,179 +107,6 @@ fn measure(n: u64, peer: impl FnOnce() + Send, main: impl FnOnce()) -> f64 {
         let theirs = h.join().expect("peer thread");
         (mine.max(theirs) - start).as_nanos() as f64 / n as f64
     })
-}
-
-// ---------------------------------------------------------------------------------------
-// THE VMBUS-LAYOUT FLOOR: a minimal hand-written ring in the VMBus layout.
-//
-// What the format fixes, and nothing more: a control page whose first words are the write
-// index and the read index (offsets 0 and 4, so both in one cache line, which each side's
-// index store takes from the other), then the data area. A packet is a 16-byte descriptor
-// (type 6 = in-band, data offset and total length in 8-byte units, flags, transaction id),
-// the 64-byte payload and an 8-byte trailer holding the packet's start offset: 88 bytes.
-// Data moves as relaxed `AtomicU64` loads and stores (as vmlink's, so peer-writable memory
-// is never a plain `&[u8]`); the writer publishes with a `Release` store of the write
-// index, the reader reads it with `Acquire` and frees space with a `Release` store of the
-// read index. Each side caches the other's index and re-reads it only when it looks empty
-// (reader) or full (writer), as vmlink's ring does. No validation, no interrupt mask, no
-// pending-send size, no doorbell: this is the floor the format allows, not a usable ring.
-// ---------------------------------------------------------------------------------------
-
-/// Data area of a floor ring.
-const FLOOR_DATA: usize = 16 * 1024;
-const FLOOR_WORDS: usize = FLOOR_DATA / 8;
-/// Descriptor (16) + payload (64) + trailer (8).
-const FLOOR_PACKET: u32 = 88;
-
-/// The control page: the format puts the write index at offset 0 and the read index at
-/// offset 4. The rest of the page (interrupt mask, pending send size, feature bits) is
-/// unused here.
-#[repr(C, align(4096))]
-struct FloorControl {
-    write_index: AtomicU32,
-    read_index: AtomicU32,
-}
-
-/// One ring: the control page, then the data area.
-#[repr(C)]
-struct FloorRing {
-    control: FloorControl,
-    data: [AtomicU64; FLOOR_WORDS],
-}
-
-impl FloorRing {
-    fn new() -> Box<Self> {
-        Box::new(Self {
-            control: FloorControl {
-                write_index: AtomicU32::new(0),
-                read_index: AtomicU32::new(0),
-            },
-            data: [const { AtomicU64::new(0) }; FLOOR_WORDS],
-        })
-    }
-
-    /// The data word at byte offset `off` (a multiple of 8) plus `i` words, wrapping.
-    #[inline]
-    fn at(&self, off: u32, i: usize) -> &AtomicU64 {
-        &self.data[(off as usize / 8 + i) % FLOOR_WORDS]
-    }
-}
-
-struct FloorWriter<'r> {
-    ring: &'r FloorRing,
-    /// Where the next packet goes (unpublished).
-    tail: u32,
-    published: u32,
-    /// The reader's index as last read.
-    read: u32,
-}
-
-impl<'r> FloorWriter<'r> {
-    fn new(ring: &'r FloorRing) -> Self {
-        Self {
-            ring,
-            tail: 0,
-            published: 0,
-            read: 0,
-        }
-    }
-
-    /// Free bytes; the writer never fills the ring (equal indices mean empty).
-    #[inline]
-    fn free(&self) -> u32 {
-        if self.tail >= self.read {
-            FLOOR_DATA as u32 - (self.tail - self.read)
-        } else {
-            self.read - self.tail
-        }
-    }
-
-    /// Appends one in-band packet without publishing it; false when the ring is full.
-    #[inline]
-    fn push(&mut self, payload: &[u64; 8]) -> bool {
-        if self.free() <= FLOOR_PACKET {
-            self.read = self.ring.control.read_index.load(Ordering::Acquire);
-            if self.free() <= FLOOR_PACKET {
-                return false;
-            }
-        }
-        let (r, t) = (self.ring, self.tail);
-        // type 6 (in-band), data offset 16 bytes (2), length 80 bytes (10), flags 0.
-        let descriptor = 6 | (2 << 16) | (10 << 32);
-        r.at(t, 0).store(descriptor, Ordering::Relaxed);
-        r.at(t, 1).store(0, Ordering::Relaxed); // transaction id
-        for (i, w) in payload.iter().enumerate() {
-            r.at(t, 2 + i).store(*w, Ordering::Relaxed);
-        }
-        r.at(t, 10).store(u64::from(t) << 32, Ordering::Relaxed); // trailer
-        self.tail = (t + FLOOR_PACKET) % FLOOR_DATA as u32;
-        true
-    }
-
-    /// Publishes what was pushed.
-    #[inline]
-    fn publish(&mut self) {
-        if self.tail != self.published {
-            self.ring
-                .control
-                .write_index
-                .store(self.tail, Ordering::Release);
-            self.published = self.tail;
-        }
-    }
-}
-
-struct FloorReader<'r> {
-    ring: &'r FloorRing,
-    /// The next packet (consumed up to here, unpublished).
-    head: u32,
-    published: u32,
-    /// The writer's index as last read.
-    write: u32,
-}
-
-impl<'r> FloorReader<'r> {
-    fn new(ring: &'r FloorRing) -> Self {
-        Self {
-            ring,
-            head: 0,
-            published: 0,
-            write: 0,
-        }
-    }
-
-    /// Takes the next packet's 64-byte payload, unchecked; false when the ring is empty.
-    #[inline]
-    fn pop(&mut self, out: &mut [u64; 8]) -> bool {
-        if self.head == self.write {
-            self.write = self.ring.control.write_index.load(Ordering::Acquire);
-            if self.head == self.write {
-                return false;
-            }
-        }
-        let (r, h) = (self.ring, self.head);
-        let d = r.at(h, 0).load(Ordering::Relaxed);
-        let data_offset8 = ((d >> 16) & 0xffff) as usize;
-        let length8 = ((d >> 32) & 0xffff) as u32;
-        for (i, w) in out.iter_mut().enumerate() {
-            *w = r.at(h, data_offset8 + i).load(Ordering::Relaxed);
-        }
-        // Skip the packet and its trailer.
-        self.head = (h + length8 * 8 + 8) % FLOOR_DATA as u32;
-        true
-    }
-
-    /// Frees what was consumed.
-    #[inline]
-    fn release(&mut self) {
-        if self.head != self.published {
-            self.ring
-                .control
-                .read_index
-                .store(self.head, Ordering::Release);
-            self.published = self.head;
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------
