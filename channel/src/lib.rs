@@ -74,7 +74,10 @@ mod txn;
 #[cfg(feature = "std")]
 mod pair;
 
-pub use channel::{Channel, ChannelState, Config, Counters, Endpoint, Packet, SendBatch, Wait};
+pub use channel::{
+    Channel, ChannelState, Config, Counters, DEFAULT_SPIN_BEFORE_SLEEP, Endpoint, Packet,
+    SendBatch, Wait,
+};
 #[cfg(feature = "alloc")]
 pub use channel::{Receiver, SavedEndpoint, Sender};
 pub use doorbell::{AsyncDoorbell, Doorbell, DoorbellError, Wake};

@@ -205,7 +205,7 @@ impl<D: Doorbell> Core<D> {
     }
 
     pub(crate) fn count_receive_sleep(&self) {
-        bump(&self.counters.receive_sleeps, 1);
+        bump(&self.counters.rx.receive_sleeps, 1);
     }
 
     pub(crate) fn forget_waiter(&self) {
@@ -224,7 +224,7 @@ impl<D: crate::doorbell::AsyncDoorbell> Core<D> {
             core::task::Poll::Pending => core::task::Poll::Pending,
             core::task::Poll::Ready(Ok(signalled)) => {
                 if signalled {
-                    bump(&self.counters.signals_received, 1);
+                    bump(&self.counters.rx.signals_received, 1);
                 }
                 core::task::Poll::Ready(Ok(()))
             }

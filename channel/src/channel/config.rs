@@ -8,8 +8,22 @@ use super::*;
 pub struct Config {
     /// Polling mode: how many times a receiver that found nothing looks again (one CPU
     /// spin hint between looks, interrupts masked) before it unmasks and sleeps. A look
-    /// costs tens of nanoseconds; 0 (the default) sleeps at once.
+    /// costs tens of nanoseconds. 0 (the default) leaves the choice to
+    /// [`spin_before_sleep`](Self::spin_before_sleep).
     pub spin_iterations: u32,
+    /// With `std`, when `spin_iterations` is 0: the most a blocking send or receive spins
+    /// (looking at the ring, a receiver with interrupts masked) before it sleeps on the
+    /// doorbell. Within that bound the spin lasts about as long as a wake-up costs: the
+    /// channel times its sleeps that end in a signal and follows their low envelope (it
+    /// moves down at once and up slowly). Spinning that long at most costs at most as much
+    /// again as sleeping would have (the classic spin-then-block bound), and a peer that
+    /// answers within the spin is never signalled: a saturated stream rings no doorbells.
+    /// An idle channel still sleeps after the bound.
+    ///
+    /// Default: 100 µs, except under Miri and loom, and when the environment variable
+    /// `VMLINK_SPIN` is `off` when the configuration is made (for test suites on few
+    /// CPUs): then zero. [`Config::sleep_at_once`] sets zero, which sleeps at once.
+    pub spin_before_sleep: Duration,
     /// How long a sender waiting for space sleeps before it looks again even without a
     /// signal, for peers that do not honour `pending_send_size`.
     pub space_recheck: Duration,
@@ -29,10 +43,27 @@ pub struct Config {
     pub gpa_page_limit: Option<u64>,
 }
 
+/// The default [`Config::spin_before_sleep`].
+pub const DEFAULT_SPIN_BEFORE_SLEEP: Duration = Duration::from_micros(100);
+
+/// [`DEFAULT_SPIN_BEFORE_SLEEP`], or zero where spinning only costs: under Miri and loom
+/// (which would explore or interpret every spin), and when `VMLINK_SPIN=off`.
+fn default_spin_before_sleep() -> Duration {
+    if cfg!(any(miri, loom)) {
+        return Duration::ZERO;
+    }
+    #[cfg(feature = "std")]
+    if std::env::var_os("VMLINK_SPIN").is_some_and(|v| v == "off") {
+        return Duration::ZERO;
+    }
+    DEFAULT_SPIN_BEFORE_SLEEP
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
             spin_iterations: 0,
+            spin_before_sleep: default_spin_before_sleep(),
             space_recheck: Duration::from_millis(10),
             queue_depth: 64,
             queue_bytes: 1 << 20,
@@ -48,6 +79,21 @@ impl Config {
             spin_iterations,
             ..Self::default()
         }
+    }
+
+    /// The same configuration, sleeping at once when a blocking wait finds nothing: no
+    /// spin before sleeping, no polling.
+    pub fn sleep_at_once(mut self) -> Self {
+        self.spin_iterations = 0;
+        self.spin_before_sleep = Duration::ZERO;
+        self
+    }
+
+    /// The same configuration with another bound on the spin before sleeping (see
+    /// [`spin_before_sleep`](Self::spin_before_sleep)).
+    pub fn with_spin_before_sleep(mut self, bound: Duration) -> Self {
+        self.spin_before_sleep = bound;
+        self
     }
 
     /// The same configuration with a GPA page-number limit.
@@ -67,6 +113,16 @@ impl Config {
         self.queue_bytes = bytes;
         self
     }
+}
+
+/// A duration in nanoseconds, `u64::MAX` past 584 years.
+pub(super) fn saturating_nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The wake-up cost an adaptive spin lasts at first: a quarter of its bound.
+pub(super) fn initial_wake_cost(config: &Config) -> u64 {
+    saturating_nanos(config.spin_before_sleep / 4)
 }
 
 /// Where a channel is in its life.
@@ -104,51 +160,87 @@ pub struct Counters {
     pub late_completions: u64,
 }
 
+/// The counters, kept where they are bumped: the sending half's and the receiving half's
+/// on cache lines of their own (128 bytes: adjacent-line prefetch pairs lines), so two
+/// threads that send and receive never write one line.
 #[derive(Debug, Default)]
 pub(super) struct AtomicCounters {
+    pub(super) tx: TxCounters,
+    pub(super) rx: RxCounters,
+}
+
+/// Bumped by senders.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub(super) struct TxCounters {
+    /// Bumped with [`bump_held`] while the sending half is held.
     pub(super) packets_sent: AtomicU64,
+    /// Bumped with [`bump_held`] while the sending half is held.
     pub(super) bytes_sent: AtomicU64,
-    pub(super) packets_received: AtomicU64,
-    pub(super) bytes_received: AtomicU64,
     pub(super) signals_sent: AtomicU64,
-    pub(super) signals_received: AtomicU64,
     pub(super) send_waits: AtomicU64,
+}
+
+/// Bumped by receivers and waiters.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub(super) struct RxCounters {
+    /// Bumped with [`bump_held`] while the receiving half is held.
+    pub(super) packets_received: AtomicU64,
+    /// Bumped with [`bump_held`] while the receiving half is held.
+    pub(super) bytes_received: AtomicU64,
+    pub(super) signals_received: AtomicU64,
     pub(super) receive_sleeps: AtomicU64,
     pub(super) late_completions: AtomicU64,
 }
 
+/// Adds `n` to a counter any thread may bump.
 pub(super) fn bump(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
+}
+
+/// Adds `n` to a counter that only the holder of one half bumps (its lock, or the
+/// `RefCell` of the handle that owns it): a plain load and store, no locked instruction.
+/// Holding the half orders every bump after the one before, so none is lost; readers see
+/// some recent value, as with any statistic.
+#[inline]
+pub(super) fn bump_held(c: &AtomicU64, n: u64) {
+    c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
 }
 
 impl AtomicCounters {
     #[cfg(feature = "alloc")]
     pub(super) fn from_snapshot(c: &Counters) -> Self {
         Self {
-            packets_sent: AtomicU64::new(c.packets_sent),
-            bytes_sent: AtomicU64::new(c.bytes_sent),
-            packets_received: AtomicU64::new(c.packets_received),
-            bytes_received: AtomicU64::new(c.bytes_received),
-            signals_sent: AtomicU64::new(c.signals_sent),
-            signals_received: AtomicU64::new(c.signals_received),
-            send_waits: AtomicU64::new(c.send_waits),
-            receive_sleeps: AtomicU64::new(c.receive_sleeps),
-            late_completions: AtomicU64::new(c.late_completions),
+            tx: TxCounters {
+                packets_sent: AtomicU64::new(c.packets_sent),
+                bytes_sent: AtomicU64::new(c.bytes_sent),
+                signals_sent: AtomicU64::new(c.signals_sent),
+                send_waits: AtomicU64::new(c.send_waits),
+            },
+            rx: RxCounters {
+                packets_received: AtomicU64::new(c.packets_received),
+                bytes_received: AtomicU64::new(c.bytes_received),
+                signals_received: AtomicU64::new(c.signals_received),
+                receive_sleeps: AtomicU64::new(c.receive_sleeps),
+                late_completions: AtomicU64::new(c.late_completions),
+            },
         }
     }
 
     pub(super) fn snapshot(&self) -> Counters {
         let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let (tx, rx) = (&self.tx, &self.rx);
         Counters {
-            packets_sent: l(&self.packets_sent),
-            bytes_sent: l(&self.bytes_sent),
-            packets_received: l(&self.packets_received),
-            bytes_received: l(&self.bytes_received),
-            signals_sent: l(&self.signals_sent),
-            signals_received: l(&self.signals_received),
-            send_waits: l(&self.send_waits),
-            receive_sleeps: l(&self.receive_sleeps),
-            late_completions: l(&self.late_completions),
+            packets_sent: l(&tx.packets_sent),
+            bytes_sent: l(&tx.bytes_sent),
+            packets_received: l(&rx.packets_received),
+            bytes_received: l(&rx.bytes_received),
+            signals_sent: l(&tx.signals_sent),
+            signals_received: l(&rx.signals_received),
+            send_waits: l(&tx.send_waits),
+            receive_sleeps: l(&rx.receive_sleeps),
+            late_completions: l(&rx.late_completions),
         }
     }
 }

@@ -85,8 +85,8 @@ mod wait;
 
 #[cfg(feature = "alloc")]
 pub(crate) use call::CallStep;
-use config::{AtomicCounters, bump};
-pub use config::{ChannelState, Config, Counters};
+use config::{AtomicCounters, bump, bump_held, initial_wake_cost};
+pub use config::{ChannelState, Config, Counters, DEFAULT_SPIN_BEFORE_SLEEP};
 
 #[cfg(feature = "alloc")]
 pub use handles::{Receiver, Sender};
@@ -147,6 +147,10 @@ pub(crate) struct Core<D> {
     /// doorbell outside the hub: polling spinners must then always unmask on their way
     /// out, as the hub cannot tell whether that waiter still sleeps.
     external_waits: AtomicBool,
+    /// The measured cost of a wake-up in nanoseconds, which an adaptive spin before
+    /// sleeping lasts (see [`Config::spin_before_sleep`]).
+    #[cfg_attr(not(feature = "std"), allow(dead_code))]
+    wake_cost_ns: AtomicU64,
     config: Config,
 }
 
@@ -289,6 +293,7 @@ impl<D: Doorbell> Core<D> {
             call_capacity: core::array::from_fn(|_| AtomicUsize::new(0)),
             hub: Hub::default(),
             external_waits: AtomicBool::new(false),
+            wake_cost_ns: AtomicU64::new(initial_wake_cost(&config)),
             config,
         }
     }
@@ -384,7 +389,7 @@ impl<D: Doorbell> Core<D> {
     /// Rings the peer's doorbell if a commit asked for it.
     fn signal(&self, signal: Signal) -> Result<(), ChannelError> {
         if signal.is_needed() {
-            bump(&self.counters.signals_sent, 1);
+            bump(&self.counters.tx.signals_sent, 1);
             self.doorbell.signal().map_err(|e| self.doorbell_error(e))?;
         }
         Ok(())

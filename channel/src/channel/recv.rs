@@ -30,7 +30,7 @@ impl<'a, R: PacketRx, D: Doorbell, TC, RC: Half<Item = RxState<R>>> Ops<'a, D, T
                 }
                 Route::Late(index) => {
                     self.txns.free_late(index);
-                    bump(&self.counters.late_completions, 1);
+                    bump(&self.counters.rx.late_completions, 1);
                     self.consume(&mut rx.link, &info);
                 }
                 #[cfg(feature = "alloc")]
@@ -49,7 +49,7 @@ impl<'a, R: PacketRx, D: Doorbell, TC, RC: Half<Item = RxState<R>>> Ops<'a, D, T
                     rx.stored_len[index] = needed;
                     self.consume(&mut rx.link, &info);
                     if !self.txns.mark_done(index) {
-                        bump(&self.counters.late_completions, 1);
+                        bump(&self.counters.rx.late_completions, 1);
                     }
                     self.hub.notify(&self.doorbell);
                 }
@@ -62,9 +62,9 @@ impl<'a, R: PacketRx, D: Doorbell, TC, RC: Half<Item = RxState<R>>> Ops<'a, D, T
     /// Consumes the packet at the head (not yet committed) and counts it.
     pub(crate) fn consume(&self, link: &mut R, info: &Received) {
         link.consume();
-        bump(&self.counters.packets_received, 1);
-        bump(
-            &self.counters.bytes_received,
+        bump_held(&self.counters.rx.packets_received, 1);
+        bump_held(
+            &self.counters.rx.bytes_received,
             vmlink_ring::protocol::packet_len(info.header_len, info.payload_len).unwrap_or(0)
                 as u64,
         );
@@ -106,7 +106,9 @@ impl<'a, R: PacketRx, D: Doorbell, TC, RC: Half<Item = RxState<R>>> Ops<'a, D, T
             });
         }
         let (h, rest) = buf.split_at_mut(meta.header_len);
-        link.read_header(0, h).map_err(|e| self.link_error(e))?;
+        if !h.is_empty() {
+            link.read_header(0, h).map_err(|e| self.link_error(e))?;
+        }
         check_header(&meta, h, self.config.gpa_page_limit)
             .map_err(|e| self.fail(ProtocolError::Packet(e)))?;
         link.read_payload(0, &mut rest[..meta.payload_len])

@@ -5,23 +5,30 @@ use super::*;
 impl<'a, T: PacketTx, D: Doorbell, TC: Half<Item = T>, RC> Ops<'a, D, TC, RC> {
     // ---- sending -----------------------------------------------------------------------
 
-    /// Runs `write` on the sending half and publishes; `Full` if it does not fit now.
+    /// Runs `write` on the sending half and publishes; `Full` if it does not fit now,
+    /// `Closed` instead when the doorbell says the peer has left.
     pub(crate) fn try_send_with(
+        &self,
+        write: &mut dyn FnMut(&mut T) -> Result<usize, ChannelError>,
+    ) -> Result<(), ChannelError> {
+        match self.send_once(write) {
+            Err(ChannelError::Full) if self.peer_gone() => Err(ChannelError::Closed),
+            other => other,
+        }
+    }
+
+    /// [`try_send_with`](Self::try_send_with) without asking the doorbell (maybe a system
+    /// call) when the ring is full.
+    pub(crate) fn send_once(
         &self,
         write: &mut dyn FnMut(&mut T) -> Result<usize, ChannelError>,
     ) -> Result<(), ChannelError> {
         self.check_send()?;
         let signal = {
             let mut tx = self.tx.lock();
-            let len = match write(&mut tx) {
-                Ok(len) => len,
-                Err(ChannelError::Full) if self.peer_gone() => {
-                    return Err(ChannelError::Closed);
-                }
-                Err(e) => return Err(self.link_error(e)),
-            };
-            bump(&self.counters.packets_sent, 1);
-            bump(&self.counters.bytes_sent, len as u64);
+            let len = write(&mut tx).map_err(|e| self.link_error(e))?;
+            bump_held(&self.counters.tx.packets_sent, 1);
+            bump_held(&self.counters.tx.bytes_sent, len as u64);
             tx.commit()
         };
         self.signal(signal)
@@ -76,7 +83,7 @@ impl<'a, T: PacketTx, D: Doorbell, TC: Half<Item = T>, RC> Ops<'a, D, TC, RC> {
         header_len: usize,
         payload_len: usize,
     ) -> Result<WaitDecision, ChannelError> {
-        bump(&self.counters.send_waits, 1);
+        bump(&self.counters.tx.send_waits, 1);
         let (decision, signal) = {
             let mut tx = self.tx.lock();
             tx.prepare_wait(header_len, payload_len)
@@ -231,8 +238,8 @@ impl<T: PacketTx, D: Doorbell, G: core::ops::DerefMut<Target = T>> SendBatch<'_,
     pub fn commit(mut self) -> Result<(), ChannelError> {
         let signal = self.tx.commit();
         let c = self.channel;
-        bump(&c.counters.packets_sent, self.packets);
-        bump(&c.counters.bytes_sent, self.bytes);
+        bump_held(&c.counters.tx.packets_sent, self.packets);
+        bump_held(&c.counters.tx.bytes_sent, self.bytes);
         self.packets = 0;
         drop(self);
         c.signal(signal)

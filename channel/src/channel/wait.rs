@@ -1,6 +1,7 @@
 //! Waiting with `std`: deadlines, polling spins, and the blocking form of every operation.
 
 use super::*;
+use config::saturating_nanos;
 
 // ---- waiting (std) ---------------------------------------------------------------------
 
@@ -24,8 +25,70 @@ pub(crate) fn min_timeout(a: Option<Duration>, b: Duration) -> Duration {
     a.map_or(b, |a| a.min(b))
 }
 
+/// The least an adaptive spin lasts: below this a spin saves nothing a sleep costs.
+#[cfg(feature = "std")]
+const MIN_SPIN: Duration = Duration::from_micros(1);
+
+/// How long a wait may spin before it sleeps.
+#[cfg(feature = "std")]
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum SpinBudget {
+    /// Polling mode: this many looks.
+    Looks(u32),
+    /// Adaptive: until then.
+    Until(Instant),
+}
+
+#[cfg(feature = "std")]
+impl SpinBudget {
+    /// True when the spin has used its budget after `looks` looks. The clock is read
+    /// every 32 looks: a read costs about as much as a look.
+    #[inline]
+    fn spent(self, looks: u32) -> bool {
+        match self {
+            SpinBudget::Looks(n) => looks >= n,
+            SpinBudget::Until(t) => looks % 32 == 31 && Instant::now() >= t,
+        }
+    }
+}
+
 #[cfg(feature = "std")]
 impl<D: Doorbell> Core<D> {
+    /// The spin a wait may make before it sleeps: `spin_iterations` looks in polling
+    /// mode, else about a wake-up's measured cost, at most `spin_before_sleep`; `None` to
+    /// sleep at once.
+    pub(crate) fn spin_budget(&self) -> Option<SpinBudget> {
+        if self.config.spin_iterations > 0 {
+            return Some(SpinBudget::Looks(self.config.spin_iterations));
+        }
+        let bound = self.config.spin_before_sleep;
+        if bound.is_zero() {
+            return None;
+        }
+        let cost = Duration::from_nanos(self.wake_cost_ns.load(Ordering::Relaxed));
+        Some(SpinBudget::Until(Instant::now() + cost.min(bound)))
+    }
+
+    /// Folds a sleep that a signal ended into the wake-up cost: the low envelope of such
+    /// sleeps, halfway down to a shorter one at once, a sixteenth of the way up to a
+    /// longer one but never more than an eighth up per sleep, within [`MIN_SPIN`] and the
+    /// bound. A sleep's length is at least what waking costs, and nearly that when the
+    /// peer was about to signal anyway, which is when spinning instead would have paid
+    /// off; one long idle sleep barely moves it.
+    fn note_sleep(&self, slept: Duration) {
+        let bound = saturating_nanos(self.config.spin_before_sleep);
+        let slept = saturating_nanos(slept);
+        let cost = self.wake_cost_ns.load(Ordering::Relaxed);
+        let next = if slept < cost {
+            cost - (cost - slept) / 2
+        } else {
+            cost + ((slept - cost) / 16).min(cost / 8 + 1)
+        };
+        let floor = saturating_nanos(MIN_SPIN).min(bound);
+        self.wake_cost_ns
+            .store(next.clamp(floor, bound), Ordering::Relaxed);
+    }
+
     /// Waits for the hub to move past `seen`, up to the deadline (and at most `cap`).
     pub(crate) fn wait_event(
         &self,
@@ -38,9 +101,14 @@ impl<D: Doorbell> Core<D> {
             (l, Some(c)) => Some(min_timeout(l, c)),
             (l, None) => l,
         };
+        let adaptive = self.config.spin_iterations == 0 && !self.config.spin_before_sleep.is_zero();
+        let start = adaptive.then(Instant::now);
         match self.hub.wait(&self.doorbell, seen, timeout) {
             Ok(true) => {
-                bump(&self.counters.signals_received, 1);
+                bump(&self.counters.rx.signals_received, 1);
+                if let Some(start) = start {
+                    self.note_sleep(start.elapsed());
+                }
                 Ok(())
             }
             Ok(false) => Ok(()),
@@ -70,27 +138,56 @@ impl<'a, T: PacketTx, D: Doorbell, TC: Half<Item = T>, RC> Ops<'a, D, TC, RC> {
                 Err(ChannelError::Full) => {}
                 other => return other,
             }
+            if self.spin_for_space(write)? {
+                return Ok(());
+            }
             if self.prepare_send_wait(header_len, payload_len)? == WaitDecision::Ready {
                 continue;
             }
             self.wait_event(seen, deadline, Some(self.config.space_recheck))?;
         }
     }
+
+    /// Before a full ring's sender sleeps: tries the send again within the spin budget.
+    /// True when it went out. The doorbell is asked whether the peer left only every 64
+    /// tries (it may be a system call).
+    fn spin_for_space(
+        &self,
+        write: &mut dyn FnMut(&mut T) -> Result<usize, ChannelError>,
+    ) -> Result<bool, ChannelError> {
+        let Some(budget) = self.spin_budget() else {
+            return Ok(false);
+        };
+        let mut tries = 0;
+        while !budget.spent(tries) {
+            core::hint::spin_loop();
+            match self.send_once(write) {
+                Ok(()) => return Ok(true),
+                Err(ChannelError::Full) => {}
+                Err(e) => return Err(e),
+            }
+            tries += 1;
+            if tries % 64 == 0 && self.peer_gone() {
+                return Err(ChannelError::Closed);
+            }
+        }
+        Ok(false)
+    }
 }
 
 #[cfg(feature = "std")]
 impl<'a, R: PacketRx, D: Doorbell, TC, RC: Half<Item = RxState<R>>> Ops<'a, D, TC, RC> {
-    /// Polling mode: looks at the ring up to `spin_iterations` times with interrupts
-    /// masked, so the peer need not signal while we spin. Returns true when something
-    /// arrived. If another thread of this channel waits (or may wait, see
+    /// Looks at the ring within the spin budget (see [`Core::spin_budget`]) with
+    /// interrupts masked, so the peer need not signal while we spin. Returns true when
+    /// something arrived. If another thread of this channel waits (or may wait, see
     /// `external_waits`), interrupts are unmasked again before it returns (with a fence
     /// and a last look), so that thread is never left without signals, and anything that
     /// arrived unsignalled is announced; with nobody waiting they stay masked for the next
     /// spin.
     pub(crate) fn spin_for_data(&self, queued: bool) -> Result<bool, ChannelError> {
-        if self.config.spin_iterations == 0 {
+        let Some(budget) = self.spin_budget() else {
             return Ok(false);
-        }
+        };
         {
             let mut rx = self.rx.lock();
             if !rx.spin_masked {
@@ -102,7 +199,9 @@ impl<'a, R: PacketRx, D: Doorbell, TC, RC: Half<Item = RxState<R>>> Ops<'a, D, T
         // No backoff: a look reads the peer's write index, a cache line that stays shared
         // (costing no traffic) until the peer writes it, and a backoff of even 64 pause
         // instructions would add a microsecond to every wake-up.
-        for i in 0..self.config.spin_iterations {
+        let mut i = 0;
+        while !budget.spent(i) {
+            i += 1;
             core::hint::spin_loop();
             if let Some(mut rx) = self.rx.try_lock() {
                 #[cfg(feature = "alloc")]
@@ -117,7 +216,7 @@ impl<'a, R: PacketRx, D: Doorbell, TC, RC: Half<Item = RxState<R>>> Ops<'a, D, T
             }
             // The state is an atomic; the doorbell's own check may be a system call, so
             // it is consulted only now and then.
-            if self.state.load(Ordering::Acquire) != OPEN || (i % 64 == 63 && self.peer_gone()) {
+            if self.state.load(Ordering::Acquire) != OPEN || (i % 64 == 0 && self.peer_gone()) {
                 found = true;
                 break;
             }
@@ -159,7 +258,7 @@ impl<'a, R: PacketRx, D: Doorbell, TC, RC: Half<Item = RxState<R>>> Ops<'a, D, T
         if self.prepare_wait_for(queued)? == WaitDecision::Ready {
             return Ok(());
         }
-        bump(&self.counters.receive_sleeps, 1);
+        bump(&self.counters.rx.receive_sleeps, 1);
         self.wait_event(seen, deadline, None)
     }
 
@@ -247,5 +346,51 @@ impl<'a, T: PacketTx, R: PacketRx, D: Doorbell, TC: Half<Item = T>, RC: Half<Ite
                 CallStep::Idle => self.wait_ready(seen, deadline, false)?,
             }
         }
+    }
+}
+
+#[cfg(all(test, feature = "std", not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_wake_up_cost_follows_the_low_envelope_of_signalled_sleeps() {
+        let config = Config::default().with_spin_before_sleep(Duration::from_micros(100));
+        let (a, _b) = crate::in_process_channel_pair(4096, config).unwrap();
+        let core = &a.core;
+        let cost = || core.wake_cost_ns.load(Ordering::Relaxed);
+        assert_eq!(cost(), 25_000, "a quarter of the bound at first");
+        core.note_sleep(Duration::from_micros(5));
+        assert_eq!(cost(), 15_000, "halfway down at once");
+        for _ in 0..30 {
+            core.note_sleep(Duration::from_micros(5));
+        }
+        assert!((5_000..5_010).contains(&cost()), "{}", cost());
+        core.note_sleep(Duration::from_secs(1));
+        assert!(
+            cost() <= 5_010 * 9 / 8 + 1,
+            "one idle sleep barely moves it: {}",
+            cost()
+        );
+        for _ in 0..200 {
+            core.note_sleep(Duration::from_secs(1));
+        }
+        assert_eq!(cost(), 100_000, "never past the bound");
+        for _ in 0..40 {
+            core.note_sleep(Duration::ZERO);
+        }
+        assert_eq!(cost(), 1_000, "never below the least spin");
+        assert!(matches!(core.spin_budget(), Some(SpinBudget::Until(_))));
+    }
+
+    #[test]
+    fn polling_mode_counts_looks_and_sleep_at_once_has_no_spin() {
+        let (a, _b) = crate::in_process_channel_pair(4096, Config::polling(7)).unwrap();
+        assert!(matches!(a.core.spin_budget(), Some(SpinBudget::Looks(7))));
+        let (c, _d) =
+            crate::in_process_channel_pair(4096, Config::polling(7).sleep_at_once()).unwrap();
+        assert!(c.core.spin_budget().is_none());
+        let budget = SpinBudget::Looks(3);
+        assert!(!budget.spent(2) && budget.spent(3));
     }
 }

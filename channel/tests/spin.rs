@@ -1,0 +1,134 @@
+//! The spin before sleeping: a saturated blocking stream rings almost no doorbells, an idle
+//! channel still sleeps after the bound, and `sleep_at_once` spins not at all.
+//!
+//! These tests set the spin in their configurations themselves, so `VMLINK_SPIN=off` (which
+//! only changes the default) leaves them testing it.
+
+use std::thread;
+use std::time::{Duration, Instant};
+
+use vmlink_channel::{
+    ChannelError, Config, DEFAULT_SPIN_BEFORE_SLEEP, Wait, in_process_channel_pair,
+};
+
+/// CPU time this thread has used (Linux's schedstat), for telling a spin from a sleep.
+fn thread_cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").expect("schedstat");
+    let ns: u64 = stat
+        .split_whitespace()
+        .next()
+        .and_then(|f| f.parse().ok())
+        .expect("on-CPU nanoseconds");
+    Duration::from_nanos(ns)
+}
+
+const PACKETS: u64 = 200_000;
+
+/// Streams `PACKETS` 64-byte packets with blocking sends and blocking batch receives on
+/// two threads; returns doorbells rung per packet (both directions) and the receiver's
+/// sleeps.
+fn stream(config: Config) -> (f64, u64) {
+    let (a, b) = in_process_channel_pair(16 * 4096, config).expect("pair");
+    let receiver = thread::spawn(move || {
+        let mut next = 0u64;
+        while next < PACKETS {
+            b.recv_batch(64, Wait::Forever, |p| {
+                let mut buf = [0u8; 8];
+                p.read_payload(0, &mut buf).expect("payload");
+                assert_eq!(u64::from_le_bytes(buf), next, "in order, none lost");
+                next += 1;
+            })
+            .expect("receive");
+        }
+        b
+    });
+    let mut msg = [0u8; 64];
+    for seq in 0..PACKETS {
+        msg[..8].copy_from_slice(&seq.to_le_bytes());
+        a.send(&msg, Wait::Forever).expect("send");
+    }
+    let b = receiver.join().expect("receiver");
+    let (ca, cb) = (a.counters(), b.counters());
+    assert_eq!(ca.packets_sent, PACKETS);
+    assert_eq!(cb.packets_received, PACKETS);
+    let doorbells = ca.signals_sent + cb.signals_sent;
+    (doorbells as f64 / PACKETS as f64, cb.receive_sleeps)
+}
+
+#[test]
+fn a_saturated_blocking_stream_rings_almost_no_doorbells() {
+    let spinning = Config::default().with_spin_before_sleep(DEFAULT_SPIN_BEFORE_SLEEP);
+    let (per_packet, sleeps) = stream(spinning);
+    let (at_once, at_once_sleeps) = stream(Config::default().sleep_at_once());
+    println!(
+        "doorbells per packet: {per_packet:.5} spinning ({sleeps} receiver sleeps), \
+         {at_once:.5} sleeping at once ({at_once_sleeps} sleeps)"
+    );
+    // The goal is under 0.01; a loaded test machine can deschedule either thread for
+    // longer than any spin, so the test allows some slack.
+    assert!(
+        per_packet < 0.02,
+        "{per_packet} doorbells per packet with the default spin"
+    );
+}
+
+#[test]
+fn an_idle_channel_still_sleeps_after_the_bound() {
+    let bound = Duration::from_micros(200);
+    let (a, _b) = in_process_channel_pair(4096, Config::default().with_spin_before_sleep(bound))
+        .expect("pair");
+    let cpu = thread_cpu_time();
+    let start = Instant::now();
+    let mut buf = [0u8; 64];
+    for _ in 0..10 {
+        let r = a.recv(&mut buf, Instant::now() + Duration::from_millis(20));
+        assert_eq!(r, Err(ChannelError::TimedOut));
+    }
+    let (wall, used) = (start.elapsed(), thread_cpu_time() - cpu);
+    assert!(wall >= Duration::from_millis(200));
+    assert!(a.counters().receive_sleeps >= 10, "every wait slept");
+    // Ten waits, each spinning at most the bound: far below the 200 ms they waited.
+    assert!(
+        used < Duration::from_millis(40),
+        "{used:?} on the CPU in {wall:?} of idle waiting"
+    );
+}
+
+#[test]
+fn sleep_at_once_does_not_spin() {
+    let config = Config::default().sleep_at_once();
+    assert_eq!(config.spin_before_sleep, Duration::ZERO);
+    assert_eq!(config.spin_iterations, 0);
+    let (a, _b) = in_process_channel_pair(4096, config).expect("pair");
+    let cpu = thread_cpu_time();
+    let mut buf = [0u8; 64];
+    for _ in 0..200 {
+        let r = a.recv(&mut buf, Instant::now() + Duration::from_micros(500));
+        assert_eq!(r, Err(ChannelError::TimedOut));
+    }
+    let used = thread_cpu_time() - cpu;
+    // 200 waits of 0.5 ms, 100 ms in all; each costs a few system calls, not a spin.
+    assert!(used < Duration::from_millis(30), "{used:?} on the CPU");
+    assert!(a.counters().receive_sleeps >= 200);
+}
+
+#[test]
+fn a_sender_spins_for_space_before_it_sleeps() {
+    // A 4 KiB ring holds three 1000-byte packets; the receiver frees room after a pause
+    // shorter than the spin, so the blocked sender takes it without sleeping.
+    let config = Config::default().with_spin_before_sleep(Duration::from_millis(50));
+    let (a, b) = in_process_channel_pair(4096, config).expect("pair");
+    let payload = [5u8; 1000];
+    while a.send(&payload, Wait::Now).is_ok() {}
+    let receiver = thread::spawn(move || {
+        thread::sleep(Duration::from_micros(200));
+        let mut buf = [0u8; 1000];
+        b.recv(&mut buf, Wait::Now).expect("a queued packet");
+        b
+    });
+    a.send(&payload, Instant::now() + Duration::from_secs(5))
+        .expect("room appears");
+    let b = receiver.join().expect("receiver");
+    assert_eq!(a.counters().send_waits, 0, "the sender never armed a sleep");
+    assert_eq!(b.counters().signals_sent, 0, "so nobody had to wake it");
+}
