@@ -382,9 +382,10 @@ impl<M: RingMem> Writer<M> {
 
     /// Appends a packet without publishing it; [`commit`](Self::commit) publishes.
     ///
-    /// A small packet (at most [`ASSEMBLE_MAX`] bytes in the ring, trailer included) is
-    /// assembled privately and copied into the ring in one pass; a larger one is written
-    /// piece by piece in place, where the payload copy dominates.
+    /// A small packet (at most [`ASSEMBLE_MAX`] bytes in the ring, trailer included) takes
+    /// a short path: its pieces go straight where they belong, or, when it wraps around
+    /// the end of the ring, it is assembled privately and copied in as words. A larger one
+    /// is written piece by piece through a reserved slot, where the payload copy dominates.
     #[inline]
     pub fn push(&mut self, packet: &OutgoingPacket<'_>) -> Result<(), WriteError> {
         let header_len = packet.header.len();
@@ -394,14 +395,55 @@ impl<M: RingMem> Writer<M> {
         }
         self.claim(len)?;
         let start = self.tail;
+        let descriptor: [u64; DESCRIPTOR_SIZE / 8] =
+            zerocopy::transmute!(descriptor_for(&packet.meta, header_len, len));
+        let at = start as usize;
+        if at + len + TRAILER_SIZE <= self.geo.len() {
+            // It does not wrap: each piece straight to where it goes.
+            let mem = &self.mem;
+            mem.write_data_words(at, &descriptor);
+            if !(header_len + packet.payload.len()).is_multiple_of(8) {
+                // Zero the last word first, so the padding is zero whatever was there.
+                mem.write_data_words(at + len - 8, &[0]);
+            }
+            let mut body = at + DESCRIPTOR_SIZE;
+            if header_len != 0 {
+                mem.write_data(body, packet.header);
+                body += header_len;
+            }
+            match packet.payload {
+                Payload::Bytes(bytes) => mem.write_data(body, bytes),
+                Payload::Gather(parts) => {
+                    for part in parts {
+                        mem.write_data(body, part);
+                        body += part.len();
+                    }
+                }
+            }
+            mem.write_data_words(at + len, &[trailer_for(start)]);
+        } else {
+            self.assemble_wrapped(packet, start, len, &descriptor);
+        }
+        self.tail = self.geo.advance(start, len + TRAILER_SIZE);
+        Ok(())
+    }
+
+    /// Writes a small packet that wraps around the end of the ring: assembled privately,
+    /// then copied in as words.
+    fn assemble_wrapped(
+        &mut self,
+        packet: &OutgoingPacket<'_>,
+        start: u32,
+        len: usize,
+        descriptor: &[u64; DESCRIPTOR_SIZE / 8],
+    ) {
         let words = (len + TRAILER_SIZE) / 8;
         let mut image = [0u64; ASSEMBLE_MAX / 8];
-        let descriptor = descriptor_for(&packet.meta, header_len, len);
-        let descriptor: [u64; DESCRIPTOR_SIZE / 8] = zerocopy::transmute!(descriptor);
-        image[..DESCRIPTOR_SIZE / 8].copy_from_slice(&descriptor);
+        image[..DESCRIPTOR_SIZE / 8].copy_from_slice(descriptor);
         {
             let body: &mut [u8] =
                 bytemuck::cast_slice_mut(&mut image[DESCRIPTOR_SIZE / 8..words - 1]);
+            let header_len = packet.header.len();
             body[..header_len].copy_from_slice(packet.header);
             let mut at = header_len;
             // The lengths were summed without overflow into `len`, so every part fits;
@@ -418,8 +460,6 @@ impl<M: RingMem> Writer<M> {
         }
         image[words - 1] = trailer_for(start);
         write_words_wrapped(&self.mem, self.geo, start, &image[..words]);
-        self.tail = self.geo.advance(start, len + TRAILER_SIZE);
-        Ok(())
     }
 
     /// [`push`](Self::push) for a large packet: descriptor, header, payload parts and
@@ -613,8 +653,8 @@ impl<M: RingMem> Writer<M> {
     }
 }
 
-/// The largest packet, trailer included, that [`Writer::push`] assembles privately before
-/// copying it into the ring in one pass (larger ones are copied piece by piece in place).
+/// The largest packet, trailer included, that [`Writer::push`] writes by its short path
+/// (larger ones go through a reserved slot).
 pub const ASSEMBLE_MAX: usize = 256;
 
 /// The descriptor of a `len`-byte packet (trailer excluded) with `header_len` bytes of
