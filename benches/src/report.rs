@@ -1,12 +1,15 @@
 //! `vmlink-bench-report`: runs the comparison benchmarks (`cargo bench -p vmlink-benches`)
 //! and turns criterion's results into one readable report: a table per group with every
 //! peer and floor and its ratio, the issue's targets checked against the same run, and SVG
-//! plots (round-trip latency against payload size, throughput against ring size).
+//! plots (round-trip latency against payload size, throughput against ring size). With the
+//! benchmarks it runs `scripts/instr` (callgrind's instructions per message of the ring and
+//! channel paths against the committed baseline) and includes its table.
 //!
 //! ```text
 //! cargo run --release -p vmlink-benches --bin vmlink-bench-report            # full run
 //! cargo run --release -p vmlink-benches --bin vmlink-bench-report -- --quick # shorter
 //! cargo run --release -p vmlink-benches --bin vmlink-bench-report -- --no-run
+//! cargo run --release -p vmlink-benches --bin vmlink-bench-report -- --no-instr
 //! ```
 //!
 //! The report goes to stdout and, as `REPORT.md` with the plots, into `docs/benchmarks/`
@@ -42,15 +45,19 @@ struct Args {
     out: PathBuf,
     filter: Option<String>,
     features: Option<String>,
+    instr: bool,
 }
 
 const USAGE: &str = "\
-usage: vmlink-bench-report [--quick] [--no-run] [--out DIR] [--filter REGEX] [--features LIST]
+usage: vmlink-bench-report [--quick] [--no-run] [--no-instr] [--out DIR] [--filter REGEX]
+                           [--features LIST]
 
 Runs `cargo bench -p vmlink-benches --bench compare` (warm-up 1 s, measurement 3 s per
-benchmark; --quick: 0.5 s and 1 s), then prints the report and writes REPORT.md and SVG plots
-into DIR (default: docs/benchmarks in the workspace).
-  --no-run        only report the results criterion already has
+benchmark; --quick: 0.5 s and 1 s) and `scripts/instr` (instructions per message under
+callgrind, against benches/instr-baseline.json), then prints the report and writes REPORT.md
+and SVG plots into DIR (default: docs/benchmarks in the workspace).
+  --no-run        only report the results criterion and scripts/instr already have
+  --no-instr      do not run scripts/instr (its last table is still reported)
   --filter REGEX  only run the benchmarks criterion's filter matches
   --features LIST cargo features of vmlink-benches to enable (iceoryx2: its peers, which
                   need libclang to build)";
@@ -62,12 +69,14 @@ fn parse_args() -> Result<Args, String> {
         out: root().join("docs/benchmarks"),
         filter: None,
         features: None,
+        instr: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => args.quick = true,
             "--no-run" => args.run = false,
+            "--no-instr" => args.instr = false,
             "--out" => args.out = PathBuf::from(it.next().ok_or("--out needs a directory")?),
             "--filter" => args.filter = Some(it.next().ok_or("--filter needs a pattern")?),
             "--features" => args.features = Some(it.next().ok_or("--features needs a list")?),
@@ -103,6 +112,9 @@ fn run(args: &Args) -> Result<(), String> {
     let started = SystemTime::now();
     if args.run {
         run_benches(args)?;
+        if args.instr {
+            run_instr();
+        }
     }
     let since = args.run.then_some(started);
     let results = collect(&target_dir().join("criterion"), since)?;
@@ -111,9 +123,12 @@ fn run(args: &Args) -> Result<(), String> {
     }
     let signals =
         fs::read_to_string(target_dir().join("vmlink-benches/signals.txt")).unwrap_or_default();
+    let instr =
+        fs::read_to_string(target_dir().join("vmlink-benches/instr.txt")).unwrap_or_default();
     let report = Report {
         results,
         signals,
+        instr,
         machine,
         quick: args.quick,
         ran: args.run,
@@ -176,6 +191,25 @@ fn run_benches(args: &Args) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Runs `scripts/instr`, which writes its table where [`run`] reads it. A failure (no
+/// valgrind, say) is reported and leaves that part of the report out; the timings stand.
+fn run_instr() {
+    eprintln!("counting instructions per message under callgrind (scripts/instr)");
+    let status = Command::new(root().join("scripts/instr"))
+        .current_dir(root())
+        .env("CARGO_TARGET_DIR", target_dir())
+        .stdout(Stdio::null())
+        .status();
+    let failure = match status {
+        Ok(s) if s.success() => return,
+        Ok(s) => s.to_string(),
+        Err(e) => e.to_string(),
+    };
+    // An earlier table must not pass for this run's.
+    let _ = fs::remove_file(target_dir().join("vmlink-benches/instr.txt"));
+    eprintln!("vmlink-bench-report: scripts/instr failed ({failure}); no instruction counts");
 }
 
 // ---- results ----------------------------------------------------------------------------
@@ -436,6 +470,8 @@ const PLOTS: &[Plot] = &[
 struct Report {
     results: Results,
     signals: String,
+    /// `scripts/instr`'s table: instructions per message under callgrind.
+    instr: String,
     machine: Machine,
     quick: bool,
     /// The benchmarks ran in this invocation (not `--no-run`).
@@ -711,6 +747,15 @@ impl Report {
         if !self.signals.is_empty() {
             let _ = writeln!(s, "\n## Doorbells\n\n```text\n{}```", self.signals);
         }
+        if !self.instr.is_empty() {
+            let _ = writeln!(
+                s,
+                "\n## Instructions per message (callgrind)\n\nFrom `scripts/instr`: \
+                 single-threaded, so repeatable where timings are not; compared with \
+                 `benches/instr-baseline.json` for the same rustc.\n\n```text\n{}```",
+                self.instr
+            );
+        }
         if !plots.is_empty() {
             let _ = writeln!(s, "\n## Plots\n");
             for p in plots {
@@ -968,6 +1013,9 @@ mod tests {
             signals: "# doorbells\nsignals/vmlink/channel_blocking_saturated: 1000 packets; \
                       doorbells/packet 0.0040 (producer->consumer 4 = 0.0040/packet)\n"
                 .into(),
+            instr: "case               Ir/msg  / floor\nfloor               165.0    1.00x\n\
+                    ring                616.1    3.73x\n"
+                .into(),
             machine: Machine {
                 cpu: "test CPU".into(),
                 cpus: 2,
@@ -1044,6 +1092,22 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("0.0040 doorbells/packet | yes |"), "{md}");
+    }
+
+    #[test]
+    fn markdown_has_the_instruction_counts() {
+        let md = report().markdown(&[]);
+        assert!(
+            md.contains("## Instructions per message (callgrind)"),
+            "{md}"
+        );
+        assert!(
+            md.contains("ring                616.1    3.73x\n```"),
+            "{md}"
+        );
+        let mut without = report();
+        without.instr.clear();
+        assert!(!without.markdown(&[]).contains("callgrind"));
     }
 
     #[test]
