@@ -135,6 +135,10 @@ impl<'a, T: PacketTx, R: PacketRx, D: Doorbell, TC: Half<Item = T>, RC: Half<Ite
         if let Some(len) = self.take_completion(&mut rx, txn, response)? {
             return Ok(CallStep::Done(len));
         }
+        if let Some(len) = self.take_own_completion(&mut rx, txn, response)? {
+            self.commit_rx(&mut rx)?;
+            return Ok(CallStep::Done(len));
+        }
         let mut blocked = false;
         while let Some(info) = self.next_for_receiver(&mut rx)? {
             if !self.queue_packet(&mut rx, &info)? {
@@ -153,6 +157,37 @@ impl<'a, T: PacketTx, R: PacketRx, D: Doorbell, TC: Half<Item = T>, RC: Half<Ite
             return Ok(CallStep::QueueFull);
         }
         Ok(CallStep::Idle)
+    }
+
+    /// The call's own completion when it is next in the ring and fits `response`: copied
+    /// straight there, consumed and its id freed, without storing it for the caller (this
+    /// is the caller) or waking anyone. Anything else is left to the general path.
+    fn take_own_completion(
+        &self,
+        rx: &mut RxState<R>,
+        txn: &mut PendingCall<'_, D>,
+        response: &mut [u8],
+    ) -> Result<Option<usize>, ChannelError> {
+        let info = match rx.link.peek() {
+            Ok(Some(info)) => info,
+            Ok(None) => return Ok(None),
+            Err(e) => return Err(self.link_error(e)),
+        };
+        let len = info.payload_len;
+        if info.packet_type != PacketType::Completion
+            || info.transaction_id != txn.tid
+            || len > response.len()
+            || self.txns.route(txn.tid) != Route::Waiting(slot_index(txn.tid))
+        {
+            return Ok(None);
+        }
+        rx.link
+            .read_payload(0, &mut response[..len])
+            .map_err(|e| self.link_error(e))?;
+        self.consume(&mut rx.link, &info);
+        self.txns.free(txn.tid);
+        txn.armed = false;
+        Ok(Some(len))
     }
 
     /// Copies a packet meant for a receiver into the queue (its header validated there).
