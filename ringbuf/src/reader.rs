@@ -370,12 +370,19 @@ impl<M: RingMem> IncomingPacket<'_, M> {
         &self.info
     }
 
+    #[inline]
     fn read_body(&self, body_offset: usize, buf: &mut [u8]) {
         let r = &*self.reader;
-        let at = r
-            .geo
-            .advance(self.info.offset, DESCRIPTOR_SIZE + body_offset);
-        read_wrapped(&r.mem, r.geo, at, buf);
+        // The packet starts below the data length and is no longer than it, so this
+        // cannot overflow.
+        let at = self.info.offset as usize + DESCRIPTOR_SIZE + body_offset;
+        if at + buf.len() <= r.geo.len() {
+            // The common case: nothing to wrap.
+            r.mem.read_data(at, buf);
+        } else {
+            let at = r.geo.advance(self.info.offset, DESCRIPTOR_SIZE + body_offset);
+            read_wrapped(&r.mem, r.geo, at, buf);
+        }
     }
 
     /// Copies `buf.len()` bytes of the extra header, starting at `offset`, into `buf`.
