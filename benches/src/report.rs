@@ -46,18 +46,22 @@ struct Args {
     filter: Option<String>,
     features: Option<String>,
     instr: bool,
+    interleaved: bool,
 }
 
 const USAGE: &str = "\
-usage: vmlink-bench-report [--quick] [--no-run] [--no-instr] [--out DIR] [--filter REGEX]
-                           [--features LIST]
+usage: vmlink-bench-report [--quick] [--no-run] [--no-instr] [--no-interleaved] [--out DIR]
+                           [--filter REGEX] [--features LIST]
 
-Runs `cargo bench -p vmlink-benches --bench compare` (warm-up 1 s, measurement 3 s per
-benchmark; --quick: 0.5 s and 1 s) and `scripts/instr` (instructions per message under
-callgrind, against benches/instr-baseline.json), then prints the report and writes REPORT.md
-and SVG plots into DIR (default: docs/benchmarks in the workspace).
-  --no-run        only report the results criterion and scripts/instr already have
+Runs the headline comparisons in interleaved rounds with pinned threads (the `floors` and
+`processes` examples of vmlink-examples), `cargo bench -p vmlink-benches --bench compare`
+(warm-up 1 s, measurement 3 s per benchmark; --quick: 0.5 s and 1 s) and `scripts/instr`
+(instructions per message under callgrind, against benches/instr-baseline.json), then prints
+the report and writes REPORT.md and SVG plots into DIR (default: docs/benchmarks in the
+workspace).
+  --no-run        only report the results the runs already left
   --no-instr      do not run scripts/instr (its last table is still reported)
+  --no-interleaved  do not run the interleaved examples (their last output is still reported)
   --filter REGEX  only run the benchmarks criterion's filter matches
   --features LIST cargo features of vmlink-benches to enable (iceoryx2: its peers, which
                   need libclang to build)";
@@ -70,6 +74,7 @@ fn parse_args() -> Result<Args, String> {
         filter: None,
         features: None,
         instr: true,
+        interleaved: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -77,6 +82,7 @@ fn parse_args() -> Result<Args, String> {
             "--quick" => args.quick = true,
             "--no-run" => args.run = false,
             "--no-instr" => args.instr = false,
+            "--no-interleaved" => args.interleaved = false,
             "--out" => args.out = PathBuf::from(it.next().ok_or("--out needs a directory")?),
             "--filter" => args.filter = Some(it.next().ok_or("--filter needs a pattern")?),
             "--features" => args.features = Some(it.next().ok_or("--features needs a list")?),
@@ -111,6 +117,11 @@ fn run(args: &Args) -> Result<(), String> {
     let machine = Machine::probe();
     let started = SystemTime::now();
     if args.run {
+        if args.interleaved {
+            for example in INTERLEAVED {
+                run_interleaved(example)?;
+            }
+        }
         run_benches(args)?;
         if args.instr {
             run_instr();
@@ -125,10 +136,18 @@ fn run(args: &Args) -> Result<(), String> {
         fs::read_to_string(target_dir().join("vmlink-benches/signals.txt")).unwrap_or_default();
     let instr =
         fs::read_to_string(target_dir().join("vmlink-benches/instr.txt")).unwrap_or_default();
+    let interleaved = INTERLEAVED
+        .iter()
+        .filter_map(|e| {
+            let out = fs::read_to_string(interleaved_path(e)).ok()?;
+            Some(((*e).to_owned(), out))
+        })
+        .collect();
     let report = Report {
         results,
         signals,
         instr,
+        interleaved,
         machine,
         quick: args.quick,
         ran: args.run,
@@ -191,6 +210,46 @@ fn run_benches(args: &Args) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// The examples that measure the headline targets in interleaved rounds with pinned threads:
+/// the ring and channel against their floors and rtrb, and two processes against two threads.
+const INTERLEAVED: [&str; 2] = ["floors", "processes"];
+
+/// Where an interleaved example's output is kept for the report.
+fn interleaved_path(example: &str) -> PathBuf {
+    target_dir().join(format!("vmlink-benches/{example}.txt"))
+}
+
+/// Runs an interleaved example (release build) with its output kept for the report. It runs
+/// first, on a quiet machine, before criterion's long run.
+fn run_interleaved(example: &str) -> Result<(), String> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    eprintln!("running the `{example}` example (interleaved rounds, pinned threads)");
+    let out = Command::new(cargo)
+        .current_dir(root())
+        .args([
+            "run",
+            "--release",
+            "-q",
+            "-p",
+            "vmlink-examples",
+            "--example",
+            example,
+        ])
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("run the {example} example: {e}"))?;
+    let path = interleaved_path(example);
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    }
+    if !out.status.success() {
+        // An earlier output must not pass for this run's.
+        let _ = fs::remove_file(&path);
+        return Err(format!("the {example} example failed ({})", out.status));
+    }
+    fs::write(&path, &out.stdout).map_err(|e| format!("write {}: {e}", path.display()))
 }
 
 /// Runs `scripts/instr`, which writes its table where [`run`] reads it. A failure (no
@@ -472,6 +531,8 @@ struct Report {
     signals: String,
     /// `scripts/instr`'s table: instructions per message under callgrind.
     instr: String,
+    /// The interleaved examples' outputs, by example name.
+    interleaved: Vec<(String, String)>,
     machine: Machine,
     quick: bool,
     /// The benchmarks ran in this invocation (not `--no-run`).
@@ -673,7 +734,30 @@ impl Report {
              Every figure is a criterion median from the same run; ratios compare results \
              of one run on one machine.\n"
         );
-        let _ = writeln!(s, "## Targets\n");
+        if !self.interleaved.is_empty() {
+            let _ = writeln!(
+                s,
+                "## Headline targets: interleaved rounds\n\nEach example runs every case once \
+                 per round, alternating their order, with the two sides pinned to two CPUs, \
+                 and reports medians across rounds and ratios computed per round: the \
+                 comparisons this drifting machine cannot spoil. Instruction counts for the \
+                 same paths are further down.\n"
+            );
+            for (example, out) in &self.interleaved {
+                let _ = writeln!(
+                    s,
+                    "### `{example}` (`cargo run --release -p vmlink-examples --example \
+                     {example}`)\n\n```text\n{out}```\n"
+                );
+            }
+        }
+        let _ = writeln!(s, "## Targets from criterion\n");
+        let _ = writeln!(
+            s,
+            "From the criterion groups below, whose cases run one after another: where the \
+             machine drifts between them, so do these ratios. The interleaved figures above \
+             are the ones to trust for the round trips and streams.\n"
+        );
         let _ = writeln!(s, "| target | goal | measured | met |");
         let _ = writeln!(s, "| --- | --- | --- | --- |");
         for t in self.targets() {
@@ -1016,6 +1100,10 @@ mod tests {
             instr: "case               Ir/msg  / floor\nfloor               165.0    1.00x\n\
                     ring                616.1    3.73x\n"
                 .into(),
+            interleaved: vec![(
+                "floors".into(),
+                "  vmlink-ring, polling / VMBus floor rtt  1.24   (goal <= 1.15)\n".into(),
+            )],
             machine: Machine {
                 cpu: "test CPU".into(),
                 cpus: 2,
@@ -1092,6 +1180,22 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("0.0040 doorbells/packet | yes |"), "{md}");
+    }
+
+    #[test]
+    fn markdown_has_the_interleaved_figures_first() {
+        let md = report().markdown(&[]);
+        let headline = md
+            .find("## Headline targets: interleaved rounds")
+            .expect("headline");
+        let criterion = md
+            .find("## Targets from criterion")
+            .expect("criterion targets");
+        assert!(headline < criterion);
+        assert!(
+            md.contains("### `floors` (`cargo run --release -p vmlink-examples --example floors`)")
+        );
+        assert!(md.contains("VMBus floor rtt  1.24   (goal <= 1.15)"));
     }
 
     #[test]
