@@ -380,7 +380,9 @@ impl<M: RingMem> IncomingPacket<'_, M> {
             // The common case: nothing to wrap.
             r.mem.read_data(at, buf);
         } else {
-            let at = r.geo.advance(self.info.offset, DESCRIPTOR_SIZE + body_offset);
+            let at = r
+                .geo
+                .advance(self.info.offset, DESCRIPTOR_SIZE + body_offset);
             read_wrapped(&r.mem, r.geo, at, buf);
         }
     }
