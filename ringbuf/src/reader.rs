@@ -154,6 +154,7 @@ impl<M: RingMem> Reader<M> {
     /// Re-reads the writer's index once and validates it: in range, aligned, and moved
     /// only forward (the writer cannot pass our published read index, so the bytes queued
     /// after it can only grow until we commit).
+    #[inline]
     fn refresh_write(&mut self) -> Result<(), RingError> {
         let raw = self.mem.load_control(ControlWord::WriteIndex);
         let new = self.geo.check_index(raw, Index::Write)?;
@@ -171,6 +172,7 @@ impl<M: RingMem> Reader<M> {
     }
 
     /// Reads and validates the descriptor at the head, without moving anything.
+    #[inline]
     fn next_packet(&mut self) -> Result<Option<PacketInfo>, RingError> {
         const MIN_PACKET: usize = DESCRIPTOR_SIZE + TRAILER_SIZE;
         if self.queued() < MIN_PACKET {
@@ -239,6 +241,7 @@ impl<M: RingMem> Reader<M> {
     }
 
     /// The next packet, validated but not consumed; `Ok(None)` when the ring is empty.
+    #[inline]
     pub fn peek(&mut self) -> Result<Option<IncomingPacket<'_, M>>, RingError> {
         Ok(self
             .next_packet()?
@@ -401,6 +404,7 @@ impl<M: RingMem> IncomingPacket<'_, M> {
     }
 
     /// Copies `buf.len()` bytes of the payload, starting at `offset`, into `buf`.
+    #[inline]
     pub fn read_payload(&self, offset: usize, buf: &mut [u8]) -> Result<(), ReadError> {
         if !in_bounds(offset, buf.len(), self.info.payload_len) {
             return Err(ReadError::OutOfBounds {
@@ -414,6 +418,7 @@ impl<M: RingMem> IncomingPacket<'_, M> {
     }
 
     /// Consumes the packet; the reader's next commit publishes it as read.
+    #[inline]
     pub fn consume(self) {
         let r = self.reader;
         r.head = r
