@@ -226,6 +226,7 @@ impl<M: RingMem> PacketTx for RingTx<M> {
         self.writer.max_packet_len()
     }
 
+    #[inline]
     fn push(&mut self, packet: &OutgoingPacket<'_>) -> Result<usize, ChannelError> {
         self.writer.push(packet).map_err(write_error)?;
         Ok(packet.packet_len().unwrap_or(0))
@@ -291,6 +292,7 @@ impl<M: RingMem> RingRx<M> {
         &mut self.reader
     }
 
+    #[inline]
     fn read(&mut self, header: bool, offset: usize, buf: &mut [u8]) -> Result<(), ChannelError> {
         let Some(info) = self.head else {
             return Err(ChannelError::OutOfBounds {
@@ -317,6 +319,7 @@ impl<M: RingMem> RingRx<M> {
 }
 
 impl<M: RingMem> PacketRx for RingRx<M> {
+    #[inline]
     fn peek(&mut self) -> Result<Option<Received>, ChannelError> {
         if self.head.is_none() {
             self.head = self
@@ -331,10 +334,12 @@ impl<M: RingMem> PacketRx for RingRx<M> {
         self.read(true, offset, buf)
     }
 
+    #[inline]
     fn read_payload(&mut self, offset: usize, buf: &mut [u8]) -> Result<(), ChannelError> {
         self.read(false, offset, buf)
     }
 
+    #[inline]
     fn consume(&mut self) {
         if let Some(info) = self.head.take()
             && let Some(p) = self.reader.packet(&info)

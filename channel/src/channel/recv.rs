@@ -7,6 +7,7 @@ impl<'a, R: PacketRx, D: Doorbell, TC, RC: Half<Item = RxState<R>>> Ops<'a, D, T
 
     /// Takes the next packet meant for a receiver off the incoming ring, dealing with
     /// completions for waiting callers on the way. Consumed packets are not yet committed.
+    #[inline]
     pub(crate) fn next_for_receiver(
         &self,
         rx: &mut RxState<R>,
@@ -60,6 +61,7 @@ impl<'a, R: PacketRx, D: Doorbell, TC, RC: Half<Item = RxState<R>>> Ops<'a, D, T
     }
 
     /// Consumes the packet at the head (not yet committed) and counts it.
+    #[inline]
     pub(crate) fn consume(&self, link: &mut R, info: &Received) {
         link.consume();
         bump_held(&self.counters.rx.packets_received, 1);
@@ -407,6 +409,7 @@ impl Packet<'_> {
     }
 
     /// Copies `buf.len()` bytes of the header (`header`) or payload at `offset` into `buf`.
+    #[inline]
     fn read(&mut self, header: bool, offset: usize, buf: &mut [u8]) -> Result<(), ChannelError> {
         match &mut self.source {
             Source::Link(link) => if header {
@@ -428,6 +431,7 @@ impl Packet<'_> {
     }
 
     /// Copies `buf.len()` bytes of the payload, starting at `offset`, into `buf`.
+    #[inline]
     pub fn read_payload(&mut self, offset: usize, buf: &mut [u8]) -> Result<(), ChannelError> {
         self.read(false, offset, buf)
     }
