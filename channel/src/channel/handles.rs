@@ -595,7 +595,10 @@ impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
         response: &mut [u8],
         wait: impl Into<Wait>,
     ) -> Result<usize, ChannelError> {
-        let deadline = wait.into().deadline().unwrap_or(Some(Instant::now()));
+        let deadline = wait
+            .into()
+            .deadline()
+            .unwrap_or_else(|()| Some(Instant::now()));
         self.ops().call(request, response, deadline)
     }
 }

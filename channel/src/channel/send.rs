@@ -167,7 +167,16 @@ pub(crate) fn request_packet<'a>(tid: u64, payload: &'a [&'a [u8]]) -> OutgoingP
             transaction_id: tid,
         },
         header: &[],
-        payload: vmlink_ring::Payload::Gather(payload),
+        payload: payload_of(payload),
+    }
+}
+
+/// The payload of `parts`: one slice as it is (the ring's shortest path), several gathered.
+#[inline]
+fn payload_of<'a>(parts: &'a [&'a [u8]]) -> vmlink_ring::Payload<'a> {
+    match parts {
+        [one] => vmlink_ring::Payload::Bytes(one),
+        parts => vmlink_ring::Payload::Gather(parts),
     }
 }
 
@@ -180,7 +189,7 @@ pub(crate) fn completion<'a>(tid: u64, payload: &'a [&'a [u8]]) -> OutgoingPacke
             transaction_id: tid,
         },
         header: &[],
-        payload: vmlink_ring::Payload::Gather(payload),
+        payload: payload_of(payload),
     }
 }
 
