@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use criterion::{Criterion, Throughput};
 use crossbeam_utils::CachePadded;
 use vmlink_channel::fd::EventFd;
-use vmlink_channel::{Channel, Config, Doorbell, EventFdDoorbell, in_process_channel_pair};
+use vmlink_channel::{
+    Channel, Config, DEFAULT_SPIN_BEFORE_SLEEP, Doorbell, EventFdDoorbell, in_process_channel_pair,
+};
 use vmlink_ring::{HeapMem, OutgoingPacket, Reader, Writer};
 
 use crate::cross_process;
@@ -34,10 +36,23 @@ pub fn rtt_64(c: &mut Criterion) {
     vmlink_channel(&mut g, "vmlink/channel_polling_call", a, b, true);
     let (a, b) = in_process_channel_pair(RING, Config::polling(SPIN)).expect("channel pair");
     vmlink_channel(&mut g, "vmlink/channel_polling_send_recv", a, b, false);
-    let (a, b) = in_process_channel_pair(RING, Config::default()).expect("channel pair");
+    // Blocking calls that sleep at once: the wake-up path itself, against the raw eventfd
+    // ping-pong below. With the default spin before sleeping, an answer that comes within
+    // the spin never sleeps (the `_spin` case).
+    let sleeping = Config::default().sleep_at_once();
+    let (a, b) = in_process_channel_pair(RING, sleeping).expect("channel pair");
     vmlink_channel(&mut g, "vmlink/channel_blocking_call", a, b, true);
-    let (a, b) = eventfd_channel_pair(Config::default());
+    let (a, b) = eventfd_channel_pair(sleeping);
     vmlink_channel(&mut g, "vmlink/channel_blocking_eventfd_call", a, b, true);
+    let spinning = Config::default().with_spin_before_sleep(DEFAULT_SPIN_BEFORE_SLEEP);
+    let (a, b) = eventfd_channel_pair(spinning);
+    vmlink_channel(
+        &mut g,
+        "vmlink/channel_blocking_eventfd_call_spin",
+        a,
+        b,
+        true,
+    );
     rtrb_pair(&mut g);
     #[cfg(feature = "iceoryx2")]
     crate::iceoryx::request_response(&mut g);

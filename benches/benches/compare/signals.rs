@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput};
-use vmlink_channel::{Config, Counters, InProcessChannel, in_process_channel_pair};
+use vmlink_channel::{
+    Config, Counters, DEFAULT_SPIN_BEFORE_SLEEP, InProcessChannel, in_process_channel_pair,
+};
 
 use crate::harness::{Check, Group, MSG, Peer, bench_pair, msg, spin_for, verify};
 
@@ -31,7 +33,12 @@ pub fn signals(c: &mut Criterion) {
     let mut g = c.benchmark_group("signals");
     g.throughput(Throughput::Elements(1));
     for (mode, config) in [
-        ("blocking", Config::default()),
+        // Blocking waits as a user gets them: spinning before they sleep.
+        (
+            "blocking",
+            Config::default().with_spin_before_sleep(DEFAULT_SPIN_BEFORE_SLEEP),
+        ),
+        ("sleep_at_once", Config::default().sleep_at_once()),
         ("polling", Config::polling(crate::rtt::SPIN)),
     ] {
         case(&mut g, &mut out, mode, config, None);
