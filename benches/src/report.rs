@@ -213,8 +213,9 @@ fn run_benches(args: &Args) -> Result<(), String> {
 }
 
 /// The examples that measure the headline targets in interleaved rounds with pinned threads:
-/// the ring and channel against their floors and rtrb, and two processes against two threads.
-const INTERLEAVED: [&str; 2] = ["floors", "processes"];
+/// the ring and channel against their floors and rtrb, two processes against two threads,
+/// and the blocking paths against eventfd and a Unix socket.
+const INTERLEAVED: [&str; 3] = ["floors", "processes", "blocking"];
 
 /// Where an interleaved example's output is kept for the report.
 fn interleaved_path(example: &str) -> PathBuf {
