@@ -179,6 +179,8 @@ pub(super) struct TxCounters {
     pub(super) bytes_sent: AtomicU64,
     pub(super) signals_sent: AtomicU64,
     pub(super) send_waits: AtomicU64,
+    /// Sends that found the ring full since one went out (see [`probe_due`]); not reported.
+    pub(super) full_looks: AtomicU32,
 }
 
 /// Bumped by receivers and waiters.
@@ -192,6 +194,9 @@ pub(super) struct RxCounters {
     pub(super) signals_received: AtomicU64,
     pub(super) receive_sleeps: AtomicU64,
     pub(super) late_completions: AtomicU64,
+    /// Receives that found nothing since one found something (see [`probe_due`]); not
+    /// reported.
+    pub(super) empty_looks: AtomicU32,
 }
 
 /// Adds `n` to a counter any thread may bump.
@@ -208,6 +213,30 @@ pub(super) fn bump_held(c: &AtomicU64, n: u64) {
     c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
 }
 
+/// How often an operation that cannot wait and finds nothing to do asks the doorbell
+/// whether the peer left: the first time after progress, then every this many times.
+pub(super) const PROBE_EVERY: u32 = 64;
+
+/// Counts a look that found the ring empty (receivers) or full (senders) and says whether
+/// this one should ask the doorbell about the peer, which may be a system call (a `poll`
+/// of a socket costs a few hundred nanoseconds, more than a look): the first look after
+/// progress, then every [`PROBE_EVERY`]th. A plain load and store: concurrent callers may
+/// lose a count, which only moves a probe.
+#[inline]
+pub(super) fn probe_due(looks: &AtomicU32) -> bool {
+    let n = looks.load(Ordering::Relaxed);
+    looks.store(n.wrapping_add(1), Ordering::Relaxed);
+    n.is_multiple_of(PROBE_EVERY)
+}
+
+/// Progress (a packet received, or sent): the next empty or full look asks the doorbell.
+#[inline]
+pub(super) fn progressed(looks: &AtomicU32) {
+    if looks.load(Ordering::Relaxed) != 0 {
+        looks.store(0, Ordering::Relaxed);
+    }
+}
+
 impl AtomicCounters {
     #[cfg(feature = "alloc")]
     pub(super) fn from_snapshot(c: &Counters) -> Self {
@@ -217,6 +246,7 @@ impl AtomicCounters {
                 bytes_sent: AtomicU64::new(c.bytes_sent),
                 signals_sent: AtomicU64::new(c.signals_sent),
                 send_waits: AtomicU64::new(c.send_waits),
+                full_looks: AtomicU32::new(0),
             },
             rx: RxCounters {
                 packets_received: AtomicU64::new(c.packets_received),
@@ -224,6 +254,7 @@ impl AtomicCounters {
                 signals_received: AtomicU64::new(c.signals_received),
                 receive_sleeps: AtomicU64::new(c.receive_sleeps),
                 late_completions: AtomicU64::new(c.late_completions),
+                empty_looks: AtomicU32::new(0),
             },
         }
     }

@@ -225,8 +225,9 @@ macro_rules! send_ops {
         /// Sends do not ask the doorbell whether the peer is still there (that may be a
         /// system call): until the channel has learnt of a departure, a packet may land in
         /// a ring nobody reads, as it would had the peer left just after it. A send that
-        /// finds the ring full asks, and says [`ChannelError::Closed`] rather than `Full`
-        /// once the peer has gone.
+        /// finds the ring full asks (the first after a send went out, then every 64th, so
+        /// a sender that keeps trying pays the question rarely), and says
+        /// [`ChannelError::Closed`] rather than `Full` once the peer has gone.
         ///
         /// ```
         /// use vmlink_channel::{ChannelError, Config, Wait, in_process_channel_pair};
@@ -437,6 +438,10 @@ macro_rules! recv_ops {
         ///
         /// [`ChannelError::Closed`] once the peer is gone and everything it committed has
         /// been received; with [`Wait::Now`], [`ChannelError::Empty`] when nothing is there.
+        /// A receive that does not wait learns of a departure the channel has not yet seen
+        /// by asking the doorbell (maybe a system call) when it finds nothing: the first
+        /// time after a packet arrived, then every 64th time, so a receiver that polls pays
+        /// the question rarely and still sees `Closed` within 64 empty looks.
         pub fn recv(
             self: $recv,
             buf: &mut [u8],

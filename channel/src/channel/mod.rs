@@ -4,7 +4,7 @@
 #[cfg(feature = "alloc")]
 use alloc::vec::Vec;
 // The counters' own: statistics that order nothing, so plain atomics even under loom.
-use core::sync::atomic::AtomicU64;
+use core::sync::atomic::{AtomicU32, AtomicU64};
 use core::time::Duration;
 #[cfg(feature = "std")]
 use std::time::Instant;
@@ -85,7 +85,7 @@ mod wait;
 
 #[cfg(feature = "alloc")]
 pub(crate) use call::CallStep;
-use config::{AtomicCounters, bump, bump_held, initial_wake_cost};
+use config::{AtomicCounters, bump, bump_held, initial_wake_cost, probe_due, progressed};
 pub use config::{ChannelState, Config, Counters, DEFAULT_SPIN_BEFORE_SLEEP};
 
 #[cfg(feature = "alloc")]
@@ -358,10 +358,18 @@ impl<D: Doorbell> Core<D> {
     }
 
     /// After a receive found nothing: with [`Probe::Doorbell`], asks the doorbell whether
-    /// the peer has left (maybe a system call, so only on this path). True means it has
-    /// just been found gone and the receive must look at the ring once more.
+    /// the peer has left (maybe a system call, so only on this path, and only on the
+    /// first empty look after a packet and every 64th after that: see
+    /// [`probe_due`](config::probe_due)). True means it has just been found gone and the
+    /// receive must look at the ring once more.
     fn newly_gone(&self, probe: Probe) -> bool {
-        probe == Probe::Doorbell && self.peer_gone()
+        probe == Probe::Doorbell && probe_due(&self.counters.rx.empty_looks) && self.peer_gone()
+    }
+
+    /// A receive found a packet: the next empty look asks the doorbell again.
+    #[inline]
+    fn received(&self) {
+        progressed(&self.counters.rx.empty_looks);
     }
 
     /// True when the peer is gone, asking the doorbell if the state does not say so yet.
@@ -401,8 +409,9 @@ impl<D: Doorbell> Core<D> {
         }
         // Only what the channel already knows: asking the doorbell may be a system call,
         // too dear for every send. A send to a peer that left unnoticed lands in a ring
-        // nobody reads (as it would had the peer left just after it); the first send that
-        // finds the ring full asks the doorbell and says `Closed`.
+        // nobody reads (as it would had the peer left just after it); a send that finds
+        // the ring full asks the doorbell (the first after progress, then every 64th) and
+        // says `Closed`.
         if self.known_gone() {
             return Err(ChannelError::Closed);
         }

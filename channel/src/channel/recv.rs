@@ -170,7 +170,10 @@ impl<'a, R: PacketRx, D: Doorbell, TC, RC: Half<Item = RxState<R>>> Ops<'a, D, T
             self.commit_rx(&mut rx)?;
             drop(rx);
             return match got {
-                Some(r) => r.map(Some),
+                Some(r) => {
+                    self.received();
+                    r.map(Some)
+                }
                 None if gone => Err(ChannelError::Closed),
                 None if self.newly_gone(probe) => continue,
                 None => Ok(None),
@@ -289,6 +292,9 @@ impl<'a, R: PacketRx, D: Doorbell, TC, RC: Half<Item = RxState<R>>> Ops<'a, D, T
         result?;
         if n == 0 && gone {
             return Err(ChannelError::Closed);
+        }
+        if n > 0 {
+            self.received();
         }
         Ok((n, gone))
     }

@@ -6,13 +6,22 @@ impl<'a, T: PacketTx, D: Doorbell, TC: Half<Item = T>, RC> Ops<'a, D, TC, RC> {
     // ---- sending -----------------------------------------------------------------------
 
     /// Runs `write` on the sending half and publishes; `Full` if it does not fit now,
-    /// `Closed` instead when the doorbell says the peer has left.
+    /// `Closed` instead when the doorbell says the peer has left. The doorbell (maybe a
+    /// system call) is asked on the first full look after a send went out and on every
+    /// 64th after that.
     pub(crate) fn try_send_with(
         &self,
         write: &mut dyn FnMut(&mut T) -> Result<usize, ChannelError>,
     ) -> Result<(), ChannelError> {
+        let looks = &self.counters.tx.full_looks;
         match self.send_once(write) {
-            Err(ChannelError::Full) if self.peer_gone() => Err(ChannelError::Closed),
+            Ok(()) => {
+                progressed(looks);
+                Ok(())
+            }
+            Err(ChannelError::Full) if probe_due(looks) && self.peer_gone() => {
+                Err(ChannelError::Closed)
+            }
             other => other,
         }
     }
