@@ -57,7 +57,13 @@ pub fn check(seq: u64, first_word: usize, buf: &[u8]) -> bool {
         diff |= u64::from_le_bytes(*word) ^ value;
         value = value.wrapping_add(STEP);
     }
-    diff == 0 && *rest == value.to_le_bytes()[..rest.len()]
+    if !rest.is_empty() {
+        let mut last = [0u8; 8];
+        last[..rest.len()].copy_from_slice(rest);
+        let mask = u64::MAX >> (8 * (8 - rest.len()));
+        diff |= (u64::from_le_bytes(last) ^ value) & mask;
+    }
+    diff == 0
 }
 
 /// The sequence number a packet claims: its first word, if it has one.
