@@ -28,6 +28,8 @@ struct GuestSide {
     /// The generated file's hash and length, once made.
     file: Option<(u64, u64)>,
     buf: Vec<u8>,
+    /// One chunk of the file, on its way from the disk.
+    chunk: Vec<u8>,
 }
 
 /// Runs the guest: `dir` is the host's private directory with the sockets.
@@ -47,6 +49,7 @@ pub fn run(dir: &Path) -> Result<()> {
         socket,
         file: None,
         buf: vec![0u8; 2 << 20],
+        chunk: vec![0u8; FILE_CHUNK],
     };
     loop {
         let r = g
@@ -87,11 +90,11 @@ pub fn run(dir: &Path) -> Result<()> {
                     return fail("asked to send the file before making it");
                 };
                 let source = dir.join(SOURCE_FILE);
+                let mut file = File::open(&source).context("open the file")?;
                 if word(&cmd, 0) == wire::OP_FILE_CHANNEL {
-                    file_channel(&g.control, &source, &mut g.buf)?;
+                    file_channel(&g.control, &mut file, &mut g.chunk, &mut g.buf)?;
                 } else {
-                    let mut f = File::open(&source).context("open the file")?;
-                    std::io::copy(&mut f, &mut g.socket).context("send the file")?;
+                    file_socket(&mut g.socket, &mut file, &mut g.chunk)?;
                 }
                 g.file_done(hash, len)?
             }
@@ -274,7 +277,7 @@ fn make_file(path: &Path, len: u64) -> Result<(u64, u64)> {
 /// Sends the file at `path` through the guest's half of the buffer area: each chunk goes
 /// into a free slot, a GPA-direct packet `[slot, offset, length]` names its pages, and the
 /// host's `[ACK, slot]` frees the slot again.
-fn file_channel(end: &Endpoint, path: &Path, buf: &mut [u8]) -> Result<()> {
+fn file_channel(end: &Endpoint, file: &mut File, chunk: &mut [u8], buf: &mut [u8]) -> Result<()> {
     let ch = end.channel();
     let area = end.buffer();
     let pages = area.guest_pages();
@@ -284,8 +287,6 @@ fn file_channel(end: &Endpoint, path: &Path, buf: &mut [u8]) -> Result<()> {
         return fail("the buffer area is too small for the file copy");
     }
     let mut free: Vec<u64> = (0..slots).rev().collect();
-    let mut file = File::open(path).context("open the file")?;
-    let mut chunk = vec![0u8; FILE_CHUNK];
     let mut offset = 0u64;
     let meta = PacketMeta {
         packet_type: PacketType::GpaDirect,
@@ -307,7 +308,7 @@ fn file_channel(end: &Endpoint, path: &Path, buf: &mut [u8]) -> Result<()> {
         }
     };
     loop {
-        let n = read_full(&mut file, &mut chunk).context("read the file")?;
+        let n = read_full(file, chunk).context("read the file")?;
         if n == 0 {
             break;
         }
@@ -337,6 +338,17 @@ fn file_channel(end: &Endpoint, path: &Path, buf: &mut [u8]) -> Result<()> {
         wait_ack(&mut free)?;
     }
     Ok(())
+}
+
+/// Sends the file through the baseline socket, a chunk per write.
+fn file_socket(socket: &mut UnixStream, file: &mut File, chunk: &mut [u8]) -> Result<()> {
+    loop {
+        let n = read_full(file, chunk).context("read the file")?;
+        if n == 0 {
+            return Ok(());
+        }
+        socket.write_all(&chunk[..n]).context("send the file")?;
+    }
 }
 
 /// Reads until `buf` is full or the file ends; returns the bytes read.

@@ -58,6 +58,16 @@ const RECEIVED_FILE: &str = "received.bin";
 /// How long any single wait may take before the demo gives up on the other process.
 const WAIT: Duration = Duration::from_secs(20);
 
+/// Which mechanism goes first in round `round` of a comparison (`false`: vmlink, `true`:
+/// the socket): they alternate, so drift in the machine's speed favours neither.
+fn order(round: usize) -> [bool; 2] {
+    if round.is_multiple_of(2) {
+        [false, true]
+    } else {
+        [true, false]
+    }
+}
+
 /// A deadline [`WAIT`] from now.
 fn soon() -> Option<std::time::Instant> {
     Some(std::time::Instant::now() + WAIT)
@@ -78,6 +88,8 @@ pub struct Plan {
     pub stream_budget: Duration,
     /// Bytes of the file copied.
     pub file_bytes: u64,
+    /// Measured copies of the file each way (after one unmeasured copy each way).
+    pub file_rounds: usize,
 }
 
 impl Plan {
@@ -90,6 +102,7 @@ impl Plan {
             max_samples: 500_000,
             stream_budget: Duration::from_millis(300),
             file_bytes: 64 << 20,
+            file_rounds: 3,
         }
     }
 
@@ -102,6 +115,7 @@ impl Plan {
             max_samples: 50_000,
             stream_budget: Duration::from_millis(50),
             file_bytes: 8 << 20,
+            file_rounds: 1,
         }
     }
 }
@@ -206,26 +220,34 @@ pub struct ThroughputRow {
     pub socket: Throughput,
 }
 
-/// One copy of the demo file from the guest to the host.
-#[derive(Debug, Clone, Copy)]
+/// The copies of the demo file from the guest to the host by one mechanism.
+#[derive(Debug, Clone)]
 pub struct FileCopy {
-    /// Time from the host's command until the host had written the last byte.
-    pub elapsed: Duration,
-    /// The hash of the file as the host wrote it (see [`crate::hash`]).
+    /// Each measured copy's time, from the host's command until the host had written the
+    /// last byte, in the order they ran.
+    pub times: Vec<Duration>,
+    /// The hash of the file as the host wrote it the last time (see [`crate::hash`]).
     pub hash: u64,
-    /// Whether it matched the guest's hash, on both sides.
+    /// Whether every copy matched the guest's hash, on both sides.
     pub verified: bool,
 }
 
 impl FileCopy {
-    /// Gigabytes (10^9 bytes) per second for a file of `bytes`.
+    /// The median measured copy (the slower middle one of an even count); zero without any.
+    pub fn elapsed(&self) -> Duration {
+        let mut times = self.times.clone();
+        times.sort_unstable();
+        times.get(times.len() / 2).copied().unwrap_or_default()
+    }
+
+    /// Gigabytes (10^9 bytes) per second of the median copy of a file of `bytes`.
     pub fn gb_per_s(&self, bytes: u64) -> f64 {
-        bytes as f64 / self.elapsed.as_secs_f64() / 1e9
+        bytes as f64 / self.elapsed().as_secs_f64() / 1e9
     }
 }
 
 /// The file copied both ways.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct FileRow {
     /// The file's size.
     pub bytes: u64,
@@ -268,6 +290,8 @@ impl Machine {
 pub struct Results {
     /// Where it ran.
     pub machine: Machine,
+    /// How long it measured.
+    pub plan: Plan,
     /// Round-trip latency, one row per mode.
     pub latency: Vec<LatencyRow>,
     /// Streaming throughput, one row per packet size.
