@@ -194,7 +194,7 @@ fn demo(args: &DemoArgs) -> ExitCode {
     if !args.json {
         eprintln!(
             "vmlink demo: measuring (about {} s)...",
-            if args.quick { "1" } else { "4" }
+            if args.quick { "1" } else { "3" }
         );
     }
     let results = match demo::run(&plan) {

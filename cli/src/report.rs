@@ -3,8 +3,9 @@
 use std::fmt::Write as _;
 
 use crate::demo::{
-    BATCH_BYTES, BATCH_PACKETS, CONTROL_RING_BYTES, FILE_CHUNK, FileCopy, LatencyRow, PING_BYTES,
-    Results, ThroughputRow,
+    CONTROL_RING_BYTES, FILE_CHUNK, FILE_SLOTS, FileCopy, FileRow, LatencyRow, Mode, PING_BYTES,
+    POLLING_SPINS, RECV_BATCH, Results, SOCKET_BUFFER, Throughput, ThroughputRow,
+    packets_per_commit,
 };
 
 /// A duration in whole nanoseconds, saturating.
@@ -74,6 +75,85 @@ pub fn table(r: &Results) -> String {
     out
 }
 
+/// A share as a whole percentage, `?` when unknown.
+fn percent(share: Option<f64>) -> String {
+    share.map_or_else(|| "?".to_owned(), |s| format!("{:.0}%", s * 100.0))
+}
+
+/// Why a latency row's numbers are what they are, in one line.
+fn latency_why(row: &LatencyRow, spin: std::time::Duration) -> String {
+    let signals = row.vmlink.signals_per_round_trip.unwrap_or(0.0);
+    let waits = if signals < 0.5 {
+        "replies came within the spin, nobody slept"
+    } else {
+        "waits ended asleep, woken by the doorbell"
+    };
+    match row.mode {
+        Mode::Blocking if spin.is_zero() => format!(
+            "each side sleeps on its eventfd at once and the reply's doorbell wakes it \
+             ({signals:.2} signals/rt), as each socket read sleeps until the write wakes it"
+        ),
+        Mode::Blocking => format!(
+            "the channel's default wait: spin up to a wake-up's cost (at most {} µs), then \
+             sleep; {signals:.2} signals/rt: {waits}; each socket read sleeps until the write \
+             wakes it",
+            spin.as_micros()
+        ),
+        Mode::Polling => format!(
+            "receivers look {POLLING_SPINS} times (signals masked) before sleeping: a reply is \
+             a cache line written on one CPU and read on the other; {signals:.2} signals/rt"
+        ),
+    }
+}
+
+/// The share of the time on CPU from which a side counts as the one that sets the rate.
+const BOUND: f64 = 0.85;
+
+/// Why a streaming row's numbers are what they are, in one line.
+fn throughput_why(row: &ThroughputRow) -> String {
+    let per_commit = packets_per_commit(row.packet_bytes);
+    let limit = |t: &Throughput, unit: &str| match t.busier() {
+        Some((sender, busy, ns)) if busy >= BOUND => format!(
+            ", so the {} sets the rate at {ns:.0} ns of CPU per {unit}",
+            if sender { "sender" } else { "receiver" }
+        ),
+        Some(_) => ", neither always running (waits, or other work on the CPUs)".to_owned(),
+        None => String::new(),
+    };
+    format!(
+        "vmlink: {per_commit} per commit, up to {RECV_BATCH} per receive, sender on CPU {}, \
+         receiver {}{}; socket: {} writes, {} and {}{}",
+        percent(row.vmlink.sender_busy()),
+        percent(row.vmlink.receiver_busy()),
+        limit(&row.vmlink, "packet"),
+        size(SOCKET_BUFFER),
+        percent(row.socket.sender_busy()),
+        percent(row.socket.receiver_busy()),
+        limit(&row.socket, "frame"),
+    )
+}
+
+/// The measured copies' times in milliseconds, space-separated, in the order they ran.
+fn copy_times(copy: &FileCopy) -> String {
+    let times: Vec<String> = copy
+        .times
+        .iter()
+        .map(|t| format!("{:.0}", t.as_secs_f64() * 1e3))
+        .collect();
+    times.join(" ")
+}
+
+/// Why the file row's numbers are what they are, in one line.
+fn file_why(f: &FileRow) -> String {
+    format!(
+        "{FILE_SLOTS} chunks in flight in GPA-direct packets; the host copies each out of the \
+         named pages and writes it, the socket adds a copy into and out of the kernel; copies \
+         (ms): vmlink {}, socket {}",
+        copy_times(&f.vmlink),
+        copy_times(&f.socket),
+    )
+}
+
 /// Writes the table into `out`.
 fn write_table(out: &mut String, r: &Results) -> std::fmt::Result {
     writeln!(
@@ -119,14 +199,16 @@ fn write_table(out: &mut String, r: &Results) -> std::fmt::Result {
             time(row.socket.p99_ns),
             latency_speedup_p50(row),
         )?;
+        writeln!(out, "    {}", latency_why(row, r.spin_before_sleep))?;
     }
     writeln!(out)?;
     writeln!(
         out,
-        "Streaming guest -> host, {} rings, commit every {BATCH_PACKETS} packets or {}, \
-         batched receives",
+        "Streaming guest -> host, {} rings, {} rounds of {} ms each way, vmlink and socket \
+         alternating",
         size(CONTROL_RING_BYTES as usize),
-        size(BATCH_BYTES),
+        r.plan.stream_rounds,
+        r.plan.stream_budget.as_millis(),
     )?;
     writeln!(
         out,
@@ -153,13 +235,14 @@ fn write_table(out: &mut String, r: &Results) -> std::fmt::Result {
             row.socket.gb_per_s(row.packet_bytes),
             throughput_speedup(row),
         )?;
+        writeln!(out, "    {}", throughput_why(row))?;
     }
     writeln!(out)?;
     let f = &r.file;
     writeln!(
         out,
-        "File copy guest -> host page cache, {} in {} GPA-direct chunks through the buffer \
-         area, median of {} copies each way (alternating, after one unmeasured)",
+        "File copy guest -> host page cache, {} in {} chunks, median of {} copies each way \
+         (alternating, after one unmeasured)",
         size(f.bytes as usize),
         size(FILE_CHUNK),
         r.plan.file_rounds,
@@ -188,19 +271,22 @@ fn write_table(out: &mut String, r: &Results) -> std::fmt::Result {
             "FAILED"
         },
     )?;
+    writeln!(out, "    {}", file_why(f))?;
     writeln!(out)?;
     writeln!(
         out,
         "socket: a Unix stream socket between the same two processes, blocking, same payloads \
-         and checks (64 KiB buffered writes when streaming)"
+         and checks"
     )?;
     writeln!(
         out,
-        "speedup: socket time / vmlink time (latency at the median); above 1 means vmlink is faster"
+        "speedup: socket time / vmlink time (latency at the median, streams over all rounds); \
+         above 1 means vmlink is faster"
     )?;
     writeln!(
         out,
-        "signals: doorbell rings (eventfd writes), both processes; hash: 64-bit FNV-1a over words"
+        "signals: doorbell rings (eventfd writes), both processes; on CPU: the thread's run \
+         time / the wall time; hash: 64-bit FNV-1a over words"
     )?;
     writeln!(out)?;
     let check = &r.vmlink_check;
@@ -263,7 +349,7 @@ pub fn json(r: &Results, quick: bool) -> String {
                     "{{\"mode\":{},\"payload_bytes\":{},\"samples\":{},",
                     "\"vmlink_p50_ns\":{},\"vmlink_p99_ns\":{},\"signals_per_round_trip\":{},",
                     "\"socket_samples\":{},\"socket_p50_ns\":{},\"socket_p99_ns\":{},",
-                    "\"speedup_p50\":{},\"speedup_p99\":{}}}"
+                    "\"speedup_p50\":{},\"speedup_p99\":{},\"why\":{}}}"
                 ),
                 string(row.mode.name()),
                 PING_BYTES,
@@ -276,6 +362,7 @@ pub fn json(r: &Results, quick: bool) -> String {
                 row.socket.p99_ns,
                 num(latency_speedup_p50(row)),
                 num(latency_speedup_p99(row)),
+                string(&latency_why(row, r.spin_before_sleep)),
             )
         })
         .collect();
@@ -289,7 +376,10 @@ pub fn json(r: &Results, quick: bool) -> String {
                     "\"vmlink_packets_per_s\":{},\"vmlink_gb_per_s\":{},",
                     "\"signals\":{},\"signals_per_packet\":{},",
                     "\"socket_packets\":{},\"socket_seconds\":{},",
-                    "\"socket_packets_per_s\":{},\"socket_gb_per_s\":{},\"speedup\":{}}}"
+                    "\"socket_packets_per_s\":{},\"socket_gb_per_s\":{},\"speedup\":{},",
+                    "\"rounds\":{},\"packets_per_commit\":{},\"receive_batch\":{},",
+                    "\"vmlink_sender_busy\":{},\"vmlink_receiver_busy\":{},",
+                    "\"socket_sender_busy\":{},\"socket_receiver_busy\":{},\"why\":{}}}"
                 ),
                 row.packet_bytes,
                 row.vmlink.packets,
@@ -305,12 +395,20 @@ pub fn json(r: &Results, quick: bool) -> String {
                 num(row.socket.packets_per_s()),
                 num(row.socket.gb_per_s(row.packet_bytes)),
                 num(throughput_speedup(row)),
+                r.plan.stream_rounds,
+                packets_per_commit(row.packet_bytes),
+                RECV_BATCH,
+                opt_num(row.vmlink.sender_busy()),
+                opt_num(row.vmlink.receiver_busy()),
+                opt_num(row.socket.sender_busy()),
+                opt_num(row.socket.receiver_busy()),
+                string(&throughput_why(row)),
             )
         })
         .collect();
     format!(
         concat!(
-            "{{\"quick\":{},\"cpus\":{},\"load_average\":{},",
+            "{{\"quick\":{},\"cpus\":{},\"load_average\":{},\"spin_before_sleep_ns\":{},",
             "\"latency\":[{}],\"throughput\":[{}],\"file\":{},",
             "\"verified_packets\":{},\"verified_bytes\":{},",
             "\"socket_verified_packets\":{},\"socket_verified_bytes\":{},",
@@ -319,6 +417,7 @@ pub fn json(r: &Results, quick: bool) -> String {
         quick,
         r.machine.cpus,
         opt_num(r.machine.load_average),
+        nanos(r.spin_before_sleep),
         latency.join(","),
         throughput.join(","),
         file_json(r),
@@ -338,8 +437,9 @@ fn file_json(r: &Results) -> String {
         concat!(
             "{{\"bytes\":{},\"chunk_bytes\":{},\"vmlink_seconds\":{},\"vmlink_gb_per_s\":{},",
             "\"socket_seconds\":{},\"socket_gb_per_s\":{},\"speedup\":{},",
-            "\"rounds\":{},\"vmlink_runs_seconds\":[{}],\"socket_runs_seconds\":[{}],",
-            "\"hash\":\"{:016x}\",\"vmlink_verified\":{},\"socket_verified\":{}}}"
+            "\"rounds\":{},\"chunks_in_flight\":{},",
+            "\"vmlink_runs_seconds\":[{}],\"socket_runs_seconds\":[{}],",
+            "\"hash\":\"{:016x}\",\"vmlink_verified\":{},\"socket_verified\":{},\"why\":{}}}"
         ),
         f.bytes,
         FILE_CHUNK,
@@ -352,11 +452,13 @@ fn file_json(r: &Results) -> String {
             f.vmlink.elapsed().as_secs_f64()
         )),
         r.plan.file_rounds,
+        FILE_SLOTS,
         runs(&f.vmlink),
         runs(&f.socket),
         f.vmlink.hash,
         f.vmlink.verified,
         f.socket.verified,
+        string(&file_why(f)),
     )
 }
 

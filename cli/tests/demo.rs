@@ -41,6 +41,12 @@ fn quick_json_demo_verifies_data() {
     assert!(json.contains("\"first_mismatch\":null"), "{json}");
     assert!(json.contains("\"vmlink_verified\":true"), "{json}");
     assert!(json.contains("\"socket_verified\":true"), "{json}");
+    assert_eq!(
+        json.matches("\"why\":\"").count(),
+        5,
+        "each latency, streaming and file row says why: {json}"
+    );
+    assert!(json.contains("\"vmlink_runs_seconds\":["), "{json}");
     for mode in ["\"mode\":\"polling\"", "\"mode\":\"blocking\""] {
         assert!(json.contains(mode), "{mode} missing: {json}");
     }

@@ -14,7 +14,8 @@ use vmlink_shm::{Endpoint, Guest, ShmChannel};
 use super::wire::{self, word};
 use super::{
     BASELINE_SOCKET, BATCH_BYTES, BATCH_PACKETS, CONTROL_SERVICE, FILE_CHUNK, PING_BYTES,
-    POLLING_SERVICE, POLLING_SOCKET, POLLING_SPINS, SOURCE_FILE, soon,
+    POLLING_SERVICE, POLLING_SOCKET, POLLING_SPINS, SOCKET_BUFFER, SOURCE_FILE, cpu_since, soon,
+    thread_cpu,
 };
 use crate::error::{Context, Result, fail};
 use crate::hash;
@@ -196,13 +197,17 @@ fn serve_socket(socket: &mut UnixStream) -> Result<Tally> {
     }
 }
 
-/// Streams packets of `size` bytes for `budget`, then `[END, packets, signals]`. Packets go
-/// out in batches (one commit, so at most one signal, per [`BATCH_PACKETS`] packets or
-/// [`BATCH_BYTES`]); when the ring is full a plain send waits for space.
+/// Streams packets of `size` bytes for `budget`, then `[END, packets, signals, cpu]` (the
+/// nanoseconds this thread ran, 0 when unknown). Packets go out in batches (one commit, so
+/// at most one signal, per [`BATCH_PACKETS`] packets or [`BATCH_BYTES`]); when the ring is
+/// full a plain send waits for space.
 fn stream_channel(ch: &ShmChannel, size: usize, budget: Duration, signals: u64) -> Result<()> {
     let mut packet = vec![0u8; size];
+    let clock_every = clock_every(size);
+    let cpu = thread_cpu();
     let start = Instant::now();
     let mut seq = 0u64;
+    let mut next_look = clock_every;
     loop {
         let mut batch = ch.batch().context("start a batch")?;
         let mut bytes = 0;
@@ -224,32 +229,45 @@ fn stream_channel(ch: &ShmChannel, size: usize, budget: Duration, signals: u64) 
             ch.send(&packet, soon()).context("stream a packet")?;
             seq += 1;
         }
-        if start.elapsed() >= budget {
-            break;
+        if seq >= next_look {
+            if start.elapsed() >= budget {
+                break;
+            }
+            next_look = seq + clock_every;
         }
     }
     let sent = ch.counters().signals_sent;
-    ch.send(&wire::encode(&[END, seq, sent - signals.min(sent)]), soon())
+    let end = [END, seq, sent - signals.min(sent), cpu_since(cpu)];
+    ch.send(&wire::encode(&end), soon())
         .context("end the stream")?;
     Ok(())
 }
 
-/// Streams frames of `size` bytes over the socket for `budget`, then an END frame.
+/// How many packets of `size` bytes a streaming sender sends between looks at the clock:
+/// about [`SOCKET_BUFFER`] bytes' worth, the same for both mechanisms.
+fn clock_every(size: usize) -> u64 {
+    (SOCKET_BUFFER / size.max(1)).max(1) as u64
+}
+
+/// Streams frames of `size` bytes over the socket for `budget` through a
+/// [`SOCKET_BUFFER`]-byte buffer, then an END frame `[END, frames, cpu]`.
 fn stream_socket(socket: &mut UnixStream, size: usize, budget: Duration) -> Result<Tally> {
-    let mut out = BufWriter::with_capacity(64 * 1024, &*socket);
+    let mut out = BufWriter::with_capacity(SOCKET_BUFFER, &*socket);
     let mut frame = vec![0u8; size];
+    let clock_every = clock_every(size);
+    let cpu = thread_cpu();
     let start = Instant::now();
     let mut seq = 0u64;
     loop {
         pattern::fill(seq, 0, &mut frame);
         out.write_all(&frame).context("stream a frame")?;
         seq += 1;
-        if seq.is_multiple_of(32) && start.elapsed() >= budget {
+        if seq.is_multiple_of(clock_every) && start.elapsed() >= budget {
             break;
         }
     }
     frame.fill(0);
-    frame[..16].copy_from_slice(&wire::encode(&[END, seq]));
+    frame[..24].copy_from_slice(&wire::encode(&[END, seq, cpu_since(cpu)]));
     out.write_all(&frame).context("end the stream")?;
     out.flush().context("end the stream")?;
     Ok(Tally::default())

@@ -17,8 +17,9 @@ use super::wire::{self, word};
 use super::{
     BASELINE_SOCKET, BUFFER_BYTES, CONTROL_RING_BYTES, CONTROL_SERVICE, FILE_CHUNK, FileCopy,
     FileRow, Latency, LatencyRow, MIN_SAMPLES, Machine, Mode, PING_BYTES, POLLING_RING_BYTES,
-    POLLING_SERVICE, POLLING_SOCKET, POLLING_SPINS, Plan, RECEIVED_FILE, Results, STREAM_SIZES,
-    Throughput, ThroughputRow, WAIT, nanos, order, soon,
+    POLLING_SERVICE, POLLING_SOCKET, POLLING_SPINS, Plan, RECEIVED_FILE, RECV_BATCH, Results,
+    SOCKET_BUFFER, STREAM_SIZES, Throughput, ThroughputRow, WAIT, cpu_from_wire, cpu_since, nanos,
+    order, soon, thread_cpu,
 };
 use crate::error::{Context, Result, fail};
 use crate::hash;
@@ -152,11 +153,7 @@ pub fn run(plan: &Plan) -> Result<Results> {
     }
     let mut throughput = Vec::new();
     for packet_bytes in STREAM_SIZES {
-        throughput.push(ThroughputRow {
-            packet_bytes,
-            vmlink: host.stream_channel(plan, packet_bytes)?,
-            socket: host.stream_socket(plan, packet_bytes)?,
-        });
+        throughput.push(host.stream_row(plan, packet_bytes)?);
     }
     host.command(&[wire::OP_MAKE_FILE, plan.file_bytes])?;
     host.report(false)?;
@@ -166,6 +163,7 @@ pub fn run(plan: &Plan) -> Result<Results> {
     Ok(Results {
         machine,
         plan: *plan,
+        spin_before_sleep: host.control.channel().config().spin_before_sleep,
         latency,
         throughput,
         file,
@@ -317,10 +315,32 @@ impl HostSide {
             .ok_or_else(|| crate::error::CliError("no socket latency samples".into()))
     }
 
+    /// Streams packets of `size` bytes in [`Plan::stream_rounds`] rounds each way, vmlink
+    /// and the socket alternating.
+    fn stream_row(&mut self, plan: &Plan, size: usize) -> Result<ThroughputRow> {
+        let mut vmlink = Throughput::zero(true);
+        let mut socket = Throughput::zero(false);
+        for round in 0..plan.stream_rounds {
+            for via_socket in order(round) {
+                if via_socket {
+                    socket.add(self.stream_socket(plan, size)?);
+                } else {
+                    vmlink.add(self.stream_channel(plan, size)?);
+                }
+            }
+        }
+        Ok(ThroughputRow {
+            packet_bytes: size,
+            vmlink,
+            socket,
+        })
+    }
+
     /// The guest streams packets of `size` bytes over the control channel.
     fn stream_channel(&mut self, plan: &Plan, size: usize) -> Result<Throughput> {
         let ch = self.control.channel();
         let signals = self.signals();
+        let cpu = thread_cpu();
         let start = Instant::now();
         self.command(&[
             wire::OP_STREAM_CHANNEL,
@@ -330,10 +350,10 @@ impl HostSide {
         let mut tally = Tally::default();
         let mut scratch = vec![0u8; size.max(64)];
         let mut expect = 0u64;
-        let mut end: Option<(u64, u64)> = None;
+        let mut end: Option<(u64, u64, u64)> = None;
         while end.is_none() {
             let mut failed = None;
-            ch.recv_batch(64, soon(), |p| {
+            ch.recv_batch(RECV_BATCH, soon(), |p| {
                 if end.is_some() {
                     failed.get_or_insert_with(|| "a packet after the stream's end".to_owned());
                     return;
@@ -351,7 +371,7 @@ impl HostSide {
                 let data = &scratch[..len];
                 if pattern::claimed_seq(data) == Some(END) {
                     let w = wire::decode(data);
-                    end = Some((word(&w, 1), word(&w, 2)));
+                    end = Some((word(&w, 1), word(&w, 2), word(&w, 3)));
                 } else if len == size && pattern::check(expect, 0, data) {
                     tally.pass(len);
                     expect += 1;
@@ -366,7 +386,8 @@ impl HostSide {
             }
         }
         let elapsed = start.elapsed();
-        let (sent, guest_signals) = end.unwrap_or_default();
+        let receiver_cpu = cpu_from_wire(cpu_since(cpu));
+        let (sent, guest_signals, guest_cpu) = end.unwrap_or_default();
         if sent != expect {
             tally.mismatch(|| format!("the guest sent {sent} packets, {expect} arrived"));
         }
@@ -375,11 +396,14 @@ impl HostSide {
             packets: expect,
             elapsed,
             signals: Some(self.signals() - signals + guest_signals),
+            sender_cpu: cpu_from_wire(guest_cpu),
+            receiver_cpu,
         })
     }
 
     /// The guest streams frames of `size` bytes over the baseline socket.
     fn stream_socket(&mut self, plan: &Plan, size: usize) -> Result<Throughput> {
+        let cpu = thread_cpu();
         let start = Instant::now();
         self.command(&[
             wire::OP_STREAM_SOCKET,
@@ -387,13 +411,14 @@ impl HostSide {
             plan.stream_budget.as_micros() as u64,
         ])?;
         let mut tally = Tally::default();
-        let mut input = BufReader::with_capacity(64 * 1024, &self.socket);
+        let mut input = BufReader::with_capacity(SOCKET_BUFFER, &self.socket);
         let mut frame = vec![0u8; size];
         let mut expect = 0u64;
-        let sent = loop {
+        let (sent, guest_cpu) = loop {
             input.read_exact(&mut frame).context("receive the stream")?;
             if pattern::claimed_seq(&frame) == Some(END) {
-                break word(&wire::decode(&frame), 1);
+                let w = wire::decode(&frame);
+                break (word(&w, 1), word(&w, 2));
             }
             if pattern::check(expect, 0, &frame) {
                 tally.pass(size);
@@ -403,6 +428,7 @@ impl HostSide {
             expect += 1;
         };
         let elapsed = start.elapsed();
+        let receiver_cpu = cpu_from_wire(cpu_since(cpu));
         if sent != expect {
             tally.mismatch(|| format!("the guest sent {sent} frames, {expect} arrived"));
         }
@@ -412,6 +438,8 @@ impl HostSide {
             packets: expect,
             elapsed,
             signals: None,
+            sender_cpu: cpu_from_wire(guest_cpu),
+            receiver_cpu,
         })
     }
 

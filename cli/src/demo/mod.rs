@@ -24,11 +24,24 @@ pub use host::run;
 pub const PING_BYTES: usize = 64;
 /// Payload sizes streamed from the guest to the host.
 pub const STREAM_SIZES: [usize; 2] = [64, 64 * 1024];
-/// A streaming sender commits (and a socket sender writes) after this many packets, or
-/// after [`BATCH_BYTES`], whichever comes first.
-pub const BATCH_PACKETS: usize = 1024;
+/// A streaming sender commits after this many packets, or after [`BATCH_BYTES`],
+/// whichever comes first: small commits keep the receiver busy on packets committed
+/// moments ago, inside its spin, rather than asleep between large batches.
+pub const BATCH_PACKETS: usize = 32;
 /// Payload bytes after which a streaming batch is committed.
 pub const BATCH_BYTES: usize = 64 * 1024;
+
+/// Packets of `size` bytes a streaming sender commits at once.
+pub fn packets_per_commit(size: usize) -> usize {
+    BATCH_PACKETS.min(BATCH_BYTES.div_ceil(size.max(1)))
+}
+
+/// File chunks in flight at once: slots in the guest's half of the buffer area.
+pub const FILE_SLOTS: usize = BUFFER_BYTES as usize / 2 / FILE_CHUNK;
+/// The most packets a streaming receiver takes per receive (one commit of the read index).
+pub const RECV_BATCH: usize = 256;
+/// Bytes a socket streaming sender buffers per write.
+pub const SOCKET_BUFFER: usize = 64 * 1024;
 /// Data area of each ring of the control channel.
 pub const CONTROL_RING_BYTES: u64 = 1 << 20;
 /// The control channel's buffer area; the guest owns the second half.
@@ -84,8 +97,10 @@ pub struct Plan {
     pub latency_budget: Duration,
     /// Most round trips a latency measurement records.
     pub max_samples: usize,
-    /// Time for each streaming measurement.
+    /// Time for each round of a streaming measurement.
     pub stream_budget: Duration,
+    /// Rounds of each streaming measurement, vmlink and the socket alternating.
+    pub stream_rounds: usize,
     /// Bytes of the file copied.
     pub file_bytes: u64,
     /// Measured copies of the file each way (after one unmeasured copy each way).
@@ -100,7 +115,8 @@ impl Plan {
             warmup_blocking: 200,
             latency_budget: Duration::from_millis(400),
             max_samples: 500_000,
-            stream_budget: Duration::from_millis(300),
+            stream_budget: Duration::from_millis(100),
+            stream_rounds: 3,
             file_bytes: 64 << 20,
             file_rounds: 3,
         }
@@ -114,6 +130,7 @@ impl Plan {
             latency_budget: Duration::from_millis(60),
             max_samples: 50_000,
             stream_budget: Duration::from_millis(50),
+            stream_rounds: 1,
             file_bytes: 8 << 20,
             file_rounds: 1,
         }
@@ -181,18 +198,65 @@ pub struct LatencyRow {
     pub socket: Latency,
 }
 
-/// One-way streaming throughput of one mechanism.
+/// One-way streaming throughput of one mechanism, over all its rounds.
 #[derive(Debug, Clone, Copy)]
 pub struct Throughput {
     /// Packets delivered and checked.
     pub packets: u64,
-    /// Time from the host's command until it had the last packet.
+    /// Time from the host's command until it had the last packet, summed over the rounds.
     pub elapsed: Duration,
     /// Doorbell signals, both processes together; `None` for sockets.
     pub signals: Option<u64>,
+    /// CPU time the sending thread (the guest's) ran, if the system says.
+    pub sender_cpu: Option<Duration>,
+    /// CPU time the receiving thread (the host's) ran, if the system says.
+    pub receiver_cpu: Option<Duration>,
 }
 
 impl Throughput {
+    /// Nothing measured yet; `signals` counted (`Some`) or not.
+    fn zero(signals: bool) -> Self {
+        Self {
+            packets: 0,
+            elapsed: Duration::ZERO,
+            signals: signals.then_some(0),
+            sender_cpu: Some(Duration::ZERO),
+            receiver_cpu: Some(Duration::ZERO),
+        }
+    }
+
+    /// Adds a round.
+    fn add(&mut self, round: Throughput) {
+        fn sum<T: std::ops::Add<Output = T>>(a: Option<T>, b: Option<T>) -> Option<T> {
+            a.zip(b).map(|(a, b)| a + b)
+        }
+        self.packets += round.packets;
+        self.elapsed += round.elapsed;
+        self.signals = sum(self.signals, round.signals);
+        self.sender_cpu = sum(self.sender_cpu, round.sender_cpu);
+        self.receiver_cpu = sum(self.receiver_cpu, round.receiver_cpu);
+    }
+
+    /// The share of the time the sender was running, if known.
+    pub fn sender_busy(&self) -> Option<f64> {
+        self.sender_cpu.map(|c| busy(c, self.elapsed))
+    }
+
+    /// The share of the time the receiver was running, if known.
+    pub fn receiver_busy(&self) -> Option<f64> {
+        self.receiver_cpu.map(|c| busy(c, self.elapsed))
+    }
+
+    /// The busier side: whether it is the sender, its share of the time on CPU, and its
+    /// CPU nanoseconds per packet.
+    pub fn busier(&self) -> Option<(bool, f64, f64)> {
+        let (s, r) = (self.sender_cpu?, self.receiver_cpu?);
+        let sender = s >= r;
+        let cpu = if sender { s } else { r };
+        let per_packet = cpu.as_nanos() as f64 / self.packets.max(1) as f64;
+        Some((sender, busy(cpu, self.elapsed), per_packet))
+    }
+
     /// Packets per second.
     pub fn packets_per_s(&self) -> f64 {
         self.packets as f64 / self.elapsed.as_secs_f64()
@@ -292,6 +356,8 @@ pub struct Results {
     pub machine: Machine,
     /// How long it measured.
     pub plan: Plan,
+    /// The most the control channel's blocking waits spin before they sleep.
+    pub spin_before_sleep: Duration,
     /// Round-trip latency, one row per mode.
     pub latency: Vec<LatencyRow>,
     /// Streaming throughput, one row per packet size.
@@ -319,7 +385,124 @@ impl Results {
     }
 }
 
+/// `cpu` as a share of `elapsed`.
+fn busy(cpu: Duration, elapsed: Duration) -> f64 {
+    cpu.as_secs_f64() / elapsed.as_secs_f64()
+}
+
+/// CPU time the calling thread has run so far, if the system says (Linux's
+/// `/proc/thread-self/schedstat`, in nanoseconds).
+fn thread_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let ns = stat.split_whitespace().next()?.parse().ok()?;
+    Some(Duration::from_nanos(ns))
+}
+
+/// The CPU time since `start` as whole nanoseconds for the wire, 0 when unknown.
+fn cpu_since(start: Option<Duration>) -> u64 {
+    start
+        .zip(thread_cpu())
+        .map_or(0, |(a, b)| nanos(b.saturating_sub(a)).max(1))
+}
+
+/// A CPU time from the wire (0: unknown).
+fn cpu_from_wire(ns: u64) -> Option<Duration> {
+    (ns > 0).then(|| Duration::from_nanos(ns))
+}
+
 /// A duration in whole nanoseconds, saturating.
 fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounds_alternate_which_goes_first() {
+        assert_eq!(order(0), [false, true]);
+        assert_eq!(order(1), [true, false]);
+        assert_eq!(order(2), order(0));
+    }
+
+    #[test]
+    fn a_copy_reports_its_median() {
+        let ms = Duration::from_millis;
+        let copy = |times: &[u64]| FileCopy {
+            times: times.iter().map(|&t| ms(t)).collect(),
+            hash: 0,
+            verified: true,
+        };
+        assert_eq!(copy(&[30, 10, 20]).elapsed(), ms(20));
+        assert_eq!(
+            copy(&[40, 10]).elapsed(),
+            ms(40),
+            "the slower middle of two"
+        );
+        assert_eq!(copy(&[]).elapsed(), Duration::ZERO);
+        assert!((copy(&[500]).gb_per_s(1_000_000_000) - 2.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn commits_hold_32_packets_or_64_kib() {
+        assert_eq!(packets_per_commit(64), 32);
+        assert_eq!(packets_per_commit(4096), 16);
+        assert_eq!(packets_per_commit(64 * 1024), 1);
+        assert_eq!(packets_per_commit(1 << 20), 1);
+        assert_eq!(FILE_SLOTS, 8);
+    }
+
+    #[test]
+    fn rounds_add_up_and_the_busier_side_is_named() {
+        let ms = Duration::from_millis;
+        let round = |packets, sender, receiver| Throughput {
+            packets,
+            elapsed: ms(100),
+            signals: Some(1),
+            sender_cpu: Some(ms(sender)),
+            receiver_cpu: Some(ms(receiver)),
+        };
+        let mut total = Throughput::zero(true);
+        total.add(round(1000, 90, 50));
+        total.add(round(1000, 100, 60));
+        assert_eq!(
+            (total.packets, total.elapsed, total.signals),
+            (2000, ms(200), Some(2))
+        );
+        let near = |a: Option<f64>, b: f64| a.is_some_and(|a| (a - b).abs() < 1e-9);
+        assert!(near(total.sender_busy(), 0.95));
+        assert!(near(total.receiver_busy(), 0.55));
+        let (sender, busy, ns) = total.busier().expect("both sides timed");
+        assert!(sender);
+        assert!(near(Some(busy), 0.95));
+        assert!(near(Some(ns), 95_000.0), "190 ms of CPU over 2000 packets");
+
+        // A side without a CPU time makes the sum unknown, not smaller.
+        total.add(Throughput {
+            receiver_cpu: None,
+            ..round(1, 1, 1)
+        });
+        assert_eq!(total.receiver_busy(), None);
+        assert_eq!(total.busier(), None);
+        let mut socket = Throughput::zero(false);
+        socket.add(Throughput {
+            signals: None,
+            ..round(5, 1, 1)
+        });
+        assert_eq!(socket.signals, None);
+    }
+
+    #[test]
+    fn cpu_times_cross_the_wire_with_zero_for_unknown() {
+        assert_eq!(cpu_from_wire(0), None);
+        assert_eq!(cpu_from_wire(7), Some(Duration::from_nanos(7)));
+        assert_eq!(cpu_since(None), 0);
+        if let Some(start) = thread_cpu() {
+            assert!(
+                cpu_since(Some(start)) >= 1,
+                "a known time is never sent as 0"
+            );
+        }
+    }
 }

@@ -7,10 +7,11 @@ pub const OP_SERVE_CALLS: u64 = 1;
 /// Echo fixed-size frames on the baseline socket until an END frame.
 pub const OP_SERVE_SOCKET: u64 = 2;
 /// Stream packets of word 1 bytes to the host over the control channel for word 2
-/// microseconds, then an END packet `[END, packets, signals]`.
+/// microseconds, then an END packet `[END, packets, signals, cpu]`: the guest's doorbell
+/// signals and the nanoseconds its thread ran (0 when unknown).
 pub const OP_STREAM_CHANNEL: u64 = 3;
-/// The same over the baseline socket (frames of word 1 bytes, then an END frame), then a
-/// report on the control channel.
+/// The same over the baseline socket (frames of word 1 bytes, then an END frame
+/// `[END, frames, cpu]`), then a report on the control channel.
 pub const OP_STREAM_SOCKET: u64 = 4;
 /// Generate the demo file of word 1 bytes on disk and hash it.
 pub const OP_MAKE_FILE: u64 = 5;
