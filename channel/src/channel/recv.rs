@@ -230,7 +230,7 @@ impl<'a, R: PacketRx, D: Doorbell, TC, RC: Half<Item = RxState<R>>> Ops<'a, D, T
     pub(crate) fn recv_batch_once(
         &self,
         max: usize,
-        each: &mut dyn FnMut(&mut Packet<'_>),
+        each: &mut impl FnMut(&mut Packet<'_>),
     ) -> Result<(usize, bool), ChannelError> {
         if let Some(e) = self.failed() {
             return Err(e);
