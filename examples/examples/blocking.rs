@@ -17,8 +17,6 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Instant;
 
-use nix::sched::{CpuSet, sched_setaffinity};
-use nix::unistd::Pid;
 use vmlink_channel::fd::EventFd;
 use vmlink_channel::{Channel, Config, DEFAULT_SPIN_BEFORE_SLEEP, EventFdDoorbell, Wait};
 use vmlink_ring::HeapMem;
@@ -27,7 +25,10 @@ use vmlink_ring::HeapMem;
 #[allow(dead_code)]
 #[path = "common/message.rs"]
 mod message;
+#[path = "common/rounds.rs"]
+mod rounds;
 use message::{check, msg};
+use rounds::{load_average, median, pin, rounds_arg};
 
 /// Round trips per case per round.
 const RTT_MSGS: u64 = 5_000;
@@ -35,12 +36,6 @@ const RTT_MSGS: u64 = 5_000;
 const STREAM_MSGS: u64 = 300_000;
 /// Data bytes of each ring.
 const RING: usize = 16 * 4096;
-
-fn pin(cpu: usize) {
-    let mut set = CpuSet::new();
-    set.set(cpu).expect("a CPU number");
-    sched_setaffinity(Pid::from_raw(0), &set).expect("sched_setaffinity");
-}
 
 /// Runs `peer` on CPU 1 and `main` on this thread (pinned to CPU 0); nanoseconds per
 /// message from the start of `main` until both have finished, and `peer`'s result.
@@ -187,18 +182,6 @@ const NAMES: [&str; 6] = [
     "stream, sleeping at once (ns/msg)",
 ];
 
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".into())
-}
-
 /// One round: every case once, in order or reversed; figures in [`NAMES`] order, then the
 /// two streams' doorbells per packet.
 fn round(reverse: bool) -> ([f64; 6], [f64; 2]) {
@@ -232,10 +215,7 @@ fn round(reverse: bool) -> ([f64; 6], [f64; 2]) {
 }
 
 fn main() {
-    let rounds: usize = std::env::args()
-        .nth(1)
-        .map_or(9, |a| a.parse().expect("ROUNDS: a number"));
-    assert!(rounds > 0, "ROUNDS: at least 1");
+    let rounds = rounds_arg(9);
     println!(
         "load average {} (1, 5, 15 min) at the start; {rounds} rounds of {RTT_MSGS} round \
          trips and {STREAM_MSGS} streamed messages per case; caller/producer on CPU 0, peer \

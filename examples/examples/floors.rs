@@ -16,8 +16,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::Instant;
 
-use nix::sched::{CpuSet, sched_setaffinity};
-use nix::unistd::Pid;
 use vmlink_channel::{ChannelError, Config, Wait, in_process_channel_pair};
 use vmlink_ring::{HeapMem, OutgoingPacket, Reader, WriteError, Writer};
 
@@ -25,6 +23,9 @@ use vmlink_ring::{HeapMem, OutgoingPacket, Reader, WriteError, Writer};
 mod floor;
 #[path = "common/message.rs"]
 mod message;
+#[path = "common/rounds.rs"]
+mod rounds;
+use rounds::{cpus, load_average, median, pin, rounds_arg};
 
 use floor::{FloorReader, FloorRing, FloorWriter};
 use message::{check, check_words, msg, msg_words};
@@ -75,12 +76,6 @@ impl Spin {
         }
         spin_loop();
     }
-}
-
-fn pin(cpu: usize) {
-    let mut set = CpuSet::new();
-    set.set(cpu).expect("a CPU number");
-    sched_setaffinity(Pid::from_raw(0), &set).expect("sched_setaffinity");
 }
 
 /// Runs `peer` on CPU 1 and `main` on this thread (pinned to CPU 0); the clock starts once
@@ -622,18 +617,6 @@ const FLOOR_STREAM: usize = 5;
 const RTT_CASES: usize = 5;
 const CHUNKS: usize = 7;
 
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".into())
-}
-
 /// Runs every case once, in order or reversed; ns per message, in [`CASES`] order.
 fn round(reverse: bool) -> [f64; CASES.len()] {
     let mut ns = [0.0; CASES.len()];
@@ -648,15 +631,8 @@ fn round(reverse: bool) -> [f64; CASES.len()] {
 }
 
 fn main() {
-    let rounds: usize = std::env::args()
-        .nth(1)
-        .map_or(15, |a| a.parse().expect("ROUNDS: a number"));
-    assert!(rounds > 0, "ROUNDS: at least 1");
-    let cpus = thread::available_parallelism().map_or(0, |n| n.get());
-    assert!(
-        cpus >= 2,
-        "needs two CPUs (0 and 1) to pin to; found {cpus}"
-    );
+    let rounds = rounds_arg(15);
+    let cpus = cpus();
     println!(
         "{cpus} CPUs; load average {} (1, 5, 15 min) at the start; {rounds} rounds of {RTT_MSGS} \
          round trips and {STREAM_MSGS} streamed messages per case; caller/producer on CPU 0, \

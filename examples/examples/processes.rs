@@ -37,14 +37,15 @@ use std::process::{Child, Command};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use nix::sched::{CpuSet, sched_setaffinity};
-use nix::unistd::Pid;
 use vmlink_channel::{ChannelError, Doorbell};
 use vmlink_shm::{Config, Endpoint, Guest, Layout, Service, ShmChannel, Wait};
 
 #[allow(dead_code)]
 #[path = "common/message.rs"]
 mod message;
+#[path = "common/rounds.rs"]
+mod rounds;
+use rounds::{cpus, load_average, median, pin, rounds_arg};
 
 use message::{check, msg};
 
@@ -76,12 +77,6 @@ const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
 // ---------------------------------------------------------------------------------------
 
 type Res<T> = Result<T, String>;
-
-fn pin(cpu: usize) {
-    let mut set = CpuSet::new();
-    set.set(cpu).expect("a CPU number");
-    sched_setaffinity(Pid::from_raw(0), &set).expect("sched_setaffinity");
-}
 
 /// A pure spin wait (each side owns a CPU) that notices a departed peer.
 #[derive(Default)]
@@ -516,21 +511,9 @@ const CASES: [Case; 3] = [
 /// Ns per message of one round: `[case][0]` with the thread, `[case][1]` with the process.
 type Round = [[f64; 2]; CASES.len()];
 
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn min_max(v: &[f64]) -> (f64, f64) {
     v.iter()
         .fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)))
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".into())
 }
 
 /// Runs every case once with each peer (`counts[i]` messages of case `i`), the process
@@ -558,15 +541,8 @@ fn main() {
     if std::env::var(ROLE_ENV).is_ok_and(|r| r == "guest") {
         guest_process();
     }
-    let rounds: usize = std::env::args()
-        .nth(1)
-        .map_or(9, |a| a.parse().expect("ROUNDS: a number"));
-    assert!(rounds > 0, "ROUNDS: at least 1");
-    let cpus = thread::available_parallelism().map_or(0, |n| n.get());
-    assert!(
-        cpus >= 2,
-        "needs two CPUs (0 and 1) to pin to; found {cpus}"
-    );
+    let rounds = rounds_arg(9);
+    let cpus = cpus();
     println!(
         "{cpus} CPUs; load average {} (1, 5, 15 min) at the start; {rounds} rounds; \
          vmlink-shm rings of {} KiB, 64-byte messages; measuring thread on CPU 0, peer \

@@ -127,68 +127,46 @@ pub trait RingMem {
     }
 }
 
-impl<T: RingMem + ?Sized> RingMem for &T {
-    #[inline]
-    fn data_len(&self) -> usize {
-        (**self).data_len()
-    }
-    #[inline]
-    fn load_control(&self, word: ControlWord) -> u32 {
-        (**self).load_control(word)
-    }
-    #[inline]
-    fn store_control(&self, word: ControlWord, value: u32) {
-        (**self).store_control(word, value)
-    }
-    #[inline]
-    fn read_data(&self, offset: usize, buf: &mut [u8]) {
-        (**self).read_data(offset, buf)
-    }
-    #[inline]
-    fn write_data(&self, offset: usize, data: &[u8]) {
-        (**self).write_data(offset, data)
-    }
-    #[inline]
-    fn read_data_words(&self, offset: usize, out: &mut [u64]) {
-        (**self).read_data_words(offset, out)
-    }
-    #[inline]
-    fn write_data_words(&self, offset: usize, words: &[u64]) {
-        (**self).write_data_words(offset, words)
-    }
+/// Implements [`RingMem`] for a pointer to a `RingMem` by forwarding every method, the
+/// word copies included (their defaults would lose the pointee's overrides).
+macro_rules! forward_ring_mem {
+    ($($pointer:ty),+) => {$(
+        impl<T: RingMem + ?Sized> RingMem for $pointer {
+            #[inline]
+            fn data_len(&self) -> usize {
+                (**self).data_len()
+            }
+            #[inline]
+            fn load_control(&self, word: ControlWord) -> u32 {
+                (**self).load_control(word)
+            }
+            #[inline]
+            fn store_control(&self, word: ControlWord, value: u32) {
+                (**self).store_control(word, value)
+            }
+            #[inline]
+            fn read_data(&self, offset: usize, buf: &mut [u8]) {
+                (**self).read_data(offset, buf)
+            }
+            #[inline]
+            fn write_data(&self, offset: usize, data: &[u8]) {
+                (**self).write_data(offset, data)
+            }
+            #[inline]
+            fn read_data_words(&self, offset: usize, out: &mut [u64]) {
+                (**self).read_data_words(offset, out)
+            }
+            #[inline]
+            fn write_data_words(&self, offset: usize, words: &[u64]) {
+                (**self).write_data_words(offset, words)
+            }
+        }
+    )+};
 }
 
+forward_ring_mem!(&T);
 #[cfg(feature = "alloc")]
-impl<T: RingMem + ?Sized> RingMem for alloc::sync::Arc<T> {
-    #[inline]
-    fn data_len(&self) -> usize {
-        (**self).data_len()
-    }
-    #[inline]
-    fn load_control(&self, word: ControlWord) -> u32 {
-        (**self).load_control(word)
-    }
-    #[inline]
-    fn store_control(&self, word: ControlWord, value: u32) {
-        (**self).store_control(word, value)
-    }
-    #[inline]
-    fn read_data(&self, offset: usize, buf: &mut [u8]) {
-        (**self).read_data(offset, buf)
-    }
-    #[inline]
-    fn write_data(&self, offset: usize, data: &[u8]) {
-        (**self).write_data(offset, data)
-    }
-    #[inline]
-    fn read_data_words(&self, offset: usize, out: &mut [u64]) {
-        (**self).read_data_words(offset, out)
-    }
-    #[inline]
-    fn write_data_words(&self, offset: usize, words: &[u64]) {
-        (**self).write_data_words(offset, words)
-    }
-}
+forward_ring_mem!(alloc::sync::Arc<T>);
 
 /// Checks that a data area of `len` bytes can hold a ring.
 pub fn check_data_len(len: usize) -> Result<(), LayoutError> {
