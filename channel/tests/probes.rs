@@ -54,8 +54,13 @@ fn pair() -> (Counted, Counted, Arc<AtomicU64>) {
         config,
     )
     .expect("channel");
-    let b = Channel::new(b_to_a, a_to_b, wrap(db, &Arc::new(AtomicU64::new(0))), config)
-        .expect("channel");
+    let b = Channel::new(
+        b_to_a,
+        a_to_b,
+        wrap(db, &Arc::new(AtomicU64::new(0))),
+        config,
+    )
+    .expect("channel");
     (a, b, asked)
 }
 
@@ -66,7 +71,11 @@ fn a_polling_receiver_asks_the_doorbell_rarely() {
     for _ in 0..640 {
         assert_eq!(a.recv(&mut buf, Wait::Now), Err(ChannelError::Empty));
     }
-    assert_eq!(asked.load(Ordering::Relaxed), 10, "the first look, then every 64th");
+    assert_eq!(
+        asked.load(Ordering::Relaxed),
+        10,
+        "the first look, then every 64th"
+    );
     // A packet resets the count: the next empty look asks at once.
     b.send(b"data", Wait::Now).expect("send");
     a.recv(&mut buf, Wait::Now).expect("the packet");
@@ -96,7 +105,11 @@ fn a_sender_that_finds_the_ring_full_asks_the_doorbell_rarely() {
     let (a, b, asked) = pair();
     let payload = [1u8; 1000];
     while a.send(&payload, Wait::Now).is_ok() {}
-    assert_eq!(asked.load(Ordering::Relaxed), 1, "the first full look asked");
+    assert_eq!(
+        asked.load(Ordering::Relaxed),
+        1,
+        "the first full look asked"
+    );
     for _ in 0..127 {
         assert_eq!(a.send(&payload, Wait::Now), Err(ChannelError::Full));
     }
