@@ -132,3 +132,26 @@ fn a_sender_spins_for_space_before_it_sleeps() {
     assert_eq!(a.counters().send_waits, 0, "the sender never armed a sleep");
     assert_eq!(b.counters().signals_sent, 0, "so nobody had to wake it");
 }
+
+#[test]
+fn a_spin_never_outlasts_the_wait_deadline() {
+    // The first spins last a quarter of the bound: 100 ms here, far past the deadline.
+    let config = Config::default().with_spin_before_sleep(Duration::from_millis(400));
+    let (a, b) = in_process_channel_pair(4096, config).expect("pair");
+    let mut buf = [0u8; 64];
+    let start = Instant::now();
+    let r = a.recv(&mut buf, start + Duration::from_millis(1));
+    assert_eq!(r, Err(ChannelError::TimedOut));
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_millis(50),
+        "the receive took {took:?}"
+    );
+    // The same for a sender waiting for space.
+    while b.send(&[0; 1000], Wait::Now).is_ok() {}
+    let start = Instant::now();
+    let r = b.send(&[0; 1000], start + Duration::from_millis(1));
+    assert_eq!(r, Err(ChannelError::TimedOut));
+    let took = start.elapsed();
+    assert!(took < Duration::from_millis(50), "the send took {took:?}");
+}

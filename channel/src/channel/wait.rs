@@ -55,9 +55,9 @@ impl SpinBudget {
 #[cfg(feature = "std")]
 impl<D: Doorbell> Core<D> {
     /// The spin a wait may make before it sleeps: `spin_iterations` looks in polling
-    /// mode, else about a wake-up's measured cost, at most `spin_before_sleep`; `None` to
-    /// sleep at once.
-    pub(crate) fn spin_budget(&self) -> Option<SpinBudget> {
+    /// mode, else about a wake-up's measured cost, at most `spin_before_sleep` and never
+    /// past the wait's `deadline`; `None` to sleep at once.
+    pub(crate) fn spin_budget(&self, deadline: Option<Instant>) -> Option<SpinBudget> {
         if self.config.spin_iterations > 0 {
             return Some(SpinBudget::Looks(self.config.spin_iterations));
         }
@@ -66,7 +66,8 @@ impl<D: Doorbell> Core<D> {
             return None;
         }
         let cost = Duration::from_nanos(self.wake_cost_ns.load(Ordering::Relaxed));
-        Some(SpinBudget::Until(Instant::now() + cost.min(bound)))
+        let until = Instant::now() + cost.min(bound);
+        Some(SpinBudget::Until(deadline.map_or(until, |d| d.min(until))))
     }
 
     /// Folds a sleep that a signal ended into the wake-up cost: the low envelope of such
@@ -138,7 +139,7 @@ impl<'a, T: PacketTx, D: Doorbell, TC: Half<Item = T>, RC> Ops<'a, D, TC, RC> {
                 Err(ChannelError::Full) => {}
                 other => return other,
             }
-            if self.spin_for_space(write)? {
+            if self.spin_for_space(deadline, write)? {
                 return Ok(());
             }
             if self.prepare_send_wait(header_len, payload_len)? == WaitDecision::Ready {
@@ -153,9 +154,10 @@ impl<'a, T: PacketTx, D: Doorbell, TC: Half<Item = T>, RC> Ops<'a, D, TC, RC> {
     /// tries (it may be a system call).
     fn spin_for_space(
         &self,
+        deadline: Option<Instant>,
         write: &mut dyn FnMut(&mut T) -> Result<usize, ChannelError>,
     ) -> Result<bool, ChannelError> {
-        let Some(budget) = self.spin_budget() else {
+        let Some(budget) = self.spin_budget(deadline) else {
             return Ok(false);
         };
         let mut tries = 0;
@@ -184,8 +186,12 @@ impl<'a, R: PacketRx, D: Doorbell, TC, RC: Half<Item = RxState<R>>> Ops<'a, D, T
     /// and a last look), so that thread is never left without signals, and anything that
     /// arrived unsignalled is announced; with nobody waiting they stay masked for the next
     /// spin.
-    pub(crate) fn spin_for_data(&self, queued: bool) -> Result<bool, ChannelError> {
-        let Some(budget) = self.spin_budget() else {
+    pub(crate) fn spin_for_data(
+        &self,
+        queued: bool,
+        deadline: Option<Instant>,
+    ) -> Result<bool, ChannelError> {
+        let Some(budget) = self.spin_budget(deadline) else {
             return Ok(false);
         };
         {
@@ -252,7 +258,7 @@ impl<'a, R: PacketRx, D: Doorbell, TC, RC: Half<Item = RxState<R>>> Ops<'a, D, T
         remaining(deadline)?;
         // A departure the channel does not know of yet ends the doorbell wait below
         // (`Doorbell::wait` returns on a hang-up), so no doorbell question here.
-        if self.spin_for_data(queued)? || self.known_gone() {
+        if self.spin_for_data(queued, deadline)? || self.known_gone() {
             return Ok(());
         }
         if self.prepare_wait_for(queued)? == WaitDecision::Ready {
@@ -380,16 +386,19 @@ mod tests {
             core.note_sleep(Duration::ZERO);
         }
         assert_eq!(cost(), 1_000, "never below the least spin");
-        assert!(matches!(core.spin_budget(), Some(SpinBudget::Until(_))));
+        assert!(matches!(core.spin_budget(None), Some(SpinBudget::Until(_))));
     }
 
     #[test]
     fn polling_mode_counts_looks_and_sleep_at_once_has_no_spin() {
         let (a, _b) = crate::in_process_channel_pair(4096, Config::polling(7)).unwrap();
-        assert!(matches!(a.core.spin_budget(), Some(SpinBudget::Looks(7))));
+        assert!(matches!(
+            a.core.spin_budget(None),
+            Some(SpinBudget::Looks(7))
+        ));
         let (c, _d) =
             crate::in_process_channel_pair(4096, Config::polling(7).sleep_at_once()).unwrap();
-        assert!(c.core.spin_budget().is_none());
+        assert!(c.core.spin_budget(None).is_none());
         let budget = SpinBudget::Looks(3);
         assert!(!budget.spent(2) && budget.spent(3));
     }
