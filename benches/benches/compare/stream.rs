@@ -128,6 +128,45 @@ pub fn ring_stream(g: &mut Group<'_>, name: String, ring: usize, payload: usize,
     );
 }
 
+/// The consumer of a channel stream: takes up to 64 per `recv_batch` (`Wait::Now`, one
+/// commit each) through `recv_batch` until it has the round's packets, checking each.
+fn channel_consumer(
+    name: &str,
+    mut recv_batch: impl FnMut(&mut dyn FnMut(&mut vmlink_channel::Packet<'_>)) -> usize
+    + Send
+    + 'static,
+) -> Peer {
+    let mut check = Check::new(8);
+    let mut buf = [0u8; MSG];
+    Peer::spawn(name, move |n| {
+        let mut got = 0;
+        let mut b = Backoff::default();
+        while got < n {
+            let k = recv_batch(&mut |p| {
+                p.read_payload(0, &mut buf).expect("64-byte payload");
+                check.packet(&buf);
+            });
+            if k == 0 {
+                b.snooze();
+            }
+            got += k as u64;
+        }
+        check.round()
+    })
+}
+
+/// Sends packets `seq..end` one `send` (`Wait::Now`) each, spinning while the ring is full.
+fn send_each(seq: &mut u64, end: u64, mut send: impl FnMut(&[u8]) -> Result<(), ChannelError>) {
+    let mut b = Backoff::default();
+    while *seq < end {
+        match send(&msg(*seq)) {
+            Ok(()) => *seq += 1,
+            Err(ChannelError::Full) => b.snooze(),
+            Err(e) => panic!("send failed: {e}"),
+        }
+    }
+}
+
 /// vmlink channels: `send` (`Wait::Now`) per packet, or `batch()` of 32 per commit; the consumer
 /// takes up to 64 per `recv_batch` (`Wait::Now`) (one lock, one commit).
 fn vmlink_channel(g: &mut Group<'_>, name: &'static str, batched: bool) {
@@ -135,27 +174,9 @@ fn vmlink_channel(g: &mut Group<'_>, name: &'static str, batched: bool) {
         in_process_channel_pair(RING, Config::polling(crate::rtt::SPIN)).expect("channel pair");
     // The consumer polls with `recv_batch` (`Wait::Now`): it tells the producer not to signal.
     rx.mask_interrupts();
-    let peer = {
-        let mut check = Check::new(8);
-        let mut buf = [0u8; MSG];
-        Peer::spawn("channel-consumer", move |n| {
-            let mut got = 0;
-            let mut b = Backoff::default();
-            while got < n {
-                let k = rx
-                    .recv_batch(64, Wait::Now, |p| {
-                        p.read_payload(0, &mut buf).expect("64-byte payload");
-                        check.packet(&buf);
-                    })
-                    .expect("receive");
-                if k == 0 {
-                    b.snooze();
-                }
-                got += k as u64;
-            }
-            check.round()
-        })
-    };
+    let peer = channel_consumer("channel-consumer", move |each| {
+        rx.recv_batch(64, Wait::Now, |p| each(p)).expect("receive")
+    });
     let mut seq = 0u64;
     bench_pair(
         g,
@@ -165,15 +186,8 @@ fn vmlink_channel(g: &mut Group<'_>, name: &'static str, batched: bool) {
             let end = seq + n;
             if batched {
                 send_batches(&tx, &mut seq, end, BATCH);
-                return 0;
-            }
-            let mut b = Backoff::default();
-            while seq < end {
-                match tx.send(&msg(seq), Wait::Now) {
-                    Ok(()) => seq += 1,
-                    Err(ChannelError::Full) => b.snooze(),
-                    Err(e) => panic!("send failed: {e}"),
-                }
+            } else {
+                send_each(&mut seq, end, |m| tx.send(m, Wait::Now));
             }
             0
         },
@@ -189,27 +203,9 @@ fn vmlink_channel_split(g: &mut Group<'_>, name: &'static str) {
     let (mut tx, _a_rx) = a.split();
     let (_b_tx, mut rx) = b.split();
     rx.mask_interrupts();
-    let peer = {
-        let mut check = Check::new(8);
-        let mut buf = [0u8; MSG];
-        Peer::spawn("split-consumer", move |n| {
-            let mut got = 0;
-            let mut b = Backoff::default();
-            while got < n {
-                let k = rx
-                    .recv_batch(64, Wait::Now, |p| {
-                        p.read_payload(0, &mut buf).expect("64-byte payload");
-                        check.packet(&buf);
-                    })
-                    .expect("receive");
-                if k == 0 {
-                    b.snooze();
-                }
-                got += k as u64;
-            }
-            check.round()
-        })
-    };
+    let peer = channel_consumer("split-consumer", move |each| {
+        rx.recv_batch(64, Wait::Now, |p| each(p)).expect("receive")
+    });
     let mut seq = 0u64;
     bench_pair(
         g,
@@ -217,14 +213,7 @@ fn vmlink_channel_split(g: &mut Group<'_>, name: &'static str) {
         peer,
         move |n| {
             let end = seq + n;
-            let mut b = Backoff::default();
-            while seq < end {
-                match tx.send(&msg(seq), Wait::Now) {
-                    Ok(()) => seq += 1,
-                    Err(ChannelError::Full) => b.snooze(),
-                    Err(e) => panic!("send failed: {e}"),
-                }
-            }
+            send_each(&mut seq, end, |m| tx.send(m, Wait::Now));
             0
         },
         consumer_saw_all(name),
