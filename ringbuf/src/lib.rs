@@ -105,4 +105,4 @@ pub use mem::{
 };
 pub use reader::{IncomingPacket, PacketInfo, Reader};
 pub use ring::{Signal, WaitDecision, init_control, reader_needs_signal, writer_needs_signal};
-pub use writer::{ASSEMBLE_MAX, OutgoingPacket, PacketMeta, Payload, RawPacket, WriteSlot, Writer};
+pub use writer::{OutgoingPacket, PacketMeta, Payload, RawPacket, WriteSlot, Writer};

@@ -218,24 +218,6 @@ pub(crate) fn read_words_wrapped<M: RingMem + ?Sized>(
     }
 }
 
-/// Writes `words` at ring offset `at` (a valid index, so a multiple of 8), wrapping at the
-/// end of the data area.
-#[inline]
-pub(crate) fn write_words_wrapped<M: RingMem + ?Sized>(
-    mem: &M,
-    geo: Geometry,
-    at: u32,
-    words: &[u64],
-) {
-    let at = at as usize;
-    let first = ((geo.len() - at) / 8).min(words.len());
-    let (head, tail) = words.split_at(first);
-    mem.write_data_words(at, head);
-    if !tail.is_empty() {
-        mem.write_data_words(0, tail);
-    }
-}
-
 /// Checks that `offset..offset + len` lies within `size` bytes.
 #[inline]
 pub(crate) fn in_bounds(offset: usize, len: usize, size: usize) -> bool {

@@ -7,7 +7,7 @@ use crate::protocol::{
     DESCRIPTOR_SIZE, KNOWN_FLAGS, PacketDescriptor, PacketType, TRAILER_SIZE, max_packet_len,
     packet_len, trailer_for,
 };
-use crate::ring::{Geometry, Signal, WaitDecision, in_bounds, write_words_wrapped, write_wrapped};
+use crate::ring::{Geometry, Signal, WaitDecision, in_bounds, write_wrapped};
 use crate::sync::{Ordering, fence};
 use zerocopy::IntoBytes;
 
@@ -382,91 +382,57 @@ impl<M: RingMem> Writer<M> {
 
     /// Appends a packet without publishing it; [`commit`](Self::commit) publishes.
     ///
-    /// A small packet (at most [`ASSEMBLE_MAX`] bytes in the ring, trailer included) takes
-    /// a short path: its pieces go straight where they belong, or, when it wraps around
-    /// the end of the ring, it is assembled privately and copied in as words. A larger one
-    /// is written piece by piece through a reserved slot, where the payload copy dominates.
+    /// A packet that does not wrap around the end of the ring (all but about one per lap)
+    /// is written straight into place, piece by piece, as words where it can; one that wraps
+    /// goes through a reserved slot, which splits each piece at the end of the ring.
     #[inline]
     pub fn push(&mut self, packet: &OutgoingPacket<'_>) -> Result<(), WriteError> {
-        let header_len = packet.header.len();
-        let len = self.packet_len_for(&packet.meta, header_len, packet.payload.len())?;
-        if len + TRAILER_SIZE > ASSEMBLE_MAX {
-            return self.push_in_place(packet);
-        }
+        let (header_len, payload_len) = (packet.header.len(), packet.payload.len());
+        let len = self.packet_len_for(&packet.meta, header_len, payload_len)?;
         self.claim(len)?;
+        let descriptor = descriptor_for(&packet.meta, header_len, len);
         let start = self.tail;
-        let descriptor: [u64; DESCRIPTOR_SIZE / 8] =
-            zerocopy::transmute!(descriptor_for(&packet.meta, header_len, len));
         let at = start as usize;
-        if at + len + TRAILER_SIZE <= self.geo.len() {
-            // It does not wrap: each piece straight to where it goes.
-            let mem = &self.mem;
-            mem.write_data_words(at, &descriptor);
-            if !(header_len + packet.payload.len()).is_multiple_of(8) {
-                // Zero the last word first, so the padding is zero whatever was there.
-                mem.write_data_words(at + len - 8, &[0]);
-            }
-            let mut body = at + DESCRIPTOR_SIZE;
-            if header_len != 0 {
-                mem.write_data(body, packet.header);
-                body += header_len;
-            }
-            match packet.payload {
-                Payload::Bytes(bytes) => mem.write_data(body, bytes),
-                Payload::Gather(parts) => {
-                    for part in parts {
-                        mem.write_data(body, part);
-                        body += part.len();
-                    }
+        if at + len + TRAILER_SIZE > self.geo.len() {
+            return self.push_wrapped(packet, &descriptor, len);
+        }
+        let mem = &self.mem;
+        let words: [u64; DESCRIPTOR_SIZE / 8] = zerocopy::transmute!(descriptor);
+        mem.write_data_words(at, &words);
+        if !(header_len + payload_len).is_multiple_of(8) {
+            // Zero the last word first, so the padding is zero whatever was there.
+            mem.write_data_words(at + len - 8, &[0]);
+        }
+        let mut body = at + DESCRIPTOR_SIZE;
+        if header_len != 0 {
+            mem.write_data(body, packet.header);
+            body += header_len;
+        }
+        match packet.payload {
+            Payload::Bytes(bytes) => mem.write_data(body, bytes),
+            Payload::Gather(parts) => {
+                for part in parts {
+                    mem.write_data(body, part);
+                    body += part.len();
                 }
             }
-            mem.write_data_words(at + len, &[trailer_for(start)]);
-        } else {
-            self.assemble_wrapped(packet, start, len, &descriptor);
         }
+        mem.write_data_words(at + len, &[trailer_for(start)]);
         self.tail = self.geo.advance(start, len + TRAILER_SIZE);
         Ok(())
     }
 
-    /// Writes a small packet that wraps around the end of the ring: assembled privately,
-    /// then copied in as words.
-    fn assemble_wrapped(
+    /// [`push`](Self::push) for a packet that wraps around the end of the ring, its room
+    /// claimed: through a slot, whose writes split at the end.
+    #[inline(never)]
+    fn push_wrapped(
         &mut self,
         packet: &OutgoingPacket<'_>,
-        start: u32,
+        descriptor: &PacketDescriptor,
         len: usize,
-        descriptor: &[u64; DESCRIPTOR_SIZE / 8],
-    ) {
-        let words = (len + TRAILER_SIZE) / 8;
-        let mut image = [0u64; ASSEMBLE_MAX / 8];
-        image[..DESCRIPTOR_SIZE / 8].copy_from_slice(descriptor);
-        {
-            let body: &mut [u8] =
-                bytemuck::cast_slice_mut(&mut image[DESCRIPTOR_SIZE / 8..words - 1]);
-            let header_len = packet.header.len();
-            body[..header_len].copy_from_slice(packet.header);
-            let mut at = header_len;
-            // The lengths were summed without overflow into `len`, so every part fits;
-            // the padding after the payload stays zero.
-            match packet.payload {
-                Payload::Bytes(bytes) => body[at..at + bytes.len()].copy_from_slice(bytes),
-                Payload::Gather(parts) => {
-                    for part in parts {
-                        body[at..at + part.len()].copy_from_slice(part);
-                        at += part.len();
-                    }
-                }
-            }
-        }
-        image[words - 1] = trailer_for(start);
-        write_words_wrapped(&self.mem, self.geo, start, &image[..words]);
-    }
-
-    /// [`push`](Self::push) for a large packet: descriptor, header, payload parts and
-    /// trailer each copied into the ring where they go.
-    #[inline(never)]
-    fn push_in_place(&mut self, packet: &OutgoingPacket<'_>) -> Result<(), WriteError> {
-        let mut slot = self.reserve(packet.meta, packet.header.len(), packet.payload.len())?;
+    ) -> Result<(), WriteError> {
+        let (header_len, payload_len) = (packet.header.len(), packet.payload.len());
+        let mut slot = self.start_packet(descriptor, len, header_len, payload_len);
         slot.write_header(0, packet.header)?;
         match packet.payload {
             Payload::Bytes(bytes) => slot.write_payload(0, bytes)?,
@@ -652,10 +618,6 @@ impl<M: RingMem> Writer<M> {
         Ok((WaitDecision::Sleep, signal))
     }
 }
-
-/// The largest packet, trailer included, that [`Writer::push`] writes by its short path
-/// (larger ones go through a reserved slot).
-pub const ASSEMBLE_MAX: usize = 256;
 
 /// The descriptor of a `len`-byte packet (trailer excluded) with `header_len` bytes of
 /// extra header; both lengths already checked by `packet_len_for`.
