@@ -61,13 +61,19 @@ impl<D: Doorbell> Core<D> {
         if self.config.spin_iterations > 0 {
             return Some(SpinBudget::Looks(self.config.spin_iterations));
         }
-        let bound = self.config.spin_before_sleep;
-        if bound.is_zero() {
+        if !self.adaptive_spin() {
             return None;
         }
+        let bound = self.config.spin_before_sleep;
         let cost = Duration::from_nanos(self.wake_cost_ns.load(Ordering::Relaxed));
         let until = Instant::now() + cost.min(bound);
         Some(SpinBudget::Until(deadline.map_or(until, |d| d.min(until))))
+    }
+
+    /// True when waits spin for about a wake-up's measured cost (not polling mode, and a
+    /// spin before sleeping configured).
+    fn adaptive_spin(&self) -> bool {
+        self.config.spin_iterations == 0 && !self.config.spin_before_sleep.is_zero()
     }
 
     /// Folds a sleep that a signal ended into the wake-up cost: the low envelope of such
@@ -102,8 +108,7 @@ impl<D: Doorbell> Core<D> {
             (l, Some(c)) => Some(min_timeout(l, c)),
             (l, None) => l,
         };
-        let adaptive = self.config.spin_iterations == 0 && !self.config.spin_before_sleep.is_zero();
-        let start = adaptive.then(Instant::now);
+        let start = self.adaptive_spin().then(Instant::now);
         match self.hub.wait(&self.doorbell, seen, timeout) {
             Ok(true) => {
                 bump(&self.counters.rx.signals_received, 1);
