@@ -13,6 +13,12 @@
 //! sends and receives, batches that signal at most once, flow control and deadlines,
 //! polling mode, a peer that closes, and a corrupt ring. Each panics with a message naming
 //! what broke.
+//!
+//! The suite runs over any link ([`End`] holds an [`Endpoint`]): over a VMBus ring pair
+//! ([`End::ring`]) every check runs in full; over a byte stream ([`End::stream`]) the
+//! ring's data length is the stream link's buffer and largest frame, GPA-direct sends must
+//! be refused with [`ChannelError::Unsupported`], and the corruption is garbage on the
+//! stream.
 
 use std::boxed::Box;
 use std::marker::PhantomData;
@@ -25,20 +31,79 @@ use vmlink_ring::{OutgoingPacket, PacketMeta, Payload, RingMem};
 use zerocopy::IntoBytes;
 
 use crate::Wait;
-use crate::channel::{Channel, ChannelState, Config};
+use crate::channel::{Channel, ChannelState, Config, Endpoint};
 use crate::doorbell::Doorbell;
 use crate::error::Polled;
 use crate::error::{ChannelError, FailureCause, ProtocolError};
+use crate::link::{PacketRx, PacketTx, RingRx, RingTx};
 use crate::packet::{GpaRange, PacketError, parse_transfer_page_header};
 use crate::{MAX_TRANSACTIONS, PacketType};
 
+/// What kind of link an end runs over: what the checks may ask of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkKind {
+    /// A VMBus ring pair: GPA-direct packets, packets written in place, a ring the peer can
+    /// corrupt (a [`FailureCause::Ring`]).
+    Ring,
+    /// A byte stream (a socket): GPA-direct packets are refused with
+    /// [`ChannelError::Unsupported`], and the corruption is garbage on the stream (a
+    /// [`FailureCause::Frame`]).
+    Stream,
+}
+
+/// Writes a packet in place, for links that can ([`End::ring`]).
+type InPlace<T, R, D> = fn(&Endpoint<T, R, D>, &[u8]) -> Result<(), ChannelError>;
+
 /// One end of a connection under test.
-pub struct End<M: RingMem, D: Doorbell> {
-    /// The channel.
-    pub channel: Channel<M, D>,
-    /// Writes an invalid write index into the ring this end sends on, as a hostile peer
-    /// would. Only side B's is used.
+pub struct End<T: PacketTx, R: PacketRx, D: Doorbell> {
+    /// The endpoint.
+    pub channel: Endpoint<T, R, D>,
+    /// Corrupts what this end sends, as a hostile peer would: an invalid write index in a
+    /// ring, garbage on a stream. Only side B's is used.
     pub corrupt_outgoing: Box<dyn Fn() + Send>,
+    kind: LinkKind,
+    in_place: Option<InPlace<T, R, D>>,
+}
+
+/// An end over a VMBus ring pair in memory `M`.
+pub type RingEnd<M, D> = End<RingTx<M>, RingRx<M>, D>;
+
+impl<M: RingMem, D: Doorbell> RingEnd<M, D> {
+    /// An end over a VMBus ring pair.
+    pub fn ring(channel: Channel<M, D>, corrupt_outgoing: Box<dyn Fn() + Send>) -> Self {
+        Self {
+            channel,
+            corrupt_outgoing,
+            kind: LinkKind::Ring,
+            in_place: Some(|ch, bytes| {
+                ch.send_in_place(PacketMeta::in_band(), 0, bytes.len(), soon(), |slot| {
+                    let half = bytes.len() / 2;
+                    // Out of order, to show the slot is written in place.
+                    slot.write_payload(half, &bytes[half..])
+                        .expect("second half");
+                    slot.write_payload(0, &bytes[..half]).expect("first half");
+                })
+            }),
+        }
+    }
+}
+
+impl<T: PacketTx, R: PacketRx, D: Doorbell> End<T, R, D> {
+    /// An end over a byte stream; `corrupt_outgoing` writes bytes that are not a valid
+    /// frame into the stream this end sends on.
+    pub fn stream(channel: Endpoint<T, R, D>, corrupt_outgoing: Box<dyn Fn() + Send>) -> Self {
+        Self {
+            channel,
+            corrupt_outgoing,
+            kind: LinkKind::Stream,
+            in_place: None,
+        }
+    }
+
+    /// The kind of link.
+    pub fn kind(&self) -> LinkKind {
+        self.kind
+    }
 }
 
 /// Which side of a check a script plays.
@@ -51,37 +116,43 @@ pub enum Side {
 }
 
 /// Side A's end of a started check, and a way to wait for side B.
-pub struct Started<M: RingMem, D: Doorbell> {
+pub struct Started<T: PacketTx, R: PacketRx, D: Doorbell> {
     /// Side A's end.
-    pub a: End<M, D>,
+    pub a: End<T, R, D>,
     /// Waits for side B to finish; panics if it failed.
     pub peer: Box<dyn FnOnce()>,
 }
 
 /// Connects pairs and starts side B of a check on the peer.
 pub trait PairFactory {
-    /// The ring memory of side A's end.
-    type Mem: RingMem + Send + Sync + 'static;
+    /// The sending half of side A's link.
+    type Tx: PacketTx + Send + 'static;
+    /// The receiving half of side A's link.
+    type Rx: PacketRx + Send + 'static;
     /// The doorbell of side A's end.
     type Bell: Doorbell + Send + Sync + 'static;
 
     /// Connects a fresh pair with `check`'s ring size and configurations
     /// ([`Check::ring_data_len`], [`Check::configs`]) and starts side B on the peer.
-    fn start(&self, check: Check) -> Started<Self::Mem, Self::Bell>;
+    fn start(&self, check: Check) -> Started<Self::Tx, Self::Rx, Self::Bell>;
 }
 
 /// A factory for transports whose ends can share a process: `make` builds a connected pair
 /// (ring data length, configurations of A and B), and side B runs on a thread.
-pub struct Threads<M, D, F> {
+pub struct Threads<T, R, D, F> {
     make: F,
-    _ends: PhantomData<fn() -> (M, D)>,
+    _ends: Ends<T, R, D>,
 }
 
-impl<M, D, F> Threads<M, D, F>
+/// The link and doorbell types a [`Threads`] factory's pairs have.
+type Ends<T, R, D> = PhantomData<fn() -> (T, R, D)>;
+
+impl<T, R, D, F> Threads<T, R, D, F>
 where
-    M: RingMem + Send + Sync + 'static,
+    T: PacketTx + Send + 'static,
+    R: PacketRx + Send + 'static,
     D: Doorbell + Send + Sync + 'static,
-    F: Fn(usize, Config, Config) -> (End<M, D>, End<M, D>),
+    F: Fn(usize, Config, Config) -> (End<T, R, D>, End<T, R, D>),
 {
     /// A factory over `make`.
     pub fn new(make: F) -> Self {
@@ -92,16 +163,18 @@ where
     }
 }
 
-impl<M, D, F> PairFactory for Threads<M, D, F>
+impl<T, R, D, F> PairFactory for Threads<T, R, D, F>
 where
-    M: RingMem + Send + Sync + 'static,
+    T: PacketTx + Send + 'static,
+    R: PacketRx + Send + 'static,
     D: Doorbell + Send + Sync + 'static,
-    F: Fn(usize, Config, Config) -> (End<M, D>, End<M, D>),
+    F: Fn(usize, Config, Config) -> (End<T, R, D>, End<T, R, D>),
 {
-    type Mem = M;
+    type Tx = T;
+    type Rx = R;
     type Bell = D;
 
-    fn start(&self, check: Check) -> Started<M, D> {
+    fn start(&self, check: Check) -> Started<T, R, D> {
         let (ca, cb) = check.configs();
         let (a, b) = (self.make)(check.ring_data_len(), ca, cb);
         let peer = thread::Builder::new()
@@ -145,7 +218,8 @@ macro_rules! checks {
                 match name { $($name => Some(Check::$variant),)* _ => None }
             }
 
-            /// Data bytes of each ring the check's pair needs.
+            /// Data bytes of each ring the check's pair needs (on a stream link: its send
+            /// buffer and largest frame).
             pub fn ring_data_len(self) -> usize {
                 match self { $(Check::$variant => $len,)* }
             }
@@ -157,9 +231,10 @@ macro_rules! checks {
         }
 
         /// Plays `side` of `check` on `end`, panicking if the channel misbehaves.
-        pub fn run_side<M, D>(check: Check, side: Side, end: End<M, D>)
+        pub fn run_side<T, R, D>(check: Check, side: Side, end: End<T, R, D>)
         where
-            M: RingMem + Send + Sync,
+            T: PacketTx + Send,
+            R: PacketRx + Send,
             D: Doorbell + Send + Sync,
         {
             match (check, side) {
@@ -257,7 +332,7 @@ fn after(ms: u64) -> Option<Instant> {
 
 /// Side B's last step: wait until side A has finished and closed its end, discarding
 /// whatever A still sends, so B never leaves before A is done.
-fn until_closed<M: RingMem, D: Doorbell>(ch: &Channel<M, D>) {
+fn until_closed<T: PacketTx, R: PacketRx, D: Doorbell>(ch: &Endpoint<T, R, D>) {
     let mut buf = std::vec![0u8; 1 << 20];
     loop {
         match ch.recv(&mut buf, soon()) {

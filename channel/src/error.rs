@@ -33,6 +33,73 @@ pub enum FailureCause {
     /// The doorbell failed.
     #[error("doorbell failure: {0}")]
     Doorbell(DoorbellError),
+    /// A stream link received a frame it refuses (garbage, a length past the largest, a
+    /// stream that ended inside a frame).
+    #[error("bad frame: {0}")]
+    Frame(#[from] FrameError),
+    /// A stream link's socket failed (an `errno`; 0 when the system gave none).
+    #[error("link I/O failed (os error {0})")]
+    Io(i32),
+}
+
+/// Why a frame of a stream link was refused (the framing: `vmlink-hvsock`'s `frame`
+/// module). Every one is final for the stream it came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FrameError {
+    /// The reserved word is not zero.
+    #[error("a frame's reserved word is {0:#x}, not 0")]
+    Reserved(u32),
+    /// A packet type a stream does not carry.
+    #[error("a frame of packet type {0}, which a stream does not carry")]
+    PacketType(u16),
+    /// A length that is not a multiple of 8.
+    #[error("a frame's {what} length {len} is not a multiple of 8")]
+    Unaligned {
+        /// Which length.
+        what: &'static str,
+        /// Its value.
+        len: u32,
+    },
+    /// A frame longer than the reader takes.
+    #[error("a frame of {len} bytes is past the largest of {max}")]
+    TooLong {
+        /// The frame's length (header, extra header, payload), as announced.
+        len: u64,
+        /// The largest this reader takes.
+        max: usize,
+    },
+    /// The stream ended inside a frame.
+    #[error("the stream ended {have} bytes into a {want}-byte frame")]
+    Truncated {
+        /// Bytes of the frame that arrived.
+        have: usize,
+        /// Bytes the frame needed (at least the header's).
+        want: usize,
+    },
+    /// A packet to encode that the format cannot carry (its type, or lengths past u32).
+    #[error("a packet of type {packet_type} with {len} bytes cannot be framed")]
+    Unframeable {
+        /// The packet type.
+        packet_type: u16,
+        /// Its extra header and payload bytes.
+        len: usize,
+    },
+    /// The output buffer is too small for the frame.
+    #[error("a {needed}-byte frame does not fit in {capacity} bytes")]
+    OutputTooSmall {
+        /// Bytes the frame needs.
+        needed: usize,
+        /// Bytes there are.
+        capacity: usize,
+    },
+}
+
+#[cfg(feature = "std")]
+impl From<FrameError> for std::io::Error {
+    fn from(e: FrameError) -> Self {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, e)
+    }
 }
 
 /// A channel operation failed.

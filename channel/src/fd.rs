@@ -356,44 +356,49 @@ impl Doorbell for EventFdDoorbell {
 }
 
 #[cfg(feature = "tokio")]
-pub use self::tokio_bell::TokioDoorbell;
+pub use self::tokio_bell::{TokioDoorbell, register_owned};
 
 #[cfg(feature = "tokio")]
 mod tokio_bell {
     use core::task::{Context, Poll};
     use core::time::Duration;
     use std::io;
-    use std::os::fd::{AsRawFd, OwnedFd};
+    use std::os::fd::OwnedFd;
 
     use tokio::io::Interest;
     use tokio::io::unix::AsyncFd;
 
-    use super::{Errno, EventFd, EventFdDoorbell, io_error};
+    use super::{Errno, EventFdDoorbell, io_error};
     use crate::doorbell::{AsyncDoorbell, Doorbell, DoorbellError, Wake};
 
     /// An end's fds on tokio's reactor: duplicates of the bell and hang-up fds, so each
     /// registration owns the fd it registered.
     #[derive(Debug)]
     pub(super) struct Registrations {
-        bell: AsyncFd<EventFd>,
+        bell: AsyncFd<OwnedFd>,
         hangup: Option<AsyncFd<OwnedFd>>,
     }
 
+    fn register(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
+        register_owned(fd, Interest::READABLE)
+    }
+
+    /// Registers `fd` with the current tokio runtime's reactor for `interest`: the safe
+    /// form of tokio's `AsyncFd::register_with_interest` for a descriptor the caller owns
+    /// (a transport's socket or eventfd copy). Fails outside a runtime with I/O enabled.
     // The one unsafe call of the module: tokio's registration, whose contract is about
     // the fd staying open, which owning it guarantees.
     #[allow(unsafe_code)]
-    fn register<T: AsRawFd>(fd: T) -> io::Result<AsyncFd<T>> {
-        // SAFETY: the `AsyncFd` owns `fd` (an `EventFd` or `OwnedFd`): it stays open, and
-        // `as_raw_fd` keeps returning the same descriptor, until the `AsyncFd` is dropped or
-        // `into_inner` gives it back.
-        unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
-            .map_err(|e| e.into_parts().1)
+    pub fn register_owned(fd: OwnedFd, interest: Interest) -> io::Result<AsyncFd<OwnedFd>> {
+        // SAFETY: the `AsyncFd` owns `fd`: the descriptor stays open, and `as_raw_fd`
+        // keeps returning it, until the `AsyncFd` is dropped or gives it back.
+        unsafe { AsyncFd::register_with_interest(fd, interest) }.map_err(|e| e.into_parts().1)
     }
 
     impl Registrations {
         /// Registers `inner`'s fds with the current runtime's reactor.
         fn new(inner: &EventFdDoorbell) -> io::Result<Self> {
-            let bell = register(inner.wait.try_clone()?)?;
+            let bell = register(inner.wait.try_clone()?.into())?;
             let hangup = match &inner.hangup {
                 Some(h) => Some(register(h.try_clone()?)?),
                 None => None,
@@ -408,7 +413,7 @@ mod tokio_bell {
         ) -> Poll<Result<(), DoorbellError>> {
             loop {
                 match self.bell.poll_read_ready(cx) {
-                    Poll::Ready(Ok(mut guard)) => match self.bell.get_ref().drain() {
+                    Poll::Ready(Ok(mut guard)) => match inner.wait.drain() {
                         Ok(true) => return Poll::Ready(Ok(())),
                         // Readiness was stale (a blocking wait or another reader took the
                         // ring): clear it and poll again, which registers the waker.

@@ -83,7 +83,7 @@ pub use channel::{Receiver, SavedEndpoint, Sender};
 pub use doorbell::{AsyncDoorbell, Doorbell, DoorbellError, Wake};
 #[cfg(feature = "std")]
 pub use doorbell::{InProcessDoorbell, in_process_pair};
-pub use error::{ChannelError, FailureCause, Polled, ProtocolError};
+pub use error::{ChannelError, FailureCause, FrameError, Polled, ProtocolError};
 #[cfg(all(feature = "fd", target_os = "linux"))]
 pub use fd::EventFdDoorbell;
 #[cfg(all(feature = "tokio", target_os = "linux"))]

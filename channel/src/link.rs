@@ -319,7 +319,7 @@ impl<M: RingMem> RingRx<M> {
 }
 
 impl<M: RingMem> PacketRx for RingRx<M> {
-    #[inline]
+    #[inline(always)]
     fn peek(&mut self) -> Result<Option<Received>, ChannelError> {
         if self.head.is_none() {
             self.head = self

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use vmlink_channel::Polled;
 use vmlink_channel::Wait;
-use vmlink_channel::conformance::{End, Threads, run_all};
+use vmlink_channel::conformance::{End, RingEnd, Threads, run_all};
 use vmlink_channel::{Channel, Config, InProcessDoorbell, in_process_pair};
 use vmlink_ring::{ControlWord, HeapMem, RingMem};
 
@@ -14,8 +14,8 @@ fn pair(
     ca: Config,
     cb: Config,
 ) -> (
-    End<Arc<HeapMem>, InProcessDoorbell>,
-    End<Arc<HeapMem>, InProcessDoorbell>,
+    RingEnd<Arc<HeapMem>, InProcessDoorbell>,
+    RingEnd<Arc<HeapMem>, InProcessDoorbell>,
 ) {
     let a_to_b = Arc::new(HeapMem::new(len).expect("ring"));
     let b_to_a = Arc::new(HeapMem::new(len).expect("ring"));
@@ -23,14 +23,14 @@ fn pair(
     let a = Channel::new(a_to_b.clone(), b_to_a.clone(), da, ca).expect("a");
     let b = Channel::new(b_to_a.clone(), a_to_b.clone(), db, cb).expect("b");
     (
-        End {
-            channel: a,
-            corrupt_outgoing: Box::new(move || a_to_b.store_control(ControlWord::WriteIndex, 13)),
-        },
-        End {
-            channel: b,
-            corrupt_outgoing: Box::new(move || b_to_a.store_control(ControlWord::WriteIndex, 13)),
-        },
+        End::ring(
+            a,
+            Box::new(move || a_to_b.store_control(ControlWord::WriteIndex, 13)),
+        ),
+        End::ring(
+            b,
+            Box::new(move || b_to_a.store_control(ControlWord::WriteIndex, 13)),
+        ),
     )
 }
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use tokio::time::{sleep, timeout};
 use vmlink_channel::Polled;
 use vmlink_channel::Wait;
-use vmlink_channel::conformance::{End, Threads, run_all};
+use vmlink_channel::conformance::{End, RingEnd, Threads, run_all};
 use vmlink_channel::{
     Channel, ChannelError, ChannelState, Config, Doorbell, DoorbellError, EventFdDoorbell,
     TokioDoorbell, Wake,
@@ -135,7 +135,7 @@ fn rings(len: usize) -> (Arc<HeapMem>, Arc<HeapMem>) {
     )
 }
 
-type Ends<D> = (End<Arc<HeapMem>, D>, End<Arc<HeapMem>, D>);
+type Ends<D> = (RingEnd<Arc<HeapMem>, D>, RingEnd<Arc<HeapMem>, D>);
 
 /// Two connected channel ends over heap rings with the given doorbell ends.
 fn ends<D: Doorbell>(len: usize, ca: Config, cb: Config, (da, db): (D, D)) -> Ends<D> {
@@ -143,14 +143,14 @@ fn ends<D: Doorbell>(len: usize, ca: Config, cb: Config, (da, db): (D, D)) -> En
     let a = Channel::new(a_to_b.clone(), b_to_a.clone(), da, ca).expect("a");
     let b = Channel::new(b_to_a.clone(), a_to_b.clone(), db, cb).expect("b");
     (
-        End {
-            channel: a,
-            corrupt_outgoing: Box::new(move || a_to_b.store_control(ControlWord::WriteIndex, 13)),
-        },
-        End {
-            channel: b,
-            corrupt_outgoing: Box::new(move || b_to_a.store_control(ControlWord::WriteIndex, 13)),
-        },
+        End::ring(
+            a,
+            Box::new(move || a_to_b.store_control(ControlWord::WriteIndex, 13)),
+        ),
+        End::ring(
+            b,
+            Box::new(move || b_to_a.store_control(ControlWord::WriteIndex, 13)),
+        ),
     )
 }
 

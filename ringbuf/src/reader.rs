@@ -250,6 +250,7 @@ impl<M: RingMem> Reader<M> {
 
     /// The next packet's validated descriptor, without borrowing the reader; reopen the
     /// packet with [`packet`](Self::packet). `Ok(None)` when the ring is empty.
+    #[inline]
     pub fn peek_info(&mut self) -> Result<Option<PacketInfo>, RingError> {
         self.next_packet()
     }

@@ -43,6 +43,17 @@ impl<'a, T: PacketTx, D: Doorbell, TC: Half<Item = T>, RC> Ops<'a, D, TC, RC> {
     }
 }
 
+/// What [`Ops::take_own_completion`] found at the head.
+#[cfg(feature = "alloc")]
+enum Own {
+    /// The call's own completion, copied into the response: its length.
+    Taken(usize),
+    /// Another packet.
+    Other,
+    /// Nothing.
+    Empty,
+}
+
 /// What one round of a call found.
 #[cfg(feature = "alloc")]
 pub(crate) enum CallStep {
@@ -135,12 +146,23 @@ impl<'a, T: PacketTx, R: PacketRx, D: Doorbell, TC: Half<Item = T>, RC: Half<Ite
         if let Some(len) = self.take_completion(&mut rx, txn, response)? {
             return Ok(CallStep::Done(len));
         }
-        if let Some(len) = self.take_own_completion(&mut rx, txn, response)? {
-            self.commit_rx(&mut rx)?;
-            return Ok(CallStep::Done(len));
-        }
         let mut blocked = false;
-        while let Some(info) = self.next_for_receiver(&mut rx)? {
+        loop {
+            // Our own completion at the head is copied straight into the response. Looked
+            // for before each packet, and nothing more is read once the head is empty: a
+            // packet arriving between two looks is then taken by the next step, never
+            // stored for us as another caller's would be.
+            match self.take_own_completion(&mut rx, txn, response)? {
+                Own::Taken(len) => {
+                    self.commit_rx(&mut rx)?;
+                    return Ok(CallStep::Done(len));
+                }
+                Own::Empty => break,
+                Own::Other => {}
+            }
+            let Some(info) = self.next_for_receiver(&mut rx)? else {
+                break;
+            };
             if !self.queue_packet(&mut rx, &info)? {
                 blocked = true;
                 break;
@@ -161,16 +183,17 @@ impl<'a, T: PacketTx, R: PacketRx, D: Doorbell, TC: Half<Item = T>, RC: Half<Ite
 
     /// The call's own completion when it is next in the ring and fits `response`: copied
     /// straight there, consumed and its id freed, without storing it for the caller (this
-    /// is the caller) or waking anyone. Anything else is left to the general path.
+    /// is the caller) or waking anyone ([`Own::Taken`]). Anything else is left to the
+    /// general path ([`Own::Other`]); [`Own::Empty`] when nothing is there.
     fn take_own_completion(
         &self,
         rx: &mut RxState<R>,
         txn: &mut PendingCall<'_, D>,
         response: &mut [u8],
-    ) -> Result<Option<usize>, ChannelError> {
+    ) -> Result<Own, ChannelError> {
         let info = match rx.link.peek() {
             Ok(Some(info)) => info,
-            Ok(None) => return Ok(None),
+            Ok(None) => return Ok(Own::Empty),
             Err(e) => return Err(self.link_error(e)),
         };
         let len = info.payload_len;
@@ -179,7 +202,7 @@ impl<'a, T: PacketTx, R: PacketRx, D: Doorbell, TC: Half<Item = T>, RC: Half<Ite
             || len > response.len()
             || self.txns.route(txn.tid) != Route::Waiting(slot_index(txn.tid))
         {
-            return Ok(None);
+            return Ok(Own::Other);
         }
         rx.link
             .read_payload(0, &mut response[..len])
@@ -187,7 +210,7 @@ impl<'a, T: PacketTx, R: PacketRx, D: Doorbell, TC: Half<Item = T>, RC: Half<Ite
         self.consume(&mut rx.link, &info);
         self.txns.free(txn.tid);
         txn.armed = false;
-        Ok(Some(len))
+        Ok(Own::Taken(len))
     }
 
     /// Copies a packet meant for a receiver into the queue (its header validated there).

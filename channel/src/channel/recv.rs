@@ -7,7 +7,7 @@ impl<'a, R: PacketRx, D: Doorbell, TC, RC: Half<Item = RxState<R>>> Ops<'a, D, T
 
     /// Takes the next packet meant for a receiver off the incoming ring, dealing with
     /// completions for waiting callers on the way. Consumed packets are not yet committed.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn next_for_receiver(
         &self,
         rx: &mut RxState<R>,
@@ -18,45 +18,51 @@ impl<'a, R: PacketRx, D: Doorbell, TC, RC: Half<Item = RxState<R>>> Ops<'a, D, T
                 Ok(None) => return Ok(None),
                 Err(e) => return Err(self.link_error(e)),
             };
-            if info.packet_type != PacketType::Completion {
-                // Extra headers are validated where they are copied out, never in the ring.
+            // Extra headers are validated where they are copied out, never in the ring.
+            if info.packet_type != PacketType::Completion || self.route_completion(rx, &info)? {
                 return Ok(Some(info));
             }
-            match self.txns.route(info.transaction_id) {
-                Route::Polled => return Ok(Some(info)),
-                Route::Unknown => {
-                    return Err(self.fail(ProtocolError::UnknownTransaction {
-                        transaction_id: info.transaction_id,
-                    }));
-                }
-                Route::Late(index) => {
-                    self.txns.free_late(index);
-                    bump(&self.counters.rx.late_completions, 1);
-                    self.consume(&mut rx.link, &info);
-                }
-                #[cfg(feature = "alloc")]
-                Route::Waiting(index) => {
-                    // Stored only when it fits the caller's buffer: a peer cannot make the
-                    // channel hold more than its callers asked to receive.
-                    let needed = info.payload_len;
-                    let stored = &mut rx.stored[index];
-                    stored.clear();
-                    if needed <= self.call_capacity[index].load(Ordering::Acquire) {
-                        stored.resize(needed, 0);
-                        rx.link
-                            .read_payload(0, stored)
-                            .map_err(|e| self.link_error(e))?;
-                    }
-                    rx.stored_len[index] = needed;
-                    self.consume(&mut rx.link, &info);
-                    if !self.txns.mark_done(index) {
-                        bump(&self.counters.rx.late_completions, 1);
-                    }
-                    self.hub.notify(&self.doorbell);
-                }
-                #[cfg(not(feature = "alloc"))]
-                Route::Waiting(_) => return Ok(Some(info)),
+        }
+    }
+
+    /// Routes the completion at the head: true when it is for the receiver (a polled
+    /// call's), false when it was taken here (a late one, or a waiting caller's).
+    #[inline(never)]
+    fn route_completion(&self, rx: &mut RxState<R>, info: &Received) -> Result<bool, ChannelError> {
+        match self.txns.route(info.transaction_id) {
+            Route::Polled => Ok(true),
+            Route::Unknown => Err(self.fail(ProtocolError::UnknownTransaction {
+                transaction_id: info.transaction_id,
+            })),
+            Route::Late(index) => {
+                self.txns.free_late(index);
+                bump(&self.counters.rx.late_completions, 1);
+                self.consume(&mut rx.link, info);
+                Ok(false)
             }
+            #[cfg(feature = "alloc")]
+            Route::Waiting(index) => {
+                // Stored only when it fits the caller's buffer: a peer cannot make the
+                // channel hold more than its callers asked to receive.
+                let needed = info.payload_len;
+                let stored = &mut rx.stored[index];
+                stored.clear();
+                if needed <= self.call_capacity[index].load(Ordering::Acquire) {
+                    stored.resize(needed, 0);
+                    rx.link
+                        .read_payload(0, stored)
+                        .map_err(|e| self.link_error(e))?;
+                }
+                rx.stored_len[index] = needed;
+                self.consume(&mut rx.link, info);
+                if !self.txns.mark_done(index) {
+                    bump(&self.counters.rx.late_completions, 1);
+                }
+                self.hub.notify(&self.doorbell);
+                Ok(false)
+            }
+            #[cfg(not(feature = "alloc"))]
+            Route::Waiting(_) => Ok(true),
         }
     }
 

@@ -4,7 +4,7 @@ use super::*;
 
 // ---- the checks -----------------------------------------------------------------------
 
-pub(super) fn in_band_a<M: RingMem, D: Doorbell>(e: End<M, D>) {
+pub(super) fn in_band_a<T: PacketTx, R: PacketRx, D: Doorbell>(e: End<T, R, D>) {
     let ch = e.channel;
     ch.send(b"from a", soon()).expect("a sends");
     let mut buf = [0u8; 64];
@@ -19,7 +19,7 @@ pub(super) fn in_band_a<M: RingMem, D: Doorbell>(e: End<M, D>) {
     );
 }
 
-pub(super) fn in_band_b<M: RingMem, D: Doorbell>(e: End<M, D>) {
+pub(super) fn in_band_b<T: PacketTx, R: PacketRx, D: Doorbell>(e: End<T, R, D>) {
     let ch = e.channel;
     let mut buf = [0u8; 64];
     let r = ch.recv(&mut buf, soon()).expect("b receives");
@@ -37,7 +37,7 @@ pub(super) fn payload_sizes(max_payload: usize) -> Vec<usize> {
 
 /// Payloads from 0 bytes to the largest the ring carries arrive intact; a larger one is
 /// refused at once.
-pub(super) fn sizes_a<M: RingMem, D: Doorbell>(e: End<M, D>) {
+pub(super) fn sizes_a<T: PacketTx, R: PacketRx, D: Doorbell>(e: End<T, R, D>) {
     let ch = e.channel;
     let max_payload = ch.max_packet_len() - 16;
     for (i, len) in payload_sizes(max_payload).into_iter().enumerate() {
@@ -60,7 +60,7 @@ pub(super) fn sizes_a<M: RingMem, D: Doorbell>(e: End<M, D>) {
     ch.recv(&mut buf, soon()).expect("b's acknowledgement");
 }
 
-pub(super) fn sizes_b<M: RingMem, D: Doorbell>(e: End<M, D>) {
+pub(super) fn sizes_b<T: PacketTx, R: PacketRx, D: Doorbell>(e: End<T, R, D>) {
     let ch = e.channel;
     let max_payload = ch.max_packet_len() - 16;
     let mut buf = std::vec![0u8; PAGE];
@@ -82,7 +82,9 @@ pub(super) fn sizes_b<M: RingMem, D: Doorbell>(e: End<M, D>) {
 }
 
 /// Many calls from many threads at once, each getting its own completion.
-pub(super) fn calls_a<M: RingMem + Send + Sync, D: Doorbell + Send + Sync>(e: End<M, D>) {
+pub(super) fn calls_a<T: PacketTx + Send, R: PacketRx + Send, D: Doorbell + Send + Sync>(
+    e: End<T, R, D>,
+) {
     let ch = &e.channel;
     let (threads, calls) = if cfg!(miri) { (4, 3) } else { (8, 200) };
     thread::scope(|s| {
@@ -103,7 +105,7 @@ pub(super) fn calls_a<M: RingMem + Send + Sync, D: Doorbell + Send + Sync>(e: En
 }
 
 /// Serves requests until side A closes: completes each with its payload reversed.
-pub(super) fn serve_b<M: RingMem, D: Doorbell>(e: End<M, D>) {
+pub(super) fn serve_b<T: PacketTx, R: PacketRx, D: Doorbell>(e: End<T, R, D>) {
     let ch = e.channel;
     let mut buf = std::vec![0u8; PAGE];
     loop {
@@ -122,7 +124,7 @@ pub(super) fn serve_b<M: RingMem, D: Doorbell>(e: End<M, D>) {
 }
 
 /// Packets the peer sends while a call waits reach the receiver afterwards, in order.
-pub(super) fn unsolicited_a<M: RingMem, D: Doorbell>(e: End<M, D>) {
+pub(super) fn unsolicited_a<T: PacketTx, R: PacketRx, D: Doorbell>(e: End<T, R, D>) {
     let ch = e.channel;
     let mut response = [0u8; 8];
     assert_eq!(ch.call(b"work", &mut response, soon()).expect("call"), 8);
@@ -139,7 +141,7 @@ pub(super) fn unsolicited_a<M: RingMem, D: Doorbell>(e: End<M, D>) {
     assert_eq!(ch.recv(&mut buf, Wait::Now).polled().expect("empty"), None);
 }
 
-pub(super) fn unsolicited_b<M: RingMem, D: Doorbell>(e: End<M, D>) {
+pub(super) fn unsolicited_b<T: PacketTx, R: PacketRx, D: Doorbell>(e: End<T, R, D>) {
     let ch = e.channel;
     let mut buf = [0u8; 64];
     let r = ch.recv(&mut buf, soon()).expect("request");
@@ -153,7 +155,7 @@ pub(super) fn unsolicited_b<M: RingMem, D: Doorbell>(e: End<M, D>) {
 
 /// A call that times out keeps its id until the late completion arrives, which is
 /// discarded and counted, not an error.
-pub(super) fn late_a<M: RingMem, D: Doorbell>(e: End<M, D>) {
+pub(super) fn late_a<T: PacketTx, R: PacketRx, D: Doorbell>(e: End<T, R, D>) {
     let ch = e.channel;
     let mut response = [0u8; 64];
     let t0 = Instant::now();
@@ -180,7 +182,7 @@ pub(super) fn late_a<M: RingMem, D: Doorbell>(e: End<M, D>) {
     assert_eq!(ch.state(), ChannelState::Open);
 }
 
-pub(super) fn late_b<M: RingMem, D: Doorbell>(e: End<M, D>) {
+pub(super) fn late_b<T: PacketTx, R: PacketRx, D: Doorbell>(e: End<T, R, D>) {
     let ch = e.channel;
     let mut buf = [0u8; 64];
     let req = ch.recv(&mut buf, soon()).expect("the request arrived");
@@ -194,7 +196,7 @@ pub(super) fn late_b<M: RingMem, D: Doorbell>(e: End<M, D>) {
 
 /// A completion for an id not in flight is a protocol error: the channel fails with the
 /// cause and every later call fails fast with it.
-pub(super) fn unknown_a<M: RingMem, D: Doorbell>(e: End<M, D>) {
+pub(super) fn unknown_a<T: PacketTx, R: PacketRx, D: Doorbell>(e: End<T, R, D>) {
     let ch = e.channel;
     let mut buf = [0u8; 64];
     let expected =
@@ -216,7 +218,7 @@ pub(super) fn unknown_a<M: RingMem, D: Doorbell>(e: End<M, D>) {
     assert!(matches!(ch.state(), ChannelState::Failed(_)));
 }
 
-pub(super) fn unknown_b<M: RingMem, D: Doorbell>(e: End<M, D>) {
+pub(super) fn unknown_b<T: PacketTx, R: PacketRx, D: Doorbell>(e: End<T, R, D>) {
     let ch = e.channel;
     ch.complete(0x1234_5678, b"who?", soon())
         .expect("a bogus completion");
@@ -224,7 +226,7 @@ pub(super) fn unknown_b<M: RingMem, D: Doorbell>(e: End<M, D>) {
 }
 
 /// Transaction ids run out with a clear error and come back when completions arrive.
-pub(super) fn exhaust_a<M: RingMem, D: Doorbell>(e: End<M, D>) {
+pub(super) fn exhaust_a<T: PacketTx, R: PacketRx, D: Doorbell>(e: End<T, R, D>) {
     let ch = e.channel;
     let ids: Vec<u64> = (0..MAX_TRANSACTIONS)
         .map(|_| ch.start_request(b"r", Wait::Now).expect("start"))
@@ -249,7 +251,7 @@ pub(super) fn exhaust_a<M: RingMem, D: Doorbell>(e: End<M, D>) {
         .expect("ids are free again");
 }
 
-pub(super) fn exhaust_b<M: RingMem, D: Doorbell>(e: End<M, D>) {
+pub(super) fn exhaust_b<T: PacketTx, R: PacketRx, D: Doorbell>(e: End<T, R, D>) {
     let ch = e.channel;
     let mut buf = [0u8; 64];
     let mut ids = Vec::new();
@@ -283,7 +285,20 @@ pub(super) fn gpa_ranges() -> [GpaRange<'static>; 1] {
 }
 
 /// GPA-direct packets: ranges validated on both sides, parsed on receive.
-pub(super) fn gpa_a<M: RingMem, D: Doorbell>(e: End<M, D>) {
+/// On a stream link: a GPA-direct send is refused with `Unsupported` and changes nothing.
+fn gpa_refused<T: PacketTx, R: PacketRx, D: Doorbell>(ch: &Endpoint<T, R, D>) {
+    assert!(matches!(
+        ch.send_gpa_direct(&gpa_ranges(), b"bulk", gpa_meta(), soon()),
+        Err(ChannelError::Unsupported { .. })
+    ));
+    assert_eq!(ch.state(), ChannelState::Open, "a refusal fails nothing");
+    assert_eq!(ch.counters().packets_sent, 0, "nothing went out");
+}
+
+pub(super) fn gpa_a<T: PacketTx, R: PacketRx, D: Doorbell>(e: End<T, R, D>) {
+    if e.kind == LinkKind::Stream {
+        return gpa_refused(&e.channel);
+    }
     let ch = e.channel;
     ch.send_gpa_direct(&gpa_ranges(), b"bulk", gpa_meta(), soon())
         .expect("send");
@@ -306,7 +321,10 @@ pub(super) fn gpa_a<M: RingMem, D: Doorbell>(e: End<M, D>) {
     ch.recv(&mut buf, soon()).expect("b's acknowledgement");
 }
 
-pub(super) fn gpa_b<M: RingMem, D: Doorbell>(e: End<M, D>) {
+pub(super) fn gpa_b<T: PacketTx, R: PacketRx, D: Doorbell>(e: End<T, R, D>) {
+    if e.kind == LinkKind::Stream {
+        return until_closed(&e.channel);
+    }
     let ch = e.channel;
     ch.recv_with(soon(), |guard| {
         let m = guard.meta();
@@ -333,7 +351,10 @@ pub(super) fn gpa_b<M: RingMem, D: Doorbell>(e: End<M, D>) {
 
 /// A receiver with a tighter page limit than the sender treats such a packet as a
 /// protocol violation.
-pub(super) fn gpa_limit_a<M: RingMem, D: Doorbell>(e: End<M, D>) {
+pub(super) fn gpa_limit_a<T: PacketTx, R: PacketRx, D: Doorbell>(e: End<T, R, D>) {
+    if e.kind == LinkKind::Stream {
+        return gpa_refused(&e.channel);
+    }
     let ch = e.channel;
     ch.send_gpa_direct(&gpa_ranges(), b"bulk", gpa_meta(), soon())
         .expect("send");
@@ -342,7 +363,10 @@ pub(super) fn gpa_limit_a<M: RingMem, D: Doorbell>(e: End<M, D>) {
     assert_eq!(ch.recv(&mut buf, soon()), Err(ChannelError::Closed));
 }
 
-pub(super) fn gpa_limit_b<M: RingMem, D: Doorbell>(e: End<M, D>) {
+pub(super) fn gpa_limit_b<T: PacketTx, R: PacketRx, D: Doorbell>(e: End<T, R, D>) {
+    if e.kind == LinkKind::Stream {
+        return until_closed(&e.channel);
+    }
     let ch = e.channel;
     let mut buf = [0u8; 128];
     assert_eq!(
@@ -386,7 +410,7 @@ pub(super) fn transfer_header(range_count: u32) -> Vec<u8> {
 }
 
 /// Transfer-page packets are parsed on receive; a malformed one fails the receiver.
-pub(super) fn transfer_a<M: RingMem, D: Doorbell>(e: End<M, D>) {
+pub(super) fn transfer_a<T: PacketTx, R: PacketRx, D: Doorbell>(e: End<T, R, D>) {
     let ch = e.channel;
     let meta = PacketMeta {
         packet_type: PacketType::TransferPages,
@@ -410,7 +434,7 @@ pub(super) fn transfer_a<M: RingMem, D: Doorbell>(e: End<M, D>) {
     );
 }
 
-pub(super) fn transfer_b<M: RingMem, D: Doorbell>(e: End<M, D>) {
+pub(super) fn transfer_b<T: PacketTx, R: PacketRx, D: Doorbell>(e: End<T, R, D>) {
     let ch = e.channel;
     let mut buf = [0u8; 64];
     let r = ch.recv(&mut buf, soon()).expect("recv");
@@ -430,22 +454,21 @@ pub(super) fn transfer_b<M: RingMem, D: Doorbell>(e: End<M, D>) {
 
 pub(super) const BIG: usize = 20_000;
 
-/// Zero-copy: a packet written in place, read in place, consumed when the reading ends.
-pub(super) fn zero_copy_a<M: RingMem, D: Doorbell>(e: End<M, D>) {
+/// Zero-copy: a packet written in place (where the link can), read in place, consumed when
+/// the reading ends.
+pub(super) fn zero_copy_a<T: PacketTx, R: PacketRx, D: Doorbell>(e: End<T, R, D>) {
     let ch = e.channel;
     let big = pattern(9, BIG);
-    ch.send_in_place(PacketMeta::in_band(), 0, big.len(), soon(), |slot| {
-        slot.write_payload(BIG / 2, &big[BIG / 2..])
-            .expect("second half");
-        slot.write_payload(0, &big[..BIG / 2]).expect("first half");
-    })
-    .expect("send in place");
+    match e.in_place {
+        Some(send_in_place) => send_in_place(&ch, &big).expect("send in place"),
+        None => ch.send(&big, soon()).expect("send"),
+    }
     ch.send(b"next", soon()).expect("send");
     let mut buf = [0u8; 8];
     ch.recv(&mut buf, soon()).expect("b's acknowledgement");
 }
 
-pub(super) fn zero_copy_b<M: RingMem, D: Doorbell>(e: End<M, D>) {
+pub(super) fn zero_copy_b<T: PacketTx, R: PacketRx, D: Doorbell>(e: End<T, R, D>) {
     let ch = e.channel;
     let big = pattern(9, BIG);
     ch.recv_with(soon(), |g| {
@@ -477,7 +500,7 @@ pub(super) fn zero_copy_b<M: RingMem, D: Doorbell>(e: End<M, D>) {
 
 /// A batch publishes many packets with one commit and at most one signal; a receive
 /// batch takes them under one commit; a dropped batch publishes nothing.
-pub(super) fn batch_a<M: RingMem, D: Doorbell>(e: End<M, D>) {
+pub(super) fn batch_a<T: PacketTx, R: PacketRx, D: Doorbell>(e: End<T, R, D>) {
     let ch = e.channel;
     let before = ch.counters().signals_sent;
     let mut batch = ch.batch().expect("batch");
@@ -498,7 +521,7 @@ pub(super) fn batch_a<M: RingMem, D: Doorbell>(e: End<M, D>) {
     ch.recv(&mut buf, soon()).expect("b's acknowledgement");
 }
 
-pub(super) fn batch_b<M: RingMem, D: Doorbell>(e: End<M, D>) {
+pub(super) fn batch_b<T: PacketTx, R: PacketRx, D: Doorbell>(e: End<T, R, D>) {
     let ch = e.channel;
     let mut got = Vec::new();
     while got.len() < 50 {
@@ -526,10 +549,10 @@ pub(super) const CHUNK: usize = 1000;
 
 /// A full ring: `send` (`Wait::Now`) says so, `send` waits for space (or its deadline), and a
 /// receive on the other side frees it.
-pub(super) fn flow_a<M: RingMem, D: Doorbell>(e: End<M, D>) {
+pub(super) fn flow_a<T: PacketTx, R: PacketRx, D: Doorbell>(e: End<T, R, D>) {
     let ch = e.channel;
     let chunk = std::vec![7u8; CHUNK];
-    let mut sent = 0u8;
+    let mut sent = 0u32;
     while ch.send(&chunk, Wait::Now).is_ok() {
         sent += 1;
     }
@@ -547,7 +570,7 @@ pub(super) fn flow_a<M: RingMem, D: Doorbell>(e: End<M, D>) {
     ch.recv(&mut buf, soon()).expect("b's acknowledgement");
 }
 
-pub(super) fn flow_b<M: RingMem, D: Doorbell>(e: End<M, D>) {
+pub(super) fn flow_b<T: PacketTx, R: PacketRx, D: Doorbell>(e: End<T, R, D>) {
     let ch = e.channel;
     thread::sleep(Duration::from_millis(500));
     let mut buf = std::vec![0u8; 2 * CHUNK];
@@ -566,7 +589,7 @@ pub(super) fn flow_b<M: RingMem, D: Doorbell>(e: End<M, D>) {
 }
 
 /// Polling mode receives everything and loses no wake-up when the spin runs out.
-pub(super) fn polling_a<M: RingMem, D: Doorbell>(e: End<M, D>) {
+pub(super) fn polling_a<T: PacketTx, R: PacketRx, D: Doorbell>(e: End<T, R, D>) {
     let ch = e.channel;
     let n = rounds(2000);
     for i in 0..n {
@@ -580,7 +603,7 @@ pub(super) fn polling_a<M: RingMem, D: Doorbell>(e: End<M, D>) {
     ch.recv(&mut buf, soon()).expect("b's acknowledgement");
 }
 
-pub(super) fn polling_b<M: RingMem, D: Doorbell>(e: End<M, D>) {
+pub(super) fn polling_b<T: PacketTx, R: PacketRx, D: Doorbell>(e: End<T, R, D>) {
     let ch = e.channel;
     let mut buf = [0u8; 64];
     for i in 0..rounds(2000) {
@@ -593,7 +616,7 @@ pub(super) fn polling_b<M: RingMem, D: Doorbell>(e: End<M, D>) {
 
 /// A peer that leaves: what it committed is still received, then every call says
 /// `Closed`.
-pub(super) fn close_a<M: RingMem, D: Doorbell>(e: End<M, D>) {
+pub(super) fn close_a<T: PacketTx, R: PacketRx, D: Doorbell>(e: End<T, R, D>) {
     let ch = e.channel;
     let mut buf = [0u8; 64];
     for i in 0..5u8 {
@@ -611,7 +634,7 @@ pub(super) fn close_a<M: RingMem, D: Doorbell>(e: End<M, D>) {
     assert_eq!(ch.state(), ChannelState::PeerClosed);
 }
 
-pub(super) fn close_b<M: RingMem, D: Doorbell>(e: End<M, D>) {
+pub(super) fn close_b<T: PacketTx, R: PacketRx, D: Doorbell>(e: End<T, R, D>) {
     let ch = e.channel;
     for i in 0..5u8 {
         ch.send(&[i; 16], soon()).expect("send");
@@ -620,7 +643,7 @@ pub(super) fn close_b<M: RingMem, D: Doorbell>(e: End<M, D>) {
 }
 
 /// A receive blocked (without a deadline) when the peer leaves wakes up with `Closed`.
-pub(super) fn blocked_close_a<M: RingMem, D: Doorbell>(e: End<M, D>) {
+pub(super) fn blocked_close_a<T: PacketTx, R: PacketRx, D: Doorbell>(e: End<T, R, D>) {
     let ch = e.channel;
     let t0 = Instant::now();
     let mut buf = [0u8; 64];
@@ -628,14 +651,14 @@ pub(super) fn blocked_close_a<M: RingMem, D: Doorbell>(e: End<M, D>) {
     assert!(t0.elapsed() < Duration::from_secs(10));
 }
 
-pub(super) fn blocked_close_b<M: RingMem, D: Doorbell>(e: End<M, D>) {
+pub(super) fn blocked_close_b<T: PacketTx, R: PacketRx, D: Doorbell>(e: End<T, R, D>) {
     thread::sleep(Duration::from_millis(100));
     drop(e);
 }
 
-/// A corrupt ring fails the channel with the cause; every later call fails fast.
-pub(super) fn corrupt_a<M: RingMem, D: Doorbell>(e: End<M, D>) {
-    let ch = e.channel;
+/// A corrupt ring (or stream) fails the channel with the cause; every later call fails fast.
+pub(super) fn corrupt_a<T: PacketTx, R: PacketRx, D: Doorbell>(e: End<T, R, D>) {
+    let ch = &e.channel;
     let mut buf = [0u8; 64];
     let err = loop {
         match ch.recv(&mut buf, soon()) {
@@ -645,10 +668,16 @@ pub(super) fn corrupt_a<M: RingMem, D: Doorbell>(e: End<M, D>) {
         }
     };
     let cause = failed_cause(err);
-    assert!(
-        matches!(cause, FailureCause::Ring(_)),
-        "a ring failure, got {cause:?}"
-    );
+    match e.kind {
+        LinkKind::Ring => assert!(
+            matches!(cause, FailureCause::Ring(_)),
+            "a ring failure, got {cause:?}"
+        ),
+        LinkKind::Stream => assert!(
+            matches!(cause, FailureCause::Frame(_)),
+            "a frame failure, got {cause:?}"
+        ),
+    }
     let t0 = Instant::now();
     assert_eq!(
         ch.recv(&mut buf, None),
@@ -660,7 +689,7 @@ pub(super) fn corrupt_a<M: RingMem, D: Doorbell>(e: End<M, D>) {
     assert_eq!(ch.state(), ChannelState::Failed(cause));
 }
 
-pub(super) fn corrupt_b<M: RingMem, D: Doorbell>(e: End<M, D>) {
+pub(super) fn corrupt_b<T: PacketTx, R: PacketRx, D: Doorbell>(e: End<T, R, D>) {
     e.channel.send(b"fine", soon()).expect("send");
     (e.corrupt_outgoing)();
     // Ring the doorbell so a sleeping A looks now.
@@ -673,7 +702,7 @@ pub(super) const COUNTED: [usize; 4] = [0, 1, 8, 100];
 pub(super) const COUNTED_BYTES: u64 = (16 + 16 + 8 + 16 + 8 + 16 + 104) as u64;
 
 /// Packets and bytes are counted the same way on both sides.
-pub(super) fn counters_a<M: RingMem, D: Doorbell>(e: End<M, D>) {
+pub(super) fn counters_a<T: PacketTx, R: PacketRx, D: Doorbell>(e: End<T, R, D>) {
     let ch = e.channel;
     for len in COUNTED {
         ch.send(&std::vec![1u8; len], soon()).expect("send");
@@ -687,7 +716,7 @@ pub(super) fn counters_a<M: RingMem, D: Doorbell>(e: End<M, D>) {
     assert_eq!(c.packets_received, 1);
 }
 
-pub(super) fn counters_b<M: RingMem, D: Doorbell>(e: End<M, D>) {
+pub(super) fn counters_b<T: PacketTx, R: PacketRx, D: Doorbell>(e: End<T, R, D>) {
     let ch = e.channel;
     let mut buf = [0u8; 128];
     for _ in COUNTED {

@@ -12,7 +12,7 @@
 use std::os::unix::net::UnixStream;
 
 use vm_memory::{GuestAddress, GuestMemoryMmap};
-use vmlink_channel::conformance::{End, Threads, run_all};
+use vmlink_channel::conformance::{End, RingEnd, Threads, run_all};
 use vmlink_channel::{Channel, Config, EventFdDoorbell};
 use vmlink_kvm::{GuestRing, RingPages};
 use vmlink_ring::protocol::PAGE_SIZE;
@@ -29,7 +29,7 @@ fn scattered(first: u64, data_pages: usize) -> Vec<u64> {
         .collect()
 }
 
-type PageEnd = End<GuestRing<'static>, EventFdDoorbell>;
+type PageEnd = RingEnd<GuestRing<'static>, EventFdDoorbell>;
 
 fn pair(len: usize, ca: Config, cb: Config) -> (PageEnd, PageEnd) {
     assert!(len.is_multiple_of(PAGE_SIZE) && len / PAGE_SIZE <= 96);
@@ -62,14 +62,14 @@ fn pair(len: usize, ca: Config, cb: Config) -> (PageEnd, PageEnd) {
     let a = Channel::new(rings.host_to_guest(), rings.guest_to_host(), da, ca).expect("a");
     let b = Channel::new(rings.guest_to_host(), rings.host_to_guest(), db, cb).expect("b");
     (
-        End {
-            channel: a,
-            corrupt_outgoing: Box::new(move || a_to_b.store_control(ControlWord::WriteIndex, 13)),
-        },
-        End {
-            channel: b,
-            corrupt_outgoing: Box::new(move || b_to_a.store_control(ControlWord::WriteIndex, 13)),
-        },
+        End::ring(
+            a,
+            Box::new(move || a_to_b.store_control(ControlWord::WriteIndex, 13)),
+        ),
+        End::ring(
+            b,
+            Box::new(move || b_to_a.store_control(ControlWord::WriteIndex, 13)),
+        ),
     )
 }
 

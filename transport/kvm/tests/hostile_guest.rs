@@ -10,14 +10,13 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use kvm_ioctls::VcpuExit;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmlink_channel::Polled;
 use vmlink_channel::Wait;
 use vmlink_channel::{ChannelError, ChannelState, Config, Doorbell, FailureCause};
 use vmlink_kvm::test_vm::{
-    ACK, CONTROL, DONE, DOORBELL, GSI, HOSTILE_GOOD, MAILBOX, MAILBOX_MAGIC, TestVm, build_guest,
-    kvm_or_skip, watchdog,
+    ACK, DOORBELL, GSI, HOSTILE_GOOD, MAILBOX, MAILBOX_MAGIC, TestVm, build_guest, kvm_or_skip,
+    run_to_done, watchdog,
 };
 use vmlink_kvm::{KvmDoorbell, RingPages, host_channel};
 use vmlink_ring::RingError;
@@ -89,24 +88,7 @@ fn run(elf: &[u8], mode: u64) -> Option<(RingError, u64)> {
     let mut exits = 0u64;
     let cause = thread::scope(|s| {
         let host = s.spawn(|| host_side(mem, &bell, ready_rx));
-        loop {
-            let exit = vcpu.run().expect("KVM_RUN");
-            exits += 1;
-            match exit {
-                VcpuExit::MmioWrite(addr, data) if addr == CONTROL => {
-                    let mut v = [0u8; 8];
-                    v[..data.len()].copy_from_slice(data);
-                    match u64::from_le_bytes(v) {
-                        DONE => break,
-                        MAILBOX => ready_tx.send(()).unwrap(),
-                        other => panic!("guest reported {other:#x}"),
-                    }
-                }
-                VcpuExit::MmioWrite(addr, _) if addr == DOORBELL => {}
-                VcpuExit::MmioRead(_, data) => data.fill(0),
-                other => panic!("unexpected exit {other:?}"),
-            }
-        }
+        exits = run_to_done(vcpu, || ready_tx.send(()).unwrap());
         host.join().expect("host thread")
     });
     registration.unregister().expect("unregister doorbells");

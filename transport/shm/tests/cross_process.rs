@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use common::{ChildProcess, check, child_command, len_of, payload, role, soon, watchdog};
 use vmlink_channel::conformance::{Check, End, PairFactory, Side, Started, run_all, run_side};
 use vmlink_channel::packet::{GpaRange, parse_gpa_header};
-use vmlink_channel::{ChannelError, EventFdDoorbell, PacketMeta, PacketType};
+use vmlink_channel::{ChannelError, EventFdDoorbell, PacketMeta, PacketType, RingRx, RingTx};
 use vmlink_ring::{ControlWord, RingMem};
 use vmlink_shm::{Endpoint, Guest, Layout, Service, ShmRing};
 
@@ -56,10 +56,11 @@ fn child_role() {
 struct Processes;
 
 impl PairFactory for Processes {
-    type Mem = ShmRing;
+    type Tx = RingTx<ShmRing>;
+    type Rx = RingRx<ShmRing>;
     type Bell = EventFdDoorbell;
 
-    fn start(&self, check: Check) -> Started<ShmRing, EventFdDoorbell> {
+    fn start(&self, check: Check) -> Started<Self::Tx, Self::Rx, EventFdDoorbell> {
         let (config_a, _) = check.configs();
         let service = Service::new("conformance")
             .with_layout(Layout::symmetric(check.ring_data_len() as u64, 64 * 4096))
@@ -68,10 +69,10 @@ impl PairFactory for Processes {
         let (channel, memory) = host.into_parts();
         let h2g = memory.host_to_guest();
         Started {
-            a: End {
+            a: End::ring(
                 channel,
-                corrupt_outgoing: Box::new(move || h2g.store_control(ControlWord::WriteIndex, 13)),
-            },
+                Box::new(move || h2g.store_control(ControlWord::WriteIndex, 13)),
+            ),
             peer: Box::new(move || child.expect_success(Duration::from_secs(30))),
         }
     }
@@ -86,10 +87,10 @@ fn conformance_b(name: &str) {
         .expect("guest handshake");
     let (channel, memory) = guest.into_parts();
     let g2h = memory.guest_to_host();
-    let end = End {
+    let end = End::ring(
         channel,
-        corrupt_outgoing: Box::new(move || g2h.store_control(ControlWord::WriteIndex, 13)),
-    };
+        Box::new(move || g2h.store_control(ControlWord::WriteIndex, 13)),
+    );
     run_side(check, Side::B, end);
 }
 

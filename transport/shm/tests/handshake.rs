@@ -10,7 +10,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{remove_dir, socket_path, soon, watchdog};
-use vmlink_channel::conformance::{End, Threads, run_all};
+use vmlink_channel::conformance::{End, RingEnd, Threads, run_all};
 use vmlink_channel::{ChannelError, Config, EventFdDoorbell};
 use vmlink_ring::{ControlWord, RingMem};
 use vmlink_shm::{Guest, Layout, Listener, Policy, RefusalCode, Role, Service, ShmError, ShmRing};
@@ -20,7 +20,10 @@ fn shm_pair(
     len: usize,
     config_a: Config,
     config_b: Config,
-) -> (End<ShmRing, EventFdDoorbell>, End<ShmRing, EventFdDoorbell>) {
+) -> (
+    RingEnd<ShmRing, EventFdDoorbell>,
+    RingEnd<ShmRing, EventFdDoorbell>,
+) {
     let (h, g) = UnixStream::pair().expect("socket pair");
     let service = Service::new("conformance")
         .with_layout(Layout::symmetric(len as u64, 64 * 4096))
@@ -36,14 +39,14 @@ fn shm_pair(
     let (b, guest_memory) = guest.into_parts();
     let (h2g, g2h) = (host_memory.host_to_guest(), guest_memory.guest_to_host());
     (
-        End {
-            channel: a,
-            corrupt_outgoing: Box::new(move || h2g.store_control(ControlWord::WriteIndex, 13)),
-        },
-        End {
-            channel: b,
-            corrupt_outgoing: Box::new(move || g2h.store_control(ControlWord::WriteIndex, 13)),
-        },
+        End::ring(
+            a,
+            Box::new(move || h2g.store_control(ControlWord::WriteIndex, 13)),
+        ),
+        End::ring(
+            b,
+            Box::new(move || g2h.store_control(ControlWord::WriteIndex, 13)),
+        ),
     )
 }
 
