@@ -489,6 +489,93 @@ SEEDS["area_header"] = {
     "seed-raw": u64(8192) + variant(0, 2, bytes_vec(b"VMLINKMA")),
 }
 
+# ---- ic_codec: raw payloads (no `arbitrary` encoding) -----------------------------------
+def ic_msg(msgtype, body, fw=(3, 0), ver=(3, 0), tid=1, flags=3, status=0):
+    """vmbuspipe_hdr (data, msgsize) + icmsg_hdr + body, sizes consistent."""
+    return (u32(1) + u32(20 + len(body)) + u16(fw[0]) + u16(fw[1]) + u16(msgtype)
+            + u16(ver[0]) + u16(ver[1]) + u16(len(body)) + u32(status) + u8(tid) + u8(flags)
+            + b"\x00\x00" + body)
+
+
+def utf16z(text, field):
+    data = text.encode("utf-16-le") + b"\x00\x00"
+    return data + b"\x00" * (field - len(data))
+
+
+def kvp_value(vtype, key, value):
+    return u32(vtype) + u32(len(key.encode("utf-16-le")) + 2) + u32(len(value.encode("utf-16-le")) + 2) \
+        + utf16z(key, 512) + utf16z(value, 2048)
+
+
+def ver(major, minor): return u16(major) + u16(minor)
+
+
+SEEDS["ic_codec"] = {
+    # A heartbeat negotiate request: frameworks 3.0 and 1.0, messages 3.0 and 1.0.
+    "seed-negotiate": ic_msg(0, u16(2) + u16(2) + u32(0) + ver(3, 0) + ver(1, 0) + ver(3, 0)
+                             + ver(1, 0), fw=(0, 0), ver=(0, 0), tid=0),
+    "seed-heartbeat": ic_msg(1, u64(0x1234) + b"\x00" * 32),
+    # Reboot by force, 30 s, "Bye".
+    "seed-shutdown": ic_msg(3, u32(0) + u32(30) + u32(3) + b"Bye" + b"\x00" * 2045, ver=(3, 2)),
+    "seed-timesync-v3": ic_msg(4, u64(133444736000000000) + u64(0) + u64(16) + u8(2)),
+    "seed-timesync-v4": ic_msg(4, u64(133444736000000000) + u64(0x12345678) + u8(1) + u8(0)
+                               + u8(2) + b"\x00" * 3, ver=(4, 0)),
+    # SET in the guest pool: key "Ab", value "xyz"; the whole 7432-byte hv_kvp_msg.
+    "seed-kvp-set": ic_msg(2, u8(1) + u8(1) + u16(0) + kvp_value(1, "Ab", "xyz")
+                           + b"\x00" * 4856, ver=(4, 0)),
+    # GET_IP_INFO for "eth0" (hv_kvp_ip_msg: no padding).
+    "seed-kvp-ip": ic_msg(2, u8(4) + u8(0) + utf16z("eth0", 256) + u8(1) + u8(1)
+                          + utf16z("10.0.0.2", 2048) + b"\x00" * 5120, ver=(4, 0)),
+    "seed-fcopy-start": ic_msg(7, u32(0) + bytes(range(1, 17)) + b"\x00" * 16
+                               + utf16z("a.txt", 520) + utf16z("/tmp", 520) + u32(3) + u64(4096),
+                               ver=(1, 1)),
+    "seed-fcopy-write": ic_msg(7, u32(1) + bytes(range(1, 17)) + b"\x00" * 16 + u32(0)
+                               + u64(0x2000) + u32(3) + b"hi!" + b"\x00" * 6141, ver=(1, 1)),
+}
+
+# ---- hvsock_packet: raw payloads (no `arbitrary` encoding) ------------------------------
+def hv_pipe(pkt_type, data_size, data):
+    """vmpipe_proto_header (pkt_type, data_size) + data."""
+    return u32(pkt_type) + u32(data_size) + data
+
+
+SEEDS["hvsock_packet"] = {
+    "seed-hello": hv_pipe(1, 5, b"hello") + b"\x00" * 3,
+    "seed-fin": hv_pipe(1, 0, b""),
+    # The most Linux sends in one packet, and the most it accepts.
+    "seed-send-buf": hv_pipe(1, 4088, bytes(i * 7 % 256 for i in range(4088))),
+    "seed-mtu": hv_pipe(1, 16384, b"\x5a" * 16384),
+    # Refused: one byte past the MTU, a size past the payload, another type, no header.
+    "seed-mtu-plus-one": hv_pipe(1, 16385, b"\x5a" * 16385),
+    "seed-past-payload": hv_pipe(1, 100, b"short"),
+    "seed-type": hv_pipe(2, 4, b"data"),
+    "seed-short": u32(1),
+}
+
+
+# ---- stream_frames: a read size byte, then a byte stream of frames ---------------------
+def frame(packet_type, tid, payload, header=b"", flags=0, reserved=0):
+    """A vmlink packet framed on a stream: 24-byte header, extra header, payload (8-padded)."""
+    pad = lambda b: b + b"\x00" * (-len(b) % 8)
+    h, p = pad(header), pad(payload)
+    return (u16(packet_type) + u16(flags) + u32(len(h)) + u32(len(p)) + u32(reserved)
+            + u64(tid) + h + p)
+
+
+SEEDS["stream_frames"] = {
+    # Read 7 bytes at a time: an in-band packet, a completion with a header, an empty one.
+    "seed-frames": b"\x06" + frame(6, 7, b"hello") + frame(11, 9, b"", header=b"\xaa" * 16, flags=1)
+                   + frame(6, 10, b""),
+    # One frame of the largest size the target's reader takes (4,096 bytes).
+    "seed-largest": b"\xff" + frame(6, 1, b"\x5a" * (4096 - 24)),
+    # Refused: a reserved word, a GPA-direct type, a length past the maximum, a cut frame.
+    "seed-reserved": b"\x00" + frame(6, 1, b"x", reserved=1),
+    "seed-gpa": b"\x00" + frame(9, 1, b"x"),
+    "seed-too-long": b"\x00" + frame(6, 1, b"\x00" * 4096),
+    "seed-cut": b"\x02" + frame(6, 1, b"hello")[:20],
+}
+
+
 for target, seeds in SEEDS.items():
     d = os.path.join(HERE, "corpus", target)
     os.makedirs(d, exist_ok=True)

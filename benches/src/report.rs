@@ -214,8 +214,9 @@ fn run_benches(args: &Args) -> Result<(), String> {
 
 /// The examples that measure the headline targets in interleaved rounds with pinned threads:
 /// the ring and channel against their floors and rtrb, two processes against two threads,
-/// and the blocking paths against eventfd and a Unix socket.
-const INTERLEAVED: [&str; 3] = ["floors", "processes", "blocking"];
+/// the blocking paths against eventfd and a Unix socket, and the stream link against a raw
+/// Unix socket.
+const INTERLEAVED: [&str; 4] = ["floors", "processes", "blocking", "sockets"];
 
 /// Where an interleaved example's output is kept for the report.
 fn interleaved_path(example: &str) -> PathBuf {
@@ -490,6 +491,13 @@ const GROUPS: &[GroupSpec] = &[
         latency: false,
         reference_param: Some("1"),
     },
+    GroupSpec {
+        name: "ic",
+        title: "Integration services: heartbeat and KVP GET round trips beside the channel `call` under them",
+        reference: "vmlink/channel_polling_call",
+        latency: true,
+        reference_param: None,
+    },
 ];
 
 /// Splits `function/param` when the last segment is a parameter (a number, or a size).
@@ -622,6 +630,16 @@ impl Report {
                     "eventfd/pingpong_blocking",
                 ),
                 met: |r| r <= 1.1,
+            },
+            Target {
+                what: "Blocking round trip over the stream link vs a blocking Unix socketpair",
+                goal: "≤ 1.2×",
+                measured: self.time_ratio(
+                    "rtt_64",
+                    "vmlink/stream_link_blocking_call",
+                    "unix/socketpair",
+                ),
+                met: |r| r <= 1.2,
             },
             Target {
                 what: "Polling round trip, two processes vs two threads",

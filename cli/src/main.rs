@@ -14,6 +14,7 @@
 mod demo;
 mod error;
 mod hash;
+mod ic;
 mod inspect;
 mod pattern;
 mod pipe;
@@ -43,8 +44,14 @@ enum Command {
     /// processes then also share a polling channel and a plain Unix socket for the
     /// baseline. Exits with status 1 if any data check failed, 2 on an error.
     Demo(DemoArgs),
-    /// Listen on a socket for one client and pipe bytes: stdin goes to the client, what the
-    /// client sends comes out on stdout.
+    /// Listen for one client and pipe bytes: stdin goes to the client, what the client
+    /// sends comes out on stdout.
+    ///
+    /// Over shared memory (`--socket`: the Unix socket of vmlink-shm's handshake, which
+    /// passes the memory and doorbells) or over a stream socket carrying vmlink packets:
+    /// `--vsock CID:PORT` (AF_VSOCK, Linux), `--hybrid-vsock PATH:PORT` (a Firecracker /
+    /// Cloud Hypervisor VMM's Unix socket PATH: serve listens on PATH_PORT, where the VMM
+    /// delivers a guest's connections to PORT) or `--unix-stream PATH`.
     ///
     /// Both directions run at once; end of file on stdin finishes the outgoing one, and
     /// the command exits when both are finished. Progress is shown on stderr for long
@@ -57,6 +64,9 @@ enum Command {
     Serve(ServeArgs),
     /// Connect to `vmlink serve` and pipe bytes: stdin goes to the server, what the server
     /// sends comes out on stdout.
+    ///
+    /// The same transports as `serve`; `--hybrid-vsock PATH:PORT` connects to the VMM's
+    /// socket PATH and asks it for the guest's PORT (`CONNECT PORT`).
     ///
     /// Its outgoing direction finishes at end of file on stdin: to only receive, give it
     /// `< /dev/null` rather than a terminal.
@@ -77,6 +87,19 @@ enum Command {
     /// channel from before the header is decoded with `--layout shm --ring-data BYTES`, the
     /// data bytes of each ring.
     Inspect(InspectArgs),
+    /// Serve Hyper-V's integration services (heartbeat, shutdown, time sync, key-value
+    /// pairs, file copy) on a socket, each on its own channel, until killed.
+    ///
+    /// The guest agent: `vmlink ic` commands connect to it. Every request is checked as
+    /// hostile input; a bad one is answered with a failure and logged on stderr, and the
+    /// service goes on. Shutdown only runs `--shutdown-command`; file copies only land in
+    /// `--files-root`.
+    Agent(ic::AgentArgs),
+    /// Send integration-service requests to a running `vmlink agent`.
+    ///
+    /// Exits 0 on success, 1 when the agent refused the request (a key not found, a copy
+    /// outside its root, a shutdown it is not configured to run), 2 on any other error.
+    Ic(ic::IcArgs),
     /// The guest side of `vmlink demo` (spawned by it; not for direct use).
     #[command(hide = true)]
     DemoGuest(DemoGuestArgs),
@@ -96,23 +119,23 @@ struct DemoArgs {
 /// Options of `vmlink serve`.
 #[derive(Debug, Args)]
 struct ServeArgs {
-    /// Where to listen. Its directory must be private to this user (it is created with
-    /// mode 0700 if missing).
-    #[arg(long)]
-    socket: PathBuf,
-    /// The service name clients must ask for.
-    #[arg(long, default_value = pipe::DEFAULT_SERVICE)]
+    /// Where to listen (exactly one).
+    #[command(flatten)]
+    at: pipe::Transport,
+    /// The service name clients must ask for (`--socket` only: a stream carries one
+    /// channel and no handshake).
+    #[arg(long, default_value = pipe::DEFAULT_SERVICE, conflicts_with_all = pipe::STREAM_FLAGS)]
     service: String,
 }
 
 /// Options of `vmlink connect`.
 #[derive(Debug, Args)]
 struct ConnectArgs {
-    /// The socket `vmlink serve` listens on.
-    #[arg(long)]
-    socket: PathBuf,
-    /// The service name to ask for.
-    #[arg(long, default_value = pipe::DEFAULT_SERVICE)]
+    /// Where `vmlink serve` listens (exactly one).
+    #[command(flatten)]
+    at: pipe::Transport,
+    /// The service name to ask for (`--socket` only).
+    #[arg(long, default_value = pipe::DEFAULT_SERVICE, conflicts_with_all = pipe::STREAM_FLAGS)]
     service: String,
 }
 
@@ -167,8 +190,16 @@ fn main() -> ExitCode {
             }
         }
         Command::DemoGuest(args) => status("demo-guest", demo::run_guest(&args.dir)),
-        Command::Serve(args) => status("serve", pipe::serve(&args.socket, &args.service)),
-        Command::Connect(args) => status("connect", pipe::connect(&args.socket, &args.service)),
+        Command::Serve(args) => status("serve", pipe::serve(&args.at, &args.service)),
+        Command::Connect(args) => status("connect", pipe::connect(&args.at, &args.service)),
+        Command::Agent(args) => status("agent", ic::agent(&args)),
+        Command::Ic(args) => match ic::ic(&args) {
+            Ok(code) => ExitCode::from(code),
+            Err(e) => {
+                eprintln!("vmlink ic: {e}");
+                ExitCode::from(2)
+            }
+        },
     }
 }
 

@@ -7,12 +7,16 @@
 //! directions have finished.
 
 use std::io::{self, IsTerminal, Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use vmlink_shm::{Endpoint, Guest, Layout, Listener, RefusalCode, Service, ShmChannel, ShmError};
+use clap::Args;
+use vmlink_channel::{ChannelError, Config, Doorbell, Endpoint, PacketRx, PacketTx};
+use vmlink_hvsock::link::{StreamConfig, stream_endpoint};
+use vmlink_hvsock::socket::{HybridAddr, StreamAddr, VsockAddr};
+use vmlink_shm::{Guest, Layout, Listener, RefusalCode, Service, ShmError};
 
 use crate::error::{Context, Result, fail};
 
@@ -29,16 +33,96 @@ pub const DEFAULT_SERVICE: &str = "vmlink-pipe";
 /// Transfers shorter than this show no progress.
 const PROGRESS_AFTER: Duration = Duration::from_secs(1);
 
+/// The flags of the stream transports, which have no handshake and so no service name.
+pub const STREAM_FLAGS: [&str; 3] = ["vsock", "hybrid_vsock", "unix_stream"];
+
+/// Where `serve` listens or `connect` connects: exactly one of the four.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct Transport {
+    /// Shared memory: the Unix socket of vmlink-shm's handshake. For `serve`, its
+    /// directory must be private to this user (it is created with mode 0700 if missing).
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// vmlink packets over an AF_VSOCK stream (Linux): CID:PORT, the CID a number, `any`,
+    /// `host`, `local` or `hypervisor`.
+    #[arg(long, value_name = "CID:PORT")]
+    pub vsock: Option<VsockAddr>,
+    /// vmlink packets over a Firecracker / Cloud Hypervisor hybrid vsock: PATH:PORT, PATH
+    /// the VMM's Unix socket.
+    #[arg(long, value_name = "PATH:PORT")]
+    pub hybrid_vsock: Option<HybridAddr>,
+    /// vmlink packets over a plain Unix stream socket at PATH.
+    #[arg(long, value_name = "PATH")]
+    pub unix_stream: Option<PathBuf>,
+}
+
+impl Transport {
+    /// The stream address, unless this is shared memory.
+    fn stream(&self) -> Option<StreamAddr> {
+        if let Some(a) = &self.vsock {
+            return Some(StreamAddr::Vsock(*a));
+        }
+        if let Some(a) = &self.hybrid_vsock {
+            return Some(StreamAddr::Hybrid(a.clone()));
+        }
+        self.unix_stream.clone().map(StreamAddr::Unix)
+    }
+}
+
 /// The memory of each `serve` / `connect` channel: two rings of [`RING_BYTES`] data bytes,
 /// no buffer area.
 pub fn channel_layout() -> Layout {
     Layout::symmetric(RING_BYTES, 0)
 }
 
+/// Serves the first client at `at`, then pipes.
+pub fn serve(at: &Transport, service: &str) -> Result<()> {
+    match (&at.socket, at.stream()) {
+        (Some(path), _) => serve_shm(path, service),
+        (None, Some(addr)) => {
+            let listener = addr
+                .listen()
+                .or_else(|e| fail(format!("listen on {addr}: {e}")))?;
+            let stream = listener
+                .accept()
+                .or_else(|e| fail(format!("accept on {addr}: {e}")))?;
+            drop(listener);
+            pipe_stream(stream)
+        }
+        (None, None) => {
+            fail("say where to listen: --socket, --vsock, --hybrid-vsock or --unix-stream")
+        }
+    }
+}
+
+/// Connects to `at`, then pipes.
+pub fn connect(at: &Transport, service: &str) -> Result<()> {
+    match (&at.socket, at.stream()) {
+        (Some(path), _) => connect_shm(path, service),
+        (None, Some(addr)) => {
+            let stream = addr
+                .connect()
+                .or_else(|e| fail(format!("connect to {addr}: {e}")))?;
+            pipe_stream(stream)
+        }
+        (None, None) => {
+            fail("say where to connect: --socket, --vsock, --hybrid-vsock or --unix-stream")
+        }
+    }
+}
+
+/// Pipes over the stream link on a connected stream.
+fn pipe_stream(stream: vmlink_hvsock::socket::Stream) -> Result<()> {
+    let end = stream_endpoint(stream, StreamConfig::default(), Config::default())
+        .context("set up the stream link")?;
+    pipe(&end)
+}
+
 /// Serves the first client of `service` at `path` that completes the handshake, then
 /// pipes. A client whose handshake fails costs only itself: it is refused (the listener
 /// tells it why), one line on stderr says so, and the listener keeps waiting.
-pub fn serve(path: &Path, service: &str) -> Result<()> {
+fn serve_shm(path: &Path, service: &str) -> Result<()> {
     let service = Service::new(service).with_layout(channel_layout());
     let listener = match Listener::bind(path, service) {
         Ok(listener) => listener,
@@ -69,16 +153,16 @@ pub fn serve(path: &Path, service: &str) -> Result<()> {
         }
     };
     drop(listener);
-    pipe(&end)
+    pipe(end.channel())
 }
 
 /// Connects to `service` at `path`, then pipes.
-pub fn connect(path: &Path, service: &str) -> Result<()> {
+fn connect_shm(path: &Path, service: &str) -> Result<()> {
     let end = match Guest::new(service).connect(path) {
         Ok(end) => end,
         Err(e) => return fail(connect_error(path, service, &e)),
     };
-    pipe(&end)
+    pipe(end.channel())
 }
 
 /// Why `vmlink connect` could not connect, in the words of its user.
@@ -171,8 +255,12 @@ fn unframe(payload: &[u8]) -> Result<(&[u8], u32)> {
 }
 
 /// Pipes stdin to the channel and the channel to stdout until both directions finish.
-fn pipe(end: &Endpoint) -> Result<()> {
-    let ch = end.channel();
+fn pipe<T, R, D>(ch: &Endpoint<T, R, D>) -> Result<()>
+where
+    T: PacketTx + Send,
+    R: PacketRx + Send,
+    D: Doorbell + Send + Sync,
+{
     let sent = AtomicU64::new(0);
     let received = AtomicU64::new(0);
     let done = AtomicBool::new(false);
@@ -191,7 +279,10 @@ fn pipe(end: &Endpoint) -> Result<()> {
 }
 
 /// Sends stdin in frames, then a FIN frame.
-fn send_stdin(ch: &ShmChannel, sent: &AtomicU64) -> Result<()> {
+fn send_stdin<T: PacketTx, R: PacketRx, D: Doorbell>(
+    ch: &Endpoint<T, R, D>,
+    sent: &AtomicU64,
+) -> Result<()> {
     let mut stdin = io::stdin().lock();
     let mut buf = vec![0u8; CHUNK];
     loop {
@@ -211,13 +302,16 @@ fn send_stdin(ch: &ShmChannel, sent: &AtomicU64) -> Result<()> {
 }
 
 /// Writes received frames to stdout until a FIN frame.
-fn receive_stdout(ch: &ShmChannel, received: &AtomicU64) -> Result<()> {
+fn receive_stdout<T: PacketTx, R: PacketRx, D: Doorbell>(
+    ch: &Endpoint<T, R, D>,
+    received: &AtomicU64,
+) -> Result<()> {
     let mut stdout = io::stdout().lock();
     let mut buf = vec![0u8; HEADER + CHUNK + 8];
     loop {
         let r = match ch.recv(&mut buf, None) {
             Ok(r) => r,
-            Err(vmlink_channel::ChannelError::Closed) => {
+            Err(ChannelError::Closed) => {
                 return fail("the peer left before finishing its direction");
             }
             Err(e) => return fail(format!("receive from the channel: {e}")),

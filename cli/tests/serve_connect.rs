@@ -1,5 +1,7 @@
 //! `vmlink serve` and `vmlink connect` as two processes: a few megabytes piped each way at
-//! once arrive byte for byte.
+//! once arrive byte for byte, over shared memory (`--socket`), a Unix stream socket
+//! (`--unix-stream`) and a hybrid vsock (`--hybrid-vsock`, through a stand-in for the VMM's
+//! Unix socket that behaves as Firecracker's vsock muxer does).
 
 use std::io::{Read, Write};
 use std::os::unix::fs::DirBuilderExt;
@@ -22,10 +24,15 @@ fn data(seed: u64, len: usize) -> Vec<u8> {
 }
 
 fn start(args: &[&str], socket: &Path) -> Child {
+    start_at(args, "--socket", socket.as_os_str())
+}
+
+/// `vmlink ARGS FLAG VALUE` with piped stdio.
+fn start_at(args: &[&str], flag: &str, value: &std::ffi::OsStr) -> Child {
     Command::new(env!("CARGO_BIN_EXE_vmlink"))
         .args(args)
-        .arg("--socket")
-        .arg(socket)
+        .arg(flag)
+        .arg(value)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -79,6 +86,119 @@ fn serve_and_connect_pipe_megabytes_both_ways() {
     assert!(server_out == to_server, "client -> server bytes differ");
     assert!(!socket.exists(), "the server removed its socket");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Pipes megabytes both ways between `serve FLAG SERVE_AT` and `connect FLAG CONNECT_AT`,
+/// once `listening` exists.
+fn pipe_both_ways(flag: &str, serve_at: &Path, connect_at: &Path, listening: &Path) {
+    let to_client = data(3, 3 << 20);
+    let to_server = data(4, (2 << 20) + 777);
+    let server = run(
+        start_at(&["serve"], flag, serve_at.as_os_str()),
+        to_client.clone(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !listening.exists() {
+        assert!(Instant::now() < deadline, "the server never listened");
+        thread::sleep(Duration::from_millis(5));
+    }
+    let client = run(
+        start_at(&["connect"], flag, connect_at.as_os_str()),
+        to_server.clone(),
+    );
+    let (client_out, _) = client.join().expect("client");
+    let (server_out, _) = server.join().expect("server");
+    assert!(client_out == to_client, "server -> client bytes differ");
+    assert!(server_out == to_server, "client -> server bytes differ");
+}
+
+fn private_dir(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("vmlink-cli-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::DirBuilder::new().mode(0o700).create(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn serve_and_connect_pipe_megabytes_over_a_unix_stream() {
+    let dir = private_dir("unix-stream");
+    let path = dir.join("stream.sock");
+    pipe_both_ways("--unix-stream", &path, &path, &path);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A stand-in for a VMM's hybrid vsock socket at `path`: each connection's first line must
+/// be `CONNECT <port>\n` (at most 32 bytes, as Firecracker reads it); it is joined to the
+/// listener on `<path>_<port>` (where a guest's listener would be reached) and answered
+/// `OK <local port>\n`, then bytes are copied both ways. A bad line closes the connection.
+fn stand_in_vmm(path: &Path) -> thread::JoinHandle<()> {
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let listener = UnixListener::bind(path).unwrap();
+    let base = path.to_owned();
+    thread::spawn(move || {
+        let (mut host, _) = listener.accept().unwrap();
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while line.len() < 32 && !line.ends_with(b"\n") {
+            assert_eq!(host.read(&mut byte).unwrap(), 1, "the host hung up");
+            line.push(byte[0]);
+        }
+        let text = std::str::from_utf8(&line).unwrap();
+        let port: u32 = text
+            .strip_prefix("CONNECT ")
+            .and_then(|p| p.trim_end().parse().ok())
+            .expect("CONNECT <port>");
+        let mut guest_path = base.into_os_string();
+        guest_path.push(format!("_{port}"));
+        let guest = UnixStream::connect(&guest_path).unwrap();
+        host.write_all(b"OK 1073741824\n").unwrap();
+        let (mut h2, mut g2) = (host.try_clone().unwrap(), guest.try_clone().unwrap());
+        let up = thread::spawn(move || {
+            let mut guest = guest;
+            std::io::copy(&mut host, &mut guest).unwrap();
+            guest.shutdown(std::net::Shutdown::Write).unwrap();
+        });
+        std::io::copy(&mut g2, &mut h2).unwrap();
+        h2.shutdown(std::net::Shutdown::Write).unwrap();
+        up.join().unwrap();
+    })
+}
+
+#[test]
+fn serve_and_connect_pipe_megabytes_over_a_hybrid_vsock() {
+    let dir = private_dir("hybrid");
+    let vmm = dir.join("vmm.sock");
+    let vmm_thread = stand_in_vmm(&vmm);
+    // serve listens where the VMM delivers the guest's port 5000; connect asks the VMM.
+    let at = std::path::PathBuf::from(format!("{}:5000", vmm.display()));
+    pipe_both_ways("--hybrid-vsock", &at, &at, &dir.join("vmm.sock_5000"));
+    vmm_thread.join().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn transports_are_exclusive_and_streams_take_no_service() {
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_vmlink"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    for args in [
+        &["serve"][..],
+        &["connect", "--socket", "/tmp/x", "--unix-stream", "/tmp/y"],
+        &["serve", "--vsock", "3:5000", "--service", "other"],
+        &["connect", "--vsock", "3:port"],
+        &["connect", "--hybrid-vsock", "/run/fc.sock"],
+    ] {
+        let out = run(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.starts_with("error: ") && err.contains("try '--help'"),
+            "{args:?}: {err}"
+        );
+    }
 }
 
 #[test]

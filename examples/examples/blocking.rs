@@ -14,8 +14,6 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
-use std::thread;
-use std::time::Instant;
 
 use vmlink_channel::fd::EventFd;
 use vmlink_channel::{Channel, Config, DEFAULT_SPIN_BEFORE_SLEEP, EventFdDoorbell, Wait};
@@ -28,7 +26,7 @@ mod message;
 #[path = "common/rounds.rs"]
 mod rounds;
 use message::{check, msg};
-use rounds::{load_average, median, pin, rounds_arg};
+use rounds::{load_average, measure, median, pin, rounds_arg};
 
 /// Round trips per case per round.
 const RTT_MSGS: u64 = 5_000;
@@ -36,26 +34,6 @@ const RTT_MSGS: u64 = 5_000;
 const STREAM_MSGS: u64 = 300_000;
 /// Data bytes of each ring.
 const RING: usize = 16 * 4096;
-
-/// Runs `peer` on CPU 1 and `main` on this thread (pinned to CPU 0); nanoseconds per
-/// message from the start of `main` until both have finished, and `peer`'s result.
-fn measure<T: Send>(n: u64, peer: impl FnOnce() -> T + Send, main: impl FnOnce()) -> (f64, T) {
-    thread::scope(|s| {
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let h = s.spawn(move || {
-            pin(1);
-            ready_tx.send(()).expect("ready");
-            let r = peer();
-            (Instant::now(), r)
-        });
-        ready_rx.recv().expect("the peer started");
-        let start = Instant::now();
-        main();
-        let mine = Instant::now();
-        let (theirs, r) = h.join().expect("peer thread");
-        ((mine.max(theirs) - start).as_nanos() as f64 / n as f64, r)
-    })
-}
 
 type EventFdChannel = Channel<Arc<HeapMem>, EventFdDoorbell>;
 

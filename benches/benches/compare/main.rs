@@ -32,6 +32,8 @@
 //! - `signals` ([`signals`]): doorbells per packet, saturated and trickling (printed).
 //! - `scaling_ring`, `rtt_payload`, `scaling_pairs` ([`scaling`]): ring sizes 16 KiB to
 //!   4 MiB, round trips from 0 bytes to the largest packet, N channel pairs.
+//! - `ic` ([`ic`]): integration-service round trips (heartbeat, KVP GET) beside the
+//!   channel `call` under them, and the codec's work per heartbeat.
 //!
 //! Every benchmark checks a checksum of what it moved, allocates nothing inside the timed
 //! region, and drives a long-lived peer thread per round (`harness::Peer`), so thread
@@ -41,6 +43,7 @@
 mod bulk;
 mod cross_process;
 mod harness;
+mod ic;
 #[cfg(feature = "iceoryx2")]
 mod iceoryx;
 mod rtt;
@@ -64,6 +67,7 @@ fn main() -> ExitCode {
     bulk::bulk(&mut c);
     signals::signals(&mut c);
     scaling::scaling(&mut c);
+    ic::ic(&mut c);
     c.final_summary();
     ExitCode::SUCCESS
 }

@@ -11,9 +11,12 @@ use criterion::{Criterion, Throughput};
 use crossbeam_utils::CachePadded;
 use vmlink_channel::fd::EventFd;
 use vmlink_channel::{
-    Channel, Config, DEFAULT_SPIN_BEFORE_SLEEP, Doorbell, EventFdDoorbell, in_process_channel_pair,
+    Channel, Config, DEFAULT_SPIN_BEFORE_SLEEP, Doorbell, Endpoint, EventFdDoorbell, PacketRx,
+    PacketTx, in_process_channel_pair,
 };
 use vmlink_ring::{HeapMem, OutgoingPacket, Reader, Writer};
+
+use vmlink_hvsock::link::{StreamConfig, stream_endpoint};
 
 use crate::cross_process;
 use crate::harness::{
@@ -21,7 +24,7 @@ use crate::harness::{
 };
 
 /// Data bytes of each ring (both directions).
-const RING: usize = 16 * 4096;
+pub const RING: usize = 16 * 4096;
 /// Polling mode's spin budget: long enough that an echoing peer always answers inside it.
 pub const SPIN: u32 = 10_000;
 
@@ -58,6 +61,18 @@ pub fn rtt_64(c: &mut Criterion) {
     crate::iceoryx::request_response(&mut g);
     eventfd_pingpong(&mut g);
     socketpair(&mut g);
+    // The stream link on the same kind of socketpair: a blocking call that sleeps at once
+    // (against `unix/socketpair`, which blocks in `read`) and one with the default spin.
+    for (name, config) in [
+        ("vmlink/stream_link_blocking_call", sleeping),
+        ("vmlink/stream_link_blocking_call_spin", spinning),
+    ] {
+        let (a, b) = UnixStream::pair().expect("socketpair");
+        let link = StreamConfig::default();
+        let a = stream_endpoint(a, link, config).expect("stream link");
+        let b = stream_endpoint(b, link, config).expect("stream link");
+        vmlink_channel(&mut g, name, a, b, true);
+    }
     pipe_pair(&mut g);
     // The same round trips between two processes.
     cross_process::shm_call(&mut g, "vmlink/shm_polling_call", true);
@@ -199,13 +214,17 @@ fn eventfd_channel_pair(
 
 /// vmlink channels: `call` (request with a transaction id, completion back) or plain
 /// `send`/`recv` both ways. The peer answers with `complete` or `send`.
-fn vmlink_channel<D: Doorbell + Send + 'static>(
+pub fn vmlink_channel<T, R, D>(
     g: &mut Group<'_>,
     name: &'static str,
-    host: Channel<Arc<HeapMem>, D>,
-    guest: Channel<Arc<HeapMem>, D>,
+    host: Endpoint<T, R, D>,
+    guest: Endpoint<T, R, D>,
     call: bool,
-) {
+) where
+    T: PacketTx + Send + 'static,
+    R: PacketRx + Send + 'static,
+    D: Doorbell + Send + 'static,
+{
     let peer = {
         let mut check = Check::new(8);
         let mut buf = [0u8; MSG];

@@ -1,9 +1,33 @@
-//! What the interleaved examples (`floors`, `processes`, `blocking`, `split_vs_shared`)
-//! share: pinning to a CPU, the rounds argument, medians and the load average. Each includes
-//! this file with `#[path = "common/rounds.rs"] mod rounds;`.
+//! What the interleaved examples (`floors`, `processes`, `blocking`, `split_vs_shared`,
+//! `sockets`) share: pinning to a CPU, the rounds argument, a pinned two-thread measurement,
+//! medians and the load average. Each includes this file with
+//! `#[path = "common/rounds.rs"] mod rounds;`.
 
 use nix::sched::{CpuSet, sched_setaffinity};
 use nix::unistd::Pid;
+
+/// Runs `peer` on CPU 1 and `main` on this thread (pinned to CPU 0 by the caller);
+/// nanoseconds per message (of `n`) from the start of `main` until both have finished, and
+/// `peer`'s result.
+// Not every example that includes this file measures two threads.
+#[allow(dead_code)]
+pub fn measure<T: Send>(n: u64, peer: impl FnOnce() -> T + Send, main: impl FnOnce()) -> (f64, T) {
+    std::thread::scope(|s| {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let h = s.spawn(move || {
+            pin(1);
+            ready_tx.send(()).expect("ready");
+            let r = peer();
+            (std::time::Instant::now(), r)
+        });
+        ready_rx.recv().expect("the peer started");
+        let start = std::time::Instant::now();
+        main();
+        let mine = std::time::Instant::now();
+        let (theirs, r) = h.join().expect("peer thread");
+        ((mine.max(theirs) - start).as_nanos() as f64 / n as f64, r)
+    })
+}
 
 /// Pins the calling thread to `cpu`.
 pub fn pin(cpu: usize) {

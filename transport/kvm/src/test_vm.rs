@@ -15,7 +15,7 @@ use vmlink_channel::packet::parse_gpa_header;
 use vmlink_channel::{ChannelError, Config, Doorbell, PacketType};
 use vmlink_ring::WaitDecision;
 
-use crate::{KvmDoorbell, RingPages, host_channel, read_gpa_range};
+use crate::{HostChannel, KvmDoorbell, RingPages, host_channel, read_gpa_range};
 
 use kvm_bindings::{KVM_IRQCHIP_PIC_MASTER, kvm_irqchip, kvm_segment, kvm_userspace_memory_region};
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
@@ -35,6 +35,13 @@ pub const MAILBOX: u64 = 0x20_0000;
 pub const MODE: u64 = MAILBOX + 0x800;
 /// The word the host sets to let a hostile guest finish.
 pub const ACK: u64 = MAILBOX + 0x808;
+/// The word the host sets to end the guest's heartbeat phase.
+pub const IC_STOP: u64 = MAILBOX + 0x810;
+/// Where the guest leaves the heartbeat-phase messages it answered.
+pub const IC_ANSWERED: u64 = MAILBOX + 0x818;
+/// Where the guest leaves the heartbeat-phase messages it refused (answered with
+/// `HV_E_FAIL`, or ignored).
+pub const IC_REFUSED: u64 = MAILBOX + 0x820;
 /// Good packets a hostile guest sends before corrupting its ring.
 pub const HOSTILE_GOOD: u32 = 4;
 /// The mailbox's first word.
@@ -312,6 +319,19 @@ pub struct HostStats {
     pub ring_bytes_received: u64,
 }
 
+/// The guest's ring pages as its mailbox lists them: the guest→host ring's page count and
+/// the page list.
+fn mailbox_pages(mem: &GuestMemoryMmap) -> (usize, Vec<u64>) {
+    let magic: u64 = mem.read_obj(GuestAddress(MAILBOX)).unwrap();
+    assert_eq!(magic, MAILBOX_MAGIC);
+    let g2h: u64 = mem.read_obj(GuestAddress(MAILBOX + 8)).unwrap();
+    let total: u64 = mem.read_obj(GuestAddress(MAILBOX + 16)).unwrap();
+    let pages = (0..total.min(64))
+        .map(|i| mem.read_obj(GuestAddress(MAILBOX + 24 + 8 * i)).unwrap())
+        .collect();
+    (g2h as usize, pages)
+}
+
 /// The host's side of the traffic, on its own thread; `ready` gives the mailbox address once
 /// the guest published its page list.
 pub fn host_side(
@@ -322,13 +342,7 @@ pub fn host_side(
 ) -> HostStats {
     let mailbox = ready.recv().expect("the guest's mailbox");
     assert_eq!(mailbox, MAILBOX);
-    let magic: u64 = mem.read_obj(GuestAddress(mailbox)).unwrap();
-    assert_eq!(magic, MAILBOX_MAGIC);
-    let g2h: u64 = mem.read_obj(GuestAddress(mailbox + 8)).unwrap();
-    let total: u64 = mem.read_obj(GuestAddress(mailbox + 16)).unwrap();
-    let pages: Vec<u64> = (0..total.min(64))
-        .map(|i| mem.read_obj(GuestAddress(mailbox + 24 + 8 * i)).unwrap())
-        .collect();
+    let (g2h, pages) = mailbox_pages(mem);
     assert!(
         pages.windows(2).any(|w| w[1] != w[0] + 1),
         "the ring pages are scattered"
@@ -337,7 +351,7 @@ pub fn host_side(
     // (the VM and its vCPU are dropped first); this host side touches the ring pages only
     // through the rings, and reads only the mailbox and GPA-direct pages through
     // vm-memory.
-    let rings = unsafe { RingPages::new(mem, &pages, g2h as usize) }.expect("valid page list");
+    let rings = unsafe { RingPages::new(mem, &pages, g2h) }.expect("valid page list");
     let channel = host_channel(&rings, bell, Config::default()).expect("host channel");
 
     let mut stats = HostStats::default();
@@ -509,6 +523,31 @@ pub struct Traffic {
     pub elapsed: Duration,
 }
 
+/// Runs the vCPU until the guest reports `DONE`, calling `on_mailbox` each time it reports
+/// `MAILBOX`; returns the exits to userspace. Doorbell writes the ioeventfd did not catch
+/// and MMIO reads (answered with zeros) are passed over; any other exit or report panics.
+pub fn run_to_done(vcpu: &mut VcpuFd, mut on_mailbox: impl FnMut()) -> u64 {
+    let mut exits = 0u64;
+    loop {
+        let exit = vcpu.run().expect("KVM_RUN");
+        exits += 1;
+        match exit {
+            VcpuExit::MmioWrite(addr, data) if addr == CONTROL => {
+                let mut v = [0u8; 8];
+                v[..data.len()].copy_from_slice(data);
+                match u64::from_le_bytes(v) {
+                    DONE => return exits,
+                    MAILBOX => on_mailbox(),
+                    other => panic!("guest reported {other:#x}"),
+                }
+            }
+            VcpuExit::MmioWrite(addr, _) if addr == DOORBELL => {}
+            VcpuExit::MmioRead(_, data) => data.fill(0),
+            other => panic!("unexpected exit {other:?} after {exits} exits"),
+        }
+    }
+}
+
 /// Runs the traffic mode (a `TestVm` made with mode 0) to the guest's `DONE`: the vCPU on
 /// this thread, the host's channel on another.
 pub fn run_traffic(tvm: &mut TestVm) -> Traffic {
@@ -520,26 +559,7 @@ pub fn run_traffic(tvm: &mut TestVm) -> Traffic {
     let mut exits = 0u64;
     let stats = thread::scope(|s| {
         let host = s.spawn(|| host_side(mem, vm, &bell, ready_rx));
-        loop {
-            let exit = vcpu.run().expect("KVM_RUN");
-            exits += 1;
-            match exit {
-                VcpuExit::MmioWrite(addr, data) if addr == CONTROL => {
-                    let mut v = [0u8; 8];
-                    v[..data.len()].copy_from_slice(data);
-                    match u64::from_le_bytes(v) {
-                        DONE => break,
-                        MAILBOX => ready_tx.send(MAILBOX).unwrap(),
-                        other => panic!("guest reported {other:#x}"),
-                    }
-                }
-                VcpuExit::MmioWrite(addr, _) if addr == DOORBELL => {
-                    // Only if the ioeventfd did not catch it.
-                }
-                VcpuExit::MmioRead(_, data) => data.fill(0),
-                other => panic!("unexpected exit {other:?} after {exits} exits"),
-            }
-        }
+        exits = run_to_done(vcpu, || ready_tx.send(MAILBOX).unwrap());
         host.join().expect("host thread")
     });
     let elapsed = start.elapsed();
@@ -547,6 +567,73 @@ pub fn run_traffic(tvm: &mut TestVm) -> Traffic {
     registration.unregister().expect("unregister doorbells");
     Traffic {
         stats,
+        exits,
+        elapsed,
+    }
+}
+
+/// A heartbeat phase: what the host's side returned and what the guest counted.
+#[derive(Debug)]
+pub struct HeartbeatPhase<T> {
+    /// What the host's side returned.
+    pub host: T,
+    /// Messages the guest answered with success (negotiations and heartbeats).
+    pub answered: u64,
+    /// Messages the guest refused: answered with `HV_E_FAIL`, or ignored.
+    pub refused: u64,
+    /// Exits to userspace (`KVM_RUN` returns) during the phase.
+    pub exits: u64,
+    /// From resuming the vCPU to the guest's second `DONE`.
+    pub elapsed: Duration,
+}
+
+/// Sets [`IC_STOP`] when dropped, so the guest ends its heartbeat phase even when the host's
+/// side panics.
+struct StopOnDrop<'a>(&'a GuestMemoryMmap);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.write_obj(1u64, GuestAddress(IC_STOP)).unwrap();
+    }
+}
+
+/// Runs the guest's heartbeat phase: a traffic-mode guest that [`run_traffic`] ran to its
+/// `DONE` is resumed, and now serves the heartbeat integration service on the same rings.
+/// `host` runs on its own thread with a host channel over those rings; when it returns (or
+/// panics) [`IC_STOP`] is set and the vCPU runs on this thread to the guest's second
+/// `DONE`. A panic of `host` is passed on once the guest finished.
+pub fn run_heartbeat_phase<T: Send>(
+    tvm: &mut TestVm,
+    host: impl FnOnce(&HostChannel<'_, &KvmDoorbell>) -> T + Send,
+) -> HeartbeatPhase<T> {
+    let (vcpu, vm, mem) = tvm.split();
+    let bell = KvmDoorbell::new(DOORBELL, GSI).unwrap();
+    let registration = bell.register(vm).expect("register doorbells");
+    let (g2h, pages) = mailbox_pages(mem);
+    let start = Instant::now();
+    let mut exits = 0u64;
+    let result = thread::scope(|s| {
+        let bell = &bell;
+        let side = s.spawn(move || {
+            let _stop = StopOnDrop(mem);
+            // SAFETY: as in `host_side`: `mem` is the `TestVm`'s mapping, which outlives
+            // this thread, and the host touches the ring pages only through the rings.
+            let rings = unsafe { RingPages::new(mem, &pages, g2h) }.expect("valid page list");
+            let channel = host_channel(&rings, bell, Config::default()).expect("host channel");
+            host(&channel)
+        });
+        exits = run_to_done(vcpu, || {
+            panic!("guest reported MAILBOX in the heartbeat phase")
+        });
+        side.join()
+    });
+    let elapsed = start.elapsed();
+    registration.unregister().expect("unregister doorbells");
+    let host = result.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+    HeartbeatPhase {
+        host,
+        answered: mem.read_obj(GuestAddress(IC_ANSWERED)).unwrap(),
+        refused: mem.read_obj(GuestAddress(IC_REFUSED)).unwrap(),
         exits,
         elapsed,
     }

@@ -7,23 +7,48 @@
 //! the traffic test; 1..=6 run a hostile guest that sends a few good packets, waits until
 //! the host consumed them, corrupts its outgoing ring in way `mode`, rings the doorbell,
 //! waits for the host's acknowledgement in `ACK`, then reports `DONE`.
+//!
+//! The traffic mode has a second phase. Its `DONE` (after the summary) ends the traffic;
+//! a VMM that runs the vCPU again from there gets a guest serving the heartbeat integration
+//! service on the same channel, with `vmlink-ic`'s no_std codec and the rules of its agent:
+//! each in-band packet is parsed as a message; NEGOTIATE gets the negotiation's answer,
+//! HEARTBEAT (once negotiated) the sequence number plus one; anything else whose headers can
+//! be read (a message that does not parse, another type, a heartbeat before the
+//! negotiation, a packet longer than the guest's 512-byte buffer, which is consumed) gets
+//! status `HV_E_FAIL` with the message echoed. Each answer is an in-band packet carrying the
+//! request's transaction id. The host ends the phase by setting `IC_STOP`; the guest then
+//! writes what it answered and refused at `IC_ANSWERED` and `IC_REFUSED` and reports
+//! `DONE` again.
 #![no_std]
 #![no_main]
 
 use core::ptr::NonNull;
 use core::time::Duration;
 
-use vmlink_channel::packet::GpaRange;
-use vmlink_channel::{Channel, ChannelError, Config, Doorbell, DoorbellError, PacketMeta, Wake};
-use vmlink_ring::{ControlWord, PageListMem, RingMem, init_control};
-use vmlink_channel::Wait;
 use vmlink_channel::Polled;
+use vmlink_channel::Wait;
+use vmlink_channel::packet::GpaRange;
+use vmlink_channel::{
+    Channel, ChannelError, Config, Doorbell, DoorbellError, OutgoingPacket, PacketMeta, PacketType,
+    Wake,
+};
+use vmlink_ic::status::HV_E_FAIL;
+use vmlink_ic::{IcFlags, Message, MessageType, Service, heartbeat, negotiate};
+use vmlink_ring::{ControlWord, PageListMem, RingMem, init_control};
 
 const MAILBOX: u64 = 0x20_0000;
 const DOORBELL: u64 = 0x3000_0000;
 const CONTROL: u64 = 0x3000_1000;
 const MODE: u64 = MAILBOX + 0x800;
 const ACK: u64 = MAILBOX + 0x808;
+/// Set by the host to end the heartbeat phase.
+const IC_STOP: u64 = MAILBOX + 0x810;
+/// Where the guest leaves the messages it answered, and those it refused, at the end of the
+/// heartbeat phase.
+const IC_ANSWERED: u64 = MAILBOX + 0x818;
+const IC_REFUSED: u64 = MAILBOX + 0x820;
+/// The heartbeat phase's buffers: its messages are under 256 bytes.
+const IC_BUF: usize = 512;
 const HOSTILE_GOOD: u32 = 4;
 const MAILBOX_MAGIC: u64 = 0x766d_6c69_6e6b_2121;
 const DONE: u64 = 0xD0E;
@@ -85,7 +110,7 @@ impl Rng {
     }
 }
 
-fn page<'a>(n: u64) -> NonNull<u8> {
+fn page(n: u64) -> NonNull<u8> {
     NonNull::new((n * 4096) as *mut u8).expect("page 0 is never a ring page")
 }
 
@@ -194,7 +219,8 @@ fn main() -> ! {
                 byte_count: GPA_LEN,
                 pages: &GPA_PAGES,
             };
-            match channel.send_gpa_direct(&[range], b"gpa-direct", PacketMeta::in_band(), Wait::Now) {
+            match channel.send_gpa_direct(&[range], b"gpa-direct", PacketMeta::in_band(), Wait::Now)
+            {
                 Ok(()) => gpa_sent = true,
                 Err(ChannelError::Full) => {}
                 Err(_) => {
@@ -340,9 +366,122 @@ fn main() -> ! {
         core::hint::spin_loop();
     }
     mmio_write(CONTROL, DONE);
+    // The traffic is over. If the VMM runs us again, the heartbeat phase follows.
+    serve_heartbeat(&channel)
+}
+
+/// The heartbeat phase: answers the host's heartbeat service on `channel` until the host
+/// sets `IC_STOP`, then leaves its counts in the mailbox and reports `DONE`.
+fn serve_heartbeat<R: RingMem, D: Doorbell>(channel: &Channel<R, D>) -> ! {
+    let mut buf = [0u8; IC_BUF];
+    let mut out = [0u8; IC_BUF];
+    let mut version = None;
+    let (mut answered, mut refused) = (0u64, 0u64);
+    loop {
+        // Copy as much of the payload as fits; a longer packet is consumed all the same.
+        let got = channel.recv_with(Wait::Now, |p| {
+            let meta = p.meta();
+            let copied = meta.payload_len.min(buf.len());
+            p.read_payload(0, &mut buf[..copied])
+                .map(|()| (meta, copied))
+        });
+        let (meta, copied) = match got {
+            Ok(Ok(m)) => m,
+            Err(ChannelError::Empty) => {
+                // SAFETY: the stop word is identity-mapped guest memory the host writes.
+                if unsafe { core::ptr::read_volatile(IC_STOP as *const u64) } != 0 {
+                    break;
+                }
+                core::hint::spin_loop();
+                continue;
+            }
+            Ok(Err(_)) | Err(_) => panic!("the heartbeat channel failed"),
+        };
+        if meta.packet_type != PacketType::InBand {
+            refused += 1;
+            continue;
+        }
+        let whole = copied == meta.payload_len;
+        let (len, ok) = answer(&buf[..copied], whole, &mut version, &mut out);
+        if ok {
+            answered += 1;
+        } else {
+            refused += 1;
+        }
+        if len > 0 {
+            let mut packet = OutgoingPacket::in_band_slice(&out[..len]);
+            packet.meta = PacketMeta {
+                transaction_id: meta.transaction_id,
+                ..PacketMeta::in_band()
+            };
+            loop {
+                match channel.send_packet(&packet, Wait::Now) {
+                    Ok(()) => break,
+                    Err(ChannelError::Full) => core::hint::spin_loop(),
+                    Err(_) => panic!("the heartbeat channel failed"),
+                }
+            }
+        }
+    }
+    // SAFETY: the mailbox page is identity-mapped guest memory; the host reads these words
+    // only after the control write below.
+    unsafe {
+        core::ptr::write_volatile(IC_ANSWERED as *mut u64, answered);
+        core::ptr::write_volatile(IC_REFUSED as *mut u64, refused);
+    }
+    mmio_write(CONTROL, DONE);
     loop {
         core::hint::spin_loop();
     }
+}
+
+/// The answer to the heartbeat channel's message `payload` (`whole`: not cut to the
+/// buffer) in `out`: its length (0: nothing to send) and whether the request succeeded.
+/// `version` is the negotiated one, if any. The rules are vmlink-ic's agent's.
+fn answer(
+    payload: &[u8],
+    whole: bool,
+    version: &mut Option<negotiate::Negotiated>,
+    out: &mut [u8],
+) -> (usize, bool) {
+    let service = Service::Heartbeat;
+    let message = match Message::parse(payload) {
+        Ok(m) if whole => m,
+        Ok(m) => return (fail(&m, out), false),
+        Err(_) => return (vmlink_ic::refuse_raw(payload, out), false),
+    };
+    if message.header.flags.contains(IcFlags::RESPONSE) {
+        // An answer where requests come: ignored.
+        return (0, false);
+    }
+    match message.header.message_type {
+        MessageType::Negotiate => {
+            let (framework, versions) = (service.framework_versions(), service.message_versions());
+            match negotiate::respond(&message, framework, versions, out) {
+                Ok(answer) => match answer.outcome {
+                    Ok(v) => {
+                        *version = Some(v);
+                        (answer.len, true)
+                    }
+                    // The failed negotiation's answer (counts 0/0, HV_E_FAIL).
+                    Err(_) => (answer.len, false),
+                },
+                Err(_) => (fail(&message, out), false),
+            }
+        }
+        t if t != service.message_type() => (fail(&message, out), false),
+        _ if version.is_none() => (fail(&message, out), false),
+        _ => match heartbeat::answer(&message, out) {
+            Ok(len) => (len, true),
+            Err(_) => (fail(&message, out), false),
+        },
+    }
+}
+
+/// The failure answer to a message that parsed: its header with `HV_E_FAIL`, its body
+/// echoed.
+fn fail(m: &Message<'_>, out: &mut [u8]) -> usize {
+    vmlink_ic::encode(out, &m.header.response(HV_E_FAIL), m.body).unwrap_or(0)
 }
 
 /// Sends a few good packets, waits for the host to consume them, then corrupts the ring.
