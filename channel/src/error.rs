@@ -40,6 +40,45 @@ pub enum FailureCause {
     /// A stream link's socket failed (an `errno`; 0 when the system gave none).
     #[error("link I/O failed (os error {0})")]
     Io(i32),
+    /// The endpoint had failed before it was saved in its byte form and restored; the
+    /// byte form keeps what kind of failure it was, not its details.
+    #[error("failed before it was restored ({0})")]
+    Inherited(FailureKind),
+}
+
+impl FailureCause {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> FailureKind {
+        match self {
+            Self::Ring(_) => FailureKind::Ring,
+            Self::Protocol(_) => FailureKind::Protocol,
+            Self::Doorbell(_) => FailureKind::Doorbell,
+            Self::Frame(_) => FailureKind::Frame,
+            Self::Io(_) => FailureKind::Io,
+            Self::Inherited(k) => *k,
+        }
+    }
+}
+
+/// The kinds of [`FailureCause`], without their details.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
+#[non_exhaustive]
+pub enum FailureKind {
+    /// [`FailureCause::Ring`].
+    #[error("corrupt ring")]
+    Ring,
+    /// [`FailureCause::Protocol`].
+    #[error("protocol violation")]
+    Protocol,
+    /// [`FailureCause::Doorbell`].
+    #[error("doorbell failure")]
+    Doorbell,
+    /// [`FailureCause::Frame`].
+    #[error("bad frame")]
+    Frame,
+    /// [`FailureCause::Io`].
+    #[error("link I/O failed")]
+    Io,
 }
 
 /// Why a frame of a stream link was refused (the framing: `vmlink-hvsock`'s `frame`

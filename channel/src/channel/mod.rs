@@ -93,6 +93,8 @@ pub use handles::{Receiver, Sender};
 pub use recv::Packet;
 #[cfg(feature = "alloc")]
 pub use saved::SavedEndpoint;
+#[cfg(feature = "saved-state")]
+pub use saved::{SAVED_STATE_MAGIC, SAVED_STATE_VERSION, SavedStateError};
 pub use send::SendBatch;
 pub(crate) use send::completion;
 pub(crate) use send::request_packet;

@@ -12,6 +12,11 @@ use alloc::vec::Vec;
 use super::*;
 use crate::txn::SavedSlot;
 
+#[cfg(feature = "saved-state")]
+mod format;
+#[cfg(feature = "saved-state")]
+pub use format::{SAVED_STATE_MAGIC, SAVED_STATE_VERSION, SavedStateError};
+
 /// An endpoint's saved state: see [`Endpoint::save`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SavedEndpoint {
@@ -20,6 +25,7 @@ pub struct SavedEndpoint {
     counters: Counters,
     failure: Option<FailureCause>,
     peer_closed: bool,
+    config: Config,
 }
 
 impl SavedEndpoint {
@@ -48,6 +54,12 @@ impl SavedEndpoint {
     /// The peer had left.
     pub fn peer_closed(&self) -> bool {
         self.peer_closed
+    }
+
+    /// The configuration the endpoint ran with (a successor may restore with it, or with
+    /// its own).
+    pub fn config(&self) -> Config {
+        self.config
     }
 }
 
@@ -93,6 +105,7 @@ impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
                 _ => None,
             },
             peer_closed: core.state() == ChannelState::PeerClosed,
+            config: core.config,
         };
         let Core { doorbell, .. } = core;
         (saved, tx, rx.link, doorbell)
