@@ -37,7 +37,10 @@ fn scenario() -> SavedEndpoint {
     let second = a.start_request(b"second?", Wait::Now).expect("request");
     let mut buf = [0u8; 64];
     for want in [first, second] {
-        assert_eq!(b.recv(&mut buf, Wait::Now).expect("request").transaction_id, want);
+        assert_eq!(
+            b.recv(&mut buf, Wait::Now).expect("request").transaction_id,
+            want
+        );
     }
     b.send(b"unsolicited", Wait::Now).expect("send");
     b.complete(second, b"two", Wait::Now).expect("complete");
@@ -66,10 +69,7 @@ fn version_1_reads_as_it_was_written() {
         .collect();
     assert_eq!(
         in_flight,
-        [
-            (0, 1, SavedSlot::Polled),
-            (2, 1, SavedSlot::Abandoned)
-        ]
+        [(0, 1, SavedSlot::Polled), (2, 1, SavedSlot::Abandoned)]
     );
     let queued: Vec<(PacketType, u64, bool, usize, &[u8])> = saved
         .queued()
@@ -87,8 +87,20 @@ fn version_1_reads_as_it_was_written() {
     assert_eq!(
         queued,
         [
-            (PacketType::InBand, 0, false, 0, &b"unsolicited\0\0\0\0\0"[..]),
-            (PacketType::Completion, 0x1_0000_0001, false, 0, &b"two\0\0\0\0\0"[..]),
+            (
+                PacketType::InBand,
+                0,
+                false,
+                0,
+                &b"unsolicited\0\0\0\0\0"[..]
+            ),
+            (
+                PacketType::Completion,
+                0x1_0000_0001,
+                false,
+                0,
+                &b"two\0\0\0\0\0"[..]
+            ),
         ]
     );
     let c = saved.counters();
@@ -110,7 +122,10 @@ fn a_version_1_state_restores_and_goes_on() {
     let mut buf = [0u8; 64];
     // The queued packets first, in order.
     let p = a.recv(&mut buf, Wait::Now).expect("queued");
-    assert_eq!((p.packet_type, &buf[..11]), (PacketType::InBand, &b"unsolicited"[..]));
+    assert_eq!(
+        (p.packet_type, &buf[..11]),
+        (PacketType::InBand, &b"unsolicited"[..])
+    );
     let p = a.recv(&mut buf, Wait::Now).expect("queued completion");
     assert_eq!(
         (p.packet_type, p.transaction_id),
@@ -119,7 +134,8 @@ fn a_version_1_state_restores_and_goes_on() {
     // The polled request (slot 0) is still in flight: its completion is delivered; the
     // abandoned call's (slot 2) is counted as late, not a protocol violation.
     b.complete(0x1_0000_0000, b"one", soon()).expect("complete");
-    b.complete(0x1_0000_0002, b"late", soon()).expect("complete");
+    b.complete(0x1_0000_0002, b"late", soon())
+        .expect("complete");
     let p = a.recv(&mut buf, soon()).expect("completion");
     assert_eq!(
         (p.packet_type, p.transaction_id, &buf[..3]),
@@ -132,7 +148,10 @@ fn a_version_1_state_restores_and_goes_on() {
 
 #[test]
 fn this_code_writes_the_newest_version_exactly() {
-    assert_eq!(SAVED_STATE_VERSION, 1, "a new version needs its own golden file");
+    assert_eq!(
+        SAVED_STATE_VERSION, 1,
+        "a new version needs its own golden file"
+    );
     assert_eq!(&V1[..8], &SAVED_STATE_MAGIC);
     assert_eq!(
         SavedEndpoint::from_bytes(V1).expect("version 1").to_bytes(),
@@ -140,13 +159,21 @@ fn this_code_writes_the_newest_version_exactly() {
     );
     // The scenario the file was written from still saves the same state (all but the
     // counters of waits and signals, which depend on timing).
-    let (now, then) = (scenario(), SavedEndpoint::from_bytes(V1).expect("version 1"));
+    let (now, then) = (
+        scenario(),
+        SavedEndpoint::from_bytes(V1).expect("version 1"),
+    );
     assert_eq!(now.config(), then.config());
     assert_eq!(now.transactions(), then.transactions());
     assert_eq!(now.queued(), then.queued());
     let traffic = |s: &SavedEndpoint| {
         let c = s.counters();
-        (c.packets_sent, c.bytes_sent, c.packets_received, c.bytes_received)
+        (
+            c.packets_sent,
+            c.bytes_sent,
+            c.packets_received,
+            c.bytes_received,
+        )
     };
     assert_eq!(traffic(&now), traffic(&then));
 }
@@ -164,7 +191,8 @@ fn failure_and_peer_closed_travel() {
 
     // A failed endpoint keeps the kind of its failure.
     let (a, b) = in_process_channel_pair(4096, Config::default()).expect("pair");
-    b.complete(0x77, b"never asked", Wait::Now).expect("complete");
+    b.complete(0x77, b"never asked", Wait::Now)
+        .expect("complete");
     let cause = match a.recv(&mut buf, Wait::Now) {
         Err(ChannelError::Failed(c)) => c,
         other => panic!("{other:?}"),
@@ -308,7 +336,10 @@ fn hostile_values_are_malformed() {
         b.push(1);
         b.extend_from_slice(packet);
         let r = SavedEndpoint::from_bytes(&v1(&b));
-        assert!(matches!(r, Err(SavedStateError::Malformed(_))), "{what}: {r:?}");
+        assert!(
+            matches!(r, Err(SavedStateError::Malformed(_))),
+            "{what}: {r:?}"
+        );
     }
     let mut b = head(&[4], &[0x80, 0x40]);
     b[10] = 3; // the first slot's state (after depth, bytes, limit and its generation)

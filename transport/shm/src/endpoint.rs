@@ -57,6 +57,11 @@ impl Endpoint {
         &self.channel
     }
 
+    /// The channel, mutably (to quiesce it for a hand-over).
+    pub(crate) fn channel_mut(&mut self) -> &mut ShmChannel {
+        &mut self.channel
+    }
+
     /// The buffer area, for bulk data that GPA-direct packets describe by page index.
     pub fn buffer(&self) -> &BufferArea {
         &self.buffer

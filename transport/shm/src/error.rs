@@ -5,7 +5,7 @@ use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use vmlink_channel::ChannelError;
+use vmlink_channel::{ChannelError, SavedStateError};
 use vmlink_ring::area::AreaError;
 
 use crate::memory::LayoutError;
@@ -249,6 +249,15 @@ pub enum ShmError {
     /// The listener stopped.
     #[error("the listener has stopped")]
     ListenerStopped,
+    /// The other side of a hand-over runs as another user.
+    #[error("the hand-over peer, {peer}, is not this user")]
+    NotSameUser {
+        /// Who it is.
+        peer: PeerCredentials,
+    },
+    /// A handed-over endpoint's saved state was refused.
+    #[error("the saved state is refused: {0}")]
+    SavedState(#[from] SavedStateError),
 }
 
 impl ShmError {
@@ -259,7 +268,7 @@ impl ShmError {
     /// The code to tell the peer when this error makes us refuse it.
     pub(crate) fn refusal_code(&self) -> RefusalCode {
         match self {
-            ShmError::NotAllowed { .. } => RefusalCode::NotAllowed,
+            ShmError::NotAllowed { .. } | ShmError::NotSameUser { .. } => RefusalCode::NotAllowed,
             ShmError::UnsupportedVersion { .. } => RefusalCode::UnsupportedVersion,
             ShmError::UnknownService(_) => RefusalCode::UnknownService,
             ShmError::Busy(_) => RefusalCode::Busy,
@@ -268,7 +277,8 @@ impl ShmError {
             | ShmError::Malformed(_)
             | ShmError::ControlTruncated
             | ShmError::UnexpectedFds { .. }
-            | ShmError::BadServiceName(_) => RefusalCode::Malformed,
+            | ShmError::BadServiceName(_)
+            | ShmError::SavedState(_) => RefusalCode::Malformed,
             ShmError::NotSealed { .. }
             | ShmError::SizeMismatch { .. }
             | ShmError::NotAMemfd

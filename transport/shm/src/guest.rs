@@ -214,28 +214,36 @@ fn attach(
         fixed.host_to_guest.get(),
         fixed.buffer.get(),
     );
-    let len = layout.validate()?;
+    layout.validate()?;
     let [memfd, host_bell, guest_bell]: [OwnedFd; 3] = fds
         .try_into()
         .map_err(|_| ShmError::Malformed("offer without exactly 3 fds"))?;
 
-    check_memory(&mut memfd.as_fd(), len)?;
     for bell in [&host_bell, &guest_bell] {
         sys::set_nonblocking(bell.as_fd()).map_err(ShmError::io("configure a doorbell fd"))?;
     }
-    let map = Mapping::map(memfd, len as usize).map_err(ShmError::io("mmap"))?;
-    // The header page, read once into a private copy: it must be sound and say exactly
-    // what the offer says. On any failure the mapping is dropped (unmapped) unused.
-    let expected = layout.area()?;
-    let parsed = map.read_header().map_err(ShmError::BadHeader)?;
-    check_header(&parsed.layout, &expected)?;
-    let memory = SharedMemory::new(map, layout);
+    let memory = map_checked(memfd, layout)?;
     Ok((
         memory,
         guest_bell,
         host_bell,
         effective_config(config, layout),
     ))
+}
+
+/// Maps a memfd another process sent as the memory of `layout` (already validated), once
+/// it has passed every check: sealed, exactly the layout's size, and a sound memory header
+/// that says exactly what the layout says. On any failure nothing stays mapped.
+pub(crate) fn map_checked(memfd: OwnedFd, layout: Layout) -> Result<SharedMemory, ShmError> {
+    let len = layout.validate()?;
+    check_memory(&mut memfd.as_fd(), len)?;
+    let map = Mapping::map(memfd, len as usize).map_err(ShmError::io("mmap"))?;
+    // The header page, read once into a private copy: it must be sound and say exactly
+    // what the layout says. On any failure the mapping is dropped (unmapped) unused.
+    let expected = layout.area()?;
+    let parsed = map.read_header().map_err(ShmError::BadHeader)?;
+    check_header(&parsed.layout, &expected)?;
+    Ok(SharedMemory::new(map, layout))
 }
 
 /// Checks that a sound header describes exactly the memory the offer implies (the area's

@@ -381,7 +381,7 @@ impl Drop for Listener {
 }
 
 /// Creates the socket's directory owner-only, or checks that an existing one is.
-fn prepare_directory(path: &Path) -> Result<(), ShmError> {
+pub(crate) fn prepare_directory(path: &Path) -> Result<(), ShmError> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -410,7 +410,7 @@ fn prepare_directory(path: &Path) -> Result<(), ShmError> {
 ///
 /// Whether someone listens is found out by connecting and closing again at once, without
 /// a byte: a live [`Listener`] does not count such a connection as a handshake.
-fn remove_stale_socket(path: &Path) -> Result<(), ShmError> {
+pub(crate) fn remove_stale_socket(path: &Path) -> Result<(), ShmError> {
     let Ok(meta) = fs::symlink_metadata(path) else {
         return Ok(());
     };

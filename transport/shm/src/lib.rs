@@ -64,6 +64,7 @@ compile_error!("vmlink-shm supports little-endian targets only: VMBus rings are 
 mod endpoint;
 mod error;
 mod guest;
+mod handover;
 mod host;
 mod memory;
 mod policy;
@@ -73,6 +74,9 @@ mod sys;
 pub use endpoint::{Endpoint, Role, ShmChannel};
 pub use error::{RefusalCode, ShmError};
 pub use guest::Guest;
+pub use handover::{
+    DEFAULT_HANDOVER_TIMEOUT, HandOverFailed, HandOverListener, Incoming, Successor, TakeOver,
+};
 pub use host::{DEFAULT_HANDSHAKE_TIMEOUT, Listener, MAX_PENDING_HANDSHAKES, Service};
 pub use memory::{
     BufferArea, HEADER_PAGE_LEN, Layout, LayoutError, MAX_MEMORY_LEN, Mapping, OutOfBounds,

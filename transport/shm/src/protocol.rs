@@ -8,10 +8,18 @@
 //! | `OFFER` (2) | host | [`OfferBody`], then the service name | memfd, guest→host eventfd, host→guest eventfd |
 //! | `ERROR` (3) | either | [`ErrorBody`], then a UTF-8 explanation (≤ 1024 bytes) | none |
 //! | `READY` (4) | guest | empty | none |
+//! | `TAKE_OVER` (5) | successor | empty | none |
+//! | `HANDOVER` (6) | predecessor | [`HandOverBody`], the service name, the saved endpoint | memfd, the bell the side waits on, the bell it signals, the peer's socket |
+//! | `CONFIRM` (7) | successor | empty | none |
+//! | `DONE` (8) | predecessor | empty | none |
 //!
 //! The guest speaks first (`HELLO`); the host answers `OFFER` or `ERROR`; the guest checks
 //! the offer and answers `READY` or `ERROR`. Each side reads a bounded number of bytes
 //! (bodies ≤ [`MAX_BODY`]) before a deadline; fds come only with `OFFER`.
+//!
+//! A hand-over (on its own socket, `crate::handover`): the successor sends `TAKE_OVER`; the
+//! predecessor sends `HANDOVER` per endpoint and the successor answers each `CONFIRM` or
+//! `ERROR`; then `DONE`. A `HANDOVER` body may be up to [`MAX_HANDOVER_BODY`].
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -31,6 +39,15 @@ pub(crate) const HELLO: u16 = 1;
 pub(crate) const OFFER: u16 = 2;
 pub(crate) const ERROR: u16 = 3;
 pub(crate) const READY: u16 = 4;
+/// A successor asks a serving process for its endpoints (no body).
+pub(crate) const TAKE_OVER: u16 = 5;
+/// One endpoint handed over: [`HandOverBody`], the service name, the saved state; with
+/// the memfd, the bell the side waits on, the bell it signals and the peer's socket.
+pub(crate) const HANDOVER: u16 = 6;
+/// The successor took the endpoint (no body).
+pub(crate) const CONFIRM: u16 = 7;
+/// No more endpoints follow (no body).
+pub(crate) const DONE: u16 = 8;
 
 /// The largest message body either side accepts.
 pub(crate) const MAX_BODY: usize = 2048;
@@ -40,6 +57,11 @@ pub(crate) const MAX_SERVICE_NAME: usize = 255;
 pub(crate) const MAX_ERROR_TEXT: usize = 1024;
 /// Fds that come with an offer.
 pub(crate) const OFFER_FDS: usize = 3;
+/// Fds of a [`HANDOVER`] message.
+pub(crate) const HANDOVER_FDS: usize = 4;
+/// The largest [`HANDOVER`] body: the fixed part, a service name and the largest saved
+/// state (a queue of at most 64 MiB and its descriptions).
+pub(crate) const MAX_HANDOVER_BODY: usize = (64 << 20) + (1 << 20);
 
 /// Every message's header.
 #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, Immutable, KnownLayout)]
@@ -68,6 +90,22 @@ pub(crate) struct OfferBody {
 }
 
 /// The fixed part of an error message's body.
+/// The fixed part of a [`HANDOVER`] body (48 bytes).
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub(crate) struct HandOverBody {
+    pub(crate) guest_to_host: U64,
+    pub(crate) host_to_guest: U64,
+    pub(crate) buffer: U64,
+    /// 0 host, 1 guest.
+    pub(crate) role: U32,
+    pub(crate) peer_pid: U32,
+    pub(crate) peer_uid: U32,
+    pub(crate) peer_gid: U32,
+    pub(crate) service_len: U32,
+    pub(crate) state_len: U32,
+}
+
 #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, Immutable, KnownLayout)]
 #[repr(C)]
 pub(crate) struct ErrorBody {
@@ -212,6 +250,18 @@ pub(crate) fn recv(
     deadline: Deadline,
     during: &'static str,
 ) -> Result<Message, ShmError> {
+    recv_limited(sock, deadline, during, MAX_BODY)
+}
+
+/// [`recv`] with another limit on the body's length. The body is read in pieces of at
+/// most 64 KiB and grows as bytes arrive, so a length the peer announces but does not
+/// send allocates nothing.
+pub(crate) fn recv_limited(
+    sock: impl AsFd,
+    deadline: Deadline,
+    during: &'static str,
+    max_body: usize,
+) -> Result<Message, ShmError> {
     let sock = sock.as_fd();
     let mut fds = Vec::new();
     let mut truncated = false;
@@ -229,16 +279,33 @@ pub(crate) fn recv(
         });
     }
     let len = header.body_len.get() as usize;
-    if len > MAX_BODY {
-        return Err(ShmError::Malformed("message body longer than 2048 bytes"));
+    if len > max_body {
+        return Err(ShmError::Malformed(
+            "message body longer than its kind allows",
+        ));
     }
-    let mut body = vec![0u8; len];
-    recv_exact(sock, &mut body, &mut fds, &mut truncated, deadline, during)?;
+    let mut body = Vec::new();
+    while body.len() < len {
+        let start = body.len();
+        body.resize(start + (len - start).min(64 << 10), 0);
+        recv_exact(
+            sock,
+            &mut body[start..],
+            &mut fds,
+            &mut truncated,
+            deadline,
+            during,
+        )?;
+    }
     if truncated {
         return Err(ShmError::ControlTruncated);
     }
     let kind = header.kind.get();
-    let expected = if kind == OFFER { OFFER_FDS } else { 0 };
+    let expected = match kind {
+        OFFER => OFFER_FDS,
+        HANDOVER => HANDOVER_FDS,
+        _ => 0,
+    };
     if fds.len() != expected {
         return Err(ShmError::UnexpectedFds {
             expected,

@@ -219,9 +219,8 @@ impl SavedEndpoint {
     /// # Ok::<(), vmlink_channel::ChannelError>(())
     /// ```
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(
-            256 + self.queued.iter().map(|(_, b)| b.len() + 32).sum::<usize>(),
-        );
+        let mut out =
+            Vec::with_capacity(256 + self.queued.iter().map(|(_, b)| b.len() + 32).sum::<usize>());
         out.extend_from_slice(&SAVED_STATE_MAGIC);
         out.extend_from_slice(&SAVED_STATE_VERSION.to_le_bytes());
         let c = &self.config;
@@ -376,8 +375,9 @@ fn decode_v1(input: &mut &[u8]) -> Result<SavedEndpoint, SavedStateError> {
     let mut total = 0u64;
     for _ in 0..count {
         let q: QueuedV1<'_> = take(input)?;
-        let packet_type = PacketType::from_raw(q.packet_type)
-            .ok_or(SavedStateError::Malformed("a queued packet of an unknown type"))?;
+        let packet_type = PacketType::from_raw(q.packet_type).ok_or(SavedStateError::Malformed(
+            "a queued packet of an unknown type",
+        ))?;
         let header_len = q.header_len as usize;
         if header_len > q.bytes.len() {
             return Err(SavedStateError::Malformed(

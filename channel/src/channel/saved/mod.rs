@@ -87,28 +87,37 @@ impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
     /// assert_eq!(a.recv(&mut buf, Wait::Now)?.transaction_id, tid);
     /// # Ok::<(), vmlink_channel::ChannelError>(())
     /// ```
-    pub fn save(self) -> (SavedEndpoint, T, R, D) {
+    pub fn save(mut self) -> (SavedEndpoint, T, R, D) {
+        let saved = self.snapshot();
         let Endpoint { core, tx, rx } = self;
-        let mut tx = tx.into_inner();
-        let mut rx = rx.into_inner();
-        tx.rollback();
+        let Core { doorbell, .. } = core;
+        (saved, tx.into_inner(), rx.into_inner().link, doorbell)
+    }
+
+    /// Quiesces the endpoint as [`save`](Self::save) does and returns its state, keeping
+    /// the endpoint: a process handing it to a successor in another process goes on
+    /// serving it if the successor does not confirm, and drops it if it does. Nothing may
+    /// use the endpoint between the two (`&mut self` sees to that here; the caller must
+    /// not use it again before the successor's verdict).
+    pub fn snapshot(&mut self) -> SavedEndpoint {
+        self.tx.get_mut().rollback();
+        let rx = self.rx.get_mut();
         let signal = rx.link.commit();
-        // A peer that left needs no signal; any other doorbell error is the successor's
-        // to meet.
-        let _ = core.signal(signal);
-        let saved = SavedEndpoint {
-            transactions: core.txns.save(),
+        // A peer that left needs no signal; any other doorbell error fails the endpoint,
+        // which the state then says.
+        let _ = self.core.signal(signal);
+        let rx = self.rx.get_mut();
+        SavedEndpoint {
+            transactions: self.core.txns.save(),
             queued: rx.queue.iter().map(|(m, b)| (m, b.to_vec())).collect(),
-            counters: core.counters(),
-            failure: match core.state() {
+            counters: self.core.counters(),
+            failure: match self.core.state() {
                 ChannelState::Failed(c) => Some(c),
                 _ => None,
             },
-            peer_closed: core.state() == ChannelState::PeerClosed,
-            config: core.config,
-        };
-        let Core { doorbell, .. } = core;
-        (saved, tx, rx.link, doorbell)
+            peer_closed: self.core.state() == ChannelState::PeerClosed,
+            config: self.core.config,
+        }
     }
 
     /// An endpoint over `tx` and `rx` that goes on from `saved`: its transactions, queued
@@ -153,11 +162,10 @@ impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
         } else if saved.peer_closed {
             ep.core.state = AtomicU8::new(PEER_CLOSED);
         }
-        // The unstick: whatever the peer waited for while nobody served this side.
-        match ep.core.signal(Signal::NEEDED) {
-            Ok(()) | Err(ChannelError::Closed) => {}
-            Err(e) => return Err(e),
-        }
+        // The unstick: whatever the peer waited for while nobody served this side. A
+        // doorbell that fails fails the endpoint (its state says so); a peer that left
+        // needs no signal.
+        let _ = ep.core.signal(Signal::NEEDED);
         Ok(ep)
     }
 }

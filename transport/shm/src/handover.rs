@@ -1,0 +1,542 @@
+//! Handing live endpoints to a successor process (servicing), with the peer untouched.
+//!
+//! A serving process listens on a [`HandOverListener`] beside its service socket. A
+//! successor — typically a newer build of the same program — connects with
+//! [`TakeOver::connect`]; the serving process stops serving an endpoint and hands it over
+//! with [`Successor::hand_over`]: the memfd, both eventfds and the peer's socket go by
+//! `SCM_RIGHTS`, then the endpoint's saved state (vmlink-channel's versioned byte form).
+//! The successor checks everything as a guest checks an offer (seals, size, the memory
+//! header), restores the endpoint over the same memory and answers `CONFIRM`; only then
+//! does the predecessor drop its copy. The peer keeps its mapping, its fds and its socket
+//! and sees at most a pause.
+//!
+//! Exactly one process owns an endpoint at every moment:
+//!
+//! - Until the predecessor reads `CONFIRM` it owns the endpoint; the successor restores
+//!   but does not touch the rings before confirming. If the successor refuses, dies or
+//!   says nothing by the deadline, [`Successor::hand_over`] gives the endpoint back
+//!   ([`HandOverFailed`]) and the predecessor goes on serving it.
+//! - From `CONFIRM` on the successor owns it: a predecessor that dies after the successor
+//!   confirmed changes nothing, since the successor holds its own copies of every fd.
+//! - A predecessor that dies before sending the fds was the only owner: its peer sees the
+//!   socket close, as on any exit.
+//!
+//! What the predecessor's application took from an endpoint is its own to finish before
+//! the hand-over (answer the requests it received); what the endpoint itself holds — calls
+//! in flight by polled transaction id, completions and packets queued for receivers —
+//! travels in the saved state, so completions for the predecessor's polled requests are
+//! delivered to the successor's receivers, counted like any other packet.
+//!
+//! Both sides require the other to run as the same user (`SO_PEERCRED`).
+//!
+//! ```
+//! use std::thread;
+//! use vmlink_shm::{HandOverListener, Layout, Service, TakeOver, Wait};
+//!
+//! let dir = std::env::temp_dir().join(format!("vmlink-handover-doc-{}", std::process::id()));
+//! let service = Service::new("echo").with_layout(Layout::symmetric(4 * 4096, 0));
+//! let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+//! let guest = thread::spawn(move || vmlink_shm::Guest::new("echo").connect_stream(theirs));
+//! let host = service.serve_stream(ours)?;
+//! let guest = guest.join().unwrap()?;
+//!
+//! // The serving process listens for a successor; one connects and takes the endpoint.
+//! let listener = HandOverListener::bind(dir.join("echo.handover"))?;
+//! let path = listener.path().to_owned();
+//! let successor = thread::spawn(move || -> Result<_, vmlink_shm::ShmError> {
+//!     let mut take = TakeOver::connect(&path)?;
+//!     let endpoint = take.next_endpoint()?.expect("one endpoint").confirm()?;
+//!     assert!(take.next_endpoint()?.is_none());
+//!     Ok(endpoint)
+//! });
+//! let mut incoming = listener.accept(None)?;
+//! incoming.hand_over(host).map_err(|f| f.error)?;
+//! incoming.finish()?;
+//! let host = successor.join().unwrap()?;
+//!
+//! // The guest never noticed.
+//! guest.channel().send(b"still there?", Wait::Now)?;
+//! let mut buf = [0u8; 16];
+//! host.channel().recv(&mut buf, Wait::Now)?;
+//! assert_eq!(&buf[..12], b"still there?");
+//! # drop(listener);
+//! # std::fs::remove_dir(&dir)?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::fs;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::sys::socket::SockType;
+use vmlink_channel::{Config, EventFdDoorbell, RingRx, RingTx, SavedEndpoint};
+use zerocopy::{FromBytes, IntoBytes};
+
+use crate::endpoint::{Endpoint, Role, effective_config};
+use crate::error::{RefusalCode, ShmError};
+use crate::guest::map_checked;
+use crate::host::{prepare_directory, remove_stale_socket};
+use crate::memory::Layout;
+use crate::policy::PeerCredentials;
+use crate::protocol::{self, Deadline, HandOverBody};
+use crate::{ShmChannel, sys};
+
+/// How long each step of a hand-over may take by default before the side waiting gives
+/// up (the predecessor then keeps its endpoint).
+pub const DEFAULT_HANDOVER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A socket on which a serving process waits for its successor.
+///
+/// It lives in a directory only its owner can enter, like a [`Listener`](crate::Listener)'s
+/// socket; dropping the listener removes the socket file.
+#[derive(Debug)]
+pub struct HandOverListener {
+    listener: UnixListener,
+    path: PathBuf,
+    timeout: Duration,
+}
+
+impl HandOverListener {
+    /// Listens at `path` (a stale socket nobody serves is replaced; a live one is
+    /// [`ShmError::SocketInUse`]).
+    pub fn bind(path: impl AsRef<Path>) -> Result<Self, ShmError> {
+        let path = path.as_ref().to_path_buf();
+        prepare_directory(&path)?;
+        remove_stale_socket(&path)?;
+        let listener = UnixListener::bind(&path).map_err(ShmError::io("bind the socket"))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(ShmError::io("make the socket non-blocking"))?;
+        Ok(Self {
+            listener,
+            path,
+            timeout: DEFAULT_HANDOVER_TIMEOUT,
+        })
+    }
+
+    /// The same listener with another timeout for each step of its hand-overs.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The listening socket, to poll beside other work: readable when a successor may
+    /// be waiting.
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.listener.as_fd()
+    }
+
+    /// Waits until `deadline` (`None`: for ever) for a successor: one that connects as
+    /// this user and asks to take over. Connections that close without a byte are
+    /// skipped; one from another user, or that says something else, is refused with an
+    /// error and skipped too. `Ok(None)` when the deadline passed.
+    pub fn accept_until(&self, deadline: Option<Instant>) -> Result<Option<Successor>, ShmError> {
+        loop {
+            let stream = match self.listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    let now = Instant::now();
+                    if deadline.is_some_and(|d| d <= now) {
+                        return Ok(None);
+                    }
+                    let until = deadline.unwrap_or(now + Duration::from_secs(3600));
+                    sys::poll_one(self.listener.as_fd(), sys::PollFlags::POLLIN, until)
+                        .map_err(ShmError::io("poll the hand-over socket"))?;
+                    continue;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(ShmError::io("accept a successor")(e)),
+            };
+            match self.greet(stream) {
+                Ok(s) => return Ok(Some(s)),
+                // A probe, a stranger or a confused client: it was told; keep waiting.
+                Err(_) => continue,
+            }
+        }
+    }
+
+    /// [`accept_until`](Self::accept_until) with a timeout instead of a deadline, and an
+    /// error instead of `None` when it passes.
+    pub fn accept(&self, timeout: Option<Duration>) -> Result<Successor, ShmError> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        self.accept_until(deadline)?
+            .ok_or(ShmError::AcceptTimedOut(timeout.unwrap_or_default()))
+    }
+
+    fn greet(&self, stream: UnixStream) -> Result<Successor, ShmError> {
+        let deadline = Deadline::after(self.timeout);
+        if sys::closed_before_a_byte(stream.as_fd(), deadline.at).unwrap_or(false) {
+            return Err(ShmError::PeerClosed {
+                during: "waiting for a successor's request",
+            });
+        }
+        let peer = same_user(&stream, deadline)?;
+        let hello = protocol::recv(&stream, deadline, "waiting for a successor's request")
+            .map_err(|e| refuse(&stream, e, deadline))?;
+        if hello.kind != protocol::TAKE_OVER || !hello.body.is_empty() {
+            let e = ShmError::UnexpectedMessage {
+                kind: hello.kind,
+                expected: "take-over request",
+            };
+            return Err(refuse(&stream, e, deadline));
+        }
+        Ok(Successor {
+            stream,
+            peer,
+            timeout: self.timeout,
+        })
+    }
+}
+
+impl Drop for HandOverListener {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// Checks that the process at the other end of `stream` runs as this user; refuses it
+/// otherwise.
+fn same_user(stream: &UnixStream, deadline: Deadline) -> Result<PeerCredentials, ShmError> {
+    let peer = sys::peer_credentials(stream.as_fd()).map_err(ShmError::io("SO_PEERCRED"))?;
+    if peer.uid != sys::geteuid() {
+        return Err(refuse(stream, ShmError::NotSameUser { peer }, deadline));
+    }
+    Ok(peer)
+}
+
+/// Sends the refusal for `error` (best effort) and returns the error.
+fn refuse(sock: &UnixStream, error: ShmError, deadline: Deadline) -> ShmError {
+    if !matches!(
+        error,
+        ShmError::PeerClosed { .. } | ShmError::TimedOut(..) | ShmError::Refused { .. }
+    ) {
+        protocol::send_error(
+            sock.as_fd(),
+            error.refusal_code(),
+            &error.to_string(),
+            deadline,
+        );
+    }
+    error
+}
+
+/// A successor that asked to take over: hand it endpoints, then [`finish`](Self::finish).
+#[derive(Debug)]
+pub struct Successor {
+    stream: UnixStream,
+    peer: PeerCredentials,
+    timeout: Duration,
+}
+
+/// What a hand-over that did not happen gives back: the endpoint, which this process still
+/// owns and goes on serving, and why.
+#[derive(Debug)]
+pub struct HandOverFailed {
+    /// The endpoint, as it was.
+    pub endpoint: Endpoint,
+    /// Why the successor did not take it.
+    pub error: ShmError,
+}
+
+impl Successor {
+    /// The successor's credentials.
+    pub fn peer(&self) -> PeerCredentials {
+        self.peer
+    }
+
+    /// Hands `endpoint` over: quiesces it (consumed packets committed, uncommitted sends
+    /// discarded), sends its fds and saved state, and waits for the successor's verdict.
+    /// On `CONFIRM` the endpoint is the successor's and this process's copy is dropped
+    /// (the peer notices nothing: the successor holds its own copies of every fd). On a
+    /// refusal, a successor that vanished or stayed silent past the timeout, the endpoint
+    /// comes back in [`HandOverFailed`], still working.
+    pub fn hand_over(&mut self, mut endpoint: Endpoint) -> Result<(), Box<HandOverFailed>> {
+        let deadline = Deadline::after(self.timeout);
+        let failed = |endpoint, error| Err(Box::new(HandOverFailed { endpoint, error }));
+        let saved = endpoint.channel_mut().snapshot();
+        let state = saved.to_bytes();
+        let layout = endpoint.memory().layout();
+        let peer = endpoint.peer();
+        let service = endpoint.service().as_bytes();
+        let fixed = HandOverBody {
+            guest_to_host: layout.guest_to_host.into(),
+            host_to_guest: layout.host_to_guest.into(),
+            buffer: layout.buffer.into(),
+            role: match endpoint.role() {
+                Role::Host => 0,
+                Role::Guest => 1,
+            }
+            .into(),
+            peer_pid: (peer.pid as u32).into(),
+            peer_uid: peer.uid.into(),
+            peer_gid: peer.gid.into(),
+            service_len: (service.len() as u32).into(),
+            state_len: (state.len() as u32).into(),
+        };
+        let mut body = Vec::with_capacity(size_of::<HandOverBody>() + service.len() + state.len());
+        body.extend_from_slice(fixed.as_bytes());
+        body.extend_from_slice(service);
+        body.extend_from_slice(&state);
+        let doorbell = endpoint.channel().doorbell();
+        let Some(socket) = doorbell.hangup_fd() else {
+            return failed(
+                endpoint,
+                ShmError::Malformed("an endpoint without its peer's socket cannot be handed over"),
+            );
+        };
+        let memfd = endpoint.memory().mapping().memfd();
+        let sent = protocol::send(
+            self.stream.as_fd(),
+            protocol::HANDOVER,
+            &body,
+            &[memfd, doorbell.wait_fd(), doorbell.signal_fd(), socket],
+            deadline,
+        );
+        if let Err(error) = sent {
+            return failed(endpoint, error);
+        }
+        let verdict = match protocol::recv(
+            &self.stream,
+            deadline,
+            "waiting for the successor to confirm",
+        ) {
+            Ok(m) => m,
+            Err(error) => return failed(endpoint, error),
+        };
+        match verdict.kind {
+            protocol::CONFIRM if verdict.body.is_empty() => Ok(()),
+            protocol::ERROR => failed(endpoint, protocol::parse_error(&verdict.body)),
+            kind => {
+                let e = ShmError::UnexpectedMessage {
+                    kind,
+                    expected: "confirm",
+                };
+                failed(endpoint, refuse(&self.stream, e, deadline))
+            }
+        }
+    }
+
+    /// Tells the successor that no more endpoints follow.
+    pub fn finish(self) -> Result<(), ShmError> {
+        let deadline = Deadline::after(self.timeout);
+        protocol::send(self.stream.as_fd(), protocol::DONE, &[], &[], deadline)
+    }
+}
+
+/// The successor's side: connected to a serving process, taking its endpoints one by one.
+#[derive(Debug)]
+pub struct TakeOver {
+    stream: UnixStream,
+    timeout: Duration,
+    config: Option<Config>,
+    done: bool,
+}
+
+impl TakeOver {
+    /// Connects to a serving process's [`HandOverListener`] at `path` and asks for its
+    /// endpoints.
+    pub fn connect(path: impl AsRef<Path>) -> Result<Self, ShmError> {
+        let path = path.as_ref();
+        let stream = UnixStream::connect(path).map_err(|source| ShmError::Connect {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::over(stream)
+    }
+
+    /// [`connect`](Self::connect) over an already-connected socket.
+    pub fn over(stream: UnixStream) -> Result<Self, ShmError> {
+        stream
+            .set_nonblocking(true)
+            .map_err(ShmError::io("make the socket non-blocking"))?;
+        let deadline = Deadline::after(DEFAULT_HANDOVER_TIMEOUT);
+        same_user(&stream, deadline)?;
+        protocol::send(stream.as_fd(), protocol::TAKE_OVER, &[], &[], deadline)?;
+        Ok(Self {
+            stream,
+            timeout: DEFAULT_HANDOVER_TIMEOUT,
+            config: None,
+            done: false,
+        })
+    }
+
+    /// How long to wait for each endpoint (default [`DEFAULT_HANDOVER_TIMEOUT`]).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Restore endpoints with this configuration instead of the one each was saved with
+    /// (the GPA page limit is capped at the buffer area's pages either way).
+    pub fn with_config(mut self, config: Config) -> Self {
+        self.config = Some(config);
+        self
+    }
+
+    /// The next endpoint, restored but not yet confirmed, or `None` once the predecessor
+    /// has handed over everything. An endpoint that fails a check is refused (the
+    /// predecessor keeps it) and returned as the error; the next call may still bring
+    /// another.
+    pub fn next_endpoint(&mut self) -> Result<Option<Incoming<'_>>, ShmError> {
+        if self.done {
+            return Ok(None);
+        }
+        let deadline = Deadline::after(self.timeout);
+        let m = protocol::recv_limited(
+            &self.stream,
+            deadline,
+            "waiting for an endpoint",
+            protocol::MAX_HANDOVER_BODY,
+        )?;
+        match m.kind {
+            protocol::DONE if m.body.is_empty() => {
+                self.done = true;
+                Ok(None)
+            }
+            protocol::HANDOVER => match receive(&m.body, m.fds, self.config) {
+                Ok(endpoint) => Ok(Some(Incoming {
+                    endpoint: Some(endpoint),
+                    stream: &self.stream,
+                    deadline,
+                })),
+                Err(e) => Err(refuse(&self.stream, e, deadline)),
+            },
+            protocol::ERROR => Err(protocol::parse_error(&m.body)),
+            kind => Err(refuse(
+                &self.stream,
+                ShmError::UnexpectedMessage {
+                    kind,
+                    expected: "an endpoint or done",
+                },
+                deadline,
+            )),
+        }
+    }
+}
+
+/// An endpoint received and restored, not yet the successor's: [`confirm`](Self::confirm)
+/// makes it so; dropping it unconfirmed refuses it (the predecessor keeps serving it).
+#[derive(Debug)]
+pub struct Incoming<'a> {
+    /// `None` once confirmed or refused.
+    endpoint: Option<Endpoint>,
+    stream: &'a UnixStream,
+    deadline: Deadline,
+}
+
+impl Incoming<'_> {
+    /// The endpoint, to look at before confirming (its service, its peer). Nothing may be
+    /// sent or received on it before [`confirm`](Self::confirm): the predecessor still
+    /// owns the rings.
+    pub fn endpoint(&self) -> Option<&Endpoint> {
+        self.endpoint.as_ref()
+    }
+
+    /// Takes the endpoint: tells the predecessor, which then lets go of it. An error
+    /// means the predecessor may not have heard: the endpoint is dropped (it keeps
+    /// serving it if it did not hear, and owns nothing more if it did).
+    pub fn confirm(mut self) -> Result<Endpoint, ShmError> {
+        let endpoint = self
+            .endpoint
+            .take()
+            .ok_or(ShmError::Malformed("an incoming endpoint confirmed twice"))?;
+        protocol::send(
+            self.stream.as_fd(),
+            protocol::CONFIRM,
+            &[],
+            &[],
+            self.deadline,
+        )?;
+        Ok(endpoint)
+    }
+
+    /// Refuses the endpoint: the predecessor keeps serving it.
+    pub fn refuse(mut self, why: &str) {
+        self.refuse_with(why);
+    }
+
+    fn refuse_with(&mut self, why: &str) {
+        if self.endpoint.take().is_some() {
+            protocol::send_error(
+                self.stream.as_fd(),
+                RefusalCode::Other(0),
+                why,
+                self.deadline,
+            );
+        }
+    }
+}
+
+impl Drop for Incoming<'_> {
+    /// An endpoint dropped unconfirmed is refused, so the predecessor does not wait for
+    /// its deadline to go on serving it.
+    fn drop(&mut self) {
+        self.refuse_with("the successor dropped the endpoint without confirming");
+    }
+}
+
+/// Checks one `HANDOVER` message and restores its endpoint.
+fn receive(body: &[u8], fds: Vec<OwnedFd>, config: Option<Config>) -> Result<Endpoint, ShmError> {
+    let (fixed, rest) = HandOverBody::read_from_prefix(body)
+        .map_err(|_| ShmError::Malformed("hand-over shorter than its fixed part"))?;
+    let service_len = fixed.service_len.get() as usize;
+    let state_len = fixed.state_len.get() as usize;
+    if service_len.checked_add(state_len) != Some(rest.len()) {
+        return Err(ShmError::Malformed("hand-over lengths do not add up"));
+    }
+    let (service, state) = rest.split_at(service_len);
+    let service = protocol::check_service_name(service)?.to_owned();
+    let role = match fixed.role.get() {
+        0 => Role::Host,
+        1 => Role::Guest,
+        _ => return Err(ShmError::Malformed("hand-over of an unknown role")),
+    };
+    let layout = Layout::new(
+        fixed.guest_to_host.get(),
+        fixed.host_to_guest.get(),
+        fixed.buffer.get(),
+    );
+    layout.validate()?;
+    let saved = SavedEndpoint::from_bytes(state)?;
+    let [memfd, wait, signal, socket]: [OwnedFd; 4] = fds
+        .try_into()
+        .map_err(|_| ShmError::Malformed("hand-over without exactly 4 fds"))?;
+    for bell in [&wait, &signal] {
+        sys::set_nonblocking(bell.as_fd()).map_err(ShmError::io("configure a doorbell fd"))?;
+    }
+    match sys::socket_type(socket.as_fd()) {
+        Ok(SockType::Stream) => {}
+        _ => {
+            return Err(ShmError::Malformed(
+                "hand-over whose peer socket is not a stream socket",
+            ));
+        }
+    }
+    let memory = map_checked(memfd, layout)?;
+    let (outgoing, incoming) = match role {
+        Role::Host => (memory.host_to_guest(), memory.guest_to_host()),
+        Role::Guest => (memory.guest_to_host(), memory.host_to_guest()),
+    };
+    let doorbell = EventFdDoorbell::from_fds(wait, signal).with_hangup(socket);
+    let config = effective_config(config.unwrap_or(saved.config()), layout);
+    let channel: ShmChannel = vmlink_channel::Endpoint::restore(
+        RingTx::new(outgoing)?,
+        RingRx::new(incoming)?,
+        doorbell,
+        config,
+        &saved,
+    )?;
+    let peer = PeerCredentials {
+        pid: fixed.peer_pid.get() as i32,
+        uid: fixed.peer_uid.get(),
+        gid: fixed.peer_gid.get(),
+    };
+    Ok(Endpoint::new(channel, memory, peer, service, role))
+}

@@ -1,0 +1,506 @@
+//! Handing a live endpoint from one host process to the next while the guest streams both
+//! ways and keeps 64 calls in flight: every packet arrives exactly once, every call is
+//! answered exactly once, through 100 hand-overs and at each crash point (SIGKILL).
+//!
+//! The hosts are this test binary run again (test `child_role`, the role in
+//! `VMLINK_SHM_TEST_ROLE`); the guest runs in the test process and checks everything:
+//!
+//! - its stream (in-band packets numbered 0, 1, 2, …) comes back as echoes in order, each
+//!   exactly once;
+//! - its calls (polled requests numbered by the guest) complete exactly once each;
+//! - every packet any host sends carries the host endpoint's `packets_sent` counter before
+//!   the send — a counter that travels in the saved state — so the guest sees 0, 1, 2, …
+//!   with no gap and no repeat across every hand-over: nothing the hosts sent was lost or
+//!   sent twice;
+//! - the blackout, the largest gap between two consecutive arrivals at the guest while a
+//!   hand-over is under way, is reported (p50 and p99) with the guest streaming 100,000
+//!   packets per second.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{ChildProcess, child_command, role, socket_path, watchdog};
+use vmlink_channel::{ChannelError, PacketType, Wait};
+use vmlink_shm::{Endpoint, Guest, HandOverListener, Layout, Listener, Service, TakeOver};
+
+const CHILD_TEST: &str = "child_role";
+const SERVICE: &str = "handover-test";
+/// What a host's packet is.
+const ECHO: u64 = 1;
+const ANSWER: u64 = 2;
+/// Calls the guest keeps in flight.
+const CALLS: usize = 64;
+/// The guest's stream rate.
+const PER_SECOND: u64 = 100_000;
+
+fn service() -> Service {
+    Service::new(SERVICE).with_layout(Layout::symmetric(64 * 4096, 0))
+}
+
+// ---- the hosts ---------------------------------------------------------------------------
+
+/// A host process: its role is `host:MODE:SERVICE_SOCKET:PREDECESSOR:OWN` (PREDECESSOR
+/// empty for the first host, which serves the socket instead).
+#[test]
+fn child_role() {
+    let Some(role) = role() else { return };
+    let _w = watchdog("child", Duration::from_secs(120));
+    let parts: Vec<&str> = role.split(':').collect();
+    let [kind, mode, socket, predecessor, own] = parts[..] else {
+        panic!("unknown role {role}");
+    };
+    assert_eq!(kind, "host");
+    let (endpoint, listener) = if predecessor.is_empty() {
+        // The hand-over socket first, so it exists once the guest can connect.
+        let listener = Listener::bind(socket, service()).expect("bind");
+        let own = HandOverListener::bind(own).expect("bind the hand-over socket");
+        (listener.accept().expect("the guest"), own)
+    } else {
+        // Ready for our own successor before we take over, so nothing but the hand-over
+        // itself stands between the predecessor's last packet and our first.
+        let own = HandOverListener::bind(own).expect("bind the hand-over socket");
+        let mut take = TakeOver::connect(predecessor).expect("connect to the predecessor");
+        let incoming = take
+            .next_endpoint()
+            .expect("an endpoint")
+            .expect("not done");
+        if mode == "die-before-confirm" {
+            die();
+        }
+        let endpoint = incoming.confirm().expect("confirm");
+        println!("resumed {}", mono_ns());
+        // Serve at once; the predecessor's `DONE` (or its death right after our confirm)
+        // is read meanwhile.
+        thread::spawn(move || match take.next_endpoint() {
+            Ok(None) | Err(_) => {}
+            Ok(Some(_)) => panic!("a second endpoint"),
+        });
+        (endpoint, own)
+    };
+    println!("serving");
+    serve(endpoint, &listener, mode);
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: one clock for every process on the machine, so the
+/// hosts' pause and resume times and the guest's arrivals can be compared.
+fn mono_ns() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("clock");
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+}
+
+fn die() -> ! {
+    nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::Signal::SIGKILL)
+        .expect("SIGKILL");
+    unreachable!("killed");
+}
+
+/// Answers the guest until a successor takes the endpoint.
+fn serve(mut endpoint: Endpoint, listener: &HandOverListener, mode: &str) {
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let ch = endpoint.channel();
+        let mut handled = 0;
+        loop {
+            let p = match ch.recv(&mut buf, Wait::Now) {
+                Ok(p) => p,
+                Err(ChannelError::Empty) => break,
+                Err(ChannelError::Closed) => return,
+                Err(e) => panic!("host recv: {e}"),
+            };
+            handled += 1;
+            let n = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes"));
+            let stamp = ch.counters().packets_sent;
+            let deadline = Some(Instant::now() + Duration::from_secs(10));
+            if p.completion_requested {
+                let answer = [ANSWER.to_le_bytes(), n.to_le_bytes(), stamp.to_le_bytes()];
+                ch.complete(p.transaction_id, answer.as_flattened(), deadline)
+                    .expect("complete");
+            } else {
+                let echo = [ECHO.to_le_bytes(), n.to_le_bytes(), stamp.to_le_bytes()];
+                ch.send(echo.as_flattened(), deadline).expect("echo");
+            }
+        }
+        let now = Instant::now();
+        if let Some(mut successor) = listener.accept_until(Some(now)).expect("accept") {
+            println!("paused {}", mono_ns());
+            match successor.hand_over(endpoint) {
+                Ok(()) => {
+                    if mode == "die-after-confirm" {
+                        die();
+                    }
+                    successor.finish().expect("finish");
+                    println!("handed over");
+                    return;
+                }
+                Err(failed) => {
+                    println!("the successor failed: {}", failed.error);
+                    endpoint = failed.endpoint;
+                    continue;
+                }
+            }
+        }
+        if handled == 0 {
+            let wait = Some(now + Duration::from_millis(1));
+            if let Err(ChannelError::Closed) = endpoint.channel().recv(&mut [], wait) {
+                return;
+            }
+        }
+    }
+}
+
+// ---- the guest ---------------------------------------------------------------------------
+
+/// What the guest checked, and when packets arrived.
+#[derive(Default)]
+struct Tally {
+    sent: u64,
+    echoed: u64,
+    calls_started: u64,
+    calls_answered: u64,
+    next_stamp: u64,
+    /// Arrival gaps of 20 µs or more: when each ended ([`mono_ns`]) and how long it was
+    /// (ns), for the blackouts.
+    gaps: Vec<(u64, u64)>,
+}
+
+struct GuestRun {
+    stop: Arc<AtomicBool>,
+    received: Arc<AtomicU64>,
+    thread: thread::JoinHandle<Tally>,
+}
+
+impl GuestRun {
+    fn start(socket: &Path) -> Self {
+        let guest = Guest::new(SERVICE).connect(socket).expect("connect");
+        let stop = Arc::new(AtomicBool::new(false));
+        let received = Arc::new(AtomicU64::new(0));
+        let (s, r) = (stop.clone(), received.clone());
+        let thread = thread::spawn(move || run_guest(&guest, &s, &r));
+        Self {
+            stop,
+            received,
+            thread,
+        }
+    }
+
+    /// Waits until the guest has received `more` packets beyond what it had.
+    fn progress(&self, more: u64) {
+        let start = self.received.load(Ordering::Acquire);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.received.load(Ordering::Acquire) < start + more {
+            assert!(Instant::now() < deadline, "the guest stopped receiving");
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn finish(self) -> Tally {
+        self.stop.store(true, Ordering::Release);
+        self.thread.join().expect("the guest")
+    }
+}
+
+fn run_guest(guest: &Endpoint, stop: &AtomicBool, received: &AtomicU64) -> Tally {
+    let ch = guest.channel();
+    let mut t = Tally::default();
+    let mut outstanding = BTreeSet::new();
+    let mut buf = [0u8; 64];
+    let start = Instant::now();
+    let mut last = mono_ns();
+    let mut draining_since: Option<Instant> = None;
+    loop {
+        if stop.load(Ordering::Acquire) && draining_since.is_none() {
+            draining_since = Some(Instant::now());
+        }
+        if let Some(since) = draining_since {
+            if t.echoed == t.sent && outstanding.is_empty() {
+                return t;
+            }
+            assert!(
+                since.elapsed() < Duration::from_secs(20),
+                "drained {} of {} echoes and all but {} calls",
+                t.echoed,
+                t.sent,
+                outstanding.len()
+            );
+        } else {
+            // The stream, paced.
+            let due = start.elapsed().as_nanos() as u64 * PER_SECOND / 1_000_000_000;
+            while t.sent < due {
+                match ch.send(&t.sent.to_le_bytes(), Wait::Now) {
+                    Ok(()) => t.sent += 1,
+                    Err(ChannelError::Full) => break,
+                    Err(e) => panic!("guest send: {e}"),
+                }
+            }
+            while outstanding.len() < CALLS {
+                let n = t.calls_started;
+                match ch.start_request(&n.to_le_bytes(), Wait::Now) {
+                    Ok(_) => {
+                        outstanding.insert(n);
+                        t.calls_started += 1;
+                    }
+                    Err(ChannelError::Full) => break,
+                    Err(e) => panic!("guest request: {e}"),
+                }
+            }
+        }
+        let mut got = 0;
+        loop {
+            let p = match ch.recv(&mut buf, Wait::Now) {
+                Ok(p) => p,
+                Err(ChannelError::Empty) => break,
+                Err(e) => panic!("guest recv: {e}"),
+            };
+            got += 1;
+            let now = mono_ns();
+            let gap = now - last;
+            if gap >= 20_000 {
+                t.gaps.push((now, gap));
+            }
+            last = now;
+            let word = |i: usize| u64::from_le_bytes(buf[i * 8..i * 8 + 8].try_into().unwrap());
+            let (kind, n, stamp) = (word(0), word(1), word(2));
+            assert_eq!(
+                stamp, t.next_stamp,
+                "the hosts' packet {stamp} arrived where {} was due",
+                t.next_stamp
+            );
+            t.next_stamp += 1;
+            match (p.packet_type, kind) {
+                (PacketType::InBand, ECHO) => {
+                    assert_eq!(n, t.echoed, "echo {n} arrived where {} was due", t.echoed);
+                    t.echoed += 1;
+                }
+                (PacketType::Completion, ANSWER) => {
+                    assert!(
+                        outstanding.remove(&n),
+                        "call {n} answered twice or never asked"
+                    );
+                    t.calls_answered += 1;
+                }
+                other => panic!("unexpected packet {other:?}"),
+            }
+        }
+        received.fetch_add(got, Ordering::Release);
+        if got == 0 {
+            let wait = Some(Instant::now() + Duration::from_micros(200));
+            if let Err(ChannelError::Closed) = ch.recv(&mut [], wait) {
+                panic!("the host went away");
+            }
+        }
+    }
+}
+
+// ---- the orchestration -----------------------------------------------------------------
+
+struct Paths {
+    socket: PathBuf,
+    dir: PathBuf,
+}
+
+impl Paths {
+    fn new(tag: &str) -> Self {
+        let socket = socket_path(tag);
+        let dir = socket.parent().expect("a directory").to_path_buf();
+        Self { socket, dir }
+    }
+
+    fn own(&self, generation: usize) -> PathBuf {
+        self.dir.join(format!("handover-{generation}"))
+    }
+
+    fn host(&self, generation: usize, mode: &str) -> ChildProcess {
+        let predecessor = match generation {
+            0 => String::new(),
+            g => self.own(g - 1).display().to_string(),
+        };
+        let role = format!(
+            "host:{mode}:{}:{predecessor}:{}",
+            self.socket.display(),
+            self.own(generation).display()
+        );
+        let mut cmd: Command = child_command(CHILD_TEST, &role);
+        ChildProcess::new(cmd.spawn().expect("spawn a host"))
+    }
+
+    fn wait_for(&self, path: &Path) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !path.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "{} never appeared",
+                path.display()
+            );
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+impl Drop for Paths {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+#[test]
+fn a_hundred_hand_overs_lose_and_repeat_nothing() {
+    if role().is_some() {
+        return;
+    }
+    let _w = watchdog("a hundred hand-overs", Duration::from_secs(240));
+    let paths = Paths::new("hundred");
+    let mut host = paths.host(0, "normal");
+    paths.wait_for(&paths.own(0));
+    let guest = GuestRun::start(&paths.socket);
+    guest.progress(1000);
+    // Each host prints when it paused (accepted its successor) and when it resumed (took
+    // over), on the one monotonic clock; a hand-over's blackout is the largest arrival
+    // gap at the guest that ends between its pause and 1 ms after its resume.
+    let mut paused = Vec::new();
+    let mut resumed = Vec::new();
+    let stamp = |out: &str, what: &str| -> u64 {
+        out.lines()
+            .find_map(|l| l.find(what).map(|i| &l[i + what.len()..]))
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {what:?} in:\n{out}"))
+    };
+    for generation in 1..=100 {
+        let next = paths.host(generation, "normal");
+        host.expect_success(Duration::from_secs(30));
+        assert!(host.stdout().contains("handed over"), "{}", host.stdout());
+        paused.push(stamp(host.stdout(), "paused "));
+        if generation > 1 {
+            resumed.push(stamp(host.stdout(), "resumed "));
+        }
+        host = next;
+        guest.progress(100);
+    }
+    let tally = guest.finish();
+    let _ = host.child.kill();
+    host.wait(Duration::from_secs(10));
+    resumed.push(stamp(&host.output().0, "resumed "));
+    check(&tally);
+    let mut pauses = Vec::new();
+    let mut blackouts: Vec<u64> = paused
+        .iter()
+        .zip(&resumed)
+        .map(|(&p, &r)| {
+            assert!(r > p, "resumed before it paused");
+            pauses.push(r - p);
+            tally
+                .gaps
+                .iter()
+                .filter(|(at, _)| (p..=r + 1_000_000).contains(at))
+                .map(|(_, gap)| *gap)
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    blackouts.sort_unstable();
+    pauses.sort_unstable();
+    println!(
+        "100 hand-overs: {} stream packets echoed, {} calls answered; blackout p50 {} µs, \
+         p99 {} µs, max {} µs; hosts paused p50 {} µs, p99 {} µs",
+        tally.echoed,
+        tally.calls_answered,
+        percentile(&blackouts, 0.5) / 1000,
+        percentile(&blackouts, 0.99) / 1000,
+        blackouts.last().copied().unwrap_or(0) / 1000,
+        percentile(&pauses, 0.5) / 1000,
+        percentile(&pauses, 0.99) / 1000,
+    );
+}
+
+/// Checks everything the guest tallied.
+fn check(tally: &Tally) {
+    assert!(tally.sent > 1000, "the guest sent only {}", tally.sent);
+    assert_eq!(tally.echoed, tally.sent);
+    assert_eq!(tally.calls_answered, tally.calls_started);
+    assert_eq!(tally.next_stamp, tally.echoed + tally.calls_answered);
+}
+
+fn killed(status: std::process::ExitStatus) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    status.signal() == Some(nix::sys::signal::Signal::SIGKILL as i32)
+}
+
+#[test]
+fn a_successor_that_dies_before_confirming_leaves_the_predecessor_serving() {
+    if role().is_some() {
+        return;
+    }
+    let _w = watchdog("a successor that dies", Duration::from_secs(120));
+    let paths = Paths::new("die-before");
+    let mut host = paths.host(0, "normal");
+    paths.wait_for(&paths.own(0));
+    let guest = GuestRun::start(&paths.socket);
+    guest.progress(1000);
+    let mut dying = paths.host(1, "die-before-confirm");
+    assert!(killed(dying.wait(Duration::from_secs(30))));
+    // The predecessor goes on serving; a successor that lives then takes over.
+    guest.progress(1000);
+    let mut next = paths.host(1, "normal");
+    host.expect_success(Duration::from_secs(30));
+    assert!(
+        host.stdout().contains("the successor failed") && host.stdout().contains("handed over"),
+        "{}",
+        host.stdout()
+    );
+    guest.progress(1000);
+    let tally = guest.finish();
+    check(&tally);
+    drop(next.child.kill());
+}
+
+#[test]
+fn a_predecessor_that_dies_after_the_confirm_leaves_the_successor_serving() {
+    if role().is_some() {
+        return;
+    }
+    let _w = watchdog("a predecessor that dies", Duration::from_secs(120));
+    let paths = Paths::new("die-after");
+    let mut host = paths.host(0, "die-after-confirm");
+    paths.wait_for(&paths.own(0));
+    let guest = GuestRun::start(&paths.socket);
+    guest.progress(1000);
+    let mut next = paths.host(1, "normal");
+    assert!(killed(host.wait(Duration::from_secs(30))));
+    guest.progress(1000);
+    let tally = guest.finish();
+    check(&tally);
+    drop(next.child.kill());
+}
+
+#[test]
+fn a_host_that_dies_before_handing_over_closes_the_channel() {
+    if role().is_some() {
+        return;
+    }
+    let _w = watchdog("a host that dies", Duration::from_secs(60));
+    let paths = Paths::new("die-first");
+    let mut host = paths.host(0, "normal");
+    paths.wait_for(&paths.own(0));
+    let guest = Guest::new(SERVICE).connect(&paths.socket).expect("connect");
+    host.child.kill().expect("SIGKILL");
+    assert!(killed(host.wait(Duration::from_secs(10))));
+    // The guest sees its peer gone; nobody can take over from a dead process.
+    let mut buf = [0u8; 64];
+    assert_eq!(
+        guest
+            .channel()
+            .recv(&mut buf, Some(Instant::now() + Duration::from_secs(10))),
+        Err(ChannelError::Closed)
+    );
+    assert!(TakeOver::connect(paths.own(0)).is_err());
+}
