@@ -19,6 +19,7 @@ mod inspect;
 mod pattern;
 mod pipe;
 mod report;
+mod takeover;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -61,6 +62,10 @@ enum Command {
     /// unknown service, bytes that are no handshake, silence past the 5-second handshake
     /// timeout) is refused with the reason and logged on stderr, and the command keeps
     /// listening. Fails at once if another `vmlink serve` is listening on the socket.
+    ///
+    /// Over `--socket`, a serving `vmlink serve` waits for a successor on SOCKET.takeover:
+    /// `vmlink serve --socket SOCKET --take-over` takes the channel over (once the old
+    /// one's stdin is finished), and the old one exits; the client notices nothing.
     Serve(ServeArgs),
     /// Connect to `vmlink serve` and pipe bytes: stdin goes to the server, what the server
     /// sends comes out on stdout.
@@ -126,6 +131,13 @@ struct ServeArgs {
     /// channel and no handshake).
     #[arg(long, default_value = pipe::DEFAULT_SERVICE, conflicts_with_all = pipe::STREAM_FLAGS)]
     service: String,
+    /// Take the channel over from the `vmlink serve` running on the same `--socket` (it
+    /// waits for a successor on SOCKET.takeover), then pipe on: the old one exits, the
+    /// client notices nothing, and every byte comes out exactly once, on the old one's
+    /// stdout up to the hand-over and on this one's after. The old one hands over once
+    /// its own stdin is finished; this one's stdin is not read.
+    #[arg(long, conflicts_with_all = pipe::STREAM_FLAGS)]
+    take_over: bool,
 }
 
 /// Options of `vmlink connect`.
@@ -190,7 +202,10 @@ fn main() -> ExitCode {
             }
         }
         Command::DemoGuest(args) => status("demo-guest", demo::run_guest(&args.dir)),
-        Command::Serve(args) => status("serve", pipe::serve(&args.at, &args.service)),
+        Command::Serve(args) => status(
+            "serve",
+            pipe::serve(&args.at, &args.service, args.take_over),
+        ),
         Command::Connect(args) => status("connect", pipe::connect(&args.at, &args.service)),
         Command::Agent(args) => status("agent", ic::agent(&args)),
         Command::Ic(args) => match ic::ic(&args) {

@@ -19,11 +19,12 @@ use vmlink_hvsock::socket::{HybridAddr, StreamAddr, VsockAddr};
 use vmlink_shm::{Guest, Layout, Listener, RefusalCode, Service, ShmError};
 
 use crate::error::{Context, Result, fail};
+use crate::takeover;
 
 /// Flag: this direction is finished; no packets follow.
 pub const FIN: u32 = 1;
 /// Bytes of the frame header.
-const HEADER: usize = 8;
+pub(crate) const HEADER: usize = 8;
 /// Data bytes per packet at most.
 pub const CHUNK: usize = 60 * 1024;
 /// Data area of each ring.
@@ -76,9 +77,14 @@ pub fn channel_layout() -> Layout {
     Layout::symmetric(RING_BYTES, 0)
 }
 
-/// Serves the first client at `at`, then pipes.
-pub fn serve(at: &Transport, service: &str) -> Result<()> {
+/// Serves the first client at `at`, then pipes; with `take_over`, takes the channel over
+/// from the `vmlink serve` on the same `--socket` instead (see [`crate::takeover`]).
+pub fn serve(at: &Transport, service: &str, take_over: bool) -> Result<()> {
     match (&at.socket, at.stream()) {
+        (Some(path), _) if take_over => {
+            let (end, state) = takeover::take_over(path, service)?;
+            takeover::serve(end, state, path)
+        }
         (Some(path), _) => serve_shm(path, service),
         (None, Some(addr)) => {
             let listener = addr
@@ -120,8 +126,9 @@ fn pipe_stream(stream: vmlink_hvsock::socket::Stream) -> Result<()> {
 }
 
 /// Serves the first client of `service` at `path` that completes the handshake, then
-/// pipes. A client whose handshake fails costs only itself: it is refused (the listener
-/// tells it why), one line on stderr says so, and the listener keeps waiting.
+/// pipes, ready to hand the channel to a successor. A client whose handshake fails costs
+/// only itself: it is refused (the listener tells it why), one line on stderr says so,
+/// and the listener keeps waiting.
 fn serve_shm(path: &Path, service: &str) -> Result<()> {
     let service = Service::new(service).with_layout(channel_layout());
     let listener = match Listener::bind(path, service) {
@@ -153,7 +160,7 @@ fn serve_shm(path: &Path, service: &str) -> Result<()> {
         }
     };
     drop(listener);
-    pipe(end.channel())
+    takeover::serve(end, takeover::PipeState::default(), path)
 }
 
 /// Connects to `service` at `path`, then pipes.
@@ -236,7 +243,7 @@ fn frame(data: &[u8], flags: u32) -> Vec<u8> {
 }
 
 /// Splits a received payload into its data and flags.
-fn unframe(payload: &[u8]) -> Result<(&[u8], u32)> {
+pub(crate) fn unframe(payload: &[u8]) -> Result<(&[u8], u32)> {
     let Some((header, rest)) = payload.split_first_chunk::<HEADER>() else {
         return fail(format!(
             "a {}-byte packet has no frame header",
@@ -279,7 +286,7 @@ where
 }
 
 /// Sends stdin in frames, then a FIN frame.
-fn send_stdin<T: PacketTx, R: PacketRx, D: Doorbell>(
+pub(crate) fn send_stdin<T: PacketTx, R: PacketRx, D: Doorbell>(
     ch: &Endpoint<T, R, D>,
     sent: &AtomicU64,
 ) -> Result<()> {

@@ -257,9 +257,27 @@ impl Successor {
     /// (the peer notices nothing: the successor holds its own copies of every fd). On a
     /// refusal, a successor that vanished or stayed silent past the timeout, the endpoint
     /// comes back in [`HandOverFailed`], still working.
-    pub fn hand_over(&mut self, mut endpoint: Endpoint) -> Result<(), Box<HandOverFailed>> {
+    pub fn hand_over(&mut self, endpoint: Endpoint) -> Result<(), Box<HandOverFailed>> {
+        self.hand_over_with(endpoint, &[])
+    }
+
+    /// [`hand_over`](Self::hand_over) with the application's own state for this endpoint
+    /// (at most 1 MiB, opaque to vmlink): what the successor needs to go on where this
+    /// process stopped, such as how far a transfer had come. The successor reads it with
+    /// [`Incoming::app_state`].
+    pub fn hand_over_with(
+        &mut self,
+        mut endpoint: Endpoint,
+        app_state: &[u8],
+    ) -> Result<(), Box<HandOverFailed>> {
         let deadline = Deadline::after(self.timeout);
         let failed = |endpoint, error| Err(Box::new(HandOverFailed { endpoint, error }));
+        if app_state.len() > protocol::MAX_APP_STATE {
+            return failed(
+                endpoint,
+                ShmError::Malformed("an application state past 1 MiB cannot be handed over"),
+            );
+        }
         let saved = endpoint.channel_mut().snapshot();
         let state = saved.to_bytes();
         let layout = endpoint.memory().layout();
@@ -279,11 +297,16 @@ impl Successor {
             peer_gid: peer.gid.into(),
             service_len: (service.len() as u32).into(),
             state_len: (state.len() as u32).into(),
+            app_len: (app_state.len() as u32).into(),
+            reserved: 0.into(),
         };
-        let mut body = Vec::with_capacity(size_of::<HandOverBody>() + service.len() + state.len());
+        let mut body = Vec::with_capacity(
+            size_of::<HandOverBody>() + service.len() + state.len() + app_state.len(),
+        );
         body.extend_from_slice(fixed.as_bytes());
         body.extend_from_slice(service);
         body.extend_from_slice(&state);
+        body.extend_from_slice(app_state);
         let doorbell = endpoint.channel().doorbell();
         let Some(socket) = doorbell.hangup_fd() else {
             return failed(
@@ -321,6 +344,13 @@ impl Successor {
                 failed(endpoint, refuse(&self.stream, e, deadline))
             }
         }
+    }
+
+    /// Turns the successor away (it gets [`ShmError::Refused`] with `why`): this process
+    /// keeps everything it serves.
+    pub fn refuse(self, why: &str) {
+        let deadline = Deadline::after(self.timeout);
+        protocol::send_error(self.stream.as_fd(), RefusalCode::Other(0), why, deadline);
     }
 
     /// Tells the successor that no more endpoints follow.
@@ -401,8 +431,9 @@ impl TakeOver {
                 Ok(None)
             }
             protocol::HANDOVER => match receive(&m.body, m.fds, self.config) {
-                Ok(endpoint) => Ok(Some(Incoming {
+                Ok((endpoint, app_state)) => Ok(Some(Incoming {
                     endpoint: Some(endpoint),
+                    app_state,
                     stream: &self.stream,
                     deadline,
                 })),
@@ -427,6 +458,7 @@ impl TakeOver {
 pub struct Incoming<'a> {
     /// `None` once confirmed or refused.
     endpoint: Option<Endpoint>,
+    app_state: Vec<u8>,
     stream: &'a UnixStream,
     deadline: Deadline,
 }
@@ -437,6 +469,12 @@ impl Incoming<'_> {
     /// owns the rings.
     pub fn endpoint(&self) -> Option<&Endpoint> {
         self.endpoint.as_ref()
+    }
+
+    /// The predecessor's application state for this endpoint
+    /// ([`Successor::hand_over_with`]); empty when it sent none.
+    pub fn app_state(&self) -> &[u8] {
+        &self.app_state
     }
 
     /// Takes the endpoint: tells the predecessor, which then lets go of it. An error
@@ -483,15 +521,24 @@ impl Drop for Incoming<'_> {
 }
 
 /// Checks one `HANDOVER` message and restores its endpoint.
-fn receive(body: &[u8], fds: Vec<OwnedFd>, config: Option<Config>) -> Result<Endpoint, ShmError> {
+fn receive(
+    body: &[u8],
+    fds: Vec<OwnedFd>,
+    config: Option<Config>,
+) -> Result<(Endpoint, Vec<u8>), ShmError> {
     let (fixed, rest) = HandOverBody::read_from_prefix(body)
         .map_err(|_| ShmError::Malformed("hand-over shorter than its fixed part"))?;
     let service_len = fixed.service_len.get() as usize;
     let state_len = fixed.state_len.get() as usize;
-    if service_len.checked_add(state_len) != Some(rest.len()) {
+    let app_len = fixed.app_len.get() as usize;
+    if service_len + state_len + app_len != rest.len() {
         return Err(ShmError::Malformed("hand-over lengths do not add up"));
     }
-    let (service, state) = rest.split_at(service_len);
+    if fixed.reserved.get() != 0 {
+        return Err(ShmError::Malformed("hand-over with a reserved word set"));
+    }
+    let (service, rest) = rest.split_at(service_len);
+    let (state, app_state) = rest.split_at(state_len);
     let service = protocol::check_service_name(service)?.to_owned();
     let role = match fixed.role.get() {
         0 => Role::Host,
@@ -538,5 +585,8 @@ fn receive(body: &[u8], fds: Vec<OwnedFd>, config: Option<Config>) -> Result<End
         uid: fixed.peer_uid.get(),
         gid: fixed.peer_gid.get(),
     };
-    Ok(Endpoint::new(channel, memory, peer, service, role))
+    Ok((
+        Endpoint::new(channel, memory, peer, service, role),
+        app_state.to_vec(),
+    ))
 }

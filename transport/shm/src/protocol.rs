@@ -9,7 +9,7 @@
 //! | `ERROR` (3) | either | [`ErrorBody`], then a UTF-8 explanation (≤ 1024 bytes) | none |
 //! | `READY` (4) | guest | empty | none |
 //! | `TAKE_OVER` (5) | successor | empty | none |
-//! | `HANDOVER` (6) | predecessor | [`HandOverBody`], the service name, the saved endpoint | memfd, the bell the side waits on, the bell it signals, the peer's socket |
+//! | `HANDOVER` (6) | predecessor | [`HandOverBody`], the service name, the saved endpoint, the application's state | memfd, the bell the side waits on, the bell it signals, the peer's socket |
 //! | `CONFIRM` (7) | successor | empty | none |
 //! | `DONE` (8) | predecessor | empty | none |
 //!
@@ -59,9 +59,11 @@ pub(crate) const MAX_ERROR_TEXT: usize = 1024;
 pub(crate) const OFFER_FDS: usize = 3;
 /// Fds of a [`HANDOVER`] message.
 pub(crate) const HANDOVER_FDS: usize = 4;
-/// The largest [`HANDOVER`] body: the fixed part, a service name and the largest saved
-/// state (a queue of at most 64 MiB and its descriptions).
-pub(crate) const MAX_HANDOVER_BODY: usize = (64 << 20) + (1 << 20);
+/// The largest [`HANDOVER`] body: the fixed part, a service name, the largest saved
+/// state (a queue of at most 64 MiB and its descriptions) and the application's state.
+pub(crate) const MAX_HANDOVER_BODY: usize = (64 << 20) + (1 << 20) + MAX_APP_STATE;
+/// The largest application state a hand-over carries.
+pub(crate) const MAX_APP_STATE: usize = 1 << 20;
 
 /// Every message's header.
 #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, Immutable, KnownLayout)]
@@ -90,7 +92,8 @@ pub(crate) struct OfferBody {
 }
 
 /// The fixed part of an error message's body.
-/// The fixed part of a [`HANDOVER`] body (48 bytes).
+/// The fixed part of a [`HANDOVER`] body (56 bytes); the service name, the saved
+/// endpoint and the application's state follow.
 #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, Immutable, KnownLayout)]
 #[repr(C)]
 pub(crate) struct HandOverBody {
@@ -104,6 +107,9 @@ pub(crate) struct HandOverBody {
     pub(crate) peer_gid: U32,
     pub(crate) service_len: U32,
     pub(crate) state_len: U32,
+    /// The application's own state that travels with the endpoint.
+    pub(crate) app_len: U32,
+    pub(crate) reserved: U32,
 }
 
 #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, Immutable, KnownLayout)]

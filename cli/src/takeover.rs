@@ -1,0 +1,288 @@
+//! Servicing `vmlink serve --socket`: while it pipes, it waits for a successor on
+//! `<socket>.takeover`; `vmlink serve --socket S --take-over` connects there, takes the
+//! channel and how far the pipe had come, and pipes on, while the old one exits. The
+//! client notices nothing.
+//!
+//! The old one hands over between two packets, once its own outgoing direction is
+//! finished (its stdin reached end of file and it sent the FIN): a read from stdin cannot
+//! be handed to another process. Until then a successor is turned away with the reason.
+//! Every packet the client sent comes out exactly once: on the old one's stdout up to the
+//! hand-over, on the successor's from there.
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use vmlink_channel::ChannelError;
+use vmlink_shm::{Endpoint, HandOverListener, ShmChannel, ShmError, Successor, TakeOver};
+
+use crate::error::{Context, Result, fail};
+use crate::pipe::{FIN, HEADER, send_stdin, unframe};
+
+/// How often the receiving loop looks whether a successor is waiting.
+const LOOK: Duration = Duration::from_millis(20);
+
+/// Where a `vmlink serve` on `socket` waits for its successor.
+pub fn takeover_path(socket: &Path) -> PathBuf {
+    let mut name = socket.as_os_str().to_owned();
+    name.push(".takeover");
+    PathBuf::from(name)
+}
+
+/// How far a pipe had come: what travels to the successor with the channel.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PipeState {
+    /// This side's outgoing direction is finished (its FIN was sent).
+    pub outgoing_done: bool,
+    /// Bytes sent so far.
+    pub sent: u64,
+    /// Bytes received so far.
+    pub received: u64,
+}
+
+const STATE_MAGIC: &[u8; 8] = b"VMLKPIPE";
+const STATE_LEN: usize = 8 + 1 + 8 + 8;
+
+impl PipeState {
+    fn encode(&self) -> [u8; STATE_LEN] {
+        let mut out = [0u8; STATE_LEN];
+        out[..8].copy_from_slice(STATE_MAGIC);
+        out[8] = u8::from(self.outgoing_done);
+        out[9..17].copy_from_slice(&self.sent.to_le_bytes());
+        out[17..].copy_from_slice(&self.received.to_le_bytes());
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        let bytes: &[u8; STATE_LEN] = bytes.try_into().ok()?;
+        if &bytes[..8] != STATE_MAGIC || bytes[8] > 1 {
+            return None;
+        }
+        let word = |i: usize| u64::from_le_bytes(bytes[i..i + 8].try_into().unwrap_or_default());
+        Some(Self {
+            outgoing_done: bytes[8] == 1,
+            sent: word(9),
+            received: word(17),
+        })
+    }
+}
+
+/// Takes the channel of `service` over from the `vmlink serve` on `socket`.
+pub fn take_over(socket: &Path, service: &str) -> Result<(Endpoint, PipeState)> {
+    let path = takeover_path(socket);
+    let mut take = TakeOver::connect(&path).or_else(|e| {
+        fail(format!(
+            "no vmlink serve to take over on {} ({e})",
+            socket.display()
+        ))
+    })?;
+    let incoming = match take.next_endpoint() {
+        Ok(Some(i)) => i,
+        Ok(None) => return fail("the serving vmlink serve handed over nothing"),
+        Err(e) => return fail(format!("take over: {e}")),
+    };
+    let offered = incoming.endpoint().map(|e| e.service().to_owned());
+    if offered.as_deref() != Some(service) {
+        incoming.refuse("not the service the successor serves");
+        return fail(format!(
+            "the serving vmlink serve offers {offered:?}, not {service:?} (see --service)"
+        ));
+    }
+    let Some(state) = PipeState::decode(incoming.app_state()) else {
+        incoming.refuse("not a vmlink serve's pipe state");
+        return fail("the serving process is not a vmlink serve of this version");
+    };
+    let end = incoming.confirm().context("take over")?;
+    // Its `DONE`, or its exit right after our confirm: either way the channel is ours.
+    let _ = take.next_endpoint();
+    Ok((end, state))
+}
+
+/// Binds the successor socket, waiting up to 5 s for a predecessor that is still leaving.
+fn bind(path: &Path) -> Result<HandOverListener> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match HandOverListener::bind(path) {
+            Ok(l) => return Ok(l),
+            Err(ShmError::SocketInUse(_)) if Instant::now() < deadline => {
+                thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return fail(format!("listen for a successor on {}: {e}", path.display())),
+        }
+    }
+}
+
+/// Pipes over `end` from `state` on, handing the channel to a successor that asks.
+pub fn serve(end: Endpoint, mut state: PipeState, socket: &Path) -> Result<()> {
+    let listener = bind(&takeover_path(socket))?;
+    let mut end = end;
+    loop {
+        let Some(mut successor) = round(end.channel(), &mut state, &listener)? else {
+            return Ok(());
+        };
+        let peer = successor.peer();
+        match successor.hand_over_with(end, &state.encode()) {
+            Ok(()) => {
+                // The socket file goes before the successor hears `DONE`, so that it can
+                // bind the same path for its own successor.
+                drop(listener);
+                let _ = successor.finish();
+                eprintln!("vmlink serve: handed the channel over to {peer}");
+                return Ok(());
+            }
+            Err(failed) => {
+                eprintln!(
+                    "vmlink serve: the successor {peer} did not take over ({}); still serving",
+                    failed.error
+                );
+                end = failed.endpoint;
+            }
+        }
+    }
+}
+
+/// Pipes until both directions finish (`None`) or a successor asks once this side's
+/// outgoing direction is finished (the successor, with the pipe stopped between packets).
+fn round(
+    ch: &ShmChannel,
+    state: &mut PipeState,
+    listener: &HandOverListener,
+) -> Result<Option<Successor>> {
+    let sent = AtomicU64::new(state.sent);
+    let received = AtomicU64::new(state.received);
+    let out_done = AtomicBool::new(state.outgoing_done);
+    let in_done = AtomicBool::new(false);
+    let quiesce = AtomicBool::new(false);
+    let outcome = thread::scope(|s| {
+        let outgoing = (!state.outgoing_done).then(|| {
+            s.spawn(|| {
+                let r = send_stdin(ch, &sent);
+                out_done.store(true, Ordering::Release);
+                r
+            })
+        });
+        let watcher = s.spawn(|| watch(listener, &out_done, &in_done, &quiesce));
+        let incoming = receive(ch, &received, &quiesce);
+        if matches!(incoming, Ok(true)) {
+            in_done.store(true, Ordering::Release);
+        } else {
+            // Stopped for a successor, or failed: the watcher must end too.
+            quiesce.store(true, Ordering::Release);
+        }
+        let outgoing = outgoing.map_or(Ok(()), |t| {
+            t.join()
+                .unwrap_or_else(|_| fail("the stdin thread panicked"))
+        });
+        let successor = watcher
+            .join()
+            .unwrap_or_else(|_| fail("the successor thread panicked"));
+        (incoming, outgoing, successor)
+    });
+    let (incoming, outgoing, successor) = outcome;
+    outgoing?;
+    let finished = incoming?;
+    let successor = successor?;
+    state.sent = sent.load(Ordering::Relaxed);
+    state.received = received.load(Ordering::Relaxed);
+    state.outgoing_done = out_done.load(Ordering::Acquire);
+    match successor {
+        Some(s) if finished => {
+            s.refuse("the pipe has finished");
+            Ok(None)
+        }
+        other => Ok(other),
+    }
+}
+
+/// Waits for a successor while the pipe runs: turns it away while stdin is still being
+/// read; once it may take over, stops the receiving loop and returns it. Ends with `None`
+/// when the pipe has finished or the receiving loop stopped on its own.
+fn watch(
+    listener: &HandOverListener,
+    out_done: &AtomicBool,
+    in_done: &AtomicBool,
+    quiesce: &AtomicBool,
+) -> Result<Option<Successor>> {
+    loop {
+        if quiesce.load(Ordering::Acquire)
+            || (in_done.load(Ordering::Acquire) && out_done.load(Ordering::Acquire))
+        {
+            return Ok(None);
+        }
+        let Some(successor) = listener
+            .accept_until(Some(Instant::now() + LOOK))
+            .context("wait for a successor")?
+        else {
+            continue;
+        };
+        if out_done.load(Ordering::Acquire) {
+            quiesce.store(true, Ordering::Release);
+            return Ok(Some(successor));
+        }
+        eprintln!(
+            "vmlink serve: turned away a successor ({}): stdin is still being sent",
+            successor.peer()
+        );
+        successor.refuse("this vmlink serve is still sending its stdin; try when it is done");
+    }
+}
+
+/// Writes received frames to stdout until a FIN frame (`true`) or until `quiesce` is set
+/// between two packets (`false`).
+fn receive(ch: &ShmChannel, received: &AtomicU64, quiesce: &AtomicBool) -> Result<bool> {
+    let mut stdout = io::stdout().lock();
+    let mut buf = vec![0u8; HEADER + crate::pipe::CHUNK + 8];
+    loop {
+        if quiesce.load(Ordering::Acquire) {
+            return Ok(false);
+        }
+        let r = match ch.recv(&mut buf, Some(Instant::now() + LOOK)) {
+            Ok(r) => r,
+            Err(ChannelError::TimedOut | ChannelError::Empty) => continue,
+            Err(ChannelError::Closed) => {
+                return fail("the peer left before finishing its direction");
+            }
+            Err(e) => return fail(format!("receive from the channel: {e}")),
+        };
+        let (data, flags) = unframe(r.payload(&buf))?;
+        stdout.write_all(data).context("write stdout")?;
+        stdout.flush().context("write stdout")?;
+        received.fetch_add(data.len() as u64, Ordering::Relaxed);
+        if flags & FIN != 0 {
+            return Ok(true);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pipe_state_round_trips_and_refuses_anything_else() {
+        let s = PipeState {
+            outgoing_done: true,
+            sent: 7,
+            received: 1 << 40,
+        };
+        assert_eq!(PipeState::decode(&s.encode()), Some(s));
+        let mut bad = s.encode();
+        bad[8] = 2;
+        assert_eq!(PipeState::decode(&bad), None);
+        assert_eq!(PipeState::decode(&s.encode()[..24]), None);
+        assert_eq!(PipeState::decode(b""), None);
+        bad = s.encode();
+        bad[0] = b'X';
+        assert_eq!(PipeState::decode(&bad), None);
+    }
+
+    #[test]
+    fn the_takeover_socket_sits_beside_the_service_socket() {
+        assert_eq!(
+            takeover_path(Path::new("/run/x/s.sock")),
+            Path::new("/run/x/s.sock.takeover")
+        );
+    }
+}
