@@ -424,7 +424,8 @@ impl TakeOver {
             deadline,
             "waiting for an endpoint",
             protocol::MAX_HANDOVER_BODY,
-        )?;
+        )
+        .map_err(|e| refuse(&self.stream, e, deadline))?;
         match m.kind {
             protocol::DONE if m.body.is_empty() => {
                 self.done = true;
