@@ -28,7 +28,6 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::time::Instant;
 
-use nix::poll::PollTimeout;
 use nix::sys::eventfd::EfdFlags;
 
 use crate::doorbell::{Doorbell, DoorbellError, Wake};
@@ -54,21 +53,18 @@ impl From<Errno> for DoorbellError {
     }
 }
 
-/// `poll(2)` until something is ready or `deadline` passes (`None`: no deadline), retrying
-/// on `EINTR` with the time left. Returns how many entries have events (0: the deadline
-/// passed); read each entry's events with [`revents`]. A deadline is never cut short: the
-/// milliseconds left are rounded up.
+/// `ppoll(2)` until something is ready or `deadline` passes (`None`: no deadline),
+/// retrying on `EINTR` with the time left. Returns how many entries have events (0: the
+/// deadline passed); read each entry's events with [`revents`]. The time left goes to the
+/// kernel in nanoseconds (`poll(2)`'s milliseconds would turn a 100 µs wait into 1 ms), and
+/// a deadline is never cut short.
 pub fn poll_until(fds: &mut [PollFd<'_>], deadline: Option<Instant>) -> Result<usize, Errno> {
     loop {
-        let timeout = match deadline {
-            None => PollTimeout::NONE,
-            Some(d) => {
-                let left = d.saturating_duration_since(Instant::now());
-                let ms = left.as_nanos().div_ceil(1_000_000);
-                PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
-            }
-        };
-        match nix::poll::poll(fds, timeout) {
+        let timeout = deadline.map(|d| {
+            let left = d.saturating_duration_since(Instant::now());
+            nix::sys::time::TimeSpec::from_duration(left)
+        });
+        match nix::poll::ppoll(fds, timeout, None) {
             Ok(n) => return Ok(usize::try_from(n).unwrap_or(0)),
             Err(Errno::EINTR) => {}
             Err(e) => return Err(e),

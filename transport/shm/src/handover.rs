@@ -68,6 +68,7 @@ use std::fs;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use nix::sys::socket::SockType;
@@ -90,13 +91,21 @@ pub const DEFAULT_HANDOVER_TIMEOUT: Duration = Duration::from_secs(5);
 /// A socket on which a serving process waits for its successor.
 ///
 /// It lives in a directory only its owner can enter, like a [`Listener`](crate::Listener)'s
-/// socket; dropping the listener removes the socket file.
+/// socket; dropping the listener removes the socket file. Waiting for a successor never
+/// blocks on one: a connection is only handed out once its whole request has arrived, so
+/// a successor that connects and then says nothing (or is slow to) costs the serving
+/// process nothing; it is dropped after the timeout.
 #[derive(Debug)]
 pub struct HandOverListener {
     listener: UnixListener,
     path: PathBuf,
     timeout: Duration,
+    /// Connections whose request has not arrived yet, and when each came.
+    pending: Mutex<Vec<(UnixStream, Instant)>>,
 }
+
+/// Connections waiting for their request at most (more are refused at once).
+const MAX_PENDING: usize = 16;
 
 impl HandOverListener {
     /// Listens at `path` (a stale socket nobody serves is replaced; a live one is
@@ -113,6 +122,7 @@ impl HandOverListener {
             listener,
             path,
             timeout: DEFAULT_HANDOVER_TIMEOUT,
+            pending: Mutex::new(Vec::new()),
         })
     }
 
@@ -128,36 +138,77 @@ impl HandOverListener {
     }
 
     /// The listening socket, to poll beside other work: readable when a successor may
-    /// be waiting.
+    /// be connecting.
     pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.listener.as_fd()
     }
 
     /// Waits until `deadline` (`None`: for ever) for a successor: one that connects as
-    /// this user and asks to take over. Connections that close without a byte are
-    /// skipped; one from another user, or that says something else, is refused with an
-    /// error and skipped too. `Ok(None)` when the deadline passed.
+    /// this user and asks to take over. `accept_until(Some(Instant::now()))` only looks.
+    /// Connections that close without a byte are dropped; one from another user, or that
+    /// says something else, is refused with an error and dropped too; one that says
+    /// nothing within the timeout is dropped. `Ok(None)` when the deadline passed.
     pub fn accept_until(&self, deadline: Option<Instant>) -> Result<Option<Successor>, ShmError> {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            let stream = match self.listener.accept() {
-                Ok((s, _)) => s,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    let now = Instant::now();
-                    if deadline.is_some_and(|d| d <= now) {
-                        return Ok(None);
-                    }
-                    let until = deadline.unwrap_or(now + Duration::from_secs(3600));
-                    sys::poll_one(self.listener.as_fd(), sys::PollFlags::POLLIN, until)
-                        .map_err(ShmError::io("poll the hand-over socket"))?;
-                    continue;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(ShmError::io("accept a successor")(e)),
+            self.take_connections(&mut pending)?;
+            let now = Instant::now();
+            // Drop those that said nothing in time.
+            pending.retain(|(_, since)| now.duration_since(*since) < self.timeout);
+            // Wait for a request or a connection, until the deadline or the next expiry.
+            let expiry = pending.iter().map(|(_, since)| *since + self.timeout).min();
+            let until = match (deadline, expiry) {
+                (Some(d), Some(e)) => Some(d.min(e)),
+                (d, e) => d.or(e),
             };
-            match self.greet(stream) {
-                Ok(s) => return Ok(Some(s)),
-                // A probe, a stranger or a confused client: it was told; keep waiting.
-                Err(_) => continue,
+            let mut fds: Vec<sys::PollFd<'_>> = Vec::with_capacity(pending.len() + 1);
+            fds.push(sys::PollFd::new(
+                self.listener.as_fd(),
+                sys::PollFlags::POLLIN,
+            ));
+            for (s, _) in pending.iter() {
+                fds.push(sys::PollFd::new(s.as_fd(), sys::PollFlags::POLLIN));
+            }
+            sys::poll_until(&mut fds, until.map(|u| u.max(now)))
+                .map_err(|e| ShmError::io("poll the hand-over socket")(e.into()))?;
+            let ready: Vec<usize> = fds[1..]
+                .iter()
+                .enumerate()
+                .filter(|(_, f)| !sys::revents(f).is_empty())
+                .map(|(i, _)| i)
+                .collect();
+            drop(fds);
+            // Greet those whose request (or hang-up) arrived, newest index first so the
+            // others keep their places.
+            for i in ready.into_iter().rev() {
+                let (stream, _) = pending.swap_remove(i);
+                if let Ok(s) = self.greet(stream) {
+                    return Ok(Some(s));
+                }
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Moves every connection waiting in the backlog to `pending`, without blocking.
+    fn take_connections(&self, pending: &mut Vec<(UnixStream, Instant)>) -> Result<(), ShmError> {
+        loop {
+            match self.listener.accept() {
+                Ok((s, _)) => {
+                    if pending.len() >= MAX_PENDING {
+                        let deadline = Deadline::after(Duration::ZERO);
+                        refuse(&s, ShmError::Busy(pending.len()), deadline);
+                        continue;
+                    }
+                    s.set_nonblocking(true)
+                        .map_err(ShmError::io("make the socket non-blocking"))?;
+                    pending.push((s, Instant::now()));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(ShmError::io("accept a successor")(e)),
             }
         }
     }
@@ -170,13 +221,9 @@ impl HandOverListener {
             .ok_or(ShmError::AcceptTimedOut(timeout.unwrap_or_default()))
     }
 
+    /// Reads the request of a connection that sent something (or hung up).
     fn greet(&self, stream: UnixStream) -> Result<Successor, ShmError> {
         let deadline = Deadline::after(self.timeout);
-        if sys::closed_before_a_byte(stream.as_fd(), deadline.at).unwrap_or(false) {
-            return Err(ShmError::PeerClosed {
-                during: "waiting for a successor's request",
-            });
-        }
         let peer = same_user(&stream, deadline)?;
         let hello = protocol::recv(&stream, deadline, "waiting for a successor's request")
             .map_err(|e| refuse(&stream, e, deadline))?;
