@@ -576,6 +576,21 @@ SEEDS["stream_frames"] = {
 }
 
 
+# ---- saved_state: raw bytes (no `arbitrary` encoding) ----------------------------------
+with open(os.path.join(HERE, "..", "channel", "tests", "saved-state", "v1.bin"), "rb") as f:
+    GOLDEN_V1 = f.read()
+
+SEEDS["saved_state"] = {
+    # The committed golden file: a polled request, an abandoned call, two queued packets.
+    "seed-v1": GOLDEN_V1,
+    # The same claiming a newer version, and cut inside its queued packets.
+    "seed-newer": GOLDEN_V1[:8] + u16(2) + GOLDEN_V1[10:],
+    "seed-cut": GOLDEN_V1[:-5],
+    # A failed endpoint (kind: protocol) with nothing queued: the golden file's config and
+    # slots, zero counters.
+    "seed-failed": GOLDEN_V1[:0x1A] + b"\x00\x00" * 64 + b"\x00" * 9 + b"\x02\x01" + b"\x00",
+}
+
 for target, seeds in SEEDS.items():
     d = os.path.join(HERE, "corpus", target)
     os.makedirs(d, exist_ok=True)
