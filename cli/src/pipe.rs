@@ -24,7 +24,7 @@ use crate::takeover;
 /// Flag: this direction is finished; no packets follow.
 pub const FIN: u32 = 1;
 /// Bytes of the frame header.
-pub(crate) const HEADER: usize = 8;
+const HEADER: usize = 8;
 /// Data bytes per packet at most.
 pub const CHUNK: usize = 60 * 1024;
 /// Data area of each ring.
@@ -243,7 +243,7 @@ fn frame(data: &[u8], flags: u32) -> Vec<u8> {
 }
 
 /// Splits a received payload into its data and flags.
-pub(crate) fn unframe(payload: &[u8]) -> Result<(&[u8], u32)> {
+fn unframe(payload: &[u8]) -> Result<(&[u8], u32)> {
     let Some((header, rest)) = payload.split_first_chunk::<HEADER>() else {
         return fail(format!(
             "a {}-byte packet has no frame header",
@@ -276,7 +276,7 @@ where
         if io::stderr().is_terminal() {
             s.spawn(|| progress(&sent, &received, &done));
         }
-        let incoming = receive_stdout(ch, &received);
+        let incoming = receive_stdout(ch, &received, None).map(|_| ());
         let outgoing = outgoing
             .join()
             .unwrap_or_else(|_| fail("the stdin thread panicked"));
@@ -308,16 +308,26 @@ pub(crate) fn send_stdin<T: PacketTx, R: PacketRx, D: Doorbell>(
     }
 }
 
-/// Writes received frames to stdout until a FIN frame.
-fn receive_stdout<T: PacketTx, R: PacketRx, D: Doorbell>(
+/// How long a receive that can be stopped waits at a time before it looks at its flag.
+const LOOK: Duration = Duration::from_millis(20);
+
+/// Writes received frames to stdout until a FIN frame (`true`), or, with a `stop` flag,
+/// until the flag is set between two packets (`false`).
+pub(crate) fn receive_stdout<T: PacketTx, R: PacketRx, D: Doorbell>(
     ch: &Endpoint<T, R, D>,
     received: &AtomicU64,
-) -> Result<()> {
+    stop: Option<&AtomicBool>,
+) -> Result<bool> {
     let mut stdout = io::stdout().lock();
     let mut buf = vec![0u8; HEADER + CHUNK + 8];
     loop {
-        let r = match ch.recv(&mut buf, None) {
+        if stop.is_some_and(|s| s.load(Ordering::Acquire)) {
+            return Ok(false);
+        }
+        let wait = stop.map(|_| Instant::now() + LOOK);
+        let r = match ch.recv(&mut buf, wait) {
             Ok(r) => r,
+            Err(ChannelError::TimedOut | ChannelError::Empty) => continue,
             Err(ChannelError::Closed) => {
                 return fail("the peer left before finishing its direction");
             }
@@ -328,7 +338,7 @@ fn receive_stdout<T: PacketTx, R: PacketRx, D: Doorbell>(
         stdout.flush().context("write stdout")?;
         received.fetch_add(data.len() as u64, Ordering::Relaxed);
         if flags & FIN != 0 {
-            return Ok(());
+            return Ok(true);
         }
     }
 }

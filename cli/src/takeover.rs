@@ -9,19 +9,17 @@
 //! Every packet the client sent comes out exactly once: on the old one's stdout up to the
 //! hand-over, on the successor's from there.
 
-use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use vmlink_channel::ChannelError;
 use vmlink_shm::{Endpoint, HandOverListener, ShmChannel, ShmError, Successor, TakeOver};
 
 use crate::error::{Context, Result, fail};
-use crate::pipe::{FIN, HEADER, send_stdin, unframe};
+use crate::pipe::{receive_stdout, send_stdin};
 
-/// How often the receiving loop looks whether a successor is waiting.
+/// How often the successor watch looks whether the pipe has finished.
 const LOOK: Duration = Duration::from_millis(20);
 
 /// Where a `vmlink serve` on `socket` waits for its successor.
@@ -164,7 +162,7 @@ fn round(
             })
         });
         let watcher = s.spawn(|| watch(listener, &out_done, &in_done, &quiesce));
-        let incoming = receive(ch, &received, &quiesce);
+        let incoming = receive_stdout(ch, &received, Some(&quiesce));
         if matches!(incoming, Ok(true)) {
             in_done.store(true, Ordering::Release);
         } else {
@@ -226,33 +224,6 @@ fn watch(
             successor.peer()
         );
         successor.refuse("this vmlink serve is still sending its stdin; try when it is done");
-    }
-}
-
-/// Writes received frames to stdout until a FIN frame (`true`) or until `quiesce` is set
-/// between two packets (`false`).
-fn receive(ch: &ShmChannel, received: &AtomicU64, quiesce: &AtomicBool) -> Result<bool> {
-    let mut stdout = io::stdout().lock();
-    let mut buf = vec![0u8; HEADER + crate::pipe::CHUNK + 8];
-    loop {
-        if quiesce.load(Ordering::Acquire) {
-            return Ok(false);
-        }
-        let r = match ch.recv(&mut buf, Some(Instant::now() + LOOK)) {
-            Ok(r) => r,
-            Err(ChannelError::TimedOut | ChannelError::Empty) => continue,
-            Err(ChannelError::Closed) => {
-                return fail("the peer left before finishing its direction");
-            }
-            Err(e) => return fail(format!("receive from the channel: {e}")),
-        };
-        let (data, flags) = unframe(r.payload(&buf))?;
-        stdout.write_all(data).context("write stdout")?;
-        stdout.flush().context("write stdout")?;
-        received.fetch_add(data.len() as u64, Ordering::Relaxed);
-        if flags & FIN != 0 {
-            return Ok(true);
-        }
     }
 }
 

@@ -3,6 +3,10 @@
 //! ways. Also a second `vmlink serve` on a live socket, which must fail and leave the live
 //! one alone.
 
+mod common;
+
+use common::data;
+
 use std::io::{Read, Write};
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::UnixStream;
@@ -35,19 +39,6 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-/// `len` bytes of a pattern that depends on `seed`.
-fn data(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
 }
 
 /// Reads a pipe to the end on a thread of its own.

@@ -3,25 +3,16 @@
 //! (`--unix-stream`) and a hybrid vsock (`--hybrid-vsock`, through a stand-in for the VMM's
 //! Unix socket that behaves as Firecracker's vsock muxer does).
 
+mod common;
+
+use common::{data, private_dir};
+
 use std::io::{Read, Write};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
-
-/// `len` bytes that differ from `seed` to `seed` and do not repeat with a short period.
-fn data(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
 
 fn start(args: &[&str], socket: &Path) -> Child {
     start_at(args, "--socket", socket.as_os_str())
@@ -110,13 +101,6 @@ fn pipe_both_ways(flag: &str, serve_at: &Path, connect_at: &Path, listening: &Pa
     let (server_out, _) = server.join().expect("server");
     assert!(client_out == to_client, "server -> client bytes differ");
     assert!(server_out == to_server, "client -> server bytes differ");
-}
-
-fn private_dir(tag: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("vmlink-cli-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::DirBuilder::new().mode(0o700).create(&dir).unwrap();
-    dir
 }
 
 #[test]

@@ -4,31 +4,15 @@
 //! comes too early is turned away, one with nothing to take over or wrong flags is an
 //! error.
 
+mod common;
+
+use common::{data, private_dir};
+
 use std::io::{Read, Write};
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Output, Stdio};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
-
-fn data(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
-fn private_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("vmlink-cli-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::DirBuilder::new().mode(0o700).create(&dir).unwrap();
-    dir
-}
 
 /// A running `vmlink` whose stdout and stderr are collected by threads.
 struct Running {

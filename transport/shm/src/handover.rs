@@ -78,7 +78,7 @@ use zerocopy::{FromBytes, IntoBytes};
 use crate::endpoint::{Endpoint, Role, effective_config};
 use crate::error::{RefusalCode, ShmError};
 use crate::guest::map_checked;
-use crate::host::{prepare_directory, remove_stale_socket};
+use crate::host::{prepare_directory, refuse, remove_stale_socket};
 use crate::memory::Layout;
 use crate::policy::PeerCredentials;
 use crate::protocol::{self, Deadline, HandOverBody};
@@ -256,22 +256,6 @@ fn same_user(stream: &UnixStream, deadline: Deadline) -> Result<PeerCredentials,
         return Err(refuse(stream, ShmError::NotSameUser { peer }, deadline));
     }
     Ok(peer)
-}
-
-/// Sends the refusal for `error` (best effort) and returns the error.
-fn refuse(sock: &UnixStream, error: ShmError, deadline: Deadline) -> ShmError {
-    if !matches!(
-        error,
-        ShmError::PeerClosed { .. } | ShmError::TimedOut(..) | ShmError::Refused { .. }
-    ) {
-        protocol::send_error(
-            sock.as_fd(),
-            error.refusal_code(),
-            &error.to_string(),
-            deadline,
-        );
-    }
-    error
 }
 
 /// A successor that asked to take over: hand it endpoints, then [`finish`](Self::finish).

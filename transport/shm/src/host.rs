@@ -138,7 +138,7 @@ impl Service {
 }
 
 /// Sends the refusal for `error` (best effort) and returns the error.
-fn refuse(sock: &UnixStream, error: ShmError, deadline: Deadline) -> ShmError {
+pub(crate) fn refuse(sock: &UnixStream, error: ShmError, deadline: Deadline) -> ShmError {
     if !matches!(
         error,
         ShmError::PeerClosed { .. } | ShmError::TimedOut(..) | ShmError::Refused { .. }

@@ -103,6 +103,35 @@ struct CountersV1 {
     late_completions: u64,
 }
 
+/// The nine counters in both directions, field by field.
+macro_rules! counters_v1 {
+    ($($field:ident),*) => {
+        impl From<Counters> for CountersV1 {
+            fn from(c: Counters) -> Self {
+                Self { $($field: c.$field),* }
+            }
+        }
+
+        impl From<CountersV1> for Counters {
+            fn from(c: CountersV1) -> Self {
+                Self { $($field: c.$field),* }
+            }
+        }
+    };
+}
+
+counters_v1!(
+    packets_sent,
+    bytes_sent,
+    packets_received,
+    bytes_received,
+    signals_sent,
+    signals_received,
+    send_waits,
+    receive_sleeps,
+    late_completions
+);
+
 #[derive(Serialize, Deserialize)]
 enum StateV1 {
     Open,
@@ -243,21 +272,7 @@ impl SavedEndpoint {
             };
             put(&mut out, &SlotV1 { generation, state });
         }
-        let n = self.counters;
-        put(
-            &mut out,
-            &CountersV1 {
-                packets_sent: n.packets_sent,
-                bytes_sent: n.bytes_sent,
-                packets_received: n.packets_received,
-                bytes_received: n.bytes_received,
-                signals_sent: n.signals_sent,
-                signals_received: n.signals_received,
-                send_waits: n.send_waits,
-                receive_sleeps: n.receive_sleeps,
-                late_completions: n.late_completions,
-            },
-        );
+        put(&mut out, &CountersV1::from(self.counters));
         let state = match (self.failure, self.peer_closed) {
             (Some(cause), _) => StateV1::Failed(kind_code(cause.kind())),
             (None, true) => StateV1::PeerClosed,
@@ -345,18 +360,7 @@ fn decode_v1(input: &mut &[u8]) -> Result<SavedEndpoint, SavedStateError> {
         *slot = (s.generation, state);
     }
 
-    let n: CountersV1 = take(input)?;
-    let counters = Counters {
-        packets_sent: n.packets_sent,
-        bytes_sent: n.bytes_sent,
-        packets_received: n.packets_received,
-        bytes_received: n.bytes_received,
-        signals_sent: n.signals_sent,
-        signals_received: n.signals_received,
-        send_waits: n.send_waits,
-        receive_sleeps: n.receive_sleeps,
-        late_completions: n.late_completions,
-    };
+    let counters = Counters::from(take::<CountersV1>(input)?);
 
     let (failure, peer_closed) = match take::<StateV1>(input)? {
         StateV1::Open => (None, false),

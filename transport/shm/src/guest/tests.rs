@@ -284,7 +284,7 @@ fn too_many_fds_are_refused_and_closed() {
     let (r, reply) = against(|h| {
         let fd = memfd(layout.total_len(), sys::REQUIRED_SEALS);
         let extra: Vec<OwnedFd> = (0..3).map(|_| sys::eventfd().unwrap()).collect();
-        // Four fds in one message: more than the guest's control buffer holds.
+        // Four fds with an offer, which carries three.
         let fds = [
             fd.as_fd(),
             extra[0].as_fd(),
@@ -300,9 +300,18 @@ fn too_many_fds_are_refused_and_closed() {
         .as_bytes()
         .to_vec();
         bytes.extend(offer_body(layout, "svc"));
-        send_raw_with_4_fds(h, &bytes, &fds);
+        send_raw_with_fds(h, &bytes, &fds);
     });
-    assert!(matches!(r, Err(ShmError::ControlTruncated)), "{r:?}");
+    assert!(
+        matches!(
+            r,
+            Err(ShmError::UnexpectedFds {
+                expected: 3,
+                received: 4
+            })
+        ),
+        "{r:?}"
+    );
     assert!(matches!(
         reply,
         Some(ShmError::Refused {
@@ -313,10 +322,10 @@ fn too_many_fds_are_refused_and_closed() {
 }
 
 /// `sys::send_with_fds` allows 3; this test needs 4.
-fn send_raw_with_4_fds(h: &UnixStream, bytes: &[u8], fds: &[BorrowedFd<'_>; 4]) {
+fn send_raw_with_fds(h: &UnixStream, bytes: &[u8], fds: &[BorrowedFd<'_>]) {
     use nix::sys::socket::{ControlMessage, MsgFlags, UnixAddr, sendmsg};
     use std::os::fd::AsRawFd;
-    let raw = fds.map(|fd| fd.as_raw_fd());
+    let raw: Vec<_> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
     let n = sendmsg::<UnixAddr>(
         h.as_raw_fd(),
         &[std::io::IoSlice::new(bytes)],
@@ -326,6 +335,29 @@ fn send_raw_with_4_fds(h: &UnixStream, bytes: &[u8], fds: &[BorrowedFd<'_>; 4]) 
     )
     .unwrap();
     assert_eq!(n, bytes.len());
+}
+
+#[test]
+fn more_fds_than_any_message_carries_are_refused_as_truncated() {
+    let layout = Layout::symmetric(4096, 0);
+    let (r, _) = against(|h| {
+        let fd = memfd(layout.total_len(), sys::REQUIRED_SEALS);
+        let extra: Vec<OwnedFd> = (0..4).map(|_| sys::eventfd().unwrap()).collect();
+        // Five fds: more than a hand-over's four, the most any message carries.
+        let mut fds = vec![fd.as_fd()];
+        fds.extend(extra.iter().map(|e| e.as_fd()));
+        let mut bytes = protocol::Header {
+            magic: protocol::MAGIC,
+            version: protocol::VERSION.into(),
+            kind: protocol::OFFER.into(),
+            body_len: (offer_body(layout, "svc").len() as u32).into(),
+        }
+        .as_bytes()
+        .to_vec();
+        bytes.extend(offer_body(layout, "svc"));
+        send_raw_with_fds(h, &bytes, &fds);
+    });
+    assert!(matches!(r, Err(ShmError::ControlTruncated)), "{r:?}");
 }
 
 #[test]
