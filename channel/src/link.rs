@@ -119,6 +119,15 @@ pub trait PacketTx {
         header_len: usize,
         payload_len: usize,
     ) -> Result<(WaitDecision, Signal), ChannelError>;
+
+    /// Whether the peer, as the reader of what this half sends, may be sleeping on data
+    /// it was never signalled for: what a restored endpoint re-signals (the "unstick").
+    /// A ring answers from its control page (data queued, the reader's interrupts not
+    /// masked); the default, for links with no such state, says yes: a needless signal
+    /// costs the peer one look, a missing one could leave it asleep.
+    fn peer_owed_signal(&self) -> bool {
+        true
+    }
 }
 
 /// The receiving half of a packet link.
@@ -159,6 +168,14 @@ pub trait PacketRx {
     /// Prepares to sleep until a packet arrives: commits, asks the peer to signal, fences
     /// and looks again.
     fn prepare_wait(&mut self) -> Result<(WaitDecision, Signal), ChannelError>;
+
+    /// Whether the peer, as the writer of what this half receives, may be sleeping on
+    /// space it was never signalled for: what a restored endpoint re-signals. A ring
+    /// answers from its control page (the writer asked for space with
+    /// `pending_send_size` and more than that is free); the default says yes.
+    fn peer_owed_signal(&self) -> bool {
+        true
+    }
 }
 
 /// A corrupt ring fails the channel; the rest is the caller's error.
@@ -270,6 +287,10 @@ impl<M: RingMem> PacketTx for RingTx<M> {
             .prepare_wait(header_len, payload_len)
             .map_err(write_error)
     }
+
+    fn peer_owed_signal(&self) -> bool {
+        vmlink_ring::reader_needs_signal(self.writer.mem())
+    }
 }
 
 /// The receiving half over a VMBus ring: a [`Reader`] and the packet it peeked at.
@@ -372,5 +393,9 @@ impl<M: RingMem> PacketRx for RingRx<M> {
         self.reader
             .prepare_wait()
             .map_err(|e| ChannelError::Failed(e.into()))
+    }
+
+    fn peer_owed_signal(&self) -> bool {
+        vmlink_ring::writer_needs_signal(self.reader.mem())
     }
 }

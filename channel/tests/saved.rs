@@ -7,7 +7,10 @@ use vmlink_channel::{
     ChannelError, ChannelState, Config, Endpoint, FailureCause, PacketType, ProtocolError,
     SavedSlot, in_process_channel_pair,
 };
-use vmlink_channel::{Polled, Wait};
+use std::sync::Arc;
+
+use vmlink_channel::{Polled, RingRx, RingTx, Wait};
+use vmlink_ring::{ControlWord, HeapMem, RingMem};
 
 fn soon() -> Option<Instant> {
     Some(Instant::now() + Duration::from_secs(10))
@@ -77,13 +80,45 @@ fn a_restored_endpoint_goes_on_where_the_saved_one_stopped() {
     assert!(a.counters().packets_received >= before.packets_received + 2);
 }
 
-#[test]
-fn restoring_signals_the_peer_once() {
+/// Saves a's end of a fresh pair after `before` ran, lets `edit` change a's rings as the
+/// peer would have, restores, and returns how many signals the restore sent.
+fn restore_signals(
+    before: impl FnOnce(&vmlink_channel::InProcessChannel),
+    edit: impl FnOnce(&mut RingTx<Arc<HeapMem>>, &mut RingRx<Arc<HeapMem>>),
+) -> u64 {
     let (a, _b) = in_process_channel_pair(4096, Config::default()).unwrap();
+    before(&a);
     let sent = a.counters().signals_sent;
-    let (saved, tx, rx, doorbell) = a.save();
+    let (saved, mut tx, mut rx, doorbell) = a.save();
+    edit(&mut tx, &mut rx);
     let a = Endpoint::restore(tx, rx, doorbell, Config::default(), &saved).unwrap();
-    assert_eq!(a.counters().signals_sent, sent + 1);
+    a.counters().signals_sent - sent
+}
+
+#[test]
+fn restoring_signals_the_peer_only_where_the_rings_say_it_is_owed_one() {
+    let unread = |a: &vmlink_channel::InProcessChannel| a.send(b"unread", Wait::Now).unwrap();
+    // Nothing queued, nothing asked for: no signal.
+    assert_eq!(restore_signals(|_| {}, |_, _| {}), 0);
+    // Data the peer has not read, its interrupts unmasked: one.
+    assert_eq!(restore_signals(unread, |_, _| {}), 1);
+    // The same data with the peer polling (interrupts masked): none.
+    let masked = |tx: &mut RingTx<Arc<HeapMem>>, _: &mut RingRx<Arc<HeapMem>>| {
+        tx.writer().mem().store_control(ControlWord::InterruptMask, 1);
+    };
+    assert_eq!(restore_signals(unread, masked), 0);
+    // The peer waits for 64 bytes of space and more is free: one.
+    let asks = |bytes: u32| {
+        move |_: &mut RingTx<Arc<HeapMem>>, rx: &mut RingRx<Arc<HeapMem>>| {
+            rx.reader()
+                .mem()
+                .store_control(ControlWord::PendingSendSize, bytes);
+        }
+    };
+    assert_eq!(restore_signals(|_| {}, asks(64)), 1);
+    // It waits for more than the ring holds: none (it will be signalled when that is
+    // free, or never, as without the restore).
+    assert_eq!(restore_signals(|_| {}, asks(8192)), 0);
 }
 
 #[test]

@@ -121,8 +121,11 @@ impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
     }
 
     /// An endpoint over `tx` and `rx` that goes on from `saved`: its transactions, queued
-    /// packets, counters and state. The peer is signalled once, so a wake-up lost while
-    /// nobody served the endpoint cannot leave it asleep.
+    /// packets, counters and state. The peer is signalled once if the links say it may be
+    /// asleep on something it was never signalled for ([`PacketTx::peer_owed_signal`],
+    /// [`PacketRx::peer_owed_signal`]: over rings, unread data with its interrupts
+    /// unmasked, or the space it asked for), so a wake-up lost while nobody served the
+    /// endpoint cannot leave it asleep.
     ///
     /// [`ChannelError::BadSavedState`] when `saved` does not fit this endpoint (more queued
     /// packets, or bytes, than `config` lets it queue; a packet whose bytes do not match
@@ -162,10 +165,16 @@ impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
         } else if saved.peer_closed {
             ep.core.state = AtomicU8::new(PEER_CLOSED);
         }
-        // The unstick: whatever the peer waited for while nobody served this side. A
-        // doorbell that fails fails the endpoint (its state says so); a peer that left
-        // needs no signal.
-        let _ = ep.core.signal(Signal::NEEDED);
+        // The unstick: the peer is signalled when the links say it may sleep on something
+        // it was never signalled for while nobody served this side: data it has not read
+        // with its interrupts unmasked, or the space it asked for. This side is owed
+        // nothing: a restored endpoint has no waiter yet, and every wait looks at its link
+        // before it sleeps. A doorbell that fails fails the endpoint (its state says so);
+        // a peer that left needs no signal.
+        let owed = ep.tx.get_mut().peer_owed_signal() || ep.rx.get_mut().link.peer_owed_signal();
+        if owed {
+            let _ = ep.core.signal(Signal::NEEDED);
+        }
         Ok(ep)
     }
 }
