@@ -3,11 +3,11 @@
 
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
 use vmlink_channel::{
     ChannelError, ChannelState, Config, Endpoint, FailureCause, PacketType, ProtocolError,
     SavedSlot, in_process_channel_pair,
 };
-use std::sync::Arc;
 
 use vmlink_channel::{Polled, RingRx, RingTx, Wait};
 use vmlink_ring::{ControlWord, HeapMem, RingMem};
@@ -104,7 +104,9 @@ fn restoring_signals_the_peer_only_where_the_rings_say_it_is_owed_one() {
     assert_eq!(restore_signals(unread, |_, _| {}), 1);
     // The same data with the peer polling (interrupts masked): none.
     let masked = |tx: &mut RingTx<Arc<HeapMem>>, _: &mut RingRx<Arc<HeapMem>>| {
-        tx.writer().mem().store_control(ControlWord::InterruptMask, 1);
+        tx.writer()
+            .mem()
+            .store_control(ControlWord::InterruptMask, 1);
     };
     assert_eq!(restore_signals(unread, masked), 0);
     // The peer waits for 64 bytes of space and more is free: one.

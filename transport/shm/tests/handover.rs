@@ -811,3 +811,48 @@ fn a_hostile_predecessor_is_refused_with_a_typed_error() {
         println!("{what}: {}", err.expect("error"));
     }
 }
+
+#[test]
+fn all_endpoints_go_over_one_connection_in_turn() {
+    if role().is_some() {
+        return;
+    }
+    let _w = watchdog("several endpoints", Duration::from_secs(60));
+    let (host_a, guest_a, listener, paths) = pair("several");
+    let (h, g) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    let guest_b = thread::spawn(move || Guest::new(SERVICE).connect_stream(g));
+    let host_b = service().serve_stream(h).expect("host");
+    let guest_b = guest_b.join().expect("guest thread").expect("guest");
+    // Traffic queued on both before the hand-over arrives after it.
+    guest_a.channel().send(b"to a", Wait::Now).expect("send");
+    guest_b.channel().send(b"to b", Wait::Now).expect("send");
+
+    let path = paths.own(0);
+    let successor = thread::spawn(move || {
+        let mut take = TakeOver::connect(&path).expect("connect");
+        let mut taken = Vec::new();
+        while let Some(incoming) = take.next_endpoint().expect("an endpoint or done") {
+            taken.push(incoming.confirm().expect("confirm"));
+        }
+        taken
+    });
+    let mut s = listener
+        .accept(Some(Duration::from_secs(5)))
+        .expect("successor");
+    s.hand_over(host_a).map_err(|f| f.error).expect("a");
+    s.hand_over(host_b).map_err(|f| f.error).expect("b");
+    s.finish().expect("finish");
+    let taken = successor.join().expect("successor");
+    assert_eq!(taken.len(), 2);
+    let mut buf = [0u8; 16];
+    for (host, guest, what) in [
+        (&taken[0], &guest_a, b"to a"),
+        (&taken[1], &guest_b, b"to b"),
+    ] {
+        host.channel()
+            .recv(&mut buf, Wait::Now)
+            .expect("the packet sent before");
+        assert_eq!(&buf[..4], what);
+        still_works(host, guest, 9);
+    }
+}
