@@ -78,7 +78,7 @@ use zerocopy::{FromBytes, IntoBytes};
 use crate::endpoint::{Endpoint, Role, effective_config};
 use crate::error::{RefusalCode, ShmError};
 use crate::guest::map_checked;
-use crate::host::{prepare_directory, refuse, remove_stale_socket};
+use crate::host::{bind_private, refuse};
 use crate::memory::Layout;
 use crate::policy::PeerCredentials;
 use crate::protocol::{self, Deadline, HandOverBody};
@@ -112,12 +112,7 @@ impl HandOverListener {
     /// [`ShmError::SocketInUse`]).
     pub fn bind(path: impl AsRef<Path>) -> Result<Self, ShmError> {
         let path = path.as_ref().to_path_buf();
-        prepare_directory(&path)?;
-        remove_stale_socket(&path)?;
-        let listener = UnixListener::bind(&path).map_err(ShmError::io("bind the socket"))?;
-        listener
-            .set_nonblocking(true)
-            .map_err(ShmError::io("make the socket non-blocking"))?;
+        let listener = bind_private(&path)?;
         Ok(Self {
             listener,
             path,

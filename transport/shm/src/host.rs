@@ -325,12 +325,7 @@ impl Listener {
             s.check()?;
         }
         let path = path.as_ref().to_path_buf();
-        prepare_directory(&path)?;
-        remove_stale_socket(&path)?;
-        let listener = UnixListener::bind(&path).map_err(ShmError::io("bind the socket"))?;
-        listener
-            .set_nonblocking(true)
-            .map_err(ShmError::io("make the socket non-blocking"))?;
+        let listener = bind_private(&path)?;
         let stop = sys::EventFd::new().map_err(ShmError::io("eventfd"))?;
         let stop_wait = stop.try_clone().map_err(ShmError::io("dup"))?;
         let (tx, rx) = mpsc::channel();
@@ -380,8 +375,21 @@ impl Drop for Listener {
     }
 }
 
+/// A non-blocking listening socket at `path`, in a directory only this user can enter
+/// (created so if missing), replacing a stale socket file nobody serves; a served path is
+/// [`ShmError::SocketInUse`], any other file [`ShmError::NotASocket`].
+pub(crate) fn bind_private(path: &Path) -> Result<UnixListener, ShmError> {
+    prepare_directory(path)?;
+    remove_stale_socket(path)?;
+    let listener = UnixListener::bind(path).map_err(ShmError::io("bind the socket"))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(ShmError::io("make the socket non-blocking"))?;
+    Ok(listener)
+}
+
 /// Creates the socket's directory owner-only, or checks that an existing one is.
-pub(crate) fn prepare_directory(path: &Path) -> Result<(), ShmError> {
+fn prepare_directory(path: &Path) -> Result<(), ShmError> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -410,7 +418,7 @@ pub(crate) fn prepare_directory(path: &Path) -> Result<(), ShmError> {
 ///
 /// Whether someone listens is found out by connecting and closing again at once, without
 /// a byte: a live [`Listener`] does not count such a connection as a handshake.
-pub(crate) fn remove_stale_socket(path: &Path) -> Result<(), ShmError> {
+fn remove_stale_socket(path: &Path) -> Result<(), ShmError> {
     let Ok(meta) = fs::symlink_metadata(path) else {
         return Ok(());
     };

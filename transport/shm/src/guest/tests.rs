@@ -291,15 +291,7 @@ fn too_many_fds_are_refused_and_closed() {
             extra[1].as_fd(),
             extra[2].as_fd(),
         ];
-        let mut bytes = protocol::Header {
-            magic: protocol::MAGIC,
-            version: protocol::VERSION.into(),
-            kind: protocol::OFFER.into(),
-            body_len: (offer_body(layout, "svc").len() as u32).into(),
-        }
-        .as_bytes()
-        .to_vec();
-        bytes.extend(offer_body(layout, "svc"));
+        let bytes = offer_message(layout);
         send_raw_with_fds(h, &bytes, &fds);
     });
     assert!(
@@ -322,6 +314,21 @@ fn too_many_fds_are_refused_and_closed() {
 }
 
 /// `sys::send_with_fds` allows 3; this test needs 4.
+/// A whole offer message for service "svc" with `layout`: header and body.
+fn offer_message(layout: Layout) -> Vec<u8> {
+    let body = offer_body(layout, "svc");
+    let mut bytes = protocol::Header {
+        magic: protocol::MAGIC,
+        version: protocol::VERSION.into(),
+        kind: protocol::OFFER.into(),
+        body_len: (body.len() as u32).into(),
+    }
+    .as_bytes()
+    .to_vec();
+    bytes.extend(body);
+    bytes
+}
+
 fn send_raw_with_fds(h: &UnixStream, bytes: &[u8], fds: &[BorrowedFd<'_>]) {
     use nix::sys::socket::{ControlMessage, MsgFlags, UnixAddr, sendmsg};
     use std::os::fd::AsRawFd;
@@ -346,15 +353,7 @@ fn more_fds_than_any_message_carries_are_refused_as_truncated() {
         // Five fds: more than a hand-over's four, the most any message carries.
         let mut fds = vec![fd.as_fd()];
         fds.extend(extra.iter().map(|e| e.as_fd()));
-        let mut bytes = protocol::Header {
-            magic: protocol::MAGIC,
-            version: protocol::VERSION.into(),
-            kind: protocol::OFFER.into(),
-            body_len: (offer_body(layout, "svc").len() as u32).into(),
-        }
-        .as_bytes()
-        .to_vec();
-        bytes.extend(offer_body(layout, "svc"));
+        let bytes = offer_message(layout);
         send_raw_with_fds(h, &bytes, &fds);
     });
     assert!(matches!(r, Err(ShmError::ControlTruncated)), "{r:?}");
