@@ -79,7 +79,7 @@ pub use channel::{
     SendBatch, Wait,
 };
 #[cfg(feature = "alloc")]
-pub use channel::{Receiver, SavedEndpoint, Sender};
+pub use channel::{Receiver, Sample, SavedEndpoint, Sender, Watch};
 #[cfg(feature = "saved-state")]
 pub use channel::{SAVED_STATE_MAGIC, SAVED_STATE_VERSION, SavedStateError};
 pub use doorbell::{AsyncDoorbell, Doorbell, DoorbellError, Wake};

@@ -19,7 +19,8 @@ impl<'a, T: PacketTx, D: Doorbell, TC: Half<Item = T>, RC> Ops<'a, D, TC, RC> {
     /// Reserves an id for a polled request. A failed or closed channel says so first.
     pub(crate) fn alloc_polled(&self) -> Result<u64, ChannelError> {
         self.check_send()?;
-        self.txns
+        self.live
+            .txns
             .alloc(Mode::Polled)
             .ok_or(ChannelError::TransactionsExhausted {
                 capacity: MAX_TRANSACTIONS,
@@ -36,7 +37,7 @@ impl<'a, T: PacketTx, D: Doorbell, TC: Half<Item = T>, RC> Ops<'a, D, TC, RC> {
         match sent {
             Ok(()) => Ok(tid),
             Err(e) => {
-                self.txns.free(tid);
+                self.live.txns.free(tid);
                 Err(e)
             }
         }
@@ -97,11 +98,11 @@ impl<D: Doorbell> Drop for PendingCall<'_, D> {
         }
         if self.sent {
             // Keep the id until the late completion arrives.
-            self.channel.txns.abandon(self.tid);
+            self.channel.live.txns.abandon(self.tid);
         } else {
             // Dropped before the request went out (e.g. a future cancelled while it waited
             // for space): nothing will complete it.
-            self.channel.txns.free(self.tid);
+            self.channel.live.txns.free(self.tid);
         }
     }
 }
@@ -114,12 +115,13 @@ impl<'a, T: PacketTx, R: PacketRx, D: Doorbell, TC: Half<Item = T>, RC: Half<Ite
     /// the most of its completion the receive path will store.
     pub(crate) fn begin_call(&self, capacity: usize) -> Result<PendingCall<'_, D>, ChannelError> {
         self.check_send()?;
-        let tid = self
-            .txns
-            .alloc(Mode::Waiting)
-            .ok_or(ChannelError::TransactionsExhausted {
-                capacity: MAX_TRANSACTIONS,
-            })?;
+        let tid =
+            self.live
+                .txns
+                .alloc(Mode::Waiting)
+                .ok_or(ChannelError::TransactionsExhausted {
+                    capacity: MAX_TRANSACTIONS,
+                })?;
         // Published before the request goes out, so before its completion can arrive.
         self.call_capacity[slot_index(tid)].store(capacity, Ordering::Release);
         Ok(PendingCall {
@@ -200,7 +202,7 @@ impl<'a, T: PacketTx, R: PacketRx, D: Doorbell, TC: Half<Item = T>, RC: Half<Ite
         if info.packet_type != PacketType::Completion
             || info.transaction_id != txn.tid
             || len > response.len()
-            || self.txns.route(txn.tid) != Route::Waiting(slot_index(txn.tid))
+            || self.live.txns.route(txn.tid) != Route::Waiting(slot_index(txn.tid))
         {
             return Ok(Own::Other);
         }
@@ -208,7 +210,7 @@ impl<'a, T: PacketTx, R: PacketRx, D: Doorbell, TC: Half<Item = T>, RC: Half<Ite
             .read_payload(0, &mut response[..len])
             .map_err(|e| self.link_error(e))?;
         self.consume(&mut rx.link, &info);
-        self.txns.free(txn.tid);
+        self.live.txns.free(txn.tid);
         txn.armed = false;
         Ok(Own::Taken(len))
     }
@@ -234,12 +236,12 @@ impl<'a, T: PacketTx, R: PacketRx, D: Doorbell, TC: Half<Item = T>, RC: Half<Ite
         txn: &mut PendingCall<'_, D>,
         response: &mut [u8],
     ) -> Result<Option<usize>, ChannelError> {
-        if !self.txns.is_done(txn.tid) {
+        if !self.live.txns.is_done(txn.tid) {
             return Ok(None);
         }
         let index = slot_index(txn.tid);
         let len = rx.stored_len[index];
-        self.txns.free(txn.tid);
+        self.live.txns.free(txn.tid);
         txn.armed = false;
         // A completion longer than the caller's buffer was consumed without being stored.
         let stored = rx.stored[index]
@@ -263,7 +265,7 @@ impl<D: Doorbell> Core<D> {
     }
 
     pub(crate) fn count_receive_sleep(&self) {
-        bump(&self.counters.rx.receive_sleeps, 1);
+        bump(&self.live.counters.rx.receive_sleeps, 1);
     }
 
     pub(crate) fn forget_waiter(&self) {
@@ -282,7 +284,7 @@ impl<D: crate::doorbell::AsyncDoorbell> Core<D> {
             core::task::Poll::Pending => core::task::Poll::Pending,
             core::task::Poll::Ready(Ok(signalled)) => {
                 if signalled {
-                    bump(&self.counters.rx.signals_received, 1);
+                    bump(&self.live.counters.rx.signals_received, 1);
                 }
                 core::task::Poll::Ready(Ok(()))
             }

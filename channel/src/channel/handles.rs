@@ -73,7 +73,7 @@ impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
 
     /// Transactions in flight (or reserved for a late completion).
     pub fn transactions_in_flight(&self) -> usize {
-        self.core.txns.in_use()
+        self.core.live.txns.in_use()
     }
 
     /// Splits the endpoint into a [`Sender`] and a [`Receiver`] for two threads, one
@@ -134,7 +134,7 @@ impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
 /// ```
 #[cfg(feature = "alloc")]
 pub struct Sender<T, D> {
-    core: Arc<Core<D>>,
+    pub(super) core: Arc<Core<D>>,
     tx: RefCell<T>,
 }
 
@@ -143,7 +143,7 @@ pub struct Sender<T, D> {
 /// Its methods are the endpoint's receiving ones, taking `&mut self`.
 #[cfg(feature = "alloc")]
 pub struct Receiver<R, D> {
-    core: Arc<Core<D>>,
+    pub(super) core: Arc<Core<D>>,
     rx: RefCell<RxState<R>>,
 }
 
@@ -192,7 +192,7 @@ impl<T: PacketTx, D: Doorbell> Sender<T, D> {
 
     /// Transactions in flight (or reserved for a late completion).
     pub fn transactions_in_flight(&self) -> usize {
-        self.core.txns.in_use()
+        self.core.live.txns.in_use()
     }
 }
 

@@ -82,6 +82,8 @@ mod saved;
 mod send;
 #[cfg(feature = "std")]
 mod wait;
+#[cfg(feature = "alloc")]
+mod watch;
 
 #[cfg(feature = "alloc")]
 pub(crate) use call::CallStep;
@@ -98,6 +100,8 @@ pub use saved::{SAVED_STATE_MAGIC, SAVED_STATE_VERSION, SavedStateError};
 pub use send::SendBatch;
 pub(crate) use send::completion;
 pub(crate) use send::request_packet;
+#[cfg(feature = "alloc")]
+pub use watch::{Sample, Watch};
 
 const OPEN: u8 = 0;
 const PEER_CLOSED: u8 = 1;
@@ -136,10 +140,9 @@ pub(crate) struct RxState<R> {
 /// over the link that needs neither half lives here.
 pub(crate) struct Core<D> {
     doorbell: D,
-    state: AtomicU8,
-    cause: Lock<Option<FailureCause>>,
-    counters: AtomicCounters,
-    txns: Transactions,
+    /// What a [`Watch`] reads; shared with watchers (under `alloc`), so a monitor holds
+    /// neither the doorbell nor the links.
+    live: LiveBox,
     /// For each transaction slot a caller waits on: the length of its response buffer,
     /// the most the receive path stores of its completion.
     #[cfg(feature = "alloc")]
@@ -155,6 +158,46 @@ pub(crate) struct Core<D> {
     wake_cost_ns: AtomicU64,
     config: Config,
 }
+
+/// The part of the core a monitor may read while the endpoint runs: its state, failure
+/// cause, counters and transaction table. It holds no resource (no fd, no memory of the
+/// peer's), so a [`Watch`] that outlives the endpoint keeps nothing open.
+pub(crate) struct Live {
+    state: AtomicU8,
+    cause: Lock<Option<FailureCause>>,
+    counters: AtomicCounters,
+    txns: Transactions,
+}
+
+impl Live {
+    fn new() -> Self {
+        Self {
+            state: AtomicU8::new(OPEN),
+            cause: Lock::new(None),
+            counters: AtomicCounters::default(),
+            txns: Transactions::new(),
+        }
+    }
+
+    /// Where the channel is in its life.
+    fn state(&self) -> ChannelState {
+        match self.state.load(Ordering::Acquire) {
+            OPEN => ChannelState::Open,
+            PEER_CLOSED => ChannelState::PeerClosed,
+            _ => match *self.cause.lock() {
+                Some(c) => ChannelState::Failed(c),
+                None => ChannelState::Open,
+            },
+        }
+    }
+}
+
+/// Where the core keeps [`Live`]: behind an `Arc` that watchers share under `alloc`, in
+/// place without an allocator (nobody can watch there).
+#[cfg(feature = "alloc")]
+type LiveBox = alloc::sync::Arc<Live>;
+#[cfg(not(feature = "alloc"))]
+type LiveBox = Live;
 
 /// Where a half lives: behind a lock in a shared [`Endpoint`], in a `RefCell` in a
 /// [`Sender`] or [`Receiver`] that one thread owns (no lock, no atomic instruction).
@@ -285,12 +328,13 @@ impl<R> RxState<R> {
 
 impl<D: Doorbell> Core<D> {
     fn new(doorbell: D, config: Config) -> Self {
+        Self::with_live(doorbell, config, Live::new())
+    }
+
+    fn with_live(doorbell: D, config: Config, live: Live) -> Self {
         Self {
             doorbell,
-            state: AtomicU8::new(OPEN),
-            cause: Lock::new(None),
-            counters: AtomicCounters::default(),
-            txns: Transactions::new(),
+            live: live.into(),
             #[cfg(feature = "alloc")]
             call_capacity: core::array::from_fn(|_| AtomicUsize::new(0)),
             hub: Hub::default(),
@@ -308,19 +352,12 @@ impl<D: Doorbell> Core<D> {
 
     /// The counters.
     fn counters(&self) -> Counters {
-        self.counters.snapshot()
+        self.live.counters.snapshot()
     }
 
     /// Where the channel is in its life.
     fn state(&self) -> ChannelState {
-        match self.state.load(Ordering::Acquire) {
-            OPEN => ChannelState::Open,
-            PEER_CLOSED => ChannelState::PeerClosed,
-            _ => match *self.cause.lock() {
-                Some(c) => ChannelState::Failed(c),
-                None => ChannelState::Open,
-            },
-        }
+        self.live.state()
     }
 
     /// Puts the channel in the failed state (the first cause sticks) and returns the
@@ -328,27 +365,31 @@ impl<D: Doorbell> Core<D> {
     fn fail(&self, cause: impl Into<FailureCause>) -> ChannelError {
         let cause = cause.into();
         let stored = {
-            let mut c = self.cause.lock();
+            let mut c = self.live.cause.lock();
             *c.get_or_insert(cause)
         };
-        self.state.store(FAILED, Ordering::Release);
+        self.live.state.store(FAILED, Ordering::Release);
         self.hub.notify(&self.doorbell);
         ChannelError::Failed(stored)
     }
 
     fn failed(&self) -> Option<ChannelError> {
-        if self.state.load(Ordering::Acquire) == FAILED {
+        if self.live.state.load(Ordering::Acquire) == FAILED {
             return Some(ChannelError::Failed(
-                (*self.cause.lock()).unwrap_or(FailureCause::Doorbell(DoorbellError::PeerClosed)),
+                (*self.live.cause.lock())
+                    .unwrap_or(FailureCause::Doorbell(DoorbellError::PeerClosed)),
             ));
         }
         None
     }
 
     fn mark_peer_closed(&self) {
-        let _ = self
-            .state
-            .compare_exchange(OPEN, PEER_CLOSED, Ordering::AcqRel, Ordering::Acquire);
+        let _ = self.live.state.compare_exchange(
+            OPEN,
+            PEER_CLOSED,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
         self.hub.notify(&self.doorbell);
     }
 
@@ -356,7 +397,7 @@ impl<D: Doorbell> Core<D> {
     /// call). Receives read it *before* looking at the ring, so that what the peer
     /// committed before leaving is still received.
     fn known_gone(&self) -> bool {
-        self.state.load(Ordering::Acquire) == PEER_CLOSED
+        self.live.state.load(Ordering::Acquire) == PEER_CLOSED
     }
 
     /// After a receive found nothing: with [`Probe::Doorbell`], asks the doorbell whether
@@ -365,18 +406,20 @@ impl<D: Doorbell> Core<D> {
     /// [`probe_due`](config::probe_due)). True means it has just been found gone and the
     /// receive must look at the ring once more.
     fn newly_gone(&self, probe: Probe) -> bool {
-        probe == Probe::Doorbell && probe_due(&self.counters.rx.empty_looks) && self.peer_gone()
+        probe == Probe::Doorbell
+            && probe_due(&self.live.counters.rx.empty_looks)
+            && self.peer_gone()
     }
 
     /// A receive found a packet: the next empty look asks the doorbell again.
     #[inline]
     fn received(&self) {
-        progressed(&self.counters.rx.empty_looks);
+        progressed(&self.live.counters.rx.empty_looks);
     }
 
     /// True when the peer is gone, asking the doorbell if the state does not say so yet.
     fn peer_gone(&self) -> bool {
-        if self.state.load(Ordering::Acquire) == PEER_CLOSED {
+        if self.live.state.load(Ordering::Acquire) == PEER_CLOSED {
             return true;
         }
         if self.doorbell.peer_closed() {
@@ -399,7 +442,7 @@ impl<D: Doorbell> Core<D> {
     /// Rings the peer's doorbell if a commit asked for it.
     fn signal(&self, signal: Signal) -> Result<(), ChannelError> {
         if signal.is_needed() {
-            bump(&self.counters.tx.signals_sent, 1);
+            bump(&self.live.counters.tx.signals_sent, 1);
             self.doorbell.signal().map_err(|e| self.doorbell_error(e))?;
         }
         Ok(())

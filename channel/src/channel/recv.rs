@@ -29,14 +29,14 @@ impl<'a, R: PacketRx, D: Doorbell, TC, RC: Half<Item = RxState<R>>> Ops<'a, D, T
     /// call's), false when it was taken here (a late one, or a waiting caller's).
     #[inline(never)]
     fn route_completion(&self, rx: &mut RxState<R>, info: &Received) -> Result<bool, ChannelError> {
-        match self.txns.route(info.transaction_id) {
+        match self.live.txns.route(info.transaction_id) {
             Route::Polled => Ok(true),
             Route::Unknown => Err(self.fail(ProtocolError::UnknownTransaction {
                 transaction_id: info.transaction_id,
             })),
             Route::Late(index) => {
-                self.txns.free_late(index);
-                bump(&self.counters.rx.late_completions, 1);
+                self.live.txns.free_late(index);
+                bump(&self.live.counters.rx.late_completions, 1);
                 self.consume(&mut rx.link, info);
                 Ok(false)
             }
@@ -55,8 +55,8 @@ impl<'a, R: PacketRx, D: Doorbell, TC, RC: Half<Item = RxState<R>>> Ops<'a, D, T
                 }
                 rx.stored_len[index] = needed;
                 self.consume(&mut rx.link, info);
-                if !self.txns.mark_done(index) {
-                    bump(&self.counters.rx.late_completions, 1);
+                if !self.live.txns.mark_done(index) {
+                    bump(&self.live.counters.rx.late_completions, 1);
                 }
                 self.hub.notify(&self.doorbell);
                 Ok(false)
@@ -70,9 +70,9 @@ impl<'a, R: PacketRx, D: Doorbell, TC, RC: Half<Item = RxState<R>>> Ops<'a, D, T
     #[inline]
     pub(crate) fn consume(&self, link: &mut R, info: &Received) {
         link.consume();
-        bump_held(&self.counters.rx.packets_received, 1);
+        bump_held(&self.live.counters.rx.packets_received, 1);
         bump_held(
-            &self.counters.rx.bytes_received,
+            &self.live.counters.rx.bytes_received,
             vmlink_ring::protocol::packet_len(info.header_len, info.payload_len).unwrap_or(0)
                 as u64,
         );
@@ -123,7 +123,7 @@ impl<'a, R: PacketRx, D: Doorbell, TC, RC: Half<Item = RxState<R>>> Ops<'a, D, T
             .map_err(|e| self.link_error(e))?;
         self.consume(link, info);
         if meta.packet_type == PacketType::Completion {
-            self.txns.release_polled(meta.transaction_id);
+            self.live.txns.release_polled(meta.transaction_id);
         }
         Ok(meta)
     }
@@ -280,7 +280,7 @@ impl<'a, R: PacketRx, D: Doorbell, TC, RC: Half<Item = RxState<R>>> Ops<'a, D, T
             });
             self.consume(&mut rx.link, &info);
             if info.packet_type == PacketType::Completion {
-                self.txns.release_polled(info.transaction_id);
+                self.live.txns.release_polled(info.transaction_id);
             }
             n += 1;
             // A header read in `each` may have failed the channel: no packet after it.

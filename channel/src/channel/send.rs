@@ -13,7 +13,7 @@ impl<'a, T: PacketTx, D: Doorbell, TC: Half<Item = T>, RC> Ops<'a, D, TC, RC> {
         &self,
         write: &mut dyn FnMut(&mut T) -> Result<usize, ChannelError>,
     ) -> Result<(), ChannelError> {
-        let looks = &self.counters.tx.full_looks;
+        let looks = &self.live.counters.tx.full_looks;
         match self.send_once(write) {
             Ok(()) => {
                 progressed(looks);
@@ -36,8 +36,8 @@ impl<'a, T: PacketTx, D: Doorbell, TC: Half<Item = T>, RC> Ops<'a, D, TC, RC> {
         let signal = {
             let mut tx = self.tx.lock();
             let len = write(&mut tx).map_err(|e| self.link_error(e))?;
-            bump_held(&self.counters.tx.packets_sent, 1);
-            bump_held(&self.counters.tx.bytes_sent, len as u64);
+            bump_held(&self.live.counters.tx.packets_sent, 1);
+            bump_held(&self.live.counters.tx.bytes_sent, len as u64);
             tx.commit()
         };
         self.signal(signal)
@@ -92,7 +92,7 @@ impl<'a, T: PacketTx, D: Doorbell, TC: Half<Item = T>, RC> Ops<'a, D, TC, RC> {
         header_len: usize,
         payload_len: usize,
     ) -> Result<WaitDecision, ChannelError> {
-        bump(&self.counters.tx.send_waits, 1);
+        bump(&self.live.counters.tx.send_waits, 1);
         let (decision, signal) = {
             let mut tx = self.tx.lock();
             tx.prepare_wait(header_len, payload_len)
@@ -256,8 +256,8 @@ impl<T: PacketTx, D: Doorbell, G: core::ops::DerefMut<Target = T>> SendBatch<'_,
     pub fn commit(mut self) -> Result<(), ChannelError> {
         let signal = self.tx.commit();
         let c = self.channel;
-        bump_held(&c.counters.tx.packets_sent, self.packets);
-        bump_held(&c.counters.tx.bytes_sent, self.bytes);
+        bump_held(&c.live.counters.tx.packets_sent, self.packets);
+        bump_held(&c.live.counters.tx.bytes_sent, self.bytes);
         self.packets = 0;
         drop(self);
         c.signal(signal)

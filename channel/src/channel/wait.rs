@@ -111,7 +111,7 @@ impl<D: Doorbell> Core<D> {
         let start = self.adaptive_spin().then(Instant::now);
         match self.hub.wait(&self.doorbell, seen, timeout) {
             Ok(true) => {
-                bump(&self.counters.rx.signals_received, 1);
+                bump(&self.live.counters.rx.signals_received, 1);
                 if let Some(start) = start {
                     self.note_sleep(start.elapsed());
                 }
@@ -227,7 +227,8 @@ impl<'a, R: PacketRx, D: Doorbell, TC, RC: Half<Item = RxState<R>>> Ops<'a, D, T
             }
             // The state is an atomic; the doorbell's own check may be a system call, so
             // it is consulted only now and then.
-            if self.state.load(Ordering::Acquire) != OPEN || (i % 64 == 0 && self.peer_gone()) {
+            if self.live.state.load(Ordering::Acquire) != OPEN || (i % 64 == 0 && self.peer_gone())
+            {
                 found = true;
                 break;
             }
@@ -269,7 +270,7 @@ impl<'a, R: PacketRx, D: Doorbell, TC, RC: Half<Item = RxState<R>>> Ops<'a, D, T
         if self.prepare_wait_for(queued)? == WaitDecision::Ready {
             return Ok(());
         }
-        bump(&self.counters.rx.receive_sleeps, 1);
+        bump(&self.live.counters.rx.receive_sleeps, 1);
         self.wait_event(seen, deadline, None)
     }
 

@@ -108,7 +108,7 @@ impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
         let _ = self.core.signal(signal);
         let rx = self.rx.get_mut();
         SavedEndpoint {
-            transactions: self.core.txns.save(),
+            transactions: self.core.live.txns.save(),
             queued: rx.queue.iter().map(|(m, b)| (m, b.to_vec())).collect(),
             counters: self.core.counters(),
             failure: match self.core.state() {
@@ -137,7 +137,20 @@ impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
         config: Config,
         saved: &SavedEndpoint,
     ) -> Result<Self, ChannelError> {
-        let mut ep = Self::over(tx, rx, doorbell, config);
+        let mut live = Live::new();
+        live.txns = Transactions::restore(&saved.transactions);
+        live.counters = AtomicCounters::from_snapshot(&saved.counters);
+        if let Some(cause) = saved.failure {
+            live.cause = Lock::new(Some(cause));
+            live.state = AtomicU8::new(FAILED);
+        } else if saved.peer_closed {
+            live.state = AtomicU8::new(PEER_CLOSED);
+        }
+        let mut ep = Self {
+            rx: Lock::new(RxState::new(rx, &config)),
+            tx: Lock::new(tx),
+            core: Core::with_live(doorbell, config, live),
+        };
         {
             let rx = ep.rx.get_mut();
             for (meta, bytes) in &saved.queued {
@@ -156,14 +169,6 @@ impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
                     });
                 }
             }
-        }
-        ep.core.txns = Transactions::restore(&saved.transactions);
-        ep.core.counters = AtomicCounters::from_snapshot(&saved.counters);
-        if let Some(cause) = saved.failure {
-            *ep.core.cause.get_mut() = Some(cause);
-            ep.core.state = AtomicU8::new(FAILED);
-        } else if saved.peer_closed {
-            ep.core.state = AtomicU8::new(PEER_CLOSED);
         }
         // The unstick: the peer is signalled when the links say it may sleep on something
         // it was never signalled for while nobody served this side: data it has not read
