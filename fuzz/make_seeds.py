@@ -591,6 +591,21 @@ SEEDS["saved_state"] = {
     "seed-failed": GOLDEN_V1[:0x1A] + b"\x00\x00" * 64 + b"\x00" * 9 + b"\x02\x01" + b"\x00",
 }
 
+# ---- stats_report: raw bytes (no `arbitrary` encoding) ---------------------------------
+with open(os.path.join(HERE, "..", "transport", "shm", "tests", "monitor", "report-v1.bin"), "rb") as f:
+    REPORT_V1 = f.read()
+
+SEEDS["stats_report"] = {
+    # The committed golden report: one listener, one failed channel with a ring fill.
+    "seed-v1": REPORT_V1,
+    # The same claiming a newer version, cut short, and with a trailing byte.
+    "seed-newer": REPORT_V1[:8] + u16(2) + REPORT_V1[10:],
+    "seed-cut": REPORT_V1[:-3],
+    "seed-trailing": REPORT_V1 + b"\x00",
+    # An empty process that claims 2^32 listeners and carries none.
+    "seed-huge-count": REPORT_V1[:10] + b"\x01\x01\x00\x00" + b"\x80\x80\x80\x80\x10",
+}
+
 for target, seeds in SEEDS.items():
     d = os.path.join(HERE, "corpus", target)
     os.makedirs(d, exist_ok=True)

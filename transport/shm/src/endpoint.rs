@@ -10,7 +10,7 @@ use crate::policy::PeerCredentials;
 pub type ShmChannel = Channel<ShmRing, EventFdDoorbell>;
 
 /// Which side of the channel an [`Endpoint`] is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Role {
     /// The side that allocated the memory and listened.
     Host,
@@ -42,6 +42,7 @@ impl Endpoint {
         service: String,
         role: Role,
     ) -> Self {
+        crate::monitor::publish_channel(channel.watch(), &memory, role, &service, peer);
         Self {
             channel,
             buffer: memory.buffer(),

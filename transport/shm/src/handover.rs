@@ -80,6 +80,7 @@ use crate::error::{RefusalCode, ShmError};
 use crate::guest::map_checked;
 use crate::host::{bind_private, refuse};
 use crate::memory::Layout;
+use crate::monitor::ListenerKind;
 use crate::policy::PeerCredentials;
 use crate::protocol::{self, Deadline, HandOverBody};
 use crate::{ShmChannel, sys};
@@ -102,6 +103,7 @@ pub struct HandOverListener {
     timeout: Duration,
     /// Connections whose request has not arrived yet, and when each came.
     pending: Mutex<Vec<(UnixStream, Instant)>>,
+    _published: crate::monitor::ListenerRegistration,
 }
 
 /// Connections waiting for their request at most (more are refused at once).
@@ -113,11 +115,13 @@ impl HandOverListener {
     pub fn bind(path: impl AsRef<Path>) -> Result<Self, ShmError> {
         let path = path.as_ref().to_path_buf();
         let listener = bind_private(&path)?;
+        let published = crate::monitor::publish_listener(&path, ListenerKind::HandOver, Vec::new());
         Ok(Self {
             listener,
             path,
             timeout: DEFAULT_HANDOVER_TIMEOUT,
             pending: Mutex::new(Vec::new()),
+            _published: published,
         })
     }
 

@@ -311,6 +311,7 @@ pub struct Listener {
     outcomes: Mutex<mpsc::Receiver<Outcome>>,
     stop: sys::EventFd,
     acceptor: Option<JoinHandle<()>>,
+    _published: crate::monitor::ListenerRegistration,
 }
 
 impl Listener {
@@ -329,6 +330,11 @@ impl Listener {
         let stop = sys::EventFd::new().map_err(ShmError::io("eventfd"))?;
         let stop_wait = stop.try_clone().map_err(ShmError::io("dup"))?;
         let (tx, rx) = mpsc::channel();
+        let published = crate::monitor::publish_listener(
+            &path,
+            crate::monitor::ListenerKind::Services,
+            services.iter().map(|s| s.name().to_owned()).collect(),
+        );
         let services: Arc<[Service]> = services.into();
         let acceptor = thread::Builder::new()
             .name("vmlink-shm-accept".into())
@@ -339,6 +345,7 @@ impl Listener {
             outcomes: Mutex::new(rx),
             stop,
             acceptor: Some(acceptor),
+            _published: published,
         })
     }
 

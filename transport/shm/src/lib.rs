@@ -67,6 +67,7 @@ mod guest;
 mod handover;
 mod host;
 mod memory;
+pub mod monitor;
 mod policy;
 mod protocol;
 mod sys;

@@ -282,6 +282,13 @@ impl SharedMemory {
         }
     }
 
+    /// Another view of a mapping some other view holds (the monitor's, to read the rings'
+    /// indices).
+    pub(crate) fn from_shared(map: Arc<Mapping>, layout: Layout) -> Self {
+        debug_assert_eq!(map.len() as u64, layout.total_len());
+        Self { map, layout }
+    }
+
     /// The layout.
     pub fn layout(&self) -> Layout {
         self.layout

@@ -4,7 +4,7 @@ use std::fmt;
 
 /// The credentials of the process at the other end of a Unix socket (`SO_PEERCRED`), as
 /// they were when it connected.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct PeerCredentials {
     /// Its process id (as seen from our pid namespace; 0 if unknown).
     pub pid: i32,
