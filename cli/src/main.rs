@@ -19,6 +19,7 @@ mod inspect;
 mod pattern;
 mod pipe;
 mod report;
+mod stat;
 mod takeover;
 
 use std::path::PathBuf;
@@ -105,6 +106,21 @@ enum Command {
     /// Exits 0 on success, 1 when the agent refused the request (a key not found, a copy
     /// outside its root, a shutdown it is not configured to run), 2 on any other error.
     Ic(ic::IcArgs),
+    /// List the live vmlink-shm channels of every process this user may see: service,
+    /// role, peer, state, counters, calls in flight and how full each ring is.
+    ///
+    /// Every process with a vmlink-shm channel or listener publishes them on a socket in
+    /// the runtime directory (`$XDG_RUNTIME_DIR/vmlink`, else `/run/user/UID/vmlink`, else
+    /// `vmlink-UID` in the temp directory); reading them takes no lock of the channels'.
+    /// Sockets of processes that died are counted as stale and ignored. Exits 0 (also
+    /// when nothing is published), 2 when the directory cannot be read.
+    Stat(stat::StatArgs),
+    /// Show the live channels' rates per second (packets, bytes and signals each way),
+    /// refreshed in place, like `top`.
+    ///
+    /// Reads what `vmlink stat` reads, every `--interval` seconds; a channel's rates are
+    /// the differences of its counters over the time between its process's two answers.
+    Top(stat::TopArgs),
     /// The guest side of `vmlink demo` (spawned by it; not for direct use).
     #[command(hide = true)]
     DemoGuest(DemoGuestArgs),
@@ -208,6 +224,8 @@ fn main() -> ExitCode {
         ),
         Command::Connect(args) => status("connect", pipe::connect(&args.at, &args.service)),
         Command::Agent(args) => status("agent", ic::agent(&args)),
+        Command::Stat(args) => status("stat", stat::stat(&args)),
+        Command::Top(args) => status("top", stat::top(&args)),
         Command::Ic(args) => match ic::ic(&args) {
             Ok(code) => ExitCode::from(code),
             Err(e) => {
