@@ -47,8 +47,15 @@ pub struct TopArgs {
 }
 
 fn scan(dir: Option<&PathBuf>) -> Result<Scan> {
-    let dir = dir.cloned().unwrap_or_else(monitor::runtime_dir);
-    monitor::scan_dir(&dir).context(&format!("read {}", dir.display()))
+    match dir {
+        Some(dir) => monitor::scan_dir(dir).context(&format!("read {}", dir.display())),
+        None => monitor::scan().context(&format!("read {}", monitor::runtime_dir().display())),
+    }
+}
+
+/// `n` and the noun, in the plural unless `n` is 1.
+fn count(n: u64, noun: &str) -> String {
+    format!("{n} {noun}{}", if n == 1 { "" } else { "s" })
 }
 
 /// Runs `vmlink stat`.
@@ -216,12 +223,11 @@ fn stat_text(scan: &Scan) -> String {
     for h in &scan.hosts {
         let _ = writeln!(
             out,
-            "\npid {} {} (uid {}): {} channel{}",
+            "\npid {} {} (uid {}): {}",
             h.pid,
             h.program,
             h.uid,
-            h.channels.len(),
-            if h.channels.len() == 1 { "" } else { "s" }
+            count(h.channels.len() as u64, "channel")
         );
         for l in &h.listeners {
             match l.kind {
@@ -247,10 +253,10 @@ fn stat_text(scan: &Scan) -> String {
             );
             let _ = writeln!(
                 out,
-                "     sent {} packets ({}), received {} packets ({})",
-                k.packets_sent,
+                "     sent {} ({}), received {} ({})",
+                count(k.packets_sent, "packet"),
                 bytes(k.bytes_sent as f64),
-                k.packets_received,
+                count(k.packets_received, "packet"),
                 bytes(k.bytes_received as f64)
             );
             let _ = writeln!(

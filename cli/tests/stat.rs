@@ -285,6 +285,25 @@ fn top_and_stat_refuse_wrong_flags() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(needle), "{args:?}: {err}");
     }
+    // The default directory must be private: sockets another user put in a shared one
+    // could answer with made-up reports.
+    let dir = common::private_dir("stat-open-dir");
+    let open = dir.join("vmlink");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_vmlink"))
+        .arg("stat")
+        .env("XDG_RUNTIME_DIR", &dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("must be a directory owned by this user with mode 0700"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+
     let out = Command::new(env!("CARGO_BIN_EXE_vmlink"))
         .args(["stat", "--bogus"])
         .stderr(Stdio::piped())

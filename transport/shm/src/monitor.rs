@@ -350,13 +350,20 @@ pub fn runtime_dir() -> PathBuf {
     }
 }
 
-/// Reads every report in [`runtime_dir`].
+/// Reads every report in [`runtime_dir`], which must be this user's and private (else
+/// [`MonitorError::Directory`]: another user could have put sockets there that answer
+/// with made-up reports). A directory that does not exist has no reports.
 pub fn scan() -> Result<Scan, MonitorError> {
-    scan_dir(&runtime_dir())
+    let dir = runtime_dir();
+    if dir.exists() {
+        private_dir(&dir).map_err(MonitorError::Directory)?;
+    }
+    scan_dir(&dir)
 }
 
 /// Reads every report in `dir`: each `<pid>.sock` is queried; a missing directory has
-/// none.
+/// none. The directory is taken as the caller's choice, whoever owns it (root reading a
+/// user's, say).
 pub fn scan_dir(dir: &Path) -> Result<Scan, MonitorError> {
     let mut scan = Scan {
         dir: dir.to_path_buf(),
