@@ -223,7 +223,7 @@ pub fn vmlink_channel<T, R, D>(
 ) where
     T: PacketTx + Send + 'static,
     R: PacketRx + Send + 'static,
-    D: Doorbell + Send + 'static,
+    D: Doorbell + Send + Sync + 'static,
 {
     let peer = {
         let mut check = Check::new(8);

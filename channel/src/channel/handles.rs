@@ -15,7 +15,7 @@ use vmlink_ring::{OutgoingPacket, PacketMeta, RingMem, WaitDecision, WriteSlot};
 use super::NoHalf;
 use super::{
     ChannelState, Config, Core, Counters, Endpoint, Lock, Ops, Packet, RxState, SendBatch, Wait,
-    completion,
+    boxed, completion,
 };
 use crate::Channel;
 #[cfg(feature = "alloc")]
@@ -34,7 +34,7 @@ impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
         Self {
             rx: Lock::new(RxState::new(rx, &config)),
             tx: Lock::new(tx),
-            core: Core::new(doorbell, config),
+            core: boxed(Core::new(doorbell, config)),
         }
     }
 
@@ -105,7 +105,7 @@ impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
     /// ```
     #[cfg(feature = "alloc")]
     pub fn split(self) -> (Sender<T, D>, Receiver<R, D>) {
-        let core = Arc::new(self.core);
+        let core = self.core;
         (
             Sender {
                 core: Arc::clone(&core),

@@ -140,9 +140,8 @@ pub(crate) struct RxState<R> {
 /// over the link that needs neither half lives here.
 pub(crate) struct Core<D> {
     doorbell: D,
-    /// What a [`Watch`] reads; shared with watchers (under `alloc`), so a monitor holds
-    /// neither the doorbell nor the links.
-    live: LiveBox,
+    /// What a [`Watch`] reads.
+    live: Live,
     /// For each transaction slot a caller waits on: the length of its response buffer,
     /// the most the receive path stores of its completion.
     #[cfg(feature = "alloc")]
@@ -160,8 +159,8 @@ pub(crate) struct Core<D> {
 }
 
 /// The part of the core a monitor may read while the endpoint runs: its state, failure
-/// cause, counters and transaction table. It holds no resource (no fd, no memory of the
-/// peer's), so a [`Watch`] that outlives the endpoint keeps nothing open.
+/// cause, counters and transaction table, all atomics (and the cause's lock, taken only
+/// once the channel has failed).
 pub(crate) struct Live {
     state: AtomicU8,
     cause: Lock<Option<FailureCause>>,
@@ -192,12 +191,22 @@ impl Live {
     }
 }
 
-/// Where the core keeps [`Live`]: behind an `Arc` that watchers share under `alloc`, in
-/// place without an allocator (nobody can watch there).
+/// Where an [`Endpoint`] keeps its core: behind an `Arc` under `alloc`, which the halves
+/// of [`Endpoint::split`] share and a [`Watch`] holds weakly; in place without an
+/// allocator (nobody can watch there). Operations borrow the core once and reach every
+/// field from that borrow.
 #[cfg(feature = "alloc")]
-type LiveBox = alloc::sync::Arc<Live>;
+type CoreBox<D> = alloc::sync::Arc<Core<D>>;
 #[cfg(not(feature = "alloc"))]
-type LiveBox = Live;
+type CoreBox<D> = Core<D>;
+
+/// Puts a core where an [`Endpoint`] keeps it.
+fn boxed<D>(core: Core<D>) -> CoreBox<D> {
+    #[cfg(feature = "alloc")]
+    return alloc::sync::Arc::new(core);
+    #[cfg(not(feature = "alloc"))]
+    core
+}
 
 /// Where a half lives: behind a lock in a shared [`Endpoint`], in a `RefCell` in a
 /// [`Sender`] or [`Receiver`] that one thread owns (no lock, no atomic instruction).
@@ -264,7 +273,10 @@ impl<D, TC, RC> core::ops::Deref for Ops<'_, D, TC, RC> {
 /// counters, and waiting on a doorbell that wakes the peer only when it needs waking.
 ///
 /// Every method takes `&self`: an endpoint can be shared by threads (when its link and
-/// doorbell allow), with many calls in flight at once. Sends lock the sending half,
+/// doorbell allow), with many calls in flight at once. It moves to another thread when its
+/// links are `Send` and its doorbell `Send + Sync` (under `alloc` the core that holds the
+/// doorbell is shared: with the halves of [`split`](Self::split) and, for the few loads of
+/// a sample, a [`Watch`]). Sends lock the sending half,
 /// receives the receiving one, each only for the link operation itself. Two threads that
 /// only send and only receive use [`split`](Self::split) instead: halves without locks.
 ///
@@ -272,7 +284,7 @@ impl<D, TC, RC> core::ops::Deref for Ops<'_, D, TC, RC> {
 /// (a stream transport, a layer over another link) gets the same API from
 /// [`Endpoint::over`].
 pub struct Endpoint<T, R, D> {
-    core: Core<D>,
+    core: CoreBox<D>,
     tx: Lock<T>,
     rx: Lock<RxState<R>>,
 }
@@ -334,7 +346,7 @@ impl<D: Doorbell> Core<D> {
     fn with_live(doorbell: D, config: Config, live: Live) -> Self {
         Self {
             doorbell,
-            live: live.into(),
+            live,
             #[cfg(feature = "alloc")]
             call_capacity: core::array::from_fn(|_| AtomicUsize::new(0)),
             hub: Hub::default(),

@@ -3,17 +3,19 @@
 
 use alloc::sync::{Arc, Weak};
 
-use super::{ChannelState, Counters, Endpoint, Live, Receiver, Sender};
+use super::{ChannelState, Core, Counters, Endpoint, Receiver, Sender};
 use crate::doorbell::Doorbell;
 use crate::link::{PacketRx, PacketTx};
 
 /// A read-only view of a live endpoint, for a monitor in the same process.
 ///
-/// It reads what the endpoint publishes anyway — its state, [`Counters`] and transaction
+/// It reads what the endpoint keeps anyway — its state, [`Counters`] and transaction
 /// table — with plain atomic loads, taking neither half's lock: sampling never waits for
-/// the endpoint and the endpoint never waits for a sample. It keeps no resource of the
-/// endpoint's: once the endpoint (and every half split from it) is dropped,
-/// [`sample`](Self::sample) says `None`, and the doorbell and links are long closed.
+/// the endpoint and the endpoint never waits for a sample. It holds the endpoint weakly:
+/// once the endpoint (and every half split from it) is dropped,
+/// [`sample`](Self::sample) says `None`. A sample keeps the endpoint's doorbell for the
+/// few loads it takes; an endpoint dropped meanwhile closes its doorbell when the sample
+/// ends.
 ///
 /// ```
 /// use vmlink_channel::{ChannelState, Config, Wait, in_process_channel_pair};
@@ -31,7 +33,22 @@ use crate::link::{PacketRx, PacketTx};
 /// ```
 #[derive(Clone)]
 pub struct Watch {
-    live: Weak<Live>,
+    core: Weak<dyn Sampled + Send + Sync>,
+}
+
+/// What a [`Watch`] asks of a core whose doorbell type it does not know.
+trait Sampled {
+    fn sample(&self) -> Sample;
+}
+
+impl<D> Sampled for Core<D> {
+    fn sample(&self) -> Sample {
+        Sample {
+            state: self.live.state(),
+            counters: self.live.counters.snapshot(),
+            transactions_in_flight: self.live.txns.in_use(),
+        }
+    }
 }
 
 /// What a [`Watch`] read at one moment.
@@ -48,26 +65,22 @@ pub struct Sample {
 }
 
 impl Watch {
-    fn of(live: &Arc<Live>) -> Self {
+    fn of<D: Send + Sync + 'static>(core: &Arc<Core<D>>) -> Self {
+        let core: Arc<dyn Sampled + Send + Sync> = core.clone();
         Self {
-            live: Arc::downgrade(live),
+            core: Arc::downgrade(&core),
         }
     }
 
     /// The endpoint's state, counters and calls in flight now; `None` once the endpoint
     /// and every half split from it are dropped.
     pub fn sample(&self) -> Option<Sample> {
-        let live = self.live.upgrade()?;
-        Some(Sample {
-            state: live.state(),
-            counters: live.counters.snapshot(),
-            transactions_in_flight: live.txns.in_use(),
-        })
+        Some(self.core.upgrade()?.sample())
     }
 
     /// True while the endpoint (or a half split from it) exists.
     pub fn is_alive(&self) -> bool {
-        self.live.strong_count() > 0
+        self.core.strong_count() > 0
     }
 }
 
@@ -79,23 +92,23 @@ impl core::fmt::Debug for Watch {
     }
 }
 
-impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
+impl<T: PacketTx, R: PacketRx, D: Doorbell + Send + Sync + 'static> Endpoint<T, R, D> {
     /// A [`Watch`] on this endpoint, for a monitor in another thread.
     pub fn watch(&self) -> Watch {
-        Watch::of(&self.core.live)
+        Watch::of(&self.core)
     }
 }
 
-impl<T: PacketTx, D: Doorbell> Sender<T, D> {
+impl<T: PacketTx, D: Doorbell + Send + Sync + 'static> Sender<T, D> {
     /// A [`Watch`] on the endpoint this half was split from.
     pub fn watch(&self) -> Watch {
-        Watch::of(&self.core.live)
+        Watch::of(&self.core)
     }
 }
 
-impl<R: PacketRx, D: Doorbell> Receiver<R, D> {
+impl<R: PacketRx, D: Doorbell + Send + Sync + 'static> Receiver<R, D> {
     /// A [`Watch`] on the endpoint this half was split from.
     pub fn watch(&self) -> Watch {
-        Watch::of(&self.core.live)
+        Watch::of(&self.core)
     }
 }

@@ -63,6 +63,23 @@ impl SavedEndpoint {
     }
 }
 
+/// The endpoint's core, no longer shared: a [`Watch`] holds it only while it takes a
+/// sample (a few atomic loads), so this waits at most that long.
+fn unshare<D>(mut core: alloc::sync::Arc<Core<D>>) -> Core<D> {
+    loop {
+        match alloc::sync::Arc::try_unwrap(core) {
+            Ok(core) => return core,
+            Err(shared) => {
+                core = shared;
+                #[cfg(feature = "std")]
+                std::thread::yield_now();
+                #[cfg(not(feature = "std"))]
+                core::hint::spin_loop();
+            }
+        }
+    }
+}
+
 impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
     /// Quiesces the endpoint and saves its state for a successor, handing back the links
     /// and the doorbell (a successor in this process takes them; one in another process
@@ -90,7 +107,7 @@ impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
     pub fn save(mut self) -> (SavedEndpoint, T, R, D) {
         let saved = self.snapshot();
         let Endpoint { core, tx, rx } = self;
-        let Core { doorbell, .. } = core;
+        let Core { doorbell, .. } = unshare(core);
         (saved, tx.into_inner(), rx.into_inner().link, doorbell)
     }
 
@@ -149,7 +166,7 @@ impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
         let mut ep = Self {
             rx: Lock::new(RxState::new(rx, &config)),
             tx: Lock::new(tx),
-            core: Core::with_live(doorbell, config, live),
+            core: boxed(Core::with_live(doorbell, config, live)),
         };
         {
             let rx = ep.rx.get_mut();
