@@ -16,7 +16,7 @@ use clap::Args;
 use vmlink_channel::{ChannelError, Config, Doorbell, Endpoint, PacketRx, PacketTx};
 use vmlink_hvsock::link::{StreamConfig, stream_endpoint};
 use vmlink_hvsock::socket::{HybridAddr, StreamAddr, VsockAddr};
-use vmlink_shm::{Guest, Layout, Listener, RefusalCode, Service, ShmError};
+use vmlink_shm::{Guest, Layout, Listener, RefusalCode, Role, Service, ShmError, monitor};
 
 use crate::error::{Context, Result, fail};
 use crate::takeover;
@@ -94,7 +94,7 @@ pub fn serve(at: &Transport, service: &str, take_over: bool) -> Result<()> {
                 .accept()
                 .or_else(|e| fail(format!("accept on {addr}: {e}")))?;
             drop(listener);
-            pipe_stream(stream)
+            pipe_stream(stream, Role::Host)
         }
         (None, None) => {
             fail("say where to listen: --socket, --vsock, --hybrid-vsock or --unix-stream")
@@ -110,7 +110,7 @@ pub fn connect(at: &Transport, service: &str) -> Result<()> {
             let stream = addr
                 .connect()
                 .or_else(|e| fail(format!("connect to {addr}: {e}")))?;
-            pipe_stream(stream)
+            pipe_stream(stream, Role::Guest)
         }
         (None, None) => {
             fail("say where to connect: --socket, --vsock, --hybrid-vsock or --unix-stream")
@@ -118,10 +118,12 @@ pub fn connect(at: &Transport, service: &str) -> Result<()> {
     }
 }
 
-/// Pipes over the stream link on a connected stream.
-fn pipe_stream(stream: vmlink_hvsock::socket::Stream) -> Result<()> {
+/// Pipes over the stream link on a connected stream, published for `vmlink stat` as the
+/// side `role` (vmlink-shm's channels publish themselves).
+fn pipe_stream(stream: vmlink_hvsock::socket::Stream, role: Role) -> Result<()> {
     let end = stream_endpoint(stream, StreamConfig::default(), Config::default())
         .context("set up the stream link")?;
+    monitor::publish(end.watch(), DEFAULT_SERVICE, role, None);
     pipe(&end)
 }
 

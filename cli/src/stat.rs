@@ -241,14 +241,16 @@ fn stat_text(scan: &Scan) -> String {
         }
         for c in &h.channels {
             let k = &c.counters;
+            let peer = c.peer.map_or_else(
+                || "peer unknown".to_owned(),
+                |p| format!("peer pid {} uid {}", p.pid, p.uid),
+            );
             let _ = writeln!(
                 out,
-                "  #{} {} {}, peer pid {} uid {}, {}",
+                "  #{} {} {}, {peer}, {}",
                 c.id,
                 c.service,
                 role(c.role),
-                c.peer.pid,
-                c.peer.uid,
                 c.state
             );
             let _ = writeln!(
@@ -354,13 +356,17 @@ fn fill_json(f: Option<RingFill>) -> String {
 
 fn channel_json(c: &ChannelReport) -> String {
     let k = &c.counters;
+    let peer = c.peer.map_or_else(
+        || "null".to_owned(),
+        |p| format!("{{\"pid\":{},\"uid\":{},\"gid\":{}}}", p.pid, p.uid, p.gid),
+    );
     let (state, failure) = match &c.state {
         StateReport::Open => ("open", "null".to_owned()),
         StateReport::PeerClosed => ("peer_closed", "null".to_owned()),
         StateReport::Failed { cause } => ("failed", string(cause)),
     };
     format!(
-        "{{\"id\":{},\"service\":{},\"role\":\"{}\",\"peer\":{{\"pid\":{},\"uid\":{},\"gid\":{}}},\
+        "{{\"id\":{},\"service\":{},\"role\":\"{}\",\"peer\":{peer},\
          \"since_unix_ms\":{},\"state\":\"{state}\",\"failure\":{failure},\
          \"counters\":{{\"packets_sent\":{},\"bytes_sent\":{},\"packets_received\":{},\
          \"bytes_received\":{},\"signals_sent\":{},\"signals_received\":{},\"send_waits\":{},\
@@ -369,9 +375,6 @@ fn channel_json(c: &ChannelReport) -> String {
         c.id,
         string(&c.service),
         role(c.role),
-        c.peer.pid,
-        c.peer.uid,
-        c.peer.gid,
         c.since_unix_ms,
         k.packets_sent,
         k.bytes_sent,

@@ -364,3 +364,65 @@ fn a_process_that_answers_garbage_or_nothing_is_reported_not_trusted() {
     drop(silent);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn stream_link_channels_of_vmlink_serve_and_connect_are_listed_too() {
+    let dir = common::private_dir("stat-stream");
+    let runtime = dir.join("runtime");
+    let sock = dir.join("pipe.sock");
+    let spawn = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_vmlink"))
+            .args(args)
+            .env("XDG_RUNTIME_DIR", &runtime)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    std::fs::create_dir(&runtime).unwrap();
+    let mut server = spawn(&["serve", "--unix-stream", sock.to_str().unwrap()]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "serve never listened");
+        thread::sleep(Duration::from_millis(10));
+    }
+    let mut client = spawn(&["connect", "--unix-stream", sock.to_str().unwrap()]);
+    let published = runtime.join("vmlink");
+    let published_s = published.to_str().unwrap().to_owned();
+    let channels = loop {
+        let s = stat(&published_s);
+        let channels: Vec<Value> = s["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|h| h["channels"].as_array().unwrap().clone())
+            .collect();
+        if channels.len() == 2 {
+            break channels;
+        }
+        assert!(Instant::now() < deadline, "both ends never published: {s}");
+        thread::sleep(Duration::from_millis(20));
+    };
+    let mut roles: Vec<&str> = channels
+        .iter()
+        .map(|c| c["role"].as_str().unwrap())
+        .collect();
+    roles.sort();
+    assert_eq!(roles, ["guest", "host"]);
+    for c in &channels {
+        assert_eq!(c["service"], "vmlink-pipe");
+        assert_eq!(c["peer"], Value::Null, "a stream link cannot tell its peer");
+        assert_eq!(c["outgoing"], Value::Null, "and has no rings");
+        assert_eq!(c["state"], "open");
+    }
+    let _ = server.kill();
+    let _ = client.kill();
+    let _ = server.wait();
+    let _ = client.wait();
+    // Both died without a word: their sockets are stale now, and ignored.
+    let s = stat(&published_s);
+    assert_eq!(s["hosts"], serde_json::json!([]));
+    assert_eq!(s["stale"].as_array().unwrap().len(), 2);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -202,8 +202,9 @@ pub struct ChannelReport {
     pub service: String,
     /// Which side this process is.
     pub role: Role,
-    /// Who is at the other end, as of when it connected.
-    pub peer: PeerCredentials,
+    /// Who is at the other end, as of when it connected (`None` where the transport
+    /// cannot tell, as over vsock).
+    pub peer: Option<PeerCredentials>,
     /// When the channel was made, in milliseconds since the Unix epoch.
     pub since_unix_ms: u64,
     /// Where it is in its life.
@@ -212,9 +213,10 @@ pub struct ChannelReport {
     pub counters: CounterReport,
     /// Transactions in flight (or reserved for a late completion).
     pub calls_in_flight: u64,
-    /// How full the ring this side writes is; `None` when its indices are not sound.
+    /// How full the ring this side writes is; `None` when its indices are not sound, or
+    /// the channel has no rings (a stream link).
     pub outgoing: Option<RingFill>,
-    /// How full the ring this side reads is; `None` when its indices are not sound.
+    /// How full the ring this side reads is; `None` as for `outgoing`.
     pub incoming: Option<RingFill>,
 }
 
@@ -520,11 +522,11 @@ fn registry() -> MutexGuard<'static, Registry> {
 struct Published {
     id: u64,
     watch: Watch,
-    memory: Weak<Mapping>,
-    layout: Layout,
+    /// The shared memory and its layout, for a channel over vmlink-shm's rings.
+    memory: Option<(Weak<Mapping>, Layout)>,
     role: Role,
     service: String,
-    peer: PeerCredentials,
+    peer: Option<PeerCredentials>,
     since_unix_ms: u64,
 }
 
@@ -532,13 +534,41 @@ fn enabled() -> bool {
     !DISABLED.load(Ordering::Relaxed) && std::env::var_os(DISABLE_ENV).is_none_or(|v| v.is_empty())
 }
 
-/// Publishes a channel until it is dropped.
+/// Publishes a vmlink-shm channel until it is dropped.
 pub(crate) fn publish_channel(
     watch: Watch,
     memory: &SharedMemory,
     role: Role,
     service: &str,
     peer: PeerCredentials,
+) {
+    let memory = (std::sync::Arc::downgrade(memory.mapping()), memory.layout());
+    register(watch, Some(memory), role, service, Some(peer));
+}
+
+/// Publishes an endpoint of another transport (a stream link, say) until it and every half
+/// split from it are dropped: `vmlink stat` then lists it with its counters, state and
+/// calls in flight, and no ring fill. vmlink-shm's own endpoints are published when they
+/// are made.
+///
+/// ```
+/// use vmlink_channel::{Config, in_process_channel_pair};
+/// use vmlink_shm::{Role, monitor};
+///
+/// let (a, _b) = in_process_channel_pair(4096, Config::default())?;
+/// monitor::publish(a.watch(), "in-process", Role::Host, None);
+/// # Ok::<(), vmlink_channel::ChannelError>(())
+/// ```
+pub fn publish(watch: Watch, service: &str, role: Role, peer: Option<PeerCredentials>) {
+    register(watch, None, role, service, peer);
+}
+
+fn register(
+    watch: Watch,
+    memory: Option<(Weak<Mapping>, Layout)>,
+    role: Role,
+    service: &str,
+    peer: Option<PeerCredentials>,
 ) {
     if !enabled() {
         return;
@@ -553,8 +583,7 @@ pub(crate) fn publish_channel(
     reg.channels.push(Published {
         id,
         watch,
-        memory: std::sync::Arc::downgrade(memory.mapping()),
-        layout: memory.layout(),
+        memory,
         role,
         service: service.to_owned(),
         peer,
@@ -722,9 +751,13 @@ fn report() -> HostReport {
 }
 
 fn channel_report(c: &Published, sample: &Sample) -> ChannelReport {
-    let (outgoing, incoming) = match c.memory.upgrade() {
-        Some(map) => {
-            let memory = SharedMemory::from_shared(map, c.layout);
+    let (outgoing, incoming) = match c
+        .memory
+        .as_ref()
+        .and_then(|(m, l)| Some((m.upgrade()?, *l)))
+    {
+        Some((map, layout)) => {
+            let memory = SharedMemory::from_shared(map, layout);
             let (out, inc) = match c.role {
                 Role::Host => (memory.host_to_guest(), memory.guest_to_host()),
                 Role::Guest => (memory.guest_to_host(), memory.host_to_guest()),
@@ -814,11 +847,11 @@ mod tests {
                 id: 3,
                 service: "pipe".into(),
                 role: Role::Host,
-                peer: PeerCredentials {
+                peer: Some(PeerCredentials {
                     pid: 9,
                     uid: 1000,
                     gid: 1000,
-                },
+                }),
                 since_unix_ms: 1,
                 state: StateReport::Failed {
                     cause: "ring".into(),
