@@ -401,19 +401,26 @@ fn prepare_directory(path: &Path) -> Result<(), ShmError> {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
+    private_dir(&dir)
+}
+
+/// Creates `dir` owner-only (with its parents), or checks that an existing one is a
+/// directory of this user's that nobody else may enter:
+/// [`ShmError::InsecureDirectory`] if not.
+pub(crate) fn private_dir(dir: &Path) -> Result<(), ShmError> {
     if !dir.exists() {
         DirBuilder::new()
             .recursive(true)
             .mode(0o700)
-            .create(&dir)
-            .map_err(ShmError::io("create the socket directory"))?;
+            .create(dir)
+            .map_err(ShmError::io("create the directory"))?;
     }
-    let meta = fs::metadata(&dir).map_err(ShmError::io("inspect the socket directory"))?;
+    let meta = fs::metadata(dir).map_err(ShmError::io("inspect the directory"))?;
     let me = sys::geteuid();
     let mode = meta.mode() & 0o7777;
     if !meta.is_dir() || meta.uid() != me || mode & 0o077 != 0 {
         return Err(ShmError::InsecureDirectory {
-            path: dir,
+            path: dir.to_path_buf(),
             uid: meta.uid(),
             mode,
         });

@@ -65,10 +65,10 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-use std::fs::{self, DirBuilder};
+use std::fs;
 use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -83,6 +83,7 @@ use vmlink_ring::{ControlWord, RingMem};
 use crate::endpoint::Role;
 use crate::memory::{Layout, Mapping, SharedMemory, ShmRing};
 use crate::policy::PeerCredentials;
+use crate::host::private_dir;
 use crate::{ShmError, sys};
 
 /// The first bytes of every report.
@@ -664,27 +665,6 @@ fn bind(pid: u32) -> Result<UnixListener, MonitorError> {
         .set_nonblocking(false)
         .map_err(MonitorError::io("make the socket blocking"))?;
     Ok(listener)
-}
-
-/// Creates `dir` owner-only, or checks that an existing one is.
-fn private_dir(dir: &Path) -> Result<(), ShmError> {
-    if !dir.exists() {
-        DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(ShmError::io("create the runtime directory"))?;
-    }
-    let meta = fs::symlink_metadata(dir).map_err(ShmError::io("inspect the runtime directory"))?;
-    let mode = meta.mode() & 0o7777;
-    if !meta.is_dir() || meta.uid() != sys::geteuid() || mode & 0o077 != 0 {
-        return Err(ShmError::InsecureDirectory {
-            path: dir.to_path_buf(),
-            uid: meta.uid(),
-            mode,
-        });
-    }
-    Ok(())
 }
 
 /// Removes the socket files of processes that no longer exist and that nobody answers on
