@@ -81,9 +81,9 @@ use vmlink_channel::{ChannelState, Counters, Sample, Watch};
 use vmlink_ring::{ControlWord, RingMem};
 
 use crate::endpoint::Role;
+use crate::host::private_dir;
 use crate::memory::{Layout, Mapping, SharedMemory, ShmRing};
 use crate::policy::PeerCredentials;
-use crate::host::private_dir;
 use crate::{ShmError, sys};
 
 /// The first bytes of every report.
