@@ -44,6 +44,40 @@ pub enum FailureCause {
     /// byte form keeps what kind of failure it was, not its details.
     #[error("failed before it was restored ({0})")]
     Inherited(FailureKind),
+    /// A secure layer refused what arrived: a packet that failed authentication (altered,
+    /// replayed, reordered, dropped, or sealed with another key) or a frame no secure
+    /// peer writes. Nothing of it was delivered.
+    #[error("authentication failed: {0}")]
+    Authentication(#[from] AuthFailure),
+}
+
+/// Why a secure layer refused a packet (see [`FailureCause::Authentication`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuthFailure {
+    /// The authentication tag did not verify: the packet was altered, replayed,
+    /// reordered or dropped before it (each direction accepts exactly the next counter),
+    /// or sealed with a key this side does not hold (a peer that skipped a rekey).
+    #[error("a packet's authentication tag did not verify")]
+    Tag,
+    /// A frame of a kind, type or length no secure peer writes.
+    #[error("a frame no secure peer writes ({0})")]
+    Frame(&'static str),
+    /// A frame longer than this side's bound for one.
+    #[error("a frame of {len} bytes, more than the {max} this side takes")]
+    TooLarge {
+        /// The frame's length.
+        len: usize,
+        /// The bound.
+        max: usize,
+    },
+    /// The authenticated contents are malformed (lengths that do not add up, padding
+    /// that is not zero, a packet type a secure channel does not carry).
+    #[error("a packet's authenticated contents are malformed ({0})")]
+    Contents(&'static str),
+    /// A direction used up its nonces (2^64 - 1 packets under one key epoch).
+    #[error("the nonces of a direction are used up")]
+    Exhausted,
 }
 
 impl FailureCause {
@@ -56,6 +90,7 @@ impl FailureCause {
             Self::Frame(_) => FailureKind::Frame,
             Self::Io(_) => FailureKind::Io,
             Self::Inherited(k) => *k,
+            Self::Authentication(_) => FailureKind::Authentication,
         }
     }
 }
@@ -79,6 +114,9 @@ pub enum FailureKind {
     /// [`FailureCause::Io`].
     #[error("link I/O failed")]
     Io,
+    /// [`FailureCause::Authentication`].
+    #[error("authentication failed")]
+    Authentication,
 }
 
 /// Why a frame of a stream link was refused (the framing: `vmlink-hvsock`'s `frame`

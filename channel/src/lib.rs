@@ -85,7 +85,9 @@ pub use channel::{SAVED_STATE_MAGIC, SAVED_STATE_VERSION, SavedStateError};
 pub use doorbell::{AsyncDoorbell, Doorbell, DoorbellError, Wake};
 #[cfg(feature = "std")]
 pub use doorbell::{InProcessDoorbell, in_process_pair};
-pub use error::{ChannelError, FailureCause, FailureKind, FrameError, Polled, ProtocolError};
+pub use error::{
+    AuthFailure, ChannelError, FailureCause, FailureKind, FrameError, Polled, ProtocolError,
+};
 #[cfg(all(feature = "fd", target_os = "linux"))]
 pub use fd::EventFdDoorbell;
 #[cfg(all(feature = "tokio", target_os = "linux"))]

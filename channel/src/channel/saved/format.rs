@@ -183,6 +183,7 @@ fn kind_code(k: FailureKind) -> u8 {
         FailureKind::Doorbell => 2,
         FailureKind::Frame => 3,
         FailureKind::Io => 4,
+        FailureKind::Authentication => 5,
     }
 }
 
@@ -193,6 +194,7 @@ fn kind_from(code: u8) -> Result<FailureKind, SavedStateError> {
         2 => FailureKind::Doorbell,
         3 => FailureKind::Frame,
         4 => FailureKind::Io,
+        5 => FailureKind::Authentication,
         _ => return Err(SavedStateError::Malformed("an unknown failure kind")),
     })
 }

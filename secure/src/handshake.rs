@@ -1,0 +1,358 @@
+//! The Noise handshake over a plain endpoint, then the secure layer over its links.
+
+use std::time::{Duration, Instant};
+
+use snow::params::NoiseParams;
+use vmlink_channel::{ChannelError, Doorbell, Endpoint, PacketRx, PacketTx, Wait};
+use zeroize::{Zeroize, Zeroizing};
+
+use crate::cipher::{Cipher, KEY_LEN, KeyState, RekeyLimits};
+use crate::keys::{AuthorizedKeys, Keypair, PublicKey};
+use crate::link::{SecureRx, SecureTx};
+
+/// The largest handshake message Noise allows.
+const MAX_NOISE_MESSAGE: usize = 65_535;
+
+/// What a handshake message travels as: a `u32` length (little-endian), then the message
+/// (payloads are padded to 8 bytes on a ring, so the length says where it ends).
+const LENGTH_LEN: usize = 4;
+
+/// What every handshake's prologue starts with; the protocol name follows.
+const PROLOGUE: &str = "vmlink-secure v1 ";
+
+/// The handshake patterns vmlink offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Pattern {
+    /// `XX`: both sides have static keys and learn each other's during the handshake,
+    /// each checking the other's against its authorized keys. Three messages; neither
+    /// side needs the other's key in advance, and both identities are hidden from anyone
+    /// watching the memory.
+    #[default]
+    XX,
+    /// `IK`: the initiator (the guest, usually) knows the responder's (host's) static key
+    /// in advance and sends its own in the first message. Two messages, so one round trip
+    /// less than `XX`; the initiator's identity is hidden, and it authenticates the
+    /// responder from the first reply.
+    IK,
+    /// `NNpsk0`: no static keys, a 32-byte pre-shared key mixed in from the first message.
+    /// For a guest and host provisioned with one shared secret rather than key pairs.
+    NNpsk0,
+}
+
+impl Pattern {
+    fn noise_name(self) -> &'static str {
+        match self {
+            Pattern::XX => "XX",
+            Pattern::IK => "IK",
+            Pattern::NNpsk0 => "NNpsk0",
+        }
+    }
+}
+
+/// The Noise parameters of `pattern` with `cipher`: Curve25519, SHA-256.
+pub(crate) fn params(pattern: Pattern, cipher: Cipher) -> NoiseParams {
+    protocol_name(pattern, cipher)
+        .parse()
+        .expect("the patterns and ciphers offered are Noise protocol names snow knows")
+}
+
+/// The Noise protocol name, e.g. `Noise_XX_25519_ChaChaPoly_SHA256`.
+pub fn protocol_name(pattern: Pattern, cipher: Cipher) -> String {
+    format!(
+        "Noise_{}_25519_{}_SHA256",
+        pattern.noise_name(),
+        cipher.noise_name()
+    )
+}
+
+/// Which side of the handshake this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HandshakeRole {
+    /// Sends the first message (the guest, usually).
+    Initiator,
+    /// Answers it (the host, usually).
+    Responder,
+}
+
+/// What a side proves and accepts.
+#[derive(Clone)]
+pub enum Credentials {
+    /// A static key pair, and the peer keys accepted (`XX` both sides; `IK`: for the
+    /// initiator exactly the responder's key, for the responder the initiators').
+    Static {
+        /// This side's key pair.
+        local: Keypair,
+        /// The peer keys accepted.
+        authorized: AuthorizedKeys,
+    },
+    /// A pre-shared key (`NNpsk0`).
+    Psk(Zeroizing<[u8; KEY_LEN]>),
+}
+
+impl core::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Credentials::Static { local, authorized } => f
+                .debug_struct("Static")
+                .field("local", local)
+                .field("authorized", &authorized.len())
+                .finish(),
+            Credentials::Psk(_) => f.write_str("Psk(..)"),
+        }
+    }
+}
+
+/// How the secure channel is set up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SecureConfig {
+    /// The handshake pattern (both sides must agree).
+    pub pattern: Pattern,
+    /// The transport cipher (both sides must agree).
+    pub cipher: Cipher,
+    /// When both sides rekey.
+    pub rekey: RekeyLimits,
+    /// How long the whole handshake may take.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for SecureConfig {
+    fn default() -> Self {
+        Self {
+            pattern: Pattern::XX,
+            cipher: Cipher::ChaChaPoly,
+            rekey: RekeyLimits::default(),
+            handshake_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why a secure channel could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SecureError {
+    /// The channel under the handshake failed, closed or timed out.
+    #[error("the channel failed during the handshake: {0}")]
+    Channel(#[from] ChannelError),
+    /// A handshake message did not verify or parse (garbage, a truncated message, another
+    /// key or pre-shared key than the pattern expects).
+    #[error("the handshake failed: {0}")]
+    Handshake(String),
+    /// The peer asked for another protocol (pattern or cipher) than this side's.
+    #[error("the peer speaks {theirs}, this side {ours}")]
+    Mismatch {
+        /// This side's protocol.
+        ours: String,
+        /// What the peer sent (cut to 80 bytes).
+        theirs: String,
+    },
+    /// The peer's static key is not among the authorized ones.
+    #[error("the peer's key {fingerprint} is not authorized")]
+    UnknownKey {
+        /// The key's fingerprint.
+        fingerprint: String,
+    },
+    /// The credentials do not fit the pattern.
+    #[error("credentials: {0}")]
+    Credentials(&'static str),
+}
+
+/// A secure channel over links `T` / `R`.
+pub type SecureEndpoint<T, R, D> = Endpoint<SecureTx<T>, SecureRx<R>, D>;
+
+/// A secure channel just set up, with what the handshake established.
+pub struct Established<T, R, D> {
+    /// The channel: every packet sealed and opened by the layer.
+    pub endpoint: SecureEndpoint<T, R, D>,
+    /// The peer's static key (`None` for `NNpsk0`).
+    pub peer_key: Option<PublicKey>,
+    /// The handshake hash, the same on both sides (for channel binding).
+    pub handshake_hash: Vec<u8>,
+}
+
+impl<T, R, D> core::fmt::Debug for Established<T, R, D> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Established")
+            .field("peer_key", &self.peer_key)
+            .finish_non_exhaustive()
+    }
+}
+
+fn noise(e: snow::Error) -> SecureError {
+    SecureError::Handshake(e.to_string())
+}
+
+/// Runs the handshake over `endpoint` (fresh: nothing queued, no call in flight) as
+/// `role`, then puts the secure layer over its links: what comes back seals and opens
+/// every packet. The peer must run the same pattern and cipher as the other role.
+pub fn establish<T, R, D>(
+    endpoint: Endpoint<T, R, D>,
+    role: HandshakeRole,
+    credentials: &Credentials,
+    config: &SecureConfig,
+) -> Result<Established<T, R, D>, SecureError>
+where
+    T: PacketTx,
+    R: PacketRx,
+    D: Doorbell,
+{
+    let deadline = Wait::Until(Instant::now() + config.handshake_timeout);
+    let name = protocol_name(config.pattern, config.cipher);
+    let prologue = format!("{PROLOGUE}{name}");
+    let mut builder = snow::Builder::new(params(config.pattern, config.cipher))
+        .prologue(prologue.as_bytes())
+        .map_err(noise)?;
+    let (local, authorized) = match (credentials, config.pattern) {
+        (Credentials::Static { local, authorized }, Pattern::XX | Pattern::IK) => {
+            (Some(local), Some(authorized))
+        }
+        (Credentials::Psk(_), Pattern::NNpsk0) => (None, None),
+        (Credentials::Psk(_), _) => {
+            return Err(SecureError::Credentials("XX and IK need a static key pair"));
+        }
+        (Credentials::Static { .. }, Pattern::NNpsk0) => {
+            return Err(SecureError::Credentials("NNpsk0 needs a pre-shared key"));
+        }
+    };
+    if let Some(local) = local {
+        builder = builder.local_private_key(local.private()).map_err(noise)?;
+    }
+    let responder_key;
+    if config.pattern == Pattern::IK && role == HandshakeRole::Initiator {
+        let Some(authorized) = authorized.filter(|a| a.len() == 1) else {
+            return Err(SecureError::Credentials(
+                "an IK initiator needs exactly one authorized key: the responder's",
+            ));
+        };
+        responder_key = authorized.keys().next().copied();
+        if let Some(k) = &responder_key {
+            builder = builder.remote_public_key(&k.0).map_err(noise)?;
+        }
+    }
+    if let Credentials::Psk(psk) = credentials {
+        builder = builder.psk(0, psk).map_err(noise)?;
+    }
+    let mut hs = match role {
+        HandshakeRole::Initiator => builder.build_initiator(),
+        HandshakeRole::Responder => builder.build_responder(),
+    }
+    .map_err(noise)?;
+
+    // The protocol name first, in the clear, so a mismatch is named rather than a
+    // decryption failure; the prologue binds it, so changing it fails the handshake.
+    let mut buf = Zeroizing::new(vec![0u8; LENGTH_LEN + MAX_NOISE_MESSAGE + 8]);
+    let mut payload = Zeroizing::new(vec![0u8; MAX_NOISE_MESSAGE]);
+    match role {
+        HandshakeRole::Initiator => send_message(&endpoint, name.as_bytes(), deadline)?,
+        HandshakeRole::Responder => {
+            let theirs = recv_message(&endpoint, &mut buf, deadline)?;
+            if theirs != name.as_bytes() {
+                return Err(SecureError::Mismatch {
+                    ours: name,
+                    theirs: String::from_utf8_lossy(&theirs[..theirs.len().min(80)]).into_owned(),
+                });
+            }
+        }
+    }
+    while !hs.is_handshake_finished() {
+        if hs.is_my_turn() {
+            let n = hs.write_message(&[], &mut payload).map_err(noise)?;
+            send_message(&endpoint, &payload[..n], deadline)?;
+        } else {
+            let message = recv_message(&endpoint, &mut buf, deadline)?;
+            hs.read_message(message, &mut payload).map_err(noise)?;
+        }
+    }
+
+    let peer_key = match hs.get_remote_static() {
+        Some(bytes) => {
+            let mut key = [0u8; KEY_LEN];
+            if bytes.len() != KEY_LEN {
+                return Err(SecureError::Handshake(
+                    "a remote static key of the wrong size".into(),
+                ));
+            }
+            key.copy_from_slice(bytes);
+            Some(PublicKey(key))
+        }
+        None => None,
+    };
+    if let (Some(key), Some(authorized)) = (&peer_key, authorized)
+        && authorized.find(key).is_none()
+    {
+        return Err(SecureError::UnknownKey {
+            fingerprint: key.fingerprint(),
+        });
+    }
+    let handshake_hash = hs.get_handshake_hash().to_vec();
+    let (mut i_to_r, mut r_to_i) = hs.dangerously_get_raw_split();
+    let (tx_key, rx_key) = match role {
+        HandshakeRole::Initiator => (i_to_r, r_to_i),
+        HandshakeRole::Responder => (r_to_i, i_to_r),
+    };
+    let tx_state = KeyState::new(tx_key, config.cipher, config.rekey);
+    let rx_state = KeyState::new(rx_key, config.cipher, config.rekey);
+    i_to_r.zeroize();
+    r_to_i.zeroize();
+
+    let (saved, tx, rx, doorbell) = endpoint.save();
+    let max_frame = tx.max_packet_len();
+    let endpoint = Endpoint::over(
+        SecureTx::new(tx, tx_state, false),
+        SecureRx::new(rx, rx_state, max_frame),
+        doorbell,
+        saved.config(),
+    );
+    Ok(Established {
+        endpoint,
+        peer_key,
+        handshake_hash,
+    })
+}
+
+fn send_message<T: PacketTx, R: PacketRx, D: Doorbell>(
+    endpoint: &Endpoint<T, R, D>,
+    message: &[u8],
+    deadline: Wait,
+) -> Result<(), SecureError> {
+    let len = (message.len() as u32).to_le_bytes();
+    endpoint.send_packet(
+        &vmlink_ring::OutgoingPacket::in_band(&[&len, message]),
+        deadline,
+    )?;
+    Ok(())
+}
+
+fn recv_message<'b, T: PacketTx, R: PacketRx, D: Doorbell>(
+    endpoint: &Endpoint<T, R, D>,
+    buf: &'b mut [u8],
+    deadline: Wait,
+) -> Result<&'b [u8], SecureError> {
+    let got = endpoint.recv(buf, deadline)?;
+    let buf: &'b [u8] = buf;
+    let bytes = got.payload(buf);
+    let (len, rest) = bytes
+        .split_first_chunk::<LENGTH_LEN>()
+        .ok_or_else(|| SecureError::Handshake("a handshake message without its length".into()))?;
+    let len = u32::from_le_bytes(*len) as usize;
+    if len > rest.len() || len > MAX_NOISE_MESSAGE {
+        return Err(SecureError::Handshake(
+            "a handshake message longer than what arrived".into(),
+        ));
+    }
+    Ok(&rest[..len])
+}
+
+/// Wraps a restored pair of links: the sending half starts a new key epoch before its
+/// first packet, so nothing sealed by a predecessor under these keys is ever repeated.
+pub fn restore_layer<T: PacketTx, R: PacketRx>(
+    tx: T,
+    rx: R,
+    tx_key: KeyState,
+    rx_key: KeyState,
+) -> (SecureTx<T>, SecureRx<R>) {
+    let max_frame = tx.max_packet_len();
+    (
+        SecureTx::new(tx, tx_key, true),
+        SecureRx::new(rx, rx_key, max_frame),
+    )
+}
