@@ -260,29 +260,11 @@ where
         } else {
             let message = recv_message(&endpoint, &mut buf, deadline)?;
             hs.read_message(message, &mut payload).map_err(noise)?;
+            // A peer key is judged as soon as it is known, before anything more is sent.
+            check_peer(&hs, authorized)?;
         }
     }
-
-    let peer_key = match hs.get_remote_static() {
-        Some(bytes) => {
-            let mut key = [0u8; KEY_LEN];
-            if bytes.len() != KEY_LEN {
-                return Err(SecureError::Handshake(
-                    "a remote static key of the wrong size".into(),
-                ));
-            }
-            key.copy_from_slice(bytes);
-            Some(PublicKey(key))
-        }
-        None => None,
-    };
-    if let (Some(key), Some(authorized)) = (&peer_key, authorized)
-        && authorized.find(key).is_none()
-    {
-        return Err(SecureError::UnknownKey {
-            fingerprint: key.fingerprint(),
-        });
-    }
+    let peer_key = check_peer(&hs, authorized)?;
     let handshake_hash = hs.get_handshake_hash().to_vec();
     let (mut i_to_r, mut r_to_i) = hs.dangerously_get_raw_split();
     let (tx_key, rx_key) = match role {
@@ -307,6 +289,27 @@ where
         peer_key,
         handshake_hash,
     })
+}
+
+/// The peer's static key once the handshake has revealed it, if it is authorized.
+fn check_peer(
+    hs: &snow::HandshakeState,
+    authorized: Option<&AuthorizedKeys>,
+) -> Result<Option<PublicKey>, SecureError> {
+    let Some(bytes) = hs.get_remote_static() else {
+        return Ok(None);
+    };
+    let key = PublicKey(
+        bytes
+            .try_into()
+            .map_err(|_| SecureError::Handshake("a remote static key of the wrong size".into()))?,
+    );
+    match authorized {
+        Some(a) if a.find(&key).is_none() => Err(SecureError::UnknownKey {
+            fingerprint: key.fingerprint(),
+        }),
+        _ => Ok(Some(key)),
+    }
 }
 
 fn send_message<T: PacketTx, R: PacketRx, D: Doorbell>(

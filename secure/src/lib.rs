@@ -83,3 +83,4 @@ pub use handshake::{
 pub use keys::{AuthorizedKeys, KeyFileError, Keypair, PublicKey};
 pub use link::{SecureRx, SecureTx};
 pub use vmlink_channel::Endpoint;
+pub use zeroize::Zeroizing;
