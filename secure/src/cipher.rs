@@ -132,7 +132,11 @@ impl KeyState {
         self.seal_with(AD, buf)
     }
 
-    fn seal_with(&mut self, ad: &[u8], buf: &mut [u8]) -> Result<[u8; TAG_LEN], AuthFailure> {
+    pub(crate) fn seal_with(
+        &mut self,
+        ad: &[u8],
+        buf: &mut [u8],
+    ) -> Result<[u8; TAG_LEN], AuthFailure> {
         // Noise reserves the largest nonce for REKEY.
         if self.counter == u64::MAX {
             return Err(AuthFailure::Exhausted);

@@ -535,3 +535,68 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod known_answer {
+    use std::sync::Arc;
+
+    use vmlink_channel::{RingRx, RingTx};
+    use vmlink_ring::HeapMem;
+
+    use super::*;
+    use crate::cipher::{Cipher, RekeyLimits};
+
+    /// The frames of a request (`call`'s in-band packet, completion requested,
+    /// transaction id 7, payload "vmlink") and a new epoch with salt 0x11.., under the key
+    /// 0x42.. at counter 0, as hex.
+    fn frames(cipher: Cipher) -> (String, String) {
+        let ring = Arc::new(HeapMem::new(4096).unwrap());
+        let key = KeyState::new([0x42; 32], cipher, RekeyLimits::default());
+        let mut tx = SecureTx::new(RingTx::new(ring.clone()).unwrap(), key.clone(), false);
+        tx.push(&OutgoingPacket {
+            meta: PacketMeta {
+                packet_type: PacketType::InBand,
+                flags: FLAG_COMPLETION_REQUESTED,
+                transaction_id: 7,
+            },
+            header: &[],
+            payload: Payload::Bytes(b"vmlink"),
+        })
+        .unwrap();
+        let _ = tx.commit();
+        let mut rx = RingRx::new(ring).unwrap();
+        let r = rx.peek().unwrap().unwrap();
+        assert_eq!((r.transaction_id, r.header_len), (FRAME_SEALED, 0));
+        let mut frame = vec![0u8; r.payload_len];
+        rx.read_payload(0, &mut frame).unwrap();
+        let salt = [0x11; SALT_LEN];
+        let mut next = key.epoch(&salt);
+        let tag = next.seal_epoch(&salt).unwrap();
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        (hex(&frame), hex(&tag))
+    }
+
+    #[test]
+    fn fixed_keys_give_fixed_frames() {
+        let (chacha, chacha_epoch) = frames(Cipher::ChaChaPoly);
+        let (aes, aes_epoch) = frames(Cipher::AesGcm);
+        assert_eq!(
+            chacha.len(),
+            2 * (32 + TAG_LEN),
+            "24 + 6 bytes padded to 32, and a tag"
+        );
+        assert_eq!(chacha, CHACHA_FRAME);
+        assert_eq!(chacha_epoch, CHACHA_EPOCH_TAG);
+        assert_eq!(aes, AES_FRAME);
+        assert_eq!(aes_epoch, AES_EPOCH_TAG);
+    }
+
+    // Checked against an independent implementation of the same constructions (OpenSSL's
+    // ChaCha20-Poly1305, AES-256-GCM and HKDF-SHA-256, through Python's `cryptography`).
+    const CHACHA_FRAME: &str = "5f66e52b1db433cdeaa15434ff2fa8b8b9a7a4d9aa95a41c89a063bc22db20cf\
+                                a1105dcdfb7a864399c3e8a1846315b3";
+    const CHACHA_EPOCH_TAG: &str = "396321a1b00c478d44dc0db715a73bb3";
+    const AES_FRAME: &str = "f2b2fef95c8c85e79f4f4b0f318bb551d6fee672382aabbbba558294f0651b35\
+                             72bdc06183d5836e1c085b6223ae74a7";
+    const AES_EPOCH_TAG: &str = "daeb78f89caefbf142a2741d5d751ec2";
+}
