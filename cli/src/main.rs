@@ -19,6 +19,7 @@ mod inspect;
 mod pattern;
 mod pipe;
 mod report;
+mod secure;
 mod stat;
 mod takeover;
 
@@ -121,6 +122,9 @@ enum Command {
     /// Reads what `vmlink stat` reads, every `--interval` seconds; a channel's rates are
     /// the differences of its counters over the time between its process's two answers.
     Top(stat::TopArgs),
+    /// Make a static key pair for `serve` / `connect --secure`: FILE (private, 0600) and
+    /// FILE.pub (a public key line for the peer's `--peer-keys`).
+    Keygen(KeygenArgs),
     /// The guest side of `vmlink demo` (spawned by it; not for direct use).
     #[command(hide = true)]
     DemoGuest(DemoGuestArgs),
@@ -152,8 +156,11 @@ struct ServeArgs {
     /// client notices nothing, and every byte comes out exactly once, on the old one's
     /// stdout up to the hand-over and on this one's after. The old one hands over once
     /// its own stdin is finished; this one's stdin is not read.
-    #[arg(long, conflicts_with_all = pipe::STREAM_FLAGS)]
+    #[arg(long, conflicts_with_all = pipe::STREAM_FLAGS, conflicts_with = "secure")]
     take_over: bool,
+    /// The secure channel.
+    #[command(flatten)]
+    secure: secure::SecureArgs,
 }
 
 /// Options of `vmlink connect`.
@@ -165,6 +172,21 @@ struct ConnectArgs {
     /// The service name to ask for (`--socket` only).
     #[arg(long, default_value = pipe::DEFAULT_SERVICE, conflicts_with_all = pipe::STREAM_FLAGS)]
     service: String,
+    /// The secure channel.
+    #[command(flatten)]
+    secure: secure::SecureArgs,
+}
+
+/// Options of `vmlink keygen`.
+#[derive(Debug, Args)]
+struct KeygenArgs {
+    /// Where to write the private key (created with mode 0600, never replacing a file);
+    /// the public key goes to FILE.pub.
+    #[arg(value_name = "FILE")]
+    path: PathBuf,
+    /// A comment on the public key line (who the key is).
+    #[arg(long, default_value = "")]
+    comment: String,
 }
 
 /// Options of `vmlink inspect`.
@@ -220,9 +242,17 @@ fn main() -> ExitCode {
         Command::DemoGuest(args) => status("demo-guest", demo::run_guest(&args.dir)),
         Command::Serve(args) => status(
             "serve",
-            pipe::serve(&args.at, &args.service, args.take_over),
+            args.secure.prepare().and_then(|secure| {
+                pipe::serve(&args.at, &args.service, args.take_over, secure.as_ref())
+            }),
         ),
-        Command::Connect(args) => status("connect", pipe::connect(&args.at, &args.service)),
+        Command::Connect(args) => status(
+            "connect",
+            args.secure
+                .prepare()
+                .and_then(|secure| pipe::connect(&args.at, &args.service, secure.as_ref())),
+        ),
+        Command::Keygen(args) => status("keygen", secure::keygen(&args.path, &args.comment)),
         Command::Agent(args) => status("agent", ic::agent(&args)),
         Command::Stat(args) => status("stat", stat::stat(&args)),
         Command::Top(args) => status("top", stat::top(&args)),

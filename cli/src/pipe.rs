@@ -19,7 +19,9 @@ use vmlink_hvsock::socket::{HybridAddr, StreamAddr, VsockAddr};
 use vmlink_shm::{Guest, Layout, Listener, RefusalCode, Role, Service, ShmError, monitor};
 
 use crate::error::{Context, Result, fail};
+use crate::secure::Prepared;
 use crate::takeover;
+use vmlink_secure::HandshakeRole;
 
 /// Flag: this direction is finished; no packets follow.
 pub const FIN: u32 = 1;
@@ -78,14 +80,20 @@ pub fn channel_layout() -> Layout {
 }
 
 /// Serves the first client at `at`, then pipes; with `take_over`, takes the channel over
-/// from the `vmlink serve` on the same `--socket` instead (see [`crate::takeover`]).
-pub fn serve(at: &Transport, service: &str, take_over: bool) -> Result<()> {
+/// from the `vmlink serve` on the same `--socket` instead (see [`crate::takeover`]); with
+/// `secure`, only a client that completes the secure handshake too.
+pub fn serve(
+    at: &Transport,
+    service: &str,
+    take_over: bool,
+    secure: Option<&Prepared>,
+) -> Result<()> {
     match (&at.socket, at.stream()) {
         (Some(path), _) if take_over => {
             let (end, state) = takeover::take_over(path, service)?;
             takeover::serve(end, state, path)
         }
-        (Some(path), _) => serve_shm(path, service),
+        (Some(path), _) => serve_shm(path, service, secure),
         (None, Some(addr)) => {
             let listener = addr
                 .listen()
@@ -94,7 +102,7 @@ pub fn serve(at: &Transport, service: &str, take_over: bool) -> Result<()> {
                 .accept()
                 .or_else(|e| fail(format!("accept on {addr}: {e}")))?;
             drop(listener);
-            pipe_stream(stream, Role::Host)
+            pipe_stream(stream, Role::Host, secure)
         }
         (None, None) => {
             fail("say where to listen: --socket, --vsock, --hybrid-vsock or --unix-stream")
@@ -102,15 +110,15 @@ pub fn serve(at: &Transport, service: &str, take_over: bool) -> Result<()> {
     }
 }
 
-/// Connects to `at`, then pipes.
-pub fn connect(at: &Transport, service: &str) -> Result<()> {
+/// Connects to `at`, then pipes (after the secure handshake, with `secure`).
+pub fn connect(at: &Transport, service: &str, secure: Option<&Prepared>) -> Result<()> {
     match (&at.socket, at.stream()) {
-        (Some(path), _) => connect_shm(path, service),
+        (Some(path), _) => connect_shm(path, service, secure),
         (None, Some(addr)) => {
             let stream = addr
                 .connect()
                 .or_else(|e| fail(format!("connect to {addr}: {e}")))?;
-            pipe_stream(stream, Role::Guest)
+            pipe_stream(stream, Role::Guest, secure)
         }
         (None, None) => {
             fail("say where to connect: --socket, --vsock, --hybrid-vsock or --unix-stream")
@@ -118,20 +126,70 @@ pub fn connect(at: &Transport, service: &str) -> Result<()> {
     }
 }
 
+/// The handshake role of a pipe side.
+fn handshake_role(role: Role) -> HandshakeRole {
+    match role {
+        Role::Host => HandshakeRole::Responder,
+        Role::Guest => HandshakeRole::Initiator,
+    }
+}
+
+/// The command a pipe side is.
+fn command(role: Role) -> &'static str {
+    match role {
+        Role::Host => "serve",
+        Role::Guest => "connect",
+    }
+}
+
+/// Pipes over `end`, first through the secure handshake with `secure`; the channel piped
+/// is published for `vmlink stat` (vmlink-shm's plain channels publish themselves).
+fn pipe_over<T, R, D>(
+    end: Endpoint<T, R, D>,
+    role: Role,
+    secure: Option<&Prepared>,
+    publish: bool,
+) -> Result<()>
+where
+    T: PacketTx + Send,
+    R: PacketRx + Send,
+    D: Doorbell + Send + Sync + 'static,
+{
+    match secure {
+        None => {
+            if publish {
+                monitor::publish(end.watch(), DEFAULT_SERVICE, role, None);
+            }
+            pipe(&end)
+        }
+        Some(prepared) => {
+            let end = prepared
+                .establish(end, handshake_role(role), command(role))
+                .context("secure handshake")?;
+            monitor::publish(end.watch(), DEFAULT_SERVICE, role, None);
+            pipe(&end)
+        }
+    }
+}
+
 /// Pipes over the stream link on a connected stream, published for `vmlink stat` as the
-/// side `role` (vmlink-shm's channels publish themselves).
-fn pipe_stream(stream: vmlink_hvsock::socket::Stream, role: Role) -> Result<()> {
+/// side `role`.
+fn pipe_stream(
+    stream: vmlink_hvsock::socket::Stream,
+    role: Role,
+    secure: Option<&Prepared>,
+) -> Result<()> {
     let end = stream_endpoint(stream, StreamConfig::default(), Config::default())
         .context("set up the stream link")?;
-    monitor::publish(end.watch(), DEFAULT_SERVICE, role, None);
-    pipe(&end)
+    pipe_over(end, role, secure, true)
 }
 
 /// Serves the first client of `service` at `path` that completes the handshake, then
 /// pipes, ready to hand the channel to a successor. A client whose handshake fails costs
 /// only itself: it is refused (the listener tells it why), one line on stderr says so,
 /// and the listener keeps waiting.
-fn serve_shm(path: &Path, service: &str) -> Result<()> {
+fn serve_shm(path: &Path, service: &str, secure: Option<&Prepared>) -> Result<()> {
+    let name = service;
     let service = Service::new(service).with_layout(channel_layout());
     let listener = match Listener::bind(path, service) {
         Ok(listener) => listener,
@@ -149,29 +207,53 @@ fn serve_shm(path: &Path, service: &str) -> Result<()> {
         }
         Err(e) => return fail(format!("listen on {}: {e}", path.display())),
     };
-    let end = loop {
-        match listener.accept() {
-            Ok(end) => break end,
+    loop {
+        let end = match listener.accept() {
+            Ok(end) => end,
             Err(ShmError::ListenerStopped) => {
                 return fail(format!("stopped listening on {}", path.display()));
             }
+            Err(e) => {
+                eprintln!(
+                    "vmlink serve: refused a client ({}); still listening",
+                    one_line(&e.to_string())
+                );
+                continue;
+            }
+        };
+        let Some(prepared) = secure else {
+            drop(listener);
+            return takeover::serve(end, takeover::PipeState::default(), path);
+        };
+        // A secure channel is not handed over: its keys stay in this process.
+        let (channel, _memory) = end.into_parts();
+        match prepared.establish(channel, HandshakeRole::Responder, "serve") {
+            Ok(end) => {
+                drop(listener);
+                monitor::publish(end.watch(), name, Role::Host, None);
+                return pipe(&end);
+            }
             Err(e) => eprintln!(
-                "vmlink serve: refused a client ({}); still listening",
+                "vmlink serve: refused a client (secure handshake: {}); still listening",
                 one_line(&e.to_string())
             ),
         }
-    };
-    drop(listener);
-    takeover::serve(end, takeover::PipeState::default(), path)
+    }
 }
 
 /// Connects to `service` at `path`, then pipes.
-fn connect_shm(path: &Path, service: &str) -> Result<()> {
+fn connect_shm(path: &Path, service: &str, secure: Option<&Prepared>) -> Result<()> {
     let end = match Guest::new(service).connect(path) {
         Ok(end) => end,
         Err(e) => return fail(connect_error(path, service, &e)),
     };
-    pipe(end.channel())
+    match secure {
+        None => pipe(end.channel()),
+        Some(_) => {
+            let (channel, _memory) = end.into_parts();
+            pipe_over(channel, Role::Guest, secure, false)
+        }
+    }
 }
 
 /// Why `vmlink connect` could not connect, in the words of its user.

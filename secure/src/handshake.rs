@@ -130,9 +130,17 @@ impl Default for SecureConfig {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SecureError {
-    /// The channel under the handshake failed, closed or timed out.
+    /// The channel under the handshake failed or timed out.
     #[error("the channel failed during the handshake: {0}")]
-    Channel(#[from] ChannelError),
+    Channel(ChannelError),
+    /// The peer closed the channel before the handshake was complete: it refused this side
+    /// (a key it does not accept, another pattern or cipher) or went away. A peer says no
+    /// more than that, on purpose.
+    #[error(
+        "the peer closed the channel during the handshake: it refused this side (a key, \
+         pattern or cipher it does not accept) or left"
+    )]
+    PeerClosed,
     /// A handshake message did not verify or parse (garbage, a truncated message, another
     /// key or pre-shared key than the pattern expects).
     #[error("the handshake failed: {0}")]
@@ -176,6 +184,20 @@ impl<T, R, D> core::fmt::Debug for Established<T, R, D> {
             .finish_non_exhaustive()
     }
 }
+
+impl From<ChannelError> for SecureError {
+    fn from(e: ChannelError) -> Self {
+        match e {
+            ChannelError::Closed => SecureError::PeerClosed,
+            e => SecureError::Channel(e),
+        }
+    }
+}
+
+/// What the responder sends first over the secure layer once it has accepted the
+/// initiator: until it arrives, the initiator's handshake is not over (so an initiator
+/// the responder turns away hears of it from `establish`, not from its first receive).
+const READY: &[u8] = b"vmlink-secure ready";
 
 fn noise(e: snow::Error) -> SecureError {
     SecureError::Handshake(e.to_string())
@@ -284,6 +306,18 @@ where
         doorbell,
         saved.config(),
     );
+    match role {
+        HandshakeRole::Responder => endpoint.send(READY, deadline)?,
+        HandshakeRole::Initiator => {
+            let mut ready = [0u8; 32];
+            let got = endpoint.recv(&mut ready, deadline)?;
+            if !got.payload(&ready).starts_with(READY) {
+                return Err(SecureError::Handshake(
+                    "the responder's first sealed packet is not its ready message".into(),
+                ));
+            }
+        }
+    }
     Ok(Established {
         endpoint,
         peer_key,
