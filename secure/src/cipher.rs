@@ -1,10 +1,8 @@
 //! One direction's cipher: a key, a counter nonce, and the rekeying both sides do at the
 //! same counter.
 
-use aes_gcm::Aes256Gcm;
-use chacha20poly1305::ChaCha20Poly1305;
-use chacha20poly1305::aead::{AeadInPlace, KeyInit};
 use hkdf::Hkdf;
+use ring::aead::{AES_256_GCM, Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, Tag, UnboundKey};
 use sha2::Sha256;
 use vmlink_channel::AuthFailure;
 use zeroize::{Zeroize, ZeroizeOnDrop};
@@ -43,13 +41,23 @@ impl Cipher {
 
     /// The 12-byte nonce for `counter`, as Noise builds it: four zero bytes, then the
     /// counter little-endian (ChaChaPoly) or big-endian (AESGCM).
-    fn nonce(self, counter: u64) -> [u8; 12] {
+    fn nonce(self, counter: u64) -> Nonce {
         let mut n = [0u8; 12];
         match self {
             Cipher::ChaChaPoly => n[4..].copy_from_slice(&counter.to_le_bytes()),
             Cipher::AesGcm => n[4..].copy_from_slice(&counter.to_be_bytes()),
         }
-        n
+        Nonce::assume_unique_for_key(n)
+    }
+
+    /// The cipher keyed with `key`.
+    fn keyed(self, key: &[u8; KEY_LEN]) -> LessSafeKey {
+        let algorithm = match self {
+            Cipher::ChaChaPoly => &CHACHA20_POLY1305,
+            Cipher::AesGcm => &AES_256_GCM,
+        };
+        // Both algorithms take exactly 32-byte keys.
+        LessSafeKey::new(UnboundKey::new(algorithm, key).expect("a 32-byte key"))
     }
 }
 
@@ -77,11 +85,23 @@ impl Default for RekeyLimits {
     }
 }
 
+/// Where a direction is: its counter and rekey progress, without key material.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Position {
+    counter: u64,
+    packets_since_rekey: u64,
+    bytes_since_rekey: u64,
+    generation: u64,
+}
+
 /// A direction's key and where it is: the counter of the next nonce, and how much was
 /// sealed under this key since the last rekey.
-#[derive(Clone, Zeroize, ZeroizeOnDrop)]
+#[derive(Zeroize, ZeroizeOnDrop)]
 pub struct KeyState {
     key: [u8; KEY_LEN],
+    /// The cipher keyed with `key`, made at its first use (a copy starts without one).
+    #[zeroize(skip)]
+    keyed: Option<LessSafeKey>,
     counter: u64,
     #[zeroize(skip)]
     cipher: Cipher,
@@ -91,6 +111,21 @@ pub struct KeyState {
     bytes_since_rekey: u64,
     /// Rekeys and epochs so far (for tests and statistics).
     generation: u64,
+}
+
+impl Clone for KeyState {
+    fn clone(&self) -> Self {
+        Self {
+            key: self.key,
+            keyed: None,
+            counter: self.counter,
+            cipher: self.cipher,
+            limits: self.limits,
+            packets_since_rekey: self.packets_since_rekey,
+            bytes_since_rekey: self.bytes_since_rekey,
+            generation: self.generation,
+        }
+    }
 }
 
 impl core::fmt::Debug for KeyState {
@@ -108,6 +143,7 @@ impl KeyState {
     pub fn new(key: [u8; KEY_LEN], cipher: Cipher, limits: RekeyLimits) -> Self {
         Self {
             key,
+            keyed: None,
             counter: 0,
             cipher,
             limits,
@@ -142,16 +178,16 @@ impl KeyState {
             return Err(AuthFailure::Exhausted);
         }
         let nonce = self.cipher.nonce(self.counter);
-        let tag = match self.cipher {
-            Cipher::ChaChaPoly => ChaCha20Poly1305::new(&self.key.into())
-                .encrypt_in_place_detached(&nonce.into(), ad, buf),
-            Cipher::AesGcm => {
-                Aes256Gcm::new(&self.key.into()).encrypt_in_place_detached(&nonce.into(), ad, buf)
-            }
-        }
-        .map_err(|_| AuthFailure::Contents("too long for the cipher"))?;
+        let (cipher, key) = (self.cipher, &self.key);
+        let tag: Tag = self
+            .keyed
+            .get_or_insert_with(|| cipher.keyed(key))
+            .seal_in_place_separate_tag(nonce, Aad::from(ad), buf)
+            .map_err(|_| AuthFailure::Contents("too long for the cipher"))?;
+        let mut out = [0u8; TAG_LEN];
+        out.copy_from_slice(tag.as_ref());
         self.advance(buf.len() + TAG_LEN);
-        Ok(tag.into())
+        Ok(out)
     }
 
     /// Opens `buf` in place with the next nonce, if `tag` verifies; nothing changes if it
@@ -160,7 +196,7 @@ impl KeyState {
         self.open_with(AD, buf, tag)
     }
 
-    fn open_with(
+    pub(crate) fn open_with(
         &mut self,
         ad: &[u8],
         buf: &mut [u8],
@@ -170,19 +206,47 @@ impl KeyState {
             return Err(AuthFailure::Exhausted);
         }
         let nonce = self.cipher.nonce(self.counter);
-        match self.cipher {
-            Cipher::ChaChaPoly => ChaCha20Poly1305::new(&self.key.into())
-                .decrypt_in_place_detached(&nonce.into(), ad, buf, tag.into()),
-            Cipher::AesGcm => Aes256Gcm::new(&self.key.into()).decrypt_in_place_detached(
-                &nonce.into(),
-                ad,
-                buf,
-                tag.into(),
-            ),
-        }
-        .map_err(|_| AuthFailure::Tag)?;
+        let (cipher, key) = (self.cipher, &self.key);
+        self.keyed
+            .get_or_insert_with(|| cipher.keyed(key))
+            .open_in_place_separate_tag(nonce, Aad::from(ad), Tag::from(*tag), buf, 0..)
+            .map_err(|_| AuthFailure::Tag)?;
         self.advance(buf.len() + TAG_LEN);
         Ok(())
+    }
+
+    /// Where this direction is, without its key.
+    pub(crate) fn position(&self) -> Position {
+        Position {
+            counter: self.counter,
+            packets_since_rekey: self.packets_since_rekey,
+            bytes_since_rekey: self.bytes_since_rekey,
+            generation: self.generation,
+        }
+    }
+
+    /// Goes back to `p`, a position under this same key (no rekey or epoch since).
+    pub(crate) fn rewind(&mut self, p: Position) {
+        debug_assert_eq!(p.generation, self.generation);
+        self.counter = p.counter;
+        self.packets_since_rekey = p.packets_since_rekey;
+        self.bytes_since_rekey = p.bytes_since_rekey;
+    }
+
+    /// Whether sealing `len` more bytes (tag included) rekeys.
+    pub(crate) fn rekeys_after(&self, len: usize) -> bool {
+        self.packets_since_rekey + 1 >= self.limits.packets
+            || self.bytes_since_rekey.saturating_add(len as u64) >= self.limits.bytes
+    }
+
+    /// Becomes what `other` is: only its position when it has the same key (it went on
+    /// from this one without a rekey or epoch), else a copy of it.
+    pub(crate) fn follow(&mut self, other: &KeyState) {
+        if other.generation == self.generation {
+            self.rewind(other.position());
+        } else {
+            *self = other.clone();
+        }
     }
 
     /// Counts a packet of `len` sealed bytes and rekeys at the limits.
@@ -203,17 +267,13 @@ impl KeyState {
         let mut next = [0u8; KEY_LEN];
         let nonce = self.cipher.nonce(u64::MAX);
         // Sealing 32 bytes cannot exceed either cipher's length bound.
-        let _ = match self.cipher {
-            Cipher::ChaChaPoly => ChaCha20Poly1305::new(&self.key.into())
-                .encrypt_in_place_detached(&nonce.into(), &[], &mut next),
-            Cipher::AesGcm => Aes256Gcm::new(&self.key.into()).encrypt_in_place_detached(
-                &nonce.into(),
-                &[],
-                &mut next,
-            ),
-        };
+        let _ =
+            self.cipher
+                .keyed(&self.key)
+                .seal_in_place_separate_tag(nonce, Aad::empty(), &mut next);
         self.key.zeroize();
         self.key = next;
+        self.keyed = None;
         next.zeroize();
         self.packets_since_rekey = 0;
         self.bytes_since_rekey = 0;

@@ -178,11 +178,16 @@ impl<L: PacketTx> PacketTx for SecureTx<L> {
             at += part.len();
         }
         plain[at..].fill(0);
-        // Sealed under a copy: the counter moves on only if the link takes the frame.
-        let mut key = self.pending.clone();
-        let tag = key.seal(plain).map_err(auth)?;
+        // Where the key was: the counter moves on only if the link takes the frame.
+        // A copy of the key only when this seal rekeys (rare), else just the position.
+        let position = self.pending.position();
+        let before = self
+            .pending
+            .rekeys_after(plain_len + TAG_LEN)
+            .then(|| self.pending.clone());
+        let tag = self.pending.seal(plain).map_err(auth)?;
         tag_out.copy_from_slice(&tag);
-        let len = self.inner.push(&OutgoingPacket {
+        let pushed = self.inner.push(&OutgoingPacket {
             meta: PacketMeta {
                 packet_type: PacketType::InBand,
                 flags: 0,
@@ -191,20 +196,20 @@ impl<L: PacketTx> PacketTx for SecureTx<L> {
             header: &[],
             payload: Payload::Bytes(buf),
         });
-        match len {
-            Ok(len) => {
-                self.pending = key;
-                Ok(len)
-            }
+        if pushed.is_err() {
             // Nothing of this frame reached the link (a link refuses a packet before it
             // writes any of it), so its nonce sealed bytes nobody else saw: the counter
-            // stays, and the next packet is sealed under it.
-            Err(e) => Err(e),
+            // goes back, and the next packet is sealed under it.
+            match before {
+                Some(key) => self.pending = key,
+                None => self.pending.rewind(position),
+            }
         }
+        pushed
     }
 
     fn commit(&mut self) -> Signal {
-        self.committed = self.pending.clone();
+        self.committed.follow(&self.pending);
         self.inner.commit()
     }
 
@@ -234,7 +239,7 @@ impl<L: PacketTx> PacketTx for SecureTx<L> {
         };
         let r = self.inner.prepare_wait(0, sealed + epoch);
         // `prepare_wait` commits what was pushed.
-        self.committed = self.pending.clone();
+        self.committed.follow(&self.pending);
         r
     }
 

@@ -639,3 +639,41 @@ fn a_rollback_never_reuses_the_nonces_it_threw_away() {
     assert_eq!(&next_payload(&mut rx).unwrap()[..4], b"kept");
     assert_eq!(&next_payload(&mut rx).unwrap()[..12], b"sent instead");
 }
+
+#[test]
+fn a_full_ring_rewinds_the_counter_even_across_a_rekey() {
+    // A rekey every 2 packets, a ring that fills after a few: every refused push leaves
+    // the counter (and key) where they were, so the receiver reads every packet in order.
+    let limits = RekeyLimits {
+        packets: 2,
+        bytes: u64::MAX,
+    };
+    let k = KeyState::new([0x24; 32], Cipher::ChaChaPoly, limits);
+    let ring = Arc::new(HeapMem::new(4096).unwrap());
+    let mut tx = SecureTx::new(RingTx::new(ring.clone()).unwrap(), k.clone(), false);
+    let mut rx = SecureRx::new(RingRx::new(ring).unwrap(), k, 4096);
+    let mut sent = 0u32;
+    let mut received = 0u32;
+    let mut refusals = 0;
+    while received < 200 {
+        loop {
+            let payload = [sent as u8; 600];
+            match tx.push(&OutgoingPacket::in_band_slice(&payload)) {
+                Ok(_) => sent += 1,
+                Err(ChannelError::Full) => {
+                    refusals += 1;
+                    break;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let _ = tx.commit();
+        while let Ok(p) = next_payload(&mut rx) {
+            assert_eq!(p[..600], [received as u8; 600], "packet {received}");
+            received += 1;
+        }
+        let _ = rx.commit();
+    }
+    assert!(refusals > 10, "the ring filled again and again: {refusals}");
+    assert!(tx.key_state().generation() >= 100, "and rekeyed all along");
+}
