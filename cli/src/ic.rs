@@ -61,6 +61,14 @@ pub struct AgentArgs {
     /// and logged, so a host cannot make the agent start threads without bound.
     #[arg(long, default_value_t = 64)]
     max_channels: usize,
+    /// A role-based access policy (TOML; see `vmlink policy check`): who may open each
+    /// service (`ic-heartbeat`, `ic-shutdown`, `ic-timesync`, `ic-kvp`, `ic-fcopy`) and ask
+    /// for which operations in it (`heartbeat`, `time`, `shutdown`, `kvp.read`,
+    /// `kvp.write`, `kvp.delete`, `kvp.ip`, `fcopy`). Without it, only this user may
+    /// connect, for everything. A denial is logged with who, what and why; the client
+    /// hears only that it was refused.
+    #[arg(long, value_name = "FILE")]
+    policy: Option<PathBuf>,
 }
 
 /// Options of `vmlink ic`.
@@ -227,10 +235,21 @@ pub fn agent(args: &AgentArgs) -> Result<()> {
         ..AgentConfig::default()
     };
     let agent = Arc::new(Agent::new(config).context("start the agent")?);
+    let access = match &args.policy {
+        Some(path) => Some(vmlink_policy::Policy::load(path).context("--policy")?),
+        None => None,
+    };
     let services = Service::ALL
         .iter()
-        .map(|s| vmlink_shm::Service::new(s.channel_name()))
+        .map(|s| {
+            let service = vmlink_shm::Service::new(s.channel_name());
+            match &access {
+                Some(a) => service.with_policy(vmlink_shm::Policy::roles(a.clone())),
+                None => service,
+            }
+        })
         .collect();
+    let access = access.map(Arc::new);
     let listener = Listener::bind_services(&args.socket, services).context("listen")?;
     eprintln!(
         "vmlink agent: serving heartbeat, shutdown, time sync, KVP and file copy on {}",
@@ -241,6 +260,10 @@ pub fn agent(args: &AgentArgs) -> Result<()> {
         let endpoint = match listener.accept() {
             Ok(e) => e,
             Err(vmlink_shm::ShmError::ListenerStopped) => return fail("the listener stopped"),
+            Err(vmlink_shm::ShmError::Denied { audit, .. }) => {
+                eprintln!("vmlink agent: {audit}");
+                continue;
+            }
             Err(e) => {
                 eprintln!("vmlink agent: a connection failed: {e}");
                 continue;
@@ -258,10 +281,21 @@ pub fn agent(args: &AgentArgs) -> Result<()> {
         }
         active.fetch_add(1, Ordering::AcqRel);
         let (agent, done) = (Arc::clone(&agent), Arc::clone(&active));
+        let access = access.clone();
         let spawned = thread::Builder::new()
             .name(format!("vmlink-{service}"))
             .spawn(move || {
-                match agent.serve(endpoint.channel(), service) {
+                // Each request's operation is judged on the identity the handshake
+                // established; without a policy, everything is granted.
+                let grant = |operation: &str| match (&access, endpoint.identity()) {
+                    (Some(policy), Some(peer)) => {
+                        let d = policy.decide(peer, service.channel_name(), Some(operation));
+                        if d.allowed() { Ok(()) } else { Err(d.audit_line()) }
+                    }
+                    (Some(_), None) => Err("vmlink-policy: deny: the peer was not identified".into()),
+                    (None, _) => Ok(()),
+                };
+                match agent.serve_granting(endpoint.channel(), service, &grant) {
                     Ok(s) => eprintln!(
                         "vmlink agent: {service}: the host closed the channel ({} answered, {} refused)",
                         s.answered, s.refused

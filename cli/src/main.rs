@@ -18,6 +18,7 @@ mod ic;
 mod inspect;
 mod pattern;
 mod pipe;
+mod policy;
 mod report;
 mod secure;
 mod stat;
@@ -122,6 +123,9 @@ enum Command {
     /// Reads what `vmlink stat` reads, every `--interval` seconds; a channel's rates are
     /// the differences of its counters over the time between its process's two answers.
     Top(stat::TopArgs),
+    /// Check a role-based access policy file: that it loads (or which line is wrong), and
+    /// what a principal (uid, groups, executable, key) may do under it.
+    Policy(policy::PolicyArgs),
     /// Make a static key pair for `serve` / `connect --secure`: FILE (private, 0600) and
     /// FILE.pub (a public key line for the peer's `--peer-keys`).
     Keygen(KeygenArgs),
@@ -252,6 +256,7 @@ fn main() -> ExitCode {
                 .prepare()
                 .and_then(|secure| pipe::connect(&args.at, &args.service, secure.as_ref())),
         ),
+        Command::Policy(args) => policy::run(&args),
         Command::Keygen(args) => status("keygen", secure::keygen(&args.path, &args.comment)),
         Command::Agent(args) => status("agent", ic::agent(&args)),
         Command::Stat(args) => status("stat", stat::stat(&args)),

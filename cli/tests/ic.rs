@@ -526,3 +526,140 @@ fn channels_past_the_limit_are_closed() {
     let log = agent.stop();
     assert!(log.contains("1 channels are served already"), "{log}");
 }
+
+#[test]
+fn a_role_based_policy_grants_each_service_and_operation_as_written() {
+    let dir = Dir::new("policy");
+    // This user's uid: the owner of the directory it just made.
+    let uid = std::os::unix::fs::MetadataExt::uid(&fs::metadata(&dir.0).unwrap());
+    let policy = dir.join("policy.toml");
+    fs::write(
+        &policy,
+        format!(
+            "[roles.reader]\n\
+             services = [\"ic-heartbeat\", \"ic-kvp\"]\n\
+             operations = [\"heartbeat\", \"kvp.read\"]\n\n\
+             [[principals]]\nuid = {uid}\nroles = [\"reader\"]\n"
+        ),
+    )
+    .unwrap();
+    let kvp = dir.join("kvp");
+    let agent = Agent::start(
+        &dir,
+        &[
+            "--policy",
+            policy.to_str().unwrap(),
+            "--kvp-file",
+            kvp.to_str().unwrap(),
+        ],
+    );
+    // Granted: a heartbeat, and reading the KVP pools.
+    agent.ok(&["heartbeat", "--count", "3"]);
+    agent.ok(&["kvp", "list", "--pool", "auto"]);
+    // An operation the role lacks: refused, and nothing changed.
+    let set = agent.ic(&["kvp", "set", "--pool", "guest", "Role", "web"]);
+    assert_eq!(
+        set.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&set.stderr)
+    );
+    let gone = agent.ic(&["kvp", "get", "--pool", "guest", "Role"]);
+    assert_eq!(gone.status.code(), Some(1));
+    // A service the role does not open: refused at the handshake with no detail.
+    let shutdown = agent.ic(&["shutdown", "--reason", "test"]);
+    assert_eq!(shutdown.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&shutdown.stderr);
+    assert!(err.contains("not allowed"), "{err}");
+    assert!(
+        !err.contains("role"),
+        "the client learns nothing of the policy: {err}"
+    );
+    let log = agent.stop();
+    assert!(
+        log.contains(&format!("vmlink-policy: deny uid={uid} gids=")),
+        "{log}"
+    );
+    assert!(
+        log.contains("ic-kvp kvp.write: no role of the peer (reader) grants kvp.write in ic-kvp"),
+        "{log}"
+    );
+    assert!(
+        log.contains("ic-shutdown open: no role of the peer (reader) opens ic-shutdown"),
+        "{log}"
+    );
+}
+
+#[test]
+fn vmlink_policy_check_validates_and_explains() {
+    let dir = Dir::new("policy-check");
+    let good = dir.join("good.toml");
+    fs::write(
+        &good,
+        "[roles.reader]\nservices = [\"ic-kvp\"]\noperations = [\"kvp.read\"]\n\n[[principals]]\ngid = 27\nroles = [\"reader\"]\n",
+    )
+    .unwrap();
+    let run = |args: &[&str]| Command::new(VMLINK).args(args).output().unwrap();
+    let g = good.to_str().unwrap();
+    let out = run(&["policy", "check", g]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("valid: 1 roles, 1 principals"));
+    let out = run(&[
+        "policy",
+        "check",
+        g,
+        "--uid",
+        "1000",
+        "--gid",
+        "1000",
+        "--gid",
+        "27",
+        "--service",
+        "ic-kvp",
+        "--operation",
+        "kvp.read",
+    ]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("matches the principal on line 5 (gid 27)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("vmlink-policy: allow uid=1000 gids=1000,27"),
+        "{text}"
+    );
+    let out = run(&[
+        "policy",
+        "check",
+        g,
+        "--uid",
+        "1000",
+        "--gid",
+        "27",
+        "--service",
+        "ic-kvp",
+        "--operation",
+        "kvp.write",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "denied");
+    let bad = dir.join("bad.toml");
+    fs::write(
+        &bad,
+        "[roles.r]\n[[principals]]\nuid = 1\nroles = [\"x\"]\n",
+    )
+    .unwrap();
+    let out = run(&["policy", "check", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.toml:2: role \"x\" is not defined"),
+        "{err}"
+    );
+    let out = run(&[
+        "policy",
+        "check",
+        dir.join("missing.toml").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+}

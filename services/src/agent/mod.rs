@@ -192,12 +192,29 @@ impl Agent {
 
     /// Serves `service` on `link` until the peer closes it (`Ok`) or the channel fails.
     pub fn serve<L: IcLink>(&self, link: &L, service: Service) -> Result<Served, AgentError> {
+        self.serve_granting(link, service, &|_| Ok(()))
+    }
+
+    /// Serves `service` on `link` as [`serve`](Self::serve) does, asking `grant` before
+    /// each request whether the peer may ask for its operation: `heartbeat`, `time`,
+    /// `shutdown`, `kvp.read` (get, enumerate), `kvp.write` (set), `kvp.delete`, `kvp.ip`
+    /// (the IP information requests) or `fcopy` (the version negotiation is always
+    /// answered). A request `grant` refuses (with the operator's audit line) is logged
+    /// with that line, changes nothing, and is answered with Hyper-V's failure status and
+    /// nothing more.
+    pub fn serve_granting<L: IcLink>(
+        &self,
+        link: &L,
+        service: Service,
+        grant: &dyn Fn(&str) -> Result<(), String>,
+    ) -> Result<Served, AgentError> {
         let mut session = Session {
             agent: self,
             service,
             version: None,
             files: None,
             then: None,
+            grant,
         };
         if service == Service::FileCopy
             && let Some(root) = &self.config.files_root
@@ -380,6 +397,8 @@ struct Session<'a> {
     version: Option<Negotiated>,
     files: Option<FileReceiver>,
     then: Option<Shutdown>,
+    /// Whether the peer may ask for an operation (the operator's audit line if not).
+    grant: &'a dyn Fn(&str) -> Result<(), String>,
 }
 
 /// Why a request was refused: logged, answered with `status`.
@@ -472,6 +491,22 @@ impl Session<'_> {
         out: &mut [u8],
     ) -> Result<usize, Refusal> {
         let ok = |out: &mut [u8]| crate::encode(out, &m.header.response(HV_S_OK), m.body);
+        let operation = match self.service {
+            Service::Heartbeat => "heartbeat",
+            Service::Shutdown => "shutdown",
+            Service::TimeSync => "time",
+            Service::FileCopy => "fcopy",
+            Service::Kvp => match kvp::parse(m)? {
+                Kvp::Get { .. } | Kvp::Enumerate { .. } => "kvp.read",
+                Kvp::Set { .. } => "kvp.write",
+                Kvp::Delete { .. } => "kvp.delete",
+                _ => "kvp.ip",
+            },
+        };
+        (self.grant)(operation).map_err(|audit| Refusal {
+            status: HV_E_FAIL,
+            why: audit,
+        })?;
         match self.service {
             Service::Heartbeat => Ok(heartbeat::answer(m, out)?),
             Service::Shutdown => {

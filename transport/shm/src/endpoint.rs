@@ -32,6 +32,7 @@ pub struct Endpoint {
     peer: PeerCredentials,
     service: String,
     role: Role,
+    identity: Option<vmlink_policy::Peer>,
 }
 
 impl Endpoint {
@@ -50,7 +51,21 @@ impl Endpoint {
             peer,
             service,
             role,
+            identity: None,
         }
+    }
+
+    /// The same endpoint with the peer's identity as a role-based policy established it.
+    pub(crate) fn with_identity(mut self, identity: Option<vmlink_policy::Peer>) -> Self {
+        self.identity = identity;
+        self
+    }
+
+    /// Who the peer is (uid, every group, executable), when the service's role-based
+    /// access policy identified it at the handshake: what later decisions (operations in
+    /// the service) are judged on.
+    pub fn identity(&self) -> Option<&vmlink_policy::Peer> {
+        self.identity.as_ref()
     }
 
     /// The channel.

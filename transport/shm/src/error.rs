@@ -169,6 +169,15 @@ pub enum ShmError {
         /// The service it asked for.
         service: String,
     },
+    /// The host's role-based access policy denies this peer the service (host side). The
+    /// peer is told only "not allowed"; `audit` is the operator's line: who, what, why.
+    #[error("{audit}")]
+    Denied {
+        /// The service it asked for.
+        service: String,
+        /// The policy's audit line.
+        audit: String,
+    },
     /// The host serves no such service (host side).
     #[error("the peer asked for unknown service {}", Quoted(.0))]
     UnknownService(String),
@@ -268,7 +277,9 @@ impl ShmError {
     /// The code to tell the peer when this error makes us refuse it.
     pub(crate) fn refusal_code(&self) -> RefusalCode {
         match self {
-            ShmError::NotAllowed { .. } | ShmError::NotSameUser { .. } => RefusalCode::NotAllowed,
+            ShmError::NotAllowed { .. }
+            | ShmError::NotSameUser { .. }
+            | ShmError::Denied { .. } => RefusalCode::NotAllowed,
             ShmError::UnsupportedVersion { .. } => RefusalCode::UnsupportedVersion,
             ShmError::UnknownService(_) => RefusalCode::UnknownService,
             ShmError::Busy(_) => RefusalCode::Busy,

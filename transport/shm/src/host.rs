@@ -143,12 +143,12 @@ pub(crate) fn refuse(sock: &UnixStream, error: ShmError, deadline: Deadline) -> 
         error,
         ShmError::PeerClosed { .. } | ShmError::TimedOut(..) | ShmError::Refused { .. }
     ) {
-        protocol::send_error(
-            sock.as_fd(),
-            error.refusal_code(),
-            &error.to_string(),
-            deadline,
-        );
+        // A peer the access policy denies hears only that: the reason is the operator's.
+        let message = match &error {
+            ShmError::Denied { .. } => "not allowed".to_owned(),
+            e => e.to_string(),
+        };
+        protocol::send_error(sock.as_fd(), error.refusal_code(), &message, deadline);
     }
     error
 }
@@ -191,13 +191,10 @@ fn host_handshake(
     let deadline = Deadline::after(service.handshake_timeout);
 
     // 2. Credentials, before anything is sent.
-    if !service.policy.allows(&peer) {
-        let e = ShmError::NotAllowed {
-            peer,
-            service: name,
-        };
-        return Err(refuse(&stream, e, deadline));
-    }
+    let identity = match service.policy.check(stream.as_fd(), &peer, &name) {
+        Ok(identity) => identity,
+        Err(e) => return Err(refuse(&stream, e, deadline)),
+    };
 
     // 3. Memory and doorbells.
     let (memory, memfd) = create_memory(service.layout).inspect_err(|_| {
@@ -266,7 +263,7 @@ fn host_handshake(
             return Err(refuse(&stream, e, deadline));
         }
     }
-    Ok(Endpoint::new(channel, memory, peer, name, Role::Host))
+    Ok(Endpoint::new(channel, memory, peer, name, Role::Host).with_identity(identity))
 }
 
 /// A sealed memfd of `layout`'s size, mapped, its memory header written and both control

@@ -20,8 +20,14 @@ impl fmt::Display for PeerCredentials {
     }
 }
 
-/// Which peers a service accepts: a peer is allowed when its uid is in the allowed uids or
-/// its primary gid is in the allowed gids (supplementary groups are not consulted).
+/// Which peers a service accepts.
+///
+/// Either credential rules — a peer is allowed when its uid is in the allowed uids or its
+/// primary gid is in the allowed gids (supplementary groups are not consulted) — or a
+/// role-based access policy ([`Policy::roles`]): the peer is identified through
+/// `SO_PEERCRED` and `SO_PEERPIDFD` (uid, every group, executable) and allowed when a role
+/// of a principal it matches opens the service. The credential rules are the simple case
+/// of the same question.
 ///
 /// The default allows only this process's own effective uid.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,6 +35,7 @@ pub struct Policy {
     same_uid: bool,
     uids: Vec<u32>,
     gids: Vec<u32>,
+    roles: Option<std::sync::Arc<vmlink_policy::Policy>>,
 }
 
 impl Default for Policy {
@@ -44,6 +51,7 @@ impl Policy {
             same_uid: true,
             uids: Vec::new(),
             gids: Vec::new(),
+            roles: None,
         }
     }
 
@@ -53,6 +61,16 @@ impl Policy {
             same_uid: false,
             uids: Vec::new(),
             gids: Vec::new(),
+            roles: None,
+        }
+    }
+
+    /// Whoever the role-based access policy `policy` lets open the service (and nobody
+    /// else: the credential rules do not apply).
+    pub fn roles(policy: vmlink_policy::Policy) -> Self {
+        Self {
+            roles: Some(std::sync::Arc::new(policy)),
+            ..Self::nobody()
         }
     }
 
@@ -68,8 +86,50 @@ impl Policy {
         self
     }
 
-    /// Does the policy allow this peer?
+    /// Whether the peer on `sock`, with credentials `peer`, may open `service`: under a
+    /// role-based policy, [`ShmError::Denied`] with the audit line when not, and who the
+    /// peer is when it may.
+    pub(crate) fn check(
+        &self,
+        sock: std::os::fd::BorrowedFd<'_>,
+        peer: &PeerCredentials,
+        service: &str,
+    ) -> Result<Option<vmlink_policy::Peer>, crate::ShmError> {
+        let Some(roles) = &self.roles else {
+            return if self.allows(peer) {
+                Ok(None)
+            } else {
+                Err(crate::ShmError::NotAllowed {
+                    peer: *peer,
+                    service: service.to_owned(),
+                })
+            };
+        };
+        let who = vmlink_policy::Peer::of_socket(sock).map_err(crate::ShmError::io(
+            "identify the peer (SO_PEERPIDFD, /proc)",
+        ))?;
+        let decision = roles.decide(&who, service, None);
+        if decision.allowed() {
+            Ok(Some(who))
+        } else {
+            Err(crate::ShmError::Denied {
+                service: service.to_owned(),
+                audit: decision.audit_line(),
+            })
+        }
+    }
+
+    /// The role-based policy, if this is one.
+    pub fn access(&self) -> Option<&vmlink_policy::Policy> {
+        self.roles.as_deref()
+    }
+
+    /// Does the policy allow this peer? (The credential rules; a role-based policy needs
+    /// the peer's socket, and says no here.)
     pub fn allows(&self, peer: &PeerCredentials) -> bool {
+        if self.roles.is_some() {
+            return false;
+        }
         let own = crate::sys::geteuid();
         (self.same_uid && peer.uid == own)
             || self.uids.contains(&peer.uid)
