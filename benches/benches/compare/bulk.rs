@@ -42,6 +42,14 @@ pub fn bulk(c: &mut Criterion) {
         vmlink_copy(&mut g, size);
         vmlink_in_place(&mut g, size);
         vmlink_gpa_direct(&mut g, size);
+        // The channel API plain and secure (`send` / `recv`, polling).
+        let (a, b) = in_process_channel_pair(RING, Config::polling(1_000)).expect("channel pair");
+        crate::secure::stream(&mut g, id("vmlink/channel_send_recv", size), size, a, b);
+        for (cipher, name) in crate::secure::CIPHERS {
+            let (a, b) = crate::secure::pair(RING, Config::polling(1_000), cipher);
+            let row = id(&format!("vmlink/secure_{name}_send_recv"), size);
+            crate::secure::stream(&mut g, row, size, a, b);
+        }
         rtrb_chunks(&mut g, size);
         #[cfg(feature = "iceoryx2")]
         crate::iceoryx::publish_subscribe(&mut g, id("iceoryx2/publish_subscribe", size), size);

@@ -48,6 +48,7 @@ mod ic;
 mod iceoryx;
 mod rtt;
 mod scaling;
+mod secure;
 mod signals;
 mod stream;
 

@@ -15,6 +15,7 @@ use vmlink_channel::{
     PacketTx, in_process_channel_pair,
 };
 use vmlink_ring::{HeapMem, OutgoingPacket, Reader, Writer};
+use vmlink_secure::Cipher;
 
 use vmlink_hvsock::link::{StreamConfig, stream_endpoint};
 
@@ -56,6 +57,15 @@ pub fn rtt_64(c: &mut Criterion) {
         b,
         true,
     );
+    // The secure channel over the same in-process rings (the plain row is
+    // `vmlink/channel_polling_call` above).
+    for (cipher, name) in [
+        (Cipher::ChaChaPoly, "vmlink/secure_chacha_polling_call"),
+        (Cipher::AesGcm, "vmlink/secure_aes_polling_call"),
+    ] {
+        let (a, b) = crate::secure::pair(RING, Config::polling(SPIN), cipher);
+        vmlink_channel(&mut g, name, a, b, true);
+    }
     rtrb_pair(&mut g);
     #[cfg(feature = "iceoryx2")]
     crate::iceoryx::request_response(&mut g);
