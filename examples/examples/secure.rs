@@ -12,15 +12,11 @@
 #[path = "common/rounds.rs"]
 mod rounds;
 
-use std::thread;
-
 use rounds::{load_average, measure, median, pin, rounds_arg};
 use vmlink_channel::{
     ChannelError, Config, Doorbell, Endpoint, PacketRx, PacketTx, Wait, in_process_channel_pair,
 };
-use vmlink_secure::{
-    AuthorizedKeys, Cipher, Credentials, HandshakeRole, Keypair, SecureConfig, establish,
-};
+use vmlink_secure::{Cipher, SecureConfig, establish_pair};
 
 /// Ring data bytes each way: room for 15 packets of 64 KiB.
 const RING: usize = 1 << 20;
@@ -58,21 +54,11 @@ where
     match kind {
         Kind::Plain => f.run(a, b),
         Kind::Secure(cipher) => {
-            let (ka, kb) = (Keypair::generate(), Keypair::generate());
-            let creds = |local: &Keypair, peer: &Keypair| Credentials::Static {
-                local: local.clone(),
-                authorized: AuthorizedKeys::new([peer.public()]),
-            };
-            let (ca, cb) = (creds(&ka, &kb), creds(&kb, &ka));
             let config = SecureConfig {
                 cipher,
                 ..SecureConfig::default()
             };
-            let other = thread::spawn(move || {
-                establish(b, HandshakeRole::Responder, &cb, &config).expect("handshake")
-            });
-            let a = establish(a, HandshakeRole::Initiator, &ca, &config).expect("handshake");
-            let b = other.join().expect("handshake thread");
+            let (a, b) = establish_pair(a, b, &config).expect("handshake");
             f.run(a.endpoint, b.endpoint)
         }
     }

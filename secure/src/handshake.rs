@@ -346,6 +346,38 @@ fn check_peer(
     }
 }
 
+/// The initiator's and the responder's side of [`establish_pair`].
+pub type EstablishedPair<T, R, D> = (Established<T, R, D>, Established<T, R, D>);
+
+/// Both sides of a handshake over a connected pair in this process (a test, a benchmark,
+/// two components of one program): `initiator` on a thread of its own, `responder` on this
+/// one, each with a fresh static key pair that accepts only the other's.
+pub fn establish_pair<T, R, D>(
+    initiator: Endpoint<T, R, D>,
+    responder: Endpoint<T, R, D>,
+    config: &SecureConfig,
+) -> Result<EstablishedPair<T, R, D>, SecureError>
+where
+    T: PacketTx + Send,
+    R: PacketRx + Send,
+    D: Doorbell + Send + Sync,
+{
+    let (ki, kr) = (Keypair::generate(), Keypair::generate());
+    let credentials = |local: &Keypair, peer: &Keypair| Credentials::Static {
+        local: local.clone(),
+        authorized: AuthorizedKeys::new([peer.public()]),
+    };
+    let (ci, cr) = (credentials(&ki, &kr), credentials(&kr, &ki));
+    std::thread::scope(|s| {
+        let other = s.spawn(|| establish(initiator, HandshakeRole::Initiator, &ci, config));
+        let r = establish(responder, HandshakeRole::Responder, &cr, config);
+        let i = other
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        Ok((i?, r?))
+    })
+}
+
 fn send_message<T: PacketTx, R: PacketRx, D: Doorbell>(
     endpoint: &Endpoint<T, R, D>,
     message: &[u8],

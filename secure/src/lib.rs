@@ -77,8 +77,8 @@ pub mod link;
 
 pub use cipher::{Cipher, KEY_LEN, KeyState, RekeyLimits, SALT_LEN, TAG_LEN};
 pub use handshake::{
-    Credentials, Established, HandshakeRole, Pattern, SecureConfig, SecureEndpoint, SecureError,
-    establish, protocol_name, restore_layer,
+    Credentials, Established, EstablishedPair, HandshakeRole, Pattern, SecureConfig,
+    SecureEndpoint, SecureError, establish, establish_pair, protocol_name, restore_layer,
 };
 pub use keys::{AuthorizedKeys, KeyFileError, Keypair, PublicKey};
 pub use link::{SecureRx, SecureTx};

@@ -1,16 +1,11 @@
 //! The secure channel (vmlink-secure) beside the plain one it runs over: rows of `rtt_64`
 //! (a polling call) and `bulk` (a stream one way), with ChaCha20-Poly1305 and AES-256-GCM.
 
-use std::thread;
-
 use vmlink_channel::{
     ChannelError, Config, Doorbell, Endpoint, InProcessDoorbell, PacketRx, PacketTx, RingRx,
     RingTx, Wait, in_process_channel_pair,
 };
-use vmlink_secure::{
-    AuthorizedKeys, Cipher, Credentials, HandshakeRole, Keypair, SecureConfig, SecureEndpoint,
-    establish,
-};
+use vmlink_secure::{Cipher, SecureConfig, SecureEndpoint, establish_pair};
 
 use crate::harness::{BULK_STRIDE, Backoff, Check, Group, Peer, bench_pair, stamp, verify};
 
@@ -24,24 +19,12 @@ type Secure = SecureEndpoint<RingTx<Ring>, RingRx<Ring>, InProcessDoorbell>;
 /// `cipher`.
 pub fn pair(ring: usize, config: Config, cipher: Cipher) -> (Secure, Secure) {
     let (a, b) = in_process_channel_pair(ring, config).expect("channel pair");
-    let (ka, kb) = (Keypair::generate(), Keypair::generate());
-    let creds = |local: &Keypair, peer: &Keypair| Credentials::Static {
-        local: local.clone(),
-        authorized: AuthorizedKeys::new([peer.public()]),
-    };
-    let (ca, cb) = (creds(&ka, &kb), creds(&kb, &ka));
     let secure = SecureConfig {
         cipher,
         ..SecureConfig::default()
     };
-    let responder = thread::spawn(move || {
-        establish(b, HandshakeRole::Responder, &cb, &secure).expect("handshake")
-    });
-    let a = establish(a, HandshakeRole::Initiator, &ca, &secure).expect("handshake");
-    (
-        a.endpoint,
-        responder.join().expect("handshake thread").endpoint,
-    )
+    let (a, b) = establish_pair(a, b, &secure).expect("handshake");
+    (a.endpoint, b.endpoint)
 }
 
 /// `size`-byte packets streamed from `a` to `b` with `send` / `recv` (polling), every
