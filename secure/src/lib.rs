@@ -35,6 +35,13 @@
 //! GPA-direct packets are refused with `ChannelError::Unsupported`: the pages they name
 //! are plaintext shared memory.
 //!
+//! # Builds
+//!
+//! The crate needs `std`: the handshake waits with deadlines, [`establish_pair`] runs a
+//! thread, and keys and salts come from the system's random source. A `no_std` build (an
+//! allocator and a random source of the embedder's) is not offered yet, and the bare-metal
+//! KVM test guest, which has neither, is out of scope: its channels stay plain.
+//!
 //! # Example
 //!
 //! ```

@@ -677,3 +677,82 @@ fn a_full_ring_rewinds_the_counter_even_across_a_rekey() {
     assert!(refusals > 10, "the ring filled again and again: {refusals}");
     assert!(tx.key_state().generation() >= 100, "and rekeyed all along");
 }
+
+/// Open fds of this process.
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count() - 1
+}
+
+/// Shared-memory mappings of this process (vmlink-shm's memfds).
+fn memfd_mappings() -> usize {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("memfd:"))
+        .count()
+}
+
+#[test]
+fn failed_handshakes_over_shared_memory_release_every_fd_and_mapping() {
+    use std::os::unix::net::UnixStream;
+    use vmlink_shm::{Guest, Layout, Service};
+    // The monitor's socket is one per process and stays: not what is counted here.
+    vmlink_shm::monitor::disable();
+    let (gk, hk, stranger) = (
+        Keypair::generate(),
+        Keypair::generate(),
+        Keypair::generate(),
+    );
+    let short = SecureConfig {
+        handshake_timeout: Duration::from_secs(2),
+        ..SecureConfig::default()
+    };
+    let attempt = |guest_creds: Credentials| {
+        let (a, b) = UnixStream::pair().unwrap();
+        let host = thread::spawn(move || {
+            Service::new("sealed")
+                .with_layout(Layout::symmetric(8 * 4096, 0))
+                .serve_stream(a)
+        });
+        let guest = Guest::new("sealed").connect_stream(b).unwrap();
+        let host = host.join().unwrap().unwrap();
+        let host_creds = static_creds(&hk, &gk);
+        let (g, h) = thread::scope(|s| {
+            let g = s.spawn(|| {
+                establish(
+                    guest.into_parts().0,
+                    HandshakeRole::Initiator,
+                    &guest_creds,
+                    &short,
+                )
+                .map(|e| e.endpoint)
+            });
+            let h = establish(
+                host.into_parts().0,
+                HandshakeRole::Responder,
+                &host_creds,
+                &short,
+            )
+            .map(|e| e.endpoint);
+            (g.join().unwrap(), h)
+        });
+        (g.is_ok(), h.is_ok())
+    };
+    // Once, to settle whatever is made on first use.
+    assert_eq!(attempt(static_creds(&gk, &hk)), (true, true));
+    let (fds, maps) = (open_fds(), memfd_mappings());
+    for _ in 0..10 {
+        assert_eq!(
+            attempt(static_creds(&stranger, &hk)),
+            (false, false),
+            "a key the host refuses"
+        );
+        assert_eq!(
+            attempt(static_creds(&gk, &stranger)),
+            (false, false),
+            "a host the guest refuses"
+        );
+    }
+    assert_eq!(open_fds(), fds, "no fd left behind");
+    assert_eq!(memfd_mappings(), maps, "no mapping left behind");
+}
