@@ -98,11 +98,29 @@ pub fn serve(
             let listener = addr
                 .listen()
                 .or_else(|e| fail(format!("listen on {addr}: {e}")))?;
-            let stream = listener
-                .accept()
-                .or_else(|e| fail(format!("accept on {addr}: {e}")))?;
-            drop(listener);
-            pipe_stream(stream, Role::Host, secure)
+            loop {
+                let stream = listener
+                    .accept()
+                    .or_else(|e| fail(format!("accept on {addr}: {e}")))?;
+                let end = stream_endpoint(stream, StreamConfig::default(), Config::default())
+                    .context("set up the stream link")?;
+                let Some(prepared) = secure else {
+                    drop(listener);
+                    return pipe_over(end, Role::Host, None, true);
+                };
+                // A client that fails the secure handshake costs only itself.
+                match prepared.establish(end, HandshakeRole::Responder, "serve") {
+                    Ok(end) => {
+                        drop(listener);
+                        monitor::publish(end.watch(), DEFAULT_SERVICE, Role::Host, None);
+                        return pipe(&end);
+                    }
+                    Err(e) => eprintln!(
+                        "vmlink serve: refused a client (secure handshake: {}); still listening",
+                        one_line(&e.to_string())
+                    ),
+                }
+            }
         }
         (None, None) => {
             fail("say where to listen: --socket, --vsock, --hybrid-vsock or --unix-stream")

@@ -221,3 +221,54 @@ fn wrong_flags_and_key_files_are_refused_before_anything_listens() {
     assert!(!sock.exists(), "nothing listened");
     let _ = fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn over_a_stream_socket_a_refused_client_costs_only_itself() {
+    let dir = common::private_dir("secure-stream");
+    let (host, guest, stranger) = (dir.join("host"), dir.join("guest"), dir.join("stranger"));
+    for k in [&host, &guest, &stranger] {
+        keygen(k);
+    }
+    let data = common::data(23, 1 << 20);
+    let input = dir.join("in");
+    fs::write(&input, &data).unwrap();
+    let sock = dir.join("stream.sock");
+    let server = vmlink()
+        .args(["serve", "--unix-stream"])
+        .arg(&sock)
+        .args(["--secure", "--pattern", "ik", "--cipher", "aes", "--key"])
+        .arg(&host)
+        .arg("--peer-keys")
+        .arg(guest.with_extension("pub"))
+        .stdin(fs::File::open(&input).unwrap())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(&sock);
+    let client = |key: &Path| {
+        vmlink()
+            .args(["connect", "--unix-stream"])
+            .arg(&sock)
+            .args(["--secure", "--pattern", "ik", "--cipher", "aes", "--key"])
+            .arg(key)
+            .arg("--peer-keys")
+            .arg(dir.join("host.pub"))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    assert_eq!(client(&stranger).status.code(), Some(2));
+    let out = client(&guest);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stdout == data);
+    let log = server.wait_with_output().unwrap();
+    assert!(log.status.success());
+    let log = String::from_utf8_lossy(&log.stderr);
+    assert!(log.contains("is not authorized); still listening"), "{log}");
+    let _ = fs::remove_dir_all(&dir);
+}
