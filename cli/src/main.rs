@@ -28,6 +28,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use error::Context as _;
 
 /// vmlink: VMBus-compatible shared-memory rings and message channels.
 #[derive(Debug, Parser)]
@@ -162,6 +163,12 @@ struct ServeArgs {
     /// its own stdin is finished; this one's stdin is not read.
     #[arg(long, conflicts_with_all = pipe::STREAM_FLAGS, conflicts_with = "secure")]
     take_over: bool,
+    /// A role-based access policy (TOML; see `vmlink policy check`) for `--socket`: who may
+    /// open the service. With `--secure` a client is judged after the secure handshake,
+    /// so principals may name its key (`key = "SHA256:..."`). A denied client is refused,
+    /// logged with who, what and why, and `serve` keeps listening.
+    #[arg(long, value_name = "FILE", conflicts_with_all = pipe::STREAM_FLAGS, conflicts_with = "take_over")]
+    policy: Option<PathBuf>,
     /// The secure channel.
     #[command(flatten)]
     secure: secure::SecureArgs,
@@ -247,7 +254,17 @@ fn main() -> ExitCode {
         Command::Serve(args) => status(
             "serve",
             args.secure.prepare().and_then(|secure| {
-                pipe::serve(&args.at, &args.service, args.take_over, secure.as_ref())
+                let access = match &args.policy {
+                    Some(p) => Some(vmlink_policy::Policy::load(p).context("--policy")?),
+                    None => None,
+                };
+                pipe::serve(
+                    &args.at,
+                    &args.service,
+                    args.take_over,
+                    secure.as_ref(),
+                    access.as_ref(),
+                )
             }),
         ),
         Command::Connect(args) => status(

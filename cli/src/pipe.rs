@@ -16,7 +16,7 @@ use clap::Args;
 use vmlink_channel::{ChannelError, Config, Doorbell, Endpoint, PacketRx, PacketTx};
 use vmlink_hvsock::link::{StreamConfig, stream_endpoint};
 use vmlink_hvsock::socket::{HybridAddr, StreamAddr, VsockAddr};
-use vmlink_shm::{Guest, Layout, Listener, RefusalCode, Role, Service, ShmError, monitor};
+use vmlink_shm::{Guest, Layout, Listener, Policy, RefusalCode, Role, Service, ShmError, monitor};
 
 use crate::error::{Context, Result, fail};
 use crate::secure::Prepared;
@@ -87,13 +87,14 @@ pub fn serve(
     service: &str,
     take_over: bool,
     secure: Option<&Prepared>,
+    access: Option<&vmlink_policy::Policy>,
 ) -> Result<()> {
     match (&at.socket, at.stream()) {
         (Some(path), _) if take_over => {
             let (end, state) = takeover::take_over(path, service)?;
             takeover::serve(end, state, path)
         }
-        (Some(path), _) => serve_shm(path, service, secure),
+        (Some(path), _) => serve_shm(path, service, secure, access),
         (None, Some(addr)) => {
             let listener = addr
                 .listen()
@@ -110,7 +111,7 @@ pub fn serve(
                 };
                 // A client that fails the secure handshake costs only itself.
                 match prepared.establish(end, HandshakeRole::Responder, "serve") {
-                    Ok(end) => {
+                    Ok((end, _)) => {
                         drop(listener);
                         monitor::publish(end.watch(), DEFAULT_SERVICE, Role::Host, None);
                         return pipe(&end);
@@ -181,7 +182,7 @@ where
             pipe(&end)
         }
         Some(prepared) => {
-            let end = prepared
+            let (end, _) = prepared
                 .establish(end, handshake_role(role), command(role))
                 .context("secure handshake")?;
             monitor::publish(end.watch(), DEFAULT_SERVICE, role, None);
@@ -206,9 +207,23 @@ fn pipe_stream(
 /// pipes, ready to hand the channel to a successor. A client whose handshake fails costs
 /// only itself: it is refused (the listener tells it why), one line on stderr says so,
 /// and the listener keeps waiting.
-fn serve_shm(path: &Path, service: &str, secure: Option<&Prepared>) -> Result<()> {
+fn serve_shm(
+    path: &Path,
+    service: &str,
+    secure: Option<&Prepared>,
+    access: Option<&vmlink_policy::Policy>,
+) -> Result<()> {
     let name = service;
-    let service = Service::new(service).with_layout(channel_layout());
+    // Under a policy the peer is judged when it opens the service; with a secure channel
+    // too, once its key is known (after the secure handshake), so key principals count.
+    let policy = match (access, secure) {
+        (Some(a), None) => Policy::roles(a.clone()),
+        (Some(_), Some(_)) => Policy::identify(),
+        (None, _) => Policy::default(),
+    };
+    let service = Service::new(service)
+        .with_layout(channel_layout())
+        .with_policy(policy);
     let listener = match Listener::bind(path, service) {
         Ok(listener) => listener,
         Err(ShmError::SocketInUse(_)) => {
@@ -231,6 +246,10 @@ fn serve_shm(path: &Path, service: &str, secure: Option<&Prepared>) -> Result<()
             Err(ShmError::ListenerStopped) => {
                 return fail(format!("stopped listening on {}", path.display()));
             }
+            Err(ShmError::Denied { audit, .. }) => {
+                eprintln!("vmlink serve: {audit}; still listening");
+                continue;
+            }
             Err(e) => {
                 eprintln!(
                     "vmlink serve: refused a client ({}); still listening",
@@ -243,19 +262,33 @@ fn serve_shm(path: &Path, service: &str, secure: Option<&Prepared>) -> Result<()
             drop(listener);
             return takeover::serve(end, takeover::PipeState::default(), path);
         };
+        let identity = end.identity().cloned();
         // A secure channel is not handed over: its keys stay in this process.
         let (channel, _memory) = end.into_parts();
-        match prepared.establish(channel, HandshakeRole::Responder, "serve") {
-            Ok(end) => {
-                drop(listener);
-                monitor::publish(end.watch(), name, Role::Host, None);
-                return pipe(&end);
+        let (end, key) = match prepared.establish(channel, HandshakeRole::Responder, "serve") {
+            Ok(done) => done,
+            Err(e) => {
+                eprintln!(
+                    "vmlink serve: refused a client (secure handshake: {}); still listening",
+                    one_line(&e.to_string())
+                );
+                continue;
             }
-            Err(e) => eprintln!(
-                "vmlink serve: refused a client (secure handshake: {}); still listening",
-                one_line(&e.to_string())
-            ),
+        };
+        if let (Some(policy), Some(who)) = (access, identity) {
+            let who = match key {
+                Some(k) => who.with_key(k.fingerprint()),
+                None => who,
+            };
+            let decision = policy.decide(&who, name, None);
+            if !decision.allowed() {
+                eprintln!("vmlink serve: {}; still listening", decision.audit_line());
+                continue;
+            }
         }
+        drop(listener);
+        monitor::publish(end.watch(), name, Role::Host, None);
+        return pipe(&end);
     }
 }
 

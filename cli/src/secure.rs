@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use clap::{Args, ValueEnum};
 use vmlink_channel::{Doorbell, Endpoint, PacketRx, PacketTx};
 use vmlink_secure::{
-    AuthorizedKeys, Cipher, Credentials, HandshakeRole, Keypair, Pattern, SecureConfig,
+    AuthorizedKeys, Cipher, Credentials, HandshakeRole, Keypair, Pattern, PublicKey, SecureConfig,
     SecureEndpoint, SecureError, establish,
 };
 
@@ -103,7 +103,7 @@ impl Prepared {
         end: Endpoint<T, R, D>,
         role: HandshakeRole,
         command: &str,
-    ) -> std::result::Result<SecureEndpoint<T, R, D>, SecureError>
+    ) -> std::result::Result<(SecureEndpoint<T, R, D>, Option<PublicKey>), SecureError>
     where
         T: PacketTx,
         R: PacketRx,
@@ -113,7 +113,7 @@ impl Prepared {
         if let Some(peer) = done.peer_key {
             eprintln!("vmlink {command}: secure channel with peer key {peer}");
         }
-        Ok(done.endpoint)
+        Ok((done.endpoint, done.peer_key))
     }
 }
 

@@ -272,3 +272,79 @@ fn over_a_stream_socket_a_refused_client_costs_only_itself() {
     assert!(log.contains("is not authorized); still listening"), "{log}");
     let _ = fs::remove_dir_all(&dir);
 }
+
+/// The fingerprint `vmlink keygen` printed for a key, read back from its `.pub` line.
+fn fingerprint(public: &Path) -> String {
+    let line = fs::read_to_string(public).unwrap();
+    vmlink_secure::PublicKey::from_line(line.trim())
+        .unwrap()
+        .fingerprint()
+}
+
+#[test]
+fn a_policy_can_grant_by_key_once_the_secure_handshake_has_proven_it() {
+    let dir = common::private_dir("secure-policy");
+    let (host, guest, stranger) = (dir.join("host"), dir.join("guest"), dir.join("stranger"));
+    for k in [&host, &guest, &stranger] {
+        keygen(k);
+    }
+    // Both keys pass the secure handshake; the policy grants only the guest's.
+    let peers = dir.join("peers.pub");
+    fs::write(
+        &peers,
+        fs::read_to_string(dir.join("guest.pub")).unwrap()
+            + &fs::read_to_string(dir.join("stranger.pub")).unwrap(),
+    )
+    .unwrap();
+    let policy = dir.join("policy.toml");
+    fs::write(
+        &policy,
+        format!(
+            "[roles.pipe]\nservices = [\"vmlink-pipe\"]\n\n[[principals]]\nkey = \"{}\"\nroles = [\"pipe\"]\n",
+            fingerprint(&dir.join("guest.pub"))
+        ),
+    )
+    .unwrap();
+    let data = common::data(29, 1 << 20);
+    let input = dir.join("in");
+    fs::write(&input, &data).unwrap();
+    let sock = dir.join("s.sock");
+    let server = vmlink()
+        .args(["serve", "--socket"])
+        .arg(&sock)
+        .args(["--secure", "--key"])
+        .arg(&host)
+        .arg("--peer-keys")
+        .arg(&peers)
+        .arg("--policy")
+        .arg(&policy)
+        .stdin(fs::File::open(&input).unwrap())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(&sock);
+    let host_pub = dir.join("host.pub");
+    let denied = connect(&sock, &stranger, &host_pub, &[]);
+    assert_eq!(denied.status.code(), Some(2));
+    let out = connect(&sock, &guest, &host_pub, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stdout == data);
+    let log = server.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&log.stderr);
+    let line = format!("vmlink-policy: deny uid=",);
+    assert!(log.contains(&line), "{log}");
+    assert!(
+        log.contains(&format!("key={} ", fingerprint(&dir.join("stranger.pub")))),
+        "{log}"
+    );
+    assert!(
+        log.contains("vmlink-pipe open: no principal of the policy matches the peer"),
+        "{log}"
+    );
+    let _ = fs::remove_dir_all(&dir);
+}

@@ -36,6 +36,7 @@ pub struct Policy {
     uids: Vec<u32>,
     gids: Vec<u32>,
     roles: Option<std::sync::Arc<vmlink_policy::Policy>>,
+    identify: bool,
 }
 
 impl Default for Policy {
@@ -52,6 +53,7 @@ impl Policy {
             uids: Vec::new(),
             gids: Vec::new(),
             roles: None,
+            identify: false,
         }
     }
 
@@ -62,6 +64,18 @@ impl Policy {
             uids: Vec::new(),
             gids: Vec::new(),
             roles: None,
+            identify: false,
+        }
+    }
+
+    /// Everyone who reaches the socket (whose directory is private to its user), identified
+    /// — uid, every group, executable, as [`Endpoint::identity`](crate::Endpoint::identity)
+    /// then says — for a decision the application makes itself later: after a secure
+    /// handshake, say, once the peer's key is known too.
+    pub fn identify() -> Self {
+        Self {
+            identify: true,
+            ..Self::nobody()
         }
     }
 
@@ -95,6 +109,13 @@ impl Policy {
         peer: &PeerCredentials,
         service: &str,
     ) -> Result<Option<vmlink_policy::Peer>, crate::ShmError> {
+        if self.roles.is_none() && self.identify {
+            return vmlink_policy::Peer::of_socket(sock)
+                .map(Some)
+                .map_err(crate::ShmError::io(
+                    "identify the peer (SO_PEERPIDFD, /proc)",
+                ));
+        }
         let Some(roles) = &self.roles else {
             return if self.allows(peer) {
                 Ok(None)
@@ -124,10 +145,10 @@ impl Policy {
         self.roles.as_deref()
     }
 
-    /// Does the policy allow this peer? (The credential rules; a role-based policy needs
-    /// the peer's socket, and says no here.)
+    /// Does the policy allow this peer? (The credential rules; a role-based or identifying
+    /// policy needs the peer's socket, and says no here.)
     pub fn allows(&self, peer: &PeerCredentials) -> bool {
-        if self.roles.is_some() {
+        if self.roles.is_some() || self.identify {
             return false;
         }
         let own = crate::sys::geteuid();
