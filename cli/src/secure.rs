@@ -96,6 +96,9 @@ impl SecureArgs {
     }
 }
 
+/// A secure channel and the key its peer proved.
+pub type Secured<T, R, D> = (SecureEndpoint<T, R, D>, Option<PublicKey>);
+
 impl Prepared {
     /// Runs the handshake over `end` as `role`; says on stderr who the peer is.
     pub fn establish<T, R, D>(
@@ -103,7 +106,7 @@ impl Prepared {
         end: Endpoint<T, R, D>,
         role: HandshakeRole,
         command: &str,
-    ) -> std::result::Result<(SecureEndpoint<T, R, D>, Option<PublicKey>), SecureError>
+    ) -> std::result::Result<Secured<T, R, D>, SecureError>
     where
         T: PacketTx,
         R: PacketRx,
