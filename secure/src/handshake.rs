@@ -217,6 +217,22 @@ where
     R: PacketRx,
     D: Doorbell,
 {
+    establish_with(endpoint, role, credentials, config, None)
+}
+
+/// [`establish`], with a fixed ephemeral key for the known-answer tests.
+fn establish_with<T, R, D>(
+    endpoint: Endpoint<T, R, D>,
+    role: HandshakeRole,
+    credentials: &Credentials,
+    config: &SecureConfig,
+    fixed_ephemeral: Option<&[u8; KEY_LEN]>,
+) -> Result<Established<T, R, D>, SecureError>
+where
+    T: PacketTx,
+    R: PacketRx,
+    D: Doorbell,
+{
     let deadline = Wait::Until(Instant::now() + config.handshake_timeout);
     let name = protocol_name(config.pattern, config.cipher);
     let prologue = format!("{PROLOGUE}{name}");
@@ -252,6 +268,9 @@ where
     }
     if let Credentials::Psk(psk) = credentials {
         builder = builder.psk(0, psk).map_err(noise)?;
+    }
+    if let Some(e) = fixed_ephemeral {
+        builder = builder.fixed_ephemeral_key_for_testing_only(e);
     }
     let mut hs = match role {
         HandshakeRole::Initiator => builder.build_initiator(),
@@ -529,4 +548,89 @@ mod known_answers {
         }
         assert!(checked >= 12, "transport messages checked: {checked}");
     }
+}
+
+#[cfg(test)]
+mod fixed_bytes {
+    //! The whole handshake as this crate frames it (protocol name, length-prefixed Noise
+    //! messages, the sealed ready message), with fixed static and ephemeral keys: the same
+    //! bytes in both rings every time, pinned by their SHA-256.
+
+    use std::sync::Arc;
+
+    use sha2::{Digest, Sha256};
+    use vmlink_channel::{Channel, Config, in_process_pair};
+    use vmlink_ring::{ControlWord, HeapMem, RingMem};
+
+    use super::*;
+
+    fn written(ring: &HeapMem) -> String {
+        let end = ring.load_control(ControlWord::WriteIndex) as usize;
+        let mut bytes = vec![0u8; end];
+        ring.read_data(0, &mut bytes);
+        Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    fn run(pattern: Pattern, cipher: Cipher) -> (String, String) {
+        let i_to_r = Arc::new(HeapMem::new(4 * 4096).unwrap());
+        let r_to_i = Arc::new(HeapMem::new(4 * 4096).unwrap());
+        let (di, dr) = in_process_pair();
+        let a = Channel::new(i_to_r.clone(), r_to_i.clone(), di, Config::default()).unwrap();
+        let b = Channel::new(r_to_i.clone(), i_to_r.clone(), dr, Config::default()).unwrap();
+        let (ki, kr) = (
+            Keypair::from_private([1; KEY_LEN]),
+            Keypair::from_private([2; KEY_LEN]),
+        );
+        let ci = Credentials::Static {
+            local: ki.clone(),
+            authorized: AuthorizedKeys::new([kr.public()]),
+        };
+        let cr = Credentials::Static {
+            local: kr,
+            authorized: AuthorizedKeys::new([ki.public()]),
+        };
+        let config = SecureConfig {
+            pattern,
+            cipher,
+            ..SecureConfig::default()
+        };
+        std::thread::scope(|s| {
+            let i = s.spawn(|| {
+                establish_with(
+                    a,
+                    HandshakeRole::Initiator,
+                    &ci,
+                    &config,
+                    Some(&[3; KEY_LEN]),
+                )
+            });
+            let r = establish_with(
+                b,
+                HandshakeRole::Responder,
+                &cr,
+                &config,
+                Some(&[4; KEY_LEN]),
+            );
+            let (i, r) = (i.join().unwrap().unwrap(), r.unwrap());
+            assert_eq!(i.handshake_hash, r.handshake_hash);
+        });
+        (written(&i_to_r), written(&r_to_i))
+    }
+
+    #[test]
+    fn fixed_keys_give_fixed_handshake_bytes() {
+        let xx = run(Pattern::XX, Cipher::ChaChaPoly);
+        assert_eq!(xx, run(Pattern::XX, Cipher::ChaChaPoly), "deterministic");
+        let ik = run(Pattern::IK, Cipher::AesGcm);
+        assert_eq!(xx, (XX_I_TO_R.to_owned(), XX_R_TO_I.to_owned()));
+        assert_eq!(ik, (IK_I_TO_R.to_owned(), IK_R_TO_I.to_owned()));
+    }
+
+    const XX_I_TO_R: &str = "eac76fce7ac9d031cba8e11db4faa8c018ebfe0653502be4606b823895a294b6";
+    const XX_R_TO_I: &str = "3fdf3dca6366db0ad5ed7130ba6a4e438ea302653ba464cbf8bcab71c8f5b12d";
+    const IK_I_TO_R: &str = "eb97571842a6192584dc2ec0c0e40053d712747a4585f81a0d3d271463735bdf";
+    const IK_R_TO_I: &str = "22055c5da9cd8f00239296453a08b32b19d6484e089fb2b57d0fc7c466a0f780";
 }
