@@ -418,6 +418,9 @@ impl TakeOver {
             .map_err(ShmError::io("make the socket non-blocking"))?;
         let deadline = Deadline::after(DEFAULT_HANDOVER_TIMEOUT);
         same_user(&stream, deadline)?;
+        // The monitor publishes the endpoints taken over: started now, before the serving
+        // process stops serving, it adds nothing to the blackout.
+        crate::monitor::start();
         protocol::send(stream.as_fd(), protocol::TAKE_OVER, &[], &[], deadline)?;
         Ok(Self {
             stream,

@@ -535,6 +535,18 @@ fn enabled() -> bool {
     !DISABLED.load(Ordering::Relaxed) && std::env::var_os(DISABLE_ENV).is_none_or(|v| v.is_empty())
 }
 
+/// Starts this process's monitor thread now, if publishing is on and it does not run yet
+/// (otherwise the first endpoint or listener starts it): binding its socket and clearing
+/// dead processes' sockets then costs nothing later, when an endpoint is made in a hurry —
+/// a successor taking endpoints over starts it before it asks. False when it cannot run
+/// (publishing off, no usable runtime directory).
+pub fn start() -> bool {
+    if !enabled() {
+        return false;
+    }
+    start_server(&mut registry())
+}
+
 /// Publishes a vmlink-shm channel until it is dropped.
 pub(crate) fn publish_channel(
     watch: Watch,
