@@ -7,6 +7,8 @@ use sha2::Sha256;
 use vmlink_channel::AuthFailure;
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
+use crate::wiped::Wiped;
+
 /// Bytes of an authentication tag.
 pub const TAG_LEN: usize = 16;
 
@@ -99,9 +101,10 @@ pub(crate) struct Position {
 #[derive(Zeroize, ZeroizeOnDrop)]
 pub struct KeyState {
     key: [u8; KEY_LEN],
-    /// The cipher keyed with `key`, made at its first use (a copy starts without one).
+    /// The cipher keyed with `key`, made at its first use (a copy starts without one),
+    /// zeroed when it is replaced or dropped.
     #[zeroize(skip)]
-    keyed: Option<LessSafeKey>,
+    keyed: Wiped<LessSafeKey>,
     counter: u64,
     #[zeroize(skip)]
     cipher: Cipher,
@@ -117,7 +120,7 @@ impl Clone for KeyState {
     fn clone(&self) -> Self {
         Self {
             key: self.key,
-            keyed: None,
+            keyed: Wiped::empty(),
             counter: self.counter,
             cipher: self.cipher,
             limits: self.limits,
@@ -143,7 +146,7 @@ impl KeyState {
     pub fn new(key: [u8; KEY_LEN], cipher: Cipher, limits: RekeyLimits) -> Self {
         Self {
             key,
-            keyed: None,
+            keyed: Wiped::empty(),
             counter: 0,
             cipher,
             limits,
@@ -267,13 +270,14 @@ impl KeyState {
         let mut next = [0u8; KEY_LEN];
         let nonce = self.cipher.nonce(u64::MAX);
         // Sealing 32 bytes cannot exceed either cipher's length bound.
-        let _ =
-            self.cipher
-                .keyed(&self.key)
-                .seal_in_place_separate_tag(nonce, Aad::empty(), &mut next);
+        let (cipher, key) = (self.cipher, &self.key);
+        let _ = self
+            .keyed
+            .get_or_insert_with(|| cipher.keyed(key))
+            .seal_in_place_separate_tag(nonce, Aad::empty(), &mut next);
         self.key.zeroize();
         self.key = next;
-        self.keyed = None;
+        self.keyed.clear();
         next.zeroize();
         self.packets_since_rekey = 0;
         self.bytes_since_rekey = 0;

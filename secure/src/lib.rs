@@ -77,10 +77,13 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+extern crate alloc;
+
 mod cipher;
 mod handshake;
 mod keys;
 pub mod link;
+mod wiped;
 
 pub use cipher::{Cipher, KEY_LEN, KeyState, RekeyLimits, SALT_LEN, TAG_LEN};
 pub use handshake::{
