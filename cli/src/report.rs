@@ -4,8 +4,8 @@ use std::fmt::Write as _;
 
 use crate::demo::{
     CONTROL_RING_BYTES, FILE_CHUNK, FILE_SLOTS, FileCopy, FileRow, LatencyRow, Mode, PING_BYTES,
-    POLLING_SPINS, RECV_BATCH, Results, SOCKET_BUFFER, Throughput, ThroughputRow,
-    packets_per_commit,
+    POLLING_SPINS, RECV_BATCH, Results, SECURE_RING_BYTES, SECURE_STREAM_BYTES, SOCKET_BUFFER,
+    SecureRow, Throughput, ThroughputRow, packets_per_commit,
 };
 
 /// A duration in whole nanoseconds, saturating.
@@ -273,6 +273,9 @@ fn write_table(out: &mut String, r: &Results) -> std::fmt::Result {
     )?;
     writeln!(out, "    {}", file_why(f))?;
     writeln!(out)?;
+    if let Some(sec) = &r.secure {
+        write_secure(out, sec, r.plan.stream_rounds.max(2))?;
+    }
     writeln!(
         out,
         "socket: a Unix stream socket between the same two processes, blocking, same payloads \
@@ -305,6 +308,105 @@ fn write_table(out: &mut String, r: &Results) -> std::fmt::Result {
         writeln!(out, "DATA CHECK FAILED; first mismatch: {first}")?;
     }
     Ok(())
+}
+
+/// A cipher's full name.
+fn cipher_name(cipher: vmlink_secure::Cipher) -> &'static str {
+    match cipher {
+        vmlink_secure::Cipher::ChaChaPoly => "ChaCha20-Poly1305",
+        vmlink_secure::Cipher::AesGcm => "AES-256-GCM",
+    }
+}
+
+/// Writes the secure comparison's section into `out`.
+fn write_secure(out: &mut String, sec: &SecureRow, rounds: usize) -> std::fmt::Result {
+    writeln!(
+        out,
+        "Secure channel: a Noise XX handshake with key files ({}), then {} on every packet",
+        time(nanos(sec.handshake)),
+        cipher_name(sec.cipher),
+    )?;
+    writeln!(
+        out,
+        "  guest key {} ({})",
+        sec.guest_key,
+        if sec.guest_key_expected {
+            "the key written for the guest, authorized by the host"
+        } else {
+            "NOT the key written for the guest"
+        }
+    )?;
+    writeln!(
+        out,
+        "  the same polling channel ({} rings) without and with the secure layer, {rounds} \
+         rounds each, alternating which goes first",
+        size(SECURE_RING_BYTES as usize),
+    )?;
+    writeln!(
+        out,
+        "  {:<22} {:>12}  {:>12}  {:>12}",
+        "", "plain", "secure", "secure/plain"
+    )?;
+    let (p, s) = (&sec.plain_latency, &sec.secure_latency);
+    for (what, plain, secure) in [
+        ("round trip p50", p.p50_ns, s.p50_ns),
+        ("round trip p99", p.p99_ns, s.p99_ns),
+    ] {
+        writeln!(
+            out,
+            "  {:<22} {:>12}  {:>12}  {:>11.2}x",
+            format!("{PING_BYTES} B {what}"),
+            time(plain),
+            time(secure),
+            secure as f64 / plain.max(1) as f64,
+        )?;
+    }
+    let gb = |t: &Throughput| format!("{:.2} GB/s", t.gb_per_s(SECURE_STREAM_BYTES));
+    writeln!(
+        out,
+        "  {:<22} {:>12}  {:>12}  {:>11.2}x",
+        format!("{} stream", size(SECURE_STREAM_BYTES)),
+        gb(&sec.plain_stream),
+        gb(&sec.secure_stream),
+        sec.stream_ratio(),
+    )?;
+    writeln!(
+        out,
+        "    every packet of the secure channel is sealed by the sender and copied out, \
+         verified and decrypted by the receiver; the ring's descriptors stay plaintext"
+    )?;
+    writeln!(out)
+}
+
+/// The secure comparison as a JSON object, or `null`.
+fn secure_json(r: &Results) -> String {
+    let Some(sec) = &r.secure else {
+        return "null".to_owned();
+    };
+    format!(
+        concat!(
+            "{{\"cipher\":{},\"handshake_ns\":{},\"guest_key\":{},\"guest_key_expected\":{},",
+            "\"plain_p50_ns\":{},\"plain_p99_ns\":{},\"secure_p50_ns\":{},\"secure_p99_ns\":{},",
+            "\"latency_ratio_p50\":{},\"stream_packet_bytes\":{},",
+            "\"plain_stream_packets\":{},\"secure_stream_packets\":{},",
+            "\"plain_gb_per_s\":{},\"secure_gb_per_s\":{},\"stream_ratio\":{}}}"
+        ),
+        string(cipher_name(sec.cipher)),
+        nanos(sec.handshake),
+        string(&sec.guest_key),
+        sec.guest_key_expected,
+        sec.plain_latency.p50_ns,
+        sec.plain_latency.p99_ns,
+        sec.secure_latency.p50_ns,
+        sec.secure_latency.p99_ns,
+        num(sec.latency_ratio()),
+        SECURE_STREAM_BYTES,
+        sec.plain_stream.packets,
+        sec.secure_stream.packets,
+        num(sec.plain_stream.gb_per_s(SECURE_STREAM_BYTES)),
+        num(sec.secure_stream.gb_per_s(SECURE_STREAM_BYTES)),
+        num(sec.stream_ratio()),
+    )
 }
 
 /// A JSON number, or `null` when it is not finite.
@@ -409,7 +511,7 @@ pub fn json(r: &Results, quick: bool) -> String {
     format!(
         concat!(
             "{{\"quick\":{},\"cpus\":{},\"load_average\":{},\"spin_before_sleep_ns\":{},",
-            "\"latency\":[{}],\"throughput\":[{}],\"file\":{},",
+            "\"latency\":[{}],\"throughput\":[{}],\"file\":{},\"secure\":{},",
             "\"verified_packets\":{},\"verified_bytes\":{},",
             "\"socket_verified_packets\":{},\"socket_verified_bytes\":{},",
             "\"mismatches\":{},\"first_mismatch\":{}}}\n"
@@ -421,6 +523,7 @@ pub fn json(r: &Results, quick: bool) -> String {
         latency.join(","),
         throughput.join(","),
         file_json(r),
+        secure_json(r),
         r.vmlink_check.packets,
         r.vmlink_check.bytes,
         r.socket_check.packets,

@@ -21,6 +21,15 @@ pub enum CipherArg {
     Aes,
 }
 
+impl From<CipherArg> for Cipher {
+    fn from(arg: CipherArg) -> Self {
+        match arg {
+            CipherArg::Chacha => Cipher::ChaChaPoly,
+            CipherArg::Aes => Cipher::AesGcm,
+        }
+    }
+}
+
 /// The handshake pattern, on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum PatternArg {
@@ -79,10 +88,7 @@ impl SecureArgs {
             ));
         }
         let config = SecureConfig {
-            cipher: match self.cipher {
-                CipherArg::Chacha => Cipher::ChaChaPoly,
-                CipherArg::Aes => Cipher::AesGcm,
-            },
+            cipher: self.cipher.into(),
             pattern: match self.pattern {
                 PatternArg::Xx => Pattern::XX,
                 PatternArg::Ik => Pattern::IK,

@@ -71,3 +71,78 @@ fn help_describes_the_demo() {
         "{help}"
     );
 }
+
+#[test]
+fn the_secure_demo_compares_a_sealed_channel_with_a_plain_one() {
+    for cipher in ["chacha", "aes"] {
+        let output = Command::new(env!("CARGO_BIN_EXE_vmlink"))
+            .args(["demo", "--quick", "--json", "--secure", "--cipher", cipher])
+            .output()
+            .expect("run vmlink");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "vmlink demo --secure --cipher {cipher} failed ({}):\nstdout: {stdout}\nstderr: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let json: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON object");
+        assert_eq!(json["mismatches"], 0, "{json}");
+        let secure = &json["secure"];
+        let name = if cipher == "aes" {
+            "AES-256-GCM"
+        } else {
+            "ChaCha20-Poly1305"
+        };
+        assert_eq!(secure["cipher"], name, "{json}");
+        assert_eq!(secure["guest_key_expected"], true, "{json}");
+        assert!(
+            secure["guest_key"]
+                .as_str()
+                .is_some_and(|k| k.starts_with("SHA256:")),
+            "{json}"
+        );
+        for key in [
+            "handshake_ns",
+            "plain_p50_ns",
+            "secure_p50_ns",
+            "plain_stream_packets",
+            "secure_stream_packets",
+        ] {
+            assert!(
+                secure[key].as_u64().is_some_and(|n| n > 0),
+                "{key} measured: {json}"
+            );
+        }
+        assert_eq!(secure["stream_packet_bytes"], 65536, "{json}");
+        // Every secure stream packet and round trip was checked with the rest.
+        let checked = json["verified_packets"].as_u64().unwrap_or(0);
+        assert!(
+            checked > secure["secure_stream_packets"].as_u64().unwrap_or(u64::MAX),
+            "{json}"
+        );
+    }
+}
+
+#[test]
+fn a_cipher_without_secure_is_refused() {
+    let output = Command::new(env!("CARGO_BIN_EXE_vmlink"))
+        .args(["demo", "--quick", "--cipher", "aes"])
+        .output()
+        .expect("run vmlink");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--secure"), "{stderr}");
+}
+
+#[test]
+fn a_plain_demo_has_no_secure_section() {
+    let output = Command::new(env!("CARGO_BIN_EXE_vmlink"))
+        .args(["demo", "--quick"])
+        .output()
+        .expect("run vmlink");
+    assert!(output.status.success());
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(!table.contains("Secure channel"), "{table}");
+    assert!(table.contains("0 mismatches"), "{table}");
+}

@@ -8,14 +8,16 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use vmlink_channel::packet::GpaRange;
-use vmlink_channel::{ChannelError, Config, PacketMeta, PacketType};
-use vmlink_shm::{Endpoint, Guest, ShmChannel};
+use vmlink_channel::{ChannelError, Config, Doorbell, PacketMeta, PacketRx, PacketTx, PacketType};
+use vmlink_secure::{AuthorizedKeys, Credentials, HandshakeRole, Keypair, SecureConfig};
+use vmlink_shm::{Endpoint, Guest};
 
 use super::wire::{self, word};
 use super::{
-    BASELINE_SOCKET, BATCH_BYTES, BATCH_PACKETS, CONTROL_SERVICE, FILE_CHUNK, PING_BYTES,
-    POLLING_SERVICE, POLLING_SOCKET, POLLING_SPINS, SOCKET_BUFFER, SOURCE_FILE, cpu_since, soon,
-    thread_cpu,
+    BASELINE_SOCKET, BATCH_BYTES, BATCH_PACKETS, CONTROL_SERVICE, FILE_CHUNK, GUEST_KEY, HOST_KEY,
+    PING_BYTES, PLAIN_TWIN_SERVICE, PLAIN_TWIN_SOCKET, POLLING_SERVICE, POLLING_SOCKET,
+    POLLING_SPINS, SECURE_SERVICE, SECURE_SOCKET, SOCKET_BUFFER, SOURCE_FILE, SecureShm,
+    channel_no, cipher_from_wire, cpu_since, soon, thread_cpu,
 };
 use crate::error::{Context, Result, fail};
 use crate::hash;
@@ -31,6 +33,57 @@ struct GuestSide {
     buf: Vec<u8>,
     /// One chunk of the file, on its way from the disk.
     chunk: Vec<u8>,
+    /// The secure comparison's channels, once connected.
+    pair: Option<SecurePair>,
+}
+
+/// The secure comparison's two channels, alike but for the secure layer.
+struct SecurePair {
+    plain: Endpoint,
+    secure: SecureShm,
+    /// The secure channel's memory, mapped while it is used.
+    _memory: vmlink_shm::SharedMemory,
+}
+
+/// The secure comparison's channels, if connected.
+fn pair_of(pair: &Option<SecurePair>) -> Result<&SecurePair> {
+    match pair {
+        Some(pair) => Ok(pair),
+        None => fail("asked to use the secure comparison's channels before connecting them"),
+    }
+}
+
+impl SecurePair {
+    /// Connects both channels to the host in `dir`, the second through the handshake as
+    /// the initiator, with the guest's key and the host's public key from `dir`.
+    fn connect(dir: &Path, cipher: vmlink_secure::Cipher) -> Result<Self> {
+        let local = Keypair::load(&dir.join(GUEST_KEY)).context("load the guest's key")?;
+        let authorized = AuthorizedKeys::load(&dir.join(format!("{HOST_KEY}.pub")))
+            .context("load the host's public key")?;
+        let credentials = Credentials::Static { local, authorized };
+        let config = SecureConfig {
+            cipher,
+            ..SecureConfig::default()
+        };
+        let connect = |service, socket| {
+            Guest::new(service)
+                .with_config(Config::polling(POLLING_SPINS))
+                .connect(dir.join(socket))
+        };
+        let plain =
+            connect(PLAIN_TWIN_SERVICE, PLAIN_TWIN_SOCKET).context("connect the plain channel")?;
+        let (channel, memory) = connect(SECURE_SERVICE, SECURE_SOCKET)
+            .context("connect the secure channel")?
+            .into_parts();
+        let done =
+            vmlink_secure::establish(channel, HandshakeRole::Initiator, &credentials, &config)
+                .context("the secure handshake")?;
+        Ok(Self {
+            plain,
+            secure: done.endpoint,
+            _memory: memory,
+        })
+    }
 }
 
 /// Runs the guest: `dir` is the host's private directory with the sockets.
@@ -51,6 +104,7 @@ pub fn run(dir: &Path) -> Result<()> {
         file: None,
         buf: vec![0u8; 2 << 20],
         chunk: vec![0u8; FILE_CHUNK],
+        pair: None,
     };
     loop {
         let r = g
@@ -61,21 +115,30 @@ pub fn run(dir: &Path) -> Result<()> {
         let cmd = wire::decode(r.payload(&g.buf));
         let signals = g.signals();
         let tally = match word(&cmd, 0) {
-            wire::OP_SERVE_CALLS => {
-                let ch = if word(&cmd, 1) == 1 {
-                    g.polling.channel()
-                } else {
-                    g.control.channel()
-                };
-                serve_calls(ch, &mut g.buf)?
-            }
+            wire::OP_SERVE_CALLS => match word(&cmd, 1) {
+                channel_no::CONTROL => serve_calls(g.control.channel(), &mut g.buf)?,
+                channel_no::POLLING => serve_calls(g.polling.channel(), &mut g.buf)?,
+                channel_no::PLAIN => serve_calls(pair_of(&g.pair)?.plain.channel(), &mut g.buf)?,
+                channel_no::SECURE => serve_calls(&pair_of(&g.pair)?.secure, &mut g.buf)?,
+                other => return fail(format!("no channel {other}")),
+            },
             wire::OP_SERVE_SOCKET => serve_socket(&mut g.socket)?,
             wire::OP_STREAM_CHANNEL => {
-                let budget = Duration::from_micros(word(&cmd, 2));
-                let ch = g.control.channel();
-                let before = ch.counters().signals_sent;
-                stream_channel(ch, word(&cmd, 1) as usize, budget, before)?;
+                let (size, budget) = (word(&cmd, 1) as usize, Duration::from_micros(word(&cmd, 2)));
+                match word(&cmd, 3) {
+                    channel_no::CONTROL => stream_channel(g.control.channel(), size, budget)?,
+                    channel_no::PLAIN => {
+                        stream_channel(pair_of(&g.pair)?.plain.channel(), size, budget)?
+                    }
+                    channel_no::SECURE => stream_channel(&pair_of(&g.pair)?.secure, size, budget)?,
+                    other => return fail(format!("no stream over channel {other}")),
+                }
                 continue;
+            }
+            wire::OP_SECURE => {
+                let cipher = cipher_from_wire(word(&cmd, 1))?;
+                g.pair = Some(SecurePair::connect(dir, cipher)?);
+                Tally::default()
             }
             wire::OP_STREAM_SOCKET => {
                 let budget = Duration::from_micros(word(&cmd, 2));
@@ -120,10 +183,14 @@ pub fn run(dir: &Path) -> Result<()> {
 }
 
 impl GuestSide {
-    /// Doorbell signals this process has sent on both channels.
+    /// Doorbell signals this process has sent on all its channels.
     fn signals(&self) -> u64 {
+        let pair = self.pair.as_ref().map_or(0, |p| {
+            p.plain.channel().counters().signals_sent + p.secure.counters().signals_sent
+        });
         self.control.channel().counters().signals_sent
             + self.polling.channel().counters().signals_sent
+            + pair
     }
 
     /// Tells the host the file's hash and checks the host's.
@@ -151,7 +218,10 @@ impl GuestSide {
 }
 
 /// Answers calls on `ch` (checking each request) until an END packet.
-fn serve_calls(ch: &ShmChannel, buf: &mut [u8]) -> Result<Tally> {
+fn serve_calls<T: PacketTx, R: PacketRx, D: Doorbell>(
+    ch: &vmlink_channel::Endpoint<T, R, D>,
+    buf: &mut [u8],
+) -> Result<Tally> {
     let mut tally = Tally::default();
     let mut reply = [0u8; PING_BYTES];
     loop {
@@ -201,7 +271,12 @@ fn serve_socket(socket: &mut UnixStream) -> Result<Tally> {
 /// nanoseconds this thread ran, 0 when unknown). Packets go out in batches (one commit, so
 /// at most one signal, per [`BATCH_PACKETS`] packets or [`BATCH_BYTES`]); when the ring is
 /// full a plain send waits for space.
-fn stream_channel(ch: &ShmChannel, size: usize, budget: Duration, signals: u64) -> Result<()> {
+fn stream_channel<T: PacketTx, R: PacketRx, D: Doorbell>(
+    ch: &vmlink_channel::Endpoint<T, R, D>,
+    size: usize,
+    budget: Duration,
+) -> Result<()> {
+    let signals = ch.counters().signals_sent;
     let mut packet = vec![0u8; size];
     let clock_every = clock_every(size);
     let cpu = thread_cpu();

@@ -10,15 +10,18 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use vmlink_channel::packet::parse_gpa_header;
-use vmlink_channel::{Config, PacketType};
-use vmlink_shm::{Endpoint, Layout, Listener, Service, ShmChannel};
+use vmlink_channel::{Config, Doorbell, PacketRx, PacketTx, PacketType};
+use vmlink_secure::{AuthorizedKeys, Cipher, Credentials, HandshakeRole, Keypair, SecureConfig};
+use vmlink_shm::{Endpoint, Layout, Listener, Service};
 
 use super::wire::{self, word};
 use super::{
     BASELINE_SOCKET, BUFFER_BYTES, CONTROL_RING_BYTES, CONTROL_SERVICE, FILE_CHUNK, FileCopy,
-    FileRow, Latency, LatencyRow, MIN_SAMPLES, Machine, Mode, PING_BYTES, POLLING_RING_BYTES,
-    POLLING_SERVICE, POLLING_SOCKET, POLLING_SPINS, Plan, RECEIVED_FILE, RECV_BATCH, Results,
-    SOCKET_BUFFER, STREAM_SIZES, Throughput, ThroughputRow, WAIT, cpu_from_wire, cpu_since, nanos,
+    FileRow, GUEST_KEY, HOST_KEY, Latency, LatencyRow, MIN_SAMPLES, Machine, Mode, PING_BYTES,
+    PLAIN_TWIN_SERVICE, PLAIN_TWIN_SOCKET, POLLING_RING_BYTES, POLLING_SERVICE, POLLING_SOCKET,
+    POLLING_SPINS, Plan, RECEIVED_FILE, RECV_BATCH, Results, SECURE_RING_BYTES, SECURE_SERVICE,
+    SECURE_SOCKET, SECURE_STREAM_BYTES, SOCKET_BUFFER, STREAM_SIZES, SecureRow, SecureShm,
+    Throughput, ThroughputRow, WAIT, channel_no, cipher_to_wire, cpu_from_wire, cpu_since, nanos,
     order, soon, thread_cpu,
 };
 use crate::error::{Context, Result, fail};
@@ -99,8 +102,8 @@ struct Report {
     tally: Tally,
 }
 
-/// Runs the whole demo.
-pub fn run(plan: &Plan) -> Result<Results> {
+/// Runs the whole demo; with `secure`, the secure comparison too, with that cipher.
+pub fn run(plan: &Plan, secure: Option<Cipher>) -> Result<Results> {
     let machine = Machine::now();
     let dir = std::env::temp_dir().join(format!("vmlink-demo-{}", std::process::id()));
     fs::DirBuilder::new()
@@ -158,6 +161,10 @@ pub fn run(plan: &Plan) -> Result<Results> {
     host.command(&[wire::OP_MAKE_FILE, plan.file_bytes])?;
     host.report(false)?;
     let file = host.file_row(plan, &dir.0.join(RECEIVED_FILE))?;
+    let secure = match secure {
+        Some(cipher) => Some(host.secure_row(plan, &dir.0, cipher)?),
+        None => None,
+    };
     host.command(&[wire::OP_EXIT])?;
     child.finish()?;
     Ok(Results {
@@ -167,6 +174,7 @@ pub fn run(plan: &Plan) -> Result<Results> {
         latency,
         throughput,
         file,
+        secure,
         vmlink_check: host.vmlink_check,
         socket_check: host.socket_check,
     })
@@ -246,16 +254,38 @@ impl HostSide {
 
     /// Round trips over the polling channel or the control channel.
     fn latency_channel(&mut self, plan: &Plan, mode: Mode) -> Result<Latency> {
-        let (ch, warmup): (&ShmChannel, u64) = match mode {
-            Mode::Blocking => (self.control.channel(), plan.warmup_blocking),
-            Mode::Polling => (self.polling.channel(), plan.warmup_polling),
+        let (ch, no, warmup) = match mode {
+            Mode::Blocking => (
+                self.control.channel(),
+                channel_no::CONTROL,
+                plan.warmup_blocking,
+            ),
+            Mode::Polling => (
+                self.polling.channel(),
+                channel_no::POLLING,
+                plan.warmup_polling,
+            ),
         };
-        let signals = self.signals();
-        self.command(&[wire::OP_SERVE_CALLS, u64::from(mode == Mode::Polling)])?;
+        let measured = self.round_trips(ch, no, Rounds::new(plan, warmup), mode.name())?;
+        self.finish_latency(measured)
+    }
+
+    /// The guest serves calls on its channel number `no` while this process makes them over
+    /// `ch` (its end of that channel), checking every response: the round trips, their
+    /// check, and the doorbell signals this process sent meanwhile.
+    fn round_trips<T: PacketTx, R: PacketRx, D: Doorbell>(
+        &self,
+        ch: &vmlink_channel::Endpoint<T, R, D>,
+        no: u64,
+        mut rounds: Rounds,
+        what: &str,
+    ) -> Result<(Rounds, Tally, u64)> {
+        let signals = || self.signals() + self.extra_signals(ch, no);
+        let before = signals();
+        self.command(&[wire::OP_SERVE_CALLS, no])?;
         let mut request = [0u8; PING_BYTES];
         let mut response = [0u8; PING_BYTES];
         let mut tally = Tally::default();
-        let mut rounds = Rounds::new(plan, warmup);
         while let Some(seq) = rounds.next() {
             pattern::fill(seq, 0, &mut request);
             let t = Instant::now();
@@ -266,18 +296,37 @@ impl HostSide {
             if n == PING_BYTES && pattern::check(seq | RESPONSE, 0, &response) {
                 tally.pass(PING_BYTES);
             } else {
-                tally.fail(n, || {
-                    format!("response {seq} ({}) arrived corrupt", mode.name())
-                });
+                tally.fail(n, || format!("response {seq} ({what}) arrived corrupt"));
             }
         }
         let mut end = [0u8; PING_BYTES];
         end[..8].copy_from_slice(&END.to_le_bytes());
         ch.send(&end, soon()).context("end the round trips")?;
+        Ok((rounds, tally, signals() - before))
+    }
+
+    /// The signals `ch` (channel number `no`) sent, unless [`signals`](Self::signals)
+    /// already counts them.
+    fn extra_signals<T: PacketTx, R: PacketRx, D: Doorbell>(
+        &self,
+        ch: &vmlink_channel::Endpoint<T, R, D>,
+        no: u64,
+    ) -> u64 {
+        if no == channel_no::CONTROL || no == channel_no::POLLING {
+            0
+        } else {
+            ch.counters().signals_sent
+        }
+    }
+
+    /// Takes the guest's report of round trips and sums them up.
+    fn finish_latency(
+        &mut self,
+        (rounds, tally, signals): (Rounds, Tally, u64),
+    ) -> Result<Latency> {
         let report = self.report(false)?;
         self.vmlink_check.merge(tally);
-        let total = self.signals() - signals + report.signals;
-        let per = total as f64 / rounds.seq.max(1) as f64;
+        let per = (signals + report.signals) as f64 / rounds.seq.max(1) as f64;
         Latency::from_samples(rounds.samples, Some(per))
             .ok_or_else(|| crate::error::CliError("no latency samples".into()))
     }
@@ -338,14 +387,30 @@ impl HostSide {
 
     /// The guest streams packets of `size` bytes over the control channel.
     fn stream_channel(&mut self, plan: &Plan, size: usize) -> Result<Throughput> {
-        let ch = self.control.channel();
-        let signals = self.signals();
+        let (throughput, tally) =
+            self.stream_over(self.control.channel(), channel_no::CONTROL, plan, size)?;
+        self.vmlink_check.merge(tally);
+        Ok(throughput)
+    }
+
+    /// The guest streams packets of `size` bytes over its channel number `no`; this process
+    /// receives and checks them on `ch`, its end of that channel.
+    fn stream_over<T: PacketTx, R: PacketRx, D: Doorbell>(
+        &self,
+        ch: &vmlink_channel::Endpoint<T, R, D>,
+        no: u64,
+        plan: &Plan,
+        size: usize,
+    ) -> Result<(Throughput, Tally)> {
+        let signals = || self.signals() + self.extra_signals(ch, no);
+        let before = signals();
         let cpu = thread_cpu();
         let start = Instant::now();
         self.command(&[
             wire::OP_STREAM_CHANNEL,
             size as u64,
             plan.stream_budget.as_micros() as u64,
+            no,
         ])?;
         let mut tally = Tally::default();
         let mut scratch = vec![0u8; size.max(64)];
@@ -391,14 +456,14 @@ impl HostSide {
         if sent != expect {
             tally.mismatch(|| format!("the guest sent {sent} packets, {expect} arrived"));
         }
-        self.vmlink_check.merge(tally);
-        Ok(Throughput {
+        let throughput = Throughput {
             packets: expect,
             elapsed,
-            signals: Some(self.signals() - signals + guest_signals),
+            signals: Some(signals() - before + guest_signals),
             sender_cpu: cpu_from_wire(guest_cpu),
             receiver_cpu,
-        })
+        };
+        Ok((throughput, tally))
     }
 
     /// The guest streams frames of `size` bytes over the baseline socket.
@@ -441,6 +506,87 @@ impl HostSide {
             sender_cpu: cpu_from_wire(guest_cpu),
             receiver_cpu,
         })
+    }
+
+    /// The secure comparison: writes a key pair for each side into `dir`, has the guest
+    /// connect a plain and a secure channel (alike but for the secure layer), then
+    /// measures both in interleaved rounds: round trips, and streams of
+    /// [`SECURE_STREAM_BYTES`] packets.
+    fn secure_row(&mut self, plan: &Plan, dir: &Path, cipher: Cipher) -> Result<SecureRow> {
+        let pair = SecurePair::open(self, dir, cipher)?;
+        let mut plain_samples = Vec::new();
+        let mut secure_samples = Vec::new();
+        let mut signals = [(0u64, 0u64); 2];
+        let mut plain_stream = Throughput::zero(true);
+        let mut secure_stream = Throughput::zero(true);
+        let rounds = plan.stream_rounds.max(2);
+        for round in 0..rounds {
+            for secure in order(round) {
+                if secure {
+                    let m = self.round_trips(
+                        &pair.secure,
+                        channel_no::SECURE,
+                        Rounds::new(plan, plan.warmup_polling),
+                        "secure",
+                    )?;
+                    self.finish_round(m, &mut secure_samples, &mut signals[1])?;
+                } else {
+                    let m = self.round_trips(
+                        pair.plain.channel(),
+                        channel_no::PLAIN,
+                        Rounds::new(plan, plan.warmup_polling),
+                        "plain",
+                    )?;
+                    self.finish_round(m, &mut plain_samples, &mut signals[0])?;
+                }
+                let (stream, tally) = if secure {
+                    self.stream_over(&pair.secure, channel_no::SECURE, plan, SECURE_STREAM_BYTES)?
+                } else {
+                    self.stream_over(
+                        pair.plain.channel(),
+                        channel_no::PLAIN,
+                        plan,
+                        SECURE_STREAM_BYTES,
+                    )?
+                };
+                self.vmlink_check.merge(tally);
+                if secure {
+                    secure_stream.add(stream);
+                } else {
+                    plain_stream.add(stream);
+                }
+            }
+        }
+        let latency = |samples, (signals, trips): (u64, u64)| {
+            Latency::from_samples(samples, Some(signals as f64 / trips.max(1) as f64))
+                .ok_or_else(|| crate::error::CliError("no latency samples".into()))
+        };
+        Ok(SecureRow {
+            cipher,
+            handshake: pair.handshake,
+            guest_key_expected: pair.guest_key == pair.expected_key,
+            guest_key: pair.guest_key,
+            plain_latency: latency(plain_samples, signals[0])?,
+            secure_latency: latency(secure_samples, signals[1])?,
+            plain_stream,
+            secure_stream,
+        })
+    }
+
+    /// Takes the guest's report of one round of round trips and adds the round to
+    /// `samples` and `signals` (signals, round trips).
+    fn finish_round(
+        &mut self,
+        (rounds, tally, signals): (Rounds, Tally, u64),
+        samples: &mut Vec<u64>,
+        into: &mut (u64, u64),
+    ) -> Result<()> {
+        let report = self.report(false)?;
+        self.vmlink_check.merge(tally);
+        samples.extend_from_slice(&rounds.samples);
+        into.0 += signals + report.signals;
+        into.1 += rounds.seq;
+        Ok(())
     }
 
     /// Copies the file once each way unmeasured, then [`Plan::file_rounds`] times each
@@ -614,6 +760,77 @@ impl HostSide {
             elapsed,
             hash,
             verified,
+        })
+    }
+}
+
+/// The host's ends of the secure comparison's two channels.
+struct SecurePair {
+    plain: Endpoint,
+    secure: SecureShm,
+    /// The secure channel's memory, mapped while it is used.
+    _memory: vmlink_shm::SharedMemory,
+    /// From the guest's connection to the secure channel's being ready.
+    handshake: Duration,
+    /// The fingerprint of the key the guest proved.
+    guest_key: String,
+    /// The fingerprint of the key written for the guest.
+    expected_key: String,
+}
+
+impl SecurePair {
+    /// Writes the key files into `dir`, listens, tells the guest to connect, and runs the
+    /// secure handshake as the responder.
+    fn open(host: &mut HostSide, dir: &Path, cipher: Cipher) -> Result<Self> {
+        let host_key = Keypair::generate();
+        let guest_key = Keypair::generate();
+        host_key
+            .save(&dir.join(HOST_KEY), "vmlink demo host")
+            .context("write the host's key")?;
+        guest_key
+            .save(&dir.join(GUEST_KEY), "vmlink demo guest")
+            .context("write the guest's key")?;
+        let authorized = AuthorizedKeys::load(&dir.join(format!("{GUEST_KEY}.pub")))
+            .context("load the guest's public key")?;
+        let credentials = Credentials::Static {
+            local: host_key,
+            authorized,
+        };
+        let config = SecureConfig {
+            cipher,
+            ..SecureConfig::default()
+        };
+        let listen = |service, socket| {
+            let service = Service::new(service)
+                .with_layout(Layout::symmetric(SECURE_RING_BYTES, 0))
+                .with_config(Config::polling(POLLING_SPINS));
+            Listener::bind(dir.join(socket), service)
+        };
+        let plain = listen(PLAIN_TWIN_SERVICE, PLAIN_TWIN_SOCKET)
+            .context("listen for the plain channel")?;
+        let secure =
+            listen(SECURE_SERVICE, SECURE_SOCKET).context("listen for the secure channel")?;
+        host.command(&[wire::OP_SECURE, cipher_to_wire(cipher)])?;
+        let plain = plain
+            .accept_timeout(WAIT)
+            .context("the guest's plain channel")?;
+        let (channel, memory) = secure
+            .accept_timeout(WAIT)
+            .context("the guest's secure channel")?
+            .into_parts();
+        let start = Instant::now();
+        let done =
+            vmlink_secure::establish(channel, HandshakeRole::Responder, &credentials, &config)
+                .context("the secure handshake")?;
+        let handshake = start.elapsed();
+        host.report(false)?;
+        Ok(Self {
+            plain,
+            secure: done.endpoint,
+            _memory: memory,
+            handshake,
+            guest_key: done.peer_key.map_or_else(String::new, |k| k.fingerprint()),
+            expected_key: guest_key.public().fingerprint(),
         })
     }
 }

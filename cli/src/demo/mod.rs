@@ -8,6 +8,12 @@
 //! service on a socket in a private temporary directory for a polling channel
 //! ([`Config::polling`](vmlink_channel::Config::polling)), and to a plain Unix socket
 //! there for the baseline.
+//!
+//! With `--secure` the host then writes a key pair for each side into that directory, and
+//! the guest connects two more channels alike in every way but one: the second runs the
+//! secure layer (`vmlink-secure`: a Noise `XX` handshake with those keys, then every packet
+//! sealed). Round trips and 64 KiB streams go over both in interleaved rounds, so the table
+//! shows what the encryption costs.
 
 mod guest;
 mod host;
@@ -53,6 +59,48 @@ pub const POLLING_SPINS: u32 = 5000;
 /// Bytes of the file per GPA-direct packet (one slot of the guest's half of the buffer
 /// area).
 pub const FILE_CHUNK: usize = 256 * 1024;
+/// Data area of each ring of the two channels of the secure comparison (room for 64 KiB
+/// packets in batches).
+pub const SECURE_RING_BYTES: u64 = 1 << 20;
+/// Payload bytes of the secure comparison's stream packets.
+pub const SECURE_STREAM_BYTES: usize = 64 * 1024;
+/// The guest's channel numbers in commands: the control channel, the polling channel, and
+/// the secure comparison's plain and secure channels.
+pub mod channel_no {
+    /// The control channel.
+    pub const CONTROL: u64 = 0;
+    /// The polling channel.
+    pub const POLLING: u64 = 1;
+    /// The secure comparison's plain channel.
+    pub const PLAIN: u64 = 2;
+    /// The secure comparison's secure channel.
+    pub const SECURE: u64 = 3;
+}
+
+/// The secure channel over vmlink-shm rings, as both processes hold it.
+type SecureShm = vmlink_secure::SecureEndpoint<
+    vmlink_channel::RingTx<vmlink_shm::ShmRing>,
+    vmlink_channel::RingRx<vmlink_shm::ShmRing>,
+    vmlink_channel::EventFdDoorbell,
+>;
+
+/// A cipher as a command word.
+fn cipher_to_wire(cipher: vmlink_secure::Cipher) -> u64 {
+    match cipher {
+        vmlink_secure::Cipher::ChaChaPoly => 0,
+        vmlink_secure::Cipher::AesGcm => 1,
+    }
+}
+
+/// A cipher from a command word.
+fn cipher_from_wire(word: u64) -> crate::error::Result<vmlink_secure::Cipher> {
+    match word {
+        0 => Ok(vmlink_secure::Cipher::ChaChaPoly),
+        1 => Ok(vmlink_secure::Cipher::AesGcm),
+        other => crate::error::fail(format!("no cipher {other}")),
+    }
+}
+
 /// Round trips a latency measurement always takes before it may stop on its time budget.
 const MIN_SAMPLES: usize = 100;
 
@@ -62,6 +110,18 @@ const CONTROL_SERVICE: &str = "vmlink-demo";
 const POLLING_SERVICE: &str = "vmlink-demo-polling";
 /// The polling channel's socket, in the demo's directory.
 const POLLING_SOCKET: &str = "polling.sock";
+/// The service name of the secure comparison's plain channel.
+const PLAIN_TWIN_SERVICE: &str = "vmlink-demo-plain";
+/// The service name of the secure comparison's secure channel.
+const SECURE_SERVICE: &str = "vmlink-demo-secure";
+/// The plain channel's socket, in the demo's directory.
+const PLAIN_TWIN_SOCKET: &str = "plain.sock";
+/// The secure channel's socket, in the demo's directory.
+const SECURE_SOCKET: &str = "secure.sock";
+/// The host's private key file, in the demo's directory (its public key: `host.key.pub`).
+const HOST_KEY: &str = "host.key";
+/// The guest's private key file, in the demo's directory (its public key: `guest.key.pub`).
+const GUEST_KEY: &str = "guest.key";
 /// The baseline's socket, in the demo's directory.
 const BASELINE_SOCKET: &str = "baseline.sock";
 /// The file the guest generates, in the demo's directory.
@@ -321,6 +381,40 @@ pub struct FileRow {
     pub socket: FileCopy,
 }
 
+/// The secure comparison (`--secure`): the same polling channel with and without the
+/// secure layer, measured in interleaved rounds.
+#[derive(Debug, Clone)]
+pub struct SecureRow {
+    /// The transport cipher.
+    pub cipher: vmlink_secure::Cipher,
+    /// The host's handshake, from the guest's connection to the channel's being ready.
+    pub handshake: Duration,
+    /// The fingerprint of the key the guest proved.
+    pub guest_key: String,
+    /// Whether that is the key the host wrote for the guest (and authorized).
+    pub guest_key_expected: bool,
+    /// Round trips over the plain channel.
+    pub plain_latency: Latency,
+    /// Round trips over the secure channel.
+    pub secure_latency: Latency,
+    /// [`SECURE_STREAM_BYTES`] packets streamed over the plain channel.
+    pub plain_stream: Throughput,
+    /// The same over the secure channel.
+    pub secure_stream: Throughput,
+}
+
+impl SecureRow {
+    /// The secure median round trip over the plain one.
+    pub fn latency_ratio(&self) -> f64 {
+        self.secure_latency.p50_ns as f64 / self.plain_latency.p50_ns.max(1) as f64
+    }
+
+    /// The secure stream's rate over the plain one's.
+    pub fn stream_ratio(&self) -> f64 {
+        self.secure_stream.packets_per_s() / self.plain_stream.packets_per_s()
+    }
+}
+
 /// The machine the demo ran on, as far as it matters for reading the numbers.
 #[derive(Debug, Clone, Copy)]
 pub struct Machine {
@@ -364,6 +458,8 @@ pub struct Results {
     pub throughput: Vec<ThroughputRow>,
     /// The file copy.
     pub file: FileRow,
+    /// The secure comparison, with `--secure`.
+    pub secure: Option<SecureRow>,
     /// The data check of everything that crossed vmlink channels (both processes).
     pub vmlink_check: Tally,
     /// The data check of everything that crossed the baseline socket (both processes).

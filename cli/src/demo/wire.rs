@@ -1,13 +1,14 @@
 //! What the demo's host and guest say to each other on the control channel: packets of
 //! little-endian 64-bit words, the first naming what the packet is.
 
-/// Serve calls on a channel (word 1: 0 the control channel, 1 the polling channel) until
-/// an in-band packet whose first word is [`END`](crate::pattern::END) arrives on it.
+/// Serve calls on a channel (word 1: its number, see
+/// [`channel_no`](super::channel_no)) until an in-band packet whose first word is
+/// [`END`](crate::pattern::END) arrives on it.
 pub const OP_SERVE_CALLS: u64 = 1;
 /// Echo fixed-size frames on the baseline socket until an END frame.
 pub const OP_SERVE_SOCKET: u64 = 2;
-/// Stream packets of word 1 bytes to the host over the control channel for word 2
-/// microseconds, then an END packet `[END, packets, signals, cpu]`: the guest's doorbell
+/// Stream packets of word 1 bytes to the host over channel number word 3 (0: the control
+/// channel) for word 2 microseconds, then an END packet `[END, packets, signals, cpu]`: the guest's doorbell
 /// signals and the nanoseconds its thread ran (0 when unknown).
 pub const OP_STREAM_CHANNEL: u64 = 3;
 /// The same over the baseline socket (frames of word 1 bytes, then an END frame
@@ -21,6 +22,9 @@ pub const OP_FILE_CHANNEL: u64 = 6;
 pub const OP_FILE_SOCKET: u64 = 7;
 /// Exit.
 pub const OP_EXIT: u64 = 8;
+/// Connect the secure comparison's two channels, the second through the secure handshake
+/// with the keys in the demo's directory (word 1: 0 ChaCha20-Poly1305, 1 AES-256-GCM).
+pub const OP_SECURE: u64 = 9;
 
 /// `[REPORT, signals, packets, bytes, mismatches]`: the guest's account of a phase
 /// (doorbell signals it sent, packets and bytes it checked, mismatches it found).
