@@ -1,9 +1,18 @@
 //! The Noise handshake over a plain endpoint, then the secure layer over its links.
 
-use std::time::{Duration, Instant};
+use alloc::format;
+use alloc::string::String;
+use alloc::string::ToString;
+use alloc::vec;
+use alloc::vec::Vec;
+use core::time::Duration;
+#[cfg(feature = "std")]
+use std::time::Instant;
 
 use snow::params::NoiseParams;
-use vmlink_channel::{ChannelError, Doorbell, Endpoint, PacketRx, PacketTx, Wait};
+#[cfg(feature = "std")]
+use vmlink_channel::Wait;
+use vmlink_channel::{AsyncDoorbell, ChannelError, Doorbell, Endpoint, PacketRx, PacketTx};
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::cipher::{Cipher, KEY_LEN, KeyState, RekeyLimits};
@@ -206,6 +215,7 @@ fn noise(e: snow::Error) -> SecureError {
 /// Runs the handshake over `endpoint` (fresh: nothing queued, no call in flight) as
 /// `role`, then puts the secure layer over its links: what comes back seals and opens
 /// every packet. The peer must run the same pattern and cipher as the other role.
+#[cfg(feature = "std")]
 pub fn establish<T, R, D>(
     endpoint: Endpoint<T, R, D>,
     role: HandshakeRole,
@@ -221,6 +231,7 @@ where
 }
 
 /// [`establish`], with a fixed ephemeral key for the known-answer tests.
+#[cfg(feature = "std")]
 fn establish_with<T, R, D>(
     endpoint: Endpoint<T, R, D>,
     role: HandshakeRole,
@@ -234,107 +245,24 @@ where
     D: Doorbell,
 {
     let deadline = Wait::Until(Instant::now() + config.handshake_timeout);
-    let name = protocol_name(config.pattern, config.cipher);
-    let prologue = format!("{PROLOGUE}{name}");
-    let mut builder = snow::Builder::new(params(config.pattern, config.cipher))
-        .prologue(prologue.as_bytes())
-        .map_err(noise)?;
-    let (local, authorized) = match (credentials, config.pattern) {
-        (Credentials::Static { local, authorized }, Pattern::XX | Pattern::IK) => {
-            (Some(local), Some(authorized))
-        }
-        (Credentials::Psk(_), Pattern::NNpsk0) => (None, None),
-        (Credentials::Psk(_), _) => {
-            return Err(SecureError::Credentials("XX and IK need a static key pair"));
-        }
-        (Credentials::Static { .. }, Pattern::NNpsk0) => {
-            return Err(SecureError::Credentials("NNpsk0 needs a pre-shared key"));
-        }
-    };
-    if let Some(local) = local {
-        builder = builder.local_private_key(local.private()).map_err(noise)?;
-    }
-    let responder_key;
-    if config.pattern == Pattern::IK && role == HandshakeRole::Initiator {
-        let Some(authorized) = authorized.filter(|a| a.len() == 1) else {
-            return Err(SecureError::Credentials(
-                "an IK initiator needs exactly one authorized key: the responder's",
-            ));
-        };
-        responder_key = authorized.keys().next().copied();
-        if let Some(k) = &responder_key {
-            builder = builder.remote_public_key(&k.0).map_err(noise)?;
-        }
-    }
-    if let Credentials::Psk(psk) = credentials {
-        builder = builder.psk(0, psk).map_err(noise)?;
-    }
-    if let Some(e) = fixed_ephemeral {
-        builder = builder.fixed_ephemeral_key_for_testing_only(e);
-    }
-    let mut hs = match role {
-        HandshakeRole::Initiator => builder.build_initiator(),
-        HandshakeRole::Responder => builder.build_responder(),
-    }
-    .map_err(noise)?;
-
-    // The protocol name first, in the clear, so a mismatch is named rather than a
-    // decryption failure; the prologue binds it, so changing it fails the handshake.
+    let mut hs = Noise::start(role, credentials, config, fixed_ephemeral)?;
     let mut buf = Zeroizing::new(vec![0u8; LENGTH_LEN + MAX_NOISE_MESSAGE + 8]);
     let mut payload = Zeroizing::new(vec![0u8; MAX_NOISE_MESSAGE]);
-    match role {
-        HandshakeRole::Initiator => send_message(&endpoint, name.as_bytes(), deadline)?,
-        HandshakeRole::Responder => {
-            let theirs = recv_message(&endpoint, &mut buf, deadline)?;
-            if theirs != name.as_bytes() {
-                return Err(SecureError::Mismatch {
-                    ours: name,
-                    theirs: String::from_utf8_lossy(&theirs[..theirs.len().min(80)]).into_owned(),
-                });
-            }
-        }
-    }
-    while !hs.is_handshake_finished() {
-        if hs.is_my_turn() {
-            let n = hs.write_message(&[], &mut payload).map_err(noise)?;
+    while !hs.is_finished() {
+        if let Some(n) = hs.write(&mut payload)? {
             send_message(&endpoint, &payload[..n], deadline)?;
         } else {
-            let message = recv_message(&endpoint, &mut buf, deadline)?;
-            hs.read_message(message, &mut payload).map_err(noise)?;
-            // A peer key is judged as soon as it is known, before anything more is sent.
-            check_peer(&hs, authorized)?;
+            let got = endpoint.recv(&mut buf, deadline)?;
+            hs.read(got.payload(&buf), &mut payload)?;
         }
     }
-    let peer_key = check_peer(&hs, authorized)?;
-    let handshake_hash = hs.get_handshake_hash().to_vec();
-    let (mut i_to_r, mut r_to_i) = hs.dangerously_get_raw_split();
-    let (tx_key, rx_key) = match role {
-        HandshakeRole::Initiator => (i_to_r, r_to_i),
-        HandshakeRole::Responder => (r_to_i, i_to_r),
-    };
-    let tx_state = KeyState::new(tx_key, config.cipher, config.rekey);
-    let rx_state = KeyState::new(rx_key, config.cipher, config.rekey);
-    i_to_r.zeroize();
-    r_to_i.zeroize();
-
-    let (saved, tx, rx, doorbell) = endpoint.save();
-    let max_frame = tx.max_packet_len();
-    let endpoint = Endpoint::over(
-        SecureTx::new(tx, tx_state, false),
-        SecureRx::new(rx, rx_state, max_frame),
-        doorbell,
-        saved.config(),
-    );
+    let (endpoint, peer_key, handshake_hash) = hs.wrap(endpoint, config)?;
     match role {
         HandshakeRole::Responder => endpoint.send(READY, deadline)?,
         HandshakeRole::Initiator => {
             let mut ready = [0u8; 32];
             let got = endpoint.recv(&mut ready, deadline)?;
-            if !got.payload(&ready).starts_with(READY) {
-                return Err(SecureError::Handshake(
-                    "the responder's first sealed packet is not its ready message".into(),
-                ));
-            }
+            check_ready(got.payload(&ready))?;
         }
     }
     Ok(Established {
@@ -342,6 +270,212 @@ where
         peer_key,
         handshake_hash,
     })
+}
+
+/// [`establish`] with asynchronous waits, for an endpoint whose doorbell is an
+/// [`AsyncDoorbell`] (tokio's, or an embedder's without `std`): the same handshake and
+/// the same secure layer. It has no deadline of its own: a caller that must not wait
+/// forever for a silent peer races it against a timer (`tokio::time::timeout`, or the
+/// embedder's), and dropping the future abandons the handshake.
+pub async fn establish_async<T, R, D>(
+    endpoint: Endpoint<T, R, D>,
+    role: HandshakeRole,
+    credentials: &Credentials,
+    config: &SecureConfig,
+) -> Result<Established<T, R, D>, SecureError>
+where
+    T: PacketTx,
+    R: PacketRx,
+    D: AsyncDoorbell,
+{
+    let mut hs = Noise::start(role, credentials, config, None)?;
+    let mut buf = Zeroizing::new(vec![0u8; LENGTH_LEN + MAX_NOISE_MESSAGE + 8]);
+    let mut payload = Zeroizing::new(vec![0u8; MAX_NOISE_MESSAGE]);
+    while !hs.is_finished() {
+        if let Some(n) = hs.write(&mut payload)? {
+            let len = (n as u32).to_le_bytes();
+            endpoint
+                .send_packet_async(&vmlink_ring::OutgoingPacket::in_band(&[
+                    &len,
+                    &payload[..n],
+                ]))
+                .await?;
+        } else {
+            let got = endpoint.recv_async(&mut buf).await?;
+            hs.read(got.payload(&buf), &mut payload)?;
+        }
+    }
+    let (endpoint, peer_key, handshake_hash) = hs.wrap(endpoint, config)?;
+    match role {
+        HandshakeRole::Responder => endpoint.send_async(READY).await?,
+        HandshakeRole::Initiator => {
+            let mut ready = [0u8; 32];
+            let got = endpoint.recv_async(&mut ready).await?;
+            check_ready(got.payload(&ready))?;
+        }
+    }
+    Ok(Established {
+        endpoint,
+        peer_key,
+        handshake_hash,
+    })
+}
+
+/// Whether the responder's first sealed packet is its ready message.
+fn check_ready(got: &[u8]) -> Result<(), SecureError> {
+    if got.starts_with(READY) {
+        Ok(())
+    } else {
+        Err(SecureError::Handshake(
+            "the responder's first sealed packet is not its ready message".into(),
+        ))
+    }
+}
+
+/// One side's handshake, whatever carries its messages: the protocol name first (the
+/// initiator sends it in the clear, so a mismatch is named rather than a decryption
+/// failure; the prologue binds it, so changing it fails the handshake), then Noise's
+/// messages in turn.
+struct Noise<'a> {
+    hs: snow::HandshakeState,
+    role: HandshakeRole,
+    name: String,
+    /// Whether the protocol name has been sent or received.
+    named: bool,
+    authorized: Option<&'a AuthorizedKeys>,
+}
+
+impl<'a> Noise<'a> {
+    /// Checks the credentials against the pattern and builds the handshake state.
+    fn start(
+        role: HandshakeRole,
+        credentials: &'a Credentials,
+        config: &SecureConfig,
+        fixed_ephemeral: Option<&[u8; KEY_LEN]>,
+    ) -> Result<Self, SecureError> {
+        let name = protocol_name(config.pattern, config.cipher);
+        let prologue = format!("{PROLOGUE}{name}");
+        let mut builder = snow::Builder::new(params(config.pattern, config.cipher))
+            .prologue(prologue.as_bytes())
+            .map_err(noise)?;
+        let (local, authorized) = match (credentials, config.pattern) {
+            (Credentials::Static { local, authorized }, Pattern::XX | Pattern::IK) => {
+                (Some(local), Some(authorized))
+            }
+            (Credentials::Psk(_), Pattern::NNpsk0) => (None, None),
+            (Credentials::Psk(_), _) => {
+                return Err(SecureError::Credentials("XX and IK need a static key pair"));
+            }
+            (Credentials::Static { .. }, Pattern::NNpsk0) => {
+                return Err(SecureError::Credentials("NNpsk0 needs a pre-shared key"));
+            }
+        };
+        if let Some(local) = local {
+            builder = builder.local_private_key(local.private()).map_err(noise)?;
+        }
+        let responder_key;
+        if config.pattern == Pattern::IK && role == HandshakeRole::Initiator {
+            let Some(authorized) = authorized.filter(|a| a.len() == 1) else {
+                return Err(SecureError::Credentials(
+                    "an IK initiator needs exactly one authorized key: the responder's",
+                ));
+            };
+            responder_key = authorized.keys().next().copied();
+            if let Some(k) = &responder_key {
+                builder = builder.remote_public_key(&k.0).map_err(noise)?;
+            }
+        }
+        if let Credentials::Psk(psk) = credentials {
+            builder = builder.psk(0, psk).map_err(noise)?;
+        }
+        if let Some(e) = fixed_ephemeral {
+            builder = builder.fixed_ephemeral_key_for_testing_only(e);
+        }
+        let hs = match role {
+            HandshakeRole::Initiator => builder.build_initiator(),
+            HandshakeRole::Responder => builder.build_responder(),
+        }
+        .map_err(noise)?;
+        Ok(Self {
+            hs,
+            role,
+            name,
+            named: false,
+            authorized,
+        })
+    }
+
+    /// Whether the handshake's messages are all done.
+    fn is_finished(&self) -> bool {
+        self.named && self.hs.is_handshake_finished()
+    }
+
+    /// This side's next message into `out` (its length), or `None` when it is the peer's
+    /// turn.
+    fn write(&mut self, out: &mut [u8]) -> Result<Option<usize>, SecureError> {
+        if !self.named {
+            if self.role == HandshakeRole::Responder {
+                return Ok(None);
+            }
+            self.named = true;
+            let name = self.name.as_bytes();
+            out[..name.len()].copy_from_slice(name);
+            return Ok(Some(name.len()));
+        }
+        if !self.hs.is_my_turn() {
+            return Ok(None);
+        }
+        self.hs.write_message(&[], out).map(Some).map_err(noise)
+    }
+
+    /// Takes the peer's next message as it arrived (its length, then its bytes), with
+    /// `scratch` for the payload Noise decrypts.
+    fn read(&mut self, arrived: &[u8], scratch: &mut [u8]) -> Result<(), SecureError> {
+        let message = unframe(arrived)?;
+        if !self.named {
+            self.named = true;
+            if message != self.name.as_bytes() {
+                return Err(SecureError::Mismatch {
+                    ours: self.name.clone(),
+                    theirs: String::from_utf8_lossy(&message[..message.len().min(80)]).into_owned(),
+                });
+            }
+            return Ok(());
+        }
+        self.hs.read_message(message, scratch).map_err(noise)?;
+        // A peer key is judged as soon as it is known, before anything more is sent.
+        check_peer(&self.hs, self.authorized)?;
+        Ok(())
+    }
+
+    /// Puts the secure layer, keyed with the handshake's split, over `endpoint`'s links.
+    #[allow(clippy::type_complexity)]
+    fn wrap<T: PacketTx, R: PacketRx, D: Doorbell>(
+        mut self,
+        endpoint: Endpoint<T, R, D>,
+        config: &SecureConfig,
+    ) -> Result<(SecureEndpoint<T, R, D>, Option<PublicKey>, Vec<u8>), SecureError> {
+        let peer_key = check_peer(&self.hs, self.authorized)?;
+        let handshake_hash = self.hs.get_handshake_hash().to_vec();
+        let (mut i_to_r, mut r_to_i) = self.hs.dangerously_get_raw_split();
+        let (tx_key, rx_key) = match self.role {
+            HandshakeRole::Initiator => (i_to_r, r_to_i),
+            HandshakeRole::Responder => (r_to_i, i_to_r),
+        };
+        let tx_state = KeyState::new(tx_key, config.cipher, config.rekey);
+        let rx_state = KeyState::new(rx_key, config.cipher, config.rekey);
+        i_to_r.zeroize();
+        r_to_i.zeroize();
+        let (saved, tx, rx, doorbell) = endpoint.save();
+        let max_frame = tx.max_packet_len();
+        let endpoint = Endpoint::over(
+            SecureTx::new(tx, tx_state, false),
+            SecureRx::new(rx, rx_state, max_frame),
+            doorbell,
+            saved.config(),
+        );
+        Ok((endpoint, peer_key, handshake_hash))
+    }
 }
 
 /// The peer's static key once the handshake has revealed it, if it is authorized.
@@ -366,11 +500,13 @@ fn check_peer(
 }
 
 /// The initiator's and the responder's side of [`establish_pair`].
+#[cfg(feature = "std")]
 pub type EstablishedPair<T, R, D> = (Established<T, R, D>, Established<T, R, D>);
 
 /// Both sides of a handshake over a connected pair in this process (a test, a benchmark,
 /// two components of one program): `initiator` on a thread of its own, `responder` on this
 /// one, each with a fresh static key pair that accepts only the other's.
+#[cfg(feature = "std")]
 pub fn establish_pair<T, R, D>(
     initiator: Endpoint<T, R, D>,
     responder: Endpoint<T, R, D>,
@@ -397,6 +533,7 @@ where
     })
 }
 
+#[cfg(feature = "std")]
 fn send_message<T: PacketTx, R: PacketRx, D: Doorbell>(
     endpoint: &Endpoint<T, R, D>,
     message: &[u8],
@@ -410,14 +547,8 @@ fn send_message<T: PacketTx, R: PacketRx, D: Doorbell>(
     Ok(())
 }
 
-fn recv_message<'b, T: PacketTx, R: PacketRx, D: Doorbell>(
-    endpoint: &Endpoint<T, R, D>,
-    buf: &'b mut [u8],
-    deadline: Wait,
-) -> Result<&'b [u8], SecureError> {
-    let got = endpoint.recv(buf, deadline)?;
-    let buf: &'b [u8] = buf;
-    let bytes = got.payload(buf);
+/// A handshake message from what arrived: its length, then its bytes.
+fn unframe(bytes: &[u8]) -> Result<&[u8], SecureError> {
     let (len, rest) = bytes
         .split_first_chunk::<LENGTH_LEN>()
         .ok_or_else(|| SecureError::Handshake("a handshake message without its length".into()))?;
@@ -445,7 +576,7 @@ pub fn restore_layer<T: PacketTx, R: PacketRx>(
     )
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "std"))]
 mod known_answers {
     //! The handshakes and transport ciphers vmlink uses, against the published Noise test
     //! vectors: the protocol names and snow's handshake with the vectors' fixed keys give
@@ -550,7 +681,7 @@ mod known_answers {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "std"))]
 mod fixed_bytes {
     //! The whole handshake as this crate frames it (protocol name, length-prefixed Noise
     //! messages, the sealed ready message), with fixed static and ephemeral keys: the same

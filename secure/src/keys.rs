@@ -11,10 +11,17 @@
 //! An authorized-keys file holds public key lines; blank lines and lines starting with `#`
 //! are ignored.
 
-use std::fmt;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::fmt;
+#[cfg(feature = "std")]
 use std::fs;
+#[cfg(feature = "std")]
 use std::io::Write;
+#[cfg(feature = "std")]
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+#[cfg(feature = "std")]
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -26,6 +33,7 @@ const PRIVATE_TAG: &str = "vmlink-secure-private-key-v1";
 const PUBLIC_TAG: &str = "vmlink-secure-public-key-v1";
 
 /// Why a key file could not be used.
+#[cfg(feature = "std")]
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum KeyFileError {
@@ -163,6 +171,7 @@ impl Keypair {
         &self.private
     }
 
+    #[cfg(feature = "std")]
     /// Reads a private key file: it must be owned by this user and readable by nobody
     /// else.
     pub fn load(path: &Path) -> Result<Self, KeyFileError> {
@@ -181,17 +190,25 @@ impl Keypair {
             });
         }
         let mut text = fs::read_to_string(path).map_err(io)?;
-        let parsed = parse_private(&text).map_err(|(line, reason)| KeyFileError::Format {
+        let parsed = Self::parse(&text).map_err(|(line, reason)| KeyFileError::Format {
             path: path.to_path_buf(),
             line,
             reason,
         });
         text.zeroize();
-        Ok(Self::from_private(parsed?))
+        parsed
+    }
+
+    /// Parses a private key file's text (what [`save`](Self::save) writes, or the same
+    /// line from anywhere else: a `no_std` embedder's own storage); an error names the
+    /// line (from 1).
+    pub fn parse(text: &str) -> Result<Self, (usize, &'static str)> {
+        parse_private(text).map(Self::from_private)
     }
 
     /// Writes the private key to `path` (created owner-only, never replacing a file) and
     /// the public key line to `path.pub`.
+    #[cfg(feature = "std")]
     pub fn save(&self, path: &Path, comment: &str) -> Result<(), KeyFileError> {
         let mut public_path = path.as_os_str().to_owned();
         public_path.push(".pub");
@@ -241,6 +258,7 @@ impl AuthorizedKeys {
         }
     }
 
+    #[cfg(feature = "std")]
     /// Reads an authorized-keys file.
     pub fn load(path: &Path) -> Result<Self, KeyFileError> {
         let text = fs::read_to_string(path).map_err(|source| KeyFileError::Io {
@@ -395,6 +413,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "std")]
     fn a_private_key_file_must_be_private() {
         let dir = std::env::temp_dir().join(format!("vmlink-keys-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);

@@ -37,10 +37,19 @@
 //!
 //! # Builds
 //!
-//! The crate needs `std`: the handshake waits with deadlines, [`establish_pair`] runs a
-//! thread, and keys and salts come from the system's random source. A `no_std` build (an
-//! allocator and a random source of the embedder's) is not offered yet, and the bare-metal
-//! KVM test guest, which has neither, is out of scope: its channels stay plain.
+//! With the default feature `std`: blocking handshakes with deadlines ([`establish`]),
+//! [`establish_pair`] (a thread), key files ([`Keypair::load`], [`AuthorizedKeys::load`]),
+//! and keys and salts from the system's random source.
+//!
+//! Without it (`default-features = false`) the crate is `no_std` and needs an allocator and
+//! a random source: keys, ephemeral keys and epoch salts come from `getrandom`, which is
+//! the platform's where there is one, and on a bare target the embedder's own function
+//! (`--cfg getrandom_backend="custom"`, see getrandom's documentation). Handshakes run with
+//! [`establish_async`] over an endpoint whose doorbell is an `AsyncDoorbell`; keys come from
+//! the embedder's storage ([`Keypair::parse`], [`AuthorizedKeys::parse`]). The test command
+//! type-checks this build for `x86_64-unknown-none` (with SSE2, which ring needs) and runs
+//! the crate's tests in it. The bare-metal KVM test guest is out of scope: it has neither
+//! an allocator nor a random source, and its channels stay plain.
 //!
 //! # Example
 //!
@@ -77,7 +86,12 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+#![cfg_attr(not(feature = "std"), no_std)]
+
 extern crate alloc;
+// The unit tests use std's threads and collections in both builds.
+#[cfg(all(test, not(feature = "std")))]
+extern crate std;
 
 mod cipher;
 mod handshake;
@@ -87,10 +101,14 @@ mod wiped;
 
 pub use cipher::{Cipher, KEY_LEN, KeyState, RekeyLimits, SALT_LEN, TAG_LEN};
 pub use handshake::{
-    Credentials, Established, EstablishedPair, HandshakeRole, Pattern, SecureConfig,
-    SecureEndpoint, SecureError, establish, establish_pair, protocol_name, restore_layer,
+    Credentials, Established, HandshakeRole, Pattern, SecureConfig, SecureEndpoint, SecureError,
+    establish_async, protocol_name, restore_layer,
 };
-pub use keys::{AuthorizedKeys, KeyFileError, Keypair, PublicKey};
+#[cfg(feature = "std")]
+pub use handshake::{EstablishedPair, establish, establish_pair};
+#[cfg(feature = "std")]
+pub use keys::KeyFileError;
+pub use keys::{AuthorizedKeys, Keypair, PublicKey};
 pub use link::{SecureRx, SecureTx};
 pub use vmlink_channel::Endpoint;
 pub use zeroize::Zeroizing;

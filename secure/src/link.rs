@@ -30,6 +30,9 @@
 //! tag check, and the channel fails with [`FailureCause::Authentication`]; the failure is
 //! final.
 
+use alloc::vec;
+use alloc::vec::Vec;
+
 use vmlink_channel::{AuthFailure, ChannelError, FailureCause, PacketRx, PacketTx, Received};
 use vmlink_ring::protocol::{FLAG_COMPLETION_REQUESTED, PacketType};
 use vmlink_ring::{OutgoingPacket, PacketMeta, Payload, Signal, WaitDecision};
@@ -489,7 +492,7 @@ impl<L: PacketRx> PacketRx for SecureRx<L> {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "std"))]
 mod tests {
     use super::*;
 
@@ -541,7 +544,7 @@ mod tests {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "std"))]
 mod known_answer {
     use std::sync::Arc;
 

@@ -74,6 +74,7 @@ impl<T> Drop for Wiped<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::vec::Vec;
 
     #[test]
     fn a_cleared_slot_holds_only_zeros_and_refills() {

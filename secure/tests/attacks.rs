@@ -1,5 +1,6 @@
 //! What an attacker who can write the shared memory, or who plays the peer, can try, and the
 //! typed error each attempt meets. Nothing of a refused packet is delivered.
+#![cfg(feature = "std")]
 
 use std::sync::Arc;
 use std::thread;
