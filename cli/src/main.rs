@@ -168,7 +168,8 @@ struct ServeArgs {
     /// waits for a successor on SOCKET.takeover), then pipe on: the old one exits, the
     /// client notices nothing, and every byte comes out exactly once, on the old one's
     /// stdout up to the hand-over and on this one's after. The old one hands over once
-    /// its own stdin is finished; this one's stdin is not read.
+    /// its own stdin is finished; this one's stdin is not read. A secure channel is taken
+    /// over with its keys (no --secure here): its next packet starts a new key epoch.
     #[arg(long, conflicts_with_all = pipe::STREAM_FLAGS, conflicts_with = "secure")]
     take_over: bool,
     /// A role-based access policy (TOML; see `vmlink policy check`) for `--socket`: who may

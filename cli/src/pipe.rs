@@ -260,11 +260,14 @@ fn serve_shm(
         };
         let Some(prepared) = secure else {
             drop(listener);
-            return takeover::serve(end, takeover::PipeState::default(), path);
+            return takeover::serve(
+                takeover::Served::Plain(Box::new(end)),
+                takeover::PipeState::default(),
+                path,
+            );
         };
         let identity = end.identity().cloned();
-        // A secure channel is not handed over: its keys stay in this process.
-        let (channel, _memory) = end.into_parts();
+        let (channel, rest) = end.detach();
         let (end, key) = match prepared.establish(channel, HandshakeRole::Responder, "serve") {
             Ok(done) => done,
             Err(e) => {
@@ -287,8 +290,11 @@ fn serve_shm(
             }
         }
         drop(listener);
-        monitor::publish(end.watch(), name, Role::Host, None);
-        return pipe(&end);
+        return takeover::serve(
+            takeover::Served::secure(end, rest),
+            takeover::PipeState::default(),
+            path,
+        );
     }
 }
 

@@ -12,6 +12,13 @@ use vmlink_secure::{
 
 use crate::error::{Context, Result, fail};
 
+/// A secure channel over vmlink-shm rings.
+pub type SecureShm = vmlink_secure::SecureEndpoint<
+    vmlink_channel::RingTx<vmlink_shm::ShmRing>,
+    vmlink_channel::RingRx<vmlink_shm::ShmRing>,
+    vmlink_channel::EventFdDoorbell,
+>;
+
 /// The transport cipher, on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum CipherArg {

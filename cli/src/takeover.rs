@@ -8,16 +8,69 @@
 //! be handed to another process. Until then a successor is turned away with the reason.
 //! Every packet the client sent comes out exactly once: on the old one's stdout up to the
 //! hand-over, on the successor's from there.
+//!
+//! A secure channel (`vmlink serve --secure`) is handed over too: the old one takes the
+//! secure layer off, and its keys travel with the pipe's state (to a successor of the
+//! same user only: vmlink-shm's hand-over admits nobody else); the successor puts the
+//! layer back on, and its first packet starts a new key epoch. It needs no key files.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use vmlink_shm::{Endpoint, HandOverListener, ShmChannel, ShmError, Successor, TakeOver};
+use vmlink_channel::{Doorbell, PacketRx, PacketTx};
+use vmlink_secure::servicing::{SAVED_KEYS_LEN, SavedKeys, put_on, take_off};
+use vmlink_shm::{
+    Detached, Endpoint, HandOverListener, Role, ShmError, Successor, TakeOver, monitor,
+};
 
 use crate::error::{Context, Result, fail};
 use crate::pipe::{receive_stdout, send_stdin};
+use crate::secure::SecureShm;
+
+/// The channel a `vmlink serve` on a socket pipes over.
+pub enum Served {
+    /// A plain channel.
+    Plain(Box<Endpoint>),
+    /// A secure channel, and the rest of the endpoint under it (for a hand-over).
+    Secure(Box<SecureShm>, Detached),
+}
+
+impl Served {
+    /// A secure channel over the channel of `rest`, published for `vmlink stat`.
+    pub fn secure(end: SecureShm, rest: Detached) -> Self {
+        monitor::publish(end.watch(), rest.service(), Role::Host, None);
+        Served::Secure(Box::new(end), rest)
+    }
+
+    /// The plain endpoint to hand over, and the application state that goes with it: the
+    /// pipe's, then for a secure channel its keys.
+    fn for_hand_over(self, state: &PipeState) -> Result<(Endpoint, Vec<u8>, Option<SavedKeys>)> {
+        let mut app = state.encode().to_vec();
+        match self {
+            Served::Plain(end) => Ok((*end, app, None)),
+            Served::Secure(end, rest) => {
+                let (plain, keys) = take_off(*end).context("take the secure layer off")?;
+                app.extend_from_slice(&keys.to_bytes()[..]);
+                Ok((rest.attach(plain), app, Some(keys)))
+            }
+        }
+    }
+
+    /// The endpoint back from a hand-over that failed (with the secure layer back on, and
+    /// a new key epoch, if it had one).
+    fn back(end: Endpoint, keys: Option<SavedKeys>) -> Result<Self> {
+        match keys {
+            None => Ok(Served::Plain(Box::new(end))),
+            Some(keys) => {
+                let (channel, rest) = end.detach();
+                let end = put_on(channel, &keys).context("put the secure layer back on")?;
+                Ok(Served::secure(end, rest))
+            }
+        }
+    }
+}
 
 /// How often the successor watch looks whether the pipe has finished.
 const LOOK: Duration = Duration::from_millis(20);
@@ -67,8 +120,9 @@ impl PipeState {
     }
 }
 
-/// Takes the channel of `service` over from the `vmlink serve` on `socket`.
-pub fn take_over(socket: &Path, service: &str) -> Result<(Endpoint, PipeState)> {
+/// Takes the channel of `service` over from the `vmlink serve` on `socket` (with the
+/// secure layer back on, if it had one).
+pub fn take_over(socket: &Path, service: &str) -> Result<(Served, PipeState)> {
     let path = takeover_path(socket);
     let mut take = TakeOver::connect(&path).or_else(|e| {
         fail(format!(
@@ -88,14 +142,34 @@ pub fn take_over(socket: &Path, service: &str) -> Result<(Endpoint, PipeState)> 
             "the serving vmlink serve offers {offered:?}, not {service:?} (see --service)"
         ));
     }
-    let Some(state) = PipeState::decode(incoming.app_state()) else {
-        incoming.refuse("not a vmlink serve's pipe state");
-        return fail("the serving process is not a vmlink serve of this version");
+    let app = incoming.app_state();
+    let (pipe, keys) = app.split_at(app.len().min(STATE_LEN));
+    let keys = match keys.len() {
+        0 => None,
+        SAVED_KEYS_LEN => match SavedKeys::from_bytes(keys) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                incoming.refuse("unreadable secure channel keys");
+                return fail(format!("the secure channel's keys: {e}"));
+            }
+        },
+        _ => None,
+    };
+    let state = match PipeState::decode(pipe) {
+        Some(state) if keys.is_some() || app.len() == STATE_LEN => state,
+        _ => {
+            incoming.refuse("not a vmlink serve's pipe state");
+            return fail("the serving process is not a vmlink serve of this version");
+        }
     };
     let end = incoming.confirm().context("take over")?;
     // Its `DONE`, or its exit right after our confirm: either way the channel is ours.
     let _ = take.next_endpoint();
-    Ok((end, state))
+    let served = Served::back(end, keys)?;
+    if matches!(served, Served::Secure(..)) {
+        eprintln!("vmlink serve: took over a secure channel (a new key epoch follows)");
+    }
+    Ok((served, state))
 }
 
 /// Binds the successor socket, waiting up to 5 s for a predecessor that is still leaving.
@@ -113,15 +187,20 @@ fn bind(path: &Path) -> Result<HandOverListener> {
 }
 
 /// Pipes over `end` from `state` on, handing the channel to a successor that asks.
-pub fn serve(end: Endpoint, mut state: PipeState, socket: &Path) -> Result<()> {
+pub fn serve(end: Served, mut state: PipeState, socket: &Path) -> Result<()> {
     let listener = bind(&takeover_path(socket))?;
     let mut end = end;
     loop {
-        let Some(mut successor) = round(end.channel(), &mut state, &listener)? else {
+        let successor = match &end {
+            Served::Plain(e) => round(e.channel(), &mut state, &listener)?,
+            Served::Secure(e, _) => round(e.as_ref(), &mut state, &listener)?,
+        };
+        let Some(mut successor) = successor else {
             return Ok(());
         };
         let peer = successor.peer();
-        match successor.hand_over_with(end, &state.encode()) {
+        let (plain, app, keys) = end.for_hand_over(&state)?;
+        match successor.hand_over_with(plain, &app) {
             Ok(()) => {
                 // The socket file goes before the successor hears `DONE`, so that it can
                 // bind the same path for its own successor.
@@ -135,7 +214,7 @@ pub fn serve(end: Endpoint, mut state: PipeState, socket: &Path) -> Result<()> {
                     "vmlink serve: the successor {peer} did not take over ({}); still serving",
                     failed.error
                 );
-                end = failed.endpoint;
+                end = Served::back(failed.endpoint, keys)?;
             }
         }
     }
@@ -143,8 +222,8 @@ pub fn serve(end: Endpoint, mut state: PipeState, socket: &Path) -> Result<()> {
 
 /// Pipes until both directions finish (`None`) or a successor asks once this side's
 /// outgoing direction is finished (the successor, with the pipe stopped between packets).
-fn round(
-    ch: &ShmChannel,
+fn round<T: PacketTx + Send, R: PacketRx + Send, D: Doorbell + Send + Sync>(
+    ch: &vmlink_channel::Endpoint<T, R, D>,
     state: &mut PipeState,
     listener: &HandOverListener,
 ) -> Result<Option<Successor>> {

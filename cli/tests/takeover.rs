@@ -2,7 +2,7 @@
 //! while `vmlink connect` pipes a file to it; the file arrives intact, split between the
 //! two servers' stdouts at the hand-over, and the client notices nothing. A successor that
 //! comes too early is turned away, one with nothing to take over or wrong flags is an
-//! error.
+//! error. The same with a secure channel: its keys go with it, the successor needs none.
 
 mod common;
 
@@ -111,13 +111,86 @@ fn run_to_end(args: &[&str], socket: &Path) -> Output {
 #[test]
 fn a_successor_takes_over_mid_file_and_the_file_arrives_intact() {
     let dir = private_dir("takeover");
+    take_over_mid_file(&dir, &["serve"], &["connect"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Makes a key pair with `vmlink keygen` at `path` (and `path.pub`).
+fn keygen(path: &Path) {
+    let out = Command::new(env!("CARGO_BIN_EXE_vmlink"))
+        .arg("keygen")
+        .arg(path)
+        .output()
+        .expect("run vmlink keygen");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_secure_channel_is_taken_over_with_its_keys() {
+    let dir = private_dir("takeover-secure");
+    let (host, guest) = (dir.join("host.key"), dir.join("guest.key"));
+    keygen(&host);
+    keygen(&guest);
+    let (host, guest) = (host.to_str().unwrap(), guest.to_str().unwrap());
+    let (host_pub, guest_pub) = (format!("{host}.pub"), format!("{guest}.pub"));
+    let new_err = take_over_mid_file(
+        &dir,
+        &[
+            "serve",
+            "--secure",
+            "--key",
+            host,
+            "--peer-keys",
+            &guest_pub,
+        ],
+        &[
+            "connect",
+            "--secure",
+            "--key",
+            guest,
+            "--peer-keys",
+            &host_pub,
+        ],
+    );
+    assert!(new_err.contains("took over a secure channel"), "{new_err}");
+
+    // The successor takes the keys with the channel; key flags beside --take-over are
+    // refused.
+    let out = run_to_end(
+        &[
+            "serve",
+            "--take-over",
+            "--secure",
+            "--key",
+            host,
+            "--peer-keys",
+            &guest_pub,
+        ],
+        &dir.join("pipe.sock"),
+    );
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(
+        said.contains("--take-over") && said.contains("--secure"),
+        "{said}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A server run with `server`, a client with `client` piping a 24 MiB file; a successor
+/// takes over mid-file. Checks every byte both ways; returns the successor's stderr.
+fn take_over_mid_file(dir: &Path, server: &[&str], client: &[&str]) -> String {
     let socket = dir.join("pipe.sock");
     let file = data(11, 24 << 20);
     let to_client = data(12, (1 << 20) + 333);
 
-    let mut old = vmlink(&["serve"], &socket, true);
+    let mut old = vmlink(server, &socket, true);
     wait_for(&socket);
-    let mut client = vmlink(&["connect"], &socket, true);
+    let mut client = vmlink(client, &socket, true);
     // Once serving, the server waits for a successor beside its socket.
     wait_for(&takeover_path(&socket));
     let mut client_in = client.stdin.take().unwrap();
@@ -158,7 +231,7 @@ fn a_successor_takes_over_mid_file_and_the_file_arrives_intact() {
     arrived.extend_from_slice(&new_out);
     assert_eq!(arrived.len(), file.len());
     assert!(arrived == file, "client -> server bytes differ");
-    let _ = std::fs::remove_dir_all(&dir);
+    new_err
 }
 
 #[test]

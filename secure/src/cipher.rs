@@ -18,6 +18,9 @@ pub const KEY_LEN: usize = 32;
 /// Bytes of a new epoch's salt.
 pub const SALT_LEN: usize = 32;
 
+/// Bytes of a [`KeyState`] in its saved form ([`KeyState::to_bytes`]).
+pub const KEY_STATE_LEN: usize = KEY_LEN + 6 * 8 + 8;
+
 /// What every sealed frame authenticates besides its own bytes: the layer and its version.
 const AD: &[u8] = b"vmlink-secure v1";
 
@@ -234,6 +237,90 @@ impl KeyState {
         self.counter = p.counter;
         self.packets_since_rekey = p.packets_since_rekey;
         self.bytes_since_rekey = p.bytes_since_rekey;
+    }
+
+    /// Copies the key bytes into `out` (for a receiver that may have to go back to this
+    /// key).
+    pub(crate) fn copy_key_to(&self, out: &mut [u8; KEY_LEN]) {
+        out.copy_from_slice(&self.key);
+    }
+
+    /// The state at `p` under `key`: where this direction was before it opened a frame it
+    /// has not consumed (`key` the key it had then, which differs after a rekey).
+    pub(crate) fn at(&self, key: &[u8; KEY_LEN], p: Position) -> Self {
+        let mut state = Self::new(*key, self.cipher, self.limits);
+        state.counter = p.counter;
+        state.packets_since_rekey = p.packets_since_rekey;
+        state.bytes_since_rekey = p.bytes_since_rekey;
+        state.generation = p.generation;
+        state
+    }
+
+    /// The state as bytes ([`KEY_STATE_LEN`]; the key included, so they are secret):
+    /// key, counter, packets and bytes since the last rekey, generation, the rekey limits
+    /// (packets, bytes), the cipher (0 ChaCha20-Poly1305, 1 AES-256-GCM) and 7 zero bytes;
+    /// integers little-endian.
+    pub fn to_bytes(&self) -> zeroize::Zeroizing<[u8; KEY_STATE_LEN]> {
+        let mut out = zeroize::Zeroizing::new([0u8; KEY_STATE_LEN]);
+        out[..KEY_LEN].copy_from_slice(&self.key);
+        let words = [
+            self.counter,
+            self.packets_since_rekey,
+            self.bytes_since_rekey,
+            self.generation,
+            self.limits.packets,
+            self.limits.bytes,
+        ];
+        for (i, w) in words.iter().enumerate() {
+            out[KEY_LEN + 8 * i..KEY_LEN + 8 * (i + 1)].copy_from_slice(&w.to_le_bytes());
+        }
+        out[KEY_LEN + 48] = match self.cipher {
+            Cipher::ChaChaPoly => 0,
+            Cipher::AesGcm => 1,
+        };
+        out
+    }
+
+    /// A state from [`to_bytes`](Self::to_bytes)'s form; what cannot be a state (an
+    /// unknown cipher, zero limits, progress at or past them, the last nonce, non-zero
+    /// reserved bytes) is refused with the reason.
+    pub fn from_bytes(bytes: &[u8; KEY_STATE_LEN]) -> Result<Self, &'static str> {
+        let word = |i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&bytes[KEY_LEN + 8 * i..KEY_LEN + 8 * (i + 1)]);
+            u64::from_le_bytes(w)
+        };
+        let cipher = match bytes[KEY_LEN + 48] {
+            0 => Cipher::ChaChaPoly,
+            1 => Cipher::AesGcm,
+            _ => return Err("an unknown cipher"),
+        };
+        if bytes[KEY_LEN + 49..].iter().any(|&b| b != 0) {
+            return Err("reserved bytes that are not zero");
+        }
+        let limits = RekeyLimits {
+            packets: word(4),
+            bytes: word(5),
+        };
+        let (counter, packets, sealed, generation) = (word(0), word(1), word(2), word(3));
+        if limits.packets == 0 || limits.bytes == 0 {
+            return Err("a rekey limit of zero");
+        }
+        if packets >= limits.packets || sealed >= limits.bytes {
+            return Err("progress past the rekey limits");
+        }
+        if counter == u64::MAX {
+            return Err("the counter at the nonce reserved for rekeying");
+        }
+        let mut key = [0u8; KEY_LEN];
+        key.copy_from_slice(&bytes[..KEY_LEN]);
+        let mut state = Self::new(key, cipher, limits);
+        key.zeroize();
+        state.counter = counter;
+        state.packets_since_rekey = packets;
+        state.bytes_since_rekey = sealed;
+        state.generation = generation;
+        Ok(state)
     }
 
     /// Whether sealing `len` more bytes (tag included) rekeys.

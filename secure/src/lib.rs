@@ -97,9 +97,10 @@ mod cipher;
 mod handshake;
 mod keys;
 pub mod link;
+pub mod servicing;
 mod wiped;
 
-pub use cipher::{Cipher, KEY_LEN, KeyState, RekeyLimits, SALT_LEN, TAG_LEN};
+pub use cipher::{Cipher, KEY_LEN, KEY_STATE_LEN, KeyState, RekeyLimits, SALT_LEN, TAG_LEN};
 pub use handshake::{
     Credentials, Established, HandshakeRole, Pattern, SecureConfig, SecureEndpoint, SecureError,
     establish_async, protocol_name, restore_layer,

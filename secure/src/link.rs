@@ -92,6 +92,13 @@ impl<L: PacketTx> SecureTx<L> {
         &self.committed
     }
 
+    /// The link below, and the key state a successor restores (see
+    /// [`crate::servicing`]); packets pushed and not committed are dropped with the
+    /// layer.
+    pub fn into_parts(self) -> (L, KeyState) {
+        (self.inner, self.committed.clone())
+    }
+
     /// The link below.
     pub fn inner(&self) -> &L {
         &self.inner
@@ -274,6 +281,11 @@ pub struct SecureRx<L> {
     plain: Zeroizing<Vec<u8>>,
     /// The first refusal, final.
     failed: Option<AuthFailure>,
+    /// Where `key` was before it opened the frame in `opened`, and the key it had then (a
+    /// rekey may have replaced it): what a saved state keeps while that frame is still in
+    /// the ring.
+    head_from: Option<crate::cipher::Position>,
+    head_key: Zeroizing<[u8; crate::cipher::KEY_LEN]>,
 }
 
 impl<L: PacketRx> SecureRx<L> {
@@ -286,7 +298,24 @@ impl<L: PacketRx> SecureRx<L> {
             opened: None,
             plain: Zeroizing::new(vec![0; max_frame]),
             failed: None,
+            head_from: None,
+            head_key: Zeroizing::new([0; crate::cipher::KEY_LEN]),
         }
+    }
+
+    /// The key and counter of the first frame not yet consumed: what a successor that
+    /// reads the ring from there restores (see [`crate::servicing`]).
+    pub fn saved_key(&self) -> KeyState {
+        match (self.opened, self.head_from) {
+            (Some(_), Some(p)) => self.key.at(&self.head_key, p),
+            _ => self.key.clone(),
+        }
+    }
+
+    /// The link below, and [`saved_key`](Self::saved_key).
+    pub fn into_parts(self) -> (L, KeyState) {
+        let key = self.saved_key();
+        (self.inner, key)
     }
 
     /// The key and counter of the next frame (what a saved state keeps).
@@ -349,9 +378,12 @@ impl<L: PacketRx> SecureRx<L> {
                         Ok(t) => t,
                         Err(_) => return Err(self.fail(AuthFailure::Frame("no tag"))),
                     };
+                    let from = self.key.position();
+                    self.key.copy_key_to(&mut self.head_key);
                     if let Err(e) = self.key.open(cipher, &tag) {
                         return Err(self.fail(e));
                     }
+                    self.head_from = Some(from);
                     let plain_len = len - TAG_LEN;
                     return match parse_inner(&self.plain[..plain_len]) {
                         Ok(o) => Ok(Some(o)),
@@ -455,6 +487,7 @@ impl<L: PacketRx> PacketRx for SecureRx<L> {
 
     fn consume(&mut self) {
         if self.opened.take().is_some() {
+            self.head_from = None;
             self.inner.consume();
         }
     }

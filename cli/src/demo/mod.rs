@@ -78,11 +78,7 @@ pub mod channel_no {
 }
 
 /// The secure channel over vmlink-shm rings, as both processes hold it.
-type SecureShm = vmlink_secure::SecureEndpoint<
-    vmlink_channel::RingTx<vmlink_shm::ShmRing>,
-    vmlink_channel::RingRx<vmlink_shm::ShmRing>,
-    vmlink_channel::EventFdDoorbell,
->;
+use crate::secure::SecureShm;
 
 /// A cipher as a command word.
 fn cipher_to_wire(cipher: vmlink_secure::Cipher) -> u64 {

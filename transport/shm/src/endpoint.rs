@@ -108,6 +108,76 @@ impl Endpoint {
     pub fn into_parts(self) -> (ShmChannel, SharedMemory) {
         (self.channel, self.memory)
     }
+
+    /// The channel, and everything else the endpoint holds (the memory, who the peer is,
+    /// the service, the role) to put a channel back into later with [`Detached::attach`]:
+    /// for a caller that runs a layer over the channel's links (a secure channel) and
+    /// takes it off again to hand the endpoint to a successor.
+    pub fn detach(self) -> (ShmChannel, Detached) {
+        let Self {
+            channel,
+            buffer,
+            memory,
+            peer,
+            service,
+            role,
+            identity,
+        } = self;
+        (
+            channel,
+            Detached {
+                buffer,
+                memory,
+                peer,
+                service,
+                role,
+                identity,
+            },
+        )
+    }
+}
+
+/// An [`Endpoint`] without its channel (see [`Endpoint::detach`]): the shared memory stays
+/// mapped, and dropping this does not close the socket (the channel's doorbell holds it).
+#[derive(Debug)]
+pub struct Detached {
+    buffer: BufferArea,
+    memory: SharedMemory,
+    peer: PeerCredentials,
+    service: String,
+    role: Role,
+    identity: Option<vmlink_policy::Peer>,
+}
+
+impl Detached {
+    /// The endpoint again, with `channel`: the one [`Endpoint::detach`] took out (or the
+    /// same rings and doorbell in another form, such as a layer taken off them).
+    pub fn attach(self, channel: ShmChannel) -> Endpoint {
+        Endpoint {
+            channel,
+            buffer: self.buffer,
+            memory: self.memory,
+            peer: self.peer,
+            service: self.service,
+            role: self.role,
+            identity: self.identity,
+        }
+    }
+
+    /// The shared memory.
+    pub fn memory(&self) -> &SharedMemory {
+        &self.memory
+    }
+
+    /// The service name.
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
+    /// Which side this is.
+    pub fn role(&self) -> Role {
+        self.role
+    }
 }
 
 /// `config` with the GPA page limit capped at the buffer area's page count: page numbers

@@ -72,7 +72,7 @@ mod policy;
 mod protocol;
 mod sys;
 
-pub use endpoint::{Endpoint, Role, ShmChannel};
+pub use endpoint::{Detached, Endpoint, Role, ShmChannel};
 pub use error::{RefusalCode, ShmError};
 pub use guest::Guest;
 pub use handover::{
