@@ -5,6 +5,8 @@
 //! up one vCPU in identity-mapped long mode at CPL3 (see docs/ARCHITECTURE.md, "Guest memory under KVM").
 #![allow(unsafe_code)]
 
+pub mod moving;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::mpsc;
@@ -262,6 +264,11 @@ impl TestVm {
         &self.vm
     }
 
+    /// The KVM system handle.
+    pub fn kvm(&self) -> &Kvm {
+        &self._kvm
+    }
+
     /// The vCPU (to run it), the VM and the memory at once.
     pub fn split(&mut self) -> (&mut VcpuFd, &VmFd, &GuestMemoryMmap) {
         (&mut self.vcpu, &self.vm, &self.mem)
@@ -339,6 +346,19 @@ pub fn host_side(
     vm: &VmFd,
     bell: &KvmDoorbell,
     ready: mpsc::Receiver<u64>,
+) -> HostStats {
+    host_side_with(mem, &|| pic_irr(vm), bell, ready, None)
+}
+
+/// [`host_side`], reading the PIC's request register with `irr` (the VM the guest runs in
+/// now, which may change), and counting the guest's data packets it checked into
+/// `checked`.
+pub fn host_side_with(
+    mem: &GuestMemoryMmap,
+    irr: &(dyn Fn() -> u8 + Sync),
+    bell: &KvmDoorbell,
+    ready: mpsc::Receiver<u64>,
+    checked: Option<&std::sync::atomic::AtomicU64>,
 ) -> HostStats {
     let mailbox = ready.recv().expect("the guest's mailbox");
     assert_eq!(mailbox, MAILBOX);
@@ -474,6 +494,9 @@ pub fn host_side(
             }
             next_guest += 1;
             stats.data_ok += 1;
+            if let Some(c) = checked {
+                c.store(stats.data_ok, std::sync::atomic::Ordering::Relaxed);
+            }
         }
         if !stats.summary.is_empty() {
             break;
@@ -501,7 +524,7 @@ pub fn host_side(
     bell.signal().unwrap();
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(2) {
-        if pic_irr(vm) & (1 << GSI) != 0 {
+        if irr() & (1 << GSI) != 0 {
             stats.irq_raised = true;
             break;
         }

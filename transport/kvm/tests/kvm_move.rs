@@ -1,0 +1,83 @@
+//! The first step of live migration, with a real KVM guest: the test guest's vCPU is
+//! stopped mid-stream (kicked out of `KVM_RUN` by a signal), its whole state and the VM's
+//! are read, and it goes on in a fresh VM over the same memory, five times in one run,
+//! while the host's channel keeps serving and the guest is not told. The traffic's own
+//! checks prove nothing was lost or repeated: every packet in order both ways, every
+//! request completed once, the guest's SSE-using code unharmed.
+//!
+//! Prints `SKIPPED: <reason>` where `/dev/kvm` is unusable, unless `VMLINK_REQUIRE_KVM=1`,
+//! which turns that into a failure.
+
+use std::time::Duration;
+
+use vmlink_kvm::test_vm::moving::run_traffic_moving;
+use vmlink_kvm::test_vm::{PACKETS, TestVm, build_guest, kvm_or_skip, watchdog};
+
+const MOVES: usize = 5;
+
+#[test]
+fn a_running_vcpu_moves_into_fresh_vms_mid_stream() {
+    let Some((kvm, vm)) = kvm_or_skip() else {
+        return;
+    };
+    let dog = watchdog(Duration::from_secs(120));
+    let elf = std::fs::read(build_guest()).expect("the guest ELF");
+    let tvm = TestVm::new(kvm, vm, &elf, 0);
+    let run = run_traffic_moving(tvm, MOVES).expect("the moving run");
+    let _ = dog.send(());
+    let stats = &run.stats;
+
+    println!(
+        "{} moves in {:?} ({} exits to userspace):",
+        run.moves.len(),
+        run.elapsed,
+        run.exits
+    );
+    for (i, m) in run.moves.iter().enumerate() {
+        println!(
+            "  move {i}: at guest packet {:>6}; stop {:>8.1?}, save {:>8.1?}, restore {:>8.1?}, downtime {:>8.1?}",
+            m.at_packet, m.stop, m.save, m.restore, m.downtime
+        );
+    }
+
+    // Mid-stream: each move found the traffic further on and not yet over.
+    assert_eq!(
+        run.moves.len(),
+        MOVES,
+        "every move happened before the guest finished"
+    );
+    for w in run.moves.windows(2) {
+        assert!(w[0].at_packet < w[1].at_packet, "{:?}", run.moves);
+    }
+    let last = run.moves.last().unwrap().at_packet;
+    assert!(
+        run.moves[0].at_packet > 0 && last < u64::from(PACKETS),
+        "{:?}",
+        run.moves
+    );
+
+    // The traffic's checks, as in the run that does not move.
+    let g = &stats.summary;
+    assert_eq!(g.len(), 12, "guest summary");
+    assert_eq!((g[6], g[7]), (0, 0), "guest errors (count, first code)");
+    assert_eq!(g[1], u64::from(PACKETS), "guest sent");
+    assert_eq!(g[2], u64::from(PACKETS / 8), "guest requests");
+    assert_eq!(
+        g[3], g[2],
+        "every request completed and checked by the guest"
+    );
+    assert_eq!(g[4], u64::from(PACKETS), "host packets the guest checked");
+    assert_eq!(g[5], 1, "guest saw the end marker");
+    assert_eq!(
+        stats.data_ok,
+        u64::from(PACKETS),
+        "guest packets the host checked"
+    );
+    assert_eq!(stats.requests_completed, u64::from(PACKETS / 8));
+    assert_eq!(stats.sent, u64::from(PACKETS));
+    assert!(stats.gpa_ok, "the GPA-direct packet was read and checked");
+    assert!(
+        stats.irq_raised,
+        "the irqfd raised the GSI in the VM the guest ended in"
+    );
+}
