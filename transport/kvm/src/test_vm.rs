@@ -374,16 +374,92 @@ pub fn host_side_with(
     let rings = unsafe { RingPages::new(mem, &pages, g2h) }.expect("valid page list");
     let channel = host_channel(&rings, bell, Config::default()).expect("host channel");
 
-    let mut stats = HostStats::default();
-    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
-    let mut buf = vec![0u8; 8192];
-    let mut out = vec![0u8; 2048];
-    let mut next_guest = 0u32;
-    let mut completions: std::collections::VecDeque<(u64, u32)> = Default::default();
-    let mut end_sent = false;
-    let mut pending_len = 0usize;
+    let mut app = HostApp::new();
     let mut idle = 0u32;
     loop {
+        let progress = app.step(&channel, mem, checked);
+        if app.done() {
+            break;
+        }
+        if progress {
+            idle = 0;
+        } else if idle < 2000 {
+            // Poll a little before unmasking: each sleep costs the guest a doorbell.
+            idle += 1;
+            std::hint::spin_loop();
+        } else {
+            idle = 0;
+            // Sleep until the guest rings (or a short timeout: its ring may have room by then).
+            if channel.prepare_recv_wait().unwrap() == WaitDecision::Sleep {
+                let _ = bell.wait(Some(Duration::from_millis(1)));
+            }
+        }
+    }
+    app.finish(&channel, bell, irr)
+}
+
+/// The host's own state in the traffic mode, apart from its channel: what the host has
+/// sent, checked and still owes the guest. A migration carries it beside the channel's
+/// saved state.
+#[derive(Debug)]
+pub struct HostApp {
+    /// What the host saw so far.
+    pub stats: HostStats,
+    rng: u64,
+    next_guest: u32,
+    completions: std::collections::VecDeque<(u64, u32)>,
+    end_sent: bool,
+    pending_len: usize,
+    buf: Vec<u8>,
+    out: Vec<u8>,
+}
+
+impl Default for HostApp {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl HostApp {
+    /// The state before the first packet.
+    pub fn new() -> Self {
+        Self {
+            stats: HostStats::default(),
+            rng: 0x9e37_79b9_7f4a_7c15,
+            next_guest: 0,
+            completions: Default::default(),
+            end_sent: false,
+            pending_len: 0,
+            buf: vec![0u8; 8192],
+            out: vec![0u8; 2048],
+        }
+    }
+
+    /// Whether the guest's summary arrived (the traffic is over).
+    pub fn done(&self) -> bool {
+        !self.stats.summary.is_empty()
+    }
+
+    /// One pass over `channel`: completions owed, then data (and the end marker), then
+    /// everything the guest sent, checked in order (GPA-direct data read from `mem`); the
+    /// guest's data packets checked so far go to `checked`. Returns whether anything
+    /// moved.
+    pub fn step<B: vm_memory::bitmap::BitmapSlice>(
+        &mut self,
+        channel: &HostChannel<'_, &KvmDoorbell, B>,
+        mem: &GuestMemoryMmap,
+        checked: Option<&std::sync::atomic::AtomicU64>,
+    ) -> bool {
+        let Self {
+            stats,
+            rng,
+            next_guest,
+            completions,
+            end_sent,
+            pending_len,
+            buf,
+            out,
+        } = self;
         let mut progress = false;
         // Completions first, then data.
         while let Some(&(tid, seq)) = completions.front() {
@@ -401,7 +477,7 @@ pub fn host_side_with(
                 Err(e) => panic!("completing: {e}"),
             }
         }
-        while !end_sent {
+        while !*end_sent {
             let seq = stats.sent as u32;
             let len = if seq == PACKETS {
                 out[0..4].copy_from_slice(&KIND_END.to_le_bytes());
@@ -409,13 +485,13 @@ pub fn host_side_with(
                 out[8..12].copy_from_slice(&12u32.to_le_bytes());
                 12
             } else {
-                if pending_len == 0 {
-                    rng ^= rng << 13;
-                    rng ^= rng >> 7;
-                    rng ^= rng << 17;
-                    pending_len = 12 + (rng % 2000) as usize;
+                if *pending_len == 0 {
+                    *rng ^= *rng << 13;
+                    *rng ^= *rng >> 7;
+                    *rng ^= *rng << 17;
+                    *pending_len = 12 + (*rng % 2000) as usize;
                 }
-                let len = pending_len;
+                let len = *pending_len;
                 out[0..4].copy_from_slice(&KIND_DATA.to_le_bytes());
                 out[4..8].copy_from_slice(&seq.to_le_bytes());
                 out[8..12].copy_from_slice(&(len as u32).to_le_bytes());
@@ -427,9 +503,9 @@ pub fn host_side_with(
             match channel.send(&out[..len], Wait::Now) {
                 Ok(()) => {
                     progress = true;
-                    pending_len = 0;
+                    *pending_len = 0;
                     if seq == PACKETS {
-                        end_sent = true;
+                        *end_sent = true;
                     } else {
                         stats.sent += 1;
                     }
@@ -439,15 +515,11 @@ pub fn host_side_with(
             }
         }
         // Receive.
-        while let Some(r) = channel
-            .recv(&mut buf, Wait::Now)
-            .polled()
-            .expect("host receive")
-        {
+        while let Some(r) = channel.recv(buf, Wait::Now).polled().expect("host receive") {
             progress = true;
-            let p = r.payload(&buf);
+            let p = r.payload(buf);
             if r.packet_type == PacketType::GpaDirect {
-                let mut ranges = parse_gpa_header(r.header(&buf), None).expect("GPA header");
+                let mut ranges = parse_gpa_header(r.header(buf), None).expect("GPA header");
                 let range = ranges.next().expect("one range");
                 assert_eq!(
                     (range.byte_offset as usize, range.byte_count as usize),
@@ -478,7 +550,7 @@ pub fn host_side_with(
             let len = u32::from_le_bytes(p[8..12].try_into().unwrap()) as usize;
             assert_eq!(
                 (kind, seq),
-                (KIND_DATA, next_guest),
+                (KIND_DATA, *next_guest),
                 "guest packet in order"
             );
             assert!(
@@ -492,47 +564,44 @@ pub fn host_side_with(
             if r.completion_requested {
                 completions.push_back((r.transaction_id, seq));
             }
-            next_guest += 1;
+            *next_guest += 1;
             stats.data_ok += 1;
             if let Some(c) = checked {
                 c.store(stats.data_ok, std::sync::atomic::Ordering::Relaxed);
             }
         }
-        if !stats.summary.is_empty() {
-            break;
-        }
-        if progress {
-            idle = 0;
-        } else if idle < 2000 {
-            // Poll a little before unmasking: each sleep costs the guest a doorbell.
-            idle += 1;
-            std::hint::spin_loop();
-        } else {
-            idle = 0;
-            // Sleep until the guest rings (or a short timeout: its ring may have room by then).
-            if channel.prepare_recv_wait().unwrap() == WaitDecision::Sleep {
-                let _ = bell.wait(Some(Duration::from_millis(1)));
+        progress
+    }
+
+    /// The traffic's end: the channel's counters into the stats, and the irqfd checked
+    /// from the host side (the guest runs with interrupts off, so the pulse stays latched in
+    /// the PIC's request register, which `irr` reads).
+    pub fn finish<B: vm_memory::bitmap::BitmapSlice>(
+        mut self,
+        channel: &HostChannel<'_, &KvmDoorbell, B>,
+        bell: &KvmDoorbell,
+        irr: &(dyn Fn() -> u8 + Sync),
+    ) -> HostStats {
+        let stats = &mut self.stats;
+        let c = channel.counters();
+        stats.rx_signals = c.signals_received;
+        stats.ring_bytes_sent = c.bytes_sent;
+        stats.ring_bytes_received = c.bytes_received;
+        // The irqfd, checked from the host side: the guest runs with interrupts off, so the
+        // pulse stays latched in the PIC's request register.
+        bell.signal().unwrap();
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(2) {
+            if irr() & (1 << GSI) != 0 {
+                stats.irq_raised = true;
+                break;
             }
+            thread::sleep(Duration::from_millis(1));
         }
+        stats.eventfd_wakes = bell.wakes();
+        stats.irqfd_signals = bell.signals_sent();
+        self.stats
     }
-    let c = channel.counters();
-    stats.rx_signals = c.signals_received;
-    stats.ring_bytes_sent = c.bytes_sent;
-    stats.ring_bytes_received = c.bytes_received;
-    // The irqfd, checked from the host side: the guest runs with interrupts off, so the
-    // pulse stays latched in the PIC's request register.
-    bell.signal().unwrap();
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(2) {
-        if irr() & (1 << GSI) != 0 {
-            stats.irq_raised = true;
-            break;
-        }
-        thread::sleep(Duration::from_millis(1));
-    }
-    stats.eventfd_wakes = bell.wakes();
-    stats.irqfd_signals = bell.signals_sent();
-    stats
 }
 
 /// A traffic run: what the host saw, the vCPU's exits to userspace, the time the run took.
