@@ -1,9 +1,11 @@
-//! The first step of live migration, with a real KVM guest: the test guest's vCPU is
-//! stopped mid-stream (kicked out of `KVM_RUN` by a signal), its whole state and the VM's
-//! are read, and it goes on in a fresh VM over the same memory, five times in one run,
-//! while the host's channel keeps serving and the guest is not told. The traffic's own
+//! Live migration inside one process, with a real KVM guest (stop-and-copy): mid-stream the
+//! test guest's vCPU is kicked out of `KVM_RUN` by a signal and the host's side stops and
+//! saves its channel; guest memory is copied into a fresh VM's memory, the vCPU's whole
+//! state and the VM's are written there, and the host's channel is restored over the rings
+//! in the new memory. Five moves in one run; the guest is not told. The traffic's own
 //! checks prove nothing was lost or repeated: every packet in order both ways, every
-//! request completed once, the guest's SSE-using code unharmed.
+//! request completed once (calls in flight across the moves), the guest's SSE-using code
+//! unharmed.
 //!
 //! Prints `SKIPPED: <reason>` where `/dev/kvm` is unusable, unless `VMLINK_REQUIRE_KVM=1`,
 //! which turns that into a failure.
@@ -16,7 +18,7 @@ use vmlink_kvm::test_vm::{PACKETS, TestVm, build_guest, kvm_or_skip, watchdog};
 const MOVES: usize = 5;
 
 #[test]
-fn a_running_vcpu_moves_into_fresh_vms_mid_stream() {
+fn a_running_guest_moves_into_fresh_vms_and_memory_mid_stream() {
     let Some((kvm, vm)) = kvm_or_skip() else {
         return;
     };
@@ -35,8 +37,13 @@ fn a_running_vcpu_moves_into_fresh_vms_mid_stream() {
     );
     for (i, m) in run.moves.iter().enumerate() {
         println!(
-            "  move {i}: at guest packet {:>6}; stop {:>8.1?}, save {:>8.1?}, restore {:>8.1?}, downtime {:>8.1?}",
-            m.at_packet, m.stop, m.save, m.restore, m.downtime
+            "  move {i}: at guest packet {:>6}; stop {:>8.1?}, copy {} KiB {:>8.1?}, state {:>8.1?}, downtime {:>8.1?}",
+            m.at_packet,
+            m.stop,
+            m.bytes / 1024,
+            m.copy,
+            m.state,
+            m.downtime
         );
     }
 

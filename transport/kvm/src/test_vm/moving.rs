@@ -1,17 +1,20 @@
-//! Moving the test guest's running vCPU into a fresh VM mid-stream: the first step of live
-//! migration. The vCPU runs on a thread of its own; to move it, that thread is kicked out
-//! of `KVM_RUN` with a signal, the vCPU's whole state (registers, special registers, the
-//! XSAVE area with the SSE state, XCRs, debug registers, LAPIC, MP state, events, MSRs) and
-//! the VM's (irqchip, clock) are read and written into a new VM made beforehand over the
-//! same guest memory, the doorbells are registered with the new VM, and the vCPU runs on.
-//! The host's channel keeps serving throughout; the guest is not told.
+//! Moving the test guest, running, into a fresh VM mid-stream: the steps of live migration
+//! inside one process. The vCPU runs on a thread of its own; to move it, that thread is
+//! kicked out of `KVM_RUN` with a signal and the host's side stops between two passes,
+//! saving its channel (the endpoint's saved state: transactions in flight, counters). Then
+//! guest memory is copied into the new VM's memory, the vCPU's whole state (registers,
+//! special registers, the XSAVE area with the SSE state, XCRs, debug registers, LAPIC, MP
+//! state, events, MSRs) and the VM's (irqchip, clock) are written into the new VM made
+//! beforehand, the doorbells are registered with it, the host's channel is restored over
+//! the rings in the new memory (which signals whichever side the control pages say is owed
+//! a signal), and both sides go on. The guest is not told.
 //!
-//! Guest memory is not copied here (both VMs map the same pages), and the host endpoint
-//! stays where it is: copying memory with dirty logging and restoring the endpoint from its
-//! saved state are the next steps.
+//! This is stop-and-copy: all of memory is copied while both sides are stopped. Copying
+//! most of it before (dirty logging), the byte stream between processes and the new
+//! process are the next steps.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Once, mpsc};
+use std::sync::{Arc, Once, OnceLock, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -21,11 +24,13 @@ use kvm_bindings::{
     kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
-use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
+use vmlink_channel::{Config, Doorbell, Endpoint, RingRx, RingTx, SavedEndpoint};
+use vmlink_ring::WaitDecision;
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
-use super::{CONTROL, DONE, DOORBELL, GSI, HostStats, MAILBOX, MEM_SIZE, TestVm, pic_irr};
-use crate::KvmDoorbell;
+use super::{CONTROL, DONE, DOORBELL, GSI, HostApp, HostStats, MAILBOX, MEM_SIZE, TestVm, pic_irr};
+use crate::{KvmDoorbell, RingPages, host_channel};
 
 /// The MSRs moved with the vCPU, where KVM lists them (the 64-bit syscall and sysenter
 /// state, the kernel GS base, the TSC and its aux value, PAT, misc-enable).
@@ -267,19 +272,23 @@ fn spawn_vcpu(
     })
 }
 
-/// One move of the vCPU.
+/// One move of the guest.
 #[derive(Debug, Clone, Copy)]
 pub struct Move {
     /// Guest data packets the host had checked when the move began.
     pub at_packet: u64,
-    /// From the pause request until the vCPU thread was out of `KVM_RUN`.
+    /// From the pause request until the vCPU thread was out of `KVM_RUN` and the host's
+    /// side had saved its channel.
     pub stop: Duration,
-    /// Reading the vCPU's and VM's state.
-    pub save: Duration,
-    /// Writing them into the fresh VM and registering the doorbells there.
-    pub restore: Duration,
-    /// From the pause request until the vCPU ran again in the fresh VM.
+    /// Copying guest memory into the new VM's.
+    pub copy: Duration,
+    /// Reading the vCPU's and VM's state, writing them into the new VM, registering the
+    /// doorbells there.
+    pub state: Duration,
+    /// From the pause request until the vCPU ran again in the new VM.
     pub downtime: Duration,
+    /// Bytes of guest memory copied.
+    pub bytes: u64,
 }
 
 /// A moving traffic run: what the host saw and each move.
@@ -295,9 +304,102 @@ pub struct MovingRun {
     pub elapsed: Duration,
 }
 
-/// Runs the traffic mode (a `TestVm` made with mode 0) to the guest's `DONE`, moving its
-/// vCPU into a fresh VM `moves` times: each time the host has checked about another
-/// `PACKETS / (moves + 1)` of the guest's packets.
+/// How a phase of the host's side ended.
+enum Phase {
+    /// Stopped for a move: its state and its channel's.
+    Paused(Box<HostApp>, SavedEndpoint),
+    /// The traffic is over.
+    Done(HostStats),
+}
+
+/// What every phase of the host's side shares.
+struct HostShared<'a> {
+    bell: &'a KvmDoorbell,
+    /// The guest's ring layout (the guest→host ring's page count, the page list), once its
+    /// mailbox said.
+    layout: OnceLock<(usize, Vec<u64>)>,
+    pause: AtomicBool,
+    checked: AtomicU64,
+    irr: &'a (dyn Fn() -> u8 + Sync),
+}
+
+/// The host's side over `mem`, going on from `from` (its state and its channel's; a fresh
+/// start when `None`, after the guest's mailbox arrives on `ready`), until the traffic
+/// ends or `shared.pause` is set.
+fn host_phase(
+    mem: &GuestMemoryMmap,
+    shared: &HostShared<'_>,
+    from: Option<(Box<HostApp>, SavedEndpoint)>,
+    ready: Option<mpsc::Receiver<u64>>,
+) -> Result<Phase, String> {
+    if let Some(ready) = ready {
+        let mailbox = ready
+            .recv()
+            .map_err(|_| "the guest never published its mailbox")?;
+        if mailbox != MAILBOX {
+            return Err(format!("the guest reported {mailbox:#x}"));
+        }
+        let _ = shared.layout.set(super::mailbox_pages(mem));
+    }
+    let (g2h, pages) = shared.layout.get().ok_or("no ring layout yet")?;
+    // SAFETY: `mem` is guest memory that outlives this phase (every memory of the run is
+    // dropped after every VM and thread); the host touches the ring pages only through the
+    // rings.
+    let rings = unsafe { RingPages::new(mem, pages, *g2h) }.map_err(|e| format!("{e}"))?;
+    let (mut app, channel) = match from {
+        None => (
+            Box::new(HostApp::new()),
+            host_channel(&rings, shared.bell, Config::default()).map_err(|e| e.to_string())?,
+        ),
+        Some((app, saved)) => {
+            let tx = RingTx::new(rings.host_to_guest()).map_err(|e| e.to_string())?;
+            let rx = RingRx::new(rings.guest_to_host()).map_err(|e| e.to_string())?;
+            let channel = Endpoint::restore(tx, rx, shared.bell, saved.config(), &saved)
+                .map_err(|e| format!("restore the host's channel: {e}"))?;
+            (app, channel)
+        }
+    };
+    let mut idle = 0u32;
+    loop {
+        if shared.pause.load(Ordering::Acquire) {
+            let (saved, ..) = channel.save();
+            return Ok(Phase::Paused(app, saved));
+        }
+        let progress = app.step(&channel, mem, Some(&shared.checked));
+        if app.done() {
+            return Ok(Phase::Done(app.finish(&channel, shared.bell, shared.irr)));
+        }
+        if progress {
+            idle = 0;
+        } else if idle < 2000 {
+            idle += 1;
+            std::hint::spin_loop();
+        } else {
+            idle = 0;
+            if channel.prepare_recv_wait().map_err(|e| e.to_string())? == WaitDecision::Sleep {
+                let _ = shared.bell.wait(Some(Duration::from_millis(1)));
+            }
+        }
+    }
+}
+
+/// Copies all of `from` into `to` (both `MEM_SIZE` at GPA 0); returns the bytes copied.
+fn copy_memory(from: &GuestMemoryMmap, to: &GuestMemoryMmap) -> Result<u64, String> {
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut at = 0u64;
+    while at < MEM_SIZE as u64 {
+        from.read_slice(&mut chunk, GuestAddress(at))
+            .map_err(|e| format!("read guest memory at {at:#x}: {e}"))?;
+        to.write_slice(&chunk, GuestAddress(at))
+            .map_err(|e| format!("write guest memory at {at:#x}: {e}"))?;
+        at += chunk.len() as u64;
+    }
+    Ok(at)
+}
+
+/// Runs the traffic mode (a `TestVm` made with mode 0) to the guest's `DONE`, moving the
+/// guest into a fresh VM with fresh memory `moves` times: each time the host has checked
+/// about another `PACKETS / (moves + 1)` of the guest's packets.
 pub fn run_traffic_moving(tvm: TestVm, moves: usize) -> Result<MovingRun, String> {
     static HANDLER: Once = Once::new();
     let mut handler = Ok(());
@@ -310,9 +412,19 @@ pub fn run_traffic_moving(tvm: TestVm, moves: usize) -> Result<MovingRun, String
         mem,
         _kvm,
     } = tvm;
-    let result = moving(&_kvm, vcpu, &vm, &mem, moves);
-    // The VMs went in `moving`; the first one and then the memory they mapped go now.
+    let mut mems = Vec::with_capacity(moves);
+    for _ in 0..moves {
+        mems.push(
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)])
+                .map_err(|e| format!("guest memory: {e}"))?,
+        );
+    }
+    let all_mems: Vec<&GuestMemoryMmap> = std::iter::once(&mem).chain(mems.iter()).collect();
+    let result = moving(&_kvm, vcpu, &vm, &all_mems);
+    // The new VMs went in `moving`; the first one, then the memories they mapped, go now.
     drop(vm);
+    drop(all_mems);
+    drop(mems);
     drop(mem);
     result
 }
@@ -321,21 +433,20 @@ fn moving(
     kvm: &Kvm,
     vcpu: VcpuFd,
     vm: &VmFd,
-    mem: &GuestMemoryMmap,
-    moves: usize,
+    mems: &[&GuestMemoryMmap],
 ) -> Result<MovingRun, String> {
+    let moves = mems.len() - 1;
     let msrs = movable_msrs(kvm);
     // Every VM is made up front, before the first vCPU runs: they outlive the threads.
     let mut vms = Vec::with_capacity(moves);
     let mut vcpus = Vec::with_capacity(moves);
-    for _ in 0..moves {
-        let (v, c) = fresh_vm(kvm, mem)?;
+    for m in &mems[1..] {
+        let (v, c) = fresh_vm(kvm, m)?;
         vms.push(v);
         vcpus.push(c);
     }
     let all_vms: Vec<&VmFd> = std::iter::once(vm).chain(vms.iter()).collect();
     let current = AtomicUsize::new(0);
-    let progress = AtomicU64::new(0);
     let bell = KvmDoorbell::new(DOORBELL, GSI).map_err(|e| format!("doorbell: {e}"))?;
     let mut registration = Some(
         bell.register(all_vms[0])
@@ -343,46 +454,67 @@ fn moving(
     );
     let (ready_tx, ready_rx) = mpsc::channel();
     let irr = || pic_irr(all_vms[current.load(Ordering::Acquire)]);
+    let shared = HostShared {
+        bell: &bell,
+        layout: OnceLock::new(),
+        pause: AtomicBool::new(false),
+        checked: AtomicU64::new(0),
+        irr: &irr,
+    };
     let start = Instant::now();
     let mut log = Vec::new();
     let mut exits = 0u64;
     let step = u64::from(super::PACKETS) / (moves as u64 + 1);
     let stats = thread::scope(|s| -> Result<HostStats, String> {
-        let host = s.spawn(|| super::host_side_with(mem, &irr, &bell, ready_rx, Some(&progress)));
+        let shared = &shared;
+        let mut host = s.spawn(move || host_phase(mems[0], shared, None, Some(ready_rx)));
         let mut vcpu = vcpu;
         let mut spare = vcpus.into_iter();
-        let mut finished = false;
         for k in 0..moves {
             let pause = Arc::new(AtomicBool::new(false));
             let runner = spawn_vcpu(vcpu, pause.clone(), ready_tx.clone());
             let target = step * (k as u64 + 1);
-            while progress.load(Ordering::Relaxed) < target && !runner.is_finished() {
+            while shared.checked.load(Ordering::Relaxed) < target
+                && !runner.is_finished()
+                && !host.is_finished()
+            {
                 thread::sleep(Duration::from_micros(200));
             }
-            let at_packet = progress.load(Ordering::Relaxed);
+            let at_packet = shared.checked.load(Ordering::Relaxed);
             let asked = Instant::now();
             pause.store(true, Ordering::Release);
             // A kick that lands before the thread enters `KVM_RUN` is lost; kick until it
             // is out.
             while !runner.is_finished() {
                 let _ = runner.kill(kick_signal());
-                thread::sleep(Duration::from_micros(100));
+                thread::sleep(Duration::from_micros(50));
             }
             let stopped = runner
                 .join()
                 .map_err(|_| "the vCPU thread panicked".to_owned())?;
             exits += stopped.exits;
+            vcpu = stopped.vcpu;
             if stopped.done {
-                vcpu = stopped.vcpu;
-                finished = true;
                 break;
             }
+            // The host's side stops between two passes (woken if it sleeps on the eventfd)
+            // and saves its channel.
+            shared.pause.store(true, Ordering::Release);
+            let _ = bell.wake_local();
+            let phase = host
+                .join()
+                .map_err(|_| "the host thread panicked".to_owned())??;
+            shared.pause.store(false, Ordering::Release);
+            let Phase::Paused(app, saved) = phase else {
+                return Err("the traffic ended while the guest was stopped mid-stream".into());
+            };
             let stop = asked.elapsed();
             let t = Instant::now();
-            let state = VcpuState::save(&stopped.vcpu, &msrs)?;
-            let vm_state = VmState::save(all_vms[k])?;
-            let save = t.elapsed();
+            let bytes = copy_memory(mems[k], mems[k + 1])?;
+            let copy = t.elapsed();
             let t = Instant::now();
+            let state = VcpuState::save(&vcpu, &msrs)?;
+            let vm_state = VmState::save(all_vms[k])?;
             let next = spare.next().ok_or("no fresh VM left")?;
             vm_state.restore(all_vms[k + 1])?;
             state.restore(&next)?;
@@ -397,32 +529,38 @@ fn moving(
                     .map_err(|e| format!("register doorbells: {e}"))?,
             );
             current.store(k + 1, Ordering::Release);
-            let restore = t.elapsed();
-            // Whatever the host rang while the guest was stopped is still pending on the
-            // eventfds; the guest polls its rings, so it is owed nothing more.
-            drop(stopped.vcpu);
+            let state_time = t.elapsed();
+            drop(vcpu);
             vcpu = next;
+            // The host's side goes on over the rings in the new memory; restoring its
+            // channel signals the guest if the control pages say it is owed a signal.
+            let mem = mems[k + 1];
+            host = s.spawn(move || host_phase(mem, shared, Some((app, saved)), None));
             log.push(Move {
                 at_packet,
                 stop,
-                save,
-                restore,
+                copy,
+                state: state_time,
                 downtime: asked.elapsed(),
+                bytes,
             });
         }
-        if !finished {
-            let runner = spawn_vcpu(vcpu, Arc::new(AtomicBool::new(false)), ready_tx.clone());
-            let stopped = runner
-                .join()
-                .map_err(|_| "the vCPU thread panicked".to_owned())?;
-            exits += stopped.exits;
-            if !stopped.done {
-                return Err("the vCPU stopped without DONE".into());
-            }
+        let runner = spawn_vcpu(vcpu, Arc::new(AtomicBool::new(false)), ready_tx.clone());
+        let stopped = runner
+            .join()
+            .map_err(|_| "the vCPU thread panicked".to_owned())?;
+        exits += stopped.exits;
+        if !stopped.done {
+            return Err("the vCPU stopped without DONE".into());
         }
         drop(ready_tx);
-        host.join()
-            .map_err(|_| "the host thread panicked".to_owned())
+        match host
+            .join()
+            .map_err(|_| "the host thread panicked".to_owned())??
+        {
+            Phase::Done(stats) => Ok(stats),
+            Phase::Paused(..) => Err("the host's side paused at the end".into()),
+        }
     })?;
     let elapsed = start.elapsed();
     if let Some(r) = registration.take() {
