@@ -307,7 +307,7 @@ pub struct MovingRun {
 /// How a phase of the host's side ended.
 enum Phase {
     /// Stopped for a move: its state and its channel's.
-    Paused(Box<HostApp>, SavedEndpoint),
+    Paused(Box<(HostApp, SavedEndpoint)>),
     /// The traffic is over.
     Done(HostStats),
 }
@@ -329,7 +329,7 @@ struct HostShared<'a> {
 fn host_phase(
     mem: &GuestMemoryMmap,
     shared: &HostShared<'_>,
-    from: Option<(Box<HostApp>, SavedEndpoint)>,
+    from: Option<Box<(HostApp, SavedEndpoint)>>,
     ready: Option<mpsc::Receiver<u64>>,
 ) -> Result<Phase, String> {
     if let Some(ready) = ready {
@@ -348,10 +348,11 @@ fn host_phase(
     let rings = unsafe { RingPages::new(mem, pages, *g2h) }.map_err(|e| format!("{e}"))?;
     let (mut app, channel) = match from {
         None => (
-            Box::new(HostApp::new()),
+            HostApp::new(),
             host_channel(&rings, shared.bell, Config::default()).map_err(|e| e.to_string())?,
         ),
-        Some((app, saved)) => {
+        Some(from) => {
+            let (app, saved) = *from;
             let tx = RingTx::new(rings.host_to_guest()).map_err(|e| e.to_string())?;
             let rx = RingRx::new(rings.guest_to_host()).map_err(|e| e.to_string())?;
             let channel = Endpoint::restore(tx, rx, shared.bell, saved.config(), &saved)
@@ -363,7 +364,7 @@ fn host_phase(
     loop {
         if shared.pause.load(Ordering::Acquire) {
             let (saved, ..) = channel.save();
-            return Ok(Phase::Paused(app, saved));
+            return Ok(Phase::Paused(Box::new((app, saved))));
         }
         let progress = app.step(&channel, mem, Some(&shared.checked));
         if app.done() {
@@ -505,7 +506,7 @@ fn moving(
                 .join()
                 .map_err(|_| "the host thread panicked".to_owned())??;
             shared.pause.store(false, Ordering::Release);
-            let Phase::Paused(app, saved) = phase else {
+            let Phase::Paused(from) = phase else {
                 return Err("the traffic ended while the guest was stopped mid-stream".into());
             };
             let stop = asked.elapsed();
@@ -535,7 +536,7 @@ fn moving(
             // The host's side goes on over the rings in the new memory; restoring its
             // channel signals the guest if the control pages say it is owed a signal.
             let mem = mems[k + 1];
-            host = s.spawn(move || host_phase(mem, shared, Some((app, saved)), None));
+            host = s.spawn(move || host_phase(mem, shared, Some(from), None));
             log.push(Move {
                 at_packet,
                 stop,
