@@ -21,6 +21,7 @@ use crate::{HostChannel, KvmDoorbell, RingPages, host_channel, read_gpa_range};
 
 use kvm_bindings::{KVM_IRQCHIP_PIC_MASTER, kvm_irqchip, kvm_segment, kvm_userspace_memory_region};
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
+use vm_memory::bitmap::NewBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
 use vmlink_channel::Polled;
 use vmlink_channel::Wait;
@@ -138,7 +139,7 @@ pub fn build_guest() -> PathBuf {
 }
 
 /// Loads an ELF64's PT_LOAD segments into guest memory; returns the entry point.
-pub fn load_elf(mem: &GuestMemoryMmap, image: &[u8]) -> u64 {
+pub fn load_elf<M: GuestMemory>(mem: &M, image: &[u8]) -> u64 {
     let u16_at = |at: usize| u16::from_le_bytes(image[at..at + 2].try_into().unwrap());
     let u32_at = |at: usize| u32::from_le_bytes(image[at..at + 4].try_into().unwrap());
     let u64_at = |at: usize| u64::from_le_bytes(image[at..at + 8].try_into().unwrap());
@@ -164,7 +165,7 @@ pub fn load_elf(mem: &GuestMemoryMmap, image: &[u8]) -> u64 {
 }
 
 /// Identity-mapped long mode, CPL3 (see KVM-NOTES).
-fn setup_vcpu(vcpu: &VcpuFd, mem: &GuestMemoryMmap, entry: u64) {
+fn setup_vcpu<M: GuestMemory>(vcpu: &VcpuFd, mem: &M, entry: u64) {
     // PML4 @0x1000 -> PDPT @0x2000 -> PD @0x3000 with 2 MiB pages covering 1 GiB; the U
     // bit at every level so CPL3 reaches everything (the MMIO doorbells included).
     mem.write_obj(0x2000u64 | 0x7, GuestAddress(0x1000))
@@ -217,10 +218,10 @@ fn setup_vcpu(vcpu: &VcpuFd, mem: &GuestMemoryMmap, entry: u64) {
 /// The fields are private so the VM (and its vCPU) are dropped before the guest memory
 /// they map.
 #[derive(Debug)]
-pub struct TestVm {
+pub struct TestVm<B: NewBitmap = ()> {
     vcpu: VcpuFd,
     vm: VmFd,
-    mem: GuestMemoryMmap,
+    mem: GuestMemoryMmap<B>,
     _kvm: Kvm,
 }
 
@@ -228,8 +229,16 @@ impl TestVm {
     /// Makes the VM from a probed `(kvm, vm)`: an in-kernel irqchip, `MEM_SIZE` of RAM at
     /// GPA 0, the guest `elf` loaded, `mode` written at [`MODE`], one vCPU set up.
     pub fn new(kvm: Kvm, vm: VmFd, elf: &[u8], mode: u64) -> Self {
+        Self::with_bitmap(kvm, vm, elf, mode)
+    }
+}
+
+impl<B: NewBitmap> TestVm<B> {
+    /// [`TestVm::new`] with guest memory that tracks the host's writes in a bitmap `B`
+    /// (vm-memory's `AtomicBitmap`, for migration).
+    pub fn with_bitmap(kvm: Kvm, vm: VmFd, elf: &[u8], mode: u64) -> Self {
         vm.create_irq_chip().expect("in-kernel irqchip");
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let mem = GuestMemoryMmap::<B>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let host = mem.get_host_address(GuestAddress(0)).unwrap();
         let region = kvm_userspace_memory_region {
             slot: 0,
@@ -255,7 +264,7 @@ impl TestVm {
     }
 
     /// The guest's memory.
-    pub fn mem(&self) -> &GuestMemoryMmap {
+    pub fn mem(&self) -> &GuestMemoryMmap<B> {
         &self.mem
     }
 
@@ -270,7 +279,7 @@ impl TestVm {
     }
 
     /// The vCPU (to run it), the VM and the memory at once.
-    pub fn split(&mut self) -> (&mut VcpuFd, &VmFd, &GuestMemoryMmap) {
+    pub fn split(&mut self) -> (&mut VcpuFd, &VmFd, &GuestMemoryMmap<B>) {
         (&mut self.vcpu, &self.vm, &self.mem)
     }
 }
@@ -328,7 +337,7 @@ pub struct HostStats {
 
 /// The guest's ring pages as its mailbox lists them: the guest→host ring's page count and
 /// the page list.
-fn mailbox_pages(mem: &GuestMemoryMmap) -> (usize, Vec<u64>) {
+fn mailbox_pages<M: GuestMemory>(mem: &M) -> (usize, Vec<u64>) {
     let magic: u64 = mem.read_obj(GuestAddress(MAILBOX)).unwrap();
     assert_eq!(magic, MAILBOX_MAGIC);
     let g2h: u64 = mem.read_obj(GuestAddress(MAILBOX + 8)).unwrap();
@@ -447,7 +456,7 @@ impl HostApp {
     pub fn step<B: vm_memory::bitmap::BitmapSlice>(
         &mut self,
         channel: &HostChannel<'_, &KvmDoorbell, B>,
-        mem: &GuestMemoryMmap,
+        mem: &impl GuestMemory,
         checked: Option<&std::sync::atomic::AtomicU64>,
     ) -> bool {
         let Self {

@@ -12,6 +12,7 @@
 
 use std::time::Duration;
 
+use vm_memory::bitmap::AtomicBitmap;
 use vmlink_kvm::test_vm::moving::run_traffic_moving;
 use vmlink_kvm::test_vm::{PACKETS, TestVm, build_guest, kvm_or_skip, watchdog};
 
@@ -24,7 +25,7 @@ fn a_running_guest_moves_into_fresh_vms_and_memory_mid_stream() {
     };
     let dog = watchdog(Duration::from_secs(120));
     let elf = std::fs::read(build_guest()).expect("the guest ELF");
-    let tvm = TestVm::new(kvm, vm, &elf, 0);
+    let tvm = TestVm::<AtomicBitmap>::with_bitmap(kvm, vm, &elf, 0);
     let run = run_traffic_moving(tvm, MOVES).expect("the moving run");
     let _ = dog.send(());
     let stats = &run.stats;
@@ -37,10 +38,18 @@ fn a_running_guest_moves_into_fresh_vms_and_memory_mid_stream() {
     );
     for (i, m) in run.moves.iter().enumerate() {
         println!(
-            "  move {i}: at guest packet {:>6}; stop {:>8.1?}, copy {} KiB {:>8.1?}, state {:>8.1?}, downtime {:>8.1?}",
+            "  move {i}: at guest packet {:>6}; pre-copy pages {:?} (guest, host {:?}); stopped: {} \
+             pages (guest {}, host {}), stop {:>8.1?}, copy {:>8.1?}, state {:>8.1?}, downtime {:>8.1?}",
             m.at_packet,
+            m.passes.iter().map(|p| p.pages).collect::<Vec<_>>(),
+            m.passes[1..]
+                .iter()
+                .map(|p| (p.guest, p.host))
+                .collect::<Vec<_>>(),
+            m.final_pages,
+            m.final_split.0,
+            m.final_split.1,
             m.stop,
-            m.bytes / 1024,
             m.copy,
             m.state,
             m.downtime
@@ -62,6 +71,14 @@ fn a_running_guest_moves_into_fresh_vms_and_memory_mid_stream() {
         "{:?}",
         run.moves
     );
+
+    // Pre-copy: the first pass copies all of memory, and the pages left for the stop are
+    // few: the guest's and the host's writes were both tracked (a host write the bitmap
+    // missed would have been lost, and the traffic checks below would fail).
+    for m in &run.moves {
+        assert_eq!(m.passes[0].pages, 1024, "the first pass copies all 4 MiB");
+        assert!(m.final_pages < 1024, "{m:?}");
+    }
 
     // The traffic's checks, as in the run that does not move.
     let g = &stats.summary;

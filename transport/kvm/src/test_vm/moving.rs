@@ -9,9 +9,11 @@
 //! the rings in the new memory (which signals whichever side the control pages say is owed
 //! a signal), and both sides go on. The guest is not told.
 //!
-//! This is stop-and-copy: all of memory is copied while both sides are stopped. Copying
-//! most of it before (dirty logging), the byte stream between processes and the new
-//! process are the next steps.
+//! Memory moves by pre-copy: with KVM's dirty-page log on, all of it is copied while both
+//! sides run, then again and again the pages written since (KVM's log for the guest's
+//! writes, vm-memory's bitmap for the host's: the rings mark every store they make), until
+//! a pass finds few; only those last pages are copied while both sides are stopped. The
+//! byte stream between processes and the new process are the next steps.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Once, OnceLock, mpsc};
@@ -19,18 +21,28 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
-    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, Msrs, kvm_clock_data,
-    kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
-    kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MEM_LOG_DIRTY_PAGES,
+    Msrs, kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
+    kvm_regs, kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 use vmlink_channel::{Config, Doorbell, Endpoint, RingRx, RingTx, SavedEndpoint};
 use vmlink_ring::WaitDecision;
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
 use super::{CONTROL, DONE, DOORBELL, GSI, HostApp, HostStats, MAILBOX, MEM_SIZE, TestVm, pic_irr};
 use crate::{KvmDoorbell, RingPages, host_channel};
+
+/// Guest memory whose bitmap records the host's writes (through vm-memory and through the
+/// rings), beside KVM's log of the guest's.
+pub type Mem = GuestMemoryMmap<AtomicBitmap>;
+
+/// Pre-copy passes stop once a pass finds at most this many dirty pages.
+const STOP_PAGES: u64 = 32;
+/// Pre-copy passes at most (after the first, which copies everything).
+const MAX_PASSES: usize = 8;
 
 /// The MSRs moved with the vCPU, where KVM lists them (the 64-bit syscall and sysenter
 /// state, the kernel GS base, the TSC and its aux value, PAT, misc-enable).
@@ -182,7 +194,7 @@ pub fn movable_msrs(kvm: &Kvm) -> Vec<u32> {
 /// A fresh VM over `mem` (the same pages at the same guest addresses), with an in-kernel
 /// irqchip and one vCPU not yet set up: made before the vCPU stops, so the move costs only
 /// the state's reads and writes.
-pub fn fresh_vm(kvm: &Kvm, mem: &GuestMemoryMmap) -> Result<(VmFd, VcpuFd), String> {
+pub fn fresh_vm(kvm: &Kvm, mem: &Mem) -> Result<(VmFd, VcpuFd), String> {
     let vm = kvm.create_vm().map_err(|e| format!("create_vm: {e}"))?;
     vm.create_irq_chip()
         .map_err(|e| format!("create_irq_chip: {e}"))?;
@@ -273,22 +285,40 @@ fn spawn_vcpu(
 }
 
 /// One move of the guest.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Move {
     /// Guest data packets the host had checked when the move began.
     pub at_packet: u64,
     /// From the pause request until the vCPU thread was out of `KVM_RUN` and the host's
     /// side had saved its channel.
     pub stop: Duration,
-    /// Copying guest memory into the new VM's.
+    /// Copying the last dirty pages into the new VM's memory.
     pub copy: Duration,
     /// Reading the vCPU's and VM's state, writing them into the new VM, registering the
     /// doorbells there.
     pub state: Duration,
-    /// From the pause request until the vCPU ran again in the new VM.
+    /// From the pause request until the vCPU ran again in the new VM (less the check that
+    /// the two memories are equal, which a real migration does not make).
     pub downtime: Duration,
-    /// Bytes of guest memory copied.
-    pub bytes: u64,
+    /// The passes while the guest ran: the first copies all of memory, each later one the
+    /// pages written since the one before.
+    pub passes: Vec<Pass>,
+    /// Pages copied while both sides were stopped (written since the last pass).
+    pub final_pages: u64,
+    /// Of those, pages the guest wrote (KVM's log) and the host wrote (the bitmap; a page
+    /// both wrote counts in each).
+    pub final_split: (u64, u64),
+}
+
+/// One pre-copy pass.
+#[derive(Debug, Clone, Copy)]
+pub struct Pass {
+    /// Pages copied.
+    pub pages: u64,
+    /// Pages KVM's log said the guest wrote since the pass before.
+    pub guest: u64,
+    /// Pages the bitmap said the host wrote since the pass before.
+    pub host: u64,
 }
 
 /// A moving traffic run: what the host saw and each move.
@@ -327,7 +357,7 @@ struct HostShared<'a> {
 /// start when `None`, after the guest's mailbox arrives on `ready`), until the traffic
 /// ends or `shared.pause` is set.
 fn host_phase(
-    mem: &GuestMemoryMmap,
+    mem: &Mem,
     shared: &HostShared<'_>,
     from: Option<Box<(HostApp, SavedEndpoint)>>,
     ready: Option<mpsc::Receiver<u64>>,
@@ -384,8 +414,87 @@ fn host_phase(
     }
 }
 
+/// Turns KVM's dirty-page log on or off for the VM's one memory slot over `mem`.
+fn dirty_log(vm: &VmFd, mem: &Mem, on: bool) -> Result<(), String> {
+    let host = mem
+        .get_host_address(GuestAddress(0))
+        .map_err(|e| format!("guest memory: {e}"))?;
+    let region = kvm_userspace_memory_region {
+        slot: 0,
+        flags: if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+        guest_phys_addr: 0,
+        memory_size: MEM_SIZE as u64,
+        userspace_addr: host as u64,
+    };
+    // SAFETY: the same slot over the same live mapping as before, only its flags change;
+    // `mem` outlives the VM (see `run_traffic_moving`).
+    unsafe { vm.set_user_memory_region(region) }
+        .map_err(|e| format!("set_user_memory_region (dirty log {on}): {e}"))
+}
+
+/// The pages written since the last look: KVM's log of the guest's writes (cleared by
+/// reading it) or'ed with the bitmap of the host's (cleared too); and how many pages each
+/// had.
+fn dirty_pages(vm: &VmFd, mem: &Mem) -> Result<(Vec<u64>, u64, u64), String> {
+    let mut pages = vm
+        .get_dirty_log(0, MEM_SIZE)
+        .map_err(|e| format!("get_dirty_log: {e}"))?;
+    let kvm_count = pages.iter().map(|w| u64::from(w.count_ones())).sum();
+    let mut host_count = 0;
+    for region in mem.iter() {
+        let first = region.start_addr().0 / PAGE;
+        let mapping: &vm_memory::MmapRegion<AtomicBitmap> = region;
+        for (i, w) in mapping.bitmap().get_and_reset().into_iter().enumerate() {
+            host_count += u64::from(w.count_ones());
+            let at = (first / 64) as usize + i;
+            if let Some(slot) = pages.get_mut(at) {
+                *slot |= w;
+            }
+        }
+    }
+    Ok((pages, kvm_count, host_count))
+}
+
+/// Copies the pages set in `bits` from `from` into `to`; returns how many.
+fn copy_pages(from: &Mem, to: &Mem, bits: &[u64]) -> Result<u64, String> {
+    let mut page = vec![0u8; PAGE as usize];
+    let mut n = 0;
+    for (i, &w) in bits.iter().enumerate() {
+        let mut w = w;
+        while w != 0 {
+            let bit = u64::from(w.trailing_zeros());
+            w &= w - 1;
+            let gpa = GuestAddress((i as u64 * 64 + bit) * PAGE);
+            from.read_slice(&mut page, gpa)
+                .map_err(|e| format!("read guest page {gpa:?}: {e}"))?;
+            to.write_slice(&page, gpa)
+                .map_err(|e| format!("write guest page {gpa:?}: {e}"))?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// The first page (its number) at which `a` and `b` differ, if any.
+fn first_difference(a: &Mem, b: &Mem) -> Result<Option<u64>, String> {
+    let mut x = vec![0u8; PAGE as usize];
+    let mut y = vec![0u8; PAGE as usize];
+    for page in 0..MEM_SIZE as u64 / PAGE {
+        let gpa = GuestAddress(page * PAGE);
+        a.read_slice(&mut x, gpa).map_err(|e| e.to_string())?;
+        b.read_slice(&mut y, gpa).map_err(|e| e.to_string())?;
+        if x != y {
+            return Ok(Some(page));
+        }
+    }
+    Ok(None)
+}
+
+/// Bytes of a page, as KVM's log and vm-memory's bitmap count them.
+const PAGE: u64 = 4096;
+
 /// Copies all of `from` into `to` (both `MEM_SIZE` at GPA 0); returns the bytes copied.
-fn copy_memory(from: &GuestMemoryMmap, to: &GuestMemoryMmap) -> Result<u64, String> {
+fn copy_memory(from: &Mem, to: &Mem) -> Result<u64, String> {
     let mut chunk = vec![0u8; 64 * 1024];
     let mut at = 0u64;
     while at < MEM_SIZE as u64 {
@@ -401,7 +510,7 @@ fn copy_memory(from: &GuestMemoryMmap, to: &GuestMemoryMmap) -> Result<u64, Stri
 /// Runs the traffic mode (a `TestVm` made with mode 0) to the guest's `DONE`, moving the
 /// guest into a fresh VM with fresh memory `moves` times: each time the host has checked
 /// about another `PACKETS / (moves + 1)` of the guest's packets.
-pub fn run_traffic_moving(tvm: TestVm, moves: usize) -> Result<MovingRun, String> {
+pub fn run_traffic_moving(tvm: TestVm<AtomicBitmap>, moves: usize) -> Result<MovingRun, String> {
     static HANDLER: Once = Once::new();
     let mut handler = Ok(());
     HANDLER.call_once(|| handler = register_signal_handler(kick_signal(), on_kick));
@@ -416,11 +525,11 @@ pub fn run_traffic_moving(tvm: TestVm, moves: usize) -> Result<MovingRun, String
     let mut mems = Vec::with_capacity(moves);
     for _ in 0..moves {
         mems.push(
-            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)])
+            Mem::from_ranges(&[(GuestAddress(0), MEM_SIZE)])
                 .map_err(|e| format!("guest memory: {e}"))?,
         );
     }
-    let all_mems: Vec<&GuestMemoryMmap> = std::iter::once(&mem).chain(mems.iter()).collect();
+    let all_mems: Vec<&Mem> = std::iter::once(&mem).chain(mems.iter()).collect();
     let result = moving(&_kvm, vcpu, &vm, &all_mems);
     // The new VMs went in `moving`; the first one, then the memories they mapped, go now.
     drop(vm);
@@ -430,12 +539,7 @@ pub fn run_traffic_moving(tvm: TestVm, moves: usize) -> Result<MovingRun, String
     result
 }
 
-fn moving(
-    kvm: &Kvm,
-    vcpu: VcpuFd,
-    vm: &VmFd,
-    mems: &[&GuestMemoryMmap],
-) -> Result<MovingRun, String> {
+fn moving(kvm: &Kvm, vcpu: VcpuFd, vm: &VmFd, mems: &[&Mem]) -> Result<MovingRun, String> {
     let moves = mems.len() - 1;
     let msrs = movable_msrs(kvm);
     // Every VM is made up front, before the first vCPU runs: they outlive the threads.
@@ -481,6 +585,24 @@ fn moving(
             {
                 thread::sleep(Duration::from_micros(200));
             }
+            // Pre-copy while both sides run: all of memory, then what was written since,
+            // until little is.
+            dirty_log(all_vms[k], mems[k], true)?;
+            dirty_pages(all_vms[k], mems[k])?;
+            let all = copy_memory(mems[k], mems[k + 1])? / PAGE;
+            let mut passes = vec![Pass {
+                pages: all,
+                guest: 0,
+                host: 0,
+            }];
+            while passes.len() <= MAX_PASSES {
+                let (bits, guest, host) = dirty_pages(all_vms[k], mems[k])?;
+                let pages = copy_pages(mems[k], mems[k + 1], &bits)?;
+                passes.push(Pass { pages, guest, host });
+                if pages <= STOP_PAGES {
+                    break;
+                }
+            }
             let at_packet = shared.checked.load(Ordering::Relaxed);
             let asked = Instant::now();
             pause.store(true, Ordering::Release);
@@ -511,8 +633,19 @@ fn moving(
             };
             let stop = asked.elapsed();
             let t = Instant::now();
-            let bytes = copy_memory(mems[k], mems[k + 1])?;
+            let (bits, kvm_count, host_count) = dirty_pages(all_vms[k], mems[k])?;
+            let final_pages = copy_pages(mems[k], mems[k + 1], &bits)?;
             let copy = t.elapsed();
+            // With both sides stopped, the new memory must now equal the old byte for byte:
+            // any write the two logs missed shows here (checked outside the downtime).
+            let t = Instant::now();
+            if let Some(page) = first_difference(mems[k], mems[k + 1])? {
+                return Err(format!(
+                    "move {k}: guest page {page:#x} differs after the last copy: a write \
+                     neither KVM's log nor the bitmap recorded"
+                ));
+            }
+            let checked_in = t.elapsed();
             let t = Instant::now();
             let state = VcpuState::save(&vcpu, &msrs)?;
             let vm_state = VmState::save(all_vms[k])?;
@@ -542,8 +675,10 @@ fn moving(
                 stop,
                 copy,
                 state: state_time,
-                downtime: asked.elapsed(),
-                bytes,
+                downtime: asked.elapsed() - checked_in,
+                passes,
+                final_pages,
+                final_split: (kvm_count, host_count),
             });
         }
         let runner = spawn_vcpu(vcpu, Arc::new(AtomicBool::new(false)), ready_tx.clone());
