@@ -6,6 +6,7 @@
 #![allow(unsafe_code)]
 
 pub mod moving;
+pub mod stream;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -442,6 +443,85 @@ impl HostApp {
             buf: vec![0u8; 8192],
             out: vec![0u8; 2048],
         }
+    }
+
+    /// The state as bytes, for a migration stream (fields little-endian, in declaration
+    /// order; read back by [`from_bytes`](Self::from_bytes)).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let st = &self.stats;
+        let mut out = Vec::new();
+        for w in [st.data_ok, st.requests_completed, st.sent] {
+            out.extend_from_slice(&w.to_le_bytes());
+        }
+        out.push(u8::from(st.gpa_ok));
+        out.extend_from_slice(&(st.summary.len() as u32).to_le_bytes());
+        for w in &st.summary {
+            out.extend_from_slice(&w.to_le_bytes());
+        }
+        out.push(u8::from(st.irq_raised));
+        for w in [
+            self.rng,
+            u64::from(self.next_guest),
+            self.pending_len as u64,
+        ] {
+            out.extend_from_slice(&w.to_le_bytes());
+        }
+        out.push(u8::from(self.end_sent));
+        out.extend_from_slice(&(self.completions.len() as u32).to_le_bytes());
+        for &(tid, seq) in &self.completions {
+            out.extend_from_slice(&tid.to_le_bytes());
+            out.extend_from_slice(&seq.to_le_bytes());
+        }
+        out
+    }
+
+    /// The state from [`to_bytes`](Self::to_bytes)'s form; anything else is an error
+    /// naming what did not parse.
+    pub fn from_bytes(mut bytes: &[u8]) -> Result<Self, stream::StreamError> {
+        use stream::{StreamError, take_bytes, take_u32, take_u64};
+        let b = &mut bytes;
+        let flag = |b: &mut &[u8], what| match take_bytes(b, 1, what)? {
+            [0] => Ok(false),
+            [1] => Ok(true),
+            _ => Err(StreamError::Malformed(what)),
+        };
+        let mut app = Self::new();
+        app.stats.data_ok = take_u64(b, "the host's packet count")?;
+        app.stats.requests_completed = take_u64(b, "the host's completion count")?;
+        app.stats.sent = take_u64(b, "the host's sent count")?;
+        app.stats.gpa_ok = flag(b, "the host's GPA-direct flag")?;
+        let n = take_u32(b, "the guest summary's length")? as usize;
+        if n > 64 {
+            return Err(StreamError::Malformed("a guest summary past 64 words"));
+        }
+        for _ in 0..n {
+            app.stats.summary.push(take_u64(b, "the guest summary")?);
+        }
+        app.stats.irq_raised = flag(b, "the host's irqfd flag")?;
+        app.rng = take_u64(b, "the host's generator")?;
+        app.next_guest = u32::try_from(take_u64(b, "the next guest packet")?)
+            .map_err(|_| StreamError::Malformed("the next guest packet"))?;
+        let pending = take_u64(b, "the pending packet's length")?;
+        if pending > app.out.len() as u64 {
+            return Err(StreamError::Malformed(
+                "a pending packet longer than the host's buffer",
+            ));
+        }
+        app.pending_len = pending as usize;
+        app.end_sent = flag(b, "the host's end flag")?;
+        let n = take_u32(b, "the completions owed")? as usize;
+        if n > 4096 {
+            return Err(StreamError::Malformed("more than 4096 completions owed"));
+        }
+        for _ in 0..n {
+            let tid = take_u64(b, "a completion's transaction id")?;
+            let seq = take_u32(b, "a completion's sequence number")?;
+            app.completions.push_back((tid, seq));
+        }
+        if !b.is_empty() {
+            return Err(StreamError::Malformed("bytes after the host's state"));
+        }
+        Ok(app)
     }
 
     /// Whether the guest's summary arrived (the traffic is over).

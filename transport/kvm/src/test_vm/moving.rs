@@ -15,6 +15,8 @@
 //! a pass finds few; only those last pages are copied while both sides are stopped. The
 //! byte stream between processes and the new process are the next steps.
 
+use std::io::Write;
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Once, OnceLock, mpsc};
 use std::thread;
@@ -32,6 +34,7 @@ use vmlink_channel::{Config, Doorbell, Endpoint, RingRx, RingTx, SavedEndpoint};
 use vmlink_ring::WaitDecision;
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
+use super::stream::{self, StreamError, Tag, put_struct, take_struct, take_u32, take_u64};
 use super::{CONTROL, DONE, DOORBELL, GSI, HostApp, HostStats, MAILBOX, MEM_SIZE, TestVm, pic_irr};
 use crate::{KvmDoorbell, RingPages, host_channel};
 
@@ -133,6 +136,72 @@ impl VcpuState {
         Ok(())
     }
 
+    /// The state as bytes, for a migration stream: each kvm-bindings struct's bytes in
+    /// the order `restore` writes them, then the MSRs (a `u32` count, then index `u32` and
+    /// value `u64` each).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        put_struct(&mut out, &self.mp_state);
+        put_struct(&mut out, &self.regs);
+        put_struct(&mut out, &self.sregs);
+        put_struct(&mut out, &self.xsave);
+        put_struct(&mut out, &self.xcrs);
+        put_struct(&mut out, &self.debugregs);
+        put_struct(&mut out, &self.lapic);
+        put_struct(&mut out, &self.events);
+        let msrs = self.msrs.as_slice();
+        out.extend_from_slice(&(msrs.len() as u32).to_le_bytes());
+        for m in msrs {
+            out.extend_from_slice(&m.index.to_le_bytes());
+            out.extend_from_slice(&m.data.to_le_bytes());
+        }
+        out
+    }
+
+    /// The state from [`to_bytes`](Self::to_bytes)'s form (KVM checks the values when
+    /// they are written into a vCPU).
+    pub fn from_bytes(mut bytes: &[u8]) -> Result<Self, StreamError> {
+        let b = &mut bytes;
+        let mp_state = take_struct(b, "the MP state")?;
+        let regs = take_struct(b, "the registers")?;
+        let sregs = take_struct(b, "the special registers")?;
+        let xsave = take_struct(b, "the XSAVE area")?;
+        let xcrs = take_struct(b, "the XCRs")?;
+        let debugregs = take_struct(b, "the debug registers")?;
+        let lapic = take_struct(b, "the LAPIC")?;
+        let events = take_struct(b, "the vCPU events")?;
+        let n = take_u32(b, "the MSR count")? as usize;
+        if n > MSRS.len() {
+            return Err(StreamError::Malformed("more MSRs than are moved"));
+        }
+        let mut entries = Vec::with_capacity(n);
+        for _ in 0..n {
+            let index = take_u32(b, "an MSR index")?;
+            let data = take_u64(b, "an MSR value")?;
+            entries.push(kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            });
+        }
+        if !b.is_empty() {
+            return Err(StreamError::Malformed("bytes after the vCPU state"));
+        }
+        let msrs =
+            Msrs::from_entries(&entries).map_err(|_| StreamError::Malformed("the MSR list"))?;
+        Ok(Self {
+            regs,
+            sregs,
+            xsave,
+            xcrs,
+            debugregs,
+            lapic,
+            mp_state,
+            events,
+            msrs,
+        })
+    }
+
     /// The instruction pointer it stopped at.
     pub fn rip(&self) -> u64 {
         self.regs.rip
@@ -162,6 +231,31 @@ impl VmState {
                 .map_err(|e| format!("get_irqchip {}: {e}", chip.chip_id))?;
         }
         let clock = vm.get_clock().map_err(|e| format!("get_clock: {e}"))?;
+        Ok(Self { chips, clock })
+    }
+
+    /// The state as bytes: the three irqchips' and the clock's structs.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for chip in &self.chips {
+            put_struct(&mut out, chip);
+        }
+        put_struct(&mut out, &self.clock);
+        out
+    }
+
+    /// The state from [`to_bytes`](Self::to_bytes)'s form.
+    pub fn from_bytes(mut bytes: &[u8]) -> Result<Self, StreamError> {
+        let b = &mut bytes;
+        let chips = [
+            take_struct(b, "the master PIC")?,
+            take_struct(b, "the slave PIC")?,
+            take_struct(b, "the IOAPIC")?,
+        ];
+        let clock = take_struct(b, "the clock")?;
+        if !b.is_empty() {
+            return Err(StreamError::Malformed("bytes after the VM state"));
+        }
         Ok(Self { chips, clock })
     }
 
@@ -294,12 +388,13 @@ pub struct Move {
     pub stop: Duration,
     /// Copying the last dirty pages into the new VM's memory.
     pub copy: Duration,
-    /// Reading the vCPU's and VM's state, writing them into the new VM, registering the
-    /// doorbells there.
+    /// Sending the vCPU's, VM's and endpoint's state, and the destination's restoring it
+    /// and answering.
     pub state: Duration,
-    /// From the pause request until the vCPU ran again in the new VM (less the check that
-    /// the two memories are equal, which a real migration does not make).
+    /// From the pause request until the destination had the guest (`GO` sent).
     pub downtime: Duration,
+    /// From the first pass to `GO`.
+    pub total: Duration,
     /// The passes while the guest ran: the first copies all of memory, each later one the
     /// pages written since the one before.
     pub passes: Vec<Pass>,
@@ -326,8 +421,11 @@ pub struct Pass {
 pub struct MovingRun {
     /// The host's view, with the guest's summary.
     pub stats: HostStats,
-    /// The moves, in order.
+    /// The moves that succeeded, in order.
     pub moves: Vec<Move>,
+    /// The moves that aborted: the attempt, the destination's behaviour, the source's
+    /// reason, and how long the guest was stopped.
+    pub aborted: Vec<(usize, Destination, String, Duration)>,
     /// Exits to userspace over all VMs.
     pub exits: u64,
     /// From the first `KVM_RUN` to the guest's `DONE`.
@@ -455,26 +553,6 @@ fn dirty_pages(vm: &VmFd, mem: &Mem) -> Result<(Vec<u64>, u64, u64), String> {
     Ok((pages, kvm_count, host_count))
 }
 
-/// Copies the pages set in `bits` from `from` into `to`; returns how many.
-fn copy_pages(from: &Mem, to: &Mem, bits: &[u64]) -> Result<u64, String> {
-    let mut page = vec![0u8; PAGE as usize];
-    let mut n = 0;
-    for (i, &w) in bits.iter().enumerate() {
-        let mut w = w;
-        while w != 0 {
-            let bit = u64::from(w.trailing_zeros());
-            w &= w - 1;
-            let gpa = GuestAddress((i as u64 * 64 + bit) * PAGE);
-            from.read_slice(&mut page, gpa)
-                .map_err(|e| format!("read guest page {gpa:?}: {e}"))?;
-            to.write_slice(&page, gpa)
-                .map_err(|e| format!("write guest page {gpa:?}: {e}"))?;
-            n += 1;
-        }
-    }
-    Ok(n)
-}
-
 /// The first page (its number) at which `a` and `b` differ, if any.
 fn first_difference(a: &Mem, b: &Mem) -> Result<Option<u64>, String> {
     let mut x = vec![0u8; PAGE as usize];
@@ -493,24 +571,237 @@ fn first_difference(a: &Mem, b: &Mem) -> Result<Option<u64>, String> {
 /// Bytes of a page, as KVM's log and vm-memory's bitmap count them.
 const PAGE: u64 = 4096;
 
-/// Copies all of `from` into `to` (both `MEM_SIZE` at GPA 0); returns the bytes copied.
-fn copy_memory(from: &Mem, to: &Mem) -> Result<u64, String> {
-    let mut chunk = vec![0u8; 64 * 1024];
-    let mut at = 0u64;
-    while at < MEM_SIZE as u64 {
-        from.read_slice(&mut chunk, GuestAddress(at))
-            .map_err(|e| format!("read guest memory at {at:#x}: {e}"))?;
-        to.write_slice(&chunk, GuestAddress(at))
-            .map_err(|e| format!("write guest memory at {at:#x}: {e}"))?;
-        at += chunk.len() as u64;
-    }
-    Ok(at)
+/// How the destination of an attempted move behaves (the honest one, or a hostile one that
+/// the source must survive: the move aborts and the guest goes on where it was).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Destination {
+    /// Takes the guest.
+    Honest,
+    /// Reads the header, then closes the connection.
+    CloseAfterHeader,
+    /// Reads everything, then refuses with a reason.
+    Refuse,
+    /// Reads everything, then says it is ready with the wrong page count.
+    WrongEcho,
+    /// Reads everything, then answers nothing (the source times out).
+    Silent,
+    /// Reads everything, then answers bytes that are no record.
+    Garbage,
 }
 
-/// Runs the traffic mode (a `TestVm` made with mode 0) to the guest's `DONE`, moving the
-/// guest into a fresh VM with fresh memory `moves` times: each time the host has checked
-/// about another `PACKETS / (moves + 1)` of the guest's packets.
-pub fn run_traffic_moving(tvm: TestVm<AtomicBitmap>, moves: usize) -> Result<MovingRun, String> {
+/// How long the source waits for the destination's answer.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What the destination took from a stream: the host's side to go on with.
+struct Arrived {
+    app: HostApp,
+    saved: SavedEndpoint,
+    layout: (usize, Vec<u64>),
+}
+
+/// The destination of one move: reads the stream from `conn` into `mem`, writes the vCPU's
+/// and VM's state into `vcpu` and `vm`, answers `READY` and waits for `GO`; or behaves as
+/// `how` says. An error is answered with an `ERROR` record where the connection still
+/// works.
+fn destination(
+    conn: &mut UnixStream,
+    mem: &Mem,
+    vm: &VmFd,
+    vcpu: &VcpuFd,
+    how: Destination,
+) -> Result<Arrived, StreamError> {
+    let result = receive(conn, mem, vm, vcpu, how);
+    if let Err(e) = &result {
+        let why = match e {
+            StreamError::Refused(why) => why.clone(),
+            e => e.to_string(),
+        };
+        let _ = stream::write_record(conn, Tag::Error, &[why.as_bytes()]);
+    }
+    result
+}
+
+fn receive(
+    conn: &mut UnixStream,
+    mem: &Mem,
+    vm: &VmFd,
+    vcpu: &VcpuFd,
+    how: Destination,
+) -> Result<Arrived, StreamError> {
+    let memory = stream::read_header(conn)?;
+    if memory != MEM_SIZE as u64 {
+        return Err(StreamError::Malformed("a guest of another memory size"));
+    }
+    if how == Destination::CloseAfterHeader {
+        let _ = conn.shutdown(std::net::Shutdown::Both);
+        return Err(StreamError::Refused(
+            "closed after the header (a test)".into(),
+        ));
+    }
+    let mut buf = Vec::new();
+    let mut pages = 0u64;
+    let (mut vm_done, mut vcpu_done, mut endpoint) = (false, false, None);
+    let total = loop {
+        let (tag, body) = stream::read_record(conn, &mut buf)?;
+        match tag {
+            Tag::Pages => {
+                pages += stream::for_each_page(body, memory, |gpa, page| {
+                    mem.write_slice(page, GuestAddress(gpa))
+                        .map_err(|_| StreamError::Malformed("a page outside guest memory"))
+                })? as u64;
+            }
+            Tag::Vm => {
+                VmState::from_bytes(body)?
+                    .restore(vm)
+                    .map_err(StreamError::Restore)?;
+                vm_done = true;
+            }
+            Tag::Vcpu => {
+                VcpuState::from_bytes(body)?
+                    .restore(vcpu)
+                    .map_err(StreamError::Restore)?;
+                vcpu_done = true;
+            }
+            Tag::Endpoint => endpoint = Some(parse_endpoint(body)?),
+            Tag::End => {
+                let mut b = body;
+                let total = stream::take_u64(&mut b, "the page total")?;
+                if !b.is_empty() {
+                    return Err(StreamError::Malformed("bytes after the page total"));
+                }
+                break total;
+            }
+            got => {
+                return Err(StreamError::Unexpected {
+                    got,
+                    expected: "pages, state or the end",
+                });
+            }
+        }
+    };
+    let (Some(arrived), true, true) = (endpoint, vm_done, vcpu_done) else {
+        return Err(StreamError::Malformed(
+            "an end before the VM, vCPU and endpoint state",
+        ));
+    };
+    if total != pages {
+        return Err(StreamError::Malformed(
+            "a page total other than the pages that came",
+        ));
+    }
+    match how {
+        Destination::Refuse => return Err(StreamError::Refused("refused (a test)".into())),
+        Destination::WrongEcho => {
+            stream::write_record(conn, Tag::Ready, &[&(pages + 1).to_le_bytes()])?;
+        }
+        Destination::Silent => {}
+        Destination::Garbage => conn.write_all(b"\xffnot a record at all")?,
+        Destination::Honest | Destination::CloseAfterHeader => {
+            stream::write_record(conn, Tag::Ready, &[&pages.to_le_bytes()])?;
+        }
+    }
+    match stream::read_record(conn, &mut buf)? {
+        (Tag::Go, []) => Ok(arrived),
+        (Tag::Error, why) => Err(StreamError::Refused(String::from_utf8_lossy(why).into())),
+        (got, _) => Err(StreamError::Unexpected {
+            got,
+            expected: "GO",
+        }),
+    }
+}
+
+/// The endpoint record's body: the guest→host ring's page count (`u32`), the page count
+/// (`u32`, at most 64) and the page numbers (`u64` each), the channel's saved state and the
+/// host application's (each a `u32` length and the bytes).
+fn endpoint_record(layout: &(usize, Vec<u64>), saved: &SavedEndpoint, app: &HostApp) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&(layout.0 as u32).to_le_bytes());
+    out.extend_from_slice(&(layout.1.len() as u32).to_le_bytes());
+    for p in &layout.1 {
+        out.extend_from_slice(&p.to_le_bytes());
+    }
+    for part in [saved.to_bytes(), app.to_bytes()] {
+        out.extend_from_slice(&(part.len() as u32).to_le_bytes());
+        out.extend_from_slice(&part);
+    }
+    out
+}
+
+fn parse_endpoint(mut body: &[u8]) -> Result<Arrived, StreamError> {
+    let b = &mut body;
+    let g2h = stream::take_u32(b, "the ring layout")? as usize;
+    let n = stream::take_u32(b, "the ring page count")? as usize;
+    if n > 64 || g2h > n {
+        return Err(StreamError::Malformed("a ring layout past 64 pages"));
+    }
+    let mut pages = Vec::with_capacity(n);
+    for _ in 0..n {
+        pages.push(stream::take_u64(b, "a ring page")?);
+    }
+    let len = stream::take_u32(b, "the saved channel's length")? as usize;
+    let saved = SavedEndpoint::from_bytes(stream::take_bytes(b, len, "the saved channel")?)
+        .map_err(|_| StreamError::Malformed("the saved channel"))?;
+    let len = stream::take_u32(b, "the host state's length")? as usize;
+    let app = HostApp::from_bytes(stream::take_bytes(b, len, "the host state")?)?;
+    if !b.is_empty() {
+        return Err(StreamError::Malformed("bytes after the endpoint"));
+    }
+    Ok(Arrived {
+        app,
+        saved,
+        layout: (g2h, pages),
+    })
+}
+
+/// Sends the pages set in `bits` of `mem` as `PAGES` records; returns how many.
+fn send_pages(conn: &mut UnixStream, mem: &Mem, bits: &[u64]) -> Result<u64, StreamError> {
+    let mut record = Vec::with_capacity(4 + stream::MAX_PAGES_PER_RECORD * (8 + PAGE as usize));
+    let mut in_record = 0u32;
+    let mut sent = 0u64;
+    let mut page = vec![0u8; PAGE as usize];
+    let mut flush = |record: &mut Vec<u8>, n: &mut u32| -> Result<(), StreamError> {
+        if *n > 0 {
+            stream::write_record(conn, Tag::Pages, &[&n.to_le_bytes(), record])?;
+            record.clear();
+            *n = 0;
+        }
+        Ok(())
+    };
+    for (i, &w) in bits.iter().enumerate() {
+        let mut w = w;
+        while w != 0 {
+            let bit = u64::from(w.trailing_zeros());
+            w &= w - 1;
+            let gpa = (i as u64 * 64 + bit) * PAGE;
+            mem.read_slice(&mut page, GuestAddress(gpa))
+                .map_err(|_| StreamError::Malformed("a dirty page outside guest memory"))?;
+            record.extend_from_slice(&gpa.to_le_bytes());
+            record.extend_from_slice(&page);
+            in_record += 1;
+            sent += 1;
+            if in_record as usize == stream::MAX_PAGES_PER_RECORD {
+                flush(&mut record, &mut in_record)?;
+            }
+        }
+    }
+    flush(&mut record, &mut in_record)?;
+    Ok(sent)
+}
+
+/// Every page of guest memory, as a dirty bitmap.
+fn all_pages() -> Vec<u64> {
+    vec![u64::MAX; MEM_SIZE / PAGE as usize / 64]
+}
+
+/// Runs the traffic mode (a `TestVm` made with mode 0) to the guest's `DONE`, attempting a
+/// move for each entry of `plan` to a destination that behaves as it says: each time the
+/// host has checked about another `PACKETS / (plan.len() + 1)` of the guest's packets.
+/// Honest destinations take the guest; hostile ones make the move abort, and the guest
+/// goes on where it was.
+pub fn run_traffic_moving(
+    tvm: TestVm<AtomicBitmap>,
+    plan: &[Destination],
+) -> Result<MovingRun, String> {
     static HANDLER: Once = Once::new();
     let mut handler = Ok(());
     HANDLER.call_once(|| handler = register_signal_handler(kick_signal(), on_kick));
@@ -522,15 +813,15 @@ pub fn run_traffic_moving(tvm: TestVm<AtomicBitmap>, moves: usize) -> Result<Mov
         mem,
         _kvm,
     } = tvm;
-    let mut mems = Vec::with_capacity(moves);
-    for _ in 0..moves {
+    let mut mems = Vec::with_capacity(plan.len());
+    for _ in plan {
         mems.push(
             Mem::from_ranges(&[(GuestAddress(0), MEM_SIZE)])
                 .map_err(|e| format!("guest memory: {e}"))?,
         );
     }
     let all_mems: Vec<&Mem> = std::iter::once(&mem).chain(mems.iter()).collect();
-    let result = moving(&_kvm, vcpu, &vm, &all_mems);
+    let result = moving(&_kvm, vcpu, &vm, &all_mems, plan);
     // The new VMs went in `moving`; the first one, then the memories they mapped, go now.
     drop(vm);
     drop(all_mems);
@@ -539,16 +830,103 @@ pub fn run_traffic_moving(tvm: TestVm<AtomicBitmap>, moves: usize) -> Result<Mov
     result
 }
 
-fn moving(kvm: &Kvm, vcpu: VcpuFd, vm: &VmFd, mems: &[&Mem]) -> Result<MovingRun, String> {
-    let moves = mems.len() - 1;
+/// The source's side of one move, from its first pass to `GO`: `Ok` once the destination
+/// has the guest (the source must not run it again), `Err` with the source's parts to go
+/// on with where it stopped (or `None` when it had not stopped yet).
+struct Outbound<'a> {
+    conn: &'a mut UnixStream,
+    vm: &'a VmFd,
+    mem: &'a Mem,
+}
+
+impl Outbound<'_> {
+    /// The passes while the guest runs: everything, then the pages written since, until
+    /// few are.
+    fn pre_copy(&mut self) -> Result<Vec<Pass>, StreamError> {
+        stream::write_header(self.conn, MEM_SIZE as u64)?;
+        dirty_log(self.vm, self.mem, true).map_err(StreamError::Restore)?;
+        dirty_pages(self.vm, self.mem).map_err(StreamError::Restore)?;
+        let all = send_pages(self.conn, self.mem, &all_pages())?;
+        let mut passes = vec![Pass {
+            pages: all,
+            guest: 0,
+            host: 0,
+        }];
+        while passes.len() <= MAX_PASSES {
+            let (bits, guest, host) =
+                dirty_pages(self.vm, self.mem).map_err(StreamError::Restore)?;
+            let pages = send_pages(self.conn, self.mem, &bits)?;
+            passes.push(Pass { pages, guest, host });
+            if pages <= STOP_PAGES {
+                break;
+            }
+        }
+        Ok(passes)
+    }
+
+    /// With both sides stopped: the last dirty pages, the state, the end; then the
+    /// destination's answer and `GO`. Returns the pages sent now and their split.
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        &mut self,
+        vcpu: &VcpuFd,
+        msrs: &[u32],
+        layout: &(usize, Vec<u64>),
+        saved: &SavedEndpoint,
+        app: &HostApp,
+        sent_before: u64,
+    ) -> Result<(u64, u64, u64, Duration), StreamError> {
+        let t = Instant::now();
+        let (bits, guest, host) = dirty_pages(self.vm, self.mem).map_err(StreamError::Restore)?;
+        let pages = send_pages(self.conn, self.mem, &bits)?;
+        let copy = t.elapsed();
+        let vcpu_state = VcpuState::save(vcpu, msrs).map_err(StreamError::Restore)?;
+        let vm_state = VmState::save(self.vm).map_err(StreamError::Restore)?;
+        stream::write_record(self.conn, Tag::Vm, &[&vm_state.to_bytes()])?;
+        stream::write_record(self.conn, Tag::Vcpu, &[&vcpu_state.to_bytes()])?;
+        stream::write_record(
+            self.conn,
+            Tag::Endpoint,
+            &[&endpoint_record(layout, saved, app)],
+        )?;
+        let total = sent_before + pages;
+        stream::write_record(self.conn, Tag::End, &[&total.to_le_bytes()])?;
+        self.conn.set_read_timeout(Some(ANSWER_TIMEOUT))?;
+        let mut buf = Vec::new();
+        match stream::read_record(self.conn, &mut buf)? {
+            (Tag::Ready, echo) if echo == total.to_le_bytes() => {}
+            (Tag::Ready, _) => return Err(StreamError::Malformed("READY with another page total")),
+            (Tag::Error, why) => {
+                return Err(StreamError::Refused(String::from_utf8_lossy(why).into()));
+            }
+            (got, _) => {
+                return Err(StreamError::Unexpected {
+                    got,
+                    expected: "READY",
+                });
+            }
+        }
+        stream::write_record(self.conn, Tag::Go, &[])?;
+        Ok((pages, guest, host, copy))
+    }
+}
+
+fn moving(
+    kvm: &Kvm,
+    vcpu: VcpuFd,
+    vm: &VmFd,
+    mems: &[&Mem],
+    plan: &[Destination],
+) -> Result<MovingRun, String> {
+    let attempts = plan.len();
     let msrs = movable_msrs(kvm);
     // Every VM is made up front, before the first vCPU runs: they outlive the threads.
-    let mut vms = Vec::with_capacity(moves);
-    let mut vcpus = Vec::with_capacity(moves);
+    let mut vms = Vec::with_capacity(attempts);
+    let mut vcpus = Vec::with_capacity(attempts);
     for m in &mems[1..] {
         let (v, c) = fresh_vm(kvm, m)?;
         vms.push(v);
-        vcpus.push(c);
+        vcpus.push(Some(c));
     }
     let all_vms: Vec<&VmFd> = std::iter::once(vm).chain(vms.iter()).collect();
     let current = AtomicUsize::new(0);
@@ -568,16 +946,17 @@ fn moving(kvm: &Kvm, vcpu: VcpuFd, vm: &VmFd, mems: &[&Mem]) -> Result<MovingRun
     };
     let start = Instant::now();
     let mut log = Vec::new();
+    let mut aborted = Vec::new();
     let mut exits = 0u64;
-    let step = u64::from(super::PACKETS) / (moves as u64 + 1);
+    let step = u64::from(super::PACKETS) / (attempts as u64 + 1);
     let stats = thread::scope(|s| -> Result<HostStats, String> {
         let shared = &shared;
         let mut host = s.spawn(move || host_phase(mems[0], shared, None, Some(ready_rx)));
-        let mut vcpu = vcpu;
-        let mut spare = vcpus.into_iter();
-        for k in 0..moves {
-            let pause = Arc::new(AtomicBool::new(false));
-            let runner = spawn_vcpu(vcpu, pause.clone(), ready_tx.clone());
+        let mut cur = 0usize;
+        let mut pause = Arc::new(AtomicBool::new(false));
+        let mut runner = spawn_vcpu(vcpu, pause.clone(), ready_tx.clone());
+        for (k, &how) in plan.iter().enumerate() {
+            let t_idx = k + 1;
             let target = step * (k as u64 + 1);
             while shared.checked.load(Ordering::Relaxed) < target
                 && !runner.is_finished()
@@ -585,29 +964,37 @@ fn moving(kvm: &Kvm, vcpu: VcpuFd, vm: &VmFd, mems: &[&Mem]) -> Result<MovingRun
             {
                 thread::sleep(Duration::from_micros(200));
             }
-            // Pre-copy while both sides run: all of memory, then what was written since,
-            // until little is.
-            dirty_log(all_vms[k], mems[k], true)?;
-            dirty_pages(all_vms[k], mems[k])?;
-            let all = copy_memory(mems[k], mems[k + 1])? / PAGE;
-            let mut passes = vec![Pass {
-                pages: all,
-                guest: 0,
-                host: 0,
-            }];
-            while passes.len() <= MAX_PASSES {
-                let (bits, guest, host) = dirty_pages(all_vms[k], mems[k])?;
-                let pages = copy_pages(mems[k], mems[k + 1], &bits)?;
-                passes.push(Pass { pages, guest, host });
-                if pages <= STOP_PAGES {
-                    break;
-                }
-            }
             let at_packet = shared.checked.load(Ordering::Relaxed);
+            let move_start = Instant::now();
+            let (mut src_conn, mut dst_conn) =
+                UnixStream::pair().map_err(|e| format!("socket pair: {e}"))?;
+            let next = vcpus[k].take().ok_or("no fresh vCPU")?;
+            let (dst_mem, dst_vm) = (mems[t_idx], all_vms[t_idx]);
+            let dest = s.spawn(move || {
+                let r = destination(&mut dst_conn, dst_mem, dst_vm, &next, how);
+                (r, next)
+            });
+            let mut out = Outbound {
+                conn: &mut src_conn,
+                vm: all_vms[cur],
+                mem: mems[cur],
+            };
+            let passes = match out.pre_copy() {
+                Ok(passes) => passes,
+                Err(e) => {
+                    // The move failed while the guest ran: it never stopped.
+                    let _ = src_conn.shutdown(std::net::Shutdown::Both);
+                    let _ = dest.join();
+                    let _ = dirty_log(all_vms[cur], mems[cur], false);
+                    aborted.push((k, how, e.to_string(), Duration::ZERO));
+                    continue;
+                }
+            };
+            let sent_before: u64 = passes.iter().map(|p| p.pages).sum();
+            // Both sides stop: the vCPU kicked out of `KVM_RUN`, the host's side between
+            // two passes with its channel saved.
             let asked = Instant::now();
             pause.store(true, Ordering::Release);
-            // A kick that lands before the thread enters `KVM_RUN` is lost; kick until it
-            // is out.
             while !runner.is_finished() {
                 let _ = runner.kill(kick_signal());
                 thread::sleep(Duration::from_micros(50));
@@ -616,12 +1003,13 @@ fn moving(kvm: &Kvm, vcpu: VcpuFd, vm: &VmFd, mems: &[&Mem]) -> Result<MovingRun
                 .join()
                 .map_err(|_| "the vCPU thread panicked".to_owned())?;
             exits += stopped.exits;
-            vcpu = stopped.vcpu;
+            let mut vcpu = stopped.vcpu;
             if stopped.done {
-                break;
+                let _ = src_conn.shutdown(std::net::Shutdown::Both);
+                let _ = dest.join();
+                let _ = dirty_log(all_vms[cur], mems[cur], false);
+                return Err(format!("the guest finished before move {k}"));
             }
-            // The host's side stops between two passes (woken if it sleeps on the eventfd)
-            // and saves its channel.
             shared.pause.store(true, Ordering::Release);
             let _ = bell.wake_local();
             let phase = host
@@ -632,56 +1020,86 @@ fn moving(kvm: &Kvm, vcpu: VcpuFd, vm: &VmFd, mems: &[&Mem]) -> Result<MovingRun
                 return Err("the traffic ended while the guest was stopped mid-stream".into());
             };
             let stop = asked.elapsed();
+            let layout = shared.layout.get().ok_or("no ring layout")?.clone();
             let t = Instant::now();
-            let (bits, kvm_count, host_count) = dirty_pages(all_vms[k], mems[k])?;
-            let final_pages = copy_pages(mems[k], mems[k + 1], &bits)?;
-            let copy = t.elapsed();
-            // With both sides stopped, the new memory must now equal the old byte for byte:
-            // any write the two logs missed shows here (checked outside the downtime).
-            let t = Instant::now();
-            if let Some(page) = first_difference(mems[k], mems[k + 1])? {
-                return Err(format!(
-                    "move {k}: guest page {page:#x} differs after the last copy: a write \
-                     neither KVM's log nor the bitmap recorded"
-                ));
-            }
-            let checked_in = t.elapsed();
-            let t = Instant::now();
-            let state = VcpuState::save(&vcpu, &msrs)?;
-            let vm_state = VmState::save(all_vms[k])?;
-            let next = spare.next().ok_or("no fresh VM left")?;
-            vm_state.restore(all_vms[k + 1])?;
-            state.restore(&next)?;
-            // The doorbells move to the new VM: the old registration goes first (the same
-            // eventfds cannot be registered twice at once).
-            if let Some(r) = registration.take() {
-                r.unregister()
-                    .map_err(|e| format!("unregister doorbells: {e}"))?;
-            }
-            registration = Some(
-                bell.register(all_vms[k + 1])
-                    .map_err(|e| format!("register doorbells: {e}"))?,
-            );
-            current.store(k + 1, Ordering::Release);
-            let state_time = t.elapsed();
-            drop(vcpu);
-            vcpu = next;
-            // The host's side goes on over the rings in the new memory; restoring its
-            // channel signals the guest if the control pages say it is owed a signal.
-            let mem = mems[k + 1];
-            host = s.spawn(move || host_phase(mem, shared, Some(from), None));
+            let mut out = Outbound {
+                conn: &mut src_conn,
+                vm: all_vms[cur],
+                mem: mems[cur],
+            };
+            let sent = out
+                .finish(&vcpu, &msrs, &layout, &from.1, &from.0, sent_before)
+                .map(|r| (passes, r));
+            let (downtime, total) = (asked.elapsed(), move_start.elapsed());
+            let state_and_answer = t.elapsed();
+            let (arrived, next) = {
+                if sent.is_err() {
+                    let _ = src_conn.shutdown(std::net::Shutdown::Both);
+                }
+                dest.join()
+                    .map_err(|_| "the destination thread panicked".to_owned())?
+            };
+            let (passes, (final_pages, guest, host_pages, copy)) = match (sent, arrived) {
+                (Ok(sent), Ok(arrived)) => {
+                    // The destination has the guest: the source never runs it again. With
+                    // both stopped, its memory must equal the source's byte for byte: any
+                    // write the two logs missed shows here (checked outside the downtime).
+                    if let Some(page) = first_difference(mems[cur], mems[t_idx])? {
+                        return Err(format!(
+                            "move {k}: guest page {page:#x} differs after the last pass: a \
+                             write neither KVM's log nor the bitmap recorded"
+                        ));
+                    }
+                    drop(vcpu);
+                    vcpu = next;
+                    if let Some(r) = registration.take() {
+                        r.unregister()
+                            .map_err(|e| format!("unregister doorbells: {e}"))?;
+                    }
+                    registration = Some(
+                        bell.register(all_vms[t_idx])
+                            .map_err(|e| format!("register doorbells: {e}"))?,
+                    );
+                    cur = t_idx;
+                    current.store(cur, Ordering::Release);
+                    let _ = shared.layout.set(arrived.layout.clone());
+                    let mem = mems[cur];
+                    let from = Box::new((arrived.app, arrived.saved));
+                    host = s.spawn(move || host_phase(mem, shared, Some(from), None));
+                    sent
+                }
+                (sent, arrived) => {
+                    // The move failed before `GO`: the source goes on where it stopped.
+                    let why = match (sent, arrived) {
+                        (Err(e), _) | (Ok(_), Err(e)) => e.to_string(),
+                        (Ok(_), Ok(_)) => unreachable!(),
+                    };
+                    let _ = dirty_log(all_vms[cur], mems[cur], false);
+                    let mem = mems[cur];
+                    host = s.spawn(move || host_phase(mem, shared, Some(from), None));
+                    aborted.push((k, how, why, asked.elapsed()));
+                    drop(next);
+                    pause = Arc::new(AtomicBool::new(false));
+                    runner = spawn_vcpu(vcpu, pause.clone(), ready_tx.clone());
+                    continue;
+                }
+            };
+            let _ = dirty_log(all_vms[cur], mems[cur], false);
+            pause = Arc::new(AtomicBool::new(false));
+            runner = spawn_vcpu(vcpu, pause.clone(), ready_tx.clone());
             log.push(Move {
                 at_packet,
-                stop,
-                copy,
-                state: state_time,
-                downtime: asked.elapsed() - checked_in,
                 passes,
                 final_pages,
-                final_split: (kvm_count, host_count),
+                final_split: (guest, host_pages),
+                stop,
+                copy,
+                state: state_and_answer.saturating_sub(copy),
+                downtime,
+                total,
             });
         }
-        let runner = spawn_vcpu(vcpu, Arc::new(AtomicBool::new(false)), ready_tx.clone());
+        let _ = &pause;
         let stopped = runner
             .join()
             .map_err(|_| "the vCPU thread panicked".to_owned())?;
@@ -706,6 +1124,7 @@ fn moving(kvm: &Kvm, vcpu: VcpuFd, vm: &VmFd, mems: &[&Mem]) -> Result<MovingRun
     Ok(MovingRun {
         stats,
         moves: log,
+        aborted,
         exits,
         elapsed,
     })
