@@ -597,6 +597,8 @@ struct Arrived {
     app: HostApp,
     saved: SavedEndpoint,
     layout: (usize, Vec<u64>),
+    /// Guest pages received.
+    pages: u64,
 }
 
 /// The destination of one move: reads the stream from `conn` into `mem`, writes the vCPU's
@@ -679,7 +681,7 @@ fn receive(
             }
         }
     };
-    let (Some(arrived), true, true) = (endpoint, vm_done, vcpu_done) else {
+    let (Some(mut arrived), true, true) = (endpoint, vm_done, vcpu_done) else {
         return Err(StreamError::Malformed(
             "an end before the VM, vCPU and endpoint state",
         ));
@@ -689,6 +691,7 @@ fn receive(
             "a page total other than the pages that came",
         ));
     }
+    arrived.pages = pages;
     match how {
         Destination::Refuse => return Err(StreamError::Refused("refused (a test)".into())),
         Destination::WrongEcho => {
@@ -750,6 +753,7 @@ fn parse_endpoint(mut body: &[u8]) -> Result<Arrived, StreamError> {
         app,
         saved,
         layout: (g2h, pages),
+        pages: 0,
     })
 }
 
@@ -802,11 +806,7 @@ pub fn run_traffic_moving(
     tvm: TestVm<AtomicBitmap>,
     plan: &[Destination],
 ) -> Result<MovingRun, String> {
-    static HANDLER: Once = Once::new();
-    let mut handler = Ok(());
-    HANDLER.call_once(|| handler = register_signal_handler(kick_signal(), on_kick));
-    handler.map_err(|e| format!("register the kick signal's handler: {e}"))?;
-
+    register_kick()?;
     let TestVm {
         vcpu,
         vm,
@@ -1128,4 +1128,192 @@ fn moving(
         exits,
         elapsed,
     })
+}
+
+/// What the source of a migration to another process measured.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// The move (its pre-copy passes, the pages sent while stopped, the times).
+    pub step: Move,
+    /// Exits to userspace in the source.
+    pub exits: u64,
+}
+
+/// The source of a migration to another process: runs the traffic mode (a `TestVm` made
+/// with mode 0) until the host has checked `at` of the guest's packets, then migrates the
+/// guest over `conn` (pre-copy, stop, state, `READY`, `GO`). On success the guest is the
+/// destination's and this process drops its VM; on a failure before `GO` it says why (the
+/// guest is then stopped here, with the source's VM intact until it returns).
+pub fn migrate_out(
+    tvm: TestVm<AtomicBitmap>,
+    at: u64,
+    conn: &mut UnixStream,
+) -> Result<Outgoing, String> {
+    register_kick()?;
+    let msrs = movable_msrs(tvm.kvm());
+    let (vcpu, vm, mem) = (tvm.vcpu, &tvm.vm, &tvm.mem);
+    let bell = KvmDoorbell::new(DOORBELL, GSI).map_err(|e| format!("doorbell: {e}"))?;
+    let registration = bell
+        .register(vm)
+        .map_err(|e| format!("register doorbells: {e}"))?;
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let irr = || pic_irr(vm);
+    let shared = HostShared {
+        bell: &bell,
+        layout: OnceLock::new(),
+        pause: AtomicBool::new(false),
+        checked: AtomicU64::new(0),
+        irr: &irr,
+    };
+    let result = thread::scope(|s| -> Result<Outgoing, String> {
+        let shared = &shared;
+        let host = s.spawn(move || host_phase(mem, shared, None, Some(ready_rx)));
+        let pause = Arc::new(AtomicBool::new(false));
+        let runner = spawn_vcpu(vcpu, pause.clone(), ready_tx.clone());
+        while shared.checked.load(Ordering::Relaxed) < at && !runner.is_finished() {
+            thread::sleep(Duration::from_micros(200));
+        }
+        let at_packet = shared.checked.load(Ordering::Relaxed);
+        let move_start = Instant::now();
+        let mut out = Outbound { conn, vm, mem };
+        let passes = out.pre_copy();
+        let asked = Instant::now();
+        pause.store(true, Ordering::Release);
+        while !runner.is_finished() {
+            let _ = runner.kill(kick_signal());
+            thread::sleep(Duration::from_micros(50));
+        }
+        let stopped = runner
+            .join()
+            .map_err(|_| "the vCPU thread panicked".to_owned())?;
+        shared.pause.store(true, Ordering::Release);
+        let _ = bell.wake_local();
+        let phase = host
+            .join()
+            .map_err(|_| "the host thread panicked".to_owned())??;
+        let passes = passes.map_err(|e| format!("pre-copy: {e}"))?;
+        if stopped.done {
+            return Err("the guest finished before the migration".into());
+        }
+        let Phase::Paused(from) = phase else {
+            return Err("the traffic ended while the guest was stopped mid-stream".into());
+        };
+        let stop = asked.elapsed();
+        let layout = shared.layout.get().ok_or("no ring layout")?.clone();
+        let sent_before = passes.iter().map(|p| p.pages).sum();
+        let t = Instant::now();
+        let (final_pages, guest, host_pages, copy) = out
+            .finish(&stopped.vcpu, &msrs, &layout, &from.1, &from.0, sent_before)
+            .map_err(|e| format!("migration: {e}"))?;
+        let state = t.elapsed().saturating_sub(copy);
+        Ok(Outgoing {
+            step: Move {
+                at_packet,
+                passes,
+                stop,
+                copy,
+                state,
+                downtime: asked.elapsed(),
+                total: move_start.elapsed(),
+                final_pages,
+                final_split: (guest, host_pages),
+            },
+            exits: stopped.exits,
+        })
+    });
+    drop(registration);
+    result
+}
+
+/// What the destination of a migration from another process saw.
+#[derive(Debug)]
+pub struct Incoming {
+    /// The host's view at the end, with the guest's summary.
+    pub stats: HostStats,
+    /// Guest pages received.
+    pub pages: u64,
+    /// From `GO` to the guest's `DONE`.
+    pub ran: Duration,
+    /// From `GO` to the end of the host's side (its last checks included).
+    pub host_done: Duration,
+    /// Exits to userspace in this process.
+    pub exits: u64,
+}
+
+/// The destination of a migration from another process: a fresh VM of its own (KVM
+/// handle, memory, vCPU, doorbells), the guest taken from `conn`, then run to the end with
+/// the host's side going on from the state that came with it.
+pub fn migrate_in(conn: &mut UnixStream) -> Result<Incoming, String> {
+    register_kick()?;
+    let kvm = Kvm::new().map_err(|e| format!("open /dev/kvm: {e}"))?;
+    let mem = Mem::from_ranges(&[(GuestAddress(0), MEM_SIZE)])
+        .map_err(|e| format!("guest memory: {e}"))?;
+    let result = (|| {
+        let (vm, vcpu) = fresh_vm(&kvm, &mem)?;
+        let arrived = destination(conn, &mem, &vm, &vcpu, Destination::Honest)
+            .map_err(|e| format!("taking the guest: {e}"))?;
+        let pages = arrived.pages;
+        let bell = KvmDoorbell::new(DOORBELL, GSI).map_err(|e| format!("doorbell: {e}"))?;
+        let registration = bell
+            .register(&vm)
+            .map_err(|e| format!("register doorbells: {e}"))?;
+        let (ready_tx, _ready_rx) = mpsc::channel();
+        let irr = || pic_irr(&vm);
+        let shared = HostShared {
+            bell: &bell,
+            layout: OnceLock::new(),
+            pause: AtomicBool::new(false),
+            checked: AtomicU64::new(0),
+            irr: &irr,
+        };
+        let _ = shared.layout.set(arrived.layout);
+        let start = Instant::now();
+        let from = Box::new((arrived.app, arrived.saved));
+        let run = thread::scope(|s| -> Result<Incoming, String> {
+            let shared = &shared;
+            let mem = &mem;
+            let host = s.spawn(move || host_phase(mem, shared, Some(from), None));
+            let runner = spawn_vcpu(vcpu, Arc::new(AtomicBool::new(false)), ready_tx);
+            let stopped = runner
+                .join()
+                .map_err(|_| "the vCPU thread panicked".to_owned())?;
+            if !stopped.done {
+                return Err("the vCPU stopped without DONE".into());
+            }
+            let ran = start.elapsed();
+            match host
+                .join()
+                .map_err(|_| "the host thread panicked".to_owned())??
+            {
+                Phase::Done(stats) => Ok(Incoming {
+                    stats,
+                    pages,
+                    ran,
+                    host_done: start.elapsed(),
+                    exits: stopped.exits,
+                }),
+                Phase::Paused(..) => Err("the host's side paused at the end".into()),
+            }
+        });
+        drop(registration);
+        run
+    })();
+    drop(mem);
+    result
+}
+
+/// Registers the handler of the signal that kicks a vCPU thread out of `KVM_RUN` (once per
+/// process).
+fn register_kick() -> Result<(), String> {
+    static HANDLER: Once = Once::new();
+    static FAILED: OnceLock<String> = OnceLock::new();
+    HANDLER.call_once(|| {
+        if let Err(e) = register_signal_handler(kick_signal(), on_kick) {
+            let _ = FAILED.set(format!("register the kick signal's handler: {e}"));
+        }
+    });
+    match FAILED.get() {
+        Some(e) => Err(e.clone()),
+        None => Ok(()),
+    }
 }
