@@ -238,17 +238,27 @@ impl<B: NewBitmap> TestVm<B> {
     /// [`TestVm::new`] with guest memory that tracks the host's writes in a bitmap `B`
     /// (vm-memory's `AtomicBitmap`, for migration).
     pub fn with_bitmap(kvm: Kvm, vm: VmFd, elf: &[u8], mode: u64) -> Self {
+        Self::with_memory(kvm, vm, elf, mode, MEM_SIZE)
+    }
+
+    /// [`with_bitmap`](Self::with_bitmap) with `size` bytes of RAM (at least `MEM_SIZE`,
+    /// whole pages; the guest uses its first `MEM_SIZE`, the rest is there to be moved).
+    pub fn with_memory(kvm: Kvm, vm: VmFd, elf: &[u8], mode: u64, size: usize) -> Self {
+        assert!(
+            size >= MEM_SIZE && size.is_multiple_of(4096),
+            "guest memory size {size}"
+        );
         vm.create_irq_chip().expect("in-kernel irqchip");
-        let mem = GuestMemoryMmap::<B>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let mem = GuestMemoryMmap::<B>::from_ranges(&[(GuestAddress(0), size)]).unwrap();
         let host = mem.get_host_address(GuestAddress(0)).unwrap();
         let region = kvm_userspace_memory_region {
             slot: 0,
             flags: 0,
             guest_phys_addr: 0,
-            memory_size: MEM_SIZE as u64,
+            memory_size: size as u64,
             userspace_addr: host as u64,
         };
-        // SAFETY: the region is a live mapping of MEM_SIZE bytes owned by `mem`, which the
+        // SAFETY: the region is a live mapping of `size` bytes owned by `mem`, which the
         // returned `TestVm` owns and drops after the VM and its vCPU (field order), so the
         // guest never runs on unmapped memory.
         unsafe { vm.set_user_memory_region(region) }.unwrap();

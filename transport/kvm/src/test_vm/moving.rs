@@ -35,7 +35,7 @@ use vmlink_ring::WaitDecision;
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
 use super::stream::{self, StreamError, Tag, put_struct, take_struct, take_u32, take_u64};
-use super::{CONTROL, DONE, DOORBELL, GSI, HostApp, HostStats, MAILBOX, MEM_SIZE, TestVm, pic_irr};
+use super::{CONTROL, DONE, DOORBELL, GSI, HostApp, HostStats, MAILBOX, TestVm, pic_irr};
 use crate::{KvmDoorbell, RingPages, host_channel};
 
 /// Guest memory whose bitmap records the host's writes (through vm-memory and through the
@@ -299,10 +299,10 @@ pub fn fresh_vm(kvm: &Kvm, mem: &Mem) -> Result<(VmFd, VcpuFd), String> {
         slot: 0,
         flags: 0,
         guest_phys_addr: 0,
-        memory_size: MEM_SIZE as u64,
+        memory_size: mem_len(mem),
         userspace_addr: host as u64,
     };
-    // SAFETY: `mem` is the test VM's mapping of MEM_SIZE bytes, which outlives every VM the
+    // SAFETY: `mem` is a live mapping of that many bytes, which outlives every VM the
     // moving run makes (they are dropped before it returns).
     unsafe { vm.set_user_memory_region(region) }
         .map_err(|e| format!("set_user_memory_region: {e}"))?;
@@ -521,7 +521,7 @@ fn dirty_log(vm: &VmFd, mem: &Mem, on: bool) -> Result<(), String> {
         slot: 0,
         flags: if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
         guest_phys_addr: 0,
-        memory_size: MEM_SIZE as u64,
+        memory_size: mem_len(mem),
         userspace_addr: host as u64,
     };
     // SAFETY: the same slot over the same live mapping as before, only its flags change;
@@ -535,7 +535,7 @@ fn dirty_log(vm: &VmFd, mem: &Mem, on: bool) -> Result<(), String> {
 /// had.
 fn dirty_pages(vm: &VmFd, mem: &Mem) -> Result<(Vec<u64>, u64, u64), String> {
     let mut pages = vm
-        .get_dirty_log(0, MEM_SIZE)
+        .get_dirty_log(0, mem_len(mem) as usize)
         .map_err(|e| format!("get_dirty_log: {e}"))?;
     let kvm_count = pages.iter().map(|w| u64::from(w.count_ones())).sum();
     let mut host_count = 0;
@@ -557,7 +557,10 @@ fn dirty_pages(vm: &VmFd, mem: &Mem) -> Result<(Vec<u64>, u64, u64), String> {
 fn first_difference(a: &Mem, b: &Mem) -> Result<Option<u64>, String> {
     let mut x = vec![0u8; PAGE as usize];
     let mut y = vec![0u8; PAGE as usize];
-    for page in 0..MEM_SIZE as u64 / PAGE {
+    if mem_len(a) != mem_len(b) {
+        return Ok(Some(0));
+    }
+    for page in 0..mem_len(a) / PAGE {
         let gpa = GuestAddress(page * PAGE);
         a.read_slice(&mut x, gpa).map_err(|e| e.to_string())?;
         b.read_slice(&mut y, gpa).map_err(|e| e.to_string())?;
@@ -612,7 +615,21 @@ fn destination(
     vcpu: &VcpuFd,
     how: Destination,
 ) -> Result<Arrived, StreamError> {
-    let result = receive(conn, mem, vm, vcpu, how);
+    let result = match stream::read_header(conn) {
+        Ok(memory) if memory != mem_len(mem) => {
+            Err(StreamError::Malformed("a guest of another memory size"))
+        }
+        Ok(_) => receive(conn, mem, vm, vcpu, how),
+        Err(e) => Err(e),
+    };
+    answer_error(conn, result)
+}
+
+/// Answers an error with an `ERROR` record where the connection still works.
+fn answer_error<T>(
+    conn: &mut UnixStream,
+    result: Result<T, StreamError>,
+) -> Result<T, StreamError> {
     if let Err(e) = &result {
         let why = match e {
             StreamError::Refused(why) => why.clone(),
@@ -623,6 +640,7 @@ fn destination(
     result
 }
 
+/// The destination's part after the header (which said `mem`'s size).
 fn receive(
     conn: &mut UnixStream,
     mem: &Mem,
@@ -630,10 +648,7 @@ fn receive(
     vcpu: &VcpuFd,
     how: Destination,
 ) -> Result<Arrived, StreamError> {
-    let memory = stream::read_header(conn)?;
-    if memory != MEM_SIZE as u64 {
-        return Err(StreamError::Malformed("a guest of another memory size"));
-    }
+    let memory = mem_len(mem);
     if how == Destination::CloseAfterHeader {
         let _ = conn.shutdown(std::net::Shutdown::Both);
         return Err(StreamError::Refused(
@@ -793,8 +808,20 @@ fn send_pages(conn: &mut UnixStream, mem: &Mem, bits: &[u64]) -> Result<u64, Str
 }
 
 /// Every page of guest memory, as a dirty bitmap.
-fn all_pages() -> Vec<u64> {
-    vec![u64::MAX; MEM_SIZE / PAGE as usize / 64]
+fn all_pages(mem: &Mem) -> Vec<u64> {
+    let pages = mem_len(mem) / PAGE;
+    let mut bits = vec![u64::MAX; pages.div_ceil(64) as usize];
+    if !pages.is_multiple_of(64)
+        && let Some(last) = bits.last_mut()
+    {
+        *last = (1u64 << (pages % 64)) - 1;
+    }
+    bits
+}
+
+/// Bytes of guest memory (one region at GPA 0).
+pub fn mem_len(mem: &Mem) -> u64 {
+    mem.last_addr().0 + 1
 }
 
 /// Runs the traffic mode (a `TestVm` made with mode 0) to the guest's `DONE`, attempting a
@@ -816,7 +843,7 @@ pub fn run_traffic_moving(
     let mut mems = Vec::with_capacity(plan.len());
     for _ in plan {
         mems.push(
-            Mem::from_ranges(&[(GuestAddress(0), MEM_SIZE)])
+            Mem::from_ranges(&[(GuestAddress(0), mem_len(&mem) as usize)])
                 .map_err(|e| format!("guest memory: {e}"))?,
         );
     }
@@ -843,10 +870,10 @@ impl Outbound<'_> {
     /// The passes while the guest runs: everything, then the pages written since, until
     /// few are.
     fn pre_copy(&mut self) -> Result<Vec<Pass>, StreamError> {
-        stream::write_header(self.conn, MEM_SIZE as u64)?;
+        stream::write_header(self.conn, mem_len(self.mem))?;
         dirty_log(self.vm, self.mem, true).map_err(StreamError::Restore)?;
         dirty_pages(self.vm, self.mem).map_err(StreamError::Restore)?;
-        let all = send_pages(self.conn, self.mem, &all_pages())?;
+        let all = send_pages(self.conn, self.mem, &all_pages(self.mem))?;
         let mut passes = vec![Pass {
             pages: all,
             guest: 0,
@@ -1246,12 +1273,15 @@ pub struct Incoming {
 pub fn migrate_in(conn: &mut UnixStream) -> Result<Incoming, String> {
     register_kick()?;
     let kvm = Kvm::new().map_err(|e| format!("open /dev/kvm: {e}"))?;
-    let mem = Mem::from_ranges(&[(GuestAddress(0), MEM_SIZE)])
+    // The header says how much memory: made, with the VM, before the rest arrives.
+    let header = stream::read_header(conn);
+    let memory = answer_error(conn, header).map_err(|e| format!("taking the guest: {e}"))?;
+    let mem = Mem::from_ranges(&[(GuestAddress(0), memory as usize)])
         .map_err(|e| format!("guest memory: {e}"))?;
     let result = (|| {
         let (vm, vcpu) = fresh_vm(&kvm, &mem)?;
-        let arrived = destination(conn, &mem, &vm, &vcpu, Destination::Honest)
-            .map_err(|e| format!("taking the guest: {e}"))?;
+        let received = receive(conn, &mem, &vm, &vcpu, Destination::Honest);
+        let arrived = answer_error(conn, received).map_err(|e| format!("taking the guest: {e}"))?;
         let pages = arrived.pages;
         let bell = KvmDoorbell::new(DOORBELL, GSI).map_err(|e| format!("doorbell: {e}"))?;
         let registration = bell
