@@ -640,43 +640,76 @@ fn answer_error<T>(
     result
 }
 
-/// The destination's part after the header (which said `mem`'s size).
-fn receive(
-    conn: &mut UnixStream,
-    mem: &Mem,
-    vm: &VmFd,
-    vcpu: &VcpuFd,
-    how: Destination,
-) -> Result<Arrived, StreamError> {
-    let memory = mem_len(mem);
-    if how == Destination::CloseAfterHeader {
-        let _ = conn.shutdown(std::net::Shutdown::Both);
-        return Err(StreamError::Refused(
-            "closed after the header (a test)".into(),
-        ));
+/// Where the destination puts what a stream carries.
+pub trait Sink {
+    /// A guest page at `gpa` (checked: aligned, inside guest memory).
+    fn page(&mut self, gpa: u64, bytes: &[u8]) -> Result<(), StreamError>;
+    /// The VM's state.
+    fn vm(&mut self, state: VmState) -> Result<(), StreamError>;
+    /// The vCPU's state.
+    fn vcpu(&mut self, state: VcpuState) -> Result<(), StreamError>;
+}
+
+/// A sink into a fresh VM: its memory, the VM, its vCPU.
+struct KvmSink<'a> {
+    mem: &'a Mem,
+    vm: &'a VmFd,
+    vcpu: &'a VcpuFd,
+}
+
+impl Sink for KvmSink<'_> {
+    fn page(&mut self, gpa: u64, bytes: &[u8]) -> Result<(), StreamError> {
+        self.mem
+            .write_slice(bytes, GuestAddress(gpa))
+            .map_err(|_| StreamError::Malformed("a page outside guest memory"))
     }
-    let mut buf = Vec::new();
+
+    fn vm(&mut self, state: VmState) -> Result<(), StreamError> {
+        state.restore(self.vm).map_err(StreamError::Restore)
+    }
+
+    fn vcpu(&mut self, state: VcpuState) -> Result<(), StreamError> {
+        state.restore(self.vcpu).map_err(StreamError::Restore)
+    }
+}
+
+/// What a stream's records after the header held, as far as the host's side is concerned.
+#[derive(Debug)]
+pub struct StateArrived {
+    /// Guest pages received.
+    pub pages: u64,
+    /// The host's state.
+    pub app: HostApp,
+    /// Its channel's saved state.
+    pub saved: SavedEndpoint,
+    /// The ring layout (the guest→host ring's page count, the page list).
+    pub layout: (usize, Vec<u64>),
+}
+
+/// Reads the records after the header, for guest memory of `memory` bytes, into `sink`,
+/// up to and including `END`: every record checked, the VM, vCPU and endpoint state
+/// required, the page total checked against the pages that came.
+pub fn read_state(
+    r: &mut impl std::io::Read,
+    memory: u64,
+    sink: &mut impl Sink,
+    buf: &mut Vec<u8>,
+) -> Result<StateArrived, StreamError> {
     let mut pages = 0u64;
     let (mut vm_done, mut vcpu_done, mut endpoint) = (false, false, None);
     let total = loop {
-        let (tag, body) = stream::read_record(conn, &mut buf)?;
+        let (tag, body) = stream::read_record(r, buf)?;
         match tag {
             Tag::Pages => {
-                pages += stream::for_each_page(body, memory, |gpa, page| {
-                    mem.write_slice(page, GuestAddress(gpa))
-                        .map_err(|_| StreamError::Malformed("a page outside guest memory"))
-                })? as u64;
+                pages +=
+                    stream::for_each_page(body, memory, |gpa, page| sink.page(gpa, page))? as u64
             }
             Tag::Vm => {
-                VmState::from_bytes(body)?
-                    .restore(vm)
-                    .map_err(StreamError::Restore)?;
+                sink.vm(VmState::from_bytes(body)?)?;
                 vm_done = true;
             }
             Tag::Vcpu => {
-                VcpuState::from_bytes(body)?
-                    .restore(vcpu)
-                    .map_err(StreamError::Restore)?;
+                sink.vcpu(VcpuState::from_bytes(body)?)?;
                 vcpu_done = true;
             }
             Tag::Endpoint => endpoint = Some(parse_endpoint(body)?),
@@ -696,7 +729,7 @@ fn receive(
             }
         }
     };
-    let (Some(mut arrived), true, true) = (endpoint, vm_done, vcpu_done) else {
+    let (Some(arrived), true, true) = (endpoint, vm_done, vcpu_done) else {
         return Err(StreamError::Malformed(
             "an end before the VM, vCPU and endpoint state",
         ));
@@ -706,7 +739,39 @@ fn receive(
             "a page total other than the pages that came",
         ));
     }
-    arrived.pages = pages;
+    Ok(StateArrived {
+        pages,
+        app: arrived.app,
+        saved: arrived.saved,
+        layout: arrived.layout,
+    })
+}
+
+/// The destination's part after the header (which said `mem`'s size).
+fn receive(
+    conn: &mut UnixStream,
+    mem: &Mem,
+    vm: &VmFd,
+    vcpu: &VcpuFd,
+    how: Destination,
+) -> Result<Arrived, StreamError> {
+    let memory = mem_len(mem);
+    if how == Destination::CloseAfterHeader {
+        let _ = conn.shutdown(std::net::Shutdown::Both);
+        return Err(StreamError::Refused(
+            "closed after the header (a test)".into(),
+        ));
+    }
+    let mut sink = KvmSink { mem, vm, vcpu };
+    let mut buf = Vec::new();
+    let state = read_state(conn, memory, &mut sink, &mut buf)?;
+    let pages = state.pages;
+    let arrived = Arrived {
+        app: state.app,
+        saved: state.saved,
+        layout: state.layout,
+        pages,
+    };
     match how {
         Destination::Refuse => return Err(StreamError::Refused("refused (a test)".into())),
         Destination::WrongEcho => {

@@ -181,8 +181,8 @@ pub fn write_record(w: &mut impl Write, tag: Tag, parts: &[&[u8]]) -> Result<(),
     Ok(())
 }
 
-/// Reads the next record into `buf` (grown as needed, at most [`MAX_RECORD`]); returns its
-/// tag and body.
+/// Reads the next record into `buf` (grown as its bytes arrive, at most [`MAX_RECORD`]);
+/// returns its tag and body.
 pub fn read_record<'b>(
     r: &mut impl Read,
     buf: &'b mut Vec<u8>,
@@ -201,11 +201,21 @@ pub fn read_record<'b>(
             max: MAX_RECORD as u64,
         });
     }
-    if buf.len() < len {
-        buf.resize(len, 0);
+    // The buffer grows with the bytes that arrive, not with the length the other side
+    // claims.
+    buf.clear();
+    r.take(len as u64)
+        .read_to_end(buf)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                StreamError::Timeout("a record's body")
+            }
+            _ => StreamError::Io(e),
+        })?;
+    if buf.len() != len {
+        return Err(StreamError::Truncated("a record's body"));
     }
-    read_all(r, &mut buf[..len], "a record's body")?;
-    Ok((tag, &buf[..len]))
+    Ok((tag, &buf[..]))
 }
 
 /// The pages of a `PAGES` body, each checked (aligned, inside `memory` bytes), handed to
