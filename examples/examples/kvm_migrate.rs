@@ -16,7 +16,9 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::Duration;
 
 use vm_memory::bitmap::AtomicBitmap;
-use vmlink_kvm::test_vm::moving::{Destination, Move, migrate_in, migrate_out, run_traffic_moving};
+use vmlink_kvm::test_vm::moving::{
+    Destination, Move, Ran, migrate_in, migrate_out, run_traffic_moving,
+};
 use vmlink_kvm::test_vm::{HostStats, PACKETS, TestVm, build_guest, probe};
 
 /// Migrations within this process.
@@ -133,8 +135,8 @@ fn into_another_process(elf: &[u8]) -> bool {
         .stdout(Stdio::piped())
         .spawn()
         .expect("start the destination");
-    let (mut conn, _) = listener.accept().expect("the destination connects");
-    let out = migrate_out(tvm, u64::from(PACKETS) / 2, &mut conn);
+    let (conn, _) = listener.accept().expect("the destination connects");
+    let out = migrate_out(tvm, u64::from(PACKETS) / 2, conn);
     let mut said = String::new();
     let _ = child.stdout.take().unwrap().read_to_string(&mut said);
     let status = child.wait().expect("the destination's exit");
@@ -162,9 +164,12 @@ fn into_another_process(elf: &[u8]) -> bool {
 
 fn destination(socket: &str) -> ExitCode {
     let mut conn = UnixStream::connect(socket).expect("connect to the source");
-    match migrate_in(&mut conn) {
+    match migrate_in(&mut conn, None) {
         Ok(got) => {
-            let ok = traffic_ok(&got.stats) && got.stats.irq_raised;
+            let ok = match &got.then {
+                Ran::Done(stats, _) => traffic_ok(stats) && stats.irq_raised,
+                Ran::Out(_) => false,
+            };
             println!(
                 "pid {}, {} pages received, guest ran {:.2} s after GO, checks={}",
                 std::process::id(),

@@ -1,12 +1,14 @@
-//! Live migration of the real KVM test guest into another process. This test is its own
-//! program (no test harness): run without arguments it is the source, which boots the
-//! guest (64 MiB of RAM), starts the traffic, spawns itself again with `--destination SOCKET` and migrates
-//! the guest there mid-stream over the migration stream (pre-copy with dirty logging, the
-//! vCPU kicked out of `KVM_RUN`, the host's channel saved, `READY`, `GO`). The destination
-//! makes everything anew — its own `/dev/kvm` handle, VM, memory, vCPU, ioeventfd and
-//! irqfd — restores the vCPU, VM and host endpoint state, runs the guest to the end and
-//! prints what the host saw. The source checks the traffic's every check on that: every
-//! packet once and in order both ways, every request completed once.
+//! Live migration of the real KVM test guest between processes. This test is its own
+//! program (no test harness). Run without arguments it is the source: it boots the guest,
+//! starts the traffic, and migrates the guest mid-stream into a chain of twenty processes
+//! (this program again, each run with `--destination SOCKET`, all but the last with
+//! `--then NEXT --at PACKETS`), each taking the guest over the migration stream (pre-copy
+//! with dirty logging, the vCPU kicked out of `KVM_RUN`, the host's channel saved, `READY`,
+//! `GO`) into everything of its own — its `/dev/kvm` handle, VM, memory, vCPU, ioeventfd and
+//! irqfd — running it on until its own migration; the last runs it to the end and prints
+//! what the host saw. Then once more with a 64 MiB guest and one destination. The source
+//! checks the traffic's every check on the last process's result: every packet once and
+//! in order both ways, every request completed once, across every migration.
 //!
 //! Prints `SKIPPED: <reason>` where `/dev/kvm` is unusable, unless `VMLINK_REQUIRE_KVM=1`,
 //! which turns that into a failure.
@@ -14,51 +16,82 @@
 use std::io::Read;
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::process::{Command, ExitCode, Stdio};
+use std::path::Path;
+use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use vm_memory::bitmap::AtomicBitmap;
-use vmlink_kvm::test_vm::moving::{migrate_in, migrate_out};
+use vmlink_kvm::test_vm::moving::{Move, Ran, migrate_in, migrate_out};
 use vmlink_kvm::test_vm::{PACKETS, TestVm, build_guest, kvm_or_skip, watchdog};
 
-/// The guest's RAM.
-const MEMORY: usize = 64 << 20;
+/// Processes the guest passes through in the chain.
+const HOPS: usize = 20;
+/// RAM of the guest of the single migration.
+const BIG: usize = 64 << 20;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
-    match args.iter().position(|a| a == "--destination") {
-        Some(i) => destination(args.get(i + 1).expect("--destination SOCKET")),
+    let value = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .map(|i| args[i + 1].clone())
+    };
+    match value("--destination") {
+        Some(socket) => destination(&socket, value("--then"), value("--at")),
         None => source(),
     }
 }
 
-/// The destination: takes the guest, runs it, prints one `RESULT` line.
-fn destination(socket: &str) -> ExitCode {
-    let _dog = watchdog(Duration::from_secs(60));
-    let mut conn = UnixStream::connect(socket).expect("connect to the source");
-    match migrate_in(&mut conn) {
+/// One line for a move: `MOVE pid=.. at=.. passes=a,b final=.. downtime_us=.. total_us=..`.
+fn move_line(m: &Move) -> String {
+    let passes: Vec<String> = m.passes.iter().map(|p| p.pages.to_string()).collect();
+    format!(
+        "MOVE pid={} at={} passes={} final={} downtime_us={} total_us={}",
+        std::process::id(),
+        m.at_packet,
+        passes.join(","),
+        m.final_pages,
+        m.downtime.as_micros(),
+        m.total.as_micros()
+    )
+}
+
+/// A destination: takes the guest on `socket`, then migrates it on to `then` once the host
+/// has checked `at` packets, or runs it to the end; prints a `MOVE` or a `RESULT` line.
+fn destination(socket: &str, then: Option<String>, at: Option<String>) -> ExitCode {
+    let _dog = watchdog(Duration::from_secs(110));
+    let listener = UnixListener::bind(socket).expect("listen");
+    let (mut conn, _) = listener.accept().expect("the source connects");
+    let mut connect = || UnixStream::connect(then.as_deref().unwrap_or_default());
+    let onward = match (&then, &at) {
+        (Some(_), Some(at)) => Some((at.parse().expect("--at PACKETS"), &mut connect as _)),
+        _ => None,
+    };
+    match migrate_in(&mut conn, onward) {
         Ok(got) => {
-            let s = &got.stats;
-            let summary: Vec<String> = s.summary.iter().map(u64::to_string).collect();
-            println!(
-                "RESULT pid={} data_ok={} requests={} sent={} gpa_ok={} irq={} pages={} \
-                 ran_us={} host_us={} exits={} summary={}",
-                std::process::id(),
-                s.data_ok,
-                s.requests_completed,
-                s.sent,
-                s.gpa_ok,
-                s.irq_raised,
-                got.pages,
-                got.ran.as_micros(),
-                got.host_done.as_micros(),
-                got.exits,
-                summary.join(",")
-            );
+            match got.then {
+                Ran::Out(out) => println!("{}", move_line(&out.step)),
+                Ran::Done(s, exits) => {
+                    let summary: Vec<String> = s.summary.iter().map(u64::to_string).collect();
+                    println!(
+                        "RESULT pid={} data_ok={} requests={} sent={} gpa_ok={} irq={} \
+                         pages={} exits={} summary={}",
+                        std::process::id(),
+                        s.data_ok,
+                        s.requests_completed,
+                        s.sent,
+                        s.gpa_ok,
+                        s.irq_raised,
+                        got.pages,
+                        exits,
+                        summary.join(",")
+                    );
+                }
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("destination: {e}");
+            eprintln!("destination {socket}: {e}");
             ExitCode::FAILURE
         }
     }
@@ -71,94 +104,78 @@ fn field<'a>(line: &'a str, key: &str) -> &'a str {
         .unwrap_or_else(|| panic!("{key} in {line}"))
 }
 
-fn source() -> ExitCode {
-    let Some((kvm, vm)) = kvm_or_skip() else {
-        return ExitCode::SUCCESS;
-    };
-    let dog = watchdog(Duration::from_secs(120));
-    let elf = std::fs::read(build_guest()).expect("the guest ELF");
-    // 64 MiB of guest RAM: the first pass moves it all while the guest runs; the downtime
-    // holds only what was written since.
-    let tvm = TestVm::<AtomicBitmap>::with_memory(kvm, vm, &elf, 0, MEMORY);
+/// Waits up to 20 s for `path` to exist.
+fn wait_for(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
 
-    let dir = std::env::temp_dir().join(format!("vmlink-migrate-{}", std::process::id()));
+/// Migrates a guest of `memory` bytes through `hops` processes; returns every move's line
+/// (the source's first) and the last process's `RESULT` line.
+fn chain(elf: &[u8], memory: usize, hops: usize) -> Option<(Vec<String>, String)> {
+    let (kvm, vm) = kvm_or_skip()?;
+    let tvm = TestVm::<AtomicBitmap>::with_memory(kvm, vm, elf, 0, memory);
+    let dir = std::env::temp_dir().join(format!("vmlink-migrate-{}-{memory}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(&dir)
         .expect("a private directory");
-    let socket = dir.join("migrate.sock");
-    let listener = UnixListener::bind(&socket).expect("listen");
-    let mut child = Command::new(std::env::current_exe().expect("this test's program"))
-        .arg("--destination")
-        .arg(&socket)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start the destination process");
-    listener.set_nonblocking(true).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut conn = loop {
-        match listener.accept() {
-            Ok((c, _)) => break c,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(2));
+    let sock = |i: usize| dir.join(format!("{i}.sock"));
+    let at = |i: usize| u64::from(PACKETS) * i as u64 / (hops as u64 + 1);
+    let exe = std::env::current_exe().expect("this test's program");
+    let mut children: Vec<Child> = (1..=hops)
+        .map(|i| {
+            let mut c = Command::new(&exe);
+            c.arg("--destination").arg(sock(i)).stdout(Stdio::piped());
+            if i < hops {
+                c.arg("--then")
+                    .arg(sock(i + 1))
+                    .arg("--at")
+                    .arg(at(i + 1).to_string());
             }
-            Err(e) => panic!("the destination never connected: {e}"),
+            c.spawn().expect("start a destination process")
+        })
+        .collect();
+    for i in 1..=hops {
+        wait_for(&sock(i));
+    }
+    let conn = UnixStream::connect(sock(1)).expect("connect to the first destination");
+    let out = migrate_out(tvm, at(1), conn).expect("migrate out");
+    let mut lines = vec![move_line(&out.step)];
+    let mut result = None;
+    for (i, child) in children.iter_mut().enumerate() {
+        let mut said = String::new();
+        child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut said)
+            .unwrap();
+        let status = child.wait().expect("a destination's exit");
+        assert!(status.success(), "destination {} failed: {status}", i + 1);
+        for line in said.lines() {
+            if line.starts_with("MOVE ") {
+                lines.push(line.to_owned());
+            } else if line.starts_with("RESULT ") {
+                result = Some(line.to_owned());
+            }
         }
-    };
-    conn.set_nonblocking(false).unwrap();
-
-    let out = migrate_out(tvm, u64::from(PACKETS) / 2, &mut conn).expect("migrate out");
-    let m = &out.step;
-    println!(
-        "migrated at guest packet {}: passes {:?} pages; stopped: {} pages (guest {}, host \
-         {}); stop {:.1?}, last pages {:.1?}, state and answer {:.1?}; downtime {:.1?}, \
-         total {:.1?}",
-        m.at_packet,
-        m.passes.iter().map(|p| p.pages).collect::<Vec<_>>(),
-        m.final_pages,
-        m.final_split.0,
-        m.final_split.1,
-        m.stop,
-        m.copy,
-        m.state,
-        m.downtime,
-        m.total
-    );
-
-    let mut said = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut said)
-        .unwrap();
-    let status = child.wait().expect("the destination's exit");
-    let _ = dog.send(());
+    }
     let _ = std::fs::remove_dir_all(&dir);
-    assert!(status.success(), "the destination failed: {status}");
-    let line = said
-        .lines()
-        .find(|l| l.starts_with("RESULT "))
-        .unwrap_or_else(|| panic!("no RESULT from the destination: {said}"));
-    println!("destination: {line}");
+    Some((lines, result.expect("a RESULT from the last destination")))
+}
 
+/// The traffic's checks on a `RESULT` line.
+fn check_result(line: &str) {
     let num = |k: &str| field(line, k).parse::<u64>().unwrap();
-    assert_ne!(num("pid"), u64::from(std::process::id()), "another process");
-    assert!(
-        m.at_packet > 0 && m.at_packet < u64::from(PACKETS),
-        "mid-stream"
-    );
-    assert_eq!(
-        m.passes[0].pages,
-        MEMORY as u64 / 4096,
-        "the first pass sends all of RAM"
-    );
-    println!(
-        "downtime {:.1?} for a {} MiB guest (goal under 10 ms)",
-        m.downtime,
-        MEMORY >> 20
-    );
     let g: Vec<u64> = field(line, "summary")
         .split(',')
         .map(|w| w.parse().unwrap())
@@ -181,9 +198,73 @@ fn source() -> ExitCode {
     assert_eq!(num("requests"), u64::from(PACKETS / 8));
     assert_eq!(num("sent"), u64::from(PACKETS));
     assert_eq!(field(line, "gpa_ok"), "true");
-    assert_eq!(field(line, "irq"), "true", "the destination's own irqfd");
-    let sent_pages: u64 = m.passes.iter().map(|p| p.pages).sum::<u64>() + m.final_pages;
-    assert_eq!(num("pages"), sent_pages, "every page sent arrived");
-    println!("ok: the guest finished in another process with every check holding");
+    assert_eq!(field(line, "irq"), "true", "the last process's own irqfd");
+}
+
+/// Prints the moves and their downtimes; checks they went on, mid-stream, each from
+/// another process.
+fn check_moves(lines: &[String], hops: usize, memory: usize) {
+    assert_eq!(
+        lines.len(),
+        hops,
+        "every process but the last moved the guest on"
+    );
+    let mut pids: Vec<&str> = lines.iter().map(|l| field(l, "pid")).collect();
+    let mut downtimes = Vec::new();
+    let mut last = 0;
+    for l in lines {
+        println!("  {l}");
+        let at: u64 = field(l, "at").parse().unwrap();
+        assert!(
+            at >= last && at < u64::from(PACKETS),
+            "mid-stream, further on: {l}"
+        );
+        last = at;
+        let first: u64 = field(l, "passes")
+            .split(',')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(
+            first,
+            memory as u64 / 4096,
+            "the first pass sends all of RAM: {l}"
+        );
+        downtimes.push(field(l, "downtime_us").parse::<u64>().unwrap());
+    }
+    pids.sort();
+    pids.dedup();
+    assert_eq!(pids.len(), hops, "each move from another process");
+    downtimes.sort();
+    println!(
+        "  downtime: min {} µs, median {} µs, max {} µs (a {} MiB guest; goal under 10 ms)",
+        downtimes[0],
+        downtimes[downtimes.len() / 2],
+        downtimes[downtimes.len() - 1],
+        memory >> 20
+    );
+}
+
+fn source() -> ExitCode {
+    let dog = watchdog(Duration::from_secs(170));
+    let elf = std::fs::read(build_guest()).expect("the guest ELF");
+    let Some((lines, result)) = chain(&elf, 4 << 20, HOPS) else {
+        return ExitCode::SUCCESS;
+    };
+    println!("a 4 MiB guest through {HOPS} processes:");
+    check_moves(&lines, HOPS, 4 << 20);
+    println!("  the last: {result}");
+    check_result(&result);
+
+    let Some((lines, result)) = chain(&elf, BIG, 1) else {
+        return ExitCode::SUCCESS;
+    };
+    println!("a {} MiB guest into another process:", BIG >> 20);
+    check_moves(&lines, 1, BIG);
+    println!("  the destination: {result}");
+    check_result(&result);
+    let _ = dog.send(());
+    println!("ok: every packet once and in order across every migration");
     ExitCode::SUCCESS
 }

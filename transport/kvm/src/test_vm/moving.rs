@@ -1231,19 +1231,48 @@ pub struct Outgoing {
     pub exits: u64,
 }
 
-/// The source of a migration to another process: runs the traffic mode (a `TestVm` made
-/// with mode 0) until the host has checked `at` of the guest's packets, then migrates the
-/// guest over `conn` (pre-copy, stop, state, `READY`, `GO`). On success the guest is the
-/// destination's and this process drops its VM; on a failure before `GO` it says why (the
-/// guest is then stopped here, with the source's VM intact until it returns).
-pub fn migrate_out(
-    tvm: TestVm<AtomicBitmap>,
-    at: u64,
-    conn: &mut UnixStream,
-) -> Result<Outgoing, String> {
-    register_kick()?;
-    let msrs = movable_msrs(tvm.kvm());
-    let (vcpu, vm, mem) = (tvm.vcpu, &tvm.vm, &tvm.mem);
+/// What the destination of a migration from another process saw.
+#[derive(Debug)]
+pub struct Incoming {
+    /// Guest pages received.
+    pub pages: u64,
+    /// How the guest's run here ended: at its `DONE` (with what the host saw), or moved on
+    /// to yet another process.
+    pub then: Ran,
+    /// From `GO` to the end of the run here.
+    pub ran: Duration,
+}
+
+/// How a run of the guest in this process ended.
+#[derive(Debug)]
+pub enum Ran {
+    /// The guest reported `DONE`: what the host saw, and the exits to userspace here.
+    Done(HostStats, u64),
+    /// The guest was migrated on.
+    Out(Outgoing),
+}
+
+/// Where the host's side of a run starts.
+enum Start {
+    /// Afresh, once the guest's mailbox arrives.
+    Fresh,
+    /// From a migration's state: the ring layout, the host's and its channel's state.
+    Arrived((usize, Vec<u64>), Box<(HostApp, SavedEndpoint)>),
+}
+
+/// Runs the guest (`vcpu` in `vm` over `mem`) in this process with the host's side from
+/// `start`, to the guest's `DONE`; or, with `onward` (`at`, a way to reach the next
+/// destination), until the host has checked `at` of the guest's packets, and then migrates
+/// it there.
+fn run_here(
+    kvm: &Kvm,
+    vm: &VmFd,
+    mem: &Mem,
+    vcpu: VcpuFd,
+    start: Start,
+    onward: Option<(u64, &mut dyn FnMut() -> std::io::Result<UnixStream>)>,
+) -> Result<Ran, String> {
+    let msrs = movable_msrs(kvm);
     let bell = KvmDoorbell::new(DOORBELL, GSI).map_err(|e| format!("doorbell: {e}"))?;
     let registration = bell
         .register(vm)
@@ -1257,17 +1286,46 @@ pub fn migrate_out(
         checked: AtomicU64::new(0),
         irr: &irr,
     };
-    let result = thread::scope(|s| -> Result<Outgoing, String> {
+    // A fresh run learns the ring layout from the guest's mailbox, which the vCPU thread
+    // passes on; a migrated one brought it.
+    let (ready, from) = match start {
+        Start::Fresh => (Some(ready_rx), None),
+        Start::Arrived(layout, from) => {
+            let _ = shared.layout.set(layout);
+            (None, Some(from))
+        }
+    };
+    let result = thread::scope(|s| -> Result<Ran, String> {
         let shared = &shared;
-        let host = s.spawn(move || host_phase(mem, shared, None, Some(ready_rx)));
+        let host = s.spawn(move || host_phase(mem, shared, from, ready));
         let pause = Arc::new(AtomicBool::new(false));
-        let runner = spawn_vcpu(vcpu, pause.clone(), ready_tx.clone());
+        let runner = spawn_vcpu(vcpu, pause.clone(), ready_tx);
+        let Some((at, connect)) = onward else {
+            let stopped = runner
+                .join()
+                .map_err(|_| "the vCPU thread panicked".to_owned())?;
+            if !stopped.done {
+                return Err("the vCPU stopped without DONE".into());
+            }
+            return match host
+                .join()
+                .map_err(|_| "the host thread panicked".to_owned())??
+            {
+                Phase::Done(stats) => Ok(Ran::Done(stats, stopped.exits)),
+                Phase::Paused(..) => Err("the host's side paused at the end".into()),
+            };
+        };
         while shared.checked.load(Ordering::Relaxed) < at && !runner.is_finished() {
             thread::sleep(Duration::from_micros(200));
         }
         let at_packet = shared.checked.load(Ordering::Relaxed);
+        let mut conn = connect().map_err(|e| format!("reach the destination: {e}"))?;
         let move_start = Instant::now();
-        let mut out = Outbound { conn, vm, mem };
+        let mut out = Outbound {
+            conn: &mut conn,
+            vm,
+            mem,
+        };
         let passes = out.pre_copy();
         let asked = Instant::now();
         pause.store(true, Ordering::Release);
@@ -1298,7 +1356,7 @@ pub fn migrate_out(
             .finish(&stopped.vcpu, &msrs, &layout, &from.1, &from.0, sent_before)
             .map_err(|e| format!("migration: {e}"))?;
         let state = t.elapsed().saturating_sub(copy);
-        Ok(Outgoing {
+        Ok(Ran::Out(Outgoing {
             step: Move {
                 at_packet,
                 passes,
@@ -1311,31 +1369,58 @@ pub fn migrate_out(
                 final_split: (guest, host_pages),
             },
             exits: stopped.exits,
-        })
+        }))
     });
     drop(registration);
     result
 }
 
-/// What the destination of a migration from another process saw.
-#[derive(Debug)]
-pub struct Incoming {
-    /// The host's view at the end, with the guest's summary.
-    pub stats: HostStats,
-    /// Guest pages received.
-    pub pages: u64,
-    /// From `GO` to the guest's `DONE`.
-    pub ran: Duration,
-    /// From `GO` to the end of the host's side (its last checks included).
-    pub host_done: Duration,
-    /// Exits to userspace in this process.
-    pub exits: u64,
+/// The source of a migration to another process: runs the traffic mode (a `TestVm` made
+/// with mode 0) until the host has checked `at` of the guest's packets, then migrates the
+/// guest over `conn` (pre-copy, stop, state, `READY`, `GO`). On success the guest is the
+/// destination's and this process drops its VM; a failure before `GO` says why.
+pub fn migrate_out(
+    tvm: TestVm<AtomicBitmap>,
+    at: u64,
+    conn: UnixStream,
+) -> Result<Outgoing, String> {
+    register_kick()?;
+    let TestVm {
+        vcpu,
+        vm,
+        mem,
+        _kvm,
+    } = tvm;
+    let mut conn = Some(conn);
+    let mut connect = move || {
+        conn.take()
+            .ok_or_else(|| std::io::Error::other("the connection was used"))
+    };
+    let ran = run_here(
+        &_kvm,
+        &vm,
+        &mem,
+        vcpu,
+        Start::Fresh,
+        Some((at, &mut connect)),
+    );
+    drop(vm);
+    drop(mem);
+    match ran? {
+        Ran::Out(out) => Ok(out),
+        Ran::Done(..) => Err("the guest finished before the migration".into()),
+    }
 }
 
 /// The destination of a migration from another process: a fresh VM of its own (KVM
-/// handle, memory, vCPU, doorbells), the guest taken from `conn`, then run to the end with
-/// the host's side going on from the state that came with it.
-pub fn migrate_in(conn: &mut UnixStream) -> Result<Incoming, String> {
+/// handle, memory of the size the stream's header says, vCPU, doorbells), the guest taken
+/// from `conn`, then run here with the host's side going on from the state that came with
+/// it: to the end, or with `onward` (`at`, a way to reach the next destination) until the
+/// host has checked `at` of the guest's packets, then migrated on.
+pub fn migrate_in(
+    conn: &mut UnixStream,
+    onward: Option<(u64, &mut dyn FnMut() -> std::io::Result<UnixStream>)>,
+) -> Result<Incoming, String> {
     register_kick()?;
     let kvm = Kvm::new().map_err(|e| format!("open /dev/kvm: {e}"))?;
     // The header says how much memory: made, with the VM, before the rest arrives.
@@ -1348,50 +1433,20 @@ pub fn migrate_in(conn: &mut UnixStream) -> Result<Incoming, String> {
         let received = receive(conn, &mem, &vm, &vcpu, Destination::Honest);
         let arrived = answer_error(conn, received).map_err(|e| format!("taking the guest: {e}"))?;
         let pages = arrived.pages;
-        let bell = KvmDoorbell::new(DOORBELL, GSI).map_err(|e| format!("doorbell: {e}"))?;
-        let registration = bell
-            .register(&vm)
-            .map_err(|e| format!("register doorbells: {e}"))?;
-        let (ready_tx, _ready_rx) = mpsc::channel();
-        let irr = || pic_irr(&vm);
-        let shared = HostShared {
-            bell: &bell,
-            layout: OnceLock::new(),
-            pause: AtomicBool::new(false),
-            checked: AtomicU64::new(0),
-            irr: &irr,
-        };
-        let _ = shared.layout.set(arrived.layout);
         let start = Instant::now();
-        let from = Box::new((arrived.app, arrived.saved));
-        let run = thread::scope(|s| -> Result<Incoming, String> {
-            let shared = &shared;
-            let mem = &mem;
-            let host = s.spawn(move || host_phase(mem, shared, Some(from), None));
-            let runner = spawn_vcpu(vcpu, Arc::new(AtomicBool::new(false)), ready_tx);
-            let stopped = runner
-                .join()
-                .map_err(|_| "the vCPU thread panicked".to_owned())?;
-            if !stopped.done {
-                return Err("the vCPU stopped without DONE".into());
-            }
-            let ran = start.elapsed();
-            match host
-                .join()
-                .map_err(|_| "the host thread panicked".to_owned())??
-            {
-                Phase::Done(stats) => Ok(Incoming {
-                    stats,
-                    pages,
-                    ran,
-                    host_done: start.elapsed(),
-                    exits: stopped.exits,
-                }),
-                Phase::Paused(..) => Err("the host's side paused at the end".into()),
-            }
-        });
-        drop(registration);
-        run
+        let then = run_here(
+            &kvm,
+            &vm,
+            &mem,
+            vcpu,
+            Start::Arrived(arrived.layout, Box::new((arrived.app, arrived.saved))),
+            onward,
+        )?;
+        Ok(Incoming {
+            pages,
+            then,
+            ran: start.elapsed(),
+        })
     })();
     drop(mem);
     result
