@@ -142,7 +142,15 @@ fn into_another_process(elf: &[u8]) -> bool {
     let status = child.wait().expect("the destination's exit");
     let _ = std::fs::remove_dir_all(&dir);
     let out = match out {
-        Ok(out) => out,
+        Ok(Ran::Out(out)) => out,
+        Ok(Ran::Stayed(_, _, why)) => {
+            eprintln!("kvm_migrate: the migration failed ({why}); the guest ran on here");
+            return false;
+        }
+        Ok(Ran::Done(..)) => {
+            eprintln!("kvm_migrate: the guest finished before the migration");
+            return false;
+        }
         Err(e) => {
             eprintln!("kvm_migrate: migrating out: {e}");
             return false;
@@ -168,7 +176,7 @@ fn destination(socket: &str) -> ExitCode {
         Ok(got) => {
             let ok = match &got.then {
                 Ran::Done(stats, _) => traffic_ok(stats) && stats.irq_raised,
-                Ran::Out(_) => false,
+                Ran::Out(_) | Ran::Stayed(..) => false,
             };
             println!(
                 "pid {}, {} pages received, guest ran {:.2} s after GO, checks={}",

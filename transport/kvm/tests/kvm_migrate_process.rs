@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 
 use vm_memory::bitmap::AtomicBitmap;
 use vmlink_kvm::test_vm::moving::{Move, Ran, migrate_in, migrate_out};
-use vmlink_kvm::test_vm::{PACKETS, TestVm, build_guest, kvm_or_skip, watchdog};
+use vmlink_kvm::test_vm::stream::{self, Tag};
+use vmlink_kvm::test_vm::{HostStats, PACKETS, TestVm, build_guest, kvm_or_skip, watchdog};
 
 /// Processes the guest passes through in the chain.
 const HOPS: usize = 20;
@@ -36,9 +37,10 @@ fn main() -> ExitCode {
             .position(|a| a == flag)
             .map(|i| args[i + 1].clone())
     };
-    match value("--destination") {
-        Some(socket) => destination(&socket, value("--then"), value("--at")),
-        None => source(),
+    match (value("--destination"), value("--refuse")) {
+        (Some(socket), _) => destination(&socket, value("--then"), value("--at")),
+        (None, Some(socket)) => refuse(&socket),
+        (None, None) => source(),
     }
 }
 
@@ -71,6 +73,11 @@ fn destination(socket: &str, then: Option<String>, at: Option<String>) -> ExitCo
         Ok(got) => {
             match got.then {
                 Ran::Out(out) => println!("{}", move_line(&out.step)),
+                Ran::Stayed(_, _, why) => {
+                    // A chain's next process failed it: the test fails on the missing move.
+                    eprintln!("destination {socket}: could not migrate on: {why}");
+                    return ExitCode::FAILURE;
+                }
                 Ran::Done(s, exits) => {
                     let summary: Vec<String> = s.summary.iter().map(u64::to_string).collect();
                     println!(
@@ -95,6 +102,23 @@ fn destination(socket: &str, then: Option<String>, at: Option<String>) -> ExitCo
             ExitCode::FAILURE
         }
     }
+}
+
+/// A hostile destination: reads the whole stream, then refuses the guest.
+fn refuse(socket: &str) -> ExitCode {
+    let _dog = watchdog(Duration::from_secs(60));
+    let listener = UnixListener::bind(socket).expect("listen");
+    let (mut conn, _) = listener.accept().expect("the source connects");
+    stream::read_header(&mut conn).expect("a header");
+    let mut buf = Vec::new();
+    loop {
+        match stream::read_record(&mut conn, &mut buf).expect("a record") {
+            (Tag::End, _) => break,
+            _ => continue,
+        }
+    }
+    stream::write_record(&mut conn, Tag::Error, &[b"refused (a test)"]).expect("answer");
+    ExitCode::SUCCESS
 }
 
 /// The value of `key=` in `line`.
@@ -148,7 +172,10 @@ fn chain(elf: &[u8], memory: usize, hops: usize) -> Option<(Vec<String>, String)
         wait_for(&sock(i));
     }
     let conn = UnixStream::connect(sock(1)).expect("connect to the first destination");
-    let out = migrate_out(tvm, at(1), conn).expect("migrate out");
+    let out = match migrate_out(tvm, at(1), conn).expect("migrate out") {
+        Ran::Out(out) => out,
+        other => panic!("the first migration did not happen: {other:?}"),
+    };
     let mut lines = vec![move_line(&out.step)];
     let mut result = None;
     for (i, child) in children.iter_mut().enumerate() {
@@ -199,6 +226,22 @@ fn check_result(line: &str) {
     assert_eq!(num("sent"), u64::from(PACKETS));
     assert_eq!(field(line, "gpa_ok"), "true");
     assert_eq!(field(line, "irq"), "true", "the last process's own irqfd");
+}
+
+/// The traffic's checks on what a host saw.
+fn check_stats(s: &HostStats) {
+    let g = &s.summary;
+    assert_eq!(g.len(), 12, "guest summary");
+    assert_eq!((g[6], g[7]), (0, 0), "guest errors (count, first code)");
+    assert_eq!((g[1], g[4]), (u64::from(PACKETS), u64::from(PACKETS)));
+    assert_eq!(
+        g[3], g[2],
+        "every request completed and checked by the guest"
+    );
+    assert_eq!(s.data_ok, u64::from(PACKETS));
+    assert_eq!(s.requests_completed, u64::from(PACKETS / 8));
+    assert_eq!(s.sent, u64::from(PACKETS));
+    assert!(s.gpa_ok && s.irq_raised);
 }
 
 /// Prints the moves and their downtimes; checks they went on, mid-stream, each from
@@ -264,6 +307,36 @@ fn source() -> ExitCode {
     check_moves(&lines, 1, BIG);
     println!("  the destination: {result}");
     check_result(&result);
+
+    // A destination process that takes the whole stream and then refuses: the source's
+    // guest, stopped for the last pages, goes on where it was and runs to its end.
+    let (kvm, vm) = kvm_or_skip().expect("KVM, as above");
+    let tvm = TestVm::<AtomicBitmap>::with_bitmap(kvm, vm, &elf, 0);
+    let dir = std::env::temp_dir().join(format!("vmlink-migrate-refuse-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .expect("a private directory");
+    let socket = dir.join("refuse.sock");
+    let mut child = Command::new(std::env::current_exe().expect("this test's program"))
+        .arg("--refuse")
+        .arg(&socket)
+        .spawn()
+        .expect("start the hostile destination");
+    wait_for(&socket);
+    let conn = UnixStream::connect(&socket).expect("connect");
+    let ran = migrate_out(tvm, u64::from(PACKETS) / 2, conn).expect("the source's run");
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    match ran {
+        Ran::Stayed(stats, _, why) => {
+            println!("a destination that refused: {why}; the guest ran to its end in the source");
+            assert!(why.contains("refused (a test)"), "{why}");
+            check_stats(&stats);
+        }
+        other => panic!("expected the guest to stay: {other:?}"),
+    }
     let _ = dog.send(());
     println!("ok: every packet once and in order across every migration");
     ExitCode::SUCCESS

@@ -1001,6 +1001,18 @@ impl Outbound<'_> {
         stream::write_record(self.conn, Tag::Go, &[])?;
         Ok((pages, guest, host, copy))
     }
+
+    /// Waits for the destination's `RESUMED`: the guest runs there.
+    fn resumed(&mut self) -> Result<(), StreamError> {
+        let mut buf = Vec::new();
+        match stream::read_record(self.conn, &mut buf)? {
+            (Tag::Resumed, []) => Ok(()),
+            (got, _) => Err(StreamError::Unexpected {
+                got,
+                expected: "RESUMED",
+            }),
+        }
+    }
 }
 
 fn moving(
@@ -1250,6 +1262,8 @@ pub enum Ran {
     Done(HostStats, u64),
     /// The guest was migrated on.
     Out(Outgoing),
+    /// A migration on failed before `GO` (why), and the guest ran to its end here.
+    Stayed(HostStats, u64, String),
 }
 
 /// Where the host's side of a run starts.
@@ -1263,7 +1277,8 @@ enum Start {
 /// Runs the guest (`vcpu` in `vm` over `mem`) in this process with the host's side from
 /// `start`, to the guest's `DONE`; or, with `onward` (`at`, a way to reach the next
 /// destination), until the host has checked `at` of the guest's packets, and then migrates
-/// it there.
+/// it there. A migration that fails before `GO` leaves the guest running here, to its end.
+/// `running` is told once the guest runs (for a destination's `RESUMED`).
 fn run_here(
     kvm: &Kvm,
     vm: &VmFd,
@@ -1271,6 +1286,7 @@ fn run_here(
     vcpu: VcpuFd,
     start: Start,
     onward: Option<(u64, &mut dyn FnMut() -> std::io::Result<UnixStream>)>,
+    running: &mut dyn FnMut(),
 ) -> Result<Ran, String> {
     let msrs = movable_msrs(kvm);
     let bell = KvmDoorbell::new(DOORBELL, GSI).map_err(|e| format!("doorbell: {e}"))?;
@@ -1297,36 +1313,57 @@ fn run_here(
     };
     let result = thread::scope(|s| -> Result<Ran, String> {
         let shared = &shared;
-        let host = s.spawn(move || host_phase(mem, shared, from, ready));
+        let mut host = s.spawn(move || host_phase(mem, shared, from, ready));
         let pause = Arc::new(AtomicBool::new(false));
-        let runner = spawn_vcpu(vcpu, pause.clone(), ready_tx);
-        let Some((at, connect)) = onward else {
+        let mut runner = spawn_vcpu(vcpu, pause.clone(), ready_tx.clone());
+        running();
+        // To the end here: joins both sides.
+        let to_the_end = |runner: thread::JoinHandle<Stopped>,
+                          host: thread::ScopedJoinHandle<'_, Result<Phase, String>>,
+                          why: Option<String>|
+         -> Result<Ran, String> {
             let stopped = runner
                 .join()
                 .map_err(|_| "the vCPU thread panicked".to_owned())?;
             if !stopped.done {
                 return Err("the vCPU stopped without DONE".into());
             }
-            return match host
+            match host
                 .join()
                 .map_err(|_| "the host thread panicked".to_owned())??
             {
-                Phase::Done(stats) => Ok(Ran::Done(stats, stopped.exits)),
+                Phase::Done(stats) => Ok(match why {
+                    None => Ran::Done(stats, stopped.exits),
+                    Some(why) => Ran::Stayed(stats, stopped.exits, why),
+                }),
                 Phase::Paused(..) => Err("the host's side paused at the end".into()),
-            };
+            }
+        };
+        let Some((at, connect)) = onward else {
+            return to_the_end(runner, host, None);
         };
         while shared.checked.load(Ordering::Relaxed) < at && !runner.is_finished() {
             thread::sleep(Duration::from_micros(200));
         }
         let at_packet = shared.checked.load(Ordering::Relaxed);
-        let mut conn = connect().map_err(|e| format!("reach the destination: {e}"))?;
+        let mut conn = match connect() {
+            Ok(c) => c,
+            Err(e) => return to_the_end(runner, host, Some(format!("reach the destination: {e}"))),
+        };
         let move_start = Instant::now();
         let mut out = Outbound {
             conn: &mut conn,
             vm,
             mem,
         };
-        let passes = out.pre_copy();
+        let passes = match out.pre_copy() {
+            Ok(p) => p,
+            Err(e) => {
+                // Failed while the guest ran: it never stopped.
+                let _ = dirty_log(vm, mem, false);
+                return to_the_end(runner, host, Some(format!("pre-copy: {e}")));
+            }
+        };
         let asked = Instant::now();
         pause.store(true, Ordering::Release);
         while !runner.is_finished() {
@@ -1341,7 +1378,6 @@ fn run_here(
         let phase = host
             .join()
             .map_err(|_| "the host thread panicked".to_owned())??;
-        let passes = passes.map_err(|e| format!("pre-copy: {e}"))?;
         if stopped.done {
             return Err("the guest finished before the migration".into());
         }
@@ -1352,24 +1388,38 @@ fn run_here(
         let layout = shared.layout.get().ok_or("no ring layout")?.clone();
         let sent_before = passes.iter().map(|p| p.pages).sum();
         let t = Instant::now();
-        let (final_pages, guest, host_pages, copy) = out
-            .finish(&stopped.vcpu, &msrs, &layout, &from.1, &from.0, sent_before)
-            .map_err(|e| format!("migration: {e}"))?;
-        let state = t.elapsed().saturating_sub(copy);
-        Ok(Ran::Out(Outgoing {
-            step: Move {
-                at_packet,
-                passes,
-                stop,
-                copy,
-                state,
-                downtime: asked.elapsed(),
-                total: move_start.elapsed(),
-                final_pages,
-                final_split: (guest, host_pages),
-            },
-            exits: stopped.exits,
-        }))
+        match out.finish(&stopped.vcpu, &msrs, &layout, &from.1, &from.0, sent_before) {
+            Ok((final_pages, guest, host_pages, copy)) => {
+                // `GO` went out: the guest is the destination's. The downtime ends when it
+                // says the guest runs there.
+                let state = t.elapsed().saturating_sub(copy);
+                out.resumed().map_err(|e| {
+                    format!("the destination took the guest but did not say it runs: {e}")
+                })?;
+                Ok(Ran::Out(Outgoing {
+                    step: Move {
+                        at_packet,
+                        passes,
+                        stop,
+                        copy,
+                        state,
+                        downtime: asked.elapsed(),
+                        total: move_start.elapsed(),
+                        final_pages,
+                        final_split: (guest, host_pages),
+                    },
+                    exits: stopped.exits,
+                }))
+            }
+            Err(e) => {
+                // Failed before `GO`: the guest goes on here where it stopped.
+                let _ = dirty_log(vm, mem, false);
+                shared.pause.store(false, Ordering::Release);
+                host = s.spawn(move || host_phase(mem, shared, Some(from), None));
+                runner = spawn_vcpu(stopped.vcpu, Arc::new(AtomicBool::new(false)), ready_tx);
+                to_the_end(runner, host, Some(format!("migration: {e}")))
+            }
+        }
     });
     drop(registration);
     result
@@ -1377,13 +1427,10 @@ fn run_here(
 
 /// The source of a migration to another process: runs the traffic mode (a `TestVm` made
 /// with mode 0) until the host has checked `at` of the guest's packets, then migrates the
-/// guest over `conn` (pre-copy, stop, state, `READY`, `GO`). On success the guest is the
-/// destination's and this process drops its VM; a failure before `GO` says why.
-pub fn migrate_out(
-    tvm: TestVm<AtomicBitmap>,
-    at: u64,
-    conn: UnixStream,
-) -> Result<Outgoing, String> {
+/// guest over `conn` (pre-copy, stop, state, `READY`, `GO`, `RESUMED`): [`Ran::Out`]. A
+/// migration that fails before `GO` leaves the guest running here to its end:
+/// [`Ran::Stayed`], with what the host saw and why.
+pub fn migrate_out(tvm: TestVm<AtomicBitmap>, at: u64, conn: UnixStream) -> Result<Ran, String> {
     register_kick()?;
     let TestVm {
         vcpu,
@@ -1403,12 +1450,13 @@ pub fn migrate_out(
         vcpu,
         Start::Fresh,
         Some((at, &mut connect)),
+        &mut || {},
     );
     drop(vm);
     drop(mem);
     match ran? {
-        Ran::Out(out) => Ok(out),
         Ran::Done(..) => Err("the guest finished before the migration".into()),
+        ran => Ok(ran),
     }
 }
 
@@ -1434,6 +1482,10 @@ pub fn migrate_in(
         let arrived = answer_error(conn, received).map_err(|e| format!("taking the guest: {e}"))?;
         let pages = arrived.pages;
         let start = Instant::now();
+        let mut running = || {
+            // The guest runs here: the source's downtime ends.
+            let _ = stream::write_record(&mut *conn, Tag::Resumed, &[]);
+        };
         let then = run_here(
             &kvm,
             &vm,
@@ -1441,6 +1493,7 @@ pub fn migrate_in(
             vcpu,
             Start::Arrived(arrived.layout, Box::new((arrived.app, arrived.saved))),
             onward,
+            &mut running,
         )?;
         Ok(Incoming {
             pages,

@@ -42,6 +42,8 @@ pub enum Tag {
     Error = 7,
     /// Source to destination: the source has stopped for good; run.
     Go = 8,
+    /// Destination to source, empty: the guest runs here (the downtime ends).
+    Resumed = 9,
 }
 
 impl Tag {
@@ -55,6 +57,7 @@ impl Tag {
             6 => Tag::Ready,
             7 => Tag::Error,
             8 => Tag::Go,
+            9 => Tag::Resumed,
             _ => return None,
         })
     }
