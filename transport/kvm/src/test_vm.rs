@@ -46,6 +46,12 @@ pub const IC_ANSWERED: u64 = MAILBOX + 0x818;
 /// Where the guest leaves the heartbeat-phase messages it refused (answered with
 /// `HV_E_FAIL`, or ignored).
 pub const IC_REFUSED: u64 = MAILBOX + 0x820;
+/// The traffic mode's packet count, when the host writes one (0: [`PACKETS`]); the guest
+/// reads it as it goes, so a migration test streams with [`STREAMING`] and settles it
+/// after its last migration.
+pub const LIMIT: u64 = MAILBOX + 0x830;
+/// A packet count the traffic never reaches before the host settles it.
+pub const STREAMING: u32 = 0x7fff_fff8;
 /// Good packets a hostile guest sends before corrupting its ring.
 pub const HOSTILE_GOOD: u32 = 4;
 /// The mailbox's first word.
@@ -284,6 +290,15 @@ impl<B: NewBitmap> TestVm<B> {
         &self.vm
     }
 
+    /// Makes the traffic mode stream until the host settles its count ([`STREAMING`] at
+    /// [`LIMIT`]): for runs whose migrations must all happen mid-stream, however fast the
+    /// guest runs meanwhile.
+    pub fn stream_until_told(&self) {
+        self.mem
+            .write_obj(STREAMING, GuestAddress(LIMIT))
+            .expect("the limit word inside guest memory");
+    }
+
     /// The KVM system handle.
     pub fn kvm(&self) -> &Kvm {
         &self._kvm
@@ -322,6 +337,8 @@ pub fn pic_irr(vm: &VmFd) -> u8 {
 /// What the host saw in the traffic mode.
 #[derive(Debug, Default)]
 pub struct HostStats {
+    /// The packets each side sends (the traffic's count as the host settled it).
+    pub limit: u32,
     /// Guest data packets the host checked.
     pub data_ok: u64,
     /// Guest requests the host completed.
@@ -430,6 +447,10 @@ pub struct HostApp {
     completions: std::collections::VecDeque<(u64, u32)>,
     end_sent: bool,
     pending_len: usize,
+    /// The packets each side sends.
+    limit: u32,
+    /// The count was settled after a streaming run.
+    settled: bool,
     buf: Vec<u8>,
     out: Vec<u8>,
 }
@@ -450,6 +471,8 @@ impl HostApp {
             completions: Default::default(),
             end_sent: false,
             pending_len: 0,
+            limit: PACKETS,
+            settled: false,
             buf: vec![0u8; 8192],
             out: vec![0u8; 2048],
         }
@@ -477,6 +500,8 @@ impl HostApp {
             out.extend_from_slice(&w.to_le_bytes());
         }
         out.push(u8::from(self.end_sent));
+        out.extend_from_slice(&self.limit.to_le_bytes());
+        out.push(u8::from(self.settled));
         out.extend_from_slice(&(self.completions.len() as u32).to_le_bytes());
         for &(tid, seq) in &self.completions {
             out.extend_from_slice(&tid.to_le_bytes());
@@ -519,6 +544,8 @@ impl HostApp {
         }
         app.pending_len = pending as usize;
         app.end_sent = flag(b, "the host's end flag")?;
+        app.limit = take_u32(b, "the packet count")?;
+        app.settled = flag(b, "the settled flag")?;
         let n = take_u32(b, "the completions owed")? as usize;
         if n > 4096 {
             return Err(StreamError::Malformed("more than 4096 completions owed"));
@@ -532,6 +559,35 @@ impl HostApp {
             return Err(StreamError::Malformed("bytes after the host's state"));
         }
         Ok(app)
+    }
+
+    /// Starts from the count the host wrote at [`LIMIT`] in `mem` (0: [`PACKETS`]).
+    pub fn with_limit_of(mut self, mem: &impl GuestMemory) -> Self {
+        let word: u32 = mem.read_obj(GuestAddress(LIMIT)).unwrap_or(0);
+        self.limit = if word == 0 { PACKETS } else { word };
+        self
+    }
+
+    /// Ends a streaming run: a count a little past what either side has sent (the guest
+    /// is at most a ring ahead of what the host has checked) and past [`PACKETS`], a
+    /// multiple of 8 so every eighth packet is a request, written at [`LIMIT`] for the
+    /// guest. Once.
+    pub fn settle(&mut self, mem: &impl GuestMemory) {
+        if self.settled || self.limit != STREAMING {
+            return;
+        }
+        // Never below `PACKETS`: the guest sends its GPA-direct packet half way there.
+        let past = self
+            .stats
+            .sent
+            .max(self.stats.data_ok)
+            .max(u64::from(PACKETS))
+            + 4096;
+        let limit = u32::try_from(past.div_ceil(8) * 8).unwrap_or(STREAMING);
+        self.limit = limit;
+        self.settled = true;
+        mem.write_obj(limit, GuestAddress(LIMIT))
+            .expect("the limit word inside guest memory");
     }
 
     /// Whether the guest's summary arrived (the traffic is over).
@@ -556,8 +612,10 @@ impl HostApp {
             completions,
             end_sent,
             pending_len,
+            limit,
             buf,
             out,
+            ..
         } = self;
         let mut progress = false;
         // Completions first, then data.
@@ -577,8 +635,13 @@ impl HostApp {
             }
         }
         while !*end_sent {
+            // Streaming, the host keeps pace with the guest rather than running ahead, so
+            // the count it settles on later is near both sides.
+            if *limit == STREAMING && stats.sent >= stats.data_ok + 2048 {
+                break;
+            }
             let seq = stats.sent as u32;
-            let len = if seq == PACKETS {
+            let len = if seq == *limit {
                 out[0..4].copy_from_slice(&KIND_END.to_le_bytes());
                 out[4..8].copy_from_slice(&seq.to_le_bytes());
                 out[8..12].copy_from_slice(&12u32.to_le_bytes());
@@ -603,7 +666,7 @@ impl HostApp {
                 Ok(()) => {
                     progress = true;
                     *pending_len = 0;
-                    if seq == PACKETS {
+                    if seq == *limit {
                         *end_sent = true;
                     } else {
                         stats.sent += 1;
@@ -681,6 +744,7 @@ impl HostApp {
         bell: &KvmDoorbell,
         irr: &(dyn Fn() -> u8 + Sync),
     ) -> HostStats {
+        self.stats.limit = self.limit;
         let stats = &mut self.stats;
         let c = channel.counters();
         stats.rx_signals = c.signals_received;
@@ -700,6 +764,46 @@ impl HostApp {
         stats.eventfd_wakes = bell.wakes();
         stats.irqfd_signals = bell.signals_sent();
         self.stats
+    }
+}
+
+impl HostStats {
+    /// Why the traffic mode's checks fail on what the host saw, if they do: the guest's
+    /// summary (no errors, every packet sent and checked, every request completed and
+    /// checked, the end seen) and the host's own counts.
+    pub fn traffic_problem(&self) -> Option<String> {
+        let g = &self.summary;
+        let all = u64::from(self.limit);
+        let checks = [
+            (g.len() == 12, "the guest's summary has 12 words"),
+            (
+                g.get(6) == Some(&0) && g.get(7) == Some(&0),
+                "the guest found no errors",
+            ),
+            (g.get(1) == Some(&all), "the guest sent every packet"),
+            (g.get(2) == Some(&(all / 8)), "the guest made every request"),
+            (
+                g.get(3) == g.get(2),
+                "every request was completed, and checked by the guest",
+            ),
+            (
+                g.get(4) == Some(&all),
+                "the guest checked every host packet",
+            ),
+            (g.get(5) == Some(&1), "the guest saw the end marker"),
+            (self.data_ok == all, "the host checked every guest packet"),
+            (
+                self.requests_completed == all / 8,
+                "the host completed every request",
+            ),
+            (self.sent == all, "the host sent every packet"),
+            (self.gpa_ok, "the GPA-direct packet was read and checked"),
+            (self.irq_raised, "the irqfd raised the GSI"),
+        ];
+        checks
+            .iter()
+            .find(|(ok, _)| !ok)
+            .map(|(_, what)| format!("not so: {what} (guest summary {g:?}, host {self:?})"))
     }
 }
 

@@ -20,7 +20,7 @@ use vmlink_ic::status::HV_E_FAIL;
 use vmlink_ic::wire::{IC_HEADER_LEN, ICMSG_HDR};
 use vmlink_ic::{Header, IcError, IcFlags, Message, MessageType, Service, Version, heartbeat};
 use vmlink_kvm::test_vm::{
-    GSI, PACKETS, TestVm, build_guest, kvm_or_skip, run_heartbeat_phase, run_traffic, watchdog,
+    TestVm, build_guest, kvm_or_skip, run_heartbeat_phase, run_traffic, watchdog,
 };
 
 /// Heartbeats timed in the heartbeat phase.
@@ -46,27 +46,9 @@ fn guest_and_host_exchange_traffic() {
 
     // Guest summary: [kind, sent, requests, completions ok, host packets ok, end seen,
     // errors, first error, doorbells rung, packets sent, packets received, gpa sent].
+    assert_eq!(stats.traffic_problem(), None);
     let g = &stats.summary;
-    assert_eq!(g.len(), 12, "guest summary");
-    assert_eq!((g[6], g[7]), (0, 0), "guest errors (count, first code)");
-    assert_eq!(g[1], u64::from(PACKETS), "guest sent");
-    assert_eq!(g[2], u64::from(PACKETS / 8), "guest requests");
-    assert_eq!(
-        g[3], g[2],
-        "every request completed and checked by the guest"
-    );
-    assert_eq!(g[4], u64::from(PACKETS), "host packets the guest checked");
-    assert_eq!(g[5], 1, "guest saw the end marker");
-    assert_eq!(g[11], 1);
-    assert_eq!(
-        stats.data_ok,
-        u64::from(PACKETS),
-        "guest packets the host checked"
-    );
-    assert_eq!(stats.requests_completed, g[2]);
-    assert_eq!(stats.sent, u64::from(PACKETS));
-    assert!(stats.gpa_ok, "GPA-direct packet read from guest memory");
-    assert!(stats.irq_raised, "the irqfd raised GSI {GSI} in the PIC");
+    assert_eq!(g[11], 1, "the guest sent the GPA-direct packet");
 
     let packets = g[9] + g[10]; // guest's sent + received (completions included)
     println!(

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use vm_memory::bitmap::AtomicBitmap;
 use vmlink_kvm::test_vm::moving::{Move, Ran, migrate_in, migrate_out};
 use vmlink_kvm::test_vm::stream::{self, Tag};
-use vmlink_kvm::test_vm::{HostStats, PACKETS, TestVm, build_guest, kvm_or_skip, watchdog};
+use vmlink_kvm::test_vm::{PACKETS, TestVm, build_guest, kvm_or_skip, watchdog};
 
 /// Processes the guest passes through in the chain.
 const HOPS: usize = 20;
@@ -81,17 +81,13 @@ fn destination(socket: &str, then: Option<String>, at: Option<String>) -> ExitCo
                 Ran::Done(s, exits) => {
                     let summary: Vec<String> = s.summary.iter().map(u64::to_string).collect();
                     println!(
-                        "RESULT pid={} data_ok={} requests={} sent={} gpa_ok={} irq={} \
-                         pages={} exits={} summary={}",
+                        "RESULT pid={} pages={} exits={} summary={} checks={}",
                         std::process::id(),
-                        s.data_ok,
-                        s.requests_completed,
-                        s.sent,
-                        s.gpa_ok,
-                        s.irq_raised,
                         got.pages,
                         exits,
-                        summary.join(",")
+                        summary.join(","),
+                        s.traffic_problem()
+                            .map_or_else(|| "ok".to_owned(), |p| p.replace(' ', "_"))
                     );
                 }
             }
@@ -146,6 +142,9 @@ fn wait_for(path: &Path) {
 fn chain(elf: &[u8], memory: usize, hops: usize) -> Option<(Vec<String>, String)> {
     let (kvm, vm) = kvm_or_skip()?;
     let tvm = TestVm::<AtomicBitmap>::with_memory(kvm, vm, elf, 0, memory);
+    // The traffic streams until the last process settles its count, however fast the
+    // guest runs meanwhile.
+    tvm.stream_until_told();
     let dir = std::env::temp_dir().join(format!("vmlink-migrate-{}-{memory}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::DirBuilder::new()
@@ -200,48 +199,10 @@ fn chain(elf: &[u8], memory: usize, hops: usize) -> Option<(Vec<String>, String)
     Some((lines, result.expect("a RESULT from the last destination")))
 }
 
-/// The traffic's checks on a `RESULT` line.
+/// The traffic's checks, as the last process made them, on its `RESULT` line.
 fn check_result(line: &str) {
-    let num = |k: &str| field(line, k).parse::<u64>().unwrap();
-    let g: Vec<u64> = field(line, "summary")
-        .split(',')
-        .map(|w| w.parse().unwrap())
-        .collect();
-    assert_eq!(g.len(), 12, "guest summary");
-    assert_eq!((g[6], g[7]), (0, 0), "guest errors (count, first code)");
-    assert_eq!(g[1], u64::from(PACKETS), "guest sent");
-    assert_eq!(g[2], u64::from(PACKETS / 8), "guest requests");
-    assert_eq!(
-        g[3], g[2],
-        "every request completed and checked by the guest"
-    );
-    assert_eq!(g[4], u64::from(PACKETS), "host packets the guest checked");
-    assert_eq!(g[5], 1, "guest saw the end marker");
-    assert_eq!(
-        num("data_ok"),
-        u64::from(PACKETS),
-        "guest packets the host checked"
-    );
-    assert_eq!(num("requests"), u64::from(PACKETS / 8));
-    assert_eq!(num("sent"), u64::from(PACKETS));
-    assert_eq!(field(line, "gpa_ok"), "true");
-    assert_eq!(field(line, "irq"), "true", "the last process's own irqfd");
-}
-
-/// The traffic's checks on what a host saw.
-fn check_stats(s: &HostStats) {
-    let g = &s.summary;
-    assert_eq!(g.len(), 12, "guest summary");
-    assert_eq!((g[6], g[7]), (0, 0), "guest errors (count, first code)");
-    assert_eq!((g[1], g[4]), (u64::from(PACKETS), u64::from(PACKETS)));
-    assert_eq!(
-        g[3], g[2],
-        "every request completed and checked by the guest"
-    );
-    assert_eq!(s.data_ok, u64::from(PACKETS));
-    assert_eq!(s.requests_completed, u64::from(PACKETS / 8));
-    assert_eq!(s.sent, u64::from(PACKETS));
-    assert!(s.gpa_ok && s.irq_raised);
+    assert_eq!(field(line, "checks"), "ok", "{line}");
+    assert_eq!(field(line, "summary").split(',').count(), 12, "{line}");
 }
 
 /// Prints the moves and their downtimes; checks they went on, mid-stream, each from
@@ -258,10 +219,8 @@ fn check_moves(lines: &[String], hops: usize, memory: usize) {
     for l in lines {
         println!("  {l}");
         let at: u64 = field(l, "at").parse().unwrap();
-        assert!(
-            at >= last && at < u64::from(PACKETS),
-            "mid-stream, further on: {l}"
-        );
+        // The traffic streams until the last process settles it: every move is mid-stream.
+        assert!(at >= last && at > 0, "further on each time: {l}");
         last = at;
         let first: u64 = field(l, "passes")
             .split(',')
@@ -312,6 +271,7 @@ fn source() -> ExitCode {
     // guest, stopped for the last pages, goes on where it was and runs to its end.
     let (kvm, vm) = kvm_or_skip().expect("KVM, as above");
     let tvm = TestVm::<AtomicBitmap>::with_bitmap(kvm, vm, &elf, 0);
+    tvm.stream_until_told();
     let dir = std::env::temp_dir().join(format!("vmlink-migrate-refuse-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::DirBuilder::new()
@@ -333,7 +293,7 @@ fn source() -> ExitCode {
         Ran::Stayed(stats, _, why) => {
             println!("a destination that refused: {why}; the guest ran to its end in the source");
             assert!(why.contains("refused (a test)"), "{why}");
-            check_stats(&stats);
+            assert_eq!(stats.traffic_problem(), None);
         }
         other => panic!("expected the guest to stay: {other:?}"),
     }

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use vm_memory::bitmap::AtomicBitmap;
 use vmlink_kvm::test_vm::moving::{Destination, MovingRun, run_traffic_moving};
-use vmlink_kvm::test_vm::{PACKETS, TestVm, build_guest, kvm_or_skip, watchdog};
+use vmlink_kvm::test_vm::{TestVm, build_guest, kvm_or_skip, watchdog};
 
 /// Runs the traffic with `plan`'s moves; prints each; checks the traffic.
 fn run(plan: &[Destination]) -> Option<MovingRun> {
@@ -30,6 +30,8 @@ fn run(plan: &[Destination]) -> Option<MovingRun> {
     let dog = watchdog(Duration::from_secs(120));
     let elf = std::fs::read(build_guest()).expect("the guest ELF");
     let tvm = TestVm::<AtomicBitmap>::with_bitmap(kvm, vm, &elf, 0);
+    // The traffic streams until the last move is done, however fast the guest runs.
+    tvm.stream_until_told();
     let run = run_traffic_moving(tvm, plan).expect("the moving run");
     let _ = dog.send(());
 
@@ -61,30 +63,7 @@ fn run(plan: &[Destination]) -> Option<MovingRun> {
         println!("  attempt {k:2} aborted ({how:?}, guest stopped {stopped:.1?}): {why}");
     }
 
-    let stats = &run.stats;
-    let g = &stats.summary;
-    assert_eq!(g.len(), 12, "guest summary");
-    assert_eq!((g[6], g[7]), (0, 0), "guest errors (count, first code)");
-    assert_eq!(g[1], u64::from(PACKETS), "guest sent");
-    assert_eq!(g[2], u64::from(PACKETS / 8), "guest requests");
-    assert_eq!(
-        g[3], g[2],
-        "every request completed and checked by the guest"
-    );
-    assert_eq!(g[4], u64::from(PACKETS), "host packets the guest checked");
-    assert_eq!(g[5], 1, "guest saw the end marker");
-    assert_eq!(
-        stats.data_ok,
-        u64::from(PACKETS),
-        "guest packets the host checked"
-    );
-    assert_eq!(stats.requests_completed, u64::from(PACKETS / 8));
-    assert_eq!(stats.sent, u64::from(PACKETS));
-    assert!(stats.gpa_ok, "the GPA-direct packet was read and checked");
-    assert!(
-        stats.irq_raised,
-        "the irqfd raised the GSI in the VM the guest ended in"
-    );
+    assert_eq!(run.stats.traffic_problem(), None);
     Some(run)
 }
 

@@ -56,6 +56,18 @@ const PANIC: u64 = 0xBAD;
 /// Ring pages per ring, control page included.
 const RING_PAGES: usize = 9;
 const PACKETS: u32 = 50_000;
+/// The packets the traffic mode sends, when the host writes a count here (0: `PACKETS`).
+/// The host may raise or lower it while the guest runs, never below what was sent: a
+/// migration test streams with a large count and settles it after the last migration.
+const LIMIT: u64 = MAILBOX + 0x830;
+
+/// The traffic mode's packet count now (the host's word at `LIMIT`, or `PACKETS`).
+fn limit() -> u32 {
+    // SAFETY: `LIMIT` is an aligned word of guest RAM the host may write at any time; a
+    // volatile read sees its current value.
+    let word = unsafe { core::ptr::read_volatile(LIMIT as *const u32) };
+    if word == 0 { PACKETS } else { word }
+}
 const GPA_PAGES: [u64; 3] = [0x300, 0x305, 0x302];
 const GPA_OFFSET: u32 = 100;
 const GPA_LEN: u32 = 3 * 4096 - 200;
@@ -200,6 +212,8 @@ fn main() -> ! {
     let mut host_ok = 0u64;
     let mut host_next = 0u32;
     let mut end_seen = false;
+    // The packet count, looked at again every 256 packets and whenever it is reached.
+    let mut lim = limit();
     let mut errors = 0u64;
     let mut first_error = 0u64;
     let mut gpa_sent = false;
@@ -228,7 +242,7 @@ fn main() -> ! {
                     gpa_sent = true;
                 }
             }
-        } else if seq < PACKETS {
+        } else if seq < lim {
             if next_len == 0 {
                 next_len = 12 + (rng.next() % 2000) as usize;
             }
@@ -333,7 +347,10 @@ fn main() -> ! {
             }
         }
 
-        if (seq >= PACKETS && gpa_sent && end_seen && in_flight == 0) || errors > 1000 {
+        if seq & 255 == 0 || seq >= lim {
+            lim = limit();
+        }
+        if (seq >= lim && gpa_sent && end_seen && in_flight == 0) || errors > 1000 {
             break;
         }
         if !progress {

@@ -378,6 +378,19 @@ fn spawn_vcpu(
     })
 }
 
+/// Stops a vCPU thread: sets `pause` and kicks the thread out of `KVM_RUN` until it is out
+/// (a kick that lands before it enters `KVM_RUN` is lost, so one is not enough).
+fn stop_vcpu(runner: thread::JoinHandle<Stopped>, pause: &AtomicBool) -> Result<Stopped, String> {
+    pause.store(true, Ordering::Release);
+    while !runner.is_finished() {
+        let _ = runner.kill(kick_signal());
+        thread::sleep(Duration::from_micros(50));
+    }
+    runner
+        .join()
+        .map_err(|_| "the vCPU thread panicked".to_owned())
+}
+
 /// One move of the guest.
 #[derive(Debug, Clone)]
 pub struct Move {
@@ -449,6 +462,8 @@ struct HostShared<'a> {
     pause: AtomicBool,
     checked: AtomicU64,
     irr: &'a (dyn Fn() -> u8 + Sync),
+    /// Settle a streaming run's packet count (after the last migration).
+    settle: AtomicBool,
 }
 
 /// The host's side over `mem`, going on from `from` (its state and its channel's; a fresh
@@ -476,7 +491,7 @@ fn host_phase(
     let rings = unsafe { RingPages::new(mem, pages, *g2h) }.map_err(|e| format!("{e}"))?;
     let (mut app, channel) = match from {
         None => (
-            HostApp::new(),
+            HostApp::new().with_limit_of(mem),
             host_channel(&rings, shared.bell, Config::default()).map_err(|e| e.to_string())?,
         ),
         Some(from) => {
@@ -493,6 +508,9 @@ fn host_phase(
         if shared.pause.load(Ordering::Acquire) {
             let (saved, ..) = channel.save();
             return Ok(Phase::Paused(Box::new((app, saved))));
+        }
+        if shared.settle.load(Ordering::Acquire) {
+            app.settle(mem);
         }
         let progress = app.step(&channel, mem, Some(&shared.checked));
         if app.done() {
@@ -1047,6 +1065,7 @@ fn moving(
         pause: AtomicBool::new(false),
         checked: AtomicU64::new(0),
         irr: &irr,
+        settle: AtomicBool::new(false),
     };
     let start = Instant::now();
     let mut log = Vec::new();
@@ -1098,14 +1117,7 @@ fn moving(
             // Both sides stop: the vCPU kicked out of `KVM_RUN`, the host's side between
             // two passes with its channel saved.
             let asked = Instant::now();
-            pause.store(true, Ordering::Release);
-            while !runner.is_finished() {
-                let _ = runner.kill(kick_signal());
-                thread::sleep(Duration::from_micros(50));
-            }
-            let stopped = runner
-                .join()
-                .map_err(|_| "the vCPU thread panicked".to_owned())?;
+            let stopped = stop_vcpu(runner, &pause)?;
             exits += stopped.exits;
             let mut vcpu = stopped.vcpu;
             if stopped.done {
@@ -1204,6 +1216,8 @@ fn moving(
             });
         }
         let _ = &pause;
+        // Every move is done: a streaming run's count is settled, and the traffic ends.
+        shared.settle.store(true, Ordering::Release);
         let stopped = runner
             .join()
             .map_err(|_| "the vCPU thread panicked".to_owned())?;
@@ -1301,6 +1315,7 @@ fn run_here(
         pause: AtomicBool::new(false),
         checked: AtomicU64::new(0),
         irr: &irr,
+        settle: AtomicBool::new(false),
     };
     // A fresh run learns the ring layout from the guest's mailbox, which the vCPU thread
     // passes on; a migrated one brought it.
@@ -1322,6 +1337,8 @@ fn run_here(
                           host: thread::ScopedJoinHandle<'_, Result<Phase, String>>,
                           why: Option<String>|
          -> Result<Ran, String> {
+            // No migration follows: a streaming run's count is settled.
+            shared.settle.store(true, Ordering::Release);
             let stopped = runner
                 .join()
                 .map_err(|_| "the vCPU thread panicked".to_owned())?;
@@ -1365,14 +1382,7 @@ fn run_here(
             }
         };
         let asked = Instant::now();
-        pause.store(true, Ordering::Release);
-        while !runner.is_finished() {
-            let _ = runner.kill(kick_signal());
-            thread::sleep(Duration::from_micros(50));
-        }
-        let stopped = runner
-            .join()
-            .map_err(|_| "the vCPU thread panicked".to_owned())?;
+        let stopped = stop_vcpu(runner, &pause)?;
         shared.pause.store(true, Ordering::Release);
         let _ = bell.wake_local();
         let phase = host
