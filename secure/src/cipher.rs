@@ -239,6 +239,12 @@ impl KeyState {
         self.bytes_since_rekey = p.bytes_since_rekey;
     }
 
+    /// Drops the keyed cipher made from the key (zeroing it), to be made again at the next
+    /// use: before this state is moved, so no live key schedule is left behind by the move.
+    pub(crate) fn drop_schedule(&mut self) {
+        self.keyed.clear();
+    }
+
     /// Copies the key bytes into `out` (for a receiver that may have to go back to this
     /// key).
     pub(crate) fn copy_key_to(&self, out: &mut [u8; KEY_LEN]) {

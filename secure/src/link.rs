@@ -109,6 +109,7 @@ impl<L: PacketTx> SecureTx<L> {
         let salt = fresh_salt();
         let mut next = self.pending.epoch(&salt);
         let tag = next.seal_epoch(&salt).map_err(auth)?;
+        next.drop_schedule();
         let mut frame = [0u8; SALT_LEN + TAG_LEN];
         frame[..SALT_LEN].copy_from_slice(&salt);
         frame[SALT_LEN..].copy_from_slice(&tag);
@@ -363,6 +364,7 @@ impl<L: PacketRx> SecureRx<L> {
                     if let Err(e) = next.open_epoch(salt, tag) {
                         return Err(self.fail(e));
                     }
+                    next.drop_schedule();
                     self.key = next;
                     self.inner.consume();
                 }

@@ -1,30 +1,28 @@
 //! Keyed cipher objects in memory that is zeroed when they go.
 
-use alloc::boxed::Box;
 use core::mem::MaybeUninit;
 
 use zeroize::Zeroize;
 
-/// A slot for one value in its own heap block, whose bytes are overwritten with zeros
-/// (volatile writes the compiler keeps) when the value is cleared or the slot drops: for
-/// the keyed cipher objects of a crate that does not zeroize its own (ring's AES key
-/// schedule and ChaCha20 key).
+/// A slot for one value, inline (so filling it allocates nothing), whose bytes are
+/// overwritten with zeros (volatile writes the compiler keeps) when the value is cleared or
+/// the slot drops: for the keyed cipher objects of a crate that does not zeroize its own
+/// (ring's AES key schedule and ChaCha20 key).
 ///
 /// Only the value's own bytes are wiped, so a `T` must keep its secrets inline, as ring's
-/// keys do (arrays, nothing on the heap). A copy a move left behind before the value
-/// reached its block (in the stack frame that made it) is out of reach, as with any
-/// zeroizing in Rust.
+/// keys do (arrays, nothing on the heap). A copy a move left behind is out of reach, as with
+/// any zeroizing in Rust: the layer clears a slot before it moves the key state holding it.
 pub(crate) struct Wiped<T> {
-    slot: Box<MaybeUninit<T>>,
+    slot: MaybeUninit<T>,
     /// Whether `slot` holds a value.
     live: bool,
 }
 
 impl<T> Wiped<T> {
-    /// An empty slot (its block is allocated now, so filling it later allocates nothing).
+    /// An empty slot.
     pub(crate) fn empty() -> Self {
         Self {
-            slot: Box::new(MaybeUninit::zeroed()),
+            slot: MaybeUninit::zeroed(),
             live: false,
         }
     }
@@ -48,14 +46,14 @@ impl<T> Wiped<T> {
             // `live` is already false (even if its drop panics).
             unsafe { self.slot.assume_init_drop() };
         }
-        (*self.slot).zeroize();
+        self.slot.zeroize();
     }
 
     /// The slot's bytes, for the tests: all initialized once it was zeroed.
     #[cfg(test)]
     fn bytes(&self) -> &[MaybeUninit<u8>] {
-        // SAFETY: the slot is `size_of::<T>()` bytes of one allocation, borrowed for as
-        // long as `self`; `MaybeUninit<u8>` may hold any byte, initialized or not.
+        // SAFETY: the slot is `size_of::<T>()` bytes inside `self`, borrowed for as long
+        // as `self`; `MaybeUninit<u8>` may hold any byte, initialized or not.
         unsafe {
             core::slice::from_raw_parts(
                 self.slot.as_ptr().cast::<MaybeUninit<u8>>(),
