@@ -15,7 +15,7 @@ use core::task::{Context, Poll};
 
 use vmlink_ring::{OutgoingPacket, PacketMeta, WaitDecision};
 
-use crate::channel::{Core, Half, Ops, Packet, Probe, RxState, request_packet};
+use crate::channel::{Core, Half, Ops, Packet, Probe, RxState, gpa_request_meta, request_packet};
 use crate::doorbell::AsyncDoorbell;
 use crate::error::ChannelError;
 use crate::link::{PacketRx, PacketTx, Received};
@@ -172,6 +172,19 @@ impl<'a, T: PacketTx, D: AsyncDoorbell, TC: Half<Item = T>, RC> Ops<'a, D, TC, R
         let packet = request_packet(tid, &parts);
         let sent = self
             .send_with_async(0, request.len(), &mut |w| w.push(&packet))
+            .await;
+        self.sent_or_freed(tid, sent)
+    }
+
+    /// See the public method of the same name.
+    pub(crate) async fn start_gpa_request_async(
+        &self,
+        ranges: &[GpaRange<'_>],
+        payload: &[u8],
+    ) -> Result<u64, ChannelError> {
+        let tid = self.alloc_polled()?;
+        let sent = self
+            .send_gpa_direct_async(ranges, payload, gpa_request_meta(tid))
             .await;
         self.sent_or_freed(tid, sent)
     }

@@ -16,6 +16,18 @@ impl<'a, T: PacketTx, D: Doorbell, TC: Half<Item = T>, RC> Ops<'a, D, TC, RC> {
         )
     }
 
+    /// See the public method of the same name.
+    pub(crate) fn start_gpa_request(
+        &self,
+        ranges: &[GpaRange<'_>],
+        payload: &[u8],
+        wait: Wait,
+    ) -> Result<u64, ChannelError> {
+        let tid = self.alloc_polled()?;
+        let sent = self.send_gpa_direct_until(ranges, payload, gpa_request_meta(tid), wait);
+        self.sent_or_freed(tid, sent)
+    }
+
     /// Reserves an id for a polled request. A failed or closed channel says so first.
     pub(crate) fn alloc_polled(&self) -> Result<u64, ChannelError> {
         self.check_send()?;

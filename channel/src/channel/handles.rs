@@ -332,6 +332,43 @@ macro_rules! send_ops {
             self.ops().start_request(request, wait.into())
         }
 
+        /// Sends a GPA-direct request (`ranges` name the bulk data, `payload` travels
+        /// in-band after them) whose completion comes back through the receive calls, as
+        /// with [`start_request`](Self::start_request): the way a block device's guest
+        /// keeps many requests in flight. A link that cannot carry guest pages refuses
+        /// with [`ChannelError::Unsupported`] and no id stays reserved.
+        ///
+        /// ```
+        /// use vmlink_channel::packet::GpaRange;
+        /// use vmlink_channel::{Config, PacketType, Wait, in_process_channel_pair};
+        ///
+        /// let config = Config::default().with_gpa_page_limit(64);
+        /// let (guest, host) = in_process_channel_pair(4096, config)?;
+        /// let pages = [3];
+        /// let ranges = [GpaRange { byte_offset: 0, byte_count: 4096, pages: &pages }];
+        /// let tid = guest.start_gpa_request(&ranges, b"read", Wait::Now)?;
+        ///
+        /// let request = host.recv_with(Wait::Now, |packet| {
+        ///     let mut scratch = [0u8; 64];
+        ///     let page = packet.gpa_ranges(&mut scratch)?.next().unwrap().pages().next();
+        ///     Ok::<_, vmlink_channel::ChannelError>((packet.meta().transaction_id, page))
+        /// })??;
+        /// assert_eq!(request, (tid, Some(3)));
+        /// host.complete(tid, b"done", Wait::Now)?;
+        /// let mut buf = [0u8; 16];
+        /// let done = guest.recv(&mut buf, Wait::Now)?;
+        /// assert_eq!((done.packet_type, done.transaction_id), (PacketType::Completion, tid));
+        /// # Ok::<(), vmlink_channel::ChannelError>(())
+        /// ```
+        pub fn start_gpa_request(
+            self: $recv,
+            ranges: &[GpaRange<'_>],
+            payload: &[u8],
+            wait: impl Into<Wait>,
+        ) -> Result<u64, ChannelError> {
+            self.ops().start_gpa_request(ranges, payload, wait.into())
+        }
+
         /// Prepares to sleep until a packet with these sizes fits in the outgoing ring (sets
         /// the pending send size, fences, looks again), for code that waits on the doorbell
         /// itself; see [`Endpoint::prepare_recv_wait`].
@@ -388,6 +425,15 @@ macro_rules! send_ops_async {
         /// [`start_request`](Self::start_request), waiting asynchronously for space.
         pub async fn start_request_async(self: $recv, request: &[u8]) -> Result<u64, ChannelError> {
             self.ops().start_request_async(request).await
+        }
+
+        /// [`start_gpa_request`](Self::start_gpa_request), waiting asynchronously for space.
+        pub async fn start_gpa_request_async(
+            self: $recv,
+            ranges: &[GpaRange<'_>],
+            payload: &[u8],
+        ) -> Result<u64, ChannelError> {
+            self.ops().start_gpa_request_async(ranges, payload).await
         }
     };
 }

@@ -99,7 +99,7 @@ pub use saved::SavedEndpoint;
 pub use saved::{SAVED_STATE_MAGIC, SAVED_STATE_VERSION, SavedStateError};
 pub use send::SendBatch;
 pub(crate) use send::completion;
-pub(crate) use send::request_packet;
+pub(crate) use send::{gpa_request_meta, request_packet};
 #[cfg(feature = "alloc")]
 pub use watch::{Sample, Watch};
 

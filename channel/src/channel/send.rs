@@ -180,6 +180,15 @@ pub(crate) fn request_packet<'a>(tid: u64, payload: &'a [&'a [u8]]) -> OutgoingP
     }
 }
 
+/// The descriptor fields of a GPA-direct request with id `tid` (the link sets the type).
+pub(crate) fn gpa_request_meta(tid: u64) -> PacketMeta {
+    PacketMeta {
+        packet_type: PacketType::GpaDirect,
+        flags: FLAG_COMPLETION_REQUESTED,
+        transaction_id: tid,
+    }
+}
+
 /// The payload of `parts`: one slice as it is (the ring's shortest path), several gathered.
 #[inline]
 fn payload_of<'a>(parts: &'a [&'a [u8]]) -> vmlink_ring::Payload<'a> {
