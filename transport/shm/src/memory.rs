@@ -15,7 +15,7 @@
 use std::io;
 use std::num::NonZeroUsize;
 use std::ops::Range;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -483,6 +483,136 @@ impl BufferArea {
     }
 }
 
+/// Most iovecs one `preadv` / `pwritev` call is given (Linux allows 1024).
+const IOV_BATCH: usize = 64;
+
+/// The direction of [`BufferArea::file_io`].
+#[derive(Clone, Copy)]
+enum FileIo {
+    /// From the file into the area.
+    Read,
+    /// From the area into the file.
+    Write,
+}
+
+impl BufferArea {
+    /// Reads the file behind `fd`, from `file_offset` on, straight into the area's byte
+    /// `ranges` in order until every one is full: positional, vectored I/O (`preadv(2)`)
+    /// into the mapping, with no copy through private memory. This is how a device serves
+    /// a GPA-direct read in place.
+    ///
+    /// Every range is checked against the area first (an [`OutOfBounds`] range is
+    /// `InvalidInput`, and nothing is read); a file that ends early is `UnexpectedEof`
+    /// (what was read stays in the area). The peer may write the same bytes meanwhile: it
+    /// then gets what it wrote or what the file held, as it would from a DMA.
+    pub fn read_file(
+        &self,
+        fd: BorrowedFd<'_>,
+        file_offset: u64,
+        ranges: &[Range<usize>],
+    ) -> io::Result<()> {
+        self.file_io(FileIo::Read, fd, file_offset, ranges)
+    }
+
+    /// Writes the area's byte `ranges`, in order, to the file behind `fd` from
+    /// `file_offset` on (`pwritev(2)` straight from the mapping). Ranges are checked as
+    /// for [`read_file`](Self::read_file); a file that takes no more bytes is `WriteZero`.
+    /// The peer may change the bytes while they are written: the file then holds some mix
+    /// of the old and the new, as a disk would after a DMA from changing memory.
+    pub fn write_file(
+        &self,
+        fd: BorrowedFd<'_>,
+        file_offset: u64,
+        ranges: &[Range<usize>],
+    ) -> io::Result<()> {
+        self.file_io(FileIo::Write, fd, file_offset, ranges)
+    }
+
+    fn file_io(
+        &self,
+        dir: FileIo,
+        fd: BorrowedFd<'_>,
+        mut file_offset: u64,
+        ranges: &[Range<usize>],
+    ) -> io::Result<()> {
+        let size = self.len();
+        for r in ranges {
+            if r.start > r.end || r.end > size {
+                let err = OutOfBounds {
+                    offset: r.start,
+                    len: r.end.wrapping_sub(r.start),
+                    size,
+                };
+                return Err(io::Error::new(io::ErrorKind::InvalidInput, err));
+            }
+        }
+        let base = self.words.as_ptr().cast::<u8>().cast_mut();
+        // The next byte to move: range `index`, `done` bytes into it.
+        let (mut index, mut done) = (0, 0);
+        let mut iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; IOV_BATCH];
+        loop {
+            while index < ranges.len() && done == ranges[index].len() {
+                (index, done) = (index + 1, 0);
+            }
+            if index == ranges.len() {
+                return Ok(());
+            }
+            let mut count = 0;
+            for (i, r) in ranges[index..].iter().enumerate().take(IOV_BATCH) {
+                let skip = if i == 0 { done } else { 0 };
+                iov[count] = libc::iovec {
+                    iov_base: base.wrapping_add(r.start + skip).cast(),
+                    iov_len: r.len() - skip,
+                };
+                count += 1;
+            }
+            let at = libc::off_t::try_from(file_offset)
+                .map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+            let n = match dir {
+                // SAFETY: each iovec lies inside the mapping (every range was checked
+                // against the area's length above), which `self` keeps mapped for the
+                // call; the kernel writes those bytes as the peer may at any time, and
+                // this process reaches them only through atomics, never a reference to
+                // plain bytes. `count` iovecs are initialised.
+                FileIo::Read => unsafe {
+                    libc::preadv(fd.as_raw_fd(), iov.as_ptr(), count as libc::c_int, at)
+                },
+                // SAFETY: as for the read; the kernel only reads the iovecs' bytes.
+                FileIo::Write => unsafe {
+                    libc::pwritev(fd.as_raw_fd(), iov.as_ptr(), count as libc::c_int, at)
+                },
+            };
+            let mut n = match usize::try_from(n) {
+                Ok(0) => {
+                    return Err(match dir {
+                        FileIo::Read => io::ErrorKind::UnexpectedEof.into(),
+                        FileIo::Write => io::ErrorKind::WriteZero.into(),
+                    });
+                }
+                Ok(n) => n,
+                Err(_) => {
+                    let err = io::Error::last_os_error();
+                    if err.kind() == io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    return Err(err);
+                }
+            };
+            file_offset += n as u64;
+            while n > 0 {
+                let step = n.min(ranges[index].len() - done);
+                (done, n) = (done + step, n - step);
+                if done == ranges[index].len() {
+                    (index, done) = (index + 1, 0);
+                }
+            }
+        }
+    }
+}
+
 impl OutOfBounds {
     /// The buffer area's words are the whole area, so the copy's range is the access's.
     fn from_words(e: WordsOutOfBounds) -> Self {
@@ -552,6 +682,66 @@ mod tests {
                 size: 0
             })
         );
+    }
+
+    #[test]
+    fn file_io_moves_the_ranges_in_order_and_refuses_what_is_outside() {
+        use std::os::fd::AsFd;
+        let layout = Layout::symmetric(4096, 64 * 4096);
+        let memory = SharedMemory::new(mapping(layout.validate().unwrap() as usize), layout);
+        let area = memory.buffer();
+        let file = crate::sys::memfd_create(c"vmlink-file-io-test").unwrap();
+        let pattern: Vec<u8> = (0..300_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        crate::sys::ftruncate(file.as_fd(), pattern.len() as u64).unwrap();
+        area.write(0, &pattern[..area.len()]).unwrap();
+        area.write_file(file.as_fd(), 0, &[0..area.len()]).unwrap();
+        // 100 scattered ranges of odd lengths (more than one preadv's worth of iovecs),
+        // read from an odd file offset, land where they were asked to.
+        let ranges: Vec<Range<usize>> = (0..100)
+            .map(|i| i * 2600 + 3..i * 2600 + 3 + 997 + i)
+            .collect();
+        let total: usize = ranges.iter().map(|r| r.len()).sum();
+        area.write(0, &vec![0u8; area.len()]).unwrap();
+        area.read_file(file.as_fd(), 1001, &ranges).unwrap();
+        let mut at = 1001;
+        for r in &ranges {
+            let mut got = vec![0u8; r.len()];
+            area.read(r.start, &mut got).unwrap();
+            assert_eq!(got, pattern[at..at + r.len()], "range {r:?}");
+            at += r.len();
+        }
+        // And written back elsewhere in the file, they come out in the same order.
+        area.write_file(file.as_fd(), 200_000, &ranges).unwrap();
+        let mut back = vec![0u8; total];
+        nix::sys::uio::pread(file.as_fd(), &mut back, 200_000).unwrap();
+        assert_eq!(back, pattern[1001..1001 + total]);
+        // A range past the area is refused before anything moves.
+        let before = {
+            let mut b = vec![0u8; 4096];
+            area.read(0, &mut b).unwrap();
+            b
+        };
+        let bad = [0..4096, area.len() - 8..area.len() + 1];
+        let err = area.read_file(file.as_fd(), 0, &bad).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        assert!(err.to_string().contains("262144"), "{err}");
+        #[allow(clippy::reversed_empty_ranges)]
+        let reversed = [10..5];
+        assert_eq!(
+            area.write_file(file.as_fd(), 0, &reversed)
+                .unwrap_err()
+                .kind(),
+            io::ErrorKind::InvalidInput
+        );
+        let mut after = vec![0u8; 4096];
+        area.read(0, &mut after).unwrap();
+        assert_eq!(after, before);
+        // A file that ends early is an EOF error; empty ranges move nothing.
+        let err = area
+            .read_file(file.as_fd(), 200_000 + total as u64 - 100, &[0..4096])
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        area.read_file(file.as_fd(), u64::MAX, &[5..5]).unwrap();
     }
 
     #[test]
