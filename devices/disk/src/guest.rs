@@ -101,8 +101,9 @@ impl DiskClient {
         &self.area
     }
 
-    /// The bytes of the buffer area that queued requests may name: the guest's half, less
-    /// the bounce buffer the blocking calls use at its end.
+    /// The bytes of the buffer area for queued requests' buffers: the guest's half, less
+    /// the bounce buffer at its end that the blocking calls overwrite (queued requests may
+    /// name any of the guest's half; the host refuses the host's half).
     pub fn buffers(&self) -> Range<usize> {
         self.buffers.start..self.bounce().start
     }

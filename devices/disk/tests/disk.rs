@@ -1,0 +1,535 @@
+//! The disk end to end over vmlink-shm: data checked against the image, bad requests
+//! refused without changing anything, a guest that leaves mid-request.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::thread::{self, JoinHandle};
+
+use vmlink_channel::packet::GpaRange;
+use vmlink_channel::{ChannelError, OutgoingPacket, PacketMeta, PacketType, Payload, Wait};
+use vmlink_disk::proto::{FLAG_FUA, Op, RequestHeader};
+use vmlink_disk::{
+    Disk, DiskClient, DiskError, DiskOptions, ServeStats, Status, config, serve, service,
+};
+use vmlink_shm::Guest;
+
+/// A scratch directory, removed on drop; in /dev/shm when there is one (a tmpfs).
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let base = Path::new("/dev/shm");
+        let base = if base.is_dir() {
+            base.to_path_buf()
+        } else {
+            std::env::temp_dir()
+        };
+        let dir = base.join(format!("vmlink-disk-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    /// An image of `len` bytes filled with a pattern; returns its path and contents.
+    fn image(&self, len: usize) -> (PathBuf, Vec<u8>) {
+        let path = self.0.join("disk.img");
+        let data: Vec<u8> = (0..len)
+            .map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[2])
+            .collect();
+        std::fs::write(&path, &data).unwrap();
+        (path, data)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+type Host = JoinHandle<Result<ServeStats, DiskError>>;
+
+/// A host serving `image` on a socket pair and a connected guest client.
+fn connect(image: &Path, options: DiskOptions) -> (DiskClient, Host) {
+    let (a, b) = UnixStream::pair().unwrap();
+    let image = image.to_path_buf();
+    let host = thread::spawn(move || {
+        let disk = Disk::open(&image, options)?;
+        let endpoint = service("disk").serve_stream(a)?;
+        serve(&disk, endpoint.channel(), endpoint.buffer())
+    });
+    let endpoint = Guest::new("disk")
+        .with_config(config())
+        .connect_stream(b)
+        .unwrap();
+    let (channel, memory) = endpoint.into_parts();
+    (DiskClient::new(channel, memory.buffer()).unwrap(), host)
+}
+
+/// A small deterministic generator.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+#[test]
+fn queued_reads_and_writes_at_depth_32_match_the_image_byte_for_byte() {
+    let scratch = Scratch::new("queue");
+    let (path, mut model) = scratch.image(8 << 20);
+    let (mut disk, host) = connect(&path, DiskOptions::default());
+    assert_eq!(disk.info().sectors, (8 << 20) / 512);
+    let buffers = disk.buffers();
+    // 32 slots of 128 KiB in the guest's half; each request uses its own.
+    let slot = |i: usize| buffers.start + i * 131072;
+    let mut rng = Rng(0x9e3779b97f4a7c15);
+    // What each id is: (slot, sector, bytes, write?).
+    let mut pending = std::collections::HashMap::new();
+    let mut free: Vec<usize> = (0..32).collect();
+    let (mut reads, mut writes) = (0, 0);
+    for _ in 0..3000 {
+        while let Some(s) = free.pop() {
+            let sectors = 1 + (rng.next() % 128) as usize;
+            let sector = rng.next() % (model.len() / 512 - sectors) as u64;
+            let len = sectors * 512;
+            // Buffers at every sector offset inside a slot's first page.
+            let start = slot(s) + (rng.next() % 8) as usize * 512;
+            let write = rng.next() % 3 == 0;
+            let id = if write {
+                let data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+                disk.area().write(start, &data).unwrap();
+                let at = sector as usize * 512;
+                model[at..at + len].copy_from_slice(&data);
+                writes += 1;
+                disk.submit_write(
+                    sector,
+                    start..start + len,
+                    rng.next() % 8 == 0,
+                    Wait::Forever,
+                )
+                .unwrap()
+            } else {
+                reads += 1;
+                disk.submit_read(sector, start..start + len, Wait::Forever)
+                    .unwrap()
+            };
+            // Overlapping requests in flight would race on the model; keep writes apart by
+            // waiting for everything before a write is modelled over a pending read.
+            assert!(pending.insert(id, (s, start, sector, len, write)).is_none());
+        }
+        let done = disk.reap(Wait::Forever).unwrap();
+        done.result().unwrap();
+        let (s, start, sector, len, write) = pending.remove(&done.id).expect("a known id");
+        if !write {
+            let mut got = vec![0u8; len];
+            disk.area().read(start, &mut got).unwrap();
+            let at = sector as usize * 512;
+            // A read overlapping a write still in flight may see either; only compare
+            // what no pending write touches.
+            let overlaps = pending.values().any(|&(_, _, ws, wl, w)| {
+                w && ws as usize * 512 < at + len && at < ws as usize * 512 + wl
+            });
+            if !overlaps {
+                assert_eq!(
+                    got,
+                    model[at..at + len],
+                    "read of {len} bytes at sector {sector}"
+                );
+            }
+        }
+        free.push(s);
+    }
+    while disk.in_flight() > 0 {
+        disk.reap(Wait::Forever).unwrap().result().unwrap();
+    }
+    disk.flush().unwrap();
+    drop(disk);
+    let stats = host.join().unwrap().unwrap();
+    assert!(
+        reads > 1000 && writes > 500,
+        "{reads} reads, {writes} writes"
+    );
+    assert_eq!(stats.refused, 0);
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        model,
+        "the image is what was written"
+    );
+    assert!(
+        stats.batches < stats.completed,
+        "some batches held several requests: {stats:?}"
+    );
+}
+
+#[test]
+fn blocking_calls_cross_the_bounce_buffer_and_check_their_arguments() {
+    let scratch = Scratch::new("blocking");
+    let (path, mut model) = scratch.image(4 << 20);
+    let (mut disk, host) = connect(&path, DiskOptions::default());
+    // 2.5 MiB: three trips through the 1 MiB bounce buffer.
+    let data: Vec<u8> = (0..5 * 512 * 1024)
+        .map(|i| (i / 512) as u8 ^ 0x3c)
+        .collect();
+    disk.write(100, &data).unwrap();
+    model[100 * 512..100 * 512 + data.len()].copy_from_slice(&data);
+    let mut back = vec![0u8; data.len() + 1024];
+    disk.read(99, &mut back).unwrap();
+    assert!(
+        back == model[99 * 512..99 * 512 + back.len()],
+        "read back differs"
+    );
+    // Discard: zeros afterwards (hole punching on this file system).
+    disk.discard(200, 16).unwrap();
+    model[200 * 512..216 * 512].fill(0);
+    let mut hole = vec![1u8; 16 * 512];
+    disk.read(200, &mut hole).unwrap();
+    assert!(hole.iter().all(|&b| b == 0));
+    // Arguments the client refuses before sending anything.
+    let sectors = disk.info().sectors;
+    assert!(matches!(
+        disk.read(sectors, &mut [0; 512]),
+        Err(DiskError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        disk.write(0, &[0; 100]),
+        Err(DiskError::Invalid(_))
+    ));
+    let b = disk.buffers();
+    assert!(matches!(
+        disk.submit_read(0, b.start + 1..b.start + 513, Wait::Now),
+        Err(DiskError::Invalid(_))
+    ));
+    let half_end = disk.area().len();
+    assert!(matches!(
+        disk.submit_read(0, half_end - 512..half_end + 512, Wait::Now),
+        Err(DiskError::Invalid(_))
+    ));
+    assert!(matches!(
+        disk.submit_read(0, b.start..b.start + (2 << 20), Wait::Now),
+        Err(DiskError::Invalid(_))
+    ));
+    // A blocking call while a queued request is in flight.
+    let id = disk
+        .submit_read(0, b.start..b.start + 512, Wait::Forever)
+        .unwrap();
+    assert!(matches!(
+        disk.flush(),
+        Err(DiskError::Busy { in_flight: 1 })
+    ));
+    assert_eq!(disk.reap(Wait::Forever).unwrap().id, id);
+    drop(disk);
+    host.join().unwrap().unwrap();
+    assert!(std::fs::read(&path).unwrap() == model, "the image differs");
+}
+
+/// The payload and ranges of a raw request, sent past the client's checks.
+fn raw(disk: &DiskClient, header: RequestHeader, ranges: Option<&[GpaRange<'_>]>) -> u64 {
+    match ranges {
+        Some(r) => disk
+            .channel()
+            .start_gpa_request(r, &header.encode(), Wait::Forever)
+            .unwrap(),
+        None => disk
+            .channel()
+            .start_request(&header.encode(), Wait::Forever)
+            .unwrap(),
+    }
+}
+
+/// The status of the next completion, which must be for `id`.
+fn status_of(disk: &mut DiskClient, id: u64) -> Status {
+    let done = disk.reap(Wait::Forever).unwrap();
+    assert_eq!(done.id, id);
+    done.completion.status
+}
+
+#[test]
+fn bad_requests_get_error_completions_and_change_nothing() {
+    let scratch = Scratch::new("bad");
+    let (path, model) = scratch.image(1 << 20);
+    let (mut disk, host) = connect(&path, DiskOptions::default());
+    let b = disk.buffers();
+    let page = (b.start / 4096) as u64;
+    disk.area().write(b.start, &[0xee; 8192]).unwrap();
+    let pages = [page, page + 1];
+    let two = [GpaRange {
+        byte_offset: 0,
+        byte_count: 8192,
+        pages: &pages,
+    }];
+    let write = |sector, sectors| RequestHeader::new(Op::Write, sector, sectors);
+    let sectors = disk.info().sectors;
+    let host_page = [0u64];
+    let cases: Vec<(RequestHeader, Option<Vec<GpaRange<'_>>>, Status)> = vec![
+        // Past the end, and straddling it.
+        (write(sectors, 16), Some(two.to_vec()), Status::OutOfRange),
+        (
+            write(sectors - 8, 16),
+            Some(two.to_vec()),
+            Status::OutOfRange,
+        ),
+        (
+            write(u64::MAX - 3, 16),
+            Some(two.to_vec()),
+            Status::OutOfRange,
+        ),
+        // The ranges hold fewer or more bytes than the sectors.
+        (write(0, 15), Some(two.to_vec()), Status::BadBuffer),
+        (write(0, 17), Some(two.to_vec()), Status::BadBuffer),
+        // A buffer in the host's half of the area.
+        (
+            write(0, 8),
+            Some(vec![GpaRange {
+                byte_offset: 0,
+                byte_count: 4096,
+                pages: &host_page,
+            }]),
+            Status::BadBuffer,
+        ),
+        // Misaligned offset and size.
+        (
+            write(0, 1),
+            Some(vec![GpaRange {
+                byte_offset: 8,
+                byte_count: 512,
+                pages: &pages[..1],
+            }]),
+            Status::Misaligned,
+        ),
+        (
+            write(0, 1),
+            Some(vec![GpaRange {
+                byte_offset: 0,
+                byte_count: 520,
+                pages: &pages[..1],
+            }]),
+            Status::Misaligned,
+        ),
+        // Lengths, ops, packet kinds, flags.
+        (write(0, 0), Some(two.to_vec()), Status::BadLength),
+        (
+            RequestHeader {
+                op: 77,
+                ..write(0, 16)
+            },
+            Some(two.to_vec()),
+            Status::UnknownOp,
+        ),
+        (
+            RequestHeader {
+                op: 0,
+                ..write(0, 16)
+            },
+            Some(two.to_vec()),
+            Status::UnknownOp,
+        ),
+        (write(0, 16), None, Status::Malformed),
+        (
+            RequestHeader::new(Op::Flush, 0, 0),
+            Some(two.to_vec()),
+            Status::Malformed,
+        ),
+        (
+            RequestHeader {
+                flags: 0x80,
+                ..write(0, 16)
+            },
+            Some(two.to_vec()),
+            Status::Malformed,
+        ),
+        (
+            RequestHeader {
+                flags: FLAG_FUA,
+                ..RequestHeader::new(Op::Read, 0, 16)
+            },
+            Some(two.to_vec()),
+            Status::Malformed,
+        ),
+        (
+            RequestHeader::new(Op::Discard, sectors, 1),
+            None,
+            Status::OutOfRange,
+        ),
+        (
+            RequestHeader::new(Op::Discard, 0, 4096),
+            None,
+            Status::BadLength,
+        ),
+    ];
+    for (header, ranges, want) in &cases {
+        let id = raw(&disk, *header, ranges.as_deref());
+        assert_eq!(status_of(&mut disk, id), *want, "{header:?}");
+    }
+    // Payloads of the wrong length or with reserved bytes set.
+    for payload in [&[1u8; 8][..], &[0u8; 24], &{
+        let mut b = write(0, 16).encode();
+        b[3] = 1;
+        b
+    }] {
+        let id = disk
+            .channel()
+            .start_gpa_request(&two, payload, Wait::Forever)
+            .unwrap();
+        assert_eq!(status_of(&mut disk, id), Status::Malformed);
+    }
+    // A packet that asks for no completion is ignored; the channel goes on.
+    let packet = OutgoingPacket {
+        meta: PacketMeta {
+            packet_type: PacketType::InBand,
+            flags: 0,
+            transaction_id: 7,
+        },
+        header: &[],
+        payload: Payload::Bytes(&write(0, 16).encode()),
+    };
+    disk.channel().send_packet(&packet, Wait::Forever).unwrap();
+    let mut back = vec![0u8; 1 << 20];
+    disk.read(0, &mut back).unwrap();
+    assert!(back == model, "a refused request changed the image");
+    drop(disk);
+    let stats = host.join().unwrap().unwrap();
+    assert_eq!(stats.refused, cases.len() as u64 + 3);
+    assert_eq!((stats.ignored, stats.bytes_written), (1, 0));
+}
+
+#[test]
+fn a_page_past_the_buffer_area_fails_the_channel_not_the_host() {
+    let scratch = Scratch::new("past");
+    let (path, model) = scratch.image(1 << 20);
+    let (disk, host) = connect(&path, DiskOptions::default());
+    let beyond = [disk.area().pages()];
+    let ranges = [GpaRange {
+        byte_offset: 0,
+        byte_count: 4096,
+        pages: &beyond,
+    }];
+    // The guest's own channel refuses to send it...
+    let header = RequestHeader::new(Op::Write, 0, 8).encode();
+    assert!(matches!(
+        disk.channel()
+            .start_gpa_request(&ranges, &header, Wait::Forever),
+        Err(ChannelError::InvalidPacket(_))
+    ));
+    drop(disk);
+    host.join().unwrap().unwrap();
+    assert!(std::fs::read(&path).unwrap() == model, "the image differs");
+}
+
+#[test]
+fn a_read_only_disk_refuses_writes_and_discards_and_serves_reads() {
+    let scratch = Scratch::new("ro");
+    let (path, model) = scratch.image(1 << 20);
+    let options = DiskOptions {
+        read_only: true,
+        ..DiskOptions::default()
+    };
+    let (mut disk, host) = connect(&path, options);
+    assert!(disk.info().read_only && !disk.info().discard);
+    let err = disk.write(0, &[1; 512]).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            DiskError::Refused {
+                status: Status::ReadOnly,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err = disk.discard(0, 8).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            DiskError::Refused {
+                status: Status::ReadOnly,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let mut back = vec![0u8; 1 << 20];
+    disk.read(0, &mut back).unwrap();
+    assert!(back == model, "read back differs");
+    disk.flush().unwrap();
+    drop(disk);
+    host.join().unwrap().unwrap();
+}
+
+#[test]
+fn a_guest_that_leaves_mid_request_finds_every_completed_write_in_the_image() {
+    let scratch = Scratch::new("leave");
+    let (path, mut model) = scratch.image(4 << 20);
+    let (mut disk, host) = connect(&path, DiskOptions::default());
+    let b = disk.buffers();
+    let mut completed = Vec::new();
+    let mut submitted = std::collections::HashMap::new();
+    // 64 writes of 64 KiB, each to its own place with its own byte; reap half and leave.
+    for i in 0..64usize {
+        let start = b.start + (i % 32) * 65536;
+        if i >= 32 {
+            let done = disk.reap(Wait::Forever).unwrap();
+            done.result().unwrap();
+            completed.push(submitted.remove(&done.id).unwrap());
+        }
+        disk.area().write(start, &[i as u8 + 1; 65536]).unwrap();
+        let id = disk
+            .submit_write(i as u64 * 128, start..start + 65536, false, Wait::Forever)
+            .unwrap();
+        submitted.insert(id, i);
+    }
+    drop(disk);
+    host.join().unwrap().unwrap();
+    let image = std::fs::read(&path).unwrap();
+    for i in completed {
+        model[i * 65536..(i + 1) * 65536].fill(i as u8 + 1);
+        assert_eq!(
+            image[i * 65536..(i + 1) * 65536],
+            model[i * 65536..(i + 1) * 65536],
+            "write {i}"
+        );
+    }
+    // Writes the guest never saw complete are whole or absent, never torn between writes.
+    for &i in submitted.values() {
+        let got = &image[i * 65536..(i + 1) * 65536];
+        let mine = got.iter().all(|&b| b == i as u8 + 1);
+        assert!(
+            mine || got == &model[i * 65536..(i + 1) * 65536],
+            "write {i} is torn"
+        );
+    }
+}
+
+#[test]
+fn opening_refuses_what_is_not_a_disk() {
+    let scratch = Scratch::new("open");
+    let err = Disk::open(scratch.0.join("missing.img"), DiskOptions::default()).unwrap_err();
+    assert!(matches!(err, DiskError::Open { .. }), "{err}");
+    assert!(err.to_string().contains("missing.img"), "{err}");
+    let tiny = scratch.0.join("tiny.img");
+    std::fs::write(&tiny, [0u8; 511]).unwrap();
+    assert!(matches!(
+        Disk::open(&tiny, DiskOptions::default()),
+        Err(DiskError::TooSmall { len: 511 })
+    ));
+    assert!(matches!(
+        Disk::open(&scratch.0, DiskOptions::default()),
+        Err(DiskError::Open { .. })
+    ));
+    // A size that is not whole sectors: the tail is not part of the disk.
+    let odd = scratch.0.join("odd.img");
+    let file = File::create(&odd).unwrap();
+    file.write_all_at(&[7; 1000], 0).unwrap();
+    assert_eq!(
+        Disk::open(&odd, DiskOptions::default())
+            .unwrap()
+            .info()
+            .sectors,
+        1
+    );
+}
