@@ -68,6 +68,8 @@ pub mod link;
 pub mod packet;
 #[cfg(feature = "alloc")]
 mod queue;
+#[cfg(feature = "alloc")]
+mod set;
 mod sync;
 mod txn;
 
@@ -95,6 +97,8 @@ pub use fd::TokioDoorbell;
 pub use link::{PacketRx, PacketTx, Received, RingRx, RingTx};
 #[cfg(feature = "std")]
 pub use pair::{InProcessChannel, in_process_channel_pair};
+#[cfg(feature = "alloc")]
+pub use set::ChannelSet;
 #[cfg(all(loom, feature = "std"))]
 #[doc(hidden)]
 pub use sync::LoomHub;
