@@ -12,6 +12,7 @@
 //! ```
 
 mod demo;
+mod disk;
 mod error;
 mod hash;
 mod ic;
@@ -130,6 +131,9 @@ enum Command {
     /// Make a static key pair for `serve` / `connect --secure`: FILE (private, 0600) and
     /// FILE.pub (a public key line for the peer's `--peer-keys`).
     Keygen(KeygenArgs),
+    /// A virtual disk over vmlink: `serve` an image to guests, or `bench` it beside
+    /// qemu-nbd and the host's own pread/pwrite.
+    Disk(disk::DiskArgs),
     /// The guest side of `vmlink demo` (spawned by it; not for direct use).
     #[command(hide = true)]
     DemoGuest(DemoGuestArgs),
@@ -285,6 +289,13 @@ fn main() -> ExitCode {
         Command::Policy(args) => policy::run(&args),
         Command::Keygen(args) => status("keygen", secure::keygen(&args.path, &args.comment)),
         Command::Agent(args) => status("agent", ic::agent(&args)),
+        Command::Disk(args) => match disk::run(&args) {
+            Ok(code) => ExitCode::from(code),
+            Err(e) => {
+                eprintln!("vmlink disk: {e}");
+                ExitCode::from(2)
+            }
+        },
         Command::Stat(args) => status("stat", stat::stat(&args)),
         Command::Top(args) => status("top", stat::top(&args)),
         Command::Ic(args) => match ic::ic(&args) {

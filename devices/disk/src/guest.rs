@@ -177,12 +177,14 @@ impl DiskClient {
     ) -> Result<u64, DiskError> {
         let sector_size = SECTOR_SIZE as usize;
         let inside = self.buffers.start <= buffer.start && buffer.end <= self.buffers.end;
-        if !inside || buffer.start >= buffer.end || buffer.start % sector_size != 0 {
+        if !inside || buffer.start >= buffer.end || !buffer.start.is_multiple_of(sector_size) {
             return Err(DiskError::Invalid(
                 "the buffer is not sectors inside the guest's half",
             ));
         }
-        if buffer.len() % sector_size != 0 || buffer.len() > self.info.max_transfer as usize {
+        if !buffer.len().is_multiple_of(sector_size)
+            || buffer.len() > self.info.max_transfer as usize
+        {
             return Err(DiskError::Invalid(
                 "the buffer is not 1 to max_transfer whole sectors",
             ));
@@ -286,7 +288,7 @@ impl DiskClient {
     ) -> Result<(), DiskError> {
         self.idle()?;
         let sector_size = SECTOR_SIZE as usize;
-        if len % sector_size != 0 {
+        if !len.is_multiple_of(sector_size) {
             return Err(DiskError::Invalid(
                 "the length is not a whole number of sectors",
             ));

@@ -538,7 +538,8 @@ mod tests {
             },
         ];
         let plan = gpa(RequestHeader::new(Op::Write, 0, 4), &ranges, &LIMITS).unwrap();
-        assert_eq!(plan.segments(), [at(G + 20)..at(G + 20) + 2048]);
+        assert_eq!(plan.segments().len(), 1);
+        assert_eq!(plan.segments()[0], at(G + 20)..at(G + 20) + 2048);
     }
 
     #[test]
@@ -701,7 +702,8 @@ mod tests {
         }];
         let plan = gpa(RequestHeader::new(Op::Write, 8, 2048), &ranges, &LIMITS).unwrap();
         let start = ((G + 100) * 4096) as usize + 2048;
-        assert_eq!(plan.segments(), [start..start + (1 << 20)]);
+        assert_eq!(plan.segments().len(), 1);
+        assert_eq!(plan.segments()[0], start..start + (1 << 20));
     }
 
     #[test]

@@ -100,7 +100,7 @@ fn queued_reads_and_writes_at_depth_32_match_the_image_byte_for_byte() {
             let len = sectors * 512;
             // Buffers at every sector offset inside a slot's first page.
             let start = slot(s) + (rng.next() % 8) as usize * 512;
-            let write = rng.next() % 3 == 0;
+            let write = rng.next().is_multiple_of(3);
             let id = if write {
                 let data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
                 disk.area().write(start, &data).unwrap();
@@ -110,7 +110,7 @@ fn queued_reads_and_writes_at_depth_32_match_the_image_byte_for_byte() {
                 disk.submit_write(
                     sector,
                     start..start + len,
-                    rng.next() % 8 == 0,
+                    rng.next().is_multiple_of(8),
                     Wait::Forever,
                 )
                 .unwrap()

@@ -1,0 +1,869 @@
+//! `vmlink disk bench`: the disk beside qemu-nbd and the host's own pread/pwrite.
+//!
+//! One image in a tmpfs, so the device is measured, not the disk. Three systems run the
+//! same cases in interleaved rounds (the order rotating each round), and each round's
+//! ratios are taken before the medians:
+//! - vmlink: `vmlink-disk` over a vmlink-shm channel in blocking mode (spin, then sleep on
+//!   the doorbell), its host serving on a thread pinned to CPU 0, the guest on CPU 1.
+//! - qemu-nbd: `qemu-nbd` serving the image on a Unix socket (pinned to CPU 0), driven by
+//!   vmlink-nbd's client on CPU 1 with the same queue depth; `qemu-img bench` over
+//!   `nbd+unix` runs the same case once as a cross-check, and the better of the two is
+//!   what vmlink is compared with, so a slow client cannot flatter the ratio.
+//! - floor: this process's own `pread` / `pwrite` on the image: one thread at depth 1, at
+//!   depth 8 and 32 the faster of that many threads and two (this machine's CPUs).
+//!
+//! The image holds a known pattern (each 512-byte sector starts with its own number), and
+//! writes write that same pattern, so every read can be checked: a sample of them is, in
+//! every system.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use nix::sched::{CpuSet, sched_setaffinity};
+use nix::time::{ClockId, clock_gettime};
+use nix::unistd::Pid;
+use vmlink_channel::Wait;
+use vmlink_disk::{Disk, DiskClient, DiskError, DiskOptions, ServeStats, serve};
+use vmlink_nbd::{ImgBench, NbdClient, QemuNbd, QemuNbdOptions, qemu_img_bench};
+use vmlink_shm::{Endpoint, Guest};
+
+use crate::error::{Context, Result, fail};
+
+/// Options of `vmlink disk bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Interleaved rounds (medians are taken across them).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Seconds each system runs each case in each round.
+    #[arg(long, default_value_t = 1.0)]
+    seconds: f64,
+    /// The image's size in MiB.
+    #[arg(long, default_value_t = 1024)]
+    size_mib: u64,
+    /// Where the image is made (a tmpfs, so the device is measured rather than a disk).
+    #[arg(long, default_value = "/dev/shm")]
+    dir: PathBuf,
+    /// A short run of every case (one round of 50 ms each on a 64 MiB image), for tests.
+    #[arg(long)]
+    smoke: bool,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// One workload.
+#[derive(Debug, Clone, Copy)]
+struct Case {
+    name: &'static str,
+    block: usize,
+    random: bool,
+    write: bool,
+    depth: usize,
+}
+
+fn cases() -> Vec<Case> {
+    let mut all = Vec::new();
+    for (name, block, random, write) in [
+        ("4k-randread", 4096, true, false),
+        ("4k-randwrite", 4096, true, true),
+        ("1m-seqread", 1 << 20, false, false),
+        ("1m-seqwrite", 1 << 20, false, true),
+    ] {
+        for depth in [1, 8, 32] {
+            all.push(Case {
+                name,
+                block,
+                random,
+                write,
+                depth,
+            });
+        }
+    }
+    all
+}
+
+/// What one system did in one case.
+#[derive(Debug, Clone, Copy, Default)]
+struct Sample {
+    ops: u64,
+    secs: f64,
+    cpu_ns: u64,
+    /// Doorbells rung both ways (vmlink only).
+    doorbells: u64,
+    /// Reads whose data was checked.
+    checked: u64,
+    /// Floor: the thread count that was faster.
+    threads: usize,
+}
+
+impl Sample {
+    fn iops(&self) -> f64 {
+        self.ops as f64 / self.secs
+    }
+}
+
+const SEED: u64 = 0x766d_6c69_6e6b_6469;
+const FILLER: u8 = 0xa5;
+
+/// The first 8 bytes of the sector at byte `offset` on the disk.
+fn stamp(offset: u64) -> [u8; 8] {
+    ((offset / 512) ^ SEED).to_le_bytes()
+}
+
+/// Fills `buf` with what the disk holds at `offset`.
+fn fill(buf: &mut [u8], offset: u64) {
+    for (i, sector) in buf.chunks_mut(512).enumerate() {
+        sector.fill(FILLER);
+        sector[..8].copy_from_slice(&stamp(offset + i as u64 * 512));
+    }
+}
+
+/// Stamps `buf` (already filled) for `offset`.
+fn restamp(buf: &mut [u8], offset: u64) {
+    for (i, sector) in buf.chunks_mut(512).enumerate() {
+        sector[..8].copy_from_slice(&stamp(offset + i as u64 * 512));
+    }
+}
+
+/// Whether `buf` holds what the disk holds at `offset`.
+fn holds(buf: &[u8], offset: u64) -> bool {
+    buf.chunks(512).enumerate().all(|(i, sector)| {
+        sector[..8] == stamp(offset + i as u64 * 512) && sector[8..].iter().all(|&b| b == FILLER)
+    })
+}
+
+/// Check one read in this many.
+const CHECK_EVERY: u64 = 16;
+
+/// Offsets for a case: random blocks, or one sequential stream shared by all slots.
+struct Offsets {
+    rng: u64,
+    next: u64,
+    blocks: u64,
+    block: u64,
+    random: bool,
+}
+
+impl Offsets {
+    fn new(case: &Case, len: u64, seed: u64) -> Self {
+        Self {
+            rng: seed | 1,
+            next: 0,
+            blocks: len / case.block as u64,
+            block: case.block as u64,
+            random: case.random,
+        }
+    }
+
+    fn next(&mut self) -> u64 {
+        let block = if self.random {
+            self.rng ^= self.rng << 13;
+            self.rng ^= self.rng >> 7;
+            self.rng ^= self.rng << 17;
+            self.rng % self.blocks
+        } else {
+            let b = self.next;
+            self.next = (self.next + 1) % self.blocks;
+            b
+        };
+        block * self.block
+    }
+}
+
+fn pin(cpu: usize) -> Result<()> {
+    let mut set = CpuSet::new();
+    set.set(cpu).context("pinning")?;
+    sched_setaffinity(Pid::from_raw(0), &set).context("pinning")
+}
+
+fn unpin() -> Result<()> {
+    let mut set = CpuSet::new();
+    for cpu in 0..CpuSet::count().min(1024) {
+        let _ = set.set(cpu);
+    }
+    sched_setaffinity(Pid::from_raw(0), &set).context("unpinning")
+}
+
+/// This process's CPU time.
+fn process_cpu() -> u64 {
+    clock_gettime(ClockId::CLOCK_PROCESS_CPUTIME_ID)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+/// Another process's CPU time: the sum over its threads of the kernel's run time.
+fn tasks_cpu(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Pins every thread of a process to `cpu` (threads it makes later inherit it).
+fn pin_process(pid: u32, cpu: usize) -> Result<()> {
+    let mut set = CpuSet::new();
+    set.set(cpu).context("pinning")?;
+    let tasks =
+        std::fs::read_dir(format!("/proc/{pid}/task")).context("listing qemu-nbd's threads")?;
+    for task in tasks.flatten() {
+        if let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) {
+            sched_setaffinity(Pid::from_raw(tid), &set).context("pinning qemu-nbd")?;
+        }
+    }
+    Ok(())
+}
+
+// ---- vmlink ----------------------------------------------------------------------------
+
+type Server = JoinHandle<std::result::Result<ServeStats, DiskError>>;
+
+struct Vmlink {
+    client: Option<DiskClient>,
+    host: Arc<Endpoint>,
+    server: Option<Server>,
+    len: u64,
+}
+
+impl Vmlink {
+    fn start(image: &Path, len: u64) -> Result<Self> {
+        let disk = Disk::open(image, DiskOptions::default()).context("opening the image")?;
+        let (a, b) = UnixStream::pair().context("a socket pair")?;
+        let accept = thread::spawn(move || vmlink_disk::service("disk").serve_stream(a));
+        let endpoint = Guest::new("disk")
+            .with_config(vmlink_disk::config())
+            .connect_stream(b)
+            .context("connecting the guest")?;
+        let host = match accept.join() {
+            Ok(host) => Arc::new(host.context("the host's handshake")?),
+            Err(_) => return fail("the host's handshake panicked"),
+        };
+        let served = Arc::clone(&host);
+        let server = thread::spawn(move || {
+            let _ = pin(0);
+            serve(&disk, served.channel(), served.buffer())
+        });
+        let (channel, memory) = endpoint.into_parts();
+        let client = DiskClient::new(channel, memory.buffer()).context("the disk's info")?;
+        Ok(Self {
+            client: Some(client),
+            host,
+            server: Some(server),
+            len,
+        })
+    }
+
+    fn client(&mut self) -> &mut DiskClient {
+        self.client.as_mut().expect("the client lives until drop")
+    }
+
+    fn doorbells(&mut self) -> u64 {
+        let host = self.host.channel().counters().signals_sent;
+        self.client().channel().counters().signals_sent + host
+    }
+
+    fn run(&mut self, case: &Case, secs: f64, seed: u64) -> Result<Sample> {
+        let base = self.client().buffers().start;
+        let slot = |i: usize| base + i * case.block;
+        if slot(case.depth) > self.client().area().len() {
+            return fail("the buffer area is too small for this depth");
+        }
+        let mut buf = vec![0u8; case.block];
+        let mut offsets = Offsets::new(case, self.len, seed);
+        if case.write {
+            fill(&mut buf, 0);
+            for i in 0..case.depth {
+                self.client()
+                    .area()
+                    .write(slot(i), &buf)
+                    .context("the buffer area")?;
+            }
+        }
+        // Each slot's request: (id, offset).
+        let mut at = [(u64::MAX, 0u64); 64];
+        let (bells, cpu, start) = (self.doorbells(), process_cpu(), Instant::now());
+        let deadline = start + Duration::from_secs_f64(secs);
+        let mut sample = Sample::default();
+        for (i, entry) in at.iter_mut().enumerate().take(case.depth) {
+            let offset = offsets.next();
+            *entry = (self.submit(case, slot(i), offset)?, offset);
+        }
+        let mut open = case.depth;
+        while open > 0 {
+            let done = self.client().reap(Wait::Forever).context("reaping")?;
+            done.result().context("a request")?;
+            let Some(i) = at[..case.depth].iter().position(|&(id, _)| id == done.id) else {
+                return fail("a completion for no request");
+            };
+            sample.ops += 1;
+            if !case.write && sample.ops.is_multiple_of(CHECK_EVERY) {
+                self.client()
+                    .area()
+                    .read(slot(i), &mut buf)
+                    .context("the buffer area")?;
+                if !holds(&buf, at[i].1) {
+                    return fail(format!("vmlink read wrong data at offset {}", at[i].1));
+                }
+                sample.checked += 1;
+            }
+            if Instant::now() < deadline {
+                let offset = offsets.next();
+                at[i] = (self.submit(case, slot(i), offset)?, offset);
+            } else {
+                at[i].0 = u64::MAX;
+                open -= 1;
+            }
+        }
+        sample.secs = start.elapsed().as_secs_f64();
+        sample.cpu_ns = process_cpu() - cpu;
+        sample.doorbells = self.doorbells() - bells;
+        Ok(sample)
+    }
+
+    fn submit(&mut self, case: &Case, slot: usize, offset: u64) -> Result<u64> {
+        let client = self.client();
+        let range = slot..slot + case.block;
+        let id = if case.write {
+            // Each sector's stamp for where it goes; the filler is already there.
+            for s in 0..case.block / 512 {
+                let stamp = stamp(offset + s as u64 * 512);
+                client
+                    .area()
+                    .write(slot + s * 512, &stamp)
+                    .context("the buffer area")?;
+            }
+            client.submit_write(offset / 512, range, false, Wait::Forever)
+        } else {
+            client.submit_read(offset / 512, range, Wait::Forever)
+        };
+        id.context("submitting")
+    }
+
+    /// Closes the guest's channel and waits for the host to finish.
+    fn finish(&mut self) -> Result<ServeStats> {
+        drop(self.client.take());
+        match self.server.take().map(JoinHandle::join) {
+            Some(Ok(stats)) => stats.context("the host"),
+            _ => fail("the host's thread panicked"),
+        }
+    }
+}
+
+// ---- qemu-nbd --------------------------------------------------------------------------
+
+struct Nbd {
+    server: QemuNbd,
+    client: NbdClient,
+    buffers: Vec<Vec<u8>>,
+    len: u64,
+}
+
+impl Nbd {
+    fn start(image: &Path, len: u64) -> Result<Self> {
+        let options = QemuNbdOptions {
+            // One connection for the client, one for qemu-img bench.
+            shared: 2,
+            ..QemuNbdOptions::default()
+        };
+        let server = QemuNbd::start(image, "disk", &options).context("starting qemu-nbd")?;
+        pin_process(server.pid(), 0)?;
+        let client = server.connect().context("connecting to qemu-nbd")?;
+        if client.size() < len {
+            return fail("qemu-nbd serves less than the image");
+        }
+        Ok(Self {
+            server,
+            client,
+            buffers: (0..32).map(|_| vec![0u8; 1 << 20]).collect(),
+            len,
+        })
+    }
+
+    fn cpu(&self) -> u64 {
+        process_cpu() + tasks_cpu(self.server.pid())
+    }
+
+    fn run(&mut self, case: &Case, secs: f64, seed: u64) -> Result<Sample> {
+        let mut offsets = Offsets::new(case, self.len, seed);
+        if case.write {
+            for b in &mut self.buffers[..case.depth] {
+                fill(&mut b[..case.block], 0);
+            }
+        }
+        let mut at = [0u64; 64];
+        let (cpu, start) = (self.cpu(), Instant::now());
+        let deadline = start + Duration::from_secs_f64(secs);
+        let mut sample = Sample::default();
+        for (i, offset) in at.iter_mut().enumerate().take(case.depth) {
+            *offset = offsets.next();
+            self.submit(case, i, *offset)?;
+        }
+        let mut open = case.depth;
+        let block = case.block;
+        while open > 0 {
+            let buffers = &mut self.buffers;
+            let reply = self
+                .client
+                .reap(|handle| buffers.get_mut(handle as usize).map(|b| &mut b[..block]))
+                .context("an NBD reply")?;
+            if !reply.is_ok() {
+                return fail(format!("qemu-nbd failed a request: {reply:?}"));
+            }
+            let i = reply.handle as usize;
+            sample.ops += 1;
+            if !case.write && sample.ops.is_multiple_of(CHECK_EVERY) {
+                if !holds(&self.buffers[i][..block], at[i]) {
+                    return fail(format!("qemu-nbd read wrong data at offset {}", at[i]));
+                }
+                sample.checked += 1;
+            }
+            if Instant::now() < deadline {
+                at[i] = offsets.next();
+                self.submit(case, i, at[i])?;
+            } else {
+                open -= 1;
+            }
+        }
+        sample.secs = start.elapsed().as_secs_f64();
+        sample.cpu_ns = self.cpu() - cpu;
+        Ok(sample)
+    }
+
+    fn submit(&mut self, case: &Case, slot: usize, offset: u64) -> Result<()> {
+        let buf = &mut self.buffers[slot][..case.block];
+        if case.write {
+            restamp(buf, offset);
+            self.client.submit_write(slot as u64, offset, buf)
+        } else {
+            self.client
+                .submit_read(slot as u64, offset, case.block as u32)
+        }
+        .context("an NBD request")
+    }
+
+    /// `qemu-img bench` over the same server: the same block size, depth and direction,
+    /// sequential, about `ops` requests. Its operations per second.
+    fn img_bench(&self, case: &Case, ops: u64) -> Result<f64> {
+        let args = ImgBench {
+            count: ops.max(case.depth as u64 * 4),
+            depth: case.depth as u32,
+            size: case.block as u64,
+            write: case.write,
+            ..ImgBench::default()
+        };
+        let result =
+            qemu_img_bench(self.server.socket_path(), "disk", &args).context("qemu-img bench")?;
+        Ok(result.ops_per_sec)
+    }
+}
+
+// ---- the floor -------------------------------------------------------------------------
+
+/// The host's own pread / pwrite on the image from `threads` threads (unpinned).
+fn floor_run(
+    file: &Arc<File>,
+    len: u64,
+    case: &Case,
+    threads: usize,
+    secs: f64,
+    seed: u64,
+) -> Result<Sample> {
+    let next = Arc::new(AtomicU64::new(0));
+    let ops = Arc::new(AtomicU64::new(0));
+    let checked = Arc::new(AtomicU64::new(0));
+    let (cpu, start) = (process_cpu(), Instant::now());
+    let deadline = start + Duration::from_secs_f64(secs);
+    let case = *case;
+    let workers: Vec<JoinHandle<Result<()>>> = (0..threads)
+        .map(|t| {
+            let (file, next, ops, checked) = (
+                Arc::clone(file),
+                Arc::clone(&next),
+                Arc::clone(&ops),
+                Arc::clone(&checked),
+            );
+            thread::spawn(move || {
+                unpin()?;
+                let mut buf = vec![0u8; case.block];
+                fill(&mut buf, 0);
+                let mut rng = Offsets::new(&case, len, seed ^ ((t as u64 + 1) * 0x9e37_79b9));
+                let blocks = len / case.block as u64;
+                let mut done = 0u64;
+                while Instant::now() < deadline {
+                    let offset = if case.random {
+                        rng.next()
+                    } else {
+                        (next.fetch_add(1, Ordering::Relaxed) % blocks) * case.block as u64
+                    };
+                    if case.write {
+                        restamp(&mut buf, offset);
+                        file.write_all_at(&buf, offset).context("pwrite")?;
+                    } else {
+                        file.read_exact_at(&mut buf, offset).context("pread")?;
+                        if (done + 1).is_multiple_of(CHECK_EVERY) {
+                            if !holds(&buf, offset) {
+                                return fail(format!("pread read wrong data at offset {offset}"));
+                            }
+                            checked.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    done += 1;
+                }
+                ops.fetch_add(done, Ordering::Relaxed);
+                Ok(())
+            })
+        })
+        .collect();
+    for w in workers {
+        match w.join() {
+            Ok(r) => r?,
+            Err(_) => return fail("a floor thread panicked"),
+        }
+    }
+    Ok(Sample {
+        ops: ops.load(Ordering::Relaxed),
+        secs: start.elapsed().as_secs_f64(),
+        cpu_ns: process_cpu() - cpu,
+        doorbells: 0,
+        checked: checked.load(Ordering::Relaxed),
+        threads,
+    })
+}
+
+/// The floor for a case: one thread at depth 1; else the faster of `depth` threads and 2.
+fn floor(file: &Arc<File>, len: u64, case: &Case, secs: f64, seed: u64) -> Result<Sample> {
+    let mut best = floor_run(file, len, case, 1.max(case.depth.min(2)), secs, seed)?;
+    if case.depth > 2 {
+        let wide = floor_run(file, len, case, case.depth, secs, seed)?;
+        if wide.iops() > best.iops() {
+            best = wide;
+        }
+    }
+    Ok(best)
+}
+
+// ---- the run ---------------------------------------------------------------------------
+
+/// A case's results: per system, one sample per round.
+#[derive(Debug, Default)]
+struct Results {
+    vmlink: Vec<Sample>,
+    nbd: Vec<Sample>,
+    floor: Vec<Sample>,
+    img_bench: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Makes the image: `len` bytes of the pattern.
+fn make_image(path: &Path, len: u64) -> Result<()> {
+    let file = File::create(path).context("creating the image")?;
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut at = 0;
+    while at < len {
+        let n = (len - at).min(chunk.len() as u64) as usize;
+        fill(&mut chunk[..n], at);
+        file.write_all_at(&chunk[..n], at)
+            .context("writing the image")?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
+/// A private directory for the image, removed on drop.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs the benchmark; the exit status (0, or 1 when a read's data was wrong).
+pub fn run(args: &BenchArgs) -> Result<u8> {
+    let (rounds, secs, size_mib) = if args.smoke {
+        (1, 0.05, 64)
+    } else {
+        (args.rounds.max(1), args.seconds, args.size_mib.max(64))
+    };
+    let scratch = Scratch(
+        args.dir
+            .join(format!("vmlink-disk-bench-{}", std::process::id())),
+    );
+    std::fs::create_dir_all(&scratch.0).context("making the image's directory")?;
+    let image = scratch.0.join("disk.img");
+    let len = size_mib << 20;
+    make_image(&image, len)?;
+    let nbd_version = QemuNbd::version().context("qemu-nbd")?;
+    let mut vmlink = Vmlink::start(&image, len)?;
+    let mut nbd = Nbd::start(&image, len)?;
+    let file = Arc::new(
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&image)
+            .context("the image")?,
+    );
+    if !args.json {
+        eprintln!(
+            "vmlink disk bench: {} cases x 3 systems x {rounds} rounds of {secs} s on a {size_mib} MiB image in {}",
+            cases().len(),
+            args.dir.display()
+        );
+    }
+    pin(1)?;
+    let cases = cases();
+    let mut results: Vec<Results> = cases.iter().map(|_| Results::default()).collect();
+    let mut bad = None;
+    for round in 0..rounds {
+        for (c, case) in cases.iter().enumerate() {
+            let seed = (round * 100 + c) as u64 + 1;
+            let r = &mut results[c];
+            for k in 0..3 {
+                let outcome = match (k + round + c) % 3 {
+                    0 => vmlink.run(case, secs, seed).map(|s| r.vmlink.push(s)),
+                    1 => nbd.run(case, secs, seed).map(|s| r.nbd.push(s)),
+                    _ => floor(&file, len, case, secs, seed).map(|s| r.floor.push(s)),
+                };
+                if let Err(e) = outcome {
+                    if e.0.contains("wrong data") {
+                        bad.get_or_insert(e.0);
+                    } else {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+    }
+    // The cross-check, once per case: qemu-img bench as many requests as our client did.
+    for (c, case) in cases.iter().enumerate() {
+        let ops = median(results[c].nbd.iter().map(|s| s.iops() * secs).collect());
+        results[c].img_bench = nbd.img_bench(case, ops as u64)?;
+    }
+    unpin()?;
+    let stats = vmlink.finish()?;
+    let report = Report {
+        cases: &cases,
+        results: &results,
+        nbd_version: &nbd_version,
+        rounds,
+        secs,
+        size_mib,
+        host_refused: stats.refused,
+    };
+    if args.json {
+        print!("{}", report.json());
+    } else {
+        print!("{}", report.table());
+    }
+    match bad {
+        None => Ok(0),
+        Some(e) => {
+            eprintln!("vmlink disk bench: data check failed: {e}");
+            Ok(1)
+        }
+    }
+}
+
+struct Report<'a> {
+    cases: &'a [Case],
+    results: &'a [Results],
+    nbd_version: &'a str,
+    rounds: usize,
+    secs: f64,
+    size_mib: u64,
+    host_refused: u64,
+}
+
+/// One case's medians and ratios.
+struct Row {
+    vmlink: f64,
+    nbd: f64,
+    img: f64,
+    floor: f64,
+    floor_threads: usize,
+    vs_nbd: f64,
+    vs_floor: f64,
+    bells: f64,
+    cpu: [f64; 3],
+    checked: u64,
+}
+
+impl Report<'_> {
+    fn row(&self, c: usize) -> Row {
+        let r = &self.results[c];
+        let iops = |s: &[Sample]| median(s.iter().map(Sample::iops).collect());
+        let cpu = |s: &[Sample]| {
+            median(
+                s.iter()
+                    .map(|s| s.cpu_ns as f64 / 1000.0 / s.ops.max(1) as f64)
+                    .collect(),
+            )
+        };
+        let rounds = r.vmlink.len().min(r.nbd.len()).min(r.floor.len());
+        // Per round: vmlink over the better qemu-nbd figure (our client or qemu-img's).
+        let vs_nbd = median(
+            (0..rounds)
+                .map(|i| r.vmlink[i].iops() / r.nbd[i].iops().max(r.img_bench))
+                .collect(),
+        );
+        let vs_floor = median(
+            (0..rounds)
+                .map(|i| r.vmlink[i].iops() / r.floor[i].iops())
+                .collect(),
+        );
+        let floor_threads = r.floor.last().map_or(0, |s| s.threads);
+        Row {
+            vmlink: iops(&r.vmlink),
+            nbd: iops(&r.nbd),
+            img: r.img_bench,
+            floor: iops(&r.floor),
+            floor_threads,
+            vs_nbd,
+            vs_floor,
+            bells: median(
+                r.vmlink
+                    .iter()
+                    .map(|s| s.doorbells as f64 / s.ops.max(1) as f64)
+                    .collect(),
+            ),
+            cpu: [cpu(&r.vmlink), cpu(&r.nbd), cpu(&r.floor)],
+            checked: [&r.vmlink, &r.nbd, &r.floor]
+                .iter()
+                .flat_map(|s| s.iter())
+                .map(|s| s.checked)
+                .sum(),
+        }
+    }
+
+    fn table(&self) -> String {
+        let mut out = format!(
+            "vmlink disk bench: {} rounds of {} s per case and system, {} MiB image; {}\n\n",
+            self.rounds, self.secs, self.size_mib, self.nbd_version
+        );
+        out += "case            depth |  vmlink IOPS  qemu-nbd (client / qemu-img)   floor (threads) | vs nbd  vs floor | bells/req | CPU us/req vmlink nbd floor\n";
+        for (c, case) in self.cases.iter().enumerate() {
+            let r = self.row(c);
+            let unit = |iops: f64| {
+                if case.block >= 1 << 20 {
+                    format!("{:.2} GB/s", iops * case.block as f64 / 1e9)
+                } else {
+                    format!("{:.0}k", iops / 1e3)
+                }
+            };
+            out += &format!(
+                "{:<15} {:>5} | {:>12} {:>12} / {:<12} {:>12} ({:>2}) | {:>5.2}x {:>7.2}x | {:>9.3} | {:>6.2} {:>6.2} {:>6.2}\n",
+                case.name,
+                case.depth,
+                unit(r.vmlink),
+                unit(r.nbd),
+                unit(r.img),
+                unit(r.floor),
+                r.floor_threads,
+                r.vs_nbd,
+                r.vs_floor,
+                r.bells,
+                r.cpu[0],
+                r.cpu[1],
+                r.cpu[2],
+            );
+        }
+        out += "\nGoals (blocking mode):\n";
+        for line in self.goals() {
+            out += &format!("  {line}\n");
+        }
+        let checked: u64 = (0..self.cases.len()).map(|c| self.row(c).checked).sum();
+        out += &format!(
+            "\n{checked} reads checked byte for byte; the host refused {} requests.\n",
+            self.host_refused
+        );
+        out
+    }
+
+    fn find(&self, name: &str, depth: usize) -> Option<Row> {
+        let c = self
+            .cases
+            .iter()
+            .position(|c| c.name == name && c.depth == depth)?;
+        Some(self.row(c))
+    }
+
+    fn goals(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        let mark = |ok: bool| if ok { "met" } else { "NOT met" };
+        if let Some(r) = self.find("4k-randread", 32) {
+            lines.push(format!(
+                "4 KiB random read, depth 32: {:.2}x qemu-nbd (goal >= 3): {}; {:.2}x the floor (goal >= 0.5): {}",
+                r.vs_nbd,
+                mark(r.vs_nbd >= 3.0),
+                r.vs_floor,
+                mark(r.vs_floor >= 0.5)
+            ));
+            lines.push(format!(
+                "doorbells per request at depth 32: {:.3} (goal < 0.1): {}",
+                r.bells,
+                mark(r.bells < 0.1)
+            ));
+        }
+        for name in ["1m-seqread", "1m-seqwrite"] {
+            for depth in [1, 8, 32] {
+                if let Some(r) = self.find(name, depth) {
+                    lines.push(format!(
+                        "{name} depth {depth}: {:.2}x the floor's GB/s (goal >= 0.8): {}",
+                        r.vs_floor,
+                        mark(r.vs_floor >= 0.8)
+                    ));
+                }
+            }
+        }
+        lines
+    }
+
+    fn json(&self) -> String {
+        let rows: Vec<String> = self
+            .cases
+            .iter()
+            .enumerate()
+            .map(|(c, case)| {
+                let r = self.row(c);
+                format!(
+                    "{{\"case\":\"{}\",\"depth\":{},\"block\":{},\"vmlink_iops\":{:.1},\"nbd_iops\":{:.1},\"qemu_img_iops\":{:.1},\"floor_iops\":{:.1},\"floor_threads\":{},\"vs_nbd\":{:.4},\"vs_floor\":{:.4},\"doorbells_per_request\":{:.5},\"cpu_us_per_request\":{{\"vmlink\":{:.3},\"nbd\":{:.3},\"floor\":{:.3}}},\"checked\":{}}}",
+                    case.name, case.depth, case.block, r.vmlink, r.nbd, r.img, r.floor,
+                    r.floor_threads, r.vs_nbd, r.vs_floor, r.bells, r.cpu[0], r.cpu[1], r.cpu[2],
+                    r.checked
+                )
+            })
+            .collect();
+        format!(
+            "{{\"qemu_nbd\":\"{}\",\"rounds\":{},\"seconds\":{},\"size_mib\":{},\"host_refused\":{},\"cases\":[{}]}}\n",
+            self.nbd_version.replace('"', "'"),
+            self.rounds,
+            self.secs,
+            self.size_mib,
+            self.host_refused,
+            rows.join(",")
+        )
+    }
+}
