@@ -336,12 +336,11 @@ impl Vmlink {
         let range = slot..slot + case.block;
         let id = if case.write {
             // Each sector's stamp for where it goes; the filler is already there.
+            // Word stores straight into the area, as the others stamp their private buffers.
+            let words = client.area().words();
             for s in 0..case.block / 512 {
-                let stamp = stamp(offset + s as u64 * 512);
-                client
-                    .area()
-                    .write(slot + s * 512, &stamp)
-                    .context("the buffer area")?;
+                let stamp = u64::from_le_bytes(stamp(offset + s as u64 * 512));
+                words[(slot + s * 512) / 8].store(stamp, Ordering::Relaxed);
             }
             client.submit_write(offset / 512, range, false, Wait::Forever)
         } else {
