@@ -1,6 +1,6 @@
 //! One side of an established shared-memory channel.
 
-use vmlink_channel::{Channel, Config, EventFdDoorbell};
+use vmlink_channel::{Channel, ChannelSet, Config, EventFdDoorbell};
 
 use crate::memory::{BufferArea, Layout, SharedMemory, ShmRing};
 use crate::policy::PeerCredentials;
@@ -33,6 +33,7 @@ pub struct Endpoint {
     service: String,
     role: Role,
     identity: Option<vmlink_policy::Peer>,
+    subs: Vec<Endpoint>,
 }
 
 impl Endpoint {
@@ -52,7 +53,41 @@ impl Endpoint {
             service,
             role,
             identity: None,
+            subs: Vec::new(),
         }
+    }
+
+    /// The same primary endpoint holding its sub-channels until they are taken.
+    pub(crate) fn with_sub_channels(mut self, subs: Vec<Endpoint>) -> Self {
+        self.subs = subs;
+        self
+    }
+
+    /// Takes the sub-channels the handshake opened beside this primary channel (in order:
+    /// channel 1, 2, ...), each an endpoint of its own over the same memory with its own
+    /// rings, doorbells and socket pair; empty when none were asked for or offered, or
+    /// they were taken already. Dropping one closes it alone: its peer's waits end with
+    /// the peer gone, and the other channels go on.
+    pub fn take_sub_channels(&mut self) -> Vec<Endpoint> {
+        std::mem::take(&mut self.subs)
+    }
+
+    /// Sub-channels held and not yet taken.
+    pub fn sub_channel_count(&self) -> usize {
+        self.subs.len()
+    }
+
+    /// This endpoint and its sub-channels as a [`ChannelSet`] (the primary at index 0),
+    /// which picks a channel by CPU or by key.
+    pub fn into_set(mut self) -> ChannelSet<Endpoint> {
+        let subs = self.take_sub_channels();
+        ChannelSet::new(self, subs)
+    }
+
+    /// Which channel of its memory this endpoint is: 0 for the primary, 1.. for
+    /// sub-channels.
+    pub fn channel_index(&self) -> u32 {
+        self.memory.channel_index()
     }
 
     /// The same endpoint with the peer's identity as a role-based policy established it.
@@ -104,7 +139,8 @@ impl Endpoint {
         self.role
     }
 
-    /// The channel and the shared memory, for callers that keep them apart.
+    /// The channel and the shared memory, for callers that keep them apart. Sub-channels
+    /// not taken ([`take_sub_channels`](Self::take_sub_channels)) are closed.
     pub fn into_parts(self) -> (ShmChannel, SharedMemory) {
         (self.channel, self.memory)
     }
@@ -122,6 +158,7 @@ impl Endpoint {
             service,
             role,
             identity,
+            subs,
         } = self;
         (
             channel,
@@ -132,6 +169,7 @@ impl Endpoint {
                 service,
                 role,
                 identity,
+                subs,
             },
         )
     }
@@ -147,6 +185,7 @@ pub struct Detached {
     service: String,
     role: Role,
     identity: Option<vmlink_policy::Peer>,
+    subs: Vec<Endpoint>,
 }
 
 impl Detached {
@@ -161,6 +200,7 @@ impl Detached {
             service: self.service,
             role: self.role,
             identity: self.identity,
+            subs: self.subs,
         }
     }
 

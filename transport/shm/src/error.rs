@@ -80,6 +80,17 @@ impl RefusalCode {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ShmError {
+    /// The operation does not apply to this endpoint (a channel set cannot be handed over).
+    #[error("not supported: {0}")]
+    Unsupported(&'static str),
+    /// The host offered more sub-channels than the guest asked for.
+    #[error("the host offered {offered} sub-channels where {asked} were asked for")]
+    TooManySubChannels {
+        /// Sub-channels asked for.
+        asked: u32,
+        /// Sub-channels offered.
+        offered: u32,
+    },
     /// A guest could not connect to the socket at `path` (`NotFound`: no socket file
     /// there; `ConnectionRefused`: a socket file nobody listens on any more).
     #[error("connect to {}: {source}", .path.display())]
@@ -296,6 +307,7 @@ impl ShmError {
             | ShmError::BadHeader(_)
             | ShmError::HeaderMismatch { .. }
             | ShmError::ServiceMismatch { .. }
+            | ShmError::TooManySubChannels { .. }
             | ShmError::Layout(_) => RefusalCode::BadOffer,
             _ => RefusalCode::Internal,
         }

@@ -8,13 +8,13 @@ use std::time::Duration;
 
 use vmlink_channel::{Channel, Config, EventFdDoorbell};
 use vmlink_ring::area::AreaLayout;
-use zerocopy::FromBytes;
+use zerocopy::{FromBytes, IntoBytes};
 
 use crate::endpoint::{Endpoint, Role, effective_config};
 use crate::error::{Quoted, ShmError};
 use crate::host::DEFAULT_HANDSHAKE_TIMEOUT;
-use crate::memory::{Layout, Mapping, SharedMemory};
-use crate::protocol::{self, Deadline, OfferBody};
+use crate::memory::{Layout, LayoutError, MAX_SUB_CHANNELS, Mapping, SharedMemory};
+use crate::protocol::{self, Deadline, OfferBody, SetHelloBody};
 use crate::{SOCKET_FD_ENV, sys};
 
 /// Set once the inherited socket has been taken, so it is never owned twice.
@@ -32,6 +32,7 @@ pub struct Guest {
     service: String,
     config: Config,
     timeout: Duration,
+    sub_channels: Option<u32>,
 }
 
 impl Guest {
@@ -42,7 +43,17 @@ impl Guest {
             service: service.into(),
             config: Config::default(),
             timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            sub_channels: None,
         }
+    }
+
+    /// The same guest asking for `count` sub-channels beside the primary channel (at most
+    /// [`MAX_SUB_CHANNELS`](crate::MAX_SUB_CHANNELS)). The host offers up to its service's
+    /// limit (maybe none); [`Endpoint::take_sub_channels`] gives what came. A host that
+    /// does not know sub-channels refuses the hello.
+    pub fn with_sub_channels(mut self, count: u32) -> Self {
+        self.sub_channels = Some(count);
+        self
     }
 
     /// The same guest with another channel configuration (the GPA page limit is capped at
@@ -141,17 +152,31 @@ fn guest_handshake(guest: &Guest, stream: UnixStream) -> Result<Endpoint, ShmErr
     let deadline = Deadline::after(guest.timeout);
     let host = sys::peer_credentials(stream.as_fd()).map_err(ShmError::io("SO_PEERCRED"))?;
 
-    protocol::send(
-        stream.as_fd(),
-        protocol::HELLO,
-        name.as_bytes(),
-        &[],
-        deadline,
-    )?;
+    let (hello, expected) = match guest.sub_channels {
+        None => (protocol::HELLO, protocol::OFFER),
+        Some(_) => (protocol::HELLO_SET, protocol::OFFER_SET),
+    };
+    let mut body = Vec::new();
+    if let Some(count) = guest.sub_channels {
+        if count > MAX_SUB_CHANNELS {
+            return Err(ShmError::Layout(LayoutError::TooManySubChannels {
+                count,
+                max: MAX_SUB_CHANNELS,
+            }));
+        }
+        let fixed = SetHelloBody {
+            sub_channels: (count as u16).into(),
+            reserved: 0.into(),
+            reserved2: 0.into(),
+        };
+        body.extend_from_slice(fixed.as_bytes());
+    }
+    body.extend_from_slice(name.as_bytes());
+    protocol::send(stream.as_fd(), hello, &body, &[], deadline)?;
     let offer = protocol::recv(&stream, deadline, "waiting for the host's offer")
         .map_err(|e| reject(&stream, e, deadline))?;
     match offer.kind {
-        protocol::OFFER => {}
+        kind if kind == expected => {}
         protocol::ERROR => return Err(protocol::parse_error(&offer.body)),
         kind => {
             let e = ShmError::UnexpectedMessage {
@@ -161,34 +186,54 @@ fn guest_handshake(guest: &Guest, stream: UnixStream) -> Result<Endpoint, ShmErr
             return Err(reject(&stream, e, deadline));
         }
     }
-    let attached = attach(&name, offer.body, offer.fds, guest.config)
-        .map_err(|e| reject(&stream, e, deadline))?;
-    let (memory, guest_bell, host_bell, config) = attached;
-    let doorbell =
-        EventFdDoorbell::from_fds(guest_bell, host_bell).with_hangup(OwnedFd::from(stream));
-    let channel = match Channel::new(
-        memory.guest_to_host(),
-        memory.host_to_guest(),
-        doorbell,
-        config,
-    ) {
-        Ok(c) => c,
-        Err(e) => return Err(ShmError::Channel(e)),
-    };
-    let sock = channel
+    let attached = attach(
+        &name,
+        guest.sub_channels,
+        offer.body,
+        offer.fds,
+        guest.config,
+    )
+    .map_err(|e| reject(&stream, e, deadline))?;
+    let (memory, bells, config) = attached;
+    let mut stream = Some(stream);
+    let mut channels = Vec::with_capacity(bells.len());
+    for (index, (guest_bell, host_bell, socket)) in bells.into_iter().enumerate() {
+        // The primary's hang-up fd is the handshake's socket; a sub-channel's its own.
+        let hangup = match socket {
+            Some(socket) => socket,
+            None => OwnedFd::from(stream.take().expect("the primary comes first")),
+        };
+        let doorbell = EventFdDoorbell::from_fds(guest_bell, host_bell).with_hangup(hangup);
+        let view = memory.for_channel(index as u32);
+        let channel = Channel::new(view.guest_to_host(), view.host_to_guest(), doorbell, config)
+            .map_err(ShmError::Channel)?;
+        channels.push((channel, view));
+    }
+    let sock = channels[0]
+        .0
         .doorbell()
         .hangup_fd()
         .expect("hang-up fd set above");
     protocol::send(sock, protocol::READY, &[], &[], deadline)?;
-    Ok(Endpoint::new(channel, memory, host, name, Role::Guest))
+    let mut endpoints = channels
+        .into_iter()
+        .map(|(channel, view)| Endpoint::new(channel, view, host, name.clone(), Role::Guest));
+    let primary = endpoints.next().expect("the primary channel");
+    Ok(primary.with_sub_channels(endpoints.collect()))
 }
 
-type Attached = (SharedMemory, OwnedFd, OwnedFd, Config);
+/// One channel's fds from an offer: the bell the guest waits on, the bell it signals, and
+/// for a sub-channel the guest's end of its socket pair.
+type Bells = (OwnedFd, OwnedFd, Option<OwnedFd>);
 
-/// Checks an offer and maps its memory. Returns the memory, the bell the guest waits on,
-/// the bell it signals, and the channel configuration.
+type Attached = (SharedMemory, Vec<Bells>, Config);
+
+/// Checks an offer (of one channel, or of a set when `asked` says how many sub-channels
+/// were asked for) and maps its memory. Returns the memory, every channel's fds, and the
+/// channel configuration.
 fn attach(
-    asked: &str,
+    asked_service: &str,
+    asked: Option<u32>,
     body: Vec<u8>,
     fds: Vec<OwnedFd>,
     config: Config,
@@ -200,50 +245,82 @@ fn attach(
         return Err(ShmError::Malformed("offer's service name length is wrong"));
     }
     let offered = protocol::check_service_name(rest)?;
-    if offered != asked {
+    if offered != asked_service {
         return Err(ShmError::ServiceMismatch {
-            asked: asked.to_owned(),
+            asked: asked_service.to_owned(),
             offered: offered.to_owned(),
         });
     }
-    if fixed.flags.get() != 0 {
-        return Err(ShmError::Malformed("offer has unknown flags"));
+    // An offer's flags are zero; a set offer's are its sub-channel count.
+    let subs = fixed.flags.get();
+    match asked {
+        None if subs != 0 => return Err(ShmError::Malformed("offer has unknown flags")),
+        Some(asked) if subs > asked => {
+            return Err(ShmError::TooManySubChannels {
+                asked,
+                offered: subs,
+            });
+        }
+        _ => {}
     }
     let layout = Layout::new(
         fixed.guest_to_host.get(),
         fixed.host_to_guest.get(),
         fixed.buffer.get(),
     );
-    layout.validate()?;
-    let [memfd, host_bell, guest_bell]: [OwnedFd; 3] = fds
-        .try_into()
-        .map_err(|_| ShmError::Malformed("offer without exactly 3 fds"))?;
-
-    for bell in [&host_bell, &guest_bell] {
-        sys::set_nonblocking(bell.as_fd()).map_err(ShmError::io("configure a doorbell fd"))?;
+    layout.validate_set(subs)?;
+    let expected = 3 + 3 * subs as usize;
+    if fds.len() != expected {
+        return Err(ShmError::UnexpectedFds {
+            expected,
+            received: fds.len(),
+        });
     }
-    let memory = map_checked(memfd, layout)?;
-    Ok((
-        memory,
-        guest_bell,
-        host_bell,
-        effective_config(config, layout),
-    ))
+    let mut fds = fds.into_iter();
+    let memfd = fds.next().expect("counted");
+    let mut bells = Vec::with_capacity(1 + subs as usize);
+    for index in 0..=subs {
+        let (host_bell, guest_bell) = (fds.next().expect("counted"), fds.next().expect("counted"));
+        for bell in [&host_bell, &guest_bell] {
+            sys::set_nonblocking(bell.as_fd()).map_err(ShmError::io("configure a doorbell fd"))?;
+        }
+        let socket = if index == 0 {
+            None
+        } else {
+            let socket = fds.next().expect("counted");
+            match sys::socket_type(socket.as_fd()) {
+                Ok(sys::SockType::Stream) => {}
+                _ => {
+                    return Err(ShmError::Malformed(
+                        "a sub-channel's socket is not a stream socket",
+                    ));
+                }
+            }
+            Some(socket)
+        };
+        bells.push((guest_bell, host_bell, socket));
+    }
+    let memory = map_checked(memfd, layout, subs)?;
+    Ok((memory, bells, effective_config(config, layout)))
 }
 
 /// Maps a memfd another process sent as the memory of `layout` (already validated), once
 /// it has passed every check: sealed, exactly the layout's size, and a sound memory header
 /// that says exactly what the layout says. On any failure nothing stays mapped.
-pub(crate) fn map_checked(memfd: OwnedFd, layout: Layout) -> Result<SharedMemory, ShmError> {
-    let len = layout.validate()?;
+pub(crate) fn map_checked(
+    memfd: OwnedFd,
+    layout: Layout,
+    sub_channels: u32,
+) -> Result<SharedMemory, ShmError> {
+    let len = layout.validate_set(sub_channels)?;
     check_memory(&mut memfd.as_fd(), len)?;
     let map = Mapping::map(memfd, len as usize).map_err(ShmError::io("mmap"))?;
     // The header page, read once into a private copy: it must be sound and say exactly
     // what the layout says. On any failure the mapping is dropped (unmapped) unused.
-    let expected = layout.area()?;
+    let expected = layout.area_for(sub_channels)?;
     let parsed = map.read_header().map_err(ShmError::BadHeader)?;
     check_header(&parsed.layout, &expected)?;
-    Ok(SharedMemory::new(map, layout))
+    Ok(SharedMemory::new_set(map, layout, sub_channels))
 }
 
 /// Checks that a sound header describes exactly the memory the offer implies (the area's

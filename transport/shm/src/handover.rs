@@ -308,6 +308,12 @@ impl Successor {
                 ShmError::Malformed("an application state past 1 MiB cannot be handed over"),
             );
         }
+        if endpoint.memory().sub_channels() > 0 {
+            return failed(
+                endpoint,
+                ShmError::Unsupported("a channel set (sub-channels) cannot be handed over"),
+            );
+        }
         let saved = endpoint.channel_mut().snapshot();
         let state = saved.to_bytes();
         let layout = endpoint.memory().layout();
@@ -600,7 +606,7 @@ fn receive(
             ));
         }
     }
-    let memory = map_checked(memfd, layout)?;
+    let memory = map_checked(memfd, layout, 0)?;
     let (outgoing, incoming) = match role {
         Role::Host => (memory.host_to_guest(), memory.guest_to_host()),
         Role::Guest => (memory.guest_to_host(), memory.host_to_guest()),

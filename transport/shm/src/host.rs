@@ -16,13 +16,13 @@ use std::time::Duration;
 
 use vmlink_channel::{Channel, Config, EventFdDoorbell};
 use vmlink_ring::init_control;
-use zerocopy::IntoBytes;
+use zerocopy::{FromBytes, IntoBytes};
 
 use crate::endpoint::{Endpoint, Role, effective_config};
 use crate::error::{RefusalCode, ShmError};
 use crate::memory::{Layout, Mapping, SharedMemory};
 use crate::policy::{PeerCredentials, Policy};
-use crate::protocol::{self, Deadline, OfferBody};
+use crate::protocol::{self, Deadline, OfferBody, SetHelloBody};
 use crate::{SOCKET_FD_ENV, sys};
 
 /// How long a handshake may take by default before the host gives up on the peer.
@@ -40,6 +40,7 @@ pub struct Service {
     policy: Policy,
     config: Config,
     handshake_timeout: Duration,
+    max_sub_channels: u32,
 }
 
 impl Service {
@@ -53,7 +54,18 @@ impl Service {
             policy: Policy::default(),
             config: Config::default(),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_sub_channels: 0,
         }
+    }
+
+    /// The same service offering up to `max` sub-channels (at most
+    /// [`MAX_SUB_CHANNELS`](crate::MAX_SUB_CHANNELS)) to a guest that asks for them
+    /// ([`Guest::with_sub_channels`](crate::Guest::with_sub_channels)): each with the
+    /// layout's two rings and its own doorbells, in the same memory, sharing its buffer
+    /// area. A guest asking for more gets `max`; by default a service offers none.
+    pub fn with_sub_channels(mut self, max: u32) -> Self {
+        self.max_sub_channels = max;
+        self
     }
 
     /// The same service with another memory layout.
@@ -93,7 +105,7 @@ impl Service {
 
     fn check(&self) -> Result<(), ShmError> {
         protocol::check_service_name(self.name.as_bytes())?;
-        self.layout.validate()?;
+        self.layout.validate_set(self.max_sub_channels)?;
         Ok(())
     }
 
@@ -172,23 +184,15 @@ fn host_handshake(
     let peer: PeerCredentials =
         sys::peer_credentials(stream.as_fd()).map_err(ShmError::io("SO_PEERCRED"))?;
 
-    // 1. The guest's hello names the service.
+    // 1. The guest's hello names the service (and, in a set hello, asks for sub-channels).
     let hello = protocol::recv(&stream, deadline, "waiting for the guest's hello")
         .map_err(|e| refuse(&stream, e, deadline))?;
-    if hello.kind != protocol::HELLO {
-        let e = ShmError::UnexpectedMessage {
-            kind: hello.kind,
-            expected: "hello",
-        };
-        return Err(refuse(&stream, e, deadline));
-    }
-    let name = protocol::check_service_name(&hello.body)
-        .map(str::to_owned)
-        .map_err(|e| refuse(&stream, e, deadline))?;
+    let (name, asked) = parse_hello(&hello).map_err(|e| refuse(&stream, e, deadline))?;
     let Some(service) = services.iter().find(|s| s.name == name) else {
         return Err(refuse(&stream, ShmError::UnknownService(name), deadline));
     };
     let deadline = Deadline::after(service.handshake_timeout);
+    let subs = asked.map_or(0, |n| n.min(service.max_sub_channels));
 
     // 2. Credentials, before anything is sent.
     let identity = match service.policy.check(stream.as_fd(), &peer, &name) {
@@ -197,7 +201,7 @@ fn host_handshake(
     };
 
     // 3. Memory and doorbells.
-    let (memory, memfd) = create_memory(service.layout).inspect_err(|_| {
+    let (memory, memfd) = create_memory(service.layout, subs).inspect_err(|_| {
         protocol::send_error(
             stream.as_fd(),
             RefusalCode::Internal,
@@ -205,45 +209,58 @@ fn host_handshake(
             deadline,
         );
     })?;
-    let guest_bell = sys::eventfd().map_err(ShmError::io("eventfd"))?;
-    let host_bell = sys::eventfd().map_err(ShmError::io("eventfd"))?;
 
-    // 4. Our end of the channel, attached before the guest sees the memory (so nothing
-    // the guest does later can race our first look at the rings). A duplicate of the
-    // socket is its hang-up fd; the original carries the rest of the handshake.
+    // 4. Our end of every channel, attached before the guest sees the memory (so nothing
+    // the guest does later can race our first look at the rings). The primary's hang-up
+    // fd is a duplicate of the socket (the original carries the rest of the handshake);
+    // each sub-channel's is our end of a socket pair of its own, whose other end goes to
+    // the guest, so closing one sub-channel hangs up that one alone.
     let layout = service.layout;
-    let hangup = stream.try_clone().map_err(ShmError::io("dup the socket"))?;
-    let doorbell = EventFdDoorbell::from_fds(
-        host_bell.try_clone().map_err(ShmError::io("dup"))?,
-        guest_bell.try_clone().map_err(ShmError::io("dup"))?,
-    )
-    .with_hangup(OwnedFd::from(hangup));
-    let channel = Channel::new(
-        memory.host_to_guest(),
-        memory.guest_to_host(),
-        doorbell,
-        effective_config(service.config, layout),
-    )?;
+    let config = effective_config(service.config, layout);
+    let mut channels = Vec::with_capacity(1 + subs as usize);
+    // memfd, then per channel: guest→host bell (the host waits on it), host→guest bell (the
+    // guest waits on it), and for a sub-channel the guest's end of its socket pair.
+    let mut fds = vec![memfd];
+    for index in 0..=subs {
+        let view = memory.for_channel(index);
+        let guest_bell = sys::eventfd().map_err(ShmError::io("eventfd"))?;
+        let host_bell = sys::eventfd().map_err(ShmError::io("eventfd"))?;
+        let (hangup, theirs) = if index == 0 {
+            let dup = stream.try_clone().map_err(ShmError::io("dup the socket"))?;
+            (OwnedFd::from(dup), None)
+        } else {
+            let (ours, theirs) = UnixStream::pair().map_err(ShmError::io("socketpair"))?;
+            (OwnedFd::from(ours), Some(OwnedFd::from(theirs)))
+        };
+        let doorbell = EventFdDoorbell::from_fds(
+            host_bell.try_clone().map_err(ShmError::io("dup"))?,
+            guest_bell.try_clone().map_err(ShmError::io("dup"))?,
+        )
+        .with_hangup(hangup);
+        let channel = Channel::new(view.host_to_guest(), view.guest_to_host(), doorbell, config)?;
+        channels.push((channel, view));
+        fds.extend([host_bell, guest_bell].into_iter().chain(theirs));
+    }
 
-    // 5. The offer, with the fds: memfd, guest→host bell (the host waits on it), host→guest
-    // bell (the guest waits on it).
+    // 5. The offer, with the fds.
     let offer = OfferBody {
         guest_to_host: layout.guest_to_host.into(),
         host_to_guest: layout.host_to_guest.into(),
         buffer: layout.buffer.into(),
-        flags: 0.into(),
+        flags: subs.into(),
         service_len: (name.len() as u32).into(),
     };
     let mut body = offer.as_bytes().to_vec();
     body.extend_from_slice(name.as_bytes());
-    protocol::send(
-        stream.as_fd(),
-        protocol::OFFER,
-        &body,
-        &[memfd.as_fd(), host_bell.as_fd(), guest_bell.as_fd()],
-        deadline,
-    )?;
-    drop((memfd, host_bell, guest_bell));
+    let kind = if asked.is_some() {
+        protocol::OFFER_SET
+    } else {
+        protocol::OFFER
+    };
+    let borrowed: Vec<_> = fds.iter().map(AsFd::as_fd).collect();
+    protocol::send(stream.as_fd(), kind, &body, &borrowed, deadline)?;
+    drop(borrowed);
+    drop(fds);
 
     // 6. The guest's verdict.
     let reply = protocol::recv(
@@ -263,22 +280,51 @@ fn host_handshake(
             return Err(refuse(&stream, e, deadline));
         }
     }
-    Ok(Endpoint::new(channel, memory, peer, name, Role::Host).with_identity(identity))
+    let mut endpoints = channels.into_iter().map(|(channel, view)| {
+        Endpoint::new(channel, view, peer, name.clone(), Role::Host).with_identity(identity.clone())
+    });
+    let primary = endpoints.next().expect("the primary channel");
+    Ok(primary.with_sub_channels(endpoints.collect()))
 }
 
-/// A sealed memfd of `layout`'s size, mapped, its memory header written and both control
-/// pages initialised.
-fn create_memory(layout: Layout) -> Result<(SharedMemory, OwnedFd), ShmError> {
-    let len = layout.validate()?;
+/// The service a hello names, and for a set hello how many sub-channels it asks for.
+fn parse_hello(hello: &protocol::Message) -> Result<(String, Option<u32>), ShmError> {
+    let (name, asked) = match hello.kind {
+        protocol::HELLO => (&hello.body[..], None),
+        protocol::HELLO_SET => {
+            let (fixed, name) = SetHelloBody::read_from_prefix(&hello.body)
+                .map_err(|_| ShmError::Malformed("set hello shorter than its fixed part"))?;
+            if fixed.reserved.get() != 0 || fixed.reserved2.get() != 0 {
+                return Err(ShmError::Malformed("set hello with reserved bits set"));
+            }
+            (name, Some(u32::from(fixed.sub_channels.get())))
+        }
+        kind => {
+            return Err(ShmError::UnexpectedMessage {
+                kind,
+                expected: "hello",
+            });
+        }
+    };
+    Ok((protocol::check_service_name(name)?.to_owned(), asked))
+}
+
+/// A sealed memfd of `layout`'s size with `sub_channels` sub-channels, mapped, its memory
+/// header written and every control page initialised.
+fn create_memory(layout: Layout, sub_channels: u32) -> Result<(SharedMemory, OwnedFd), ShmError> {
+    let len = layout.validate_set(sub_channels)?;
     let memfd = sys::memfd_create(c"vmlink-shm").map_err(ShmError::io("memfd_create"))?;
     sys::ftruncate(memfd.as_fd(), len).map_err(ShmError::io("size the memfd"))?;
     sys::add_seals(memfd.as_fd(), sys::REQUIRED_SEALS).map_err(ShmError::io("seal the memfd"))?;
     let keep = memfd.try_clone().map_err(ShmError::io("dup"))?;
     let map = Mapping::map(keep, len as usize).map_err(ShmError::io("mmap"))?;
-    let memory = SharedMemory::new(map, layout);
+    let memory = SharedMemory::new_set(map, layout, sub_channels);
     memory.write_header();
-    init_control(&memory.guest_to_host());
-    init_control(&memory.host_to_guest());
+    for index in 0..=sub_channels {
+        let view = memory.for_channel(index);
+        init_control(&view.guest_to_host());
+        init_control(&view.host_to_guest());
+    }
     Ok((memory, memfd))
 }
 

@@ -80,8 +80,8 @@ pub use handover::{
 };
 pub use host::{DEFAULT_HANDSHAKE_TIMEOUT, Listener, MAX_PENDING_HANDSHAKES, Service};
 pub use memory::{
-    BufferArea, HEADER_PAGE_LEN, Layout, LayoutError, MAX_MEMORY_LEN, Mapping, OutOfBounds,
-    SharedMemory, ShmRing,
+    BufferArea, HEADER_PAGE_LEN, Layout, LayoutError, MAX_MEMORY_LEN, MAX_SUB_CHANNELS, Mapping,
+    OutOfBounds, SharedMemory, ShmRing,
 };
 pub use policy::{PeerCredentials, Policy};
 pub use vmlink_channel::{Config, Wait};

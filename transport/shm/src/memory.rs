@@ -30,6 +30,10 @@ use vmlink_ring::{ControlWord, MAX_DATA_LEN, RingMem, SliceMem};
 /// 4 GiB. A guest refuses an offer above it rather than map whatever a host asks.
 pub const MAX_MEMORY_LEN: u64 = 1 << 32;
 
+/// The most sub-channels one memory holds beside its primary channel: the memory header
+/// lists at most 64 channels.
+pub const MAX_SUB_CHANNELS: u32 = vmlink_ring::area::MAX_CHANNELS as u32 - 1;
+
 /// The memory header page at the start of every channel's memory, before the rings.
 pub const HEADER_PAGE_LEN: u64 = HEADER_LEN as u64;
 
@@ -52,6 +56,14 @@ pub enum LayoutError {
     BadBuffer {
         /// The buffer area's length.
         len: u64,
+    },
+    /// A memory holds a primary channel and at most [`MAX_SUB_CHANNELS`] sub-channels.
+    #[error("{count} sub-channels is more than the memory header's limit of {max}")]
+    TooManySubChannels {
+        /// The count asked for.
+        count: u32,
+        /// The limit.
+        max: u32,
     },
     /// The whole memory is larger than [`MAX_MEMORY_LEN`].
     #[error("{len} bytes of shared memory is more than the limit of {max}")]
@@ -124,6 +136,45 @@ impl Layout {
             });
         }
         Ok(len)
+    }
+
+    /// Checks every length for a memory of `1 + sub_channels` channels, each with this
+    /// layout's two rings, and returns the total, header page included.
+    pub fn validate_set(&self, sub_channels: u32) -> Result<u64, LayoutError> {
+        if sub_channels > MAX_SUB_CHANNELS {
+            return Err(LayoutError::TooManySubChannels {
+                count: sub_channels,
+                max: MAX_SUB_CHANNELS,
+            });
+        }
+        self.validate()?;
+        let len = self.set_len(sub_channels);
+        if len > MAX_MEMORY_LEN {
+            return Err(LayoutError::TooLarge {
+                len,
+                max: MAX_MEMORY_LEN,
+            });
+        }
+        Ok(len)
+    }
+
+    /// The total length of a memory with `sub_channels` sub-channels (of a validated
+    /// layout; saturating).
+    fn set_len(&self, sub_channels: u32) -> u64 {
+        let pair = self.guest_to_host + self.host_to_guest;
+        (HEADER_PAGE_LEN + self.buffer)
+            .saturating_add(pair.saturating_mul(1 + u64::from(sub_channels)))
+    }
+
+    /// What the memory header of a memory with `sub_channels` sub-channels says: every
+    /// channel's two rings back to back after the header page, then the buffer area.
+    pub fn area_for(&self, sub_channels: u32) -> Result<AreaLayout, LayoutError> {
+        self.validate_set(sub_channels)?;
+        let rings = [(self.guest_to_host, self.host_to_guest); vmlink_ring::area::MAX_CHANNELS];
+        Ok(
+            AreaLayout::packed(&rings[..=sub_channels as usize], self.buffer)
+                .expect("a valid set is a valid area"),
+        )
     }
 
     /// The total length (of a validated layout), header page included.
@@ -265,33 +316,83 @@ impl Drop for Mapping {
     }
 }
 
-/// A channel's mapped memory and its layout.
+/// A channel's mapped memory and its layout, as one channel of it sees it.
+///
+/// A memory may hold a primary channel and sub-channels, each with the layout's two rings,
+/// and one buffer area they share. A `SharedMemory` is the view of one of those channels
+/// ([`channel_index`](Self::channel_index)): its rings are that channel's.
 #[derive(Debug, Clone)]
 pub struct SharedMemory {
     map: Arc<Mapping>,
     layout: Layout,
+    sub_channels: u32,
+    index: u32,
 }
 
 impl SharedMemory {
     /// Wraps a mapping of a validated layout (`map.len() == layout.total_len()`).
+    #[cfg(test)]
     pub(crate) fn new(map: Mapping, layout: Layout) -> Self {
-        debug_assert_eq!(map.len() as u64, layout.total_len());
+        Self::new_set(map, layout, 0)
+    }
+
+    /// Wraps a mapping of a validated layout with `sub_channels` sub-channels, as the
+    /// primary channel sees it.
+    pub(crate) fn new_set(map: Mapping, layout: Layout, sub_channels: u32) -> Self {
+        debug_assert_eq!(map.len() as u64, layout.set_len(sub_channels));
         Self {
             map: Arc::new(map),
             layout,
+            sub_channels,
+            index: 0,
         }
     }
 
     /// Another view of a mapping some other view holds (the monitor's, to read the rings'
-    /// indices).
-    pub(crate) fn from_shared(map: Arc<Mapping>, layout: Layout) -> Self {
-        debug_assert_eq!(map.len() as u64, layout.total_len());
-        Self { map, layout }
+    /// indices), as channel `index` sees it.
+    pub(crate) fn from_shared(
+        map: Arc<Mapping>,
+        layout: Layout,
+        sub_channels: u32,
+        index: u32,
+    ) -> Self {
+        debug_assert_eq!(map.len() as u64, layout.set_len(sub_channels));
+        Self {
+            map,
+            layout,
+            sub_channels,
+            index,
+        }
     }
 
-    /// The layout.
+    /// The same memory as channel `index` (0: the primary) sees it.
+    pub(crate) fn for_channel(&self, index: u32) -> Self {
+        debug_assert!(index <= self.sub_channels);
+        Self {
+            index,
+            ..self.clone()
+        }
+    }
+
+    /// The layout: each channel's ring lengths and the buffer area's.
     pub fn layout(&self) -> Layout {
         self.layout
+    }
+
+    /// How many sub-channels the memory holds beside the primary channel.
+    pub fn sub_channels(&self) -> u32 {
+        self.sub_channels
+    }
+
+    /// Which channel of the memory this view is (0: the primary).
+    pub fn channel_index(&self) -> u32 {
+        self.index
+    }
+
+    /// Where this view's channel's rings start.
+    fn channel_offset(&self) -> u64 {
+        HEADER_PAGE_LEN
+            + u64::from(self.index) * (self.layout.guest_to_host + self.layout.host_to_guest)
     }
 
     /// The mapping.
@@ -321,7 +422,10 @@ impl SharedMemory {
     /// Writes the memory header that describes the layout (the host does, before it offers
     /// the memory).
     pub(crate) fn write_header(&self) {
-        let area = self.layout.area().expect("the layout was validated");
+        let area = self
+            .layout
+            .area_for(self.sub_channels)
+            .expect("the layout was validated");
         self.map.write_header_page(&area.encode());
     }
 
@@ -331,25 +435,25 @@ impl SharedMemory {
         self.map.read_header()
     }
 
-    /// The guest→host ring (the guest writes it, the host reads it).
+    /// This channel's guest→host ring (the guest writes it, the host reads it).
     pub fn guest_to_host(&self) -> ShmRing {
         self.ring_at(
-            self.layout.guest_to_host_offset() as usize,
+            self.channel_offset() as usize,
             self.layout.guest_to_host as usize,
         )
     }
 
-    /// The host→guest ring (the host writes it, the guest reads it).
+    /// This channel's host→guest ring (the host writes it, the guest reads it).
     pub fn host_to_guest(&self) -> ShmRing {
         self.ring_at(
-            self.layout.host_to_guest_offset() as usize,
+            (self.channel_offset() + self.layout.guest_to_host) as usize,
             self.layout.host_to_guest as usize,
         )
     }
 
-    /// The buffer area.
+    /// The buffer area (every channel of the memory shares it).
     pub fn buffer(&self) -> BufferArea {
-        let offset = self.layout.buffer_offset() as usize;
+        let offset = (self.layout.set_len(self.sub_channels) - self.layout.buffer) as usize;
         let len = self.layout.buffer as usize;
         assert!(offset + len <= self.map.len);
         let words: &'static [AtomicU64] = if len == 0 {
@@ -685,6 +789,8 @@ mod tests {
     }
 
     #[test]
+    // One range in a slice of ranges is the API's shape, not a mistaken `vec![0; n]`.
+    #[allow(clippy::single_range_in_vec_init)]
     fn file_io_moves_the_ranges_in_order_and_refuses_what_is_outside() {
         use std::os::fd::AsFd;
         let layout = Layout::symmetric(4096, 64 * 4096);
@@ -726,7 +832,7 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
         assert!(err.to_string().contains("262144"), "{err}");
         #[allow(clippy::reversed_empty_ranges)]
-        let reversed = [10..5];
+        let reversed = [10..5, 0..1];
         assert_eq!(
             area.write_file(file.as_fd(), 0, &reversed)
                 .unwrap_err()

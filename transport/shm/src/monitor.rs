@@ -523,8 +523,9 @@ fn registry() -> MutexGuard<'static, Registry> {
 struct Published {
     id: u64,
     watch: Watch,
-    /// The shared memory and its layout, for a channel over vmlink-shm's rings.
-    memory: Option<(Weak<Mapping>, Layout)>,
+    /// The shared memory, its layout, its sub-channel count and which channel this is,
+    /// for a channel over vmlink-shm's rings.
+    memory: Option<(Weak<Mapping>, Layout, u32, u32)>,
     role: Role,
     service: String,
     peer: Option<PeerCredentials>,
@@ -555,7 +556,12 @@ pub(crate) fn publish_channel(
     service: &str,
     peer: PeerCredentials,
 ) {
-    let memory = (std::sync::Arc::downgrade(memory.mapping()), memory.layout());
+    let memory = (
+        std::sync::Arc::downgrade(memory.mapping()),
+        memory.layout(),
+        memory.sub_channels(),
+        memory.channel_index(),
+    );
     register(watch, Some(memory), role, service, Some(peer));
 }
 
@@ -578,7 +584,7 @@ pub fn publish(watch: Watch, service: &str, role: Role, peer: Option<PeerCredent
 
 fn register(
     watch: Watch,
-    memory: Option<(Weak<Mapping>, Layout)>,
+    memory: Option<(Weak<Mapping>, Layout, u32, u32)>,
     role: Role,
     service: &str,
     peer: Option<PeerCredentials>,
@@ -746,10 +752,10 @@ fn channel_report(c: &Published, sample: &Sample) -> ChannelReport {
     let (outgoing, incoming) = match c
         .memory
         .as_ref()
-        .and_then(|(m, l)| Some((m.upgrade()?, *l)))
+        .and_then(|(m, l, subs, index)| Some((m.upgrade()?, *l, *subs, *index)))
     {
-        Some((map, layout)) => {
-            let memory = SharedMemory::from_shared(map, layout);
+        Some((map, layout, subs, index)) => {
+            let memory = SharedMemory::from_shared(map, layout, subs, index);
             let (out, inc) = match c.role {
                 Role::Host => (memory.host_to_guest(), memory.guest_to_host()),
                 Role::Guest => (memory.guest_to_host(), memory.host_to_guest()),

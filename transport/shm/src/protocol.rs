@@ -12,9 +12,16 @@
 //! | `HANDOVER` (6) | predecessor | [`HandOverBody`], the service name, the saved endpoint, the application's state | memfd, the bell the side waits on, the bell it signals, the peer's socket |
 //! | `CONFIRM` (7) | successor | empty | none |
 //! | `DONE` (8) | predecessor | empty | none |
+//! | `HELLO_SET` (9) | guest | [`SetHelloBody`], then the service name | none |
+//! | `OFFER_SET` (10) | host | [`OfferBody`] with `flags` holding the sub-channel count *k*, then the service name | memfd, the primary's two eventfds, then per sub-channel its guest→host eventfd, its host→guest eventfd and the guest's end of its socket pair |
 //!
 //! The guest speaks first (`HELLO`); the host answers `OFFER` or `ERROR`; the guest checks
-//! the offer and answers `READY` or `ERROR`. Each side reads a bounded number of bytes
+//! the offer and answers `READY` or `ERROR`. A guest that wants sub-channels says
+//! `HELLO_SET` with how many; the host answers `OFFER_SET` with at most that many (its
+//! service's limit, maybe none) in the same memory, every channel's rings back to back
+//! after the memory header and the buffer area after all of them. Each sub-channel has its
+//! own eventfds and its own socket pair, whose hang-up tells its peer it was closed, so
+//! either side closes one sub-channel alone. Each side reads a bounded number of bytes
 //! (bodies ≤ [`MAX_BODY`]) before a deadline; fds come only with `OFFER`.
 //!
 //! A hand-over (on its own socket, `crate::handover`): the successor sends `TAKE_OVER`; the
@@ -48,6 +55,11 @@ pub(crate) const HANDOVER: u16 = 6;
 pub(crate) const CONFIRM: u16 = 7;
 /// No more endpoints follow (no body).
 pub(crate) const DONE: u16 = 8;
+/// A guest asks for a service with sub-channels: [`SetHelloBody`], the service name.
+pub(crate) const HELLO_SET: u16 = 9;
+/// The host offers a channel set: [`OfferBody`] (`flags`: the sub-channel count), the
+/// service name; fds as the module's table says.
+pub(crate) const OFFER_SET: u16 = 10;
 
 /// The largest message body either side accepts.
 pub(crate) const MAX_BODY: usize = 2048;
@@ -91,7 +103,18 @@ pub(crate) struct OfferBody {
     pub(crate) service_len: U32,
 }
 
-/// The fixed part of an error message's body.
+/// The fixed part of a [`HELLO_SET`] body (8 bytes); the service name follows.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub(crate) struct SetHelloBody {
+    /// Sub-channels asked for, beside the primary.
+    pub(crate) sub_channels: U16,
+    /// Reserved, zero.
+    pub(crate) reserved: U16,
+    /// Reserved, zero.
+    pub(crate) reserved2: U32,
+}
+
 /// The fixed part of a [`HANDOVER`] body (56 bytes); the service name, the saved
 /// endpoint and the application's state follow.
 #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, Immutable, KnownLayout)]
@@ -112,6 +135,7 @@ pub(crate) struct HandOverBody {
     pub(crate) reserved: U32,
 }
 
+/// The fixed part of an error message's body.
 #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, Immutable, KnownLayout)]
 #[repr(C)]
 pub(crate) struct ErrorBody {
@@ -310,6 +334,8 @@ pub(crate) fn recv_limited(
     let expected = match kind {
         OFFER => OFFER_FDS,
         HANDOVER => HANDOVER_FDS,
+        // Set by the body: the guest checks the count against the offer it parses.
+        OFFER_SET => fds.len(),
         _ => 0,
     };
     if fds.len() != expected {
@@ -349,6 +375,8 @@ mod tests {
         assert_eq!(offset_of!(OfferBody, flags), 24);
         assert_eq!(offset_of!(OfferBody, service_len), 28);
         assert_eq!(size_of::<ErrorBody>(), 8);
+        assert_eq!(size_of::<SetHelloBody>(), 8);
+        assert_eq!(offset_of!(SetHelloBody, reserved2), 4);
     }
 
     #[test]

@@ -30,9 +30,9 @@ pub(crate) const REQUIRED_SEALS: i32 = SealFlag::F_SEAL_SHRINK
     .union(SealFlag::F_SEAL_SEAL)
     .bits();
 
-/// Most fds one handshake message may carry (an offer carries 3, a hand-over 4); a
-/// message with more is reported as truncated.
-pub(crate) const MAX_FDS: usize = 4;
+/// Most fds one handshake message may carry (an offer carries 3, a hand-over 4, an offer
+/// of a channel set 3 and 3 per sub-channel); a message with more is reported as truncated.
+pub(crate) const MAX_FDS: usize = 3 + 3 * crate::memory::MAX_SUB_CHANNELS as usize;
 
 /// This process's effective uid.
 pub(crate) fn geteuid() -> u32 {

@@ -18,6 +18,7 @@ fn clients_in_a_loop_leak_no_fds() {
     let path = socket_path("leak");
     let service = Service::new("svc")
         .with_layout(Layout::symmetric(4096, 4 * 4096))
+        .with_sub_channels(4)
         .with_handshake_timeout(Duration::from_millis(200));
     let listener = Listener::bind(&path, service).unwrap();
     let accept = || listener.accept_timeout(Duration::from_secs(10));
@@ -39,6 +40,22 @@ fn clients_in_a_loop_leak_no_fds() {
         } else {
             drop((guest, host));
         }
+        // A channel set of the primary and four sub-channels (eight eventfds and four socket
+        // pairs more), each used once; sub-channels closed one at a time, the rest with
+        // their primaries.
+        let mut guest = Guest::new("svc")
+            .with_sub_channels(5)
+            .connect(&path)
+            .unwrap();
+        let mut host = accept().unwrap();
+        let (mut hs, mut gs) = (host.take_sub_channels(), guest.take_sub_channels());
+        assert_eq!((hs.len(), gs.len()), (4, 4));
+        for (h, g) in hs.iter().zip(&gs) {
+            g.channel().send(&[round as u8; 8], soon(5)).unwrap();
+            h.channel().recv(&mut buf, soon(5)).unwrap();
+        }
+        drop((gs.remove(round % 4), hs.remove(3 - round % 4)));
+        drop((host, gs, guest, hs));
         // Connect and hang up at once: no handshake, nothing reported.
         drop(UnixStream::connect(&path).unwrap());
         assert!(matches!(

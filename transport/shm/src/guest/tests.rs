@@ -349,8 +349,8 @@ fn more_fds_than_any_message_carries_are_refused_as_truncated() {
     let layout = Layout::symmetric(4096, 0);
     let (r, _) = against(|h| {
         let fd = memfd(layout.total_len(), sys::REQUIRED_SEALS);
-        let extra: Vec<OwnedFd> = (0..4).map(|_| sys::eventfd().unwrap()).collect();
-        // Five fds: more than a hand-over's four, the most any message carries.
+        let extra: Vec<OwnedFd> = (0..sys::MAX_FDS).map(|_| sys::eventfd().unwrap()).collect();
+        // One more than the most any message carries (an offer of 63 sub-channels).
         let mut fds = vec![fd.as_fd()];
         fds.extend(extra.iter().map(|e| e.as_fd()));
         let bytes = offer_message(layout);
@@ -728,4 +728,99 @@ mod header {
             "{e}"
         );
     }
+}
+
+/// Runs a guest asking for `asked` sub-channels against a fake host that answers with a
+/// set offer of `offered` sub-channels and `fds`; returns the guest's result and its reply.
+fn against_set(
+    asked: u32,
+    offered: u32,
+    fds: impl FnOnce(Layout) -> Vec<OwnedFd> + Send,
+) -> (Result<Endpoint, ShmError>, Option<ShmError>) {
+    let (g, h) = UnixStream::pair().unwrap();
+    let layout = Layout::symmetric(4096, 0);
+    thread::scope(|s| {
+        let fake = s.spawn(move || {
+            let hello = protocol::recv(&h, Deadline::after(T), "hello").unwrap();
+            assert_eq!(hello.kind, protocol::HELLO_SET);
+            assert_eq!(&hello.body[..2], (asked as u16).to_le_bytes());
+            assert_eq!(&hello.body[8..], b"svc");
+            let mut body = offer_body(layout, "svc");
+            body[24..28].copy_from_slice(&offered.to_le_bytes());
+            let fds = fds(layout);
+            let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+            let sent = protocol::send(
+                h.as_fd(),
+                protocol::OFFER_SET,
+                &body,
+                &borrowed,
+                Deadline::after(T),
+            );
+            sent.unwrap();
+            protocol::recv(&h, Deadline::after(T), "reply")
+                .ok()
+                .map(|m| protocol::parse_error(&m.body))
+        });
+        let guest = Guest::new("svc").with_sub_channels(asked).connect_stream(g);
+        (guest, fake.join().unwrap())
+    })
+}
+
+#[test]
+fn a_set_offer_of_more_sub_channels_than_asked_is_refused() {
+    let (r, reply) = against_set(1, 3, |_| Vec::new());
+    assert!(
+        matches!(
+            r,
+            Err(ShmError::TooManySubChannels {
+                asked: 1,
+                offered: 3
+            })
+        ),
+        "{r:?}"
+    );
+    assert!(matches!(
+        reply,
+        Some(ShmError::Refused {
+            code: RefusalCode::BadOffer,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn a_set_offer_without_every_channels_fds_is_refused_and_they_are_closed() {
+    // One sub-channel needs 6 fds; the host sends the primary's 3 only.
+    let (r, reply) = against_set(2, 1, |layout| {
+        vec![
+            sound_memfd(layout),
+            sys::eventfd().unwrap(),
+            sys::eventfd().unwrap(),
+        ]
+    });
+    assert!(
+        matches!(
+            r,
+            Err(ShmError::UnexpectedFds {
+                expected: 6,
+                received: 3
+            })
+        ),
+        "{r:?}"
+    );
+    assert!(reply.is_some());
+    // A sub-channel "socket" that is an eventfd is no socket.
+    let (r, _) = against_set(1, 1, |layout| {
+        let mut fds = vec![memfd(
+            Layout::symmetric(4096, 0).validate_set(1).unwrap(),
+            sys::REQUIRED_SEALS,
+        )];
+        write_page(fds[0].as_fd(), &layout.area_for(1).unwrap().encode());
+        fds.extend((0..5).map(|_| sys::eventfd().unwrap()));
+        fds
+    });
+    assert!(
+        matches!(r, Err(ShmError::Malformed(m)) if m.contains("stream")),
+        "{r:?}"
+    );
 }
