@@ -62,16 +62,39 @@ pub struct DiskClient {
 }
 
 impl DiskClient {
-    /// Asks the host for the disk's geometry over `channel` and returns a client.
+    /// Asks the host for the disk's geometry over `channel` and returns a client whose
+    /// buffers are the guest's half of `area`.
     pub fn new(channel: ShmChannel, area: BufferArea) -> Result<Self, DiskError> {
+        let guest = area.guest_pages();
+        let half = guest.start as usize * PAGE..guest.end as usize * PAGE;
+        Self::with_buffers(channel, area, half)
+    }
+
+    /// A client whose buffers are `buffers`, a page-aligned part of the guest's half of
+    /// `area`: how the clients of a channel set (one per sub-channel, all sharing one
+    /// buffer area) keep out of each other's buffers.
+    pub fn with_buffers(
+        channel: ShmChannel,
+        area: BufferArea,
+        buffers: Range<usize>,
+    ) -> Result<Self, DiskError> {
+        let guest = area.guest_pages();
+        let half = guest.start as usize * PAGE..guest.end as usize * PAGE;
+        if buffers.start < half.start
+            || buffers.end > half.end
+            || !buffers.start.is_multiple_of(PAGE)
+            || !buffers.end.is_multiple_of(PAGE)
+        {
+            return Err(DiskError::Invalid(
+                "the buffers are not whole pages of the guest's half of the area",
+            ));
+        }
         let request = RequestHeader::new(Op::Info, 0, 0).encode();
         let mut reply = [0u8; INFO_LEN + 8];
         let len = channel.call(&request, &mut reply, Wait::Forever)?;
         let info = DiskInfo::decode(&reply[..len.min(reply.len())]).ok_or(DiskError::BadReply)?;
-        let guest = area.guest_pages();
-        let buffers = guest.start as usize * PAGE..guest.end as usize * PAGE;
         if buffers.len() < 2 * info.max_transfer as usize {
-            return Err(DiskError::BufferAreaTooSmall {
+            return Err(DiskError::BuffersTooSmall {
                 len: buffers.len(),
                 needed: 2 * info.max_transfer as usize,
             });

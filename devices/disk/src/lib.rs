@@ -65,19 +65,30 @@ pub use guest::{DiskClient, Done};
 pub use host::{Disk, DiskOptions, ServeStats, serve};
 pub use proto::{DiskInfo, Status};
 use vmlink_channel::{ChannelError, Config};
-use vmlink_shm::{Layout, Service, ShmError};
+pub use vmlink_shm::Layout;
+use vmlink_shm::{Service, ShmError};
 
 /// The layout [`service`] uses: rings of 256 KiB (room for 64 requests of the largest
-/// kind and their completions) and a 64 MiB buffer area, whose guest half holds 32
-/// buffers of 1 MiB (the host's half is unused: the host moves data in place).
-pub const DEFAULT_LAYOUT: Layout = Layout::symmetric(256 * 1024, 64 << 20);
+/// kind and their completions) and a 66 MiB buffer area, whose guest half holds 32
+/// buffers of 1 MiB and a client's 1 MiB bounce buffer (the host's half is unused: the
+/// host moves data in place).
+pub const DEFAULT_LAYOUT: Layout = Layout::symmetric(256 * 1024, 66 << 20);
 
-/// A vmlink-shm service named `name` for a disk: [`DEFAULT_LAYOUT`], and the channel
-/// configuration a disk needs (GPA-direct requests up to 1 MiB).
+/// A vmlink-shm service named `name` for a disk: [`DEFAULT_LAYOUT`], no sub-channels, and
+/// the channel configuration a disk needs (GPA-direct requests up to 1 MiB).
 pub fn service(name: &str) -> Service {
+    service_with(name, DEFAULT_LAYOUT, 0)
+}
+
+/// [`service`] with another layout, offering up to `sub_channels` sub-channels: each has
+/// its own rings and doorbells and is served on a thread of its own, and all share the
+/// buffer area (a guest gives each sub-channel's client its own part of it,
+/// [`DiskClient::with_buffers`]).
+pub fn service_with(name: &str, layout: Layout, sub_channels: u32) -> Service {
     Service::new(name)
-        .with_layout(DEFAULT_LAYOUT)
+        .with_layout(layout)
         .with_config(config())
+        .with_sub_channels(sub_channels)
 }
 
 /// The channel configuration both sides of a disk use: GPA-direct page lists as long as
@@ -141,11 +152,11 @@ pub enum DiskError {
         /// How many.
         in_flight: usize,
     },
-    /// The guest's half of the buffer area cannot hold two of the largest requests (one
-    /// queued, one bounce buffer).
-    #[error("the guest's half of the buffer area is {len} bytes; a disk needs {needed}")]
-    BufferAreaTooSmall {
-        /// The half's length.
+    /// The client's buffers cannot hold two of the largest requests (one queued, one
+    /// bounce buffer).
+    #[error("a disk client's buffers are {len} bytes; it needs {needed}")]
+    BuffersTooSmall {
+        /// The buffers' length.
         len: usize,
         /// What is needed.
         needed: usize,

@@ -533,3 +533,103 @@ fn opening_refuses_what_is_not_a_disk() {
         1
     );
 }
+
+#[test]
+fn sub_channels_each_carry_their_own_requests_and_one_closing_leaves_the_rest() {
+    use vmlink_disk::{DEFAULT_LAYOUT, service_with};
+    let scratch = Scratch::new("set");
+    let (path, mut model) = scratch.image(8 << 20);
+    let (a, b) = UnixStream::pair().unwrap();
+    let image = path.clone();
+    // The host serves the primary and two sub-channels, each on a thread of its own.
+    let host = thread::spawn(move || -> Result<Vec<ServeStats>, DiskError> {
+        let disk = std::sync::Arc::new(Disk::open(&image, DiskOptions::default())?);
+        let set = service_with("disk", DEFAULT_LAYOUT, 2)
+            .serve_stream(a)?
+            .into_set();
+        let servers: Vec<_> = set
+            .into_channels()
+            .map(|(_, endpoint)| {
+                let disk = std::sync::Arc::clone(&disk);
+                thread::spawn(move || serve(&disk, endpoint.channel(), endpoint.buffer()))
+            })
+            .collect();
+        servers.into_iter().map(|s| s.join().unwrap()).collect()
+    });
+    let mut endpoint = Guest::new("disk")
+        .with_config(config())
+        .with_sub_channels(4)
+        .connect_stream(b)
+        .unwrap();
+    let subs = endpoint.take_sub_channels();
+    assert_eq!(subs.len(), 2, "the host offers two");
+    let half = endpoint.buffer().guest_pages();
+    let (start, third) = (
+        half.start as usize * 4096,
+        (half.end - half.start) as usize / 3 * 4096,
+    );
+    // Three clients, each with a third of the guest's half, each writing its own region
+    // of the disk from its own thread, 16 requests in flight.
+    let clients: Vec<DiskClient> = std::iter::once(endpoint)
+        .chain(subs)
+        .enumerate()
+        .map(|(i, ep)| {
+            let (channel, memory) = ep.into_parts();
+            let mine = start + i * third..start + (i + 1) * third;
+            DiskClient::with_buffers(channel, memory.buffer(), mine).unwrap()
+        })
+        .collect();
+    let region = 2 << 20;
+    let writers: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut disk)| {
+            thread::spawn(move || {
+                let b = disk.buffers();
+                for round in 0..(region / 65536 / 16) {
+                    for slot in 0..16 {
+                        let at = b.start + slot * 65536;
+                        disk.area()
+                            .write(at, &[(i * 50 + slot) as u8 + 1; 65536])
+                            .unwrap();
+                        let sector = ((i * region + (round * 16 + slot) * 65536) / 512) as u64;
+                        disk.submit_write(sector, at..at + 65536, false, Wait::Forever)
+                            .unwrap();
+                    }
+                    for _ in 0..16 {
+                        disk.reap(Wait::Forever).unwrap().result().unwrap();
+                    }
+                }
+                disk.flush().unwrap();
+                (i, disk)
+            })
+        })
+        .collect();
+    let mut clients: Vec<(usize, DiskClient)> =
+        writers.into_iter().map(|w| w.join().unwrap()).collect();
+    for i in 0..3 {
+        for chunk in 0..region / 65536 {
+            let at = i * region + chunk * 65536;
+            model[at..at + 65536].fill((i * 50 + chunk % 16) as u8 + 1);
+        }
+    }
+    // Sub-channel 1 closes; the primary and sub-channel 2 still read everything back.
+    drop(clients.remove(1));
+    for (_, disk) in &mut clients {
+        let mut back = vec![0u8; 1 << 20];
+        for at in (0..8 << 20).step_by(1 << 20) {
+            disk.read((at / 512) as u64, &mut back).unwrap();
+            assert!(back == model[at..at + (1 << 20)], "read back at {at}");
+        }
+    }
+    drop(clients);
+    let stats = host.join().unwrap().unwrap();
+    assert_eq!(stats.len(), 3);
+    for s in &stats {
+        assert!(
+            s.bytes_written >= region as u64,
+            "every channel carried its writes: {stats:?}"
+        );
+    }
+    assert!(std::fs::read(&path).unwrap() == model, "the image differs");
+}
