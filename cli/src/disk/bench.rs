@@ -32,7 +32,7 @@ use nix::unistd::Pid;
 use vmlink_channel::Wait;
 use vmlink_disk::{Disk, DiskClient, DiskError, DiskOptions, ServeStats, serve};
 use vmlink_nbd::{ImgBench, NbdClient, QemuNbd, QemuNbdOptions, qemu_img_bench};
-use vmlink_shm::{Endpoint, Guest};
+use vmlink_shm::{Endpoint, Guest, Layout};
 
 use crate::error::{Context, Result, fail};
 
@@ -229,134 +229,219 @@ fn pin_process(pid: u32, cpu: usize) -> Result<()> {
 
 type Server = JoinHandle<std::result::Result<ServeStats, DiskError>>;
 
+/// Bytes of the guest's half each channel's client gets: 32 buffers of 1 MiB and its
+/// bounce buffer, rounded up.
+const CLIENT_BUFFERS: usize = 34 << 20;
+
+/// vmlink-disk over one channel, or a channel set: a host thread per channel (pinned to
+/// CPU 0, 1, 0, ...), a guest client per channel (on the bench's thread, or with several
+/// channels on threads pinned to CPU 1, 0, 1, ...).
 struct Vmlink {
-    client: Option<DiskClient>,
-    host: Arc<Endpoint>,
-    server: Option<Server>,
+    clients: Vec<DiskClient>,
+    hosts: Vec<Arc<Endpoint>>,
+    servers: Vec<Server>,
     len: u64,
 }
 
 impl Vmlink {
-    fn start(image: &Path, len: u64) -> Result<Self> {
-        let disk = Disk::open(image, DiskOptions::default()).context("opening the image")?;
+    fn start(image: &Path, len: u64, channels: usize) -> Result<Self> {
+        let disk =
+            Arc::new(Disk::open(image, DiskOptions::default()).context("opening the image")?);
+        let subs = channels as u32 - 1;
+        let layout = Layout::symmetric(256 * 1024, 2 * (channels * CLIENT_BUFFERS) as u64);
         let (a, b) = UnixStream::pair().context("a socket pair")?;
-        let accept = thread::spawn(move || vmlink_disk::service("disk").serve_stream(a));
-        let endpoint = Guest::new("disk")
-            .with_config(vmlink_disk::config())
-            .connect_stream(b)
-            .context("connecting the guest")?;
+        let accept =
+            thread::spawn(move || vmlink_disk::service_with("disk", layout, subs).serve_stream(a));
+        let mut guest = Guest::new("disk").with_config(vmlink_disk::config());
+        if subs > 0 {
+            guest = guest.with_sub_channels(subs);
+        }
+        let mut endpoint = guest.connect_stream(b).context("connecting the guest")?;
         let host = match accept.join() {
-            Ok(host) => Arc::new(host.context("the host's handshake")?),
+            Ok(host) => host.context("the host's handshake")?,
             Err(_) => return fail("the host's handshake panicked"),
         };
-        let served = Arc::clone(&host);
-        let server = thread::spawn(move || {
-            let _ = pin(0);
-            serve(&disk, served.channel(), served.buffer())
-        });
-        let (channel, memory) = endpoint.into_parts();
-        let client = DiskClient::new(channel, memory.buffer()).context("the disk's info")?;
+        let mut hosts = Vec::new();
+        let mut servers = Vec::new();
+        for (i, ep) in host.into_set().into_channels() {
+            let ep = Arc::new(ep);
+            let (served, disk) = (Arc::clone(&ep), Arc::clone(&disk));
+            servers.push(thread::spawn(move || {
+                let _ = pin(i % 2);
+                serve(&disk, served.channel(), served.buffer())
+            }));
+            hosts.push(ep);
+        }
+        let subs = endpoint.take_sub_channels();
+        if subs.len() + 1 != channels {
+            return fail("the host offered fewer sub-channels than asked");
+        }
+        let half = endpoint.buffer().guest_pages().start as usize * 4096;
+        let mut clients = Vec::new();
+        for (i, ep) in std::iter::once(endpoint).chain(subs).enumerate() {
+            let (channel, memory) = ep.into_parts();
+            let mine = half + i * CLIENT_BUFFERS..half + (i + 1) * CLIENT_BUFFERS;
+            clients.push(
+                DiskClient::with_buffers(channel, memory.buffer(), mine)
+                    .context("the disk's info")?,
+            );
+        }
         Ok(Self {
-            client: Some(client),
-            host,
-            server: Some(server),
+            clients,
+            hosts,
+            servers,
             len,
         })
     }
 
-    fn client(&mut self) -> &mut DiskClient {
-        self.client.as_mut().expect("the client lives until drop")
-    }
-
-    fn doorbells(&mut self) -> u64 {
-        let host = self.host.channel().counters().signals_sent;
-        self.client().channel().counters().signals_sent + host
+    fn doorbells(&self) -> u64 {
+        let hosts: u64 = self
+            .hosts
+            .iter()
+            .map(|h| h.channel().counters().signals_sent)
+            .sum();
+        let guests: u64 = self
+            .clients
+            .iter()
+            .map(|c| c.channel().counters().signals_sent)
+            .sum();
+        hosts + guests
     }
 
     fn run(&mut self, case: &Case, secs: f64, seed: u64) -> Result<Sample> {
-        let base = self.client().buffers().start;
-        let slot = |i: usize| base + i * case.block;
-        if slot(case.depth) > self.client().area().len() {
-            return fail("the buffer area is too small for this depth");
-        }
-        let mut buf = vec![0u8; case.block];
-        let mut offsets = Offsets::new(case, self.len, seed);
-        if case.write {
-            fill(&mut buf, 0);
-            for i in 0..case.depth {
-                self.client()
-                    .area()
-                    .write(slot(i), &buf)
-                    .context("the buffer area")?;
-            }
-        }
-        // Each slot's request: (id, offset).
-        let mut at = [(u64::MAX, 0u64); 64];
         let (bells, cpu, start) = (self.doorbells(), process_cpu(), Instant::now());
         let deadline = start + Duration::from_secs_f64(secs);
-        let mut sample = Sample::default();
-        for (i, entry) in at.iter_mut().enumerate().take(case.depth) {
-            let offset = offsets.next();
-            *entry = (self.submit(case, slot(i), offset)?, offset);
-        }
-        let mut open = case.depth;
-        while open > 0 {
-            let done = self.client().reap(Wait::Forever).context("reaping")?;
-            done.result().context("a request")?;
-            let Some(i) = at[..case.depth].iter().position(|&(id, _)| id == done.id) else {
-                return fail("a completion for no request");
-            };
-            sample.ops += 1;
-            if !case.write && sample.ops.is_multiple_of(CHECK_EVERY) {
-                self.client()
-                    .area()
-                    .read(slot(i), &mut buf)
-                    .context("the buffer area")?;
-                if !holds(&buf, at[i].1) {
-                    return fail(format!("vmlink read wrong data at offset {}", at[i].1));
-                }
-                sample.checked += 1;
+        let len = self.len;
+        // The depth spread over the channels (depth 1 uses the first alone).
+        let n = self.clients.len().min(case.depth);
+        let mut sample = if n == 1 {
+            drive(&mut self.clients[0], case, case.depth, len, deadline, seed)?
+        } else {
+            let results: Vec<Result<Sample>> = thread::scope(|s| {
+                let workers: Vec<_> = self.clients[..n]
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(i, client)| {
+                        let depth = case.depth / n + usize::from(i < case.depth % n);
+                        s.spawn(move || {
+                            pin(1 - i % 2)?;
+                            drive(client, case, depth, len, deadline, seed + i as u64)
+                        })
+                    })
+                    .collect();
+                workers
+                    .into_iter()
+                    .map(|w| w.join().unwrap_or_else(|_| fail("a guest thread panicked")))
+                    .collect()
+            });
+            let mut total = Sample::default();
+            for r in results {
+                let r = r?;
+                total.ops += r.ops;
+                total.checked += r.checked;
             }
-            if Instant::now() < deadline {
-                let offset = offsets.next();
-                at[i] = (self.submit(case, slot(i), offset)?, offset);
-            } else {
-                at[i].0 = u64::MAX;
-                open -= 1;
-            }
-        }
+            total
+        };
         sample.secs = start.elapsed().as_secs_f64();
         sample.cpu_ns = process_cpu() - cpu;
         sample.doorbells = self.doorbells() - bells;
         Ok(sample)
     }
 
-    fn submit(&mut self, case: &Case, slot: usize, offset: u64) -> Result<u64> {
-        let client = self.client();
-        let range = slot..slot + case.block;
-        let id = if case.write {
-            // Each sector's stamp for where it goes; the filler is already there.
-            // Word stores straight into the area, as the others stamp their private buffers.
-            let words = client.area().words();
-            for s in 0..case.block / 512 {
-                let stamp = u64::from_le_bytes(stamp(offset + s as u64 * 512));
-                words[(slot + s * 512) / 8].store(stamp, Ordering::Relaxed);
-            }
-            client.submit_write(offset / 512, range, false, Wait::Forever)
-        } else {
-            client.submit_read(offset / 512, range, Wait::Forever)
-        };
-        id.context("submitting")
-    }
-
-    /// Closes the guest's channel and waits for the host to finish.
+    /// Closes every guest channel and waits for the hosts to finish; their stats summed.
     fn finish(&mut self) -> Result<ServeStats> {
-        drop(self.client.take());
-        match self.server.take().map(JoinHandle::join) {
-            Some(Ok(stats)) => stats.context("the host"),
-            _ => fail("the host's thread panicked"),
+        self.clients.clear();
+        let mut total = ServeStats::default();
+        for server in self.servers.drain(..) {
+            match server.join() {
+                Ok(stats) => {
+                    let s = stats.context("the host")?;
+                    total.completed += s.completed;
+                    total.refused += s.refused;
+                }
+                Err(_) => return fail("the host's thread panicked"),
+            }
+        }
+        Ok(total)
+    }
+}
+
+/// One client's loop: `depth` requests in flight until `deadline`, then drained; reads
+/// checked one in [`CHECK_EVERY`].
+fn drive(
+    client: &mut DiskClient,
+    case: &Case,
+    depth: usize,
+    len: u64,
+    deadline: Instant,
+    seed: u64,
+) -> Result<Sample> {
+    let base = client.buffers().start;
+    let slot = |i: usize| base + i * case.block;
+    if slot(depth) > client.buffers().end + case.block {
+        return fail("the buffer area is too small for this depth");
+    }
+    let mut buf = vec![0u8; case.block];
+    let mut offsets = Offsets::new(case, len, seed);
+    if case.write {
+        fill(&mut buf, 0);
+        for i in 0..depth {
+            client
+                .area()
+                .write(slot(i), &buf)
+                .context("the buffer area")?;
         }
     }
+    // Each slot's request: (id, offset).
+    let mut at = [(u64::MAX, 0u64); 64];
+    let mut sample = Sample::default();
+    for (i, entry) in at.iter_mut().enumerate().take(depth) {
+        let offset = offsets.next();
+        *entry = (submit(client, case, slot(i), offset)?, offset);
+    }
+    let mut open = depth;
+    while open > 0 {
+        let done = client.reap(Wait::Forever).context("reaping")?;
+        done.result().context("a request")?;
+        let Some(i) = at[..depth].iter().position(|&(id, _)| id == done.id) else {
+            return fail("a completion for no request");
+        };
+        sample.ops += 1;
+        if !case.write && sample.ops.is_multiple_of(CHECK_EVERY) {
+            client
+                .area()
+                .read(slot(i), &mut buf)
+                .context("the buffer area")?;
+            if !holds(&buf, at[i].1) {
+                return fail(format!("vmlink read wrong data at offset {}", at[i].1));
+            }
+            sample.checked += 1;
+        }
+        if Instant::now() < deadline {
+            let offset = offsets.next();
+            at[i] = (submit(client, case, slot(i), offset)?, offset);
+        } else {
+            at[i].0 = u64::MAX;
+            open -= 1;
+        }
+    }
+    Ok(sample)
+}
+
+fn submit(client: &mut DiskClient, case: &Case, slot: usize, offset: u64) -> Result<u64> {
+    let range = slot..slot + case.block;
+    let id = if case.write {
+        // Word stores straight into the area, as the others stamp their private buffers.
+        let words = client.area().words();
+        for s in 0..case.block / 512 {
+            let stamp = u64::from_le_bytes(stamp(offset + s as u64 * 512));
+            words[(slot + s * 512) / 8].store(stamp, Ordering::Relaxed);
+        }
+        client.submit_write(offset / 512, range, false, Wait::Forever)
+    } else {
+        client.submit_read(offset / 512, range, Wait::Forever)
+    };
+    id.context("submitting")
 }
 
 // ---- qemu-nbd --------------------------------------------------------------------------
@@ -558,6 +643,8 @@ fn floor(file: &Arc<File>, len: u64, case: &Case, secs: f64, seed: u64) -> Resul
 #[derive(Debug, Default)]
 struct Results {
     vmlink: Vec<Sample>,
+    /// vmlink over two channels.
+    two: Vec<Sample>,
     nbd: Vec<Sample>,
     floor: Vec<Sample>,
     img_bench: f64,
@@ -616,7 +703,8 @@ pub fn run(args: &BenchArgs) -> Result<u8> {
     let len = size_mib << 20;
     make_image(&image, len)?;
     let nbd_version = QemuNbd::version().context("qemu-nbd")?;
-    let mut vmlink = Vmlink::start(&image, len)?;
+    let mut vmlink = Vmlink::start(&image, len, 1)?;
+    let mut two = Vmlink::start(&image, len, 2)?;
     let mut nbd = Nbd::start(&image, len)?;
     let file = Arc::new(
         std::fs::OpenOptions::new()
@@ -640,10 +728,11 @@ pub fn run(args: &BenchArgs) -> Result<u8> {
         for (c, case) in cases.iter().enumerate() {
             let seed = (round * 100 + c) as u64 + 1;
             let r = &mut results[c];
-            for k in 0..3 {
-                let outcome = match (k + round + c) % 3 {
+            for k in 0..4 {
+                let outcome = match (k + round + c) % 4 {
                     0 => vmlink.run(case, secs, seed).map(|s| r.vmlink.push(s)),
                     1 => nbd.run(case, secs, seed).map(|s| r.nbd.push(s)),
+                    2 => two.run(case, secs, seed).map(|s| r.two.push(s)),
                     _ => floor(&file, len, case, secs, seed).map(|s| r.floor.push(s)),
                 };
                 if let Err(e) = outcome {
@@ -663,6 +752,7 @@ pub fn run(args: &BenchArgs) -> Result<u8> {
     }
     unpin()?;
     let stats = vmlink.finish()?;
+    let stats_two = two.finish()?;
     let report = Report {
         cases: &cases,
         results: &results,
@@ -670,7 +760,7 @@ pub fn run(args: &BenchArgs) -> Result<u8> {
         rounds,
         secs,
         size_mib,
-        host_refused: stats.refused,
+        host_refused: stats.refused + stats_two.refused,
     };
     if args.json {
         print!("{}", report.json());
@@ -699,6 +789,8 @@ struct Report<'a> {
 /// One case's medians and ratios.
 struct Row {
     vmlink: f64,
+    two: f64,
+    two_vs_floor: f64,
     nbd: f64,
     img: f64,
     floor: f64,
@@ -733,9 +825,17 @@ impl Report<'_> {
                 .map(|i| r.vmlink[i].iops() / r.floor[i].iops())
                 .collect(),
         );
+        let two_rounds = r.two.len().min(r.floor.len());
+        let two_vs_floor = median(
+            (0..two_rounds)
+                .map(|i| r.two[i].iops() / r.floor[i].iops())
+                .collect(),
+        );
         let floor_threads = r.floor.last().map_or(0, |s| s.threads);
         Row {
             vmlink: iops(&r.vmlink),
+            two: iops(&r.two),
+            two_vs_floor,
             nbd: iops(&r.nbd),
             img: r.img_bench,
             floor: iops(&r.floor),
@@ -749,7 +849,7 @@ impl Report<'_> {
                     .collect(),
             ),
             cpu: [cpu(&r.vmlink), cpu(&r.nbd), cpu(&r.floor)],
-            checked: [&r.vmlink, &r.nbd, &r.floor]
+            checked: [&r.vmlink, &r.two, &r.nbd, &r.floor]
                 .iter()
                 .flat_map(|s| s.iter())
                 .map(|s| s.checked)
@@ -762,7 +862,7 @@ impl Report<'_> {
             "vmlink disk bench: {} rounds of {} s per case and system, {} MiB image; {}\n\n",
             self.rounds, self.secs, self.size_mib, self.nbd_version
         );
-        out += "case            depth |  vmlink IOPS  qemu-nbd (client / qemu-img)   floor (threads) | vs nbd  vs floor | bells/req | CPU us/req vmlink nbd floor\n";
+        out += "case            depth |       vmlink   qemu-nbd (client / qemu-img)   floor (threads) | vs nbd  vs floor | bells/req | CPU us/req vmlink nbd floor | 2 channels*  vs floor\n";
         for (c, case) in self.cases.iter().enumerate() {
             let r = self.row(c);
             let unit = |iops: f64| {
@@ -773,7 +873,7 @@ impl Report<'_> {
                 }
             };
             out += &format!(
-                "{:<15} {:>5} | {:>12} {:>12} / {:<12} {:>12} ({:>2}) | {:>5.2}x {:>7.2}x | {:>9.3} | {:>6.2} {:>6.2} {:>6.2}\n",
+                "{:<15} {:>5} | {:>12} {:>12} / {:<12} {:>12} ({:>2}) | {:>5.2}x {:>7.2}x | {:>9.3} | {:>17.2} {:>6.2} {:>6.2} | {:>11} {:>7.2}x\n",
                 case.name,
                 case.depth,
                 unit(r.vmlink),
@@ -787,8 +887,15 @@ impl Report<'_> {
                 r.cpu[0],
                 r.cpu[1],
                 r.cpu[2],
+                unit(r.two),
+                r.two_vs_floor,
             );
         }
+        out += "\nvmlink: one channel (the honest configuration on this machine's 2 CPUs): its host on\n\
+                CPU 0, the guest on CPU 1. qemu-nbd pinned to CPU 0, its client on CPU 1. floor: the\n\
+                host's own pread/pwrite, unpinned, the faster of one thread per request in flight and\n\
+                two. * two channels, each with a host thread and a guest thread: four busy threads on\n\
+                two CPUs, oversubscribed, shown to prove the mechanism, not as scaling.\n";
         out += "\nGoals (blocking mode):\n";
         for line in self.goals() {
             out += &format!("  {line}\n");
@@ -848,8 +955,8 @@ impl Report<'_> {
             .map(|(c, case)| {
                 let r = self.row(c);
                 format!(
-                    "{{\"case\":\"{}\",\"depth\":{},\"block\":{},\"vmlink_iops\":{:.1},\"nbd_iops\":{:.1},\"qemu_img_iops\":{:.1},\"floor_iops\":{:.1},\"floor_threads\":{},\"vs_nbd\":{:.4},\"vs_floor\":{:.4},\"doorbells_per_request\":{:.5},\"cpu_us_per_request\":{{\"vmlink\":{:.3},\"nbd\":{:.3},\"floor\":{:.3}}},\"checked\":{}}}",
-                    case.name, case.depth, case.block, r.vmlink, r.nbd, r.img, r.floor,
+                    "{{\"case\":\"{}\",\"depth\":{},\"block\":{},\"vmlink_iops\":{:.1},\"two_channels_iops\":{:.1},\"nbd_iops\":{:.1},\"qemu_img_iops\":{:.1},\"floor_iops\":{:.1},\"floor_threads\":{},\"vs_nbd\":{:.4},\"vs_floor\":{:.4},\"doorbells_per_request\":{:.5},\"cpu_us_per_request\":{{\"vmlink\":{:.3},\"nbd\":{:.3},\"floor\":{:.3}}},\"checked\":{}}}",
+                    case.name, case.depth, case.block, r.vmlink, r.two, r.nbd, r.img, r.floor,
                     r.floor_threads, r.vs_nbd, r.vs_floor, r.bells, r.cpu[0], r.cpu[1], r.cpu[2],
                     r.checked
                 )
