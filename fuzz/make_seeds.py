@@ -277,18 +277,24 @@ def fd_memfd(pages, sealed): return variant(0, 4, u8(pages), boolean(sealed))
 def fd_eventfd(): return variant(1, 4)
 def fd_devnull(): return variant(2, 4)
 def fd_socket(): return variant(3, 4)
-def ch_raw(data): return variant(0, 5, bytes_vec(data))
+def ch_raw(data): return variant(0, 7, bytes_vec(data))
 def ch_msg(kind, body, version=None, declared=None, cut=None):
-    return variant(1, 5, option(None if version is None else u16(version)), u16(kind), bytes_vec(body),
+    return variant(1, 7, option(None if version is None else u16(version)), u16(kind), bytes_vec(body),
                    option(None if declared is None else u32(declared)),
                    option(None if cut is None else u16(cut)))
 def ch_offer(g2h=2, h2g=2, buf=1, flags=0, name=None, memfd=(0, True), bells=2):
-    return variant(2, 5, u8(g2h), u8(h2g), u8(buf), u32(flags),
+    return variant(2, 7, u8(g2h), u8(h2g), u8(buf), u32(flags),
                    option(None if name is None else bytes_vec(name)),
                    option(None if memfd is None else u8(memfd[0] & 0xFF) + boolean(memfd[1])),
                    u8(bells))
-def ch_hello(name=None): return variant(3, 5, option(None if name is None else bytes_vec(name)))
-def ch_ready(): return variant(4, 5)
+def ch_offer_set(pages=1, subs=1, name=None, memfd=(0, True), extra=()):
+    return variant(3, 7, u8(pages), u8(subs), option(None if name is None else bytes_vec(name)),
+                   option(None if memfd is None else u8(memfd[0] & 0xFF) + boolean(memfd[1])),
+                   vec(list(extra)))
+def ch_hello(name=None): return variant(4, 7, option(None if name is None else bytes_vec(name)))
+def ch_hello_set(count, reserved=0, name=None):
+    return variant(5, 7, u16(count), u16(reserved), option(None if name is None else bytes_vec(name)))
+def ch_ready(): return variant(6, 7)
 def sh_send(chunk, fds=(), split=None):
     return variant(0, 4, chunk + vec(list(fds)) + option(None if split is None else u16(split)))
 def sh_read(wait_ms=10): return variant(1, 4, u8(wait_ms))
@@ -300,8 +306,8 @@ def id_raw(v): return variant(2, 3, u32(v))
 POLICY_DEFAULT = variant(0, 3)
 def policy_same_uid_and(uids=(), gids=()): return variant(1, 3, vec(list(uids)), vec(list(gids)))
 def policy_only(uids=(), gids=()): return variant(2, 3, vec(list(uids)), vec(list(gids)))
-def sh_input(role, actions, keep_open=False, policy=POLICY_DEFAULT):
-    return role + policy + vec(actions) + boolean(keep_open)
+def sh_input(role, actions, keep_open=False, policy=POLICY_DEFAULT, subs=None):
+    return role + policy + vec(actions) + boolean(keep_open) + option(None if subs is None else u8(subs))
 
 # Extra headers: GPA-direct (one range of 16 bytes on page 3), the same on page 99 (past a
 # limit of 16), transfer pages (one range), and transfer pages naming no ranges.
@@ -441,6 +447,15 @@ SEEDS["channel_blocking"] = {
 }
 
 SEEDS["shm_handshake"] = {
+    # Channel sets: a guest asking for two of a service that offers three; a guest asking
+    # for two offered one with every fd (memfd, the primary's bells, a bell pair and a
+    # socket end); the same offered three (more than asked); a set hello with reserved bits.
+    "seed-host-set": sh_input(HOST, [sh_send(ch_hello_set(2)), sh_read(20), sh_send(ch_ready())], subs=3),
+    "seed-guest-set": sh_input(GUEST, [sh_send(ch_offer_set(1, 1, extra=[fd_eventfd(), fd_eventfd(),
+                                                                         fd_eventfd(), fd_eventfd(),
+                                                                         fd_socket()]))], subs=2),
+    "seed-guest-set-many": sh_input(GUEST, [sh_send(ch_offer_set(1, 3, extra=[fd_eventfd()] * 4))], subs=2),
+    "seed-host-set-reserved": sh_input(HOST, [sh_send(ch_hello_set(1, reserved=7))], subs=1),
     "seed-host-ok": sh_input(HOST, [sh_send(ch_hello()), sh_send(ch_ready())]),
     "seed-host-fds": sh_input(HOST, [sh_send(ch_hello(), [fd_eventfd(), fd_devnull(), fd_socket(),
                                                            fd_memfd(1, True)])]),
@@ -604,6 +619,32 @@ SEEDS["stats_report"] = {
     "seed-trailing": REPORT_V1 + b"\x00",
     # An empty process that claims 2^32 listeners and carries none.
     "seed-huge-count": REPORT_V1[:10] + b"\x01\x01\x00\x00" + b"\x80\x80\x80\x80\x10",
+}
+
+# ---- disk_request: raw bytes (no `arbitrary` encoding) ---------------------------------
+def disk_req(op, sector, sectors, flags=0):
+    return u8(op) + u8(flags) + u16(0) + u32(sectors) + u64(sector)
+def disk_gpa(ranges):
+    out = u32(0) + u32(len(ranges))
+    for offset, count, pages in ranges:
+        out += u32(count) + u32(offset) + b"".join(u64(p) for p in pages)
+    return out
+def disk_input(ptype, flags, sectors, payload, header=b""):
+    return u8(ptype) + u8(flags) + u64(sectors) + u8(len(payload)) + payload + header
+G = (32 << 20) // 4096  # the first page of the guest's half
+SEEDS["disk_request"] = {
+    # A read of 8 sectors into one page; a write over three pages from mid-page; a
+    # scattered read of two sector-sized pieces; a flush; a discard on a read-only disk; a
+    # write past the end; a buffer in the host's half.
+    "seed-read": disk_input(1, 0, 2048, disk_req(1, 8, 8), disk_gpa([(0, 4096, [G])])),
+    "seed-write": disk_input(1, 2, 1 << 20, disk_req(2, 100, 16, flags=1),
+                             disk_gpa([(2048, 8192, [G + 5, G + 6, G + 7])])),
+    "seed-scatter": disk_input(1, 0, 4096, disk_req(1, 0, 2),
+                               disk_gpa([(512, 512, [G + 9]), (3584, 512, [G + 1])])),
+    "seed-flush": disk_input(0, 0, 8, disk_req(3, 0, 0)),
+    "seed-discard-ro": disk_input(0, 1, 4096, disk_req(4, 16, 8)),
+    "seed-past-end": disk_input(1, 0, 16, disk_req(2, 12, 8), disk_gpa([(0, 4096, [G])])),
+    "seed-host-half": disk_input(1, 0, 2048, disk_req(1, 0, 8), disk_gpa([(0, 4096, [3])])),
 }
 
 for target, seeds in SEEDS.items():

@@ -6,8 +6,11 @@
 //! from a script, interleaved with the handshake: it writes raw bytes or framed messages
 //! (right magic, any version / kind / body / declared length, cut short, or split in two
 //! writes with a pause between), hellos, readies, offers built from a layout with a memfd of
-//! the right or wrong size and seals (carrying the layout's memory header), each write with
-//! zero to five fds attached via `SCM_RIGHTS` (memfds, eventfds, /dev/null, socket ends); it
+//! the right or wrong size and seals (carrying the layout's memory header), set hellos that
+//! ask for sub-channels and set offers of up to three sub-channels with any fds for their
+//! bells and sockets, each write with fds attached via `SCM_RIGHTS` (memfds, eventfds,
+//! /dev/null, socket ends); the service offers, or the guest asks for, up to four
+//! sub-channels. It
 //! reads what our side sent (waiting for it, closing any fds that come along), so it can
 //! answer after our hello or offer or write after our ready; it pauses, and shuts down its
 //! write half. After the script its end is closed or left open (the handshake timeout is
@@ -19,7 +22,8 @@
 //!
 //! Asserted: no panic; every call returns (the handshake timeout, and libFuzzer
 //! `-timeout`); a failure is a `ShmError` whose `Display` is non-empty; a success hands out
-//! an endpoint for the service asked for, whose peer credentials are ours (pid, uid, gid);
+//! an endpoint for the service asked for, whose peer credentials are ours (pid, uid, gid),
+//! with no more sub-channels than the guest asked for and the service offers;
 //! the host succeeds only if the policy allows us, and fails with `NotAllowed` exactly
 //! naming us and the service, and only when the policy refuses us; a refused peer receives
 //! no offer and no fds; and the process has exactly the fds it had before once the input's
@@ -80,8 +84,24 @@ enum Chunk {
         memfd: Option<(i8, bool)>,
         bells: u8,
     },
+    /// A set offer (kind 10): an offer whose flags are `subs % 4` sub-channels, its memfd
+    /// sized and headed for that many (plus `delta` pages), then the fds in `extra` (the
+    /// channels' bells and socket ends, or anything else), up to 15.
+    OfferSet {
+        pages: u8,
+        subs: u8,
+        name: Option<Vec<u8>>,
+        memfd: Option<(i8, bool)>,
+        extra: Vec<FdKind>,
+    },
     /// A hello (kind 1) or ready (kind 4) with the right framing.
     Hello(Option<Vec<u8>>),
+    /// A set hello (kind 9): a sub-channel count, reserved words, a name.
+    HelloSet {
+        count: u16,
+        reserved: u16,
+        name: Option<Vec<u8>>,
+    },
     Ready,
 }
 
@@ -136,6 +156,9 @@ struct Input {
     policy: PolicySel,
     actions: Vec<Action>,
     keep_open: bool,
+    /// As host: how many sub-channels the service offers (`% 5`); as guest: how many it
+    /// asks for (`% 5`), or a plain hello.
+    subs: Option<u8>,
 }
 
 /// At most this many script actions per input.
@@ -186,9 +209,9 @@ fn make_fd(kind: FdKind) -> Option<OwnedFd> {
     }
 }
 
-/// One `sendmsg` of `data` with `fds` attached (any number, up to 8) as `SCM_RIGHTS`.
+/// One `sendmsg` of `data` with `fds` attached (any number, up to 16) as `SCM_RIGHTS`.
 fn send_with_fds(sock: &UnixStream, data: &[u8], fds: &[OwnedFd]) -> bool {
-    let fds = &fds[..fds.len().min(8)];
+    let fds = &fds[..fds.len().min(16)];
     if fds.is_empty() || data.is_empty() {
         return (&*sock).write_all(data).is_ok();
     }
@@ -314,6 +337,51 @@ fn encode(chunk: &Chunk, fds: &mut Vec<OwnedFd>) -> Vec<u8> {
                 &name[..name.len().min(4096)],
             )
         }
+        Chunk::OfferSet {
+            pages,
+            subs,
+            name,
+            memfd: mfd,
+            extra,
+        } => {
+            let subs = u32::from(*subs % 4);
+            let layout = Layout::symmetric(u64::from(*pages % 3) * 4096, u64::from(*pages / 3 % 3) * 4096);
+            let name = name.clone().unwrap_or_else(|| SERVICE.as_bytes().to_vec());
+            let name = &name[..name.len().min(300)];
+            let mut body = Vec::new();
+            body.extend_from_slice(&layout.guest_to_host.to_le_bytes());
+            body.extend_from_slice(&layout.host_to_guest.to_le_bytes());
+            body.extend_from_slice(&layout.buffer.to_le_bytes());
+            body.extend_from_slice(&subs.to_le_bytes());
+            body.extend_from_slice(&(name.len() as u32).to_le_bytes());
+            body.extend_from_slice(name);
+            if let (Some((delta, sealed)), Ok(len)) = (mfd, layout.validate_set(subs)) {
+                let len = (len as i64 + *delta as i64 * 4096).clamp(0, 1 << 20);
+                let fd = memfd(len as usize, *sealed);
+                if let (Some(fd), Ok(area)) = (&fd, layout.area_for(subs))
+                    && len >= 4096
+                {
+                    let page = area.encode();
+                    // SAFETY: `fd` is an open memfd; `page` is a live buffer of its length.
+                    unsafe { libc::pwrite(fd.as_raw_fd(), page.as_ptr().cast(), page.len(), 0) };
+                }
+                fds.extend(fd);
+            }
+            fds.extend(extra.iter().take(15).filter_map(|k| make_fd(*k)));
+            frame(1, 10, body.len() as u32, &body)
+        }
+        Chunk::HelloSet {
+            count,
+            reserved,
+            name,
+        } => {
+            let name = name.clone().unwrap_or_else(|| SERVICE.as_bytes().to_vec());
+            let mut body = count.to_le_bytes().to_vec();
+            body.extend_from_slice(&reserved.to_le_bytes());
+            body.extend_from_slice(&[0; 4]);
+            body.extend_from_slice(&name[..name.len().min(4096)]);
+            frame(1, 9, body.len() as u32, &body)
+        }
         Chunk::Ready => frame(1, 4, 0, &[]),
     }
 }
@@ -366,7 +434,7 @@ impl Heard {
     fn saw_offer(&self) -> bool {
         let mut rest = &self.bytes[..];
         while rest.len() >= 16 && &rest[..8] == MAGIC {
-            if rest[10..12] == 2u16.to_le_bytes() {
+            if rest[10..12] == 2u16.to_le_bytes() || rest[10..12] == 10u16.to_le_bytes() {
                 return true;
             }
             let len = u32::from_le_bytes(rest[12..16].try_into().unwrap()) as usize;
@@ -538,6 +606,7 @@ fuzz_target!(|input: Input| {
             role,
             actions,
             keep_open,
+            subs,
             ..
         } = input;
         let job: Job = Box::new(move || {
@@ -545,20 +614,31 @@ fuzz_target!(|input: Input| {
             let _ = heard_tx.send(heard);
         });
         peer.lock().unwrap().send(job).unwrap();
+        let subs = subs.map(|n| u32::from(n % 5));
         let result = match role {
             Role::Host => Service::new(SERVICE)
                 .with_layout(Layout::symmetric(4096, 4096))
                 .with_policy(policy)
+                .with_sub_channels(subs.unwrap_or(0))
                 .with_handshake_timeout(TIMEOUT)
                 .serve_stream(theirs),
-            Role::Guest => Guest::new(SERVICE)
-                .with_handshake_timeout(TIMEOUT)
-                .connect_stream(theirs),
+            Role::Guest => {
+                let guest = Guest::new(SERVICE).with_handshake_timeout(TIMEOUT);
+                match subs {
+                    Some(n) => guest.with_sub_channels(n),
+                    None => guest,
+                }
+                .connect_stream(theirs)
+            }
         };
         let host = matches!(role, Role::Host);
         match &result {
             Ok(endpoint) => {
                 assert_eq!(endpoint.service(), SERVICE);
+                // Never more sub-channels than the guest asked for or the service offers.
+                let most = subs.unwrap_or(0);
+                assert!(endpoint.sub_channel_count() <= most as usize);
+                assert!(host || subs.is_some() || endpoint.sub_channel_count() == 0);
                 assert_eq!(endpoint.peer(), me, "the endpoint's peer credentials");
                 assert!(
                     !host || allowed,
