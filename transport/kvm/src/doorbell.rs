@@ -100,6 +100,11 @@ impl KvmDoorbell {
         &self.irq
     }
 
+    /// The address whose writes ring this doorbell (the ioeventfd's).
+    pub fn address(&self) -> IoEventAddress {
+        self.addr
+    }
+
     /// The GSI the irqfd raises.
     pub fn gsi(&self) -> u32 {
         self.gsi

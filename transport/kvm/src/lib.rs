@@ -25,6 +25,15 @@
 //! `test_vm`, the test guest's VM setup shared by this crate's tests and the `kvm_demo`
 //! example; it is not part of the API.
 //!
+//! Devices that carry much traffic open sub-channels beside their primary channel, one per
+//! vCPU, each with its own rings and doorbell. A [`ChannelSetup`] describes one channel
+//! (its [`RingPages`] and its [`KvmDoorbell`], on its own MMIO address and GSI);
+//! [`host_channel_set`] builds the host's endpoints of a whole set as a
+//! [`ChannelSet`](vmlink_channel::ChannelSet), and [`host_sub_channels`] adds sub-channels
+//! to a primary already open, refusing channels that would share a page, a doorbell
+//! address or a GSI ([`SetupError`]). [`sub_channel`] is the negotiation over the primary
+//! channel: the guest asks, the host offers, either side may close one.
+//!
 //! The guest side is the `no_std` ring and channel code itself, running on the guest's own
 //! physical memory; `transport/kvm/guest/` is a bare-metal test guest that does exactly
 //! that inside a real KVM VM (see `tests/kvm_guest.rs`).
@@ -57,6 +66,8 @@ compile_error!("vmlink-kvm needs Linux (KVM)");
 
 mod doorbell;
 mod memory;
+mod set;
+pub mod sub_channel;
 #[cfg(feature = "test-utils")]
 #[doc(hidden)]
 pub mod test_vm;
@@ -64,4 +75,7 @@ pub mod test_vm;
 pub use doorbell::{DoorbellRegistration, KvmDoorbell, RegisterError};
 pub use memory::{
     GpaReadError, GuestRing, HostChannel, PageError, RingPages, host_channel, read_gpa_range,
+};
+pub use set::{
+    ChannelSetup, MAX_CHANNELS, SetupError, check_setups, host_channel_set, host_sub_channels,
 };

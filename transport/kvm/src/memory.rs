@@ -170,6 +170,8 @@ pub struct RingPages<'m, B = ()> {
     guest_to_host: GuestRing<'m, B>,
     host_to_guest: GuestRing<'m, B>,
     pages: Vec<u64>,
+    /// Each page's host address, in list order (to refuse aliasing across channels).
+    hosts: Vec<usize>,
 }
 
 /// The host's channel over a guest's rings.
@@ -296,12 +298,18 @@ impl<'m, B: BitmapSlice> RingPages<'m, B> {
             guest_to_host: ring(&hosts[..guest_to_host]),
             host_to_guest: ring(&hosts[guest_to_host..]),
             pages: pages.to_vec(),
+            hosts: hosts.iter().map(|(h, _)| h.as_ptr() as usize).collect(),
         })
     }
 
     /// The validated page list.
     pub fn pages(&self) -> &[u64] {
         &self.pages
+    }
+
+    /// Each page's host address, in list order.
+    pub(crate) fn host_addresses(&self) -> &[usize] {
+        &self.hosts
     }
 
     /// The guest's outgoing ring (the host reads it).

@@ -6,7 +6,8 @@
 //! The host picks a mode by writing a word at `MODE` before the first `KVM_RUN`: 0 runs
 //! the traffic test; 1..=6 run a hostile guest that sends a few good packets, waits until
 //! the host consumed them, corrupts its outgoing ring in way `mode`, rings the doorbell,
-//! waits for the host's acknowledgement in `ACK`, then reports `DONE`.
+//! waits for the host's acknowledgement in `ACK`, then reports `DONE`. Modes 7..=9 ask
+//! for sub-channels and stream on every channel (see `sub.rs`).
 //!
 //! The traffic mode has a second phase. Its `DONE` (after the summary) ends the traffic;
 //! a VMM that runs the vCPU again from there gets a guest serving the heartbeat integration
@@ -35,6 +36,8 @@ use vmlink_channel::{
 use vmlink_ic::status::HV_E_FAIL;
 use vmlink_ic::{IcFlags, Message, MessageType, Service, heartbeat, negotiate};
 use vmlink_ring::{ControlWord, PageListMem, RingMem, init_control};
+
+mod sub;
 
 const MAILBOX: u64 = 0x20_0000;
 const DOORBELL: u64 = 0x3000_0000;
@@ -126,6 +129,19 @@ fn page(n: u64) -> NonNull<u8> {
     NonNull::new((n * 4096) as *mut u8).expect("page 0 is never a ring page")
 }
 
+/// The control words of ring page `n`.
+fn ctrl(n: u64) -> &'static vmlink_ring::ControlWords {
+    // SAFETY: each ring page is an identity-mapped 4 KiB guest page, distinct from every
+    // other page we use, accessed only atomically by us and by the host.
+    unsafe { vmlink_ring_mapping::control_words(page(n)) }.expect("aligned")
+}
+
+/// Data page `n` of a ring.
+fn data(n: u64) -> &'static vmlink_ring::DataPage {
+    // SAFETY: as for `ctrl`.
+    unsafe { vmlink_ring_mapping::data_page(page(n)) }.expect("aligned")
+}
+
 /// # Safety
 /// Entered once by the host with a valid stack, at CPL3, memory identity-mapped.
 #[unsafe(no_mangle)]
@@ -139,11 +155,6 @@ fn main() -> ! {
     for (i, p) in pages.iter_mut().enumerate() {
         *p = ring_page(i);
     }
-    // SAFETY: each ring page is an identity-mapped 4 KiB guest page, distinct from every
-    // other page we use, accessed only atomically by us and by the host.
-    let ctrl = |n: u64| unsafe { vmlink_ring_mapping::control_words(page(n)) }.expect("aligned");
-    // SAFETY: as above.
-    let data = |n: u64| unsafe { vmlink_ring_mapping::data_page(page(n)) }.expect("aligned");
     let mut g2h_pages = [data(pages[1]); RING_PAGES - 1];
     let mut h2g_pages = [data(pages[RING_PAGES + 1]); RING_PAGES - 1];
     for i in 1..RING_PAGES {
@@ -192,6 +203,9 @@ fn main() -> ! {
 
     // SAFETY: the host wrote the mode word before the first run; nothing writes it now.
     let mode = unsafe { core::ptr::read_volatile(MODE as *const u64) };
+    if mode >= 7 {
+        sub::run(g2h, h2g, mode)
+    }
     if mode != 0 {
         // A second view of our outgoing ring (the same pages), to corrupt it behind the
         // channel's back.
