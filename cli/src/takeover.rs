@@ -34,14 +34,14 @@ pub enum Served {
     /// A plain channel.
     Plain(Box<Endpoint>),
     /// A secure channel, and the rest of the endpoint under it (for a hand-over).
-    Secure(Box<SecureShm>, Detached),
+    Secure(Box<SecureShm>, Box<Detached>),
 }
 
 impl Served {
     /// A secure channel over the channel of `rest`, published for `vmlink stat`.
     pub fn secure(end: SecureShm, rest: Detached) -> Self {
         monitor::publish(end.watch(), rest.service(), Role::Host, None);
-        Served::Secure(Box::new(end), rest)
+        Served::Secure(Box::new(end), Box::new(rest))
     }
 
     /// The plain endpoint to hand over, and the application state that goes with it: the

@@ -54,6 +54,16 @@ pub struct BenchArgs {
     /// A short run of every case (one round of 50 ms each on a 64 MiB image), for tests.
     #[arg(long)]
     smoke: bool,
+    /// Only these cases (repeatable): 4k-randread, 4k-randwrite, 1m-seqread, 1m-seqwrite.
+    #[arg(long = "case", value_name = "NAME", value_parser = ["4k-randread", "4k-randwrite", "1m-seqread", "1m-seqwrite"])]
+    only: Vec<String>,
+    /// Only these queue depths (repeatable): 1, 8, 32.
+    #[arg(long = "depth", value_name = "N", value_parser = clap::builder::PossibleValuesParser::new(["1", "8", "32"]))]
+    depths: Vec<String>,
+    /// Only these systems (repeatable; for profiling one): vmlink, two-channels, qemu-nbd,
+    /// floor. Ratios need both of their systems.
+    #[arg(long = "system", value_name = "NAME", value_parser = ["vmlink", "two-channels", "qemu-nbd", "floor"])]
+    systems: Vec<String>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -694,6 +704,18 @@ pub fn run(args: &BenchArgs) -> Result<u8> {
     } else {
         (args.rounds.max(1), args.seconds, args.size_mib.max(64))
     };
+    let cases: Vec<Case> = cases()
+        .into_iter()
+        .filter(|c| args.only.is_empty() || args.only.iter().any(|n| n == c.name))
+        .filter(|c| args.depths.is_empty() || args.depths.iter().any(|d| *d == c.depth.to_string()))
+        .collect();
+    if !args.json {
+        eprintln!(
+            "vmlink disk bench: {} cases x 4 systems x {rounds} rounds of {secs} s on a {size_mib} MiB image in {}",
+            cases.len(),
+            args.dir.display()
+        );
+    }
     let scratch = Scratch(
         args.dir
             .join(format!("vmlink-disk-bench-{}", std::process::id())),
@@ -713,15 +735,7 @@ pub fn run(args: &BenchArgs) -> Result<u8> {
             .open(&image)
             .context("the image")?,
     );
-    if !args.json {
-        eprintln!(
-            "vmlink disk bench: {} cases x 3 systems x {rounds} rounds of {secs} s on a {size_mib} MiB image in {}",
-            cases().len(),
-            args.dir.display()
-        );
-    }
     pin(1)?;
-    let cases = cases();
     let mut results: Vec<Results> = cases.iter().map(|_| Results::default()).collect();
     let mut bad = None;
     for round in 0..rounds {
@@ -729,7 +743,12 @@ pub fn run(args: &BenchArgs) -> Result<u8> {
             let seed = (round * 100 + c) as u64 + 1;
             let r = &mut results[c];
             for k in 0..4 {
-                let outcome = match (k + round + c) % 4 {
+                let system = (k + round + c) % 4;
+                let names = ["vmlink", "qemu-nbd", "two-channels", "floor"];
+                if !args.systems.is_empty() && !args.systems.iter().any(|n| n == names[system]) {
+                    continue;
+                }
+                let outcome = match system {
                     0 => vmlink.run(case, secs, seed).map(|s| r.vmlink.push(s)),
                     1 => nbd.run(case, secs, seed).map(|s| r.nbd.push(s)),
                     2 => two.run(case, secs, seed).map(|s| r.two.push(s)),
@@ -746,7 +765,8 @@ pub fn run(args: &BenchArgs) -> Result<u8> {
         }
     }
     // The cross-check, once per case: qemu-img bench as many requests as our client did.
-    for (c, case) in cases.iter().enumerate() {
+    let with_nbd = args.systems.is_empty() || args.systems.iter().any(|n| n == "qemu-nbd");
+    for (c, case) in cases.iter().enumerate().filter(|_| with_nbd) {
         let ops = median(results[c].nbd.iter().map(|s| s.iops() * secs).collect());
         results[c].img_bench = nbd.img_bench(case, ops as u64)?;
     }
@@ -813,15 +833,14 @@ impl Report<'_> {
                     .collect(),
             )
         };
-        let rounds = r.vmlink.len().min(r.nbd.len()).min(r.floor.len());
         // Per round: vmlink over the better qemu-nbd figure (our client or qemu-img's).
         let vs_nbd = median(
-            (0..rounds)
+            (0..r.vmlink.len().min(r.nbd.len()))
                 .map(|i| r.vmlink[i].iops() / r.nbd[i].iops().max(r.img_bench))
                 .collect(),
         );
         let vs_floor = median(
-            (0..rounds)
+            (0..r.vmlink.len().min(r.floor.len()))
                 .map(|i| r.vmlink[i].iops() / r.floor[i].iops())
                 .collect(),
         );

@@ -169,8 +169,10 @@ enum Reply {
 }
 
 /// Serves one channel's requests until the guest leaves: takes the requests waiting in
-/// the ring in batches, validates each ([`decode`]), does it, and publishes the batch's
-/// completions with one commit, so a busy guest is signalled at most once per batch.
+/// the ring in batches, validates each ([`decode`]), does it, and publishes its completion
+/// at once, so a guest waiting on it goes on while the rest of the batch is served. A
+/// guest that is busy (its interrupts masked while it polls) is not signalled; one that
+/// sleeps is woken by the first completion that finds the ring empty.
 ///
 /// Bad requests get an error completion and change nothing. Requests the guest committed
 /// before it left are still served, so every write it was told is complete is in the
@@ -195,7 +197,9 @@ pub fn serve(
     let mut replies = [(0u64, Reply::Done(Completion::OK)); BATCH];
     let mut stats = ServeStats::default();
     loop {
+        // Completions that did not fit at once, sent after the batch as room comes.
         let mut n = 0;
+        let mut send_error = None;
         let got = channel.recv_batch(BATCH, Wait::Forever, |packet| {
             let meta = packet.meta();
             if !meta.completion_requested {
@@ -216,18 +220,60 @@ pub fn serve(
                 // The channel failed; the receive reports it.
                 None => return,
             }
-            if let Some(reply) = reply {
-                replies[n] = (meta.transaction_id, reply);
-                n += 1;
+            let Some(reply) = reply else { return };
+            // Each completion is published as soon as its request is done, so a guest
+            // waiting on it goes on while the rest of the batch is served (a guest that is
+            // polling is not signalled for it).
+            if n == 0 && send_error.is_none() {
+                let mut bytes = [0u8; INFO_LEN];
+                match channel.send_packet(
+                    &completion(meta.transaction_id, reply, &mut bytes),
+                    Wait::Now,
+                ) {
+                    Ok(()) => return,
+                    Err(ChannelError::Full) => {}
+                    Err(e) => {
+                        send_error = Some(e);
+                        return;
+                    }
+                }
             }
+            replies[n] = (meta.transaction_id, reply);
+            n += 1;
         });
-        let sent = got.and_then(|_| send_replies(channel, &replies[..n]));
+        let sent = match send_error {
+            Some(e) => Err(e),
+            None => got.and_then(|_| send_replies(channel, &replies[..n])),
+        };
         stats.batches += 1;
         match sent {
             Ok(()) => {}
             Err(ChannelError::Closed) => return Ok(stats),
             Err(e) => return Err(e.into()),
         }
+    }
+}
+
+/// The completion packet of request `tid`, its payload encoded into `bytes`.
+fn completion(tid: u64, reply: Reply, bytes: &mut [u8; INFO_LEN]) -> OutgoingPacket<'_> {
+    let len = match reply {
+        Reply::Done(c) => {
+            bytes[..COMPLETION_LEN].copy_from_slice(&c.encode());
+            COMPLETION_LEN
+        }
+        Reply::Info(i) => {
+            *bytes = i.encode();
+            INFO_LEN
+        }
+    };
+    OutgoingPacket {
+        meta: PacketMeta {
+            packet_type: PacketType::Completion,
+            flags: 0,
+            transaction_id: tid,
+        },
+        header: &[],
+        payload: Payload::Bytes(&bytes[..len]),
     }
 }
 
@@ -272,26 +318,8 @@ fn send_replies(channel: &ShmChannel, replies: &[(u64, Reply)]) -> Result<(), Ch
     }
     let mut batch = channel.batch()?;
     for &(tid, reply) in replies {
-        let (done, info);
-        let bytes: &[u8] = match reply {
-            Reply::Done(c) => {
-                done = c.encode();
-                &done[..COMPLETION_LEN]
-            }
-            Reply::Info(i) => {
-                info = i.encode();
-                &info[..INFO_LEN]
-            }
-        };
-        let packet = OutgoingPacket {
-            meta: PacketMeta {
-                packet_type: PacketType::Completion,
-                flags: 0,
-                transaction_id: tid,
-            },
-            header: &[],
-            payload: Payload::Bytes(bytes),
-        };
+        let mut bytes = [0u8; INFO_LEN];
+        let packet = completion(tid, reply, &mut bytes);
         match batch.push(&packet) {
             Ok(()) => {}
             Err(ChannelError::Full) => {
