@@ -57,6 +57,13 @@ struct ServeArgs {
     /// Bypass the host's page cache (O_DIRECT).
     #[arg(long)]
     direct: bool,
+    /// Offer up to N sub-channels beside each guest's primary channel (a guest asks for
+    /// them); each channel is served on a thread of its own.
+    #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=63))]
+    sub_channels: u32,
+    /// Pin channel i's thread of every guest to CPU i (modulo the CPUs this process may use).
+    #[arg(long)]
+    pin: bool,
 }
 
 /// Runs `vmlink disk`; the exit status for `bench`'s checks.
@@ -73,8 +80,13 @@ fn serve_command(args: &ServeArgs) -> Result<()> {
         direct: args.direct,
     };
     let disk = Arc::new(Disk::open(&args.image, options).context("opening the image")?);
-    let listener =
-        Listener::bind(&args.socket, vmlink_disk::service(&args.service)).context("listening")?;
+    let service = vmlink_disk::service_with(
+        &args.service,
+        vmlink_disk::DEFAULT_LAYOUT,
+        args.sub_channels,
+    );
+    let listener = Listener::bind(&args.socket, service).context("listening")?;
+    let cpus = thread::available_parallelism().map_or(1, usize::from);
     let info = disk.info();
     eprintln!(
         "vmlink disk serve: {} ({} sectors{}) on {} as {:?}",
@@ -93,18 +105,44 @@ fn serve_command(args: &ServeArgs) -> Result<()> {
                 continue;
             }
         };
-        let disk = Arc::clone(&disk);
-        thread::spawn(move || {
-            let peer = endpoint.peer();
-            eprintln!("vmlink disk serve: guest pid {} connected", peer.pid);
-            match serve(&disk, endpoint.channel(), endpoint.buffer()) {
-                Ok(stats) => eprintln!(
-                    "vmlink disk serve: guest pid {} left: {} requests done, {} refused, \
-                     {} bytes read, {} written",
-                    peer.pid, stats.completed, stats.refused, stats.bytes_read, stats.bytes_written
-                ),
-                Err(e) => eprintln!("vmlink disk serve: guest pid {}: {e}", peer.pid),
-            }
-        });
+        let peer = endpoint.peer();
+        let set = endpoint.into_set();
+        eprintln!(
+            "vmlink disk serve: guest pid {} connected with {} channel(s)",
+            peer.pid,
+            set.len()
+        );
+        for (index, endpoint) in set.into_channels() {
+            let disk = Arc::clone(&disk);
+            let pin = args.pin.then_some(index % cpus);
+            thread::spawn(move || {
+                if let Some(cpu) = pin {
+                    let mut cpus = nix::sched::CpuSet::new();
+                    let pinned = cpus.set(cpu).and_then(|()| {
+                        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus)
+                    });
+                    if let Err(e) = pinned {
+                        eprintln!("vmlink disk serve: pinning channel {index} to CPU {cpu}: {e}");
+                    }
+                }
+                match serve(&disk, endpoint.channel(), endpoint.buffer()) {
+                    Ok(stats) => eprintln!(
+                        "vmlink disk serve: guest pid {} channel {index} left: {} requests done, \
+                         {} refused, {} bytes read, {} written",
+                        peer.pid,
+                        stats.completed,
+                        stats.refused,
+                        stats.bytes_read,
+                        stats.bytes_written
+                    ),
+                    Err(e) => {
+                        eprintln!(
+                            "vmlink disk serve: guest pid {} channel {index}: {e}",
+                            peer.pid
+                        )
+                    }
+                }
+            });
+        }
     }
 }
