@@ -47,11 +47,12 @@ struct Args {
     features: Option<String>,
     instr: bool,
     interleaved: bool,
+    disk: bool,
 }
 
 const USAGE: &str = "\
-usage: vmlink-bench-report [--quick] [--no-run] [--no-instr] [--no-interleaved] [--out DIR]
-                           [--filter REGEX] [--features LIST]
+usage: vmlink-bench-report [--quick] [--no-run] [--no-instr] [--no-interleaved] [--no-disk]
+                           [--out DIR] [--filter REGEX] [--features LIST]
 
 Runs the headline comparisons in interleaved rounds with pinned threads (the `floors` and
 `processes` examples of vmlink-examples), `cargo bench -p vmlink-benches --bench compare`
@@ -62,6 +63,8 @@ workspace).
   --no-run        only report the results the runs already left
   --no-instr      do not run scripts/instr (its last table is still reported)
   --no-interleaved  do not run the interleaved examples (their last output is still reported)
+  --no-disk       do not run `vmlink disk bench` (vmlink-disk beside qemu-nbd and the host's
+                  own pread/pwrite; needs qemu-utils; its last table is still reported)
   --filter REGEX  only run the benchmarks criterion's filter matches
   --features LIST cargo features of vmlink-benches to enable (iceoryx2: its peers, which
                   need libclang to build)";
@@ -75,6 +78,7 @@ fn parse_args() -> Result<Args, String> {
         features: None,
         instr: true,
         interleaved: true,
+        disk: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -83,6 +87,7 @@ fn parse_args() -> Result<Args, String> {
             "--no-run" => args.run = false,
             "--no-instr" => args.instr = false,
             "--no-interleaved" => args.interleaved = false,
+            "--no-disk" => args.disk = false,
             "--out" => args.out = PathBuf::from(it.next().ok_or("--out needs a directory")?),
             "--filter" => args.filter = Some(it.next().ok_or("--filter needs a pattern")?),
             "--features" => args.features = Some(it.next().ok_or("--features needs a list")?),
@@ -122,6 +127,9 @@ fn run(args: &Args) -> Result<(), String> {
                 run_interleaved(example)?;
             }
         }
+        if args.disk {
+            run_disk()?;
+        }
         run_benches(args)?;
         if args.instr {
             run_instr();
@@ -143,11 +151,13 @@ fn run(args: &Args) -> Result<(), String> {
             Some(((*e).to_owned(), out))
         })
         .collect();
+    let disk = fs::read_to_string(disk_path()).unwrap_or_default();
     let report = Report {
         results,
         signals,
         instr,
         interleaved,
+        disk,
         machine,
         quick: args.quick,
         ran: args.run,
@@ -221,6 +231,42 @@ const INTERLEAVED: [&str; 4] = ["floors", "processes", "blocking", "sockets"];
 /// Where an interleaved example's output is kept for the report.
 fn interleaved_path(example: &str) -> PathBuf {
     target_dir().join(format!("vmlink-benches/{example}.txt"))
+}
+
+/// Where `vmlink disk bench`'s table is kept for the report.
+fn disk_path() -> PathBuf {
+    target_dir().join("vmlink-benches/disk.txt")
+}
+
+/// Runs `vmlink disk bench` (release build, the full matrix) with its table kept for the
+/// report, after the interleaved examples and before criterion's long run.
+fn run_disk() -> Result<(), String> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    eprintln!("running `vmlink disk bench` (vmlink-disk beside qemu-nbd and pread/pwrite)");
+    let out = Command::new(cargo)
+        .current_dir(root())
+        .args([
+            "run",
+            "--release",
+            "-q",
+            "-p",
+            "vmlink-cli",
+            "--",
+            "disk",
+            "bench",
+        ])
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("run vmlink disk bench: {e}"))?;
+    let path = disk_path();
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    }
+    if !out.status.success() {
+        let _ = fs::remove_file(&path);
+        return Err(format!("vmlink disk bench failed ({})", out.status));
+    }
+    fs::write(&path, &out.stdout).map_err(|e| format!("write {}: {e}", path.display()))
 }
 
 /// Runs an interleaved example (release build) with its output kept for the report. It runs
@@ -542,6 +588,8 @@ struct Report {
     instr: String,
     /// The interleaved examples' outputs, by example name.
     interleaved: Vec<(String, String)>,
+    /// `vmlink disk bench`'s table.
+    disk: String,
     machine: Machine,
     quick: bool,
     /// The benchmarks ran in this invocation (not `--no-run`).
@@ -769,6 +817,16 @@ impl Report {
                      {example}`)\n\n```text\n{out}```\n"
                 );
             }
+        }
+        if !self.disk.is_empty() {
+            let _ = writeln!(
+                s,
+                "## Block device: vmlink-disk beside qemu-nbd and pread/pwrite\n\n\
+                 `vmlink disk bench` (`cargo run --release -p vmlink-cli -- disk bench`): four \
+                 systems in interleaved rounds on one image in a tmpfs, ratios per round, \
+                 medians across rounds.\n\n```text\n{}```\n",
+                self.disk
+            );
         }
         let _ = writeln!(s, "## Targets from criterion\n");
         let _ = writeln!(
@@ -1123,6 +1181,7 @@ mod tests {
                 "floors".into(),
                 "  vmlink-ring, polling / VMBus floor rtt  1.24   (goal <= 1.15)\n".into(),
             )],
+            disk: "4k-randread  32 |  486k\n".into(),
             machine: Machine {
                 cpu: "test CPU".into(),
                 cpus: 2,
@@ -1224,6 +1283,11 @@ mod tests {
             md.contains("## Instructions per message (callgrind)"),
             "{md}"
         );
+        let disk = md
+            .find("## Block device: vmlink-disk beside qemu-nbd")
+            .expect("the disk section");
+        assert!(disk < md.find("## Targets from criterion").unwrap());
+        assert!(md.contains("4k-randread  32 |  486k"), "{md}");
         assert!(
             md.contains("ring                616.1    3.73x\n```"),
             "{md}"
