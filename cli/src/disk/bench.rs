@@ -30,7 +30,7 @@ use nix::sched::{CpuSet, sched_setaffinity};
 use nix::time::{ClockId, clock_gettime};
 use nix::unistd::Pid;
 use vmlink_channel::Wait;
-use vmlink_disk::{Disk, DiskClient, DiskError, DiskOptions, ServeStats, serve};
+use vmlink_disk::{Disk, DiskClient, DiskError, DiskOptions, ServeOptions, ServeStats, serve_with};
 use vmlink_nbd::{ImgBench, NbdClient, QemuNbd, QemuNbdOptions, qemu_img_bench};
 use vmlink_shm::{Endpoint, Guest, Layout};
 
@@ -64,6 +64,9 @@ pub struct BenchArgs {
     /// floor. Ratios need both of their systems.
     #[arg(long = "system", value_name = "NAME", value_parser = ["vmlink", "two-channels", "qemu-nbd", "floor"])]
     systems: Vec<String>,
+    /// I/O threads per channel on vmlink's host (0: the channel's own thread moves the data).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    io_threads: usize,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -254,7 +257,7 @@ struct Vmlink {
 }
 
 impl Vmlink {
-    fn start(image: &Path, len: u64, channels: usize) -> Result<Self> {
+    fn start(image: &Path, len: u64, channels: usize, io_threads: usize) -> Result<Self> {
         let disk =
             Arc::new(Disk::open(image, DiskOptions::default()).context("opening the image")?);
         let subs = channels as u32 - 1;
@@ -278,7 +281,8 @@ impl Vmlink {
             let (served, disk) = (Arc::clone(&ep), Arc::clone(&disk));
             servers.push(thread::spawn(move || {
                 let _ = pin(i % 2);
-                serve(&disk, served.channel(), served.buffer())
+                let options = ServeOptions { io_threads };
+                serve_with(&disk, served.channel(), served.buffer(), options)
             }));
             hosts.push(ep);
         }
@@ -725,8 +729,8 @@ pub fn run(args: &BenchArgs) -> Result<u8> {
     let len = size_mib << 20;
     make_image(&image, len)?;
     let nbd_version = QemuNbd::version().context("qemu-nbd")?;
-    let mut vmlink = Vmlink::start(&image, len, 1)?;
-    let mut two = Vmlink::start(&image, len, 2)?;
+    let mut vmlink = Vmlink::start(&image, len, 1, args.io_threads)?;
+    let mut two = Vmlink::start(&image, len, 2, args.io_threads)?;
     let mut nbd = Nbd::start(&image, len)?;
     let file = Arc::new(
         std::fs::OpenOptions::new()

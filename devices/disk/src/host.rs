@@ -7,6 +7,10 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
 use nix::fcntl::{FallocateFlags, OFlag, fallocate};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::sync_channel;
+use std::thread;
 use vmlink_channel::{ChannelError, OutgoingPacket, Packet, PacketMeta, PacketType, Payload, Wait};
 use vmlink_shm::{BufferArea, ShmChannel};
 
@@ -183,13 +187,7 @@ pub fn serve(
     channel: &ShmChannel,
     area: &BufferArea,
 ) -> Result<ServeStats, DiskError> {
-    let pages = area.guest_pages();
-    let page = 4096usize;
-    let limits = Limits {
-        sectors: disk.info.sectors,
-        read_only: disk.info.read_only,
-        buffers: pages.start as usize * page..pages.end as usize * page,
-    };
+    let limits = limits(disk, area);
     // Allocated once: the plan's segment table and room for the longest GPA header a
     // request may have (one range per segment).
     let mut plan = Box::new(Plan::new());
@@ -254,6 +252,168 @@ pub fn serve(
     }
 }
 
+/// How [`serve_with`] serves a channel.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ServeOptions {
+    /// Threads that do the reads, writes and discards (0: the serving thread does them
+    /// itself, as [`serve`] does). With workers the serving thread only takes requests
+    /// from the ring, checks them and hands them on; each worker moves its request's data
+    /// and publishes its completion, so requests complete in any order and several are
+    /// moved at once (the way a VMM's I/O thread pool serves a queue).
+    pub io_threads: usize,
+}
+
+/// [`serve`] with options: with [`ServeOptions::io_threads`] above 0, the data is moved by
+/// that many worker threads.
+pub fn serve_with(
+    disk: &Disk,
+    channel: &ShmChannel,
+    area: &BufferArea,
+    options: ServeOptions,
+) -> Result<ServeStats, DiskError> {
+    if options.io_threads == 0 {
+        return serve(disk, channel, area);
+    }
+    let limits = limits(disk, area);
+    // Plans in flight: one per transaction a guest can have, allocated once. A guest that
+    // sends more (ids of its own) waits for a plan to come back: back-pressure.
+    let slots = vmlink_channel::MAX_TRANSACTIONS;
+    let (free_tx, free_rx) = sync_channel::<Box<Plan>>(slots);
+    for _ in 0..slots {
+        let _ = free_tx.send(Box::new(Plan::new()));
+    }
+    let (work_tx, work_rx) = sync_channel::<(u64, Box<Plan>)>(slots);
+    let work_rx = Mutex::new(work_rx);
+    let counts = Counts::default();
+    let mut scratch = vec![0u8; 8 + MAX_SEGMENTS * 16].into_boxed_slice();
+    let mut stats = ServeStats::default();
+    let ended = thread::scope(|s| {
+        for _ in 0..options.io_threads {
+            let (work_rx, free_tx, counts) = (&work_rx, free_tx.clone(), &counts);
+            s.spawn(move || {
+                loop {
+                    let Ok((tid, plan)) = work_rx
+                        .lock()
+                        .map_err(drop)
+                        .and_then(|rx| rx.recv().map_err(drop))
+                    else {
+                        return;
+                    };
+                    let done = disk.execute(&plan, area);
+                    counts.count(&plan, done);
+                    let mut bytes = [0u8; INFO_LEN];
+                    // A guest that left is the serving thread's to notice.
+                    let _ = channel.send_packet(
+                        &completion(tid, Reply::Done(done), &mut bytes),
+                        Wait::Forever,
+                    );
+                    let _ = free_tx.send(plan);
+                }
+            });
+        }
+        let ended = loop {
+            let mut failed = None;
+            let got = channel.recv_batch(BATCH, Wait::Forever, |packet| {
+                let meta = packet.meta();
+                if !meta.completion_requested {
+                    stats.ignored += 1;
+                    return;
+                }
+                let Ok(mut plan) = free_rx.recv() else { return };
+                let reply = match read_request(packet, &limits, &mut plan, &mut scratch) {
+                    None => {
+                        let _ = free_tx.send(plan);
+                        return;
+                    }
+                    Some(Err(status)) => Reply::Done(Completion { status, detail: 0 }),
+                    Some(Ok(())) if plan.op == Op::Info => Reply::Info(disk.info),
+                    // A flush covers the writes completed before it: done here at once.
+                    Some(Ok(())) if plan.op == Op::Flush => Reply::Done(disk.execute(&plan, area)),
+                    Some(Ok(())) => {
+                        if work_tx.send((meta.transaction_id, plan)).is_err() {
+                            failed = Some(ChannelError::Closed);
+                        }
+                        return;
+                    }
+                };
+                match reply {
+                    Reply::Done(c) if c.status != Status::Ok => stats.refused += 1,
+                    _ => stats.completed += 1,
+                }
+                let _ = free_tx.send(plan);
+                let mut bytes = [0u8; INFO_LEN];
+                if let Err(e) = channel.send_packet(
+                    &completion(meta.transaction_id, reply, &mut bytes),
+                    Wait::Forever,
+                ) {
+                    failed = Some(e);
+                }
+            });
+            stats.batches += 1;
+            match failed.map_or(got.map(drop), Err) {
+                Ok(()) => {}
+                Err(e) => break e,
+            }
+        };
+        // The workers finish what they hold and stop.
+        drop(work_tx);
+        ended
+    });
+    let (completed, refused, read, written) = counts.get();
+    stats.completed += completed;
+    stats.refused += refused;
+    stats.bytes_read = read;
+    stats.bytes_written = written;
+    match ended {
+        ChannelError::Closed => Ok(stats),
+        e => Err(e.into()),
+    }
+}
+
+/// What the workers of [`serve_with`] did.
+#[derive(Default)]
+struct Counts {
+    completed: AtomicU64,
+    refused: AtomicU64,
+    read: AtomicU64,
+    written: AtomicU64,
+}
+
+impl Counts {
+    fn count(&self, plan: &Plan, done: Completion) {
+        if done.status != Status::Ok {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.completed.fetch_add(1, Ordering::Relaxed);
+        match plan.op {
+            Op::Read => self.read.fetch_add(plan.len, Ordering::Relaxed),
+            Op::Write => self.written.fetch_add(plan.len, Ordering::Relaxed),
+            _ => 0,
+        };
+    }
+
+    fn get(&self) -> (u64, u64, u64, u64) {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        (
+            get(&self.completed),
+            get(&self.refused),
+            get(&self.read),
+            get(&self.written),
+        )
+    }
+}
+
+/// What the host checks requests against: the disk, and the guest's half of the area.
+fn limits(disk: &Disk, area: &BufferArea) -> Limits {
+    let pages = area.guest_pages();
+    Limits {
+        sectors: disk.info.sectors,
+        read_only: disk.info.read_only,
+        buffers: pages.start as usize * 4096..pages.end as usize * 4096,
+    }
+}
+
 /// The completion packet of request `tid`, its payload encoded into `bytes`.
 fn completion(tid: u64, reply: Reply, bytes: &mut [u8; INFO_LEN]) -> OutgoingPacket<'_> {
     let len = match reply {
@@ -286,28 +446,36 @@ fn handle(
     scratch: &mut [u8],
     area: &BufferArea,
 ) -> Option<Reply> {
+    match read_request(packet, limits, plan, scratch)? {
+        Err(status) => Some(Reply::Done(Completion { status, detail: 0 })),
+        Ok(()) if plan.op == Op::Info => Some(Reply::Info(disk.info)),
+        Ok(()) => Some(Reply::Done(disk.execute(plan, area))),
+    }
+}
+
+/// Reads and decodes one request into `plan`: `Ok` when it is valid, the refusal's status
+/// when not, `None` when reading it failed the channel.
+fn read_request(
+    packet: &mut Packet<'_>,
+    limits: &Limits,
+    plan: &mut Plan,
+    scratch: &mut [u8],
+) -> Option<Result<(), Status>> {
     let meta = packet.meta();
-    let refuse = |status| Some(Reply::Done(Completion { status, detail: 0 }));
     let mut payload = [0u8; REQUEST_LEN];
     if meta.payload_len != REQUEST_LEN || packet.read_payload(0, &mut payload).is_err() {
-        return refuse(Status::Malformed);
+        return Some(Err(Status::Malformed));
     }
     let ranges = match meta.packet_type {
         PacketType::GpaDirect => match packet.gpa_ranges(scratch) {
             Ok(ranges) => Some(ranges),
             // More ranges than any valid request has: refused, the channel stays up.
-            Err(ChannelError::BufferTooSmall { .. }) => return refuse(Status::BadBuffer),
+            Err(ChannelError::BufferTooSmall { .. }) => return Some(Err(Status::BadBuffer)),
             Err(_) => return None,
         },
         _ => None,
     };
-    if let Err(status) = decode(meta.packet_type, &payload, ranges, limits, plan) {
-        return refuse(status);
-    }
-    match plan.op {
-        Op::Info => Some(Reply::Info(disk.info)),
-        _ => Some(Reply::Done(disk.execute(plan, area))),
-    }
+    Some(decode(meta.packet_type, &payload, ranges, limits, plan))
 }
 
 /// Publishes completions with one commit; when the ring fills, what fits goes out and the
