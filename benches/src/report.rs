@@ -241,63 +241,42 @@ fn disk_path() -> PathBuf {
 /// Runs `vmlink disk bench` (release build, the full matrix) with its table kept for the
 /// report, after the interleaved examples and before criterion's long run.
 fn run_disk() -> Result<(), String> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     eprintln!("running `vmlink disk bench` (vmlink-disk beside qemu-nbd and pread/pwrite)");
-    let out = Command::new(cargo)
-        .current_dir(root())
-        .args([
-            "run",
-            "--release",
-            "-q",
-            "-p",
-            "vmlink-cli",
-            "--",
-            "disk",
-            "bench",
-        ])
-        .stderr(Stdio::inherit())
-        .output()
-        .map_err(|e| format!("run vmlink disk bench: {e}"))?;
-    let path = disk_path();
-    if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
-    }
-    if !out.status.success() {
-        let _ = fs::remove_file(&path);
-        return Err(format!("vmlink disk bench failed ({})", out.status));
-    }
-    fs::write(&path, &out.stdout).map_err(|e| format!("write {}: {e}", path.display()))
+    let args = ["-p", "vmlink-cli", "--", "disk", "bench"];
+    run_kept("vmlink disk bench", &args, &disk_path())
 }
 
 /// Runs an interleaved example (release build) with its output kept for the report. It runs
 /// first, on a quiet machine, before criterion's long run.
 fn run_interleaved(example: &str) -> Result<(), String> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     eprintln!("running the `{example}` example (interleaved rounds, pinned threads)");
+    let args = ["-p", "vmlink-examples", "--example", example];
+    run_kept(
+        &format!("the {example} example"),
+        &args,
+        &interleaved_path(example),
+    )
+}
+
+/// `cargo run --release -q ARGS` with its stdout kept at `path` for the report; a failure
+/// removes an earlier output, which must not pass for this run's.
+fn run_kept(what: &str, args: &[&str], path: &Path) -> Result<(), String> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let out = Command::new(cargo)
         .current_dir(root())
-        .args([
-            "run",
-            "--release",
-            "-q",
-            "-p",
-            "vmlink-examples",
-            "--example",
-            example,
-        ])
+        .args(["run", "--release", "-q"])
+        .args(args)
         .stderr(Stdio::inherit())
         .output()
-        .map_err(|e| format!("run the {example} example: {e}"))?;
-    let path = interleaved_path(example);
+        .map_err(|e| format!("run {what}: {e}"))?;
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
     }
     if !out.status.success() {
-        // An earlier output must not pass for this run's.
-        let _ = fs::remove_file(&path);
-        return Err(format!("the {example} example failed ({})", out.status));
+        let _ = fs::remove_file(path);
+        return Err(format!("{what} failed ({})", out.status));
     }
-    fs::write(&path, &out.stdout).map_err(|e| format!("write {}: {e}", path.display()))
+    fs::write(path, &out.stdout).map_err(|e| format!("write {}: {e}", path.display()))
 }
 
 /// Runs `scripts/instr`, which writes its table where [`run`] reads it. A failure (no
