@@ -140,6 +140,19 @@ impl<'a> OutgoingPacket<'a> {
         }
     }
 
+    /// A completion of the request with transaction id `tid`, carrying `payload`.
+    pub const fn completion_slice(tid: u64, payload: &'a [u8]) -> Self {
+        Self {
+            meta: PacketMeta {
+                packet_type: PacketType::Completion,
+                flags: 0,
+                transaction_id: tid,
+            },
+            header: &[],
+            payload: Payload::Bytes(payload),
+        }
+    }
+
     /// A GPA-direct packet: `header`'s bytes, written into the front of `scratch`, then
     /// `payload`. It asks for no completion; set [`meta`](Self::meta)'s flags and
     /// transaction id for a request.

@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::sync_channel;
 use std::thread;
-use vmlink_channel::{ChannelError, OutgoingPacket, Packet, PacketMeta, PacketType, Payload, Wait};
+use vmlink_channel::{ChannelError, OutgoingPacket, Packet, PacketType, Wait};
 use vmlink_shm::{BufferArea, ShmChannel};
 
 use crate::DiskError;
@@ -426,15 +426,7 @@ fn completion(tid: u64, reply: Reply, bytes: &mut [u8; INFO_LEN]) -> OutgoingPac
             INFO_LEN
         }
     };
-    OutgoingPacket {
-        meta: PacketMeta {
-            packet_type: PacketType::Completion,
-            flags: 0,
-            transaction_id: tid,
-        },
-        header: &[],
-        payload: Payload::Bytes(&bytes[..len]),
-    }
+    OutgoingPacket::completion_slice(tid, &bytes[..len])
 }
 
 /// One request: its reply, or `None` when reading it failed the channel.
