@@ -158,7 +158,8 @@ pub struct ServeStats {
     pub bytes_read: u64,
     /// Bytes written from the buffer area to the image.
     pub bytes_written: u64,
-    /// Batches of requests taken from the ring (each answered with one commit).
+    /// Batches of requests taken from the ring (each request's completion is published as
+    /// soon as it is done; only those that found the ring full wait for the batch's end).
     pub batches: u64,
 }
 
@@ -204,10 +205,13 @@ pub fn serve(
                 stats.ignored += 1;
                 return;
             }
-            let reply = handle(disk, packet, &limits, &mut plan, &mut scratch, area);
+            // `None`: the channel failed, and the receive reports it.
+            let Some(reply) = handle(disk, packet, &limits, &mut plan, &mut scratch, area) else {
+                return;
+            };
             match reply {
-                Some(Reply::Done(c)) if c.status != Status::Ok => stats.refused += 1,
-                Some(_) => {
+                Reply::Done(c) if c.status != Status::Ok => stats.refused += 1,
+                _ => {
                     stats.completed += 1;
                     match plan.op {
                         Op::Read => stats.bytes_read += plan.len,
@@ -215,10 +219,7 @@ pub fn serve(
                         _ => {}
                     }
                 }
-                // The channel failed; the receive reports it.
-                None => return,
             }
-            let Some(reply) = reply else { return };
             // Each completion is published as soon as its request is done, so a guest
             // waiting on it goes on while the rest of the batch is served (a guest that is
             // polling is not signalled for it).
