@@ -190,13 +190,26 @@ fn wrong_flags_missing_images_and_a_duplicate_server_are_refused() {
     ]);
     assert_eq!(code, Some(2));
     assert!(err.contains("64"), "{err}");
+    let with = |flags: &[&str]| {
+        let mut args = vec!["disk", "serve", image.to_str().unwrap()];
+        args.extend(["--socket", socket.to_str().unwrap()]);
+        args.extend(flags);
+        run(&args)
+    };
+    let (code, err) = with(&["--io-threads", "65"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("65"), "{err}");
+    // Workers inherit the pinned thread's CPU: the two do not go together.
+    let (code, err) = with(&["--io-threads", "2", "--pin"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--pin"), "{err}");
     let (code, err) = run(&["disk", "bench", "--case", "8k-random"]);
     assert_eq!(code, Some(2));
     assert!(err.contains("4k-randread"), "{err}");
     let (code, _) = run(&["disk", "bench", "--depth", "7"]);
     assert_eq!(code, Some(2));
     // A second server on the same socket fails at once and leaves the first serving.
-    let first = serve(&image, &socket, &[]);
+    let first = serve(&image, &socket, &["--io-threads", "2"]);
     let (code, err) = run(&[
         "disk",
         "serve",
@@ -206,8 +219,13 @@ fn wrong_flags_missing_images_and_a_duplicate_server_are_refused() {
     ]);
     assert_eq!(code, Some(2));
     assert!(err.contains("listening"), "{err}");
+    // The first one serves, a whole-image write and read going through its workers.
     let mut disk = client(&socket);
-    disk.write(8, &[7; 512]).unwrap();
+    let data: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8).collect();
+    disk.write(0, &data).unwrap();
+    let mut back = vec![0u8; 1 << 20];
+    disk.read(0, &mut back).unwrap();
+    assert!(back == data, "the workers moved the data wrong");
     drop(disk);
     stop(first);
     std::fs::remove_dir_all(&dir).unwrap();

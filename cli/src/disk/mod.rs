@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::thread;
 
 use clap::{Args, Subcommand};
-use vmlink_disk::{Disk, DiskOptions, serve};
+use vmlink_disk::{Disk, DiskOptions, ServeOptions, serve_with};
 use vmlink_shm::Listener;
 
 use crate::error::{Context, Result};
@@ -62,8 +62,13 @@ struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=63))]
     sub_channels: u32,
     /// Pin channel i's thread of every guest to CPU i (modulo the CPUs this process may use).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "io_threads")]
     pin: bool,
+    /// Worker threads per channel for reads, writes and discards of 64 KiB or more (0: the
+    /// channel's thread moves all the data). They pay off where the host has CPUs to spare
+    /// for large requests; small ones stay on the channel's thread.
+    #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=64))]
+    io_threads: u16,
 }
 
 /// Runs `vmlink disk`; the exit status for `bench`'s checks.
@@ -115,6 +120,9 @@ fn serve_command(args: &ServeArgs) -> Result<()> {
         for (index, endpoint) in set.into_channels() {
             let disk = Arc::clone(&disk);
             let pin = args.pin.then_some(index % cpus);
+            let options = ServeOptions {
+                io_threads: usize::from(args.io_threads),
+            };
             thread::spawn(move || {
                 if let Some(cpu) = pin {
                     let mut cpus = nix::sched::CpuSet::new();
@@ -125,7 +133,7 @@ fn serve_command(args: &ServeArgs) -> Result<()> {
                         eprintln!("vmlink disk serve: pinning channel {index} to CPU {cpu}: {e}");
                     }
                 }
-                match serve(&disk, endpoint.channel(), endpoint.buffer()) {
+                match serve_with(&disk, endpoint.channel(), endpoint.buffer(), options) {
                     Ok(stats) => eprintln!(
                         "vmlink disk serve: guest pid {} channel {index} left: {} requests done, \
                          {} refused, {} bytes read, {} written",

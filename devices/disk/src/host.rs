@@ -8,7 +8,7 @@ use std::path::Path;
 
 use nix::fcntl::{FallocateFlags, OFlag, fallocate};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::sync_channel;
 use std::thread;
 use vmlink_channel::{ChannelError, OutgoingPacket, Packet, PacketType, Wait};
@@ -166,6 +166,11 @@ pub struct ServeStats {
 /// The most requests taken from the ring before their completions are published.
 const BATCH: usize = 64;
 
+/// With [`ServeOptions::io_threads`], the least a read, write or discard moves to go to a
+/// worker: below it, handing a request over (a queue and a thread's wake-up, some
+/// microseconds) costs more than the serving thread doing it.
+pub const WORKER_MIN_BYTES: u64 = 64 * 1024;
+
 /// A completion to send: the request's id and what to say.
 #[derive(Clone, Copy)]
 enum Reply {
@@ -256,11 +261,16 @@ pub fn serve(
 /// How [`serve_with`] serves a channel.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ServeOptions {
-    /// Threads that do the reads, writes and discards (0: the serving thread does them
-    /// itself, as [`serve`] does). With workers the serving thread only takes requests
-    /// from the ring, checks them and hands them on; each worker moves its request's data
-    /// and publishes its completion, so requests complete in any order and several are
-    /// moved at once (the way a VMM's I/O thread pool serves a queue).
+    /// Threads that do the large reads, writes and discards, of at least
+    /// [`WORKER_MIN_BYTES`] (0: the serving thread does everything itself, as [`serve`]
+    /// does). The serving thread takes requests from the ring, checks them, does the small
+    /// ones and hands each large one to a worker with nothing to do, or does it itself when
+    /// every worker is busy; each worker moves its request's data and publishes its
+    /// completion, so requests complete in any order and several large ones are moved at
+    /// once (the way a VMM's I/O thread pool serves a queue). On two CPUs one worker
+    /// beside the serving thread moves two requests at once. The workers
+    /// inherit the serving thread's CPU affinity: pinning it to one CPU pins them there
+    /// too.
     pub io_threads: usize,
 }
 
@@ -285,12 +295,17 @@ pub fn serve_with(
     }
     let (work_tx, work_rx) = sync_channel::<(u64, Box<Plan>)>(slots);
     let work_rx = Mutex::new(work_rx);
+    // Workers with nothing to do. The serving thread claims one before it hands a request
+    // over, and does the request itself when none is free: on few CPUs it is then one of
+    // the threads moving data rather than a thread that waits for them.
+    let free_workers = AtomicUsize::new(options.io_threads);
     let counts = Counts::default();
     let mut scratch = vec![0u8; 8 + MAX_SEGMENTS * 16].into_boxed_slice();
     let mut stats = ServeStats::default();
     let ended = thread::scope(|s| {
         for _ in 0..options.io_threads {
             let (work_rx, free_tx, counts) = (&work_rx, free_tx.clone(), &counts);
+            let free_workers = &free_workers;
             s.spawn(move || {
                 loop {
                     let Ok((tid, plan)) = work_rx
@@ -309,6 +324,7 @@ pub fn serve_with(
                         Wait::Forever,
                     );
                     let _ = free_tx.send(plan);
+                    free_workers.fetch_add(1, Ordering::AcqRel);
                 }
             });
         }
@@ -326,21 +342,30 @@ pub fn serve_with(
                         let _ = free_tx.send(plan);
                         return;
                     }
-                    Some(Err(status)) => Reply::Done(Completion { status, detail: 0 }),
-                    Some(Ok(())) if plan.op == Op::Info => Reply::Info(disk.info),
-                    // A flush covers the writes completed before it: done here at once.
-                    Some(Ok(())) if plan.op == Op::Flush => Reply::Done(disk.execute(&plan, area)),
-                    Some(Ok(())) => {
+                    Some(Err(status)) => {
+                        stats.refused += 1;
+                        Reply::Done(Completion { status, detail: 0 })
+                    }
+                    Some(Ok(())) if plan.op == Op::Info => {
+                        stats.completed += 1;
+                        Reply::Info(disk.info)
+                    }
+                    // Large moves go to a free worker. A flush (it covers the writes
+                    // completed before it) and a small move are done here (handing them
+                    // over would cost more than doing them), and so is a large one when
+                    // every worker is busy.
+                    Some(Ok(())) if plan.len >= WORKER_MIN_BYTES && claim(&free_workers) => {
                         if work_tx.send((meta.transaction_id, plan)).is_err() {
                             failed = Some(ChannelError::Closed);
                         }
                         return;
                     }
+                    Some(Ok(())) => {
+                        let done = disk.execute(&plan, area);
+                        counts.count(&plan, done);
+                        Reply::Done(done)
+                    }
                 };
-                match reply {
-                    Reply::Done(c) if c.status != Status::Ok => stats.refused += 1,
-                    _ => stats.completed += 1,
-                }
                 let _ = free_tx.send(plan);
                 let mut bytes = [0u8; INFO_LEN];
                 if let Err(e) = channel.send_packet(
@@ -369,6 +394,13 @@ pub fn serve_with(
         ChannelError::Closed => Ok(stats),
         e => Err(e.into()),
     }
+}
+
+/// Takes one of the free workers, if there is one.
+fn claim(free_workers: &AtomicUsize) -> bool {
+    free_workers
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+        .is_ok()
 }
 
 /// What the workers of [`serve_with`] did.

@@ -109,13 +109,16 @@ fn queued_reads_and_writes(io_threads: usize) {
     let mut pending = std::collections::HashMap::new();
     let mut free: Vec<usize> = (0..32).collect();
     let (mut reads, mut writes) = (0, 0);
+    let (mut read_bytes, mut written_bytes) = (0u64, 0u64);
     for _ in 0..3000 {
         while let Some(s) = free.pop() {
             // With I/O threads requests in flight complete in any order, as on a real
             // multi-queue disk: keep them apart, so each has one right answer. (On one
             // thread they run in ring order; overlaps are kept in to test that.)
             let (sector, sectors) = loop {
-                let sectors = 1 + (rng.next() % 128) as usize;
+                // Up to 124 KiB: about half of them at least `WORKER_MIN_BYTES`, so
+                // with I/O threads both the serving thread and the workers move data.
+                let sectors = 1 + (rng.next() % 248) as usize;
                 let sector = rng.next() % (model.len() / 512 - sectors) as u64;
                 let clear = pending.values().all(
                     |&(_, _, ps, pl, _): &(usize, usize, u64, usize, bool)| {
@@ -136,6 +139,7 @@ fn queued_reads_and_writes(io_threads: usize) {
                 let at = sector as usize * 512;
                 model[at..at + len].copy_from_slice(&data);
                 writes += 1;
+                written_bytes += len as u64;
                 disk.submit_write(
                     sector,
                     start..start + len,
@@ -145,6 +149,7 @@ fn queued_reads_and_writes(io_threads: usize) {
                 .unwrap()
             } else {
                 reads += 1;
+                read_bytes += len as u64;
                 disk.submit_read(sector, start..start + len, Wait::Forever)
                     .unwrap()
             };
@@ -182,6 +187,12 @@ fn queued_reads_and_writes(io_threads: usize) {
         "{reads} reads, {writes} writes"
     );
     assert_eq!(stats.refused, 0);
+    // Every request counted once, whichever thread moved it (the info query, the flush).
+    assert_eq!(stats.completed, reads + writes + 2, "{stats:?}");
+    assert_eq!(
+        (stats.bytes_read, stats.bytes_written),
+        (read_bytes, written_bytes)
+    );
     assert_eq!(
         std::fs::read(&path).unwrap(),
         model,
