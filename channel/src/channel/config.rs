@@ -18,10 +18,7 @@ pub struct Config {
     /// moves down at once and up slowly). Spinning that long at most costs at most as much
     /// again as sleeping would have (the classic spin-then-block bound), and a peer that
     /// answers within the spin is never signalled: a saturated stream rings no doorbells.
-    /// A spin that runs out halves the next one (down to a microsecond, at most six times)
-    /// and one that finds what it waited for restores it, so a peer that is busy for longer
-    /// than a wake-up (a disk request that copies a megabyte, say) is not waited for with a
-    /// spinning CPU it may need itself. An idle channel still sleeps after the bound.
+    /// An idle channel still sleeps after the bound.
     ///
     /// Default: 100 µs, except under Miri and loom, and when the environment variable
     /// `VMLINK_SPIN` is `off` when the configuration is made (for test suites on few

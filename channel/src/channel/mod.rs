@@ -155,10 +155,6 @@ pub(crate) struct Core<D> {
     /// sleeping lasts (see [`Config::spin_before_sleep`]).
     #[cfg_attr(not(feature = "std"), allow(dead_code))]
     wake_cost_ns: AtomicU64,
-    /// Adaptive spins in a row that ended without what they waited for: each halves the
-    /// next spin (see [`Config::spin_before_sleep`]).
-    #[cfg_attr(not(feature = "std"), allow(dead_code))]
-    spin_misses: AtomicU32,
     config: Config,
 }
 
@@ -356,7 +352,6 @@ impl<D: Doorbell> Core<D> {
             hub: Hub::default(),
             external_waits: AtomicBool::new(false),
             wake_cost_ns: AtomicU64::new(initial_wake_cost(&config)),
-            spin_misses: AtomicU32::new(0),
             config,
         }
     }

@@ -29,10 +29,6 @@ pub(crate) fn min_timeout(a: Option<Duration>, b: Duration) -> Duration {
 #[cfg(feature = "std")]
 const MIN_SPIN: Duration = Duration::from_micros(1);
 
-/// The most an adaptive spin is halved for spins that ran out in a row (to 1/64).
-#[cfg(feature = "std")]
-const MAX_SPIN_HALVINGS: u32 = 6;
-
 /// How long a wait may spin before it sleeps.
 #[cfg(feature = "std")]
 #[derive(Debug, Clone, Copy)]
@@ -70,31 +66,8 @@ impl<D: Doorbell> Core<D> {
         }
         let bound = self.config.spin_before_sleep;
         let cost = Duration::from_nanos(self.wake_cost_ns.load(Ordering::Relaxed));
-        let misses = self
-            .spin_misses
-            .load(Ordering::Relaxed)
-            .min(MAX_SPIN_HALVINGS);
-        let spin = (cost.min(bound) / (1 << misses)).max(MIN_SPIN.min(bound));
-        let until = Instant::now() + spin;
+        let until = Instant::now() + cost.min(bound);
         Some(SpinBudget::Until(deadline.map_or(until, |d| d.min(until))))
-    }
-
-    /// Notes how an adaptive spin ended: one that found what it waited for restores the
-    /// full spin, one that ran out halves the next (down to [`MIN_SPIN`]). A peer that
-    /// keeps answering after the spin has ended (busy for longer than a wake-up costs)
-    /// makes spinning pure cost, taken from a CPU the peer may need.
-    fn note_spin(&self, budget: SpinBudget, found: bool) {
-        if !matches!(budget, SpinBudget::Until(_)) {
-            return;
-        }
-        if found {
-            self.spin_misses.store(0, Ordering::Relaxed);
-        } else {
-            let misses = self.spin_misses.load(Ordering::Relaxed);
-            if misses < MAX_SPIN_HALVINGS {
-                self.spin_misses.store(misses + 1, Ordering::Relaxed);
-            }
-        }
     }
 
     /// True when waits spin for about a wake-up's measured cost (not polling mode, and a
@@ -196,10 +169,7 @@ impl<'a, T: PacketTx, D: Doorbell, TC: Half<Item = T>, RC> Ops<'a, D, TC, RC> {
         while !budget.spent(tries) {
             core::hint::spin_loop();
             match self.send_once(write) {
-                Ok(()) => {
-                    self.note_spin(budget, true);
-                    return Ok(true);
-                }
+                Ok(()) => return Ok(true),
                 Err(ChannelError::Full) => {}
                 Err(e) => return Err(e),
             }
@@ -208,7 +178,6 @@ impl<'a, T: PacketTx, D: Doorbell, TC: Half<Item = T>, RC> Ops<'a, D, TC, RC> {
                 return Err(ChannelError::Closed);
             }
         }
-        self.note_spin(budget, false);
         Ok(false)
     }
 }
@@ -264,7 +233,6 @@ impl<'a, R: PacketRx, D: Doorbell, TC, RC: Half<Item = RxState<R>>> Ops<'a, D, T
                 break;
             }
         }
-        self.note_spin(budget, found);
         // Found something and nobody waits for a signal: leave the interrupts masked, so
         // the peer keeps not signalling while this channel polls. The generation moves
         // first, so a waiter that armed before we masked and registers after this looks
@@ -425,39 +393,6 @@ mod tests {
         }
         assert_eq!(cost(), 1_000, "never below the least spin");
         assert!(matches!(core.spin_budget(None), Some(SpinBudget::Until(_))));
-    }
-
-    #[test]
-    fn spins_that_run_out_halve_the_next_and_one_that_finds_restores_it() {
-        let config = Config::default().with_spin_before_sleep(Duration::from_micros(100));
-        let (a, _b) = crate::in_process_channel_pair(4096, config).unwrap();
-        let core = &a.core;
-        let spin = || match core.spin_budget(None) {
-            Some(SpinBudget::Until(t)) => t.saturating_duration_since(Instant::now()),
-            other => panic!("{other:?}"),
-        };
-        let budget = core.spin_budget(None).unwrap();
-        // A quarter of the bound at first (the initial wake-up cost).
-        assert!(spin() <= Duration::from_micros(25));
-        for _ in 0..3 {
-            core.note_spin(budget, false);
-        }
-        assert!(spin() <= Duration::from_micros(25) / 8, "{:?}", spin());
-        for _ in 0..20 {
-            core.note_spin(budget, false);
-        }
-        assert_eq!(core.spin_misses.load(Ordering::Relaxed), MAX_SPIN_HALVINGS);
-        assert!(
-            spin() <= MIN_SPIN,
-            "never below the least spin: {:?}",
-            spin()
-        );
-        core.note_spin(budget, true);
-        assert!(spin() > Duration::from_micros(20), "{:?}", spin());
-        // Polling mode counts looks and never adapts.
-        let (c, _d) = crate::in_process_channel_pair(4096, Config::polling(7)).unwrap();
-        c.core.note_spin(SpinBudget::Looks(7), false);
-        assert_eq!(c.core.spin_misses.load(Ordering::Relaxed), 0);
     }
 
     #[test]
