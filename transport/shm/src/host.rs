@@ -328,6 +328,17 @@ fn create_memory(layout: Layout, sub_channels: u32) -> Result<(SharedMemory, Own
     Ok((memory, memfd))
 }
 
+impl SharedMemory {
+    /// A new channel memory as the host makes it for a guest: a sealed memfd (it can
+    /// neither shrink nor grow) of `layout`'s size with `sub_channels` sub-channels, mapped,
+    /// its memory header written and every control page initialised. Returns the memory
+    /// and the memfd to hand to the peer; for transports whose peer gets the memory some
+    /// other way than this crate's handshake (an ivshmem server hands it to QEMU).
+    pub fn create(layout: Layout, sub_channels: u32) -> Result<(Self, OwnedFd), ShmError> {
+        create_memory(layout, sub_channels)
+    }
+}
+
 type Outcome = Result<Endpoint, ShmError>;
 
 /// Listens on a Unix socket path and hands each connecting guest a channel.
