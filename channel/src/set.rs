@@ -104,6 +104,57 @@ impl<C> ChannelSet<C> {
     }
 }
 
+#[cfg(all(feature = "fd", target_os = "linux"))]
+impl<C: Send> ChannelSet<C> {
+    /// Serves every open channel on a thread of its own and returns when all of them are
+    /// done: `serve(index, channel)` runs on channel `index`'s thread. With `cpus`, the
+    /// `k`-th open channel's thread is first pinned to CPU `cpus[k % cpus.len()]` (an empty
+    /// list pins nothing), the way a device gives each queue a CPU of its own. Returns each
+    /// channel's index with what `serve` returned, or with the pinning's error (then
+    /// `serve` did not run for it: a thread on the wrong CPU is not what was asked for). A
+    /// `serve` that panics panics this call once every thread has ended.
+    pub fn serve_each<R: Send>(
+        self,
+        cpus: Option<&[usize]>,
+        serve: impl Fn(usize, C) -> R + Sync,
+    ) -> Vec<(usize, std::io::Result<R>)> {
+        let cpus = cpus.filter(|c| !c.is_empty());
+        let serve = &serve;
+        std::thread::scope(|s| {
+            let threads: Vec<_> = self
+                .into_channels()
+                .enumerate()
+                .map(|(k, (index, channel))| {
+                    let cpu = cpus.map(|c| c[k % c.len()]);
+                    let thread = s.spawn(move || {
+                        if let Some(cpu) = cpu {
+                            pin_current_thread(cpu)?;
+                        }
+                        Ok(serve(index, channel))
+                    });
+                    (index, thread)
+                })
+                .collect();
+            threads
+                .into_iter()
+                .map(|(index, thread)| match thread.join() {
+                    Ok(result) => (index, result),
+                    Err(panic) => std::panic::resume_unwind(panic),
+                })
+                .collect()
+        })
+    }
+}
+
+/// Pins the calling thread to `cpu`.
+#[cfg(all(feature = "fd", target_os = "linux"))]
+fn pin_current_thread(cpu: usize) -> std::io::Result<()> {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu)?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,5 +200,48 @@ mod tests {
         let set = ChannelSet::new(0, [1, 2]);
         let (i, c) = set.by_cpu().unwrap();
         assert_eq!(i, *c);
+    }
+
+    #[cfg(all(feature = "fd", target_os = "linux"))]
+    #[test]
+    // Affinity and `sched_getcpu` are system calls Miri does not model.
+    #[cfg_attr(miri, ignore)]
+    fn serve_each_runs_every_open_channel_on_its_own_thread_pinned_when_asked() {
+        use std::sync::Mutex;
+        let cpu = nix::sched::sched_getcpu().unwrap();
+        let mut set = ChannelSet::new("p", ["a", "b", "c"]);
+        set.close(2);
+        let threads = Mutex::new(Vec::new());
+        let done = set.serve_each(Some(&[cpu]), |i, c| {
+            threads.lock().unwrap().push(std::thread::current().id());
+            // Pinned: this thread may run on `cpu` only.
+            let allowed = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).unwrap();
+            let count = (0..nix::sched::CpuSet::count())
+                .filter(|&c| allowed.is_set(c).unwrap())
+                .count();
+            assert!(allowed.is_set(cpu).unwrap() && count == 1);
+            assert_eq!(nix::sched::sched_getcpu().unwrap(), cpu);
+            format!("{i}{c}")
+        });
+        let done: Vec<_> = done.into_iter().map(|(i, r)| (i, r.unwrap())).collect();
+        assert_eq!(done, [(0, "0p".into()), (1, "1a".into()), (3, "3c".into())]);
+        let mut threads = threads.into_inner().unwrap();
+        threads.sort_by_key(|t| format!("{t:?}"));
+        threads.dedup();
+        assert_eq!(threads.len(), 3, "a thread per channel");
+        assert!(!threads.contains(&std::thread::current().id()));
+        // Unpinned, and a CPU that does not exist: refused, `serve` not run.
+        let set = ChannelSet::new(1, [2]);
+        let sum: i32 = set
+            .serve_each(None, |_, c| c)
+            .into_iter()
+            .map(|(_, r)| r.unwrap())
+            .sum();
+        assert_eq!(sum, 3);
+        let set = ChannelSet::new(1, [2]);
+        let ran = Mutex::new(0);
+        let done = set.serve_each(Some(&[usize::MAX]), |_, _| *ran.lock().unwrap() += 1);
+        assert!(done.iter().all(|(_, r)| r.is_err()), "{done:?}");
+        assert_eq!(*ran.lock().unwrap(), 0);
     }
 }

@@ -66,6 +66,23 @@ fn client(socket: &Path) -> DiskClient {
     DiskClient::new(channel, memory.buffer()).unwrap()
 }
 
+/// Threads of process `pid` whose affinity is a single CPU.
+fn pinned_threads(pid: u32) -> usize {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .filter(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .is_some_and(|cpus| cpus.trim().parse::<usize>().is_ok())
+        })
+        .count()
+}
+
 #[test]
 fn a_served_image_outlives_guests_that_vanish_or_misbehave() {
     let dir = private_dir("disk-serve");
@@ -106,6 +123,14 @@ fn a_served_image_outlives_guests_that_vanish_or_misbehave() {
         .unwrap();
     let subs = endpoint.take_sub_channels();
     assert_eq!(subs.len(), 2, "the server offers two sub-channels");
+    // `--pin`: each of the three channels is served on a thread allowed on one CPU only.
+    let pinned = (0..100)
+        .map(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            pinned_threads(server.id())
+        })
+        .find(|&n| n >= 3);
+    assert!(pinned.is_some(), "{} pinned threads", pinned_threads(server.id()));
     let (channel, memory) = endpoint.into_parts();
     let mut second = DiskClient::new(channel, memory.buffer()).unwrap();
     let mut back = vec![0u8; 1 << 20];

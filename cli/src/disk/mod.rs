@@ -91,7 +91,14 @@ fn serve_command(args: &ServeArgs) -> Result<()> {
         args.sub_channels,
     );
     let listener = Listener::bind(&args.socket, service).context("listening")?;
-    let cpus = thread::available_parallelism().map_or(1, usize::from);
+    // The CPUs this process may run on, for `--pin`.
+    let cpus: Vec<usize> = {
+        let allowed = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))
+            .context("reading the CPUs this process may use")?;
+        (0..nix::sched::CpuSet::count())
+            .filter(|&cpu| allowed.is_set(cpu).unwrap_or(false))
+            .collect()
+    };
     let info = disk.info();
     eprintln!(
         "vmlink disk serve: {} ({} sectors{}) on {} as {:?}",
@@ -117,40 +124,30 @@ fn serve_command(args: &ServeArgs) -> Result<()> {
             peer.pid,
             set.len()
         );
-        for (index, endpoint) in set.into_channels() {
-            let disk = Arc::clone(&disk);
-            let pin = args.pin.then_some(index % cpus);
-            let options = ServeOptions {
-                io_threads: usize::from(args.io_threads),
-            };
-            thread::spawn(move || {
-                if let Some(cpu) = pin {
-                    let mut cpus = nix::sched::CpuSet::new();
-                    let pinned = cpus.set(cpu).and_then(|()| {
-                        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus)
-                    });
-                    if let Err(e) = pinned {
-                        eprintln!("vmlink disk serve: pinning channel {index} to CPU {cpu}: {e}");
-                    }
-                }
+        let disk = Arc::clone(&disk);
+        let options = ServeOptions {
+            io_threads: usize::from(args.io_threads),
+        };
+        // Channel i of every guest on the i-th CPU this process may use (modulo their count).
+        let pins = args.pin.then(|| cpus.clone());
+        thread::spawn(move || {
+            let pid = peer.pid;
+            // Each channel's end is logged as it comes: the others may go on.
+            let served = set.serve_each(pins.as_deref(), |index, endpoint| {
                 match serve_with(&disk, endpoint.channel(), endpoint.buffer(), options) {
                     Ok(stats) => eprintln!(
-                        "vmlink disk serve: guest pid {} channel {index} left: {} requests done, \
-                         {} refused, {} bytes read, {} written",
-                        peer.pid,
-                        stats.completed,
-                        stats.refused,
-                        stats.bytes_read,
-                        stats.bytes_written
+                        "vmlink disk serve: guest pid {pid} channel {index} left: {} requests \
+                         done, {} refused, {} bytes read, {} written",
+                        stats.completed, stats.refused, stats.bytes_read, stats.bytes_written
                     ),
-                    Err(e) => {
-                        eprintln!(
-                            "vmlink disk serve: guest pid {} channel {index}: {e}",
-                            peer.pid
-                        )
-                    }
+                    Err(e) => eprintln!("vmlink disk serve: guest pid {pid} channel {index}: {e}"),
                 }
             });
-        }
+            for (index, result) in served {
+                if let Err(e) = result {
+                    eprintln!("vmlink disk serve: guest pid {pid} channel {index}: pinning: {e}");
+                }
+            }
+        });
     }
 }
