@@ -130,7 +130,11 @@ fn a_served_image_outlives_guests_that_vanish_or_misbehave() {
             pinned_threads(server.id())
         })
         .find(|&n| n >= 3);
-    assert!(pinned.is_some(), "{} pinned threads", pinned_threads(server.id()));
+    assert!(
+        pinned.is_some(),
+        "{} pinned threads",
+        pinned_threads(server.id())
+    );
     let (channel, memory) = endpoint.into_parts();
     let mut second = DiskClient::new(channel, memory.buffer()).unwrap();
     let mut back = vec![0u8; 1 << 20];
