@@ -268,9 +268,8 @@ pub struct ServeOptions {
     /// every worker is busy; each worker moves its request's data and publishes its
     /// completion, so requests complete in any order and several large ones are moved at
     /// once (the way a VMM's I/O thread pool serves a queue). On two CPUs one worker
-    /// beside the serving thread moves two requests at once. The workers
-    /// inherit the serving thread's CPU affinity: pinning it to one CPU pins them there
-    /// too.
+    /// beside the serving thread moves two requests at once. The workers inherit the
+    /// serving thread's CPU affinity: pinning it to one CPU pins them there too.
     pub io_threads: usize,
 }
 
