@@ -287,6 +287,12 @@ fn the_benchmark_smoke_runs_every_case_and_checks_reads() {
             assert!(case[key].as_f64().unwrap() > 0.0, "{key} in {case}");
         }
         assert!(case["doorbells_per_request"].as_f64().unwrap() >= 0.0);
+        // The floor's io_uring variant runs wherever requests are queued.
+        let uring = &case["floor_io_uring_iops"];
+        match case["depth"].as_u64().unwrap() {
+            1 => assert!(uring.is_null(), "{case}"),
+            _ => assert!(uring.as_f64().unwrap() > 0.0, "{case}"),
+        }
         let read = case["case"].as_str().unwrap().contains("read");
         assert_eq!(case["checked"].as_u64().unwrap() > 0, read, "{case}");
     }
