@@ -17,6 +17,7 @@ mod error;
 mod hash;
 mod ic;
 mod inspect;
+mod ivshmem;
 mod pattern;
 mod pipe;
 mod policy;
@@ -134,6 +135,20 @@ enum Command {
     /// A virtual disk over vmlink: `serve` an image to guests, or `bench` it beside
     /// qemu-nbd and the host's own pread/pwrite.
     Disk(disk::DiskArgs),
+    /// Serve QEMU's `ivshmem-doorbell` devices their memory and doorbells (an ivshmem
+    /// server, QEMU's protocol, on SOCKET), and pipe bytes with the first guest that runs
+    /// the pipe: stdin goes to it, what it sends comes out on stdout.
+    ///
+    /// Start this first, then QEMU with `-chardev socket,path=SOCKET,id=ivs -device
+    /// ivshmem-doorbell,chardev=ivs,vectors=2`; in the guest, `vmlink-ivshmem-guest
+    /// connect` is the other end (as root: it maps the device's BARs). Both directions run
+    /// at once; the command exits when both are finished, or with an error when the guest's
+    /// QEMU goes away first. Stdin is not read before the guest's hello, and a peer that
+    /// leaves before saying it is passed over. Other QEMU instances may connect as peers of
+    /// their own (they share the memory: keep SOCKET in a private directory); a client that
+    /// breaks the protocol (sends anything, stops reading) is dropped and logged, and the
+    /// others go on. Fails at once if the socket is served.
+    IvshmemServer(ivshmem::IvshmemServerArgs),
     /// The guest side of `vmlink demo` (spawned by it; not for direct use).
     #[command(hide = true)]
     DemoGuest(DemoGuestArgs),
@@ -296,6 +311,7 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::IvshmemServer(args) => status("ivshmem-server", ivshmem::run(&args)),
         Command::Stat(args) => status("stat", stat::stat(&args)),
         Command::Top(args) => status("top", stat::top(&args)),
         Command::Ic(args) => match ic::ic(&args) {

@@ -10,6 +10,7 @@
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -130,6 +131,8 @@ pub fn build_guest_init() -> Result<PathBuf, String> {
             "vmlink-ivshmem",
             "--bin",
             "vmlink-ivshmem-guest",
+            "--features",
+            "conformance",
             "--release",
             "--locked",
             "--target",
@@ -253,6 +256,31 @@ pub fn run_qemu(
     append: &str,
     timeout: Duration,
 ) -> Result<Boot, String> {
+    run_qemu_killable(
+        qemu,
+        kernel,
+        initrd,
+        machine,
+        ivshmem,
+        append,
+        timeout,
+        &AtomicBool::new(false),
+    )
+}
+
+/// [`run_qemu`], also killing QEMU (`SIGKILL`) within 100 ms of `kill` turning true: a
+/// guest that dies mid-stream. The boot's `status` then says it was killed.
+#[allow(clippy::too_many_arguments)]
+pub fn run_qemu_killable(
+    qemu: &Path,
+    kernel: &Kernel,
+    initrd: &Path,
+    machine: &[&str],
+    ivshmem: Option<DoorbellDevice<'_>>,
+    append: &str,
+    timeout: Duration,
+    kill: &AtomicBool,
+) -> Result<Boot, String> {
     let mut cmd = Command::new(qemu);
     cmd.args(["-accel", "tcg", "-m", "256", "-nographic", "-no-reboot"])
         .args(["-nodefaults", "-serial", "stdio", "-kernel"])
@@ -310,6 +338,10 @@ pub fn run_qemu(
         }
         if let Ok(Some(status)) = child.try_wait() {
             break Some(status);
+        }
+        if kill.load(Ordering::Acquire) {
+            let _ = child.kill();
+            break child.wait().ok();
         }
         if Instant::now() >= deadline {
             let _ = child.kill();

@@ -158,6 +158,12 @@ pub enum IvshmemError {
         /// The BAR's size.
         size: usize,
     },
+    /// The memory header in BAR2 is unsound, or does not describe one channel.
+    #[error("the shared memory's header: {0}")]
+    BadHeader(String),
+    /// Setting up a channel over the memory failed.
+    #[error("channel: {0}")]
+    Channel(#[from] vmlink_channel::ChannelError),
 }
 
 impl IvshmemError {

@@ -12,7 +12,7 @@ use std::num::NonZeroUsize;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
-use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, atomic::AtomicU64};
 
 use nix::sys::mman::{self, MapFlags, ProtFlags};
 use vmlink_ring::area::{AreaError, AreaLayout, HEADER_LEN, ParsedHeader};
@@ -59,10 +59,10 @@ pub fn find_devices(sysfs_pci: &Path) -> Result<Vec<PathBuf>, IvshmemError> {
 
 /// A shared mapping of one BAR's `resource` file, unmapped on drop.
 #[derive(Debug)]
-struct BarMap {
-    ptr: NonNull<u8>,
+pub(crate) struct BarMap {
+    pub(crate) ptr: NonNull<u8>,
     /// The BAR's size (the mapping may be rounded up to a page).
-    len: usize,
+    pub(crate) len: usize,
     map_len: usize,
 }
 
@@ -121,7 +121,7 @@ impl BarMap {
     }
 
     /// The BAR as 64-bit words.
-    fn words(&self) -> &[AtomicU64] {
+    pub(crate) fn words(&self) -> &[AtomicU64] {
         // SAFETY: `len / 8` words from the page-aligned start lie inside the mapping,
         // which lives as long as `&self`. `AtomicU64` has the layout of `u64` and allows
         // shared mutation, including by the host and other peers.
@@ -141,8 +141,8 @@ impl Drop for BarMap {
 #[derive(Debug)]
 pub struct Device {
     path: PathBuf,
-    regs: BarMap,
-    memory: BarMap,
+    regs: Arc<BarMap>,
+    memory: Arc<BarMap>,
 }
 
 impl Device {
@@ -184,8 +184,8 @@ impl Device {
             });
         }
         Ok(Self {
-            regs: BarMap::map(&regs_file, regs_len)?,
-            memory: BarMap::map(&mem_file, mem_len)?,
+            regs: Arc::new(BarMap::map(&regs_file, regs_len)?),
+            memory: Arc::new(BarMap::map(&mem_file, mem_len)?),
             path,
         })
     }
@@ -257,4 +257,25 @@ impl Device {
         let _ = read_words(self.memory.words(), 0, &mut page);
         AreaLayout::parse(&page, self.memory.len as u64)
     }
+}
+
+impl Device {
+    /// BAR0's mapping, shared with a doorbell that rings through it.
+    pub(crate) fn regs_map(&self) -> Arc<BarMap> {
+        self.regs.clone()
+    }
+
+    /// BAR2's mapping, shared with rings that live in it.
+    pub(crate) fn memory_map(&self) -> Arc<BarMap> {
+        self.memory.clone()
+    }
+}
+
+/// Rings peer `peer` on `vector` through the Doorbell register of `regs` (BAR0).
+pub(crate) fn ring_doorbell(regs: &BarMap, peer: u16, vector: u16) -> Result<(), IvshmemError> {
+    let ptr = regs.word_ptr(REG_DOORBELL)?;
+    // SAFETY: `ptr` is the 4-aligned Doorbell register inside the mapped BAR0 (checked by
+    // `word_ptr`), which `regs` keeps mapped; a volatile write is one 32-bit MMIO access.
+    unsafe { ptr.write_volatile((u32::from(peer) << 16) | u32::from(vector)) };
+    Ok(())
 }

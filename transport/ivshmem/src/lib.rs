@@ -14,6 +14,11 @@
 //! - Guest: [`guest`] finds the PCI device in sysfs and maps its BARs from Linux userspace;
 //!   [`vfio`] wires its MSI-X vectors to eventfds through `vfio-pci`; the
 //!   `vmlink-ivshmem-guest` binary is a static init for a test guest.
+//! - [`channel`]: vmlink's `Channel` over that memory, on the host
+//!   ([`Server::channel`]: the peer leaving closes it) and in the guest
+//!   ([`channel::guest_channel`]: MSI-X interrupts through VFIO, or polling).
+//! - `conformance` (feature `conformance`): vmlink-channel's conformance suite with side B
+//!   in a guest; [`exchange`]: the protocol the tests run over a channel.
 //! - [`client`]: a client of the protocol (what QEMU's device is), for tests and tools.
 //! - [`boot`] and [`initramfs`]: booting a Linux guest under QEMU (TCG) with a generated
 //!   initramfs, for the tests.
@@ -46,8 +51,12 @@
 compile_error!("vmlink-ivshmem supports little-endian targets only");
 
 pub mod boot;
+pub mod channel;
 pub mod client;
+#[cfg(feature = "conformance")]
+pub mod conformance;
 mod error;
+pub mod exchange;
 pub mod guest;
 pub mod initramfs;
 pub mod memory;

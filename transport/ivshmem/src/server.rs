@@ -117,6 +117,11 @@ pub enum ServerEvent {
 /// thread.
 type Vectors = Arc<Mutex<BTreeMap<PeerId, Arc<[EventFd]>>>>;
 
+/// For each client, the server's ends of socket pairs whose other ends watch it (a host
+/// channel's hang-up fd): dropped when the client leaves or the server stops, which the
+/// watcher sees as a hang-up.
+type Watchers = Arc<Mutex<BTreeMap<PeerId, Vec<UnixStream>>>>;
+
 /// An ivshmem server listening on a Unix socket, its shared memory, and this process's own
 /// peer. A background thread accepts and serves clients; dropping the server stops it,
 /// closes every connection and removes the socket.
@@ -126,6 +131,7 @@ pub struct Server {
     memory: SharedMemory,
     memfd: Arc<OwnedFd>,
     vectors: Vectors,
+    watchers: Watchers,
     local: Arc<[EventFd]>,
     events: Mutex<Receiver<ServerEvent>>,
     events_dropped: Arc<AtomicU64>,
@@ -154,11 +160,13 @@ impl Server {
         let stop = EventFd::new().map_err(IvshmemError::io("eventfd"))?;
         let (tx, rx) = mpsc::sync_channel(MAX_QUEUED_EVENTS);
         let events_dropped = Arc::new(AtomicU64::new(0));
+        let watchers = Watchers::default();
         let worker = Worker {
             listener,
             config,
             memfd: memfd.clone(),
             vectors: vectors.clone(),
+            watchers: watchers.clone(),
             clients: BTreeMap::new(),
             next_id: 1,
             stop: stop.try_clone().map_err(IvshmemError::io("dup"))?,
@@ -174,6 +182,7 @@ impl Server {
             memory,
             memfd,
             vectors,
+            watchers,
             local,
             events: Mutex::new(rx),
             events_dropped,
@@ -257,6 +266,40 @@ impl Server {
     fn lock_vectors(&self) -> MutexGuard<'_, BTreeMap<PeerId, Arc<[EventFd]>>> {
         self.vectors.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Peer `id`'s eventfd for `vector` (a duplicate), and a socket that hangs up when the
+    /// peer leaves or the server stops; [`UnknownPeer`](IvshmemError::UnknownPeer) when
+    /// it is not connected now.
+    pub(crate) fn watch_peer(
+        &self,
+        id: PeerId,
+        vector: u16,
+    ) -> Result<(EventFd, UnixStream), IvshmemError> {
+        // Under the vectors' lock: the server's thread removes a peer's vectors before
+        // its watchers, so a peer found here has its watcher dropped when it leaves.
+        let vectors = self.lock_vectors();
+        let fds = vectors.get(&id).ok_or(IvshmemError::UnknownPeer { id })?;
+        if id == LOCAL_PEER {
+            return Err(IvshmemError::UnknownPeer { id });
+        }
+        let fd = fds
+            .get(usize::from(vector))
+            .ok_or(IvshmemError::NoSuchVector {
+                id,
+                vector,
+                vectors: fds.len() as u16,
+            })?
+            .try_clone()
+            .map_err(IvshmemError::io("dup an eventfd"))?;
+        let (ours, theirs) = UnixStream::pair().map_err(IvshmemError::io("socketpair"))?;
+        self.watchers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(id)
+            .or_default()
+            .push(ours);
+        Ok((fd, theirs))
+    }
 }
 
 impl Drop for Server {
@@ -301,6 +344,7 @@ struct Worker {
     config: ServerConfig,
     memfd: Arc<OwnedFd>,
     vectors: Vectors,
+    watchers: Watchers,
     clients: BTreeMap<PeerId, UnixStream>,
     /// Where the search for a free id starts.
     next_id: PeerId,
@@ -524,6 +568,11 @@ impl Worker {
                 continue;
             }
             self.lock_vectors().remove(&id);
+            // Hang up on whoever watches it (host channels with this peer).
+            self.watchers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
             self.emit(match error {
                 None => ServerEvent::Disconnected { id },
                 Some(error) => ServerEvent::Dropped { id, error },

@@ -1,5 +1,7 @@
 //! The test guest's init: runs as PID 1 in a QEMU guest's initramfs (a static binary for
-//! `x86_64-unknown-linux-musl`), and does nothing anywhere else.
+//! `x86_64-unknown-linux-musl`). Anywhere else it runs only its pipe modes
+//! (`vmlink-ivshmem-guest connect` / `serve`, see `pipe.rs`): the guest's end of
+//! `vmlink ivshmem-server`.
 //!
 //! It mounts `/proc`, `/sys` and `/dev`, loads the kernel modules in `/lib/modules/order`
 //! (`finit_module`), finds the ivshmem device, maps its BARs, reads its IVPosition and the
@@ -23,6 +25,11 @@ use vmlink_ivshmem::boot::LINE_PREFIX;
 use vmlink_ivshmem::guest::{Device, find_devices};
 use vmlink_ivshmem::vfio::MsixVectors;
 
+#[path = "vmlink-ivshmem-guest/channel.rs"]
+mod channel;
+#[path = "vmlink-ivshmem-guest/pipe.rs"]
+mod pipe;
+
 /// Byte `i` of the pattern peer `who` writes (the host test computes the same).
 fn pattern(who: u32, i: usize) -> u8 {
     (i.wrapping_mul(13) as u32)
@@ -40,9 +47,14 @@ fn say(line: &str) {
 }
 
 fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if matches!(args.first().map(String::as_str), Some("connect" | "serve")) {
+        std::process::exit(pipe::main(&args));
+    }
     if std::process::id() != 1 {
         eprintln!(
-            "vmlink-ivshmem-guest is a VM's init: it runs only as PID 1 and powers the machine off"
+            "vmlink-ivshmem-guest is a VM's init: it runs only as PID 1 and powers the machine off \
+             (or `vmlink-ivshmem-guest connect|serve`: a pipe with `vmlink ivshmem-server`)"
         );
         std::process::exit(2);
     }
@@ -73,21 +85,27 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
 
-    let ok = match run(peer, vector) {
-        Ok(()) => true,
-        Err(e) => {
-            say(&format!("error message={:?}", e.to_string()));
-            false
+    let mode = param("vmlink.mode").unwrap_or_default();
+    let ok = match mode.as_str() {
+        "channel" => report(channel::serve(&param)),
+        "conformance" => report(channel::conformance(&param)),
+        "pipe" => report(pipe::init_mode().map_err(|e| e.to_string().into())),
+        "heartbeat" => report(channel::heartbeat(peer, vector)),
+        _ => {
+            let ok = report(run(peer, vector));
+            load_modules();
+            if let Some(dev) = find_devices(Path::new("/sys/bus/pci/devices"))
+                .ok()
+                .and_then(|d| d.into_iter().next())
+            {
+                try_uio(&dev);
+                if try_vfio(&dev) {
+                    msix_probe(&dev, peer);
+                }
+            }
+            ok
         }
     };
-    load_modules();
-    if let Some(dev) = find_devices(Path::new("/sys/bus/pci/devices"))
-        .ok()
-        .and_then(|d| d.into_iter().next())
-    {
-        try_uio(&dev);
-        try_vfio(&dev, peer);
-    }
     say(&format!(
         "done ok={} ms={}",
         u8::from(ok),
@@ -98,6 +116,17 @@ fn main() {
     // Only reached if the power-off failed: PID 1 must not exit.
     loop {
         std::thread::park();
+    }
+}
+
+/// Reports an error as an `error` line; true when there was none.
+fn report(result: Result<(), Box<dyn std::error::Error>>) -> bool {
+    match result {
+        Ok(()) => true,
+        Err(e) => {
+            say(&format!("error message={:?}", e.to_string()));
+            false
+        }
     }
 }
 
@@ -186,15 +215,16 @@ fn try_uio(dev: &Path) {
 
 /// Reports whether VFIO can take the device: it needs an IOMMU group (Debian's kernel has
 /// no VFIO no-IOMMU mode). With one, the device is moved from its driver to `vfio-pci`
-/// (`driver_override`) and the group's `/dev/vfio/N` node is looked for.
-fn try_vfio(dev: &Path, peer: u16) {
+/// (`driver_override`) and the group's `/dev/vfio/N` node is looked for. True when the
+/// device ended up on `vfio-pci` with its group's node there.
+fn try_vfio(dev: &Path) -> bool {
     let group = std::fs::read_link(dev.join("iommu_group"))
         .ok()
         .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
     let noiommu = Path::new("/sys/module/vfio/parameters/enable_unsafe_noiommu_mode").exists();
     let Some(group) = group else {
         say(&format!("vfio iommu_group=none noiommu_param={noiommu}"));
-        return;
+        return false;
     };
     let name = dev
         .file_name()
@@ -222,9 +252,7 @@ fn try_vfio(dev: &Path, peer: u16) {
     say(&format!(
         "vfio iommu_group={group} noiommu_param={noiommu} {over} {unbind} {probe} driver={driver} dev_node={node}"
     ));
-    if driver == "vfio-pci" && node {
-        msix_probe(dev, peer);
-    }
+    driver == "vfio-pci" && node
 }
 
 /// Rounds of the MSI-X probe.
