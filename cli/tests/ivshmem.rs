@@ -167,7 +167,7 @@ fn a_duplicate_server_fails_and_leaves_the_live_one_serving() {
     assert_eq!(
         err.trim_end(),
         format!(
-            "vmlink ivshmem-server: serve: {} exists and is not a stale socket",
+            "vmlink ivshmem-server: serve: {} is in use: a server answers there, or it is not a socket",
             sock.display()
         )
     );

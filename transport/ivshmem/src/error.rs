@@ -124,7 +124,7 @@ pub enum IvshmemError {
         vectors: u16,
     },
     /// A path exists where the server's socket should be and is not a stale socket.
-    #[error("{path} exists and is not a stale socket")]
+    #[error("{path} is in use: a server answers there, or it is not a socket")]
     PathInUse {
         /// The path.
         path: std::path::PathBuf,
