@@ -647,6 +647,21 @@ SEEDS["disk_request"] = {
     "seed-host-half": disk_input(1, 0, 2048, disk_req(1, 0, 8), disk_gpa([(0, 4096, [3])])),
 }
 
+# ---- ivshmem_setup: raw bytes (no `arbitrary` encoding) --------------------------------
+def ivs(flags, value):
+    return u8(flags) + struct.pack("<q", value)
+IVS_SETUP = ivs(0, 0) + ivs(0, 1) + ivs(1, -1) + ivs(1, 0) + ivs(1, 0) + ivs(1, 1) + ivs(1, 1)
+SEEDS["ivshmem_setup"] = {
+    # Two vectors: version 0, id 1, the memory, the server's (peer 0's) two eventfds, our
+    # own two; then a peer arriving and leaving; a setup cut mid-message; a wrong version;
+    # two fds on one message; the memory without its fd.
+    "seed-setup": u8(1) + IVS_SETUP + ivs(1, 2) + ivs(1, 2) + ivs(0, 2),
+    "seed-cut": u8(1) + IVS_SETUP[:27] + ivs(2 | (3 << 5), 0),
+    "seed-version": u8(0) + ivs(0, 7) + ivs(0, 1),
+    "seed-two-fds": u8(0) + ivs(0, 0) + ivs(0, 1) + ivs(4, -1),
+    "seed-no-memory-fd": u8(0) + ivs(0, 0) + ivs(0, 1) + ivs(0, -1),
+}
+
 for target, seeds in SEEDS.items():
     d = os.path.join(HERE, "corpus", target)
     os.makedirs(d, exist_ok=True)
