@@ -44,6 +44,7 @@ mod bulk;
 mod cross_process;
 mod harness;
 mod ic;
+mod ivshmem;
 #[cfg(feature = "iceoryx2")]
 mod iceoryx;
 mod rtt;

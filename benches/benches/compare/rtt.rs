@@ -84,6 +84,8 @@ pub fn rtt_64(c: &mut Criterion) {
         vmlink_channel(&mut g, name, a, b, true);
     }
     pipe_pair(&mut g);
+    // The ivshmem transport's host channel against a peer playing QEMU and its guest.
+    crate::ivshmem::call(&mut g, "vmlink/ivshmem_blocking_call", sleeping);
     // The same round trips between two processes.
     cross_process::shm_call(&mut g, "vmlink/shm_polling_call", true);
     cross_process::shm_call(&mut g, "vmlink/shm_blocking_call", false);
