@@ -31,7 +31,9 @@ pub fn call(g: &mut Group<'_>, name: &'static str, config: Config) {
             None => panic!("the server never registered its peer"),
         }
     }
-    let host = server.channel(peer.id(), 0, config).expect("the host's channel");
+    let host = server
+        .channel(peer.id(), 0, config)
+        .expect("the host's channel");
     let memory = server.memory();
     let wait = peer.own_vectors()[0].try_clone().expect("dup");
     let ring = peer.peers()[&LOCAL_PEER][0].try_clone().expect("dup");

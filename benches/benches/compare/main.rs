@@ -44,9 +44,9 @@ mod bulk;
 mod cross_process;
 mod harness;
 mod ic;
-mod ivshmem;
 #[cfg(feature = "iceoryx2")]
 mod iceoryx;
+mod ivshmem;
 mod rtt;
 mod scaling;
 mod secure;
