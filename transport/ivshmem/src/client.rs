@@ -169,14 +169,7 @@ impl Client {
             .peers
             .get(&id)
             .ok_or(IvshmemError::UnknownPeer { id })?;
-        let fd = fds
-            .get(usize::from(vector))
-            .ok_or(IvshmemError::NoSuchVector {
-                id,
-                vector,
-                vectors: fds.len() as u16,
-            })?;
-        Ok(fd.signal()?)
+        crate::server::ring_vector(fds, id, vector)
     }
 
     /// The socket (tests use it to misbehave).

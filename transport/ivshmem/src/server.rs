@@ -231,14 +231,7 @@ impl Server {
             .get(&id)
             .cloned()
             .ok_or(IvshmemError::UnknownPeer { id })?;
-        let fd = fds
-            .get(usize::from(vector))
-            .ok_or(IvshmemError::NoSuchVector {
-                id,
-                vector,
-                vectors: fds.len() as u16,
-            })?;
-        Ok(fd.signal()?)
+        ring_vector(&fds, id, vector)
     }
 
     /// The ids of the clients connected now (this process's peer not included).
@@ -609,4 +602,17 @@ fn send_error(id: PeerId, e: Errno) -> IvshmemError {
         Errno::EPIPE | Errno::ECONNRESET => IvshmemError::Closed,
         e => IvshmemError::io("send to a client")(e),
     }
+}
+
+/// Signals `fds[vector]`, one of peer `id`'s eventfds: how this process and a protocol
+/// client ring a peer.
+pub(crate) fn ring_vector(fds: &[EventFd], id: PeerId, vector: u16) -> Result<(), IvshmemError> {
+    let fd = fds
+        .get(usize::from(vector))
+        .ok_or(IvshmemError::NoSuchVector {
+            id,
+            vector,
+            vectors: fds.len() as u16,
+        })?;
+    Ok(fd.signal()?)
 }
