@@ -779,6 +779,15 @@ struct Results {
     img_bench: f64,
 }
 
+/// A figure with two decimals and its unit, or "-" for one that was not measured (NaN).
+fn shown(x: f64, unit: &str) -> String {
+    if x.is_nan() {
+        "-".to_string()
+    } else {
+        format!("{x:.2}{unit}")
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return f64::NAN;
@@ -830,8 +839,12 @@ pub fn run(args: &BenchArgs) -> Result<u8> {
         .collect();
     if !args.json {
         eprintln!(
-            "vmlink disk bench: {} cases x 4 systems x {rounds} rounds of {secs} s on a {size_mib} MiB image in {}",
+            "vmlink disk bench: {} cases x {} systems x {rounds} rounds of {secs} s on a {size_mib} MiB image in {}",
             cases.len(),
+            ["vmlink", "two-channels", "qemu-nbd", "floor"]
+                .iter()
+                .filter(|n| args.systems.is_empty() || args.systems.iter().any(|s| s == *n))
+                .count(),
             args.dir.display()
         );
     }
@@ -1011,15 +1024,18 @@ impl Report<'_> {
         out += "case            depth |       vmlink   qemu-nbd (client / qemu-img)   floor (threads) | vs nbd  vs floor | bells/req | CPU us/req vmlink nbd floor | 2 channels*  vs floor\n";
         for (c, case) in self.cases.iter().enumerate() {
             let r = self.row(c);
+            // A system that did not run (`--system`) shows as "-".
             let unit = |iops: f64| {
-                if case.block >= 1 << 20 {
+                if iops.is_nan() || iops <= 0.0 {
+                    "-".to_string()
+                } else if case.block >= 1 << 20 {
                     format!("{:.2} GB/s", iops * case.block as f64 / 1e9)
                 } else {
                     format!("{:.0}k", iops / 1e3)
                 }
             };
             out += &format!(
-                "{:<15} {:>5} | {:>12} {:>12} / {:<12} {:>12} ({:>2}) | {:>5.2}x {:>7.2}x | {:>9.3} | {:>17.2} {:>6.2} {:>6.2} | {:>11} {:>7.2}x\n",
+                "{:<15} {:>5} | {:>12} {:>12} / {:<12} {:>12} ({:>2}) | {:>6} {:>8} | {:>9.3} | {:>17} {:>6} {:>6} | {:>11} {:>8}\n",
                 case.name,
                 case.depth,
                 unit(r.vmlink),
@@ -1030,14 +1046,14 @@ impl Report<'_> {
                     0 => "ur".to_string(),
                     n => n.to_string(),
                 },
-                r.vs_nbd,
-                r.vs_floor,
+                shown(r.vs_nbd, "x"),
+                shown(r.vs_floor, "x"),
                 r.bells,
-                r.cpu[0],
-                r.cpu[1],
-                r.cpu[2],
+                shown(r.cpu[0], ""),
+                shown(r.cpu[1], ""),
+                shown(r.cpu[2], ""),
                 unit(r.two),
-                r.two_vs_floor,
+                shown(r.two_vs_floor, "x"),
             );
         }
         out += &match self.io_threads {
@@ -1046,7 +1062,7 @@ impl Report<'_> {
                 .to_string(),
             n => format!(
                 "\nvmlink: one channel (the honest configuration on this machine's 2 CPUs): its host\n\
-                 thread and {n} I/O threads for requests of 64 KiB or more left to the scheduler, the\n\
+                 thread and {n} I/O threads for reads of 64 KiB or more left to the scheduler, the\n\
                  guest on CPU 1."
             ),
         };

@@ -64,9 +64,9 @@ struct ServeArgs {
     /// Pin channel i's thread of every guest to CPU i (modulo the CPUs this process may use).
     #[arg(long, conflicts_with = "io_threads")]
     pin: bool,
-    /// Worker threads per channel for reads, writes and discards of 64 KiB or more (0: the
-    /// channel's thread moves all the data). They pay off where the host has CPUs to spare
-    /// for large requests; small ones stay on the channel's thread.
+    /// Worker threads per channel for reads of 64 KiB or more (0: the channel's thread
+    /// moves all the data). They pay off where the host has CPUs to spare for large reads
+    /// at depth; a lone read, small requests and writes stay on the channel's thread.
     #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=64))]
     io_threads: u16,
 }

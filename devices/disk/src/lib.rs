@@ -62,7 +62,10 @@ pub mod proto;
 use std::io;
 
 pub use guest::{DiskClient, Done};
-pub use host::{Disk, DiskOptions, ServeOptions, ServeStats, WORKER_MIN_BYTES, serve, serve_with};
+pub use host::{
+    Disk, DiskOptions, HAND_OVER_BYTES, ServeOptions, ServeStats, WORKER_MIN_BYTES, serve,
+    serve_with,
+};
 pub use proto::{DiskInfo, Status};
 use vmlink_channel::{ChannelError, Config};
 pub use vmlink_shm::Layout;

@@ -95,6 +95,32 @@ fn io_threads_complete_out_of_order_and_match_the_image_byte_for_byte() {
     queued_reads_and_writes(3);
 }
 
+#[test]
+fn a_lone_large_read_is_not_handed_to_a_worker() {
+    // At depth 1 the serving thread would only wait for the worker it woke: it moves
+    // each read itself.
+    let scratch = Scratch::new("lone");
+    let (path, model) = scratch.image(8 << 20);
+    let serving = ServeOptions { io_threads: 1 };
+    let (mut disk, host) = connect_with(&path, DiskOptions::default(), serving);
+    let buffers = disk.buffers();
+    let len = 1 << 20;
+    let mut got = vec![0u8; len];
+    for i in 0..8u64 {
+        let id = disk
+            .submit_read(i * 2048, buffers.start..buffers.start + len, Wait::Forever)
+            .unwrap();
+        let done = disk.reap(Wait::Forever).unwrap();
+        assert_eq!(done.id, id);
+        done.result().unwrap();
+        disk.area().read(buffers.start, &mut got).unwrap();
+        assert!(got == model[i as usize * len..][..len], "read {i}");
+    }
+    drop(disk);
+    let stats = host.join().unwrap().unwrap();
+    assert_eq!((stats.completed, stats.handed_over), (9, 0), "{stats:?}");
+}
+
 fn queued_reads_and_writes(io_threads: usize) {
     let scratch = Scratch::new(&format!("queue-{io_threads}"));
     let (path, mut model) = scratch.image(8 << 20);
@@ -117,7 +143,7 @@ fn queued_reads_and_writes(io_threads: usize) {
             // thread they run in ring order; overlaps are kept in to test that.)
             let (sector, sectors) = loop {
                 // Up to 124 KiB: about half of them at least `WORKER_MIN_BYTES`, so
-                // with I/O threads both the serving thread and the workers move data.
+                // with I/O threads both the serving thread and the workers move reads.
                 let sectors = 1 + (rng.next() % 248) as usize;
                 let sector = rng.next() % (model.len() / 512 - sectors) as u64;
                 let clear = pending.values().all(
@@ -187,6 +213,16 @@ fn queued_reads_and_writes(io_threads: usize) {
         "{reads} reads, {writes} writes"
     );
     assert_eq!(stats.refused, 0);
+    if io_threads > 0 {
+        // Workers took large reads, and the serving thread kept some to itself (the
+        // writes, the small reads, what it found last in the ring).
+        assert!(
+            stats.handed_over > 100 && stats.handed_over < reads,
+            "{stats:?}"
+        );
+    } else {
+        assert_eq!(stats.handed_over, 0);
+    }
     // Every request counted once, whichever thread moved it (the info query, the flush).
     assert_eq!(stats.completed, reads + writes + 2, "{stats:?}");
     assert_eq!(
