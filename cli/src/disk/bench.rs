@@ -282,12 +282,13 @@ impl Vmlink {
             let ep = Arc::new(ep);
             let (served, disk) = (Arc::clone(&ep), Arc::clone(&disk));
             servers.push(thread::spawn(move || {
-                // With I/O threads the host is left to the scheduler: its workers inherit
-                // the serving thread's affinity, and they are there to use both CPUs.
-                if io_threads == 0 {
-                    let _ = pin(i % 2);
-                }
-                let options = ServeOptions { io_threads };
+                // The host's thread on CPU 0 (1, 0, ... for more channels), its I/O
+                // threads on the other CPU, the guest's.
+                let _ = pin(i % 2);
+                let options = ServeOptions {
+                    io_threads,
+                    worker_cpu: Some(1 - i % 2),
+                };
                 serve_with(&disk, served.channel(), served.buffer(), options)
             }));
             hosts.push(ep);
@@ -1062,8 +1063,8 @@ impl Report<'_> {
                 .to_string(),
             n => format!(
                 "\nvmlink: one channel (the honest configuration on this machine's 2 CPUs): its host\n\
-                 thread and {n} I/O threads for reads of 64 KiB or more left to the scheduler, the\n\
-                 guest on CPU 1."
+                 thread on CPU 0, its {n} I/O thread(s) for reads of 64 KiB or more and the guest on\n\
+                 CPU 1."
             ),
         };
         out += " qemu-nbd pinned to CPU 0, its client on CPU 1. floor: the\n\

@@ -61,8 +61,9 @@ struct ServeArgs {
     /// them); each channel is served on a thread of its own.
     #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=63))]
     sub_channels: u32,
-    /// Pin channel i's thread of every guest to CPU i (modulo the CPUs this process may use).
-    #[arg(long, conflicts_with = "io_threads")]
+    /// Pin channel i's thread of every guest to CPU i (modulo the CPUs this process may
+    /// use), and its I/O threads to the CPU after it.
+    #[arg(long)]
     pin: bool,
     /// Worker threads per channel for reads of 64 KiB or more (0: the channel's thread
     /// moves all the data). They pay off where the host has CPUs to spare for large reads
@@ -125,15 +126,19 @@ fn serve_command(args: &ServeArgs) -> Result<()> {
             set.len()
         );
         let disk = Arc::clone(&disk);
-        let options = ServeOptions {
-            io_threads: usize::from(args.io_threads),
-        };
-        // Channel i of every guest on the i-th CPU this process may use (modulo their count).
+        let io_threads = usize::from(args.io_threads);
+        // Channel i of every guest on the i-th CPU this process may use (modulo their count),
+        // its I/O threads on the next.
         let pins = args.pin.then(|| cpus.clone());
+        let worker_cpus = pins.clone();
         thread::spawn(move || {
             let pid = peer.pid;
             // Each channel's end is logged as it comes: the others may go on.
             let served = set.serve_each(pins.as_deref(), |index, endpoint| {
+                let options = ServeOptions {
+                    io_threads,
+                    worker_cpu: worker_cpus.as_ref().map(|c| c[(index + 1) % c.len()]),
+                };
                 match serve_with(&disk, endpoint.channel(), endpoint.buffer(), options) {
                     Ok(stats) => eprintln!(
                         "vmlink disk serve: guest pid {pid} channel {index} left: {} requests \

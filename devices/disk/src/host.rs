@@ -285,9 +285,14 @@ pub struct ServeOptions {
     /// lone request never waits for a worker to wake. Each worker moves its requests' data and publishes their completions, so
     /// requests complete in any order and several are moved at once (the way a VMM's I/O
     /// thread pool serves a queue). On two CPUs one worker beside the serving thread keeps
-    /// both busy. The workers inherit the serving thread's CPU affinity: pinning it to one
-    /// CPU pins them there too.
+    /// both busy. The workers inherit the serving thread's CPU affinity unless
+    /// [`worker_cpu`](Self::worker_cpu) pins them.
     pub io_threads: usize,
+    /// Pins every worker to this CPU (`None`: they inherit the serving thread's affinity).
+    /// With the serving thread pinned to another CPU, the two never take turns on one.
+    /// A CPU the process may not use fails [`serve_with`] with [`DiskError::Pin`] before
+    /// any request is served.
+    pub worker_cpu: Option<usize>,
 }
 
 /// Requests gathered for one thread to do, with their transaction ids. Allocated once
@@ -363,11 +368,18 @@ pub fn serve_with(
     let mut scratch = vec![0u8; 8 + MAX_SEGMENTS * 16].into_boxed_slice();
     let mut gathered = Chunk::new();
     let mut stats = ServeStats::default();
+    let (pinned_tx, pinned_rx) = sync_channel::<io::Result<()>>(options.io_threads);
     let ended = thread::scope(|s| {
         for _ in 0..options.io_threads {
             let (work_rx, free_tx, counts) = (&work_rx, free_tx.clone(), &counts);
-            let free_workers = &free_workers;
+            let (free_workers, pinned_tx) = (&free_workers, pinned_tx.clone());
             s.spawn(move || {
+                let pinned = options.worker_cpu.map_or(Ok(()), pin_this_thread);
+                let stop = pinned.is_err();
+                let _ = pinned_tx.send(pinned);
+                if stop {
+                    return;
+                }
                 loop {
                     let Ok(mut chunk) = work_rx
                         .lock()
@@ -383,6 +395,17 @@ pub fn serve_with(
                     free_workers.fetch_add(1, Ordering::AcqRel);
                 }
             });
+        }
+        drop(pinned_tx);
+        // Every worker pinned (or not asked to be) before the first request.
+        for _ in 0..options.io_threads {
+            if let Ok(Err(source)) = pinned_rx.recv() {
+                drop(work_tx);
+                return Err(DiskError::Pin {
+                    cpu: options.worker_cpu.unwrap_or(0),
+                    source,
+                });
+            }
         }
         let ended = loop {
             let mut failed = None;
@@ -458,8 +481,8 @@ pub fn serve_with(
         };
         // The workers finish what they hold and stop.
         drop(work_tx);
-        ended
-    });
+        Ok(ended)
+    })?;
     let (completed, refused, read, written) = counts.get();
     stats.completed += completed;
     stats.refused += refused;
@@ -469,6 +492,13 @@ pub fn serve_with(
         ChannelError::Closed => Ok(stats),
         e => Err(e.into()),
     }
+}
+
+/// Pins the calling thread to `cpu`.
+fn pin_this_thread(cpu: usize) -> io::Result<()> {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu).map_err(io::Error::from)?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).map_err(io::Error::from)
 }
 
 /// Takes one of the free workers, if there is one.

@@ -146,6 +146,15 @@ pub enum DiskError {
         /// The disk's size in sectors.
         disk: u64,
     },
+    /// [`ServeOptions::worker_cpu`] names a CPU this process may not use.
+    #[error("cannot pin the I/O threads to CPU {cpu}: {source}")]
+    Pin {
+        /// The CPU.
+        cpu: usize,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
     /// An argument cannot make a request (checked before sending).
     #[error("invalid request: {0}")]
     Invalid(&'static str),

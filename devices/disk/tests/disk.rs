@@ -73,6 +73,42 @@ fn connect_with(image: &Path, options: DiskOptions, serving: ServeOptions) -> (D
     (DiskClient::new(channel, memory.buffer()).unwrap(), host)
 }
 
+/// The first CPU this process may use.
+fn first_cpu() -> usize {
+    let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).unwrap();
+    (0..nix::sched::CpuSet::count())
+        .find(|&c| set.is_set(c).unwrap_or(false))
+        .unwrap()
+}
+
+#[test]
+fn io_threads_on_a_cpu_the_process_may_not_use_fail_before_serving() {
+    let scratch = Scratch::new("pin");
+    let (path, _) = scratch.image(1 << 20);
+    let (a, b) = UnixStream::pair().unwrap();
+    let host = thread::spawn(move || {
+        let disk = Disk::open(&path, DiskOptions::default())?;
+        let endpoint = service("disk").serve_stream(a)?;
+        let serving = ServeOptions {
+            io_threads: 2,
+            worker_cpu: Some(nix::sched::CpuSet::count()),
+        };
+        serve_with(&disk, endpoint.channel(), endpoint.buffer(), serving)
+    });
+    let endpoint = Guest::new("disk")
+        .with_config(config())
+        .connect_stream(b)
+        .unwrap();
+    let err = host.join().unwrap().unwrap_err();
+    assert!(
+        matches!(err, DiskError::Pin { cpu, .. } if cpu == nix::sched::CpuSet::count()),
+        "{err}"
+    );
+    // The guest finds the channel closed, not a host that never answers.
+    let (channel, memory) = endpoint.into_parts();
+    assert!(DiskClient::new(channel, memory.buffer()).is_err());
+}
+
 /// A small deterministic generator.
 struct Rng(u64);
 
@@ -101,7 +137,10 @@ fn a_lone_large_read_is_not_handed_to_a_worker() {
     // each read itself.
     let scratch = Scratch::new("lone");
     let (path, model) = scratch.image(8 << 20);
-    let serving = ServeOptions { io_threads: 1 };
+    let serving = ServeOptions {
+        io_threads: 1,
+        ..ServeOptions::default()
+    };
     let (mut disk, host) = connect_with(&path, DiskOptions::default(), serving);
     let buffers = disk.buffers();
     let len = 1 << 20;
@@ -124,7 +163,11 @@ fn a_lone_large_read_is_not_handed_to_a_worker() {
 fn queued_reads_and_writes(io_threads: usize) {
     let scratch = Scratch::new(&format!("queue-{io_threads}"));
     let (path, mut model) = scratch.image(8 << 20);
-    let serving = ServeOptions { io_threads };
+    let serving = ServeOptions {
+        io_threads,
+        // Pinned, as a VMM would, when there are I/O threads.
+        worker_cpu: (io_threads > 0).then(first_cpu),
+    };
     let (mut disk, host) = connect_with(&path, DiskOptions::default(), serving);
     assert_eq!(disk.info().sectors, (8 << 20) / 512);
     let buffers = disk.buffers();
