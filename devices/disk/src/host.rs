@@ -277,16 +277,17 @@ pub struct ServeOptions {
     /// The serving thread takes requests from the ring, checks them and gathers the reads
     /// of at least [`WORKER_MIN_BYTES`]; everything else it does at once. Writes and
     /// discards stay with it because the kernel serializes them on the image's inode lock
-    /// (a buffered write to a file holds it), so a second thread would only wait; measured
-    /// here, 1 MiB writes on a tmpfs image lost 5-12% when handed over.
+    /// (a buffered write to a file holds it), so a second thread would only wait: measured
+    /// here, 1 MiB writes on a tmpfs image lost 6-13% at depth 8 and 32 when handed over.
+    ///
     /// Once it has gathered [`HAND_OVER_BYTES`] and another request follows in the ring, it
-    /// hands the gathered ones to a worker with nothing to do, or does them itself when
-    /// every worker is busy; what is gathered when the ring is empty it does itself, so a
-    /// lone request never waits for a worker to wake. Each worker moves its requests' data and publishes their completions, so
-    /// requests complete in any order and several are moved at once (the way a VMM's I/O
-    /// thread pool serves a queue). On two CPUs one worker beside the serving thread keeps
-    /// both busy. The workers inherit the serving thread's CPU affinity unless
-    /// [`worker_cpu`](Self::worker_cpu) pins them.
+    /// hands the gathered reads to a worker with nothing to do, or does them itself when
+    /// every worker is busy. What is gathered when the ring is empty it does itself, so a
+    /// lone read never waits for a worker to wake. Each worker moves its reads' data and
+    /// publishes their completions, so requests complete in any order and several are moved
+    /// at once (the way a VMM's I/O thread pool serves a queue). On two CPUs one worker
+    /// beside the serving thread keeps both busy. The workers inherit the serving thread's
+    /// CPU affinity unless [`worker_cpu`](Self::worker_cpu) pins them.
     pub io_threads: usize,
     /// Pins every worker to this CPU (`None`: they inherit the serving thread's affinity).
     /// With the serving thread pinned to another CPU, the two never take turns on one.
@@ -390,7 +391,6 @@ pub fn serve_with(
                     };
                     // A guest that left is the serving thread's to notice.
                     let _ = chunk.run(disk, channel, area, counts);
-                    chunk.n = 0;
                     let _ = free_tx.send(chunk);
                     free_workers.fetch_add(1, Ordering::AcqRel);
                 }
