@@ -39,6 +39,9 @@
 #[cfg(test)]
 extern crate std;
 
+#[cfg(feature = "alloc")]
+extern crate alloc;
+
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU32, AtomicU64};
 
@@ -148,6 +151,103 @@ pub unsafe fn slice_mem<'a>(ptr: NonNull<u8>, len: usize) -> Result<SliceMem<'a>
     SliceMem::new(control, data)
 }
 
+/// Ring memory over a mapping that an owner keeps mapped: [`SliceMem`] over the region,
+/// beside a shared handle to whatever unmaps it when dropped (a file mapping, a BAR, guest
+/// memory). Clones share the owner, so the region stays mapped while any of them lives.
+/// Every access goes straight to the [`SliceMem`].
+///
+/// With the `alloc` feature.
+///
+/// ```
+/// use core::ptr::NonNull;
+/// use core::sync::atomic::AtomicU64;
+/// use std::sync::Arc;
+/// use vmlink_ring::{OutgoingPacket, Reader, Writer, init_control};
+/// use vmlink_ring_mapping::MappedRing;
+///
+/// // A stand-in for a mapping that unmaps when its last handle goes.
+/// let region: Arc<Vec<AtomicU64>> = Arc::new((0..2 * 512).map(|_| AtomicU64::new(0)).collect());
+/// let ptr = NonNull::from(region.as_slice()).cast::<u8>();
+/// // SAFETY: the ring keeps `region` alive and reaches it only through atomics.
+/// let ring = unsafe { MappedRing::new(ptr, 2 * 4096, region) }?;
+/// init_control(&ring);
+/// let (mut writer, mut reader) = (Writer::new(ring.clone())?, Reader::new(ring)?);
+/// let _ = writer.write(&OutgoingPacket::in_band_slice(b"owned"))?;
+/// assert_eq!(reader.peek()?.expect("a packet").info().payload_len(), 8);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[cfg(feature = "alloc")]
+#[derive(Clone)]
+pub struct MappedRing {
+    // Built over the region that `_owner` keeps mapped; never handed out with its `'static`.
+    mem: SliceMem<'static>,
+    _owner: alloc::sync::Arc<dyn Send + Sync>,
+}
+
+#[cfg(feature = "alloc")]
+impl MappedRing {
+    /// A ring over `ptr..ptr + len` (as [`slice_mem`] checks it), kept mapped by `owner`.
+    ///
+    /// # Safety
+    /// `ptr..ptr + len` must stay mapped, readable and writable while `owner` (or any clone
+    /// of it) lives, and this process must access it only through ring memory
+    /// (atomically) meanwhile. Other processes or a guest may write it at any time. If
+    /// another process can shrink the mapping, seal it first, or an access may fault.
+    pub unsafe fn new(
+        ptr: NonNull<u8>,
+        len: usize,
+        owner: alloc::sync::Arc<dyn Send + Sync>,
+    ) -> Result<Self, LayoutError> {
+        // SAFETY: the caller guarantees the region stays mapped and is accessed only
+        // atomically while `owner` lives; `owner` is stored beside the `SliceMem`, which
+        // never leaves this type, so no access outlives it.
+        let mem = unsafe { slice_mem(ptr, len) }?;
+        Ok(Self { mem, _owner: owner })
+    }
+}
+
+#[cfg(feature = "alloc")]
+impl core::fmt::Debug for MappedRing {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("MappedRing")
+            .field("mem", &self.mem)
+            .finish_non_exhaustive()
+    }
+}
+
+// Inlined across crates: every ring access of a channel goes through these.
+#[cfg(feature = "alloc")]
+impl vmlink_ring::RingMem for MappedRing {
+    #[inline]
+    fn data_len(&self) -> usize {
+        self.mem.data_len()
+    }
+    #[inline]
+    fn load_control(&self, word: vmlink_ring::ControlWord) -> u32 {
+        self.mem.load_control(word)
+    }
+    #[inline]
+    fn store_control(&self, word: vmlink_ring::ControlWord, value: u32) {
+        self.mem.store_control(word, value)
+    }
+    #[inline]
+    fn read_data(&self, offset: usize, buf: &mut [u8]) {
+        self.mem.read_data(offset, buf)
+    }
+    #[inline]
+    fn write_data(&self, offset: usize, data: &[u8]) {
+        self.mem.write_data(offset, data)
+    }
+    #[inline]
+    fn read_data_words(&self, offset: usize, out: &mut [u64]) {
+        self.mem.read_data_words(offset, out)
+    }
+    #[inline]
+    fn write_data_words(&self, offset: usize, words: &[u64]) {
+        self.mem.write_data_words(offset, words)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,5 +335,37 @@ mod tests {
         // SAFETY: as above.
         let w = unsafe { atomic_words(odd, 1) };
         assert_eq!(w.unwrap_err(), LayoutError::Misaligned { addr });
+    }
+
+    #[cfg(feature = "alloc")]
+    #[test]
+    fn a_mapped_ring_keeps_its_owner_while_any_clone_lives() {
+        use std::sync::Arc;
+        use vmlink_ring::{OutgoingPacket, Reader, Writer, init_control};
+
+        let owner = Arc::new(region(3));
+        let ptr = base(&owner);
+        // SAFETY: the ring holds `owner`, which holds the region; it is accessed only
+        // through the ring.
+        let ring = unsafe { MappedRing::new(ptr, 3 * PAGE_SIZE, owner.clone()) }.unwrap();
+        assert_eq!(ring.data_len(), 2 * PAGE_SIZE);
+        init_control(&ring);
+        let (mut writer, reader) = (Writer::new(ring.clone()).unwrap(), Reader::new(ring));
+        // The test's handle, the writer's ring and the reader's: the test's goes first,
+        // and the rings keep the region.
+        assert_eq!(Arc::strong_count(&owner), 3);
+        drop(owner);
+        let _ = writer
+            .write(&OutgoingPacket::in_band_slice(&[7u8; 100]))
+            .unwrap();
+        let mut reader = reader.unwrap();
+        let packet = reader.peek().unwrap().expect("a packet");
+        assert_eq!(packet.info().payload_len(), 104);
+        // The region is refused as it would be by `slice_mem`.
+        let short = Arc::new(region(1));
+        let ptr = base(&short);
+        // SAFETY: as above; the call fails before touching the region.
+        let err = unsafe { MappedRing::new(ptr, PAGE_SIZE, short) }.unwrap_err();
+        assert!(matches!(err, LayoutError::RegionTooShort { .. }), "{err:?}");
     }
 }

@@ -29,7 +29,6 @@ use std::time::{Duration, Instant};
 use nix::poll::{PollFd, PollFlags};
 use vmlink_channel::fd::{EventFd, poll_until, revents};
 use vmlink_channel::{Channel, Config, Doorbell, DoorbellError, EventFdDoorbell, Wake};
-use vmlink_ring::{ControlWord, RingMem, SliceMem};
 use vmlink_shm::ShmChannel;
 
 use crate::guest::{BarMap, Device, ring_doorbell};
@@ -82,44 +81,8 @@ impl Server {
     }
 }
 
-/// One ring in BAR2: vmlink-ring's `SliceMem` over the mapping, keeping it mapped.
-#[derive(Debug, Clone)]
-pub struct BarRing {
-    // Built over the mapping that `_map` keeps alive; never handed out with its `'static`.
-    mem: SliceMem<'static>,
-    _map: Arc<BarMap>,
-}
-
-impl RingMem for BarRing {
-    #[inline]
-    fn data_len(&self) -> usize {
-        self.mem.data_len()
-    }
-    #[inline]
-    fn load_control(&self, word: ControlWord) -> u32 {
-        self.mem.load_control(word)
-    }
-    #[inline]
-    fn store_control(&self, word: ControlWord, value: u32) {
-        self.mem.store_control(word, value)
-    }
-    #[inline]
-    fn read_data(&self, offset: usize, buf: &mut [u8]) {
-        self.mem.read_data(offset, buf)
-    }
-    #[inline]
-    fn write_data(&self, offset: usize, data: &[u8]) {
-        self.mem.write_data(offset, data)
-    }
-    #[inline]
-    fn read_data_words(&self, offset: usize, out: &mut [u64]) {
-        self.mem.read_data_words(offset, out)
-    }
-    #[inline]
-    fn write_data_words(&self, offset: usize, words: &[u64]) {
-        self.mem.write_data_words(offset, words)
-    }
-}
+/// One ring in BAR2: ring memory over the mapping, keeping it mapped.
+pub type BarRing = vmlink_ring_mapping::MappedRing;
 
 /// A ring at `offset`, `len` bytes, in the BAR2 mapping `map`.
 fn bar_ring(map: &Arc<BarMap>, offset: u64, len: u64) -> Result<BarRing, IvshmemError> {
@@ -138,15 +101,11 @@ fn bar_ring(map: &Arc<BarMap>, offset: u64, len: u64) -> Result<BarRing, Ivshmem
     let start = map.ptr.as_ptr().wrapping_add(offset);
     let start = std::ptr::NonNull::new(start).ok_or_else(bad)?;
     // SAFETY: `start..start + len` lies inside the BAR2 mapping (checked above), which the
-    // `Arc` stored beside the `SliceMem` keeps mapped; the `'static` `SliceMem` never
-    // leaves `BarRing`. This process reaches it only through `SliceMem` (atomics); the
-    // host writes it at any time, which `SliceMem` allows. A BAR mapping cannot shrink.
-    let mem = unsafe { vmlink_ring_mapping::slice_mem(start, len) }
-        .map_err(|e| IvshmemError::BadHeader(format!("a ring: {e:?}")))?;
-    Ok(BarRing {
-        mem,
-        _map: map.clone(),
-    })
+    // `Arc` given as the ring's owner keeps mapped. This process reaches it only through
+    // the ring (atomics); the host writes it at any time, which ring memory allows. A BAR
+    // mapping cannot shrink.
+    unsafe { BarRing::new(start, len, map.clone()) }
+        .map_err(|e| IvshmemError::BadHeader(format!("a ring: {e:?}")))
 }
 
 /// How the guest learns of the host's doorbell.

@@ -21,10 +21,10 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use nix::sys::mman::{self, MapFlags, ProtFlags};
+use vmlink_ring::MAX_DATA_LEN;
 use vmlink_ring::area::{AreaError, AreaLayout, HEADER_LEN, ParsedHeader};
 use vmlink_ring::protocol::{CONTROL_PAGE_SIZE, PAGE_SIZE};
 use vmlink_ring::words::{WordsOutOfBounds, read_words, write_words};
-use vmlink_ring::{ControlWord, MAX_DATA_LEN, RingMem, SliceMem};
 
 /// The largest memory a channel may have (header page, rings and buffer area together):
 /// 4 GiB. A guest refuses an offer above it rather than map whatever a host asks.
@@ -407,16 +407,11 @@ impl SharedMemory {
         // SAFETY: `offset < len` of the mapping (asserted), so the pointer stays inside it.
         let start = unsafe { self.map.ptr.add(offset) };
         // SAFETY: `start..start + len` lies inside the mapping, which stays mapped while the
-        // `Arc` stored beside the `SliceMem` lives, and the `'static` `SliceMem` never leaves
-        // `ShmRing`. This process accesses it only through `SliceMem` (atomics); the peer
-        // may write it at any time, which `SliceMem` allows. The memfd is sealed against
-        // shrinking, so no access can fault.
-        let mem = unsafe { vmlink_ring_mapping::slice_mem(start, len) }
-            .expect("a validated layout holds page-aligned rings");
-        ShmRing {
-            mem,
-            _map: self.map.clone(),
-        }
+        // `Arc` given as the ring's owner lives. This process accesses it only through the
+        // ring (atomics); the peer may write it at any time, which ring memory allows. The
+        // memfd is sealed against shrinking, so no access can fault.
+        unsafe { ShmRing::new(start, len, self.map.clone()) }
+            .expect("a validated layout holds page-aligned rings")
     }
 
     /// Writes the memory header that describes the layout (the host does, before it offers
@@ -474,45 +469,9 @@ impl SharedMemory {
     }
 }
 
-/// One ring in a channel's shared memory: [`RingMem`] over the mapping, keeping it mapped.
-#[derive(Debug, Clone)]
-pub struct ShmRing {
-    // Built over the mapping that `_map` keeps alive; never handed out with its `'static`.
-    mem: SliceMem<'static>,
-    _map: Arc<Mapping>,
-}
-
-// Inlined across crates: every ring access of a channel goes through these.
-impl RingMem for ShmRing {
-    #[inline]
-    fn data_len(&self) -> usize {
-        self.mem.data_len()
-    }
-    #[inline]
-    fn load_control(&self, word: ControlWord) -> u32 {
-        self.mem.load_control(word)
-    }
-    #[inline]
-    fn store_control(&self, word: ControlWord, value: u32) {
-        self.mem.store_control(word, value)
-    }
-    #[inline]
-    fn read_data(&self, offset: usize, buf: &mut [u8]) {
-        self.mem.read_data(offset, buf)
-    }
-    #[inline]
-    fn write_data(&self, offset: usize, data: &[u8]) {
-        self.mem.write_data(offset, data)
-    }
-    #[inline]
-    fn read_data_words(&self, offset: usize, out: &mut [u64]) {
-        self.mem.read_data_words(offset, out)
-    }
-    #[inline]
-    fn write_data_words(&self, offset: usize, words: &[u64]) {
-        self.mem.write_data_words(offset, words)
-    }
-}
+/// One ring in a channel's shared memory: [`RingMem`](vmlink_ring::RingMem) over the
+/// mapping, keeping it mapped.
+pub type ShmRing = vmlink_ring_mapping::MappedRing;
 
 /// An access to the buffer area fell outside it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
