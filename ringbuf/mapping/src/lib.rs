@@ -10,6 +10,10 @@
 //! while anything built from it lives. The peer may write it at any time: that is what
 //! ring memory is for, and atomics permit it.
 //!
+//! With the `alloc` feature, `MappedRing` is a ring over a region together with a shared
+//! handle to the mapping that holds it, for transports whose mappings are reference
+//! counted.
+//!
 //! Each function only casts: `AtomicU32` and `AtomicU64` have the size and bit validity of
 //! `u32` and `u64` (any bit pattern is a valid atomic), and allow shared mutation.
 //!
