@@ -215,13 +215,7 @@ impl Server {
     /// This process's eventfd for `vector`: it becomes readable when a peer rings us on
     /// that vector.
     pub fn local_vector(&self, vector: u16) -> Result<&EventFd, IvshmemError> {
-        self.local
-            .get(usize::from(vector))
-            .ok_or(IvshmemError::NoSuchVector {
-                id: LOCAL_PEER,
-                vector,
-                vectors: self.local.len() as u16,
-            })
+        vector_fd(&self.local, LOCAL_PEER, vector)
     }
 
     /// Rings peer `id` on `vector` (QEMU turns it into an interrupt in its guest).
@@ -275,13 +269,7 @@ impl Server {
         if id == LOCAL_PEER {
             return Err(IvshmemError::UnknownPeer { id });
         }
-        let fd = fds
-            .get(usize::from(vector))
-            .ok_or(IvshmemError::NoSuchVector {
-                id,
-                vector,
-                vectors: fds.len() as u16,
-            })?
+        let fd = vector_fd(fds, id, vector)?
             .try_clone()
             .map_err(IvshmemError::io("dup an eventfd"))?;
         let (ours, theirs) = UnixStream::pair().map_err(IvshmemError::io("socketpair"))?;
@@ -607,12 +595,16 @@ fn send_error(id: PeerId, e: Errno) -> IvshmemError {
 /// Signals `fds[vector]`, one of peer `id`'s eventfds: how this process and a protocol
 /// client ring a peer.
 pub(crate) fn ring_vector(fds: &[EventFd], id: PeerId, vector: u16) -> Result<(), IvshmemError> {
-    let fd = fds
-        .get(usize::from(vector))
+    Ok(vector_fd(fds, id, vector)?.signal()?)
+}
+
+/// `fds[vector]`, one of peer `id`'s eventfds, or
+/// [`NoSuchVector`](IvshmemError::NoSuchVector).
+fn vector_fd(fds: &[EventFd], id: PeerId, vector: u16) -> Result<&EventFd, IvshmemError> {
+    fds.get(usize::from(vector))
         .ok_or(IvshmemError::NoSuchVector {
             id,
             vector,
             vectors: fds.len() as u16,
-        })?;
-    Ok(fd.signal()?)
+        })
 }
