@@ -635,7 +635,7 @@ G = (32 << 20) // 4096  # the first page of the guest's half
 SEEDS["disk_request"] = {
     # A read of 8 sectors into one page; a write over three pages from mid-page; a
     # scattered read of two sector-sized pieces; a flush; a discard on a read-only disk; a
-    # write past the end; a buffer in the host's half.
+    # write past the end; a buffer in the host's half; a page at the top of the addresses.
     "seed-read": disk_input(1, 0, 2048, disk_req(1, 8, 8), disk_gpa([(0, 4096, [G])])),
     "seed-write": disk_input(1, 2, 1 << 20, disk_req(2, 100, 16, flags=1),
                              disk_gpa([(2048, 8192, [G + 5, G + 6, G + 7])])),
@@ -645,6 +645,10 @@ SEEDS["disk_request"] = {
     "seed-discard-ro": disk_input(0, 1, 4096, disk_req(4, 16, 8)),
     "seed-past-end": disk_input(1, 0, 16, disk_req(2, 12, 8), disk_gpa([(0, 4096, [G])])),
     "seed-host-half": disk_input(1, 0, 2048, disk_req(1, 0, 8), disk_gpa([(0, 4096, [3])])),
+    # No page limit, and a sector on the last page a u64 address holds: its end is one past
+    # u64::MAX (a crash the fuzz stage found, refused with BadBuffer since).
+    "seed-top-page": disk_input(1, 0, 16, disk_req(1, 0, 1),
+                                disk_gpa([(3584, 512, [(1 << 64) // 4096 - 1])])),
 }
 
 # ---- ivshmem_setup: raw bytes (no `arbitrary` encoding) --------------------------------

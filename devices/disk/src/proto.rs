@@ -417,12 +417,12 @@ pub fn decode(
     if limits.read_only && op != Op::Read {
         return Err(Status::ReadOnly);
     }
-    plan.set(
-        op,
-        header.flags & FLAG_FUA != 0,
-        header.sector * sector_size,
-        len,
-    );
+    // Inside the disk, so inside any file; checked for a `Limits` that claims more.
+    let offset = header
+        .sector
+        .checked_mul(sector_size)
+        .ok_or(Status::OutOfRange)?;
+    plan.set(op, header.flags & FLAG_FUA != 0, offset, len);
     let Some(ranges) = ranges else {
         return Ok(());
     };
@@ -445,7 +445,7 @@ pub fn decode(
                 .and_then(|s| s.checked_add(skip))
                 .ok_or(Status::BadBuffer)?;
             let take = left.min(page - skip);
-            let end = start + take;
+            let end = start.checked_add(take).ok_or(Status::BadBuffer)?;
             if start < limits.buffers.start as u64 || end > limits.buffers.end as u64 {
                 return Err(Status::BadBuffer);
             }
@@ -673,6 +673,20 @@ mod tests {
         assert!(gpa(fua_write, &one, &LIMITS).unwrap().fua);
         let odd_flag = RequestHeader { flags: 2, ..write };
         assert_eq!(gpa(odd_flag, &one, &LIMITS).unwrap_err(), Status::Malformed);
+    }
+
+    #[test]
+    fn a_page_at_the_top_of_the_address_space_is_refused_not_overflowed() {
+        // With no page limit on the channel, the last page a u64 address can hold: its
+        // last sector ends one past u64::MAX.
+        let pages = [u64::MAX / 4096];
+        let ranges = [GpaRange {
+            byte_offset: 3584,
+            byte_count: 512,
+            pages: &pages,
+        }];
+        let got = gpa(RequestHeader::new(Op::Read, 0, 1), &ranges, &LIMITS);
+        assert_eq!(got.err(), Some(Status::BadBuffer));
     }
 
     #[test]
