@@ -8,8 +8,8 @@ use std::path::Path;
 
 use nix::fcntl::{FallocateFlags, OFlag, fallocate};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::sync_channel;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{TryRecvError, sync_channel};
 use std::thread;
 use vmlink_channel::{ChannelError, OutgoingPacket, Packet, PacketType, Wait};
 use vmlink_shm::{BufferArea, ShmChannel};
@@ -169,17 +169,25 @@ pub struct ServeStats {
 /// The most requests taken from the ring before their completions are published.
 const BATCH: usize = 64;
 
-/// With [`ServeOptions::io_threads`]: the least a read moves to be handed to a worker.
-/// Below it, a hand-over (a queue and a thread's wake-up, some microseconds) costs more
-/// than the serving thread doing the request at once.
+/// With [`ServeOptions::io_threads`]: the least a read moves to be handed to a worker
+/// whatever the queue's depth. Below it, a hand-over (a queue and a thread's wake-up, some
+/// microseconds) costs more than the serving thread doing the request at once, unless
+/// the guest keeps a deep queue ([`DEEP_QUEUE`]).
 pub const WORKER_MIN_BYTES: u64 = 64 * 1024;
 
 /// With [`ServeOptions::io_threads`]: how many bytes of large reads the serving thread
 /// gathers before they are worth a hand-over (one 1 MiB read, or two of 64 KiB).
 pub const HAND_OVER_BYTES: u64 = 128 * 1024;
 
+/// With [`ServeOptions::io_threads`]: smaller reads are gathered too (eight to a
+/// hand-over) when they come this deep into one batch taken from the ring. A guest that
+/// keeps that many requests waiting keeps a worker awake, so its wake-up is paid once
+/// for many reads; at depth 8 nothing small is ever handed over, and a worker's wake-up
+/// cannot delay a guest that waits on each answer.
+pub const DEEP_QUEUE: usize = 12;
+
 /// The most requests in one hand-over.
-const CHUNK: usize = (HAND_OVER_BYTES / WORKER_MIN_BYTES) as usize;
+const CHUNK: usize = 8;
 
 /// A completion to send: the request's id and what to say.
 #[derive(Clone, Copy)]
@@ -275,19 +283,23 @@ pub struct ServeOptions {
     /// everything itself, as [`serve`] does).
     ///
     /// The serving thread takes requests from the ring, checks them and gathers the reads
-    /// of at least [`WORKER_MIN_BYTES`]; everything else it does at once. Writes and
-    /// discards stay with it because the kernel serializes them on the image's inode lock
-    /// (a buffered write to a file holds it), so a second thread would only wait: measured
-    /// here, 1 MiB writes on a tmpfs image lost 6-13% at depth 8 and 32 when handed over.
+    /// of at least [`WORKER_MIN_BYTES`] (and smaller ones [`DEEP_QUEUE`] deep in a batch);
+    /// everything else it does at once. Writes and discards stay with it because the
+    /// kernel serializes them on the image's inode lock (a buffered write to a file holds
+    /// it), so a second thread would only wait: measured here, 1 MiB writes on a tmpfs
+    /// image lost 6-13% at depth 8 and 32 when handed over.
     ///
-    /// Once it has gathered [`HAND_OVER_BYTES`] and another request follows in the ring, it
-    /// hands the gathered reads to a worker with nothing to do, or does them itself when
-    /// every worker is busy. What is gathered when the ring is empty it does itself, so a
-    /// lone read never waits for a worker to wake. Each worker moves its reads' data and
-    /// publishes their completions, so requests complete in any order and several are moved
-    /// at once (the way a VMM's I/O thread pool serves a queue). On two CPUs one worker
-    /// beside the serving thread keeps both busy. The workers inherit the serving thread's
-    /// CPU affinity unless [`worker_cpu`](Self::worker_cpu) pins them.
+    /// Once it has gathered [`HAND_OVER_BYTES`] (or eight reads) and another request
+    /// follows in the ring, it queues the gathered reads for the workers, or does them
+    /// itself when the queue already holds one hand-over per worker. A worker takes the
+    /// next hand-over as soon as it is done with one, so it never waits for the serving
+    /// thread to finish a request of its own. When the ring is empty the serving thread
+    /// does what it has gathered and what no worker has taken yet, so a lone read never
+    /// waits for a worker to wake. Each worker moves its reads' data and publishes their
+    /// completions, so requests complete in any order and several are moved at once (the
+    /// way a VMM's I/O thread pool serves a queue). On two CPUs one worker beside the
+    /// serving thread keeps both busy. The workers inherit the serving thread's CPU
+    /// affinity unless [`worker_cpu`](Self::worker_cpu) pins them.
     pub io_threads: usize,
     /// Pins every worker to this CPU (`None`: they inherit the serving thread's affinity).
     /// With the serving thread pinned to another CPU, the two never take turns on one.
@@ -356,24 +368,25 @@ pub fn serve_with(
         return serve(disk, channel, area);
     }
     let limits = limits(disk, area);
-    // One chunk per worker and one being gathered. A worker gives its chunk back before
-    // it counts itself free, so once a worker is claimed a free chunk is waiting.
-    let (free_tx, free_rx) = sync_channel::<Box<Chunk>>(options.io_threads);
-    for _ in 0..options.io_threads {
+    let workers = options.io_threads;
+    // Chunks: one in each worker's hands, one queued for each worker, one being gathered.
+    // The queue and the free list each hold every chunk that can be outside them, so
+    // neither send ever blocks.
+    let (free_tx, free_rx) = sync_channel::<Box<Chunk>>(2 * workers);
+    for _ in 0..2 * workers {
         let _ = free_tx.send(Chunk::new());
     }
-    let (work_tx, work_rx) = sync_channel::<Box<Chunk>>(options.io_threads);
+    let (work_tx, work_rx) = sync_channel::<Box<Chunk>>(2 * workers);
     let work_rx = Mutex::new(work_rx);
-    let free_workers = AtomicUsize::new(options.io_threads);
     let counts = Counts::default();
     let mut scratch = vec![0u8; 8 + MAX_SEGMENTS * 16].into_boxed_slice();
     let mut gathered = Chunk::new();
     let mut stats = ServeStats::default();
-    let (pinned_tx, pinned_rx) = sync_channel::<io::Result<()>>(options.io_threads);
+    let (pinned_tx, pinned_rx) = sync_channel::<io::Result<()>>(workers);
     let ended = thread::scope(|s| {
-        for _ in 0..options.io_threads {
+        for _ in 0..workers {
             let (work_rx, free_tx, counts) = (&work_rx, free_tx.clone(), &counts);
-            let (free_workers, pinned_tx) = (&free_workers, pinned_tx.clone());
+            let pinned_tx = pinned_tx.clone();
             s.spawn(move || {
                 let pinned = options.worker_cpu.map_or(Ok(()), pin_this_thread);
                 let stop = pinned.is_err();
@@ -381,24 +394,23 @@ pub fn serve_with(
                 if stop {
                     return;
                 }
-                loop {
-                    let Ok(mut chunk) = work_rx
-                        .lock()
-                        .map_err(drop)
-                        .and_then(|rx| rx.recv().map_err(drop))
-                    else {
-                        return;
-                    };
+                // The next queued chunk, as soon as there is one: a worker never waits for
+                // the serving thread to finish a request of its own.
+                while let Ok(mut chunk) = work_rx
+                    .lock()
+                    .map_err(drop)
+                    .and_then(|rx| rx.recv().map_err(drop))
+                {
+                    counts.handed.fetch_add(chunk.n as u64, Ordering::Relaxed);
                     // A guest that left is the serving thread's to notice.
                     let _ = chunk.run(disk, channel, area, counts);
                     let _ = free_tx.send(chunk);
-                    free_workers.fetch_add(1, Ordering::AcqRel);
                 }
             });
         }
         drop(pinned_tx);
         // Every worker pinned (or not asked to be) before the first request.
-        for _ in 0..options.io_threads {
+        for _ in 0..workers {
             if let Ok(Err(source)) = pinned_rx.recv() {
                 drop(work_tx);
                 return Err(DiskError::Pin {
@@ -409,27 +421,24 @@ pub fn serve_with(
         }
         let ended = loop {
             let mut failed = None;
+            // Requests taken in this batch so far.
+            let mut taken = 0;
             let got = channel.recv_batch(BATCH, Wait::Forever, |packet| {
+                taken += 1;
                 let meta = packet.meta();
                 if !meta.completion_requested {
                     stats.ignored += 1;
                     return;
                 }
-                // Another request follows what was gathered: hand that to a free worker,
-                // or do it here when every worker is busy.
+                // Another request follows what was gathered: queue that for the workers,
+                // or do it here when the queue already holds all it may.
                 if gathered.ready() {
-                    let sent = if claim(&free_workers) {
-                        match free_rx.recv() {
-                            Ok(fresh) => {
-                                stats.handed_over += gathered.n as u64;
-                                work_tx
-                                    .send(std::mem::replace(&mut gathered, fresh))
-                                    .map_err(|_| ChannelError::Closed)
-                            }
-                            Err(_) => Err(ChannelError::Closed),
-                        }
-                    } else {
-                        gathered.run(disk, channel, area, &counts)
+                    let sent = match free_rx.try_recv() {
+                        Ok(fresh) => work_tx
+                            .send(std::mem::replace(&mut gathered, fresh))
+                            .map_err(|_| ChannelError::Closed),
+                        Err(TryRecvError::Empty) => gathered.run(disk, channel, area, &counts),
+                        Err(TryRecvError::Disconnected) => Err(ChannelError::Closed),
                     };
                     if let Err(e) = sent {
                         failed = Some(e);
@@ -448,8 +457,12 @@ pub fn serve_with(
                         stats.completed += 1;
                         Reply::Info(disk.info)
                     }
-                    // Writes, discards, flushes and small reads are done at once.
-                    Some(Ok(())) if plan.op != Op::Read || plan.len < WORKER_MIN_BYTES => {
+                    // Writes, discards, flushes and small reads (but those deep in a
+                    // queue) are done at once.
+                    Some(Ok(()))
+                        if plan.op != Op::Read
+                            || (plan.len < WORKER_MIN_BYTES && taken < DEEP_QUEUE) =>
+                    {
                         let done = disk.execute(plan, area);
                         counts.count(plan, done);
                         Reply::Done(done)
@@ -470,11 +483,21 @@ pub fn serve_with(
                 }
             });
             stats.batches += 1;
-            // The ring is empty: what is gathered is done here, at once.
-            let done = match (failed, got) {
+            // The ring is empty: what is gathered is done here, at once, and so is what is
+            // queued that no worker has taken yet (a worker waiting for the queue holds its
+            // lock, and takes the next chunk itself).
+            let mut done = match (failed, got) {
                 (Some(e), _) | (None, Err(e)) => Err(e),
                 (None, Ok(_)) => gathered.run(disk, channel, area, &counts),
             };
+            while done.is_ok() {
+                let Some(mut chunk) = work_rx.try_lock().ok().and_then(|rx| rx.try_recv().ok())
+                else {
+                    break;
+                };
+                done = chunk.run(disk, channel, area, &counts);
+                let _ = free_tx.send(chunk);
+            }
             if let Err(e) = done {
                 break e;
             }
@@ -488,6 +511,7 @@ pub fn serve_with(
     stats.refused += refused;
     stats.bytes_read = read;
     stats.bytes_written = written;
+    stats.handed_over = counts.handed.load(Ordering::Relaxed);
     match ended {
         ChannelError::Closed => Ok(stats),
         e => Err(e.into()),
@@ -501,13 +525,6 @@ fn pin_this_thread(cpu: usize) -> io::Result<()> {
     nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).map_err(io::Error::from)
 }
 
-/// Takes one of the free workers, if there is one.
-fn claim(free_workers: &AtomicUsize) -> bool {
-    free_workers
-        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
-        .is_ok()
-}
-
 /// What the workers of [`serve_with`] did.
 #[derive(Default)]
 struct Counts {
@@ -515,6 +532,8 @@ struct Counts {
     refused: AtomicU64,
     read: AtomicU64,
     written: AtomicU64,
+    /// Requests a worker did.
+    handed: AtomicU64,
 }
 
 impl Counts {

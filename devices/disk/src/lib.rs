@@ -63,8 +63,8 @@ use std::io;
 
 pub use guest::{DiskClient, Done};
 pub use host::{
-    Disk, DiskOptions, HAND_OVER_BYTES, ServeOptions, ServeStats, WORKER_MIN_BYTES, serve,
-    serve_with,
+    DEEP_QUEUE, Disk, DiskOptions, HAND_OVER_BYTES, ServeOptions, ServeStats, WORKER_MIN_BYTES,
+    serve, serve_with,
 };
 pub use proto::{DiskInfo, Status};
 use vmlink_channel::{ChannelError, Config};

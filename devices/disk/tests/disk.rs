@@ -160,6 +160,62 @@ fn a_lone_large_read_is_not_handed_to_a_worker() {
     assert_eq!((stats.completed, stats.handed_over), (9, 0), "{stats:?}");
 }
 
+/// `rounds` rounds of `depth` 4 KiB reads submitted at once, then all reaped; every read
+/// checked against the image. Returns the host's counts.
+fn small_reads_in_rounds(name: &str, depth: usize, rounds: usize) -> ServeStats {
+    let scratch = Scratch::new(name);
+    let (path, model) = scratch.image(8 << 20);
+    let serving = ServeOptions {
+        io_threads: 1,
+        ..ServeOptions::default()
+    };
+    let (mut disk, host) = connect_with(&path, DiskOptions::default(), serving);
+    let buffers = disk.buffers();
+    let slot = |i: usize| buffers.start + i * 4096;
+    let mut rng = Rng(0x2545f4914f6cdd1d);
+    let mut got = vec![0u8; 4096];
+    for _ in 0..rounds {
+        // Each request's id, slot and sector.
+        let mut open = Vec::with_capacity(depth);
+        for i in 0..depth {
+            let sector = rng.next() % ((8 << 20) / 512 - 8);
+            let id = disk
+                .submit_read(sector, slot(i)..slot(i) + 4096, Wait::Forever)
+                .unwrap();
+            open.push((id, i, sector as usize));
+        }
+        for _ in 0..depth {
+            let done = disk.reap(Wait::Forever).unwrap();
+            done.result().unwrap();
+            let &(_, i, sector) = open.iter().find(|r| r.0 == done.id).unwrap();
+            disk.area().read(slot(i), &mut got).unwrap();
+            assert!(
+                got == model[sector * 512..][..4096],
+                "read at sector {sector}"
+            );
+        }
+    }
+    drop(disk);
+    let stats = host.join().unwrap().unwrap();
+    assert_eq!(stats.completed, (depth * rounds) as u64 + 1, "{stats:?}");
+    stats
+}
+
+#[test]
+fn small_reads_are_handed_over_only_from_a_deep_queue() {
+    // Eight at a time never reach `DEEP_QUEUE` in one batch: the serving thread does them.
+    const { assert!(vmlink_disk::DEEP_QUEUE > 8) };
+    let shallow = small_reads_in_rounds("shallow", 8, 200);
+    assert_eq!(shallow.handed_over, 0, "{shallow:?}");
+    // Thirty-two submitted while the host wakes to the first: a batch takes more than
+    // `DEEP_QUEUE` of them, and the workers move some.
+    let deep = small_reads_in_rounds("deep", 32, 200);
+    assert!(
+        deep.handed_over > 0 && deep.handed_over < 32 * 200,
+        "{deep:?}"
+    );
+}
+
 fn queued_reads_and_writes(io_threads: usize) {
     let scratch = Scratch::new(&format!("queue-{io_threads}"));
     let (path, mut model) = scratch.image(8 << 20);
