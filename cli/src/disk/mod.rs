@@ -65,9 +65,10 @@ struct ServeArgs {
     /// use), and its I/O threads to the CPU after it.
     #[arg(long)]
     pin: bool,
-    /// Worker threads per channel for reads of 64 KiB or more (0: the channel's thread
-    /// moves all the data). They pay off where the host has CPUs to spare for large reads
-    /// at depth; a lone read, small requests and writes stay on the channel's thread.
+    /// Worker threads per channel for reads of 64 KiB or more, and for smaller reads from
+    /// a deep queue (0: the channel's thread moves all the data). They pay off where the
+    /// host has CPUs to spare for reads at depth; a lone read, writes and the rest stay on
+    /// the channel's thread.
     #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=64))]
     io_threads: u16,
 }
