@@ -202,6 +202,36 @@ fn small_reads_in_rounds(name: &str, depth: usize, rounds: usize) -> ServeStats 
 }
 
 #[test]
+fn a_guest_that_leaves_with_reads_queued_for_a_worker_ends_the_serving_cleanly() {
+    let scratch = Scratch::new("leave-deep");
+    let (path, _) = scratch.image(8 << 20);
+    let serving = ServeOptions {
+        io_threads: 1,
+        ..ServeOptions::default()
+    };
+    let mut handed = 0;
+    for round in 0..20u64 {
+        let (mut disk, host) = connect_with(&path, DiskOptions::default(), serving);
+        let buffers = disk.buffers();
+        // Small reads deep enough to be handed over, and large ones, then gone.
+        for i in 0..48u64 {
+            let len = if i % 4 == 3 { 65536 } else { 4096 };
+            let at = buffers.start + i as usize * 65536;
+            disk.submit_read((round * 977 + i * 131) % 16000, at..at + len, Wait::Forever)
+                .unwrap();
+        }
+        drop(disk);
+        // The host ends without an error; what a worker had not read when it found the
+        // guest gone is dropped (a read for nobody), and nothing is refused.
+        let stats = host.join().unwrap().unwrap();
+        assert!(stats.completed <= 49 && stats.refused == 0, "{stats:?}");
+        handed += stats.handed_over;
+    }
+    // The guest left while workers held some of its reads.
+    assert!(handed > 0);
+}
+
+#[test]
 fn small_reads_are_handed_over_only_from_a_deep_queue() {
     // Eight at a time never reach `DEEP_QUEUE` in one batch: the serving thread does them.
     const { assert!(vmlink_disk::DEEP_QUEUE > 8) };
