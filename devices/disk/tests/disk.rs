@@ -131,17 +131,24 @@ fn io_threads_complete_out_of_order_and_match_the_image_byte_for_byte() {
     queued_reads_and_writes(3);
 }
 
-#[test]
-fn a_lone_large_read_is_not_handed_to_a_worker() {
-    // At depth 1 the serving thread would only wait for the worker it woke: it moves
-    // each read itself.
-    let scratch = Scratch::new("lone");
+/// A disk image of 8 MiB (its path and contents kept in the returned scratch and model)
+/// served with one I/O thread, and a connected guest.
+fn one_worker(name: &str) -> (Scratch, Vec<u8>, DiskClient, Host) {
+    let scratch = Scratch::new(name);
     let (path, model) = scratch.image(8 << 20);
     let serving = ServeOptions {
         io_threads: 1,
         ..ServeOptions::default()
     };
-    let (mut disk, host) = connect_with(&path, DiskOptions::default(), serving);
+    let (disk, host) = connect_with(&path, DiskOptions::default(), serving);
+    (scratch, model, disk, host)
+}
+
+#[test]
+fn a_lone_large_read_is_not_handed_to_a_worker() {
+    // At depth 1 the serving thread would only wait for the worker it woke: it moves
+    // each read itself.
+    let (_scratch, model, mut disk, host) = one_worker("lone");
     let buffers = disk.buffers();
     let len = 1 << 20;
     let mut got = vec![0u8; len];
@@ -163,13 +170,7 @@ fn a_lone_large_read_is_not_handed_to_a_worker() {
 /// `rounds` rounds of `depth` 4 KiB reads submitted at once, then all reaped; every read
 /// checked against the image. Returns the host's counts.
 fn small_reads_in_rounds(name: &str, depth: usize, rounds: usize) -> ServeStats {
-    let scratch = Scratch::new(name);
-    let (path, model) = scratch.image(8 << 20);
-    let serving = ServeOptions {
-        io_threads: 1,
-        ..ServeOptions::default()
-    };
-    let (mut disk, host) = connect_with(&path, DiskOptions::default(), serving);
+    let (_scratch, model, mut disk, host) = one_worker(name);
     let buffers = disk.buffers();
     let slot = |i: usize| buffers.start + i * 4096;
     let mut rng = Rng(0x2545f4914f6cdd1d);
@@ -203,15 +204,9 @@ fn small_reads_in_rounds(name: &str, depth: usize, rounds: usize) -> ServeStats 
 
 #[test]
 fn a_guest_that_leaves_with_reads_queued_for_a_worker_ends_the_serving_cleanly() {
-    let scratch = Scratch::new("leave-deep");
-    let (path, _) = scratch.image(8 << 20);
-    let serving = ServeOptions {
-        io_threads: 1,
-        ..ServeOptions::default()
-    };
     let mut handed = 0;
     for round in 0..20u64 {
-        let (mut disk, host) = connect_with(&path, DiskOptions::default(), serving);
+        let (_scratch, _, mut disk, host) = one_worker("leave-deep");
         let buffers = disk.buffers();
         // Small reads deep enough to be handed over, and large ones, then gone.
         for i in 0..48u64 {
