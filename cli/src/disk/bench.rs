@@ -4,7 +4,8 @@
 //! same cases in interleaved rounds (the order rotating each round), and each round's
 //! ratios are taken before the medians:
 //! - vmlink: `vmlink-disk` over a vmlink-shm channel in blocking mode (spin, then sleep on
-//!   the doorbell), its host serving on a thread pinned to CPU 0, the guest on CPU 1.
+//!   the doorbell), its host serving on a thread pinned to CPU 0 and its I/O thread
+//!   (`--io-threads`, 1 by default) pinned to CPU 1 beside the guest.
 //! - qemu-nbd: `qemu-nbd` serving the image on a Unix socket (pinned to CPU 0), driven by
 //!   vmlink-nbd's client on CPU 1 with the same queue depth; `qemu-img bench` over
 //!   `nbd+unix` runs the same case once as a cross-check, and the better of the two is
