@@ -155,3 +155,65 @@ fn a_spin_never_outlasts_the_wait_deadline() {
     let took = start.elapsed();
     assert!(took < Duration::from_millis(50), "the send took {took:?}");
 }
+
+/// Times the scheduler took the CPU from this thread while it could run (a yield that gave
+/// the CPU to another thread counts).
+fn involuntary_switches() -> u64 {
+    let status = std::fs::read_to_string("/proc/thread-self/status").expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("nonvoluntary_ctxt_switches")
+}
+
+#[test]
+fn a_spin_told_to_yield_gives_its_cpu_to_a_thread_that_shares_it() {
+    use nix::sched::{CpuSet, sched_getcpu, sched_setaffinity};
+    use nix::unistd::Pid;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    const LOOKS: u32 = 2_000;
+    // This thread and a busy one on one CPU; the busy one hands the CPU back at once.
+    let mut one = CpuSet::new();
+    one.set(sched_getcpu().expect("this CPU"))
+        .expect("a CPU set");
+    sched_setaffinity(Pid::from_raw(0), &one).expect("pinning");
+    let stop = Arc::new(AtomicBool::new(false));
+    let busy = {
+        let stop = Arc::clone(&stop);
+        thread::spawn(move || {
+            sched_setaffinity(Pid::from_raw(0), &one).expect("pinning");
+            while !stop.load(Ordering::Relaxed) {
+                thread::yield_now();
+            }
+        })
+    };
+    // Polling mode: LOOKS looks at an empty ring, then a sleep to the deadline.
+    let (a, _b) = in_process_channel_pair(4096, Config::polling(LOOKS)).expect("pair");
+    let spin = |every: u32| {
+        a.set_spin_yield(every);
+        let before = involuntary_switches();
+        let r = a.recv(&mut [0u8; 64], Instant::now() + Duration::from_millis(1));
+        assert_eq!(r, Err(ChannelError::TimedOut));
+        involuntary_switches() - before
+    };
+    let never = spin(0);
+    let every_look = spin(1);
+    let every_eighth = spin(8);
+    stop.store(true, Ordering::Relaxed);
+    busy.join().expect("the busy thread");
+    assert!(
+        every_look >= u64::from(LOOKS) / 4,
+        "a yield every look gave the CPU away {every_look} times in {LOOKS} looks"
+    );
+    assert!(
+        every_eighth >= u64::from(LOOKS / 8) / 4 && every_eighth < every_look,
+        "a yield every eighth look gave the CPU away {every_eighth} times"
+    );
+    assert!(
+        never < u64::from(LOOKS) / 40,
+        "a spin that does not yield lost its CPU {never} times in {LOOKS} looks"
+    );
+}

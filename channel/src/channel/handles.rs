@@ -51,6 +51,46 @@ impl<T: PacketTx, R: PacketRx, D: Doorbell> Endpoint<T, R, D> {
         &self.core.config
     }
 
+    /// Makes this channel's spinning waits (the spin before a blocking send or receive
+    /// sleeps, and polling mode's looks) give their CPU away every `looks` looks
+    /// (`sched_yield(2)`), or never with 0, the default.
+    ///
+    /// A spinning thread keeps its CPU until the scheduler preempts it, milliseconds
+    /// later; a thread that shares that CPU and has work meanwhile waits. Where waiters
+    /// share CPUs with busy threads (more busy threads than CPUs, such as a guest beside
+    /// the host's I/O thread on a small machine), a yield every few looks lets them run
+    /// while the waiter has nothing to do. With nobody else to run a yield returns at
+    /// once, but it is a system call: the peer's answer is seen up to one yield later, so
+    /// a waiter with a CPU of its own should not yield.
+    ///
+    /// It belongs to where this process's threads run, so it is neither part of the
+    /// [`Config`] nor of a saved endpoint: a successor sets it for its own threads.
+    ///
+    /// ```
+    /// use vmlink_channel::{Config, in_process_channel_pair};
+    ///
+    /// let (a, _b) = in_process_channel_pair(4096, Config::default())?;
+    /// assert_eq!(a.spin_yield(), 0);
+    /// a.set_spin_yield(16);
+    /// assert_eq!(a.spin_yield(), 16);
+    /// # Ok::<(), vmlink_channel::ChannelError>(())
+    /// ```
+    #[cfg(feature = "std")]
+    pub fn set_spin_yield(&self, looks: u32) {
+        self.core
+            .spin_yield
+            .store(looks, core::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Every how many looks a spinning wait yields its CPU (0: never); see
+    /// [`set_spin_yield`](Self::set_spin_yield).
+    #[cfg(feature = "std")]
+    pub fn spin_yield(&self) -> u32 {
+        self.core
+            .spin_yield
+            .load(core::sync::atomic::Ordering::Relaxed)
+    }
+
     /// The doorbell.
     pub fn doorbell(&self) -> &D {
         &self.core.doorbell

@@ -155,6 +155,10 @@ pub(crate) struct Core<D> {
     /// sleeping lasts (see [`Config::spin_before_sleep`]).
     #[cfg_attr(not(feature = "std"), allow(dead_code))]
     wake_cost_ns: AtomicU64,
+    /// Every how many looks a spinning wait yields its CPU, 0 for never (see
+    /// [`Endpoint::set_spin_yield`]).
+    #[cfg_attr(not(feature = "std"), allow(dead_code))]
+    spin_yield: AtomicU32,
     config: Config,
 }
 
@@ -352,6 +356,7 @@ impl<D: Doorbell> Core<D> {
             hub: Hub::default(),
             external_waits: AtomicBool::new(false),
             wake_cost_ns: AtomicU64::new(initial_wake_cost(&config)),
+            spin_yield: AtomicU32::new(0),
             config,
         }
     }

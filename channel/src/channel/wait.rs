@@ -76,6 +76,17 @@ impl<D: Doorbell> Core<D> {
         self.config.spin_iterations == 0 && !self.config.spin_before_sleep.is_zero()
     }
 
+    /// Between two looks of a spin: every [`Endpoint::set_spin_yield`]th look gives the
+    /// CPU to another thread that is ready to run on it (a system call that returns at
+    /// once when there is none).
+    #[inline]
+    fn spin_pause(&self, looks: u32) {
+        let every = self.spin_yield.load(Ordering::Relaxed);
+        if every != 0 && looks.is_multiple_of(every) {
+            std::thread::yield_now();
+        }
+    }
+
     /// Folds a sleep that a signal ended into the wake-up cost: the low envelope of such
     /// sleeps, halfway down to a shorter one at once, a sixteenth of the way up to a
     /// longer one but never more than an eighth up per sleep, within [`MIN_SPIN`] and the
@@ -168,6 +179,7 @@ impl<'a, T: PacketTx, D: Doorbell, TC: Half<Item = T>, RC> Ops<'a, D, TC, RC> {
         let mut tries = 0;
         while !budget.spent(tries) {
             core::hint::spin_loop();
+            self.spin_pause(tries + 1);
             match self.send_once(write) {
                 Ok(()) => return Ok(true),
                 Err(ChannelError::Full) => {}
@@ -214,6 +226,7 @@ impl<'a, R: PacketRx, D: Doorbell, TC, RC: Half<Item = RxState<R>>> Ops<'a, D, T
         while !budget.spent(i) {
             i += 1;
             core::hint::spin_loop();
+            self.spin_pause(i);
             if let Some(mut rx) = self.rx.try_lock() {
                 #[cfg(feature = "alloc")]
                 if queued && !rx.queue.is_empty() {
