@@ -5,17 +5,18 @@
 //! ratios are taken before the medians:
 //! - vmlink: `vmlink-disk` over a vmlink-shm channel in blocking mode (spin, then sleep on
 //!   the doorbell), its host serving on a thread pinned to CPU 0 and its I/O thread
-//!   (`--io-threads`, 1 by default) pinned to CPU 1 beside the guest. With
-//!   `--guest-spin-yield N` the guest's spin while it waits gives that CPU away every N
-//!   looks, so the I/O thread runs when it has work instead of when the scheduler
-//!   preempts the spin.
+//!   (`--io-threads`, 1 by default) pinned to CPU 1 beside the guest, whose spin while it
+//!   waits gives that CPU away every 16 looks (`--guest-spin-yield`), so the I/O thread
+//!   runs when it has work instead of when the scheduler preempts the spin.
 //! - qemu-nbd: `qemu-nbd` serving the image on a Unix socket (pinned to CPU 0), driven by
 //!   vmlink-nbd's client on CPU 1 with the same queue depth; `qemu-img bench` over
 //!   `nbd+unix` runs the same case once as a cross-check, and the better of the two is
 //!   what vmlink is compared with, so a slow client cannot flatter the ratio.
 //! - floor: this process's own `pread` / `pwrite` on the image: one thread at depth 1, at
-//!   depth 8 and 32 the fastest of that many threads, two (this machine's CPUs) and one
-//!   io_uring kept that deep (reported as 0 threads, "ur" in the table).
+//!   depth 8 and 32 the fastest across the rounds of that many threads, two (this
+//!   machine's CPUs) and one io_uring kept that deep (reported as 0 threads, "ur" in the
+//!   table); like the guest, each moves data through a distinct buffer per request in
+//!   flight.
 //!
 //! The image holds a known pattern (each 512-byte sector starts with its own number), and
 //! writes write that same pattern, so every read can be checked: a sample of them is, in
@@ -76,9 +77,9 @@ pub struct BenchArgs {
     io_threads: usize,
     /// Every how many looks vmlink's guest gives its CPU away while it spins waiting for
     /// completions, when it shares that CPU with the host's I/O thread (or, with two
-    /// channels, with the other channel's host); 0: never. Measured here, 16 lifts 4 KiB
-    /// random reads at depth 32 and lowers 1 MiB reads at depth 32 (README.md).
-    #[arg(long, value_name = "LOOKS", default_value_t = 0)]
+    /// channels, with the other channel's host); 0: never. Measured here, 16 lifted both
+    /// 4 KiB random reads and 1 MiB reads at depth 32 (README.md).
+    #[arg(long, value_name = "LOOKS", default_value_t = 16)]
     guest_spin_yield: u32,
     /// Print one JSON object instead of a table.
     #[arg(long)]
@@ -597,7 +598,11 @@ impl Nbd {
 
 // ---- the floor -------------------------------------------------------------------------
 
-/// The host's own pread / pwrite on the image from `threads` threads (unpinned).
+/// The host's own pread / pwrite on the image from `threads` threads (unpinned). Like the
+/// guest's requests, the requests in flight move data through as many distinct buffers as
+/// the case's depth: each thread cycles through its share of them (one each with a thread
+/// per request). A thread that reused one buffer would keep it in its CPU's cache, which
+/// no device serving that many requests at once can do.
 fn floor_run(
     file: &Arc<File>,
     len: u64,
@@ -622,8 +627,13 @@ fn floor_run(
             );
             thread::spawn(move || {
                 unpin()?;
-                let mut buf = vec![0u8; case.block];
-                fill(&mut buf, 0);
+                let mut buffers: Vec<Vec<u8>> = (0..(case.depth / threads).max(1))
+                    .map(|_| {
+                        let mut buf = vec![0u8; case.block];
+                        fill(&mut buf, 0);
+                        buf
+                    })
+                    .collect();
                 let mut rng = Offsets::new(&case, len, seed ^ ((t as u64 + 1) * 0x9e37_79b9));
                 let blocks = len / case.block as u64;
                 let mut done = 0u64;
@@ -633,13 +643,15 @@ fn floor_run(
                     } else {
                         (next.fetch_add(1, Ordering::Relaxed) % blocks) * case.block as u64
                     };
+                    let at = (done % buffers.len() as u64) as usize;
+                    let buf = &mut buffers[at];
                     if case.write {
-                        restamp(&mut buf, offset);
-                        file.write_all_at(&buf, offset).context("pwrite")?;
+                        restamp(buf, offset);
+                        file.write_all_at(buf, offset).context("pwrite")?;
                     } else {
-                        file.read_exact_at(&mut buf, offset).context("pread")?;
+                        file.read_exact_at(buf, offset).context("pread")?;
                         if (done + 1).is_multiple_of(CHECK_EVERY) {
-                            if !holds(&buf, offset) {
+                            if !holds(buf, offset) {
                                 return fail(format!("pread read wrong data at offset {offset}"));
                             }
                             checked.fetch_add(1, Ordering::Relaxed);
@@ -1121,22 +1133,24 @@ impl Report<'_> {
         }
         out += &match self.io_threads {
             0 => "\nvmlink: one channel (the honest configuration on this machine's 2 CPUs): its host on\n\
-                  CPU 0, the guest on CPU 1."
+                  CPU 0, the guest on CPU 1.\n"
                 .to_string(),
             n => format!(
                 "\nvmlink: one channel (the honest configuration on this machine's 2 CPUs): its host\n\
                  thread on CPU 0, its {n} I/O thread(s) for reads (of 64 KiB or more, or deep in the\n\
-                 queue) and the guest on CPU 1; the guest's spin {}.",
+                 queue) and the guest on CPU 1; the guest's spin {}.\n",
                 match self.guest_spin_yield {
                     0 => "never gives the CPU away".to_string(),
                     y => format!("gives the CPU away every {y} looks"),
                 }
             ),
         };
-        out += " qemu-nbd pinned to CPU 0, its client on CPU 1. floor: the\n\
-                host's own pread/pwrite, unpinned, the fastest of one thread per request in flight, two\n\
-                threads and one io_uring as deep as the queue (\"ur\"). * two channels, each with a host thread and a guest thread: four busy threads on\n\
-                two CPUs, oversubscribed, shown to prove the mechanism, not as scaling.\n";
+        out += "qemu-nbd: pinned to CPU 0, its client on CPU 1.\n\
+                floor: the host's own pread/pwrite, unpinned, the fastest (by median) of one thread per\n\
+                request in flight, two threads and one io_uring as deep as the queue (\"ur\"), with a\n\
+                buffer per request in flight.\n\
+                * two channels, each with a host thread and a guest thread: four busy threads on two\n\
+                CPUs, oversubscribed, shown to prove the mechanism, not as scaling.\n";
         out += "\nGoals (blocking mode):\n";
         for line in self.goals() {
             out += &format!("  {line}\n");
