@@ -621,11 +621,25 @@ fn floor_run(
     let next = Arc::new(AtomicU64::new(0));
     let ops = Arc::new(AtomicU64::new(0));
     let checked = Arc::new(AtomicU64::new(0));
+    let case = *case;
+    // Made before the clock starts, as the guest's are.
+    let sets: Vec<Vec<Vec<u8>>> = (0..threads)
+        .map(|_| {
+            (0..(case.depth / threads).max(1))
+                .map(|_| {
+                    let mut buf = vec![0u8; case.block];
+                    fill(&mut buf, 0);
+                    buf
+                })
+                .collect()
+        })
+        .collect();
     let (cpu, start) = (process_cpu(), Instant::now());
     let deadline = start + Duration::from_secs_f64(secs);
-    let case = *case;
-    let workers: Vec<JoinHandle<Result<()>>> = (0..threads)
-        .map(|t| {
+    let workers: Vec<JoinHandle<Result<()>>> = sets
+        .into_iter()
+        .enumerate()
+        .map(|(t, mut buffers)| {
             let (file, next, ops, checked) = (
                 Arc::clone(file),
                 Arc::clone(&next),
@@ -634,13 +648,6 @@ fn floor_run(
             );
             thread::spawn(move || {
                 unpin()?;
-                let mut buffers: Vec<Vec<u8>> = (0..(case.depth / threads).max(1))
-                    .map(|_| {
-                        let mut buf = vec![0u8; case.block];
-                        fill(&mut buf, 0);
-                        buf
-                    })
-                    .collect();
                 let mut rng = Offsets::new(&case, len, seed ^ ((t as u64 + 1) * 0x9e37_79b9));
                 let blocks = len / case.block as u64;
                 let mut done = 0u64;
