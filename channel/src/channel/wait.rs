@@ -29,6 +29,17 @@ pub(crate) fn min_timeout(a: Option<Duration>, b: Duration) -> Duration {
 #[cfg(feature = "std")]
 const MIN_SPIN: Duration = Duration::from_micros(1);
 
+/// Between two looks of a spin: every `every`th look (see [`Endpoint::set_spin_yield`];
+/// 0 never) gives the CPU to another thread that is ready to run on it, a system call that
+/// returns at once when there is none.
+#[cfg(feature = "std")]
+#[inline]
+fn spin_pause(every: u32, looks: u32) {
+    if every != 0 && looks.is_multiple_of(every) {
+        std::thread::yield_now();
+    }
+}
+
 /// How long a wait may spin before it sleeps.
 #[cfg(feature = "std")]
 #[derive(Debug, Clone, Copy)]
@@ -76,15 +87,10 @@ impl<D: Doorbell> Core<D> {
         self.config.spin_iterations == 0 && !self.config.spin_before_sleep.is_zero()
     }
 
-    /// Between two looks of a spin: every [`Endpoint::set_spin_yield`]th look gives the
-    /// CPU to another thread that is ready to run on it (a system call that returns at
-    /// once when there is none).
-    #[inline]
-    fn spin_pause(&self, looks: u32) {
-        let every = self.spin_yield.load(Ordering::Relaxed);
-        if every != 0 && looks.is_multiple_of(every) {
-            std::thread::yield_now();
-        }
+    /// How often a spin that starts now yields its CPU (see [`spin_pause`]), read once
+    /// per spin rather than at every look.
+    fn spin_yield_every(&self) -> u32 {
+        self.spin_yield.load(Ordering::Relaxed)
     }
 
     /// Folds a sleep that a signal ended into the wake-up cost: the low envelope of such
@@ -176,10 +182,11 @@ impl<'a, T: PacketTx, D: Doorbell, TC: Half<Item = T>, RC> Ops<'a, D, TC, RC> {
         let Some(budget) = self.spin_budget(deadline) else {
             return Ok(false);
         };
+        let every = self.spin_yield_every();
         let mut tries = 0;
         while !budget.spent(tries) {
             core::hint::spin_loop();
-            self.spin_pause(tries + 1);
+            spin_pause(every, tries + 1);
             match self.send_once(write) {
                 Ok(()) => return Ok(true),
                 Err(ChannelError::Full) => {}
@@ -222,11 +229,12 @@ impl<'a, R: PacketRx, D: Doorbell, TC, RC: Half<Item = RxState<R>>> Ops<'a, D, T
         // No backoff: a look reads the peer's write index, a cache line that stays shared
         // (costing no traffic) until the peer writes it, and a backoff of even 64 pause
         // instructions would add a microsecond to every wake-up.
+        let every = self.spin_yield_every();
         let mut i = 0;
         while !budget.spent(i) {
             i += 1;
             core::hint::spin_loop();
-            self.spin_pause(i);
+            spin_pause(every, i);
             if let Some(mut rx) = self.rx.try_lock() {
                 #[cfg(feature = "alloc")]
                 if queued && !rx.queue.is_empty() {

@@ -166,11 +166,12 @@ fn holds(buf: &[u8], offset: u64) -> bool {
     // a byte-by-byte check of a 1 MiB read cost more than the read itself.
     let filler = u64::from_ne_bytes([FILLER; 8]);
     buf.chunks(512).enumerate().all(|(i, sector)| {
-        let rest = sector[8..]
-            .chunks_exact(8)
-            .map(|w| u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]) ^ filler)
+        let words = sector[8..].chunks_exact(8);
+        let whole = words.remainder().is_empty();
+        let differ = words
+            .map(|w| u64::from_ne_bytes(w.try_into().unwrap_or_default()) ^ filler)
             .fold(0, |acc, x| acc | x);
-        sector[..8] == stamp(offset + i as u64 * 512) && rest == 0 && sector.len() % 8 == 0
+        whole && differ == 0 && sector[..8] == stamp(offset + i as u64 * 512)
     })
 }
 
