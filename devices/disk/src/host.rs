@@ -2,11 +2,11 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
-use std::os::fd::AsFd;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
-use nix::fcntl::{FallocateFlags, OFlag, fallocate};
+use nix::fcntl::{FallocateFlags, FcntlArg, OFlag, fallocate, fcntl};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{TryRecvError, sync_channel};
@@ -99,22 +99,44 @@ impl Disk {
         self.info
     }
 
+    /// A second open file description of the image, read-only (with `O_DIRECT` when the
+    /// disk has it), for a thread that reads beside the one using the disk's own file.
+    ///
+    /// Every system call of a multi-threaded process takes a reference on the file it
+    /// names, so two threads reading through one `File` (or a `dup` of it) on two CPUs
+    /// bounce that counter's cache line between them at each read. Opened through
+    /// `/proc/self/fd`, which names the open image itself, so an image renamed or
+    /// unlinked since [`Disk::open`] is still the one opened. `None` when that fails (no
+    /// `/proc`, say) or finds another file: the caller then shares the disk's file.
+    pub(crate) fn reader(&self) -> Option<File> {
+        let flags = fcntl(&self.file, FcntlArg::F_GETFL).ok()?;
+        let direct = OFlag::from_bits_truncate(flags) & OFlag::O_DIRECT;
+        let path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(direct.bits())
+            .open(path)
+            .ok()?;
+        let (mine, theirs) = (self.file.metadata().ok()?, file.metadata().ok()?);
+        (mine.dev() == theirs.dev() && mine.ino() == theirs.ino()).then_some(file)
+    }
+
     /// Does what a validated plan says. Reads and writes move data between the image and
     /// the buffer area in place.
     fn execute(&self, plan: &Plan, area: &BufferArea) -> Completion {
-        let fd = self.file.as_fd();
+        self.execute_on(&self.file, plan, area)
+    }
+
+    /// [`execute`](Self::execute) through `file`: the disk's own, or a [`reader`](Self::reader)
+    /// of it for a read.
+    fn execute_on(&self, file: &File, plan: &Plan, area: &BufferArea) -> Completion {
+        let fd = file.as_fd();
         let result = match plan.op {
             Op::Read => area.read_file(fd, plan.offset, plan.segments()),
             Op::Write => area
                 .write_file(fd, plan.offset, plan.segments())
-                .and_then(|()| {
-                    if plan.fua {
-                        self.file.sync_data()
-                    } else {
-                        Ok(())
-                    }
-                }),
-            Op::Flush => self.file.sync_data(),
+                .and_then(|()| if plan.fua { file.sync_data() } else { Ok(()) }),
+            Op::Flush => file.sync_data(),
             Op::Discard if !self.info.discard => {
                 return Completion {
                     status: Status::Unsupported,
@@ -299,7 +321,10 @@ pub struct ServeOptions {
     /// completions, so requests complete in any order and several are moved at once (the
     /// way a VMM's I/O thread pool serves a queue). On two CPUs one worker beside the
     /// serving thread keeps both busy. The workers inherit the serving thread's CPU
-    /// affinity unless [`worker_cpu`](Self::worker_cpu) pins them.
+    /// affinity unless [`worker_cpu`](Self::worker_cpu) pins them. Each worker reads
+    /// through an open file of the image of its own, not the serving thread's, so their
+    /// reads do not bounce one file's reference count between CPUs (it shares the disk's
+    /// when the image cannot be opened again through `/proc/self/fd`).
     pub io_threads: usize,
     /// Pins every worker to this CPU (`None`: they inherit the serving thread's affinity).
     /// With the serving thread pinned to another CPU, the two never take turns on one.
@@ -337,6 +362,7 @@ impl Chunk {
     fn run(
         &mut self,
         disk: &Disk,
+        file: &File,
         channel: &ShmChannel,
         area: &BufferArea,
         counts: &Counts,
@@ -344,7 +370,7 @@ impl Chunk {
         let n = std::mem::take(&mut self.n);
         self.bytes = 0;
         for (plan, &tid) in self.plans[..n].iter().zip(&self.tids) {
-            let done = disk.execute(plan, area);
+            let done = disk.execute_on(file, plan, area);
             counts.count(plan, done);
             let mut bytes = [0u8; INFO_LEN];
             channel.send_packet(
@@ -394,6 +420,9 @@ pub fn serve_with(
                 if stop {
                     return;
                 }
+                // Reads through a file of its own: see `Disk::reader`.
+                let own = disk.reader();
+                let file = own.as_ref().unwrap_or(&disk.file);
                 // The next queued chunk, as soon as there is one: a worker never waits for
                 // the serving thread to finish a request of its own.
                 while let Ok(mut chunk) = work_rx
@@ -403,7 +432,7 @@ pub fn serve_with(
                 {
                     counts.handed.fetch_add(chunk.n as u64, Ordering::Relaxed);
                     // A guest that left is the serving thread's to notice.
-                    let _ = chunk.run(disk, channel, area, counts);
+                    let _ = chunk.run(disk, file, channel, area, counts);
                     let _ = free_tx.send(chunk);
                 }
             });
@@ -437,7 +466,9 @@ pub fn serve_with(
                         Ok(fresh) => work_tx
                             .send(std::mem::replace(&mut gathered, fresh))
                             .map_err(|_| ChannelError::Closed),
-                        Err(TryRecvError::Empty) => gathered.run(disk, channel, area, &counts),
+                        Err(TryRecvError::Empty) => {
+                            gathered.run(disk, &disk.file, channel, area, &counts)
+                        }
                         Err(TryRecvError::Disconnected) => Err(ChannelError::Closed),
                     };
                     if let Err(e) = sent {
@@ -488,14 +519,14 @@ pub fn serve_with(
             // lock, and takes the next chunk itself).
             let mut done = match (failed, got) {
                 (Some(e), _) | (None, Err(e)) => Err(e),
-                (None, Ok(_)) => gathered.run(disk, channel, area, &counts),
+                (None, Ok(_)) => gathered.run(disk, &disk.file, channel, area, &counts),
             };
             while done.is_ok() {
                 let Some(mut chunk) = work_rx.try_lock().ok().and_then(|rx| rx.try_recv().ok())
                 else {
                     break;
                 };
-                done = chunk.run(disk, channel, area, &counts);
+                done = chunk.run(disk, &disk.file, channel, area, &counts);
                 let _ = free_tx.send(chunk);
             }
             if let Err(e) = done {
@@ -648,4 +679,66 @@ fn send_replies(channel: &ShmChannel, replies: &[(u64, Reply)]) -> Result<(), Ch
         }
     }
     batch.commit()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+
+    /// A file of `len` pattern bytes in `dir`, opened as a disk with `options`.
+    fn disk_in(dir: &Path, name: &str, len: usize, options: DiskOptions) -> (Disk, Vec<u8>) {
+        let path = dir.join(format!("vmlink-disk-{name}-{}.img", std::process::id()));
+        let data: Vec<u8> = (0..len).map(|i| (i / 512) as u8 ^ i as u8).collect();
+        File::create(&path).unwrap().write_all(&data).unwrap();
+        let disk = Disk::open(&path, options).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        (disk, data)
+    }
+
+    #[test]
+    fn a_reader_is_its_own_read_only_description_of_the_same_image_even_unlinked() {
+        // The image is unlinked before the reader is opened: /proc/self/fd still names it.
+        let (disk, data) = disk_in(
+            &std::env::temp_dir(),
+            "reader",
+            64 * 1024,
+            DiskOptions::default(),
+        );
+        let reader = disk.reader().expect("a reader");
+        let mut got = vec![0u8; 4096];
+        reader.read_exact_at(&mut got, 8192).unwrap();
+        assert!(got[..] == data[8192..12288]);
+        // Its own file position, so not a dup sharing the disk's description.
+        let mut theirs = &disk.file;
+        let mut mine = &reader;
+        theirs.seek(SeekFrom::Start(512)).unwrap();
+        assert_eq!(mine.seek(SeekFrom::Current(0)).unwrap(), 0);
+        // Read-only: a worker cannot write through it.
+        assert!(reader.write_at(b"x", 0).is_err());
+        assert_ne!(reader.as_raw_fd(), disk.file.as_raw_fd());
+    }
+
+    #[test]
+    fn a_reader_of_a_direct_disk_bypasses_the_page_cache_too() {
+        // The temp directory is on a file system with direct I/O here (a disk).
+        let direct = DiskOptions {
+            direct: true,
+            ..DiskOptions::default()
+        };
+        let (disk, _) = disk_in(&std::env::temp_dir(), "reader-direct", 64 * 1024, direct);
+        let reader = disk.reader().expect("a reader");
+        let flags = OFlag::from_bits_truncate(fcntl(&reader, FcntlArg::F_GETFL).unwrap());
+        assert!(flags.contains(OFlag::O_DIRECT), "{flags:?}");
+        let (plain, _) = disk_in(
+            &std::env::temp_dir(),
+            "reader-plain",
+            4096,
+            DiskOptions::default(),
+        );
+        let flags =
+            OFlag::from_bits_truncate(fcntl(&plain.reader().unwrap(), FcntlArg::F_GETFL).unwrap());
+        assert!(!flags.contains(OFlag::O_DIRECT), "{flags:?}");
+    }
 }
