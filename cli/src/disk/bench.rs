@@ -16,7 +16,8 @@
 //!   depth 8 and 32 the fastest across the rounds of that many threads, two (this
 //!   machine's CPUs) and one io_uring kept that deep (reported as 0 threads, "ur" in the
 //!   table); like the guest, each moves data through a distinct buffer per request in
-//!   flight.
+//!   flight, and each thread reads and writes through its own open file of the image (as
+//!   fio's jobs do), not one shared by all.
 //!
 //! The image holds a known pattern (each 512-byte sector starts with its own number), and
 //! writes write that same pattern, so every read can be checked: a sample of them is, in
@@ -635,18 +636,19 @@ fn floor_run(
                 .collect()
         })
         .collect();
+    // Each thread's own open file, as fio's jobs open theirs: threads sharing one bounce
+    // its reference count between the CPUs at every system call.
+    let files = (0..threads)
+        .map(|_| own_file(file, case.write))
+        .collect::<Result<Vec<File>>>()?;
     let (cpu, start) = (process_cpu(), Instant::now());
     let deadline = start + Duration::from_secs_f64(secs);
     let workers: Vec<JoinHandle<Result<()>>> = sets
         .into_iter()
+        .zip(files)
         .enumerate()
-        .map(|(t, mut buffers)| {
-            let (file, next, ops, checked) = (
-                Arc::clone(file),
-                Arc::clone(&next),
-                Arc::clone(&ops),
-                Arc::clone(&checked),
-            );
+        .map(|(t, (mut buffers, file))| {
+            let (next, ops, checked) = (Arc::clone(&next), Arc::clone(&ops), Arc::clone(&checked));
             thread::spawn(move || {
                 unpin()?;
                 let mut rng = Offsets::new(&case, len, seed ^ ((t as u64 + 1) * 0x9e37_79b9));
@@ -693,6 +695,16 @@ fn floor_run(
         checked: checked.load(Ordering::Relaxed),
         threads,
     })
+}
+
+/// Another open file description of the image `file` has open, for reading (and writing
+/// when `write`), through `/proc/self/fd`.
+fn own_file(file: &File, write: bool) -> Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+        .context("opening the image again")
 }
 
 /// The host's own reads and writes on the image through one io_uring kept `depth` deep,
@@ -1163,7 +1175,7 @@ impl Report<'_> {
         out += "qemu-nbd: pinned to CPU 0, its client on CPU 1.\n\
                 floor: the host's own pread/pwrite, unpinned, the fastest (by median) of one thread per\n\
                 request in flight, two threads and one io_uring as deep as the queue (\"ur\"), with a\n\
-                buffer per request in flight.\n\
+                buffer per request in flight and an open file of the image per thread.\n\
                 * two channels, each with a host thread and a guest thread: four busy threads on two\n\
                 CPUs, oversubscribed, shown to prove the mechanism, not as scaling.\n";
         out += "\nGoals (blocking mode):\n";
