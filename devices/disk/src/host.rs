@@ -714,7 +714,7 @@ mod tests {
         let mut theirs = &disk.file;
         let mut mine = &reader;
         theirs.seek(SeekFrom::Start(512)).unwrap();
-        assert_eq!(mine.seek(SeekFrom::Current(0)).unwrap(), 0);
+        assert_eq!(mine.stream_position().unwrap(), 0);
         // Read-only: a worker cannot write through it.
         assert!(reader.write_at(b"x", 0).is_err());
         assert_ne!(reader.as_raw_fd(), disk.file.as_raw_fd());
@@ -738,7 +738,7 @@ mod tests {
             DiskOptions::default(),
         );
         let flags =
-            OFlag::from_bits_truncate(fcntl(&plain.reader().unwrap(), FcntlArg::F_GETFL).unwrap());
+            OFlag::from_bits_truncate(fcntl(plain.reader().unwrap(), FcntlArg::F_GETFL).unwrap());
         assert!(!flags.contains(OFlag::O_DIRECT), "{flags:?}");
     }
 }
