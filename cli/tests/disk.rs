@@ -238,6 +238,24 @@ fn wrong_flags_missing_images_and_a_duplicate_server_are_refused() {
     assert!(err.contains("4k-randread"), "{err}");
     let (code, _) = run(&["disk", "bench", "--depth", "7"]);
     assert_eq!(code, Some(2));
+    // A mistyped --dir is refused, not made (and left behind).
+    let nowhere = dir.join("no-such-dir");
+    let (code, err) = run(&[
+        "disk",
+        "bench",
+        "--smoke",
+        "--dir",
+        nowhere.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("no-such-dir") && err.contains("not a directory"),
+        "{err}"
+    );
+    assert!(!nowhere.exists());
+    let (code, err) = run(&["disk", "bench", "--smoke", "--dir", image.to_str().unwrap()]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("not a directory"), "{err}");
     // A second server on the same socket fails at once and leaves the first serving.
     let first = serve(&image, &socket, &["--io-threads", "2"]);
     let (code, err) = run(&[

@@ -923,6 +923,14 @@ impl Drop for Scratch {
 
 /// Runs the benchmark; the exit status (0, or 1 when a read's data was wrong).
 pub fn run(args: &BenchArgs) -> Result<u8> {
+    // A directory that is not there is a mistake to report, not one to make: made, it
+    // would stay behind, and likely not on a tmpfs.
+    if !args.dir.is_dir() {
+        return fail(format!(
+            "--dir {}: not a directory (the image is made in a new directory inside it)",
+            args.dir.display()
+        ));
+    }
     let (rounds, secs, size_mib) = if args.smoke {
         (1, 0.05, 64)
     } else {
@@ -948,7 +956,7 @@ pub fn run(args: &BenchArgs) -> Result<u8> {
         args.dir
             .join(format!("vmlink-disk-bench-{}", std::process::id())),
     );
-    std::fs::create_dir_all(&scratch.0).context("making the image's directory")?;
+    std::fs::create_dir(&scratch.0).context("making the image's directory")?;
     let image = scratch.0.join("disk.img");
     let len = size_mib << 20;
     make_image(&image, len)?;
