@@ -365,9 +365,8 @@ impl Chunk {
         self.n == CHUNK || self.bytes >= HAND_OVER_BYTES
     }
 
-    /// Does every request, publishing each completion as soon as it is done (the serving
-    /// thread's way: the guest runs beside it and may be waiting on the first); empties
-    /// the chunk. An error is the channel's.
+    /// Does every request and publishes its completion as `publish` says; empties the
+    /// chunk. An error is the channel's.
     fn run(
         &mut self,
         disk: &Disk,
@@ -375,47 +374,63 @@ impl Chunk {
         channel: &ShmChannel,
         area: &BufferArea,
         counts: &Counts,
+        publish: Publish,
+    ) -> Result<(), ChannelError> {
+        match publish {
+            Publish::EachAtOnce => self.execute(disk, file, area, counts, |tid, done| {
+                let mut bytes = [0u8; INFO_LEN];
+                channel.send_packet(
+                    &completion(tid, Reply::Done(done), &mut bytes),
+                    Wait::Forever,
+                )
+            }),
+            Publish::Together => {
+                let mut replies = [(0u64, Reply::Done(Completion::OK)); CHUNK];
+                let mut n = 0;
+                self.execute(disk, file, area, counts, |tid, done| {
+                    replies[n] = (tid, Reply::Done(done));
+                    n += 1;
+                    Ok(())
+                })?;
+                send_replies(channel, &replies[..n])
+            }
+        }
+    }
+
+    /// Does every request, handing each one's id and completion to `done` in turn;
+    /// empties the chunk.
+    fn execute(
+        &mut self,
+        disk: &Disk,
+        file: &File,
+        area: &BufferArea,
+        counts: &Counts,
+        mut done: impl FnMut(u64, Completion) -> Result<(), ChannelError>,
     ) -> Result<(), ChannelError> {
         let n = std::mem::take(&mut self.n);
         self.bytes = 0;
         for (plan, &tid) in self.plans[..n].iter().zip(&self.tids) {
-            let done = disk.execute_on(file, plan, area);
-            counts.count(plan, done);
-            let mut bytes = [0u8; INFO_LEN];
-            channel.send_packet(
-                &completion(tid, Reply::Done(done), &mut bytes),
-                Wait::Forever,
-            )?;
+            let completion = disk.execute_on(file, plan, area);
+            counts.count(plan, completion);
+            done(tid, completion)?;
         }
         Ok(())
     }
+}
 
-    /// Does every request, then publishes all their completions with one commit (a
-    /// worker's way); empties the chunk. An error is the channel's.
-    ///
-    /// One commit takes the sending half's lock, stores the write index, fences and asks
-    /// whether to signal once for the chunk, not once per request, and the serving thread
-    /// publishing on the same ring from another CPU meets that lock and that index once.
-    /// The first completion waits for the chunk's last request: at most [`CHUNK`] small
-    /// reads, while a chunk of large reads holds one, or a few up to [`HAND_OVER_BYTES`].
-    fn run_then_publish(
-        &mut self,
-        disk: &Disk,
-        file: &File,
-        channel: &ShmChannel,
-        area: &BufferArea,
-        counts: &Counts,
-    ) -> Result<(), ChannelError> {
-        let n = std::mem::take(&mut self.n);
-        self.bytes = 0;
-        let mut replies = [(0u64, Reply::Done(Completion::OK)); CHUNK];
-        for ((plan, &tid), reply) in self.plans[..n].iter().zip(&self.tids).zip(&mut replies) {
-            let done = disk.execute_on(file, plan, area);
-            counts.count(plan, done);
-            *reply = (tid, Reply::Done(done));
-        }
-        send_replies(channel, &replies[..n])
-    }
+/// When a chunk's completions are published.
+#[derive(Clone, Copy)]
+enum Publish {
+    /// Each as soon as its request is done: the serving thread's way, as the guest runs
+    /// beside it and may be waiting on the first.
+    EachAtOnce,
+    /// All with one commit once the chunk is done: a worker's way. One commit takes the
+    /// sending half's lock, stores the write index, fences and asks whether to signal
+    /// once for the chunk, not once per request, and the serving thread publishing on the
+    /// same ring from another CPU meets that lock and that index once. The first
+    /// completion waits for the chunk's last request: at most [`CHUNK`] small reads,
+    /// while a chunk of large reads holds one, or a few up to [`HAND_OVER_BYTES`].
+    Together,
 }
 
 /// Takes the next queued chunk for a worker: looks [`WORKER_SPIN_LOOKS`] times, giving
@@ -486,7 +501,7 @@ pub fn serve_with(
                 while let Some(mut chunk) = next_chunk(work_rx) {
                     counts.handed.fetch_add(chunk.n as u64, Ordering::Relaxed);
                     // A guest that left is the serving thread's to notice.
-                    let _ = chunk.run_then_publish(disk, file, channel, area, counts);
+                    let _ = chunk.run(disk, file, channel, area, counts, Publish::Together);
                     let _ = free_tx.send(chunk);
                 }
             });
@@ -502,6 +517,17 @@ pub fn serve_with(
                 });
             }
         }
+        // A chunk the serving thread does itself, through the disk's own file.
+        let here = |chunk: &mut Chunk| {
+            chunk.run(
+                disk,
+                &disk.file,
+                channel,
+                area,
+                &counts,
+                Publish::EachAtOnce,
+            )
+        };
         let ended = loop {
             let mut failed = None;
             // Requests taken in this batch so far.
@@ -520,9 +546,7 @@ pub fn serve_with(
                         Ok(fresh) => work_tx
                             .send(std::mem::replace(&mut gathered, fresh))
                             .map_err(|_| ChannelError::Closed),
-                        Err(TryRecvError::Empty) => {
-                            gathered.run(disk, &disk.file, channel, area, &counts)
-                        }
+                        Err(TryRecvError::Empty) => here(&mut gathered),
                         Err(TryRecvError::Disconnected) => Err(ChannelError::Closed),
                     };
                     if let Err(e) = sent {
@@ -573,14 +597,14 @@ pub fn serve_with(
             // lock, and takes the next chunk itself).
             let mut done = match (failed, got) {
                 (Some(e), _) | (None, Err(e)) => Err(e),
-                (None, Ok(_)) => gathered.run(disk, &disk.file, channel, area, &counts),
+                (None, Ok(_)) => here(&mut gathered),
             };
             while done.is_ok() {
                 let Some(mut chunk) = work_rx.try_lock().ok().and_then(|rx| rx.try_recv().ok())
                 else {
                     break;
                 };
-                done = chunk.run(disk, &disk.file, channel, area, &counts);
+                done = here(&mut chunk);
                 let _ = free_tx.send(chunk);
             }
             if let Err(e) = done {
