@@ -3,7 +3,7 @@
 use core::ops::Range;
 
 use vmlink_channel::packet::GpaRange;
-use vmlink_channel::{PacketType, Wait};
+use vmlink_channel::{Packet, PacketType, Wait};
 use vmlink_shm::{BufferArea, ShmChannel};
 
 use crate::DiskError;
@@ -43,8 +43,9 @@ impl Done {
 ///   ([`buffers`](Self::buffers), [`area`](Self::area)), [`submit_read`](Self::submit_read)
 ///   / [`submit_write`](Self::submit_write) naming it (and
 ///   [`submit_flush`](Self::submit_flush), [`submit_discard`](Self::submit_discard)), up to
-///   64 at once, and [`reap`](Self::reap) their completions in any order. The host reads
-///   and writes those bytes in place.
+///   64 at once, and [`reap`](Self::reap) their completions in any order (or
+///   [`reap_into`](Self::reap_into) all that wait at once). The host reads and writes
+///   those bytes in place.
 /// - Blocking, through a bounce buffer at the end of the guest's half:
 ///   [`read`](Self::read), [`write`](Self::write), [`flush`](Self::flush),
 ///   [`discard`](Self::discard), one request at a time (only with nothing queued).
@@ -59,6 +60,9 @@ pub struct DiskClient {
     buffers: Range<usize>,
     in_flight: usize,
     pages: Box<[u64]>,
+    /// What [`reap_into`](Self::reap_into) found after the completions it returned: the
+    /// next reap's error.
+    failed: Option<DiskError>,
 }
 
 impl DiskClient {
@@ -106,6 +110,7 @@ impl DiskClient {
             buffers,
             in_flight: 0,
             pages: vec![0; MAX_REQUEST_PAGES as usize].into_boxed_slice(),
+            failed: None,
         })
     }
 
@@ -245,22 +250,98 @@ impl DiskClient {
     /// Takes the next completion, waiting as `wait` allows. A refused request is a
     /// [`Done`] whose [`result`](Done::result) is the error, not an error of `reap`.
     pub fn reap(&mut self, wait: impl Into<Wait>) -> Result<Done, DiskError> {
-        let done = self.channel.recv_with(wait, |packet| {
-            let meta = packet.meta();
-            if meta.packet_type != PacketType::Completion {
-                return Err(DiskError::BadReply);
-            }
-            let mut bytes = [0u8; COMPLETION_LEN];
-            let len = meta.payload_len.min(COMPLETION_LEN);
-            packet.read_payload(0, &mut bytes[..len])?;
-            let completion = Completion::decode(&bytes[..len]).ok_or(DiskError::BadReply)?;
-            Ok(Done {
-                id: meta.transaction_id,
-                completion,
-            })
-        })??;
+        if let Some(e) = self.failed.take() {
+            return Err(e);
+        }
+        let done = self.channel.recv_with(wait, completion)??;
         self.in_flight = self.in_flight.saturating_sub(1);
         Ok(done)
+    }
+
+    /// Takes the completions waiting, up to `done.len()`, into `done`, and returns how many:
+    /// at least one, waiting for it as `wait` allows (with [`Wait::Now`] it may be 0). They
+    /// are taken under one lock and freed with one store of the ring's read index (and at
+    /// most one fence), where [`reap`](Self::reap) pays for each: what a guest keeping many
+    /// requests in flight reaps with.
+    ///
+    /// A packet that is not a completion, or one too short, is [`DiskError::BadReply`]: the
+    /// completions taken before it are returned first, and the error by the next call.
+    ///
+    /// ```
+    /// use std::thread;
+    /// use vmlink_channel::Wait;
+    /// use vmlink_disk::proto::Completion;
+    /// use vmlink_disk::{Disk, DiskClient, DiskOptions, Done, serve, service};
+    /// use vmlink_shm::{Guest, Listener};
+    ///
+    /// let dir = std::env::temp_dir().join(format!("vmlink-reap-doc-{}", std::process::id()));
+    /// let listener = Listener::bind(dir.join("disk.sock"), service("disk"))?;
+    /// let image = dir.join("disk.img");
+    /// std::fs::File::create(&image)?.set_len(1 << 20)?;
+    /// let host = thread::spawn(move || -> Result<(), vmlink_disk::DiskError> {
+    ///     let disk = Disk::open(&image, DiskOptions::default())?;
+    ///     let endpoint = listener.accept()?;
+    ///     serve(&disk, endpoint.channel(), endpoint.buffer())?;
+    ///     Ok(())
+    /// });
+    /// let (channel, memory) = Guest::new("disk").connect(dir.join("disk.sock"))?.into_parts();
+    /// let mut client = DiskClient::new(channel, memory.buffer())?;
+    ///
+    /// // Eight 4 KiB reads in flight, each into a buffer of its own.
+    /// let base = client.buffers().start;
+    /// for i in 0..8 {
+    ///     let buffer = base + i * 4096..base + (i + 1) * 4096;
+    ///     client.submit_read(i as u64 * 8, buffer, Wait::Forever)?;
+    /// }
+    /// let mut done = [Done { id: 0, completion: Completion::OK }; 32];
+    /// let mut reaped = 0;
+    /// while client.in_flight() > 0 {
+    ///     let n = client.reap_into(&mut done, Wait::Forever)?;
+    ///     for d in &done[..n] {
+    ///         d.result()?;
+    ///     }
+    ///     reaped += n;
+    /// }
+    /// assert_eq!(reaped, 8);
+    /// drop(client);
+    /// host.join().unwrap()?;
+    /// std::fs::remove_dir_all(&dir)?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn reap_into(
+        &mut self,
+        done: &mut [Done],
+        wait: impl Into<Wait>,
+    ) -> Result<usize, DiskError> {
+        if let Some(e) = self.failed.take() {
+            return Err(e);
+        }
+        if done.is_empty() {
+            return Err(DiskError::Invalid("no room for a completion"));
+        }
+        let mut n = 0;
+        let mut failed = None;
+        self.channel.recv_batch(done.len(), wait, |packet| {
+            if failed.is_some() {
+                return;
+            }
+            match completion(packet) {
+                Ok(d) => {
+                    done[n] = d;
+                    n += 1;
+                }
+                Err(e) => failed = Some(e),
+            }
+        })?;
+        self.in_flight = self.in_flight.saturating_sub(n);
+        match failed {
+            Some(e) if n == 0 => Err(e),
+            Some(e) => {
+                self.failed = Some(e);
+                Ok(n)
+            }
+            None => Ok(n),
+        }
     }
 
     /// Reads `buf.len()` bytes (whole sectors) from `sector` on, through the bounce buffer.
@@ -341,4 +422,20 @@ impl DiskClient {
         }
         done.result()
     }
+}
+
+/// A completion packet's request id and what the host said.
+fn completion(packet: &mut Packet<'_>) -> Result<Done, DiskError> {
+    let meta = packet.meta();
+    if meta.packet_type != PacketType::Completion {
+        return Err(DiskError::BadReply);
+    }
+    let mut bytes = [0u8; COMPLETION_LEN];
+    let len = meta.payload_len.min(COMPLETION_LEN);
+    packet.read_payload(0, &mut bytes[..len])?;
+    let completion = Completion::decode(&bytes[..len]).ok_or(DiskError::BadReply)?;
+    Ok(Done {
+        id: meta.transaction_id,
+        completion,
+    })
 }

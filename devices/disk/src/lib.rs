@@ -12,8 +12,9 @@
 //! - Host: [`Disk::open`], then [`serve`] on each channel ([`service`] gives the vmlink-shm
 //!   service with a fitting layout).
 //! - Guest: [`DiskClient`] over a connected channel: queued requests without copies
-//!   ([`DiskClient::submit_read`], [`DiskClient::reap`]) or blocking calls through a bounce
-//!   buffer ([`DiskClient::read`], [`DiskClient::write`]).
+//!   ([`DiskClient::submit_read`], then [`DiskClient::reap`], or [`DiskClient::reap_into`]
+//!   for every completion waiting at once) or blocking calls through a bounce buffer
+//!   ([`DiskClient::read`], [`DiskClient::write`]).
 //!
 //! The guest is hostile: every request is validated before anything is done
 //! ([`proto::decode`]); a bad one gets an error completion ([`Status`]) and changes

@@ -9,10 +9,10 @@ use std::thread::{self, JoinHandle};
 
 use vmlink_channel::packet::GpaRange;
 use vmlink_channel::{ChannelError, OutgoingPacket, PacketMeta, PacketType, Payload, Wait};
-use vmlink_disk::proto::{FLAG_FUA, Op, RequestHeader};
+use vmlink_disk::proto::{Completion, FLAG_FUA, Op, RequestHeader};
 use vmlink_disk::{
-    Disk, DiskClient, DiskError, DiskOptions, ServeOptions, ServeStats, Status, config, serve,
-    serve_with, service,
+    Disk, DiskClient, DiskError, DiskInfo, DiskOptions, Done, ServeOptions, ServeStats, Status,
+    config, serve, serve_with, service,
 };
 use vmlink_shm::Guest;
 
@@ -881,4 +881,131 @@ fn direct_io_bypasses_the_page_cache_and_keeps_every_byte() {
     host.join().unwrap().unwrap();
     assert!(std::fs::read(&path).unwrap() == model, "the image differs");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn reaping_many_at_once_takes_every_completion_waiting_and_checks_its_room() {
+    let scratch = Scratch::new("reap-many");
+    let (path, model) = scratch.image(1 << 20);
+    let (mut disk, host) = connect(&path, DiskOptions::default());
+    let empty = Done {
+        id: 0,
+        completion: Completion::OK,
+    };
+    let mut done = [empty; 32];
+    // Nothing in flight: nothing waits, and no room is an error, not a wait.
+    assert_eq!(disk.reap_into(&mut done, Wait::Now).unwrap(), 0);
+    assert!(matches!(
+        disk.reap_into(&mut [], Wait::Now),
+        Err(DiskError::Invalid(_))
+    ));
+    let base = disk.buffers().start;
+    let mut ids = std::collections::HashMap::new();
+    for i in 0..16usize {
+        let sector = (i as u64 * 37) % 2040;
+        let buffer = base + i * 4096..base + (i + 1) * 4096;
+        let id = disk.submit_read(sector, buffer, Wait::Forever).unwrap();
+        ids.insert(id, (i, sector));
+    }
+    // The host answers 16 small reads in far less than this: all wait, and one reap
+    // with room for them takes them all, in the order they were completed.
+    thread::sleep(std::time::Duration::from_millis(300));
+    let n = disk.reap_into(&mut done, Wait::Now).unwrap();
+    assert_eq!((n, disk.in_flight()), (16, 0));
+    for d in &done[..n] {
+        d.result().unwrap();
+        let (i, sector) = ids.remove(&d.id).expect("a submitted id, once");
+        let mut got = vec![0u8; 4096];
+        disk.area().read(base + i * 4096, &mut got).unwrap();
+        assert!(got == model[sector as usize * 512..][..4096], "read {i}");
+    }
+    assert!(ids.is_empty());
+    // Less room than completions: they come out over several reaps.
+    for i in 0..6usize {
+        let buffer = base + i * 4096..base + (i + 1) * 4096;
+        disk.submit_read(i as u64, buffer, Wait::Forever).unwrap();
+    }
+    let mut reaped = 0;
+    while disk.in_flight() > 0 {
+        let n = disk.reap_into(&mut done[..4], Wait::Forever).unwrap();
+        assert!((1..=4).contains(&n), "{n}");
+        reaped += n;
+    }
+    assert_eq!(reaped, 6);
+    drop(disk);
+    assert_eq!(host.join().unwrap().unwrap().completed, 1 + 16 + 6);
+}
+
+#[test]
+fn a_host_that_sends_a_request_among_completions_is_a_bad_reply_after_them() {
+    let (a, b) = UnixStream::pair().unwrap();
+    let (sent_tx, sent_rx) = std::sync::mpsc::channel();
+    let host = thread::spawn(move || {
+        let endpoint = service("disk").serve_stream(a).unwrap();
+        let channel = endpoint.channel();
+        let mut buf = [0u8; 256];
+        // The geometry, as a real host gives it.
+        let info = channel.recv(&mut buf, Wait::Forever).unwrap();
+        let geometry = DiskInfo {
+            sectors: 2048,
+            read_only: false,
+            discard: false,
+            max_transfer: 1 << 20,
+        }
+        .encode();
+        let reply = OutgoingPacket::completion_slice(info.transaction_id, &geometry);
+        channel.send_packet(&reply, Wait::Forever).unwrap();
+        // Two reads: both completed, then a packet no host sends a guest.
+        let tids: Vec<u64> = (0..2)
+            .map(|_| {
+                channel
+                    .recv(&mut buf, Wait::Forever)
+                    .unwrap()
+                    .transaction_id
+            })
+            .collect();
+        let ok = Completion::OK.encode();
+        for tid in tids {
+            let reply = OutgoingPacket::completion_slice(tid, &ok);
+            channel.send_packet(&reply, Wait::Forever).unwrap();
+        }
+        let stray = [0u8; 16];
+        channel
+            .send_packet(&OutgoingPacket::in_band_slice(&stray), Wait::Forever)
+            .unwrap();
+        sent_tx.send(()).unwrap();
+        // Until the guest has gone.
+        while channel.recv(&mut buf, Wait::Forever).is_ok() {}
+    });
+    let endpoint = Guest::new("disk")
+        .with_config(config())
+        .connect_stream(b)
+        .unwrap();
+    let (channel, memory) = endpoint.into_parts();
+    let mut disk = DiskClient::new(channel, memory.buffer()).unwrap();
+    let base = disk.buffers().start;
+    let first = disk
+        .submit_read(0, base..base + 4096, Wait::Forever)
+        .unwrap();
+    let second = disk
+        .submit_read(8, base + 4096..base + 8192, Wait::Forever)
+        .unwrap();
+    sent_rx.recv().unwrap();
+    let mut done = [Done {
+        id: 0,
+        completion: Completion::OK,
+    }; 8];
+    // The completions before the stray packet are not lost to its error...
+    let n = disk.reap_into(&mut done, Wait::Forever).unwrap();
+    let ids: Vec<u64> = done[..n].iter().map(|d| d.id).collect();
+    assert_eq!(ids, [first, second]);
+    assert_eq!(disk.in_flight(), 0);
+    // ...which the next reap reports, once.
+    assert!(matches!(
+        disk.reap_into(&mut done, Wait::Now),
+        Err(DiskError::BadReply)
+    ));
+    assert_eq!(disk.reap_into(&mut done, Wait::Now).unwrap(), 0);
+    drop(disk);
+    host.join().unwrap();
 }
