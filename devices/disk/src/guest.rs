@@ -265,7 +265,8 @@ impl DiskClient {
     /// requests in flight reaps with.
     ///
     /// A packet that is not a completion, or one too short, is [`DiskError::BadReply`]: the
-    /// completions taken before it are returned first, and the error by the next call.
+    /// completions taken with it (before it or after it) are returned first, and the error
+    /// by the next call; no completion the host sent is lost to it.
     ///
     /// ```
     /// use std::thread;
@@ -321,18 +322,18 @@ impl DiskClient {
         }
         let mut n = 0;
         let mut failed = None;
-        self.channel.recv_batch(done.len(), wait, |packet| {
-            if failed.is_some() {
-                return;
-            }
-            match completion(packet) {
+        // Every packet handed here is taken off the ring, so every completion among them
+        // is kept, those after a bad packet too; the first error waits its turn.
+        self.channel
+            .recv_batch(done.len(), wait, |packet| match completion(packet) {
                 Ok(d) => {
                     done[n] = d;
                     n += 1;
                 }
-                Err(e) => failed = Some(e),
-            }
-        })?;
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
+            })?;
         self.in_flight = self.in_flight.saturating_sub(n);
         match failed {
             Some(e) if n == 0 => Err(e),

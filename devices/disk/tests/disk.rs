@@ -937,7 +937,7 @@ fn reaping_many_at_once_takes_every_completion_waiting_and_checks_its_room() {
 }
 
 #[test]
-fn a_host_that_sends_a_request_among_completions_is_a_bad_reply_after_them() {
+fn a_host_that_sends_a_stray_packet_among_completions_is_a_bad_reply_after_them() {
     let (a, b) = UnixStream::pair().unwrap();
     let (sent_tx, sent_rx) = std::sync::mpsc::channel();
     let host = thread::spawn(move || {
@@ -955,24 +955,27 @@ fn a_host_that_sends_a_request_among_completions_is_a_bad_reply_after_them() {
         .encode();
         let reply = OutgoingPacket::completion_slice(info.transaction_id, &geometry);
         channel.send_packet(&reply, Wait::Forever).unwrap();
-        // Two reads: both completed, then a packet no host sends a guest.
-        let tids: Vec<u64> = (0..2)
-            .map(|_| {
+        // Three reads: two completed, then a packet no host sends a guest, then the
+        // third completed.
+        let mut tids = Vec::new();
+        for _ in 0..3 {
+            tids.push(
                 channel
                     .recv(&mut buf, Wait::Forever)
                     .unwrap()
-                    .transaction_id
-            })
-            .collect();
+                    .transaction_id,
+            );
+        }
         let ok = Completion::OK.encode();
-        for tid in tids {
+        let stray = [0u8; 16];
+        for (i, tid) in tids.into_iter().enumerate() {
+            if i == 2 {
+                let packet = OutgoingPacket::in_band_slice(&stray);
+                channel.send_packet(&packet, Wait::Forever).unwrap();
+            }
             let reply = OutgoingPacket::completion_slice(tid, &ok);
             channel.send_packet(&reply, Wait::Forever).unwrap();
         }
-        let stray = [0u8; 16];
-        channel
-            .send_packet(&OutgoingPacket::in_band_slice(&stray), Wait::Forever)
-            .unwrap();
         sent_tx.send(()).unwrap();
         // Until the guest has gone.
         while channel.recv(&mut buf, Wait::Forever).is_ok() {}
@@ -990,15 +993,18 @@ fn a_host_that_sends_a_request_among_completions_is_a_bad_reply_after_them() {
     let second = disk
         .submit_read(8, base + 4096..base + 8192, Wait::Forever)
         .unwrap();
+    let third = disk
+        .submit_read(16, base + 8192..base + 12288, Wait::Forever)
+        .unwrap();
     sent_rx.recv().unwrap();
     let mut done = [Done {
         id: 0,
         completion: Completion::OK,
     }; 8];
-    // The completions before the stray packet are not lost to its error...
+    // The completions before and after the stray packet are not lost to its error...
     let n = disk.reap_into(&mut done, Wait::Forever).unwrap();
     let ids: Vec<u64> = done[..n].iter().map(|d| d.id).collect();
-    assert_eq!(ids, [first, second]);
+    assert_eq!(ids, [first, second, third]);
     assert_eq!(disk.in_flight(), 0);
     // ...which the next reap reports, once.
     assert!(matches!(
