@@ -619,8 +619,11 @@ pub fn serve_with(
         // thread's.
         drop(work_tx);
         for handle in handles {
-            if let Ok(Some(theirs)) = handle.join() {
-                counts.add(&theirs);
+            match handle.join() {
+                Ok(Some(theirs)) => counts.add(&theirs),
+                Ok(None) => {}
+                // As the scope would have: a worker's panic is the caller's.
+                Err(panic) => std::panic::resume_unwind(panic),
             }
         }
         Ok(ended)
