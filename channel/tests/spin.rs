@@ -156,6 +156,68 @@ fn a_spin_never_outlasts_the_wait_deadline() {
     assert!(took < Duration::from_millis(50), "the send took {took:?}");
 }
 
+/// Requests answered after a steady service time (`SERVICE`, busy, as a disk copying a
+/// large request is): returns the doorbells rung per request, both ways, after a warm-up.
+fn steady_service(config: Config) -> f64 {
+    const SERVICE: Duration = Duration::from_micros(300);
+    const WARM: u32 = 100;
+    const MEASURED: u32 = 200;
+    let (guest, host) = in_process_channel_pair(16 * 4096, config).expect("pair");
+    let server = thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        let mut before = 0;
+        for i in 0..WARM + MEASURED {
+            if i == WARM {
+                before = host.counters().signals_sent;
+            }
+            host.recv(&mut buf, Wait::Forever).expect("a request");
+            let start = Instant::now();
+            while start.elapsed() < SERVICE {
+                std::hint::spin_loop();
+            }
+            host.send(&buf[..8], Wait::Forever).expect("the answer");
+        }
+        host.counters().signals_sent - before
+    });
+    let mut buf = [0u8; 64];
+    let mut before = 0;
+    for i in 0..WARM + MEASURED {
+        if i == WARM {
+            before = guest.counters().signals_sent;
+        }
+        guest
+            .send(&u64::from(i).to_le_bytes(), Wait::Forever)
+            .expect("a request");
+        guest.recv(&mut buf, Wait::Forever).expect("its answer");
+        assert_eq!(buf[..8], u64::from(i).to_le_bytes(), "answers in order");
+    }
+    let host_bells = server.join().expect("the host");
+    let bells = guest.counters().signals_sent - before + host_bells;
+    bells as f64 / f64::from(MEASURED)
+}
+
+#[test]
+fn a_peer_that_answers_after_a_steady_service_time_is_caught_by_the_spin() {
+    // Within a 1 ms bound, the guest's waits (300 µs and a little more, longer than a
+    // wake-up's first estimate, a quarter of the bound) set its spin; the host's waits for
+    // the next request are short. Nearly nothing is signalled.
+    let within = steady_service(Config::default().with_spin_before_sleep(Duration::from_millis(1)));
+    // With a 100 µs bound the service outlasts every spin: the guest sleeps and is
+    // signalled for each answer.
+    let beyond =
+        steady_service(Config::default().with_spin_before_sleep(Duration::from_micros(100)));
+    println!("doorbells per request: {within:.3} within the bound, {beyond:.3} beyond it");
+    assert!(
+        within < 0.5 * beyond,
+        "{within} within the bound against {beyond} beyond it"
+    );
+    assert!(beyond > 0.5, "{beyond}: a wait past the bound sleeps");
+    assert!(
+        within < 0.3,
+        "{within} doorbells per request although the spin could cover"
+    );
+}
+
 /// Times the scheduler took the CPU from this thread while it could run (a yield that gave
 /// the CPU to another thread counts).
 fn involuntary_switches() -> u64 {

@@ -18,7 +18,13 @@ pub struct Config {
     /// moves down at once and up slowly). Spinning that long at most costs at most as much
     /// again as sleeping would have (the classic spin-then-block bound), and a peer that
     /// answers within the spin is never signalled: a saturated stream rings no doorbells.
-    /// An idle channel still sleeps after the bound.
+    /// A receive also spins for half as long again as receive waits have lasted on
+    /// average (a moving average of each wait, from its spin's start to the data or the
+    /// end of its sleep), when that average is within the bound: a peer that answers
+    /// every request after the same service time (a disk serving large requests, say) is
+    /// then caught by the spin rather than signalled, on both sides. An idle channel still
+    /// sleeps after the bound, and once its waits average more than the bound, after
+    /// about a wake-up's cost.
     ///
     /// Default: 100 µs, except under Miri and loom, and when the environment variable
     /// `VMLINK_SPIN` is `off` when the configuration is made (for test suites on few

@@ -155,6 +155,11 @@ pub(crate) struct Core<D> {
     /// sleeping lasts (see [`Config::spin_before_sleep`]).
     #[cfg_attr(not(feature = "std"), allow(dead_code))]
     wake_cost_ns: AtomicU64,
+    /// How long a receive wait has lasted lately, in nanoseconds: a moving average of
+    /// each wait's length from its spin's start to what ended it (see
+    /// [`Config::spin_before_sleep`]).
+    #[cfg_attr(not(feature = "std"), allow(dead_code))]
+    wait_ns: AtomicU64,
     /// Every how many looks a spinning wait yields its CPU, 0 for never (see
     /// [`Endpoint::set_spin_yield`]).
     #[cfg_attr(not(feature = "std"), allow(dead_code))]
@@ -356,6 +361,7 @@ impl<D: Doorbell> Core<D> {
             hub: Hub::default(),
             external_waits: AtomicBool::new(false),
             wake_cost_ns: AtomicU64::new(initial_wake_cost(&config)),
+            wait_ns: AtomicU64::new(initial_wake_cost(&config)),
             spin_yield: AtomicU32::new(0),
             config,
         }

@@ -46,8 +46,14 @@ fn spin_pause(every: u32, looks: u32) {
 pub(crate) enum SpinBudget {
     /// Polling mode: this many looks.
     Looks(u32),
-    /// Adaptive: until then.
-    Until(Instant),
+    /// Adaptive: until `until`; `now` is the clock's last reading (at first, the spin's
+    /// start).
+    Until {
+        /// When the spin ends.
+        until: Instant,
+        /// The clock's last reading.
+        now: Instant,
+    },
 }
 
 #[cfg(feature = "std")]
@@ -55,30 +61,70 @@ impl SpinBudget {
     /// True when the spin has used its budget after `looks` looks. The clock is read
     /// every 32 looks: a read costs about as much as a look.
     #[inline]
-    fn spent(self, looks: u32) -> bool {
+    fn spent(&mut self, looks: u32) -> bool {
         match self {
-            SpinBudget::Looks(n) => looks >= n,
-            SpinBudget::Until(t) => looks % 32 == 31 && Instant::now() >= t,
+            SpinBudget::Looks(n) => looks >= *n,
+            SpinBudget::Until { until, now } => {
+                if looks % 32 != 31 {
+                    return false;
+                }
+                *now = Instant::now();
+                *now >= *until
+            }
         }
     }
+
+    /// The clock's last reading during an adaptive spin: when it ended, to within 32 looks
+    /// (a few microseconds at most), without reading the clock again.
+    fn last_reading(&self) -> Option<Instant> {
+        match self {
+            SpinBudget::Looks(_) => None,
+            SpinBudget::Until { now, .. } => Some(*now),
+        }
+    }
+}
+
+/// How a receive wait's spin ended.
+#[cfg(feature = "std")]
+pub(crate) struct Spun {
+    /// Something arrived (or the channel's state changed).
+    found: bool,
+    /// An adaptive spin's start and the clock's last reading in it.
+    clock: Option<(Instant, Instant)>,
 }
 
 #[cfg(feature = "std")]
 impl<D: Doorbell> Core<D> {
     /// The spin a wait may make before it sleeps: `spin_iterations` looks in polling
     /// mode, else about a wake-up's measured cost, at most `spin_before_sleep` and never
-    /// past the wait's `deadline`; `None` to sleep at once.
-    pub(crate) fn spin_budget(&self, deadline: Option<Instant>) -> Option<SpinBudget> {
+    /// past the wait's `deadline`; `None` to sleep at once. A receive wait (`receive`)
+    /// spins longer when receive waits have lately ended within the bound: half as long
+    /// again as they lasted on average (see [`Config::spin_before_sleep`]).
+    pub(crate) fn spin_budget(
+        &self,
+        deadline: Option<Instant>,
+        receive: bool,
+    ) -> Option<SpinBudget> {
         if self.config.spin_iterations > 0 {
             return Some(SpinBudget::Looks(self.config.spin_iterations));
         }
         if !self.adaptive_spin() {
             return None;
         }
-        let bound = self.config.spin_before_sleep;
-        let cost = Duration::from_nanos(self.wake_cost_ns.load(Ordering::Relaxed));
-        let until = Instant::now() + cost.min(bound);
-        Some(SpinBudget::Until(deadline.map_or(until, |d| d.min(until))))
+        let bound = saturating_nanos(self.config.spin_before_sleep);
+        let mut spin = self.wake_cost_ns.load(Ordering::Relaxed);
+        if receive {
+            let wait = self.wait_ns.load(Ordering::Relaxed);
+            if wait <= bound {
+                spin = spin.max(wait.saturating_add(wait / 2));
+            }
+        }
+        let now = Instant::now();
+        let until = now + Duration::from_nanos(spin.min(bound));
+        Some(SpinBudget::Until {
+            until: deadline.map_or(until, |d| d.min(until)),
+            now,
+        })
     }
 
     /// True when waits spin for about a wake-up's measured cost (not polling mode, and a
@@ -113,12 +159,31 @@ impl<D: Doorbell> Core<D> {
             .store(next.clamp(floor, bound), Ordering::Relaxed);
     }
 
-    /// Waits for the hub to move past `seen`, up to the deadline (and at most `cap`).
+    /// Folds a receive wait's length (from its spin's start until data came or the sleep
+    /// ended) into the average [`spin_budget`](Self::spin_budget) spins for: an eighth of
+    /// the way to it, a wait counted as at most four times the bound, so that one idle
+    /// hour moves the average no further than half the bound.
+    fn note_wait(&self, waited: Duration) {
+        let cap = saturating_nanos(self.config.spin_before_sleep).saturating_mul(4);
+        let waited = saturating_nanos(waited).min(cap);
+        let wait = self.wait_ns.load(Ordering::Relaxed);
+        let next = if waited >= wait {
+            wait + (waited - wait) / 8
+        } else {
+            wait - (wait - waited) / 8
+        };
+        self.wait_ns.store(next, Ordering::Relaxed);
+    }
+
+    /// Waits for the hub to move past `seen`, up to the deadline (and at most `cap`). A
+    /// receive wait passes when it started (`since`), and its whole length is noted for
+    /// the next spins ([`note_wait`](Self::note_wait)).
     pub(crate) fn wait_event(
         &self,
         seen: u64,
         deadline: Option<Instant>,
         cap: Option<Duration>,
+        since: Option<Instant>,
     ) -> Result<(), ChannelError> {
         let left = remaining(deadline)?;
         let timeout = match (left, cap) {
@@ -126,12 +191,19 @@ impl<D: Doorbell> Core<D> {
             (l, None) => l,
         };
         let start = self.adaptive_spin().then(Instant::now);
-        match self.hub.wait(&self.doorbell, seen, timeout) {
+        let woken = self.hub.wait(&self.doorbell, seen, timeout);
+        if let Some(start) = start {
+            let now = Instant::now();
+            if woken == Ok(true) {
+                self.note_sleep(now - start);
+            }
+            if let Some(since) = since {
+                self.note_wait(now - since);
+            }
+        }
+        match woken {
             Ok(true) => {
                 bump(&self.live.counters.rx.signals_received, 1);
-                if let Some(start) = start {
-                    self.note_sleep(start.elapsed());
-                }
                 Ok(())
             }
             Ok(false) => Ok(()),
@@ -167,7 +239,7 @@ impl<'a, T: PacketTx, D: Doorbell, TC: Half<Item = T>, RC> Ops<'a, D, TC, RC> {
             if self.prepare_send_wait(header_len, payload_len)? == WaitDecision::Ready {
                 continue;
             }
-            self.wait_event(seen, deadline, Some(self.config.space_recheck))?;
+            self.wait_event(seen, deadline, Some(self.config.space_recheck), None)?;
         }
     }
 
@@ -179,7 +251,7 @@ impl<'a, T: PacketTx, D: Doorbell, TC: Half<Item = T>, RC> Ops<'a, D, TC, RC> {
         deadline: Option<Instant>,
         write: &mut dyn FnMut(&mut T) -> Result<usize, ChannelError>,
     ) -> Result<bool, ChannelError> {
-        let Some(budget) = self.spin_budget(deadline) else {
+        let Some(mut budget) = self.spin_budget(deadline, false) else {
             return Ok(false);
         };
         let every = self.spin_yield_every();
@@ -214,10 +286,14 @@ impl<'a, R: PacketRx, D: Doorbell, TC, RC: Half<Item = RxState<R>>> Ops<'a, D, T
         &self,
         queued: bool,
         deadline: Option<Instant>,
-    ) -> Result<bool, ChannelError> {
-        let Some(budget) = self.spin_budget(deadline) else {
-            return Ok(false);
+    ) -> Result<Spun, ChannelError> {
+        let Some(mut budget) = self.spin_budget(deadline, true) else {
+            return Ok(Spun {
+                found: false,
+                clock: None,
+            });
         };
+        let start = budget.last_reading();
         {
             let mut rx = self.rx.lock();
             if !rx.spin_masked {
@@ -258,8 +334,9 @@ impl<'a, R: PacketRx, D: Doorbell, TC, RC: Half<Item = RxState<R>>> Ops<'a, D, T
         // the peer keeps not signalling while this channel polls. The generation moves
         // first, so a waiter that armed before we masked and registers after this looks
         // again and re-arms (`Hub::announce` explains the order).
+        let clock = start.zip(budget.last_reading());
         if found && !self.external_waits.load(Ordering::SeqCst) && !self.hub.announce() {
-            return Ok(true);
+            return Ok(Spun { found, clock });
         }
         let ready = {
             let mut rx = self.rx.lock();
@@ -269,7 +346,10 @@ impl<'a, R: PacketRx, D: Doorbell, TC, RC: Half<Item = RxState<R>>> Ops<'a, D, T
             // Other threads asleep in this channel may wait for what arrived unsignalled.
             self.hub.notify(&self.doorbell);
         }
-        Ok(found || ready)
+        Ok(Spun {
+            found: found || ready,
+            clock,
+        })
     }
 
     /// Waits until a receive may find something: spins first in polling mode, then arms
@@ -283,16 +363,27 @@ impl<'a, R: PacketRx, D: Doorbell, TC, RC: Half<Item = RxState<R>>> Ops<'a, D, T
         queued: bool,
     ) -> Result<(), ChannelError> {
         remaining(deadline)?;
+        // The wait's length is noted for the next waits' spins (`Core::note_wait`), from
+        // the clock readings the spin and the sleep make anyway.
+        let spun = self.spin_for_data(queued, deadline)?;
+        let spun_for = |this: &Self| {
+            if let Some((start, last)) = spun.clock {
+                this.note_wait(last - start);
+            }
+        };
         // A departure the channel does not know of yet ends the doorbell wait below
         // (`Doorbell::wait` returns on a hang-up), so no doorbell question here.
-        if self.spin_for_data(queued, deadline)? || self.known_gone() {
+        if spun.found || self.known_gone() {
+            spun_for(self);
             return Ok(());
         }
         if self.prepare_wait_for(queued)? == WaitDecision::Ready {
+            spun_for(self);
             return Ok(());
         }
         bump(&self.live.counters.rx.receive_sleeps, 1);
-        self.wait_event(seen, deadline, None)
+        let since = spun.clock.map(|(start, _)| start);
+        self.wait_event(seen, deadline, None, since)
     }
 
     /// See the public method of the same name.
@@ -374,7 +465,7 @@ impl<'a, T: PacketTx, R: PacketRx, D: Doorbell, TC: Half<Item = T>, RC: Half<Ite
             match self.call_step(&mut txn, response)? {
                 CallStep::Done(len) => return Ok(len),
                 CallStep::QueueFull => {
-                    self.wait_event(seen, deadline, Some(self.config.space_recheck))?
+                    self.wait_event(seen, deadline, Some(self.config.space_recheck), None)?
                 }
                 CallStep::Idle => self.wait_ready(seen, deadline, false)?,
             }
@@ -413,20 +504,86 @@ mod tests {
             core.note_sleep(Duration::ZERO);
         }
         assert_eq!(cost(), 1_000, "never below the least spin");
-        assert!(matches!(core.spin_budget(None), Some(SpinBudget::Until(_))));
+        assert!(matches!(
+            core.spin_budget(None, true),
+            Some(SpinBudget::Until { .. })
+        ));
+    }
+
+    /// The length of an adaptive budget, from its start.
+    fn spin_of(budget: Option<SpinBudget>) -> Duration {
+        match budget {
+            Some(SpinBudget::Until { until, now }) => until - now,
+            other => panic!("not an adaptive spin: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_receive_spins_half_as_long_again_as_its_waits_last_while_they_end_within_the_bound() {
+        let config = Config::default().with_spin_before_sleep(Duration::from_micros(500));
+        let (a, _b) = crate::in_process_channel_pair(4096, config).unwrap();
+        let core = &a.core;
+        let wait = || core.wait_ns.load(Ordering::Relaxed);
+        assert_eq!(wait(), 125_000, "a quarter of the bound at first");
+        // Waits of 300 µs (a peer's steady service time): the average follows them.
+        for _ in 0..100 {
+            core.note_wait(Duration::from_micros(300));
+        }
+        assert!((299_000..=300_000).contains(&wait()), "{}", wait());
+        // The wake-up cost (a quarter of the bound until a sleep is timed) is shorter, so a
+        // receive spins 450 µs; a sender waiting for space only the wake-up cost.
+        let receive = spin_of(core.spin_budget(None, true));
+        assert!(
+            (Duration::from_micros(449)..=Duration::from_micros(450)).contains(&receive),
+            "{receive:?}"
+        );
+        assert_eq!(
+            spin_of(core.spin_budget(None, false)),
+            Duration::from_micros(125)
+        );
+        // Never past the bound: waits of 400 µs ask for 600.
+        for _ in 0..100 {
+            core.note_wait(Duration::from_micros(400));
+        }
+        assert_eq!(
+            spin_of(core.spin_budget(None, true)),
+            Duration::from_micros(500)
+        );
+        // One idle hour counts as four times the bound: the average moves an eighth of the
+        // way there, and the receive spins the wake-up cost until it comes back within.
+        let before = wait();
+        core.note_wait(Duration::from_secs(3600));
+        assert_eq!(wait(), before + (2_000_000 - before) / 8);
+        assert_eq!(
+            spin_of(core.spin_budget(None, true)),
+            Duration::from_micros(125)
+        );
+        for _ in 0..100 {
+            core.note_wait(Duration::from_micros(300));
+        }
+        assert!(spin_of(core.spin_budget(None, true)) > Duration::from_micros(400));
+        // A channel whose waits stay long spins only the wake-up cost.
+        for _ in 0..100 {
+            core.note_wait(Duration::from_secs(1));
+        }
+        assert!((1_999_000..=2_000_000).contains(&wait()), "{}", wait());
+        assert_eq!(
+            spin_of(core.spin_budget(None, true)),
+            Duration::from_micros(125)
+        );
     }
 
     #[test]
     fn polling_mode_counts_looks_and_sleep_at_once_has_no_spin() {
         let (a, _b) = crate::in_process_channel_pair(4096, Config::polling(7)).unwrap();
         assert!(matches!(
-            a.core.spin_budget(None),
+            a.core.spin_budget(None, true),
             Some(SpinBudget::Looks(7))
         ));
         let (c, _d) =
             crate::in_process_channel_pair(4096, Config::polling(7).sleep_at_once()).unwrap();
-        assert!(c.core.spin_budget(None).is_none());
-        let budget = SpinBudget::Looks(3);
+        assert!(c.core.spin_budget(None, true).is_none());
+        let mut budget = SpinBudget::Looks(3);
         assert!(!budget.spent(2) && budget.spent(3));
     }
 }
