@@ -95,10 +95,24 @@ pub fn service_with(name: &str, layout: Layout, sub_channels: u32) -> Service {
         .with_sub_channels(sub_channels)
 }
 
+/// The most either side of a disk spins before it sleeps ([`Config::spin_before_sleep`];
+/// the channel's default is 100 µs). A receive spins half as long again as its waits have
+/// lasted, while they average less than this: so a guest with a 1 MiB request in flight
+/// (served in about 200-250 µs from a tmpfs image on the machine this was measured on)
+/// sees its completion while it spins, and the host sees the next request while it spins,
+/// rather than each sleeping and being signalled. Measured there, 1 MiB writes at depth 1
+/// went from 2.0 doorbells per request to under 0.01 and gained 3-8% against the host's
+/// own `pwrite`; a channel that idles spins no longer than before once its waits average
+/// more than this.
+pub const SPIN_BEFORE_SLEEP: std::time::Duration = std::time::Duration::from_micros(500);
+
 /// The channel configuration both sides of a disk use: GPA-direct page lists as long as
-/// the largest request needs (the transport caps page numbers at the buffer area).
+/// the largest request needs (the transport caps page numbers at the buffer area), and a
+/// spin before sleeping of at most [`SPIN_BEFORE_SLEEP`].
 pub fn config() -> Config {
-    Config::default().with_gpa_page_limit(u64::MAX)
+    Config::default()
+        .with_gpa_page_limit(u64::MAX)
+        .with_spin_before_sleep(SPIN_BEFORE_SLEEP)
 }
 
 /// What went wrong on either side of a disk.
