@@ -366,19 +366,19 @@ impl<'a, R: PacketRx, D: Doorbell, TC, RC: Half<Item = RxState<R>>> Ops<'a, D, T
         // The wait's length is noted for the next waits' spins (`Core::note_wait`), from
         // the clock readings the spin and the sleep make anyway.
         let spun = self.spin_for_data(queued, deadline)?;
-        let spun_for = |this: &Self| {
+        let spun_for = || {
             if let Some((start, last)) = spun.clock {
-                this.note_wait(last - start);
+                self.note_wait(last - start);
             }
         };
         // A departure the channel does not know of yet ends the doorbell wait below
         // (`Doorbell::wait` returns on a hang-up), so no doorbell question here.
         if spun.found || self.known_gone() {
-            spun_for(self);
+            spun_for();
             return Ok(());
         }
         if self.prepare_wait_for(queued)? == WaitDecision::Ready {
-            spun_for(self);
+            spun_for();
             return Ok(());
         }
         bump(&self.live.counters.rx.receive_sleeps, 1);
