@@ -560,8 +560,8 @@ enum FileIo {
 
 impl BufferArea {
     /// Reads the file behind `fd`, from `file_offset` on, straight into the area's byte
-    /// `ranges` in order until every one is full: positional, vectored I/O (`preadv(2)`)
-    /// into the mapping, with no copy through private memory. This is how a device serves
+    /// `ranges` in order until every one is full: positional I/O (`pread(2)` for one
+    /// range, vectored `preadv(2)` for several) into the mapping, with no copy through private memory. This is how a device serves
     /// a GPA-direct read in place.
     ///
     /// Every range is checked against the area first (an [`OutOfBounds`] range is
@@ -578,7 +578,7 @@ impl BufferArea {
     }
 
     /// Writes the area's byte `ranges`, in order, to the file behind `fd` from
-    /// `file_offset` on (`pwritev(2)` straight from the mapping). Ranges are checked as
+    /// `file_offset` on (`pwrite(2)` or `pwritev(2)` straight from the mapping). Ranges are checked as
     /// for [`read_file`](Self::read_file); a file that takes no more bytes is `WriteZero`.
     /// The peer may change the bytes while they are written: the file then holds some mix
     /// of the old and the new, as a disk would after a DMA from changing memory.
