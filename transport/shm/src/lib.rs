@@ -18,6 +18,10 @@
 //!   [`Guest::connect_stream`].
 //! - Either side ends up with an [`Endpoint`]: a [`ShmChannel`] plus the [`BufferArea`],
 //!   whose 4 KiB pages are what GPA-direct page numbers index on this transport.
+//! - A device serving GPA-direct requests moves data between a file and the area in
+//!   place: one transfer at a time with [`BufferArea::read_file`] /
+//!   [`write_file`](BufferArea::write_file), or many in flight through a [`FileRing`]
+//!   (io_uring).
 //!
 //! The guest treats the host as hostile too: it checks the seals, the size and the layout
 //! before it maps anything, then that the memory header is sound and says exactly what the
@@ -71,6 +75,7 @@ pub mod monitor;
 mod policy;
 mod protocol;
 mod sys;
+mod uring;
 
 pub use endpoint::{Detached, Endpoint, Role, ShmChannel};
 pub use error::{RefusalCode, ShmError};
@@ -84,6 +89,7 @@ pub use memory::{
     OutOfBounds, SharedMemory, ShmRing,
 };
 pub use policy::{PeerCredentials, Policy};
+pub use uring::{FileDirection, FileRing};
 pub use vmlink_channel::{Config, Wait};
 
 /// The environment variable through which [`Service::spawn`] tells the child which fd is

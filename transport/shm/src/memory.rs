@@ -551,7 +551,7 @@ const IOV_BATCH: usize = 64;
 
 /// The direction of [`BufferArea::file_io`].
 #[derive(Clone, Copy)]
-enum FileIo {
+pub(crate) enum FileIo {
     /// From the file into the area.
     Read,
     /// From the area into the file.
@@ -591,13 +591,8 @@ impl BufferArea {
         self.file_io(FileIo::Write, fd, file_offset, ranges)
     }
 
-    fn file_io(
-        &self,
-        dir: FileIo,
-        fd: BorrowedFd<'_>,
-        mut file_offset: u64,
-        ranges: &[Range<usize>],
-    ) -> io::Result<()> {
+    /// Fails with `InvalidInput` unless every range lies inside the area.
+    pub(crate) fn check_ranges(&self, ranges: &[Range<usize>]) -> io::Result<()> {
         let size = self.len();
         for r in ranges {
             if r.start > r.end || r.end > size {
@@ -609,7 +604,23 @@ impl BufferArea {
                 return Err(io::Error::new(io::ErrorKind::InvalidInput, err));
             }
         }
-        let base = self.words.as_ptr().cast::<u8>().cast_mut();
+        Ok(())
+    }
+
+    /// The area's first byte in this process.
+    pub(crate) fn base(&self) -> *mut u8 {
+        self.words.as_ptr().cast::<u8>().cast_mut()
+    }
+
+    pub(crate) fn file_io(
+        &self,
+        dir: FileIo,
+        fd: BorrowedFd<'_>,
+        mut file_offset: u64,
+        ranges: &[Range<usize>],
+    ) -> io::Result<()> {
+        self.check_ranges(ranges)?;
+        let base = self.base();
         // The next byte to move: range `index`, `done` bytes into it.
         let (mut index, mut done) = (0, 0);
         loop {
