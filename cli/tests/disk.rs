@@ -180,6 +180,55 @@ fn a_served_image_outlives_guests_that_vanish_or_misbehave() {
 }
 
 #[test]
+fn a_server_with_io_uring_serves_keeps_flushed_data_and_outlives_a_guest_that_vanishes() {
+    let dir = private_dir("disk-uring");
+    let image = dir.join("disk.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let socket = dir.join("disk.sock");
+    let server = serve(&image, &socket, &["--io-uring", "16"]);
+    // Written and flushed, then sixteen writes in flight when the guest vanishes.
+    let mut first = client(&socket);
+    let data: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 253) as u8).collect();
+    first.write(0, &data).unwrap();
+    first.flush().unwrap();
+    let b = first.buffers();
+    for i in 0..16 {
+        let at = b.start + i * 65536;
+        first.area().write(at, &[0x44; 65536]).unwrap();
+        first
+            .submit_write(4096 + i as u64 * 128, at..at + 65536, false, Wait::Forever)
+            .unwrap();
+    }
+    drop(first);
+    // The next guest reads back what was flushed, and what it writes with FUA is there.
+    let mut second = client(&socket);
+    let mut back = vec![0u8; 1 << 20];
+    second.read(0, &mut back).unwrap();
+    assert!(back == data, "a flushed write was lost or read wrong");
+    let sectors = second.info().sectors;
+    let err = second.read(sectors - 1, &mut [0u8; 1024]).unwrap_err();
+    assert!(matches!(err, DiskError::OutOfRange { .. }), "{err}");
+    let b = second.buffers();
+    second.area().write(b.start, &[0x55; 8192]).unwrap();
+    let id = second
+        .submit_write(0, b.start..b.start + 8192, true, Wait::Forever)
+        .unwrap();
+    let done = second.reap(Wait::Forever).unwrap();
+    assert_eq!(done.id, id);
+    done.result().unwrap();
+    drop(second);
+    let log = stop(server);
+    assert!(log.contains("channel 0 left"), "{log}");
+    let image = std::fs::read(&image).unwrap();
+    assert!(image[..8192].iter().all(|&b| b == 0x55));
+    assert!(image[8192..1 << 20] == data[8192..]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn wrong_flags_missing_images_and_a_duplicate_server_are_refused() {
     let dir = private_dir("disk-flags");
     let socket = dir.join("disk.sock");
@@ -233,6 +282,16 @@ fn wrong_flags_missing_images_and_a_duplicate_server_are_refused() {
     let (code, err) = with(&["--io-threads", "65"]);
     assert_eq!(code, Some(2));
     assert!(err.contains("65"), "{err}");
+    // An io_uring replaces the I/O threads: both at once is refused, as is a depth
+    // past the ring's bound.
+    let (code, err) = with(&["--io-uring", "8", "--io-threads", "2"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("cannot be used with"), "{err}");
+    let (code, err) = with(&["--io-uring", "5000"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("5000"), "{err}");
+    let (code, err) = run(&["disk", "bench", "--io-uring", "8", "--io-threads", "1"]);
+    assert_eq!(code, Some(2), "{err}");
     let (code, err) = run(&["disk", "bench", "--case", "8k-random"]);
     assert_eq!(code, Some(2));
     assert!(err.contains("4k-randread"), "{err}");
@@ -312,6 +371,27 @@ fn the_benchmark_smoke_runs_every_case_and_checks_reads() {
             1 => assert!(uring.is_null(), "{case}"),
             _ => assert!(uring.as_f64().unwrap() > 0.0, "{case}"),
         }
+        let read = case["case"].as_str().unwrap().contains("read");
+        assert_eq!(case["checked"].as_u64().unwrap() > 0, read, "{case}");
+    }
+    // vmlink's host through an io_uring instead of positional I/O, every case.
+    let out = vmlink()
+        .args(["disk", "bench", "--smoke", "--json", "--system", "vmlink"])
+        .args(["--io-uring", "8"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (report["io_uring"].as_u64(), report["io_threads"].as_u64()),
+        (Some(8), Some(0))
+    );
+    assert_eq!(report["host_refused"], 0);
+    let cases = report["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 12);
+    for case in cases {
+        assert!(case["vmlink_iops"].as_f64().unwrap() > 0.0, "{case}");
         let read = case["case"].as_str().unwrap().contains("read");
         assert_eq!(case["checked"].as_u64().unwrap() > 0, read, "{case}");
     }

@@ -79,6 +79,12 @@ pub struct BenchArgs {
     /// own thread moves all the data).
     #[arg(long, value_name = "N", default_value_t = 1)]
     io_threads: usize,
+    /// Move vmlink's data through one io_uring this deep per channel instead of
+    /// positional I/O (and no I/O threads). On a tmpfs image the kernel hands each queued
+    /// transfer to a worker of its own, so this measures that path, not a faster one.
+    #[arg(long, value_name = "DEPTH", default_value_t = 0, conflicts_with = "io_threads",
+          value_parser = clap::value_parser!(u32).range(0..=4096))]
+    io_uring: u32,
     /// Every how many looks vmlink's guest gives its CPU away while it spins waiting for
     /// completions, when it shares that CPU with the host's I/O thread (or, with two
     /// channels, with the other channel's host); 0: never. Measured here, 16 lifted both
@@ -307,6 +313,7 @@ impl Vmlink {
         len: u64,
         channels: usize,
         io_threads: usize,
+        io_uring: u32,
         spin_yield: u32,
     ) -> Result<Self> {
         let disk =
@@ -337,6 +344,7 @@ impl Vmlink {
                 let options = ServeOptions {
                     io_threads,
                     worker_cpu: Some(1 - i % 2),
+                    io_uring,
                 };
                 serve_with(&disk, served.channel(), served.buffer(), options)
             }));
@@ -988,8 +996,15 @@ pub fn run(args: &BenchArgs) -> Result<u8> {
     let len = size_mib << 20;
     make_image(&image, len)?;
     let nbd_version = QemuNbd::version().context("qemu-nbd")?;
-    let mut vmlink = Vmlink::start(&image, len, 1, args.io_threads, args.guest_spin_yield)?;
-    let mut two = Vmlink::start(&image, len, 2, args.io_threads, args.guest_spin_yield)?;
+    // An io_uring replaces the I/O threads.
+    let io_threads = if args.io_uring > 0 {
+        0
+    } else {
+        args.io_threads
+    };
+    let (uring, spin) = (args.io_uring, args.guest_spin_yield);
+    let mut vmlink = Vmlink::start(&image, len, 1, io_threads, uring, spin)?;
+    let mut two = Vmlink::start(&image, len, 2, io_threads, uring, spin)?;
     let mut nbd = Nbd::start(&image, len)?;
     let file = Arc::new(
         std::fs::OpenOptions::new()
@@ -1049,7 +1064,8 @@ pub fn run(args: &BenchArgs) -> Result<u8> {
         secs,
         size_mib,
         host_refused: stats.refused + stats_two.refused,
-        io_threads: args.io_threads,
+        io_threads,
+        io_uring: args.io_uring,
         guest_spin_yield: args.guest_spin_yield,
     };
     if args.json {
@@ -1075,6 +1091,7 @@ struct Report<'a> {
     size_mib: u64,
     host_refused: u64,
     io_threads: usize,
+    io_uring: u32,
     guest_spin_yield: u32,
 }
 
@@ -1193,11 +1210,15 @@ impl Report<'_> {
                 shown(r.two_vs_floor, "x"),
             );
         }
-        out += &match self.io_threads {
-            0 => "\nvmlink: one channel (the honest configuration on this machine's 2 CPUs): its host on\n\
+        out += &match (self.io_threads, self.io_uring) {
+            (_, depth @ 1..) => format!(
+                "\nvmlink: one channel (the honest configuration on this machine's 2 CPUs): its host on\n\
+                 CPU 0, moving data through one io_uring {depth} deep, the guest on CPU 1.\n"
+            ),
+            (0, _) => "\nvmlink: one channel (the honest configuration on this machine's 2 CPUs): its host on\n\
                   CPU 0, the guest on CPU 1.\n"
                 .to_string(),
-            n => format!(
+            (n, _) => format!(
                 "\nvmlink: one channel (the honest configuration on this machine's 2 CPUs): its host\n\
                  thread on CPU 0, its {n} I/O thread(s) for reads (of 64 KiB or more, or deep in the\n\
                  queue) and the guest on CPU 1; the guest's spin {}.\n",
@@ -1300,13 +1321,14 @@ impl Report<'_> {
             })
             .collect();
         format!(
-            "{{\"qemu_nbd\":\"{}\",\"rounds\":{},\"seconds\":{},\"size_mib\":{},\"host_refused\":{},\"io_threads\":{},\"guest_spin_yield\":{},\"cases\":[{}]}}\n",
+            "{{\"qemu_nbd\":\"{}\",\"rounds\":{},\"seconds\":{},\"size_mib\":{},\"host_refused\":{},\"io_threads\":{},\"io_uring\":{},\"guest_spin_yield\":{},\"cases\":[{}]}}\n",
             self.nbd_version.replace('"', "'"),
             self.rounds,
             self.secs,
             self.size_mib,
             self.host_refused,
             self.io_threads,
+            self.io_uring,
             self.guest_spin_yield,
             rows.join(",")
         )

@@ -71,6 +71,13 @@ struct ServeArgs {
     /// reads at depth; a lone read, writes and the rest stay on the channel's thread.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(0..=64))]
     io_threads: u16,
+    /// Move reads' and writes' data through one io_uring this deep per channel, up to
+    /// DEPTH transfers in flight at once, instead of I/O threads: for an image on a real
+    /// disk, with --direct. (On a tmpfs the kernel hands each queued transfer to a worker,
+    /// and positional I/O is faster.)
+    #[arg(long, value_name = "DEPTH", default_value_t = 0, conflicts_with = "io_threads",
+          value_parser = clap::value_parser!(u32).range(0..=4096))]
+    io_uring: u32,
 }
 
 /// Runs `vmlink disk`; the exit status for `bench`'s checks.
@@ -92,6 +99,9 @@ fn serve_command(args: &ServeArgs) -> Result<()> {
         vmlink_disk::DEFAULT_LAYOUT,
         args.sub_channels,
     );
+    if args.io_uring > 0 {
+        vmlink_shm::FileRing::probe(args.io_uring).context("setting up io_uring")?;
+    }
     let listener = Listener::bind(&args.socket, service).context("listening")?;
     // The CPUs this process may run on, for `--pin`.
     let cpus: Vec<usize> = {
@@ -127,7 +137,13 @@ fn serve_command(args: &ServeArgs) -> Result<()> {
             set.len()
         );
         let disk = Arc::clone(&disk);
-        let io_threads = usize::from(args.io_threads);
+        // An io_uring replaces the I/O threads.
+        let io_threads = if args.io_uring > 0 {
+            0
+        } else {
+            usize::from(args.io_threads)
+        };
+        let io_uring = args.io_uring;
         // Channel i of every guest on the i-th CPU this process may use (modulo their count),
         // its I/O threads on the next.
         let pins = args.pin.then(|| cpus.clone());
@@ -139,6 +155,7 @@ fn serve_command(args: &ServeArgs) -> Result<()> {
                 let options = ServeOptions {
                     io_threads,
                     worker_cpu: worker_cpus.as_ref().map(|c| c[(index + 1) % c.len()]),
+                    io_uring,
                 };
                 match serve_with(&disk, endpoint.channel(), endpoint.buffer(), options) {
                     Ok(stats) => eprintln!(

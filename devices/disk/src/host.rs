@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use std::sync::mpsc::{Receiver, TryRecvError, sync_channel};
 use std::thread;
 use vmlink_channel::{ChannelError, OutgoingPacket, Packet, PacketType, Wait};
-use vmlink_shm::{BufferArea, ShmChannel};
+use vmlink_shm::{BufferArea, FileDirection, FileRing, ShmChannel};
 
 use crate::DiskError;
 use crate::proto::{
@@ -159,10 +159,7 @@ impl Disk {
                     detail: 0,
                 }
             }
-            Err(e) => Completion {
-                status: Status::Io,
-                detail: e.raw_os_error().map_or(nix::libc::EIO as u32, |n| n as u32),
-            },
+            other => io_completion(other),
         }
     }
 }
@@ -339,6 +336,20 @@ pub struct ServeOptions {
     /// A CPU the process may not use fails [`serve_with`] with [`DiskError::Pin`] before
     /// any request is served.
     pub worker_cpu: Option<usize>,
+    /// Moves reads' and writes' data through one io_uring this deep (0: positional I/O,
+    /// one transfer at a time per thread). The serving thread queues every read and write
+    /// as it takes it from the ring and publishes each completion as the kernel reports
+    /// it, so up to this many transfers are in flight at once: what a disk opened with
+    /// `O_DIRECT` ([`DiskOptions::direct`]) needs to be kept busy. Flushes, discards and a
+    /// request of more than [`FileRing::MAX_RANGES`] segments are done at once, as without
+    /// it. Needs [`io_threads`](Self::io_threads) 0 and a kernel that allows io_uring;
+    /// otherwise [`serve_with`] fails with [`DiskError::IoUring`] before any request is
+    /// served. While transfers are in flight and no request waits in the ring, the
+    /// serving thread waits for the kernel rather than the ring: a request that comes
+    /// then is taken at the next completion. (On a tmpfs image the kernel hands each
+    /// queued transfer to a worker thread of its own, which costs more than a `pread`:
+    /// there, positional I/O is faster.)
+    pub io_uring: u32,
 }
 
 /// Requests gathered for one thread to do, with their transaction ids. Allocated once
@@ -463,6 +474,15 @@ pub fn serve_with(
     area: &BufferArea,
     options: ServeOptions,
 ) -> Result<ServeStats, DiskError> {
+    if options.io_uring > 0 {
+        if options.io_threads > 0 {
+            return Err(DiskError::IoUring(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "io_uring serves without I/O threads",
+            )));
+        }
+        return serve_uring(disk, channel, area, options.io_uring);
+    }
     if options.io_threads == 0 {
         return serve(disk, channel, area);
     }
@@ -639,6 +659,197 @@ pub fn serve_with(
     }
 }
 
+/// A transfer in flight through [`serve_uring`]'s ring: its request's id, what it does,
+/// its bytes.
+#[derive(Clone, Copy)]
+struct InFlight {
+    tid: u64,
+    op: Op,
+    len: u64,
+}
+
+/// [`serve`] with reads and writes through one io_uring `depth` deep
+/// ([`ServeOptions::io_uring`]).
+fn serve_uring(
+    disk: &Disk,
+    channel: &ShmChannel,
+    area: &BufferArea,
+    depth: u32,
+) -> Result<ServeStats, DiskError> {
+    let limits = limits(disk, area);
+    let mut ring = FileRing::new(area, disk.file.as_fd(), depth).map_err(DiskError::IoUring)?;
+    let mut plan = Box::new(Plan::new());
+    let mut scratch = vec![0u8; 8 + MAX_SEGMENTS * 16].into_boxed_slice();
+    // Each transfer in flight, by the tag the ring hands back, and the free tags.
+    let idle = InFlight {
+        tid: 0,
+        op: Op::Info,
+        len: 0,
+    };
+    let mut table = vec![idle; depth as usize].into_boxed_slice();
+    let mut tags: Vec<u64> = (0..u64::from(depth)).collect();
+    // Completions that found the ring full, sent as room comes: at most one per request
+    // taken, and a batch takes at most what the io_uring has room for.
+    let mut waiting: Vec<(u64, Reply)> = Vec::with_capacity(BATCH + depth as usize);
+    let counts = Tally::default();
+    let mut stats = ServeStats::default();
+    // Publishes one completion at once, or keeps it for later when the ring is full.
+    let reply = |waiting: &mut Vec<(u64, Reply)>, tid: u64, r: Reply| {
+        if waiting.is_empty() {
+            let mut bytes = [0u8; INFO_LEN];
+            match channel.send_packet(&completion(tid, r, &mut bytes), Wait::Now) {
+                Err(ChannelError::Full) => {}
+                other => return other,
+            }
+        }
+        waiting.push((tid, r));
+        Ok(())
+    };
+    let ended = loop {
+        let mut failed = None;
+        let mut taken = 0;
+        if ring.room() > 0 {
+            // Wait for requests only when nothing is in flight to wait for instead.
+            let wait = if ring.in_flight() > 0 {
+                Wait::Now
+            } else {
+                Wait::Forever
+            };
+            let got = channel.recv_batch(ring.room().min(BATCH), wait, |packet| {
+                taken += 1;
+                let meta = packet.meta();
+                if !meta.completion_requested {
+                    stats.ignored += 1;
+                    return;
+                }
+                let r = match read_request(packet, &limits, &mut plan, &mut scratch) {
+                    None => return,
+                    Some(Err(status)) => {
+                        stats.refused += 1;
+                        Reply::Done(Completion { status, detail: 0 })
+                    }
+                    Some(Ok(())) if plan.op == Op::Info => {
+                        stats.completed += 1;
+                        Reply::Info(disk.info)
+                    }
+                    // Reads and writes go to the io_uring while it has room (a batch
+                    // takes no more than that, so a tag is free).
+                    Some(Ok(()))
+                        if matches!(plan.op, Op::Read | Op::Write)
+                            && plan.segments().len() <= FileRing::MAX_RANGES
+                            && !tags.is_empty() =>
+                    {
+                        let dir = match plan.op {
+                            Op::Read => FileDirection::Read,
+                            _ => FileDirection::Write { dsync: plan.fua },
+                        };
+                        let tag = tags.pop().unwrap_or_default();
+                        let done = match ring.queue(dir, plan.offset, plan.segments(), tag) {
+                            Ok(()) => {
+                                table[tag as usize] = InFlight {
+                                    tid: meta.transaction_id,
+                                    op: plan.op,
+                                    len: plan.len,
+                                };
+                                return;
+                            }
+                            // No room after all: done here, at once.
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                                tags.push(tag);
+                                disk.execute(&plan, area)
+                            }
+                            Err(e) => {
+                                tags.push(tag);
+                                io_completion(Err(e))
+                            }
+                        };
+                        counts.count(&plan, done);
+                        Reply::Done(done)
+                    }
+                    Some(Ok(())) => {
+                        let done = disk.execute(&plan, area);
+                        counts.count(&plan, done);
+                        Reply::Done(done)
+                    }
+                };
+                if let Err(e) = reply(&mut waiting, meta.transaction_id, r) {
+                    failed.get_or_insert(e);
+                }
+            });
+            stats.batches += 1;
+            match got {
+                Ok(_) | Err(ChannelError::Empty) => {}
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = failed {
+            break e;
+        }
+        // Hand what was queued to the kernel; wait for a transfer when nothing else can go
+        // on (no request came, or the io_uring is full).
+        let wait_for = usize::from(taken == 0 || ring.room() == 0);
+        let mut sent = Ok(());
+        let reaped = ring.submit_and_reap(wait_for, |tag, result| {
+            let t = table[tag as usize];
+            tags.push(tag);
+            let done = io_completion(result);
+            counts.count_op(t.op, t.len, done);
+            if let Err(e) = reply(&mut waiting, t.tid, Reply::Done(done)) {
+                sent = Err(e);
+            }
+        });
+        if let Err(e) = reaped {
+            // The io_uring itself failed: what is in flight is drained below.
+            return finish_uring(ring, &table, counts, stats, Err(DiskError::IoUring(e)));
+        }
+        if let Err(e) = sent.and_then(|()| send_replies(channel, &waiting)) {
+            break e;
+        }
+        waiting.clear();
+    };
+    let ended = match ended {
+        ChannelError::Closed => Ok(()),
+        e => Err(e.into()),
+    };
+    finish_uring(ring, &table, counts, stats, ended)
+}
+
+/// A transfer's completion: success, or the host's errno as [`Status::Io`].
+fn io_completion(result: io::Result<()>) -> Completion {
+    match result {
+        Ok(()) => Completion::OK,
+        Err(e) => Completion {
+            status: Status::Io,
+            detail: e.raw_os_error().map_or(nix::libc::EIO as u32, |n| n as u32),
+        },
+    }
+}
+
+/// Waits for every transfer still in flight (a guest that left still finds each write it
+/// was told is complete in the image, and nothing writes into the area after this
+/// returns), then adds up the counts.
+fn finish_uring(
+    mut ring: FileRing<'_>,
+    table: &[InFlight],
+    counts: Tally,
+    mut stats: ServeStats,
+    ended: Result<(), DiskError>,
+) -> Result<ServeStats, DiskError> {
+    let drained = ring.drain(|tag, result| {
+        let t = table[tag as usize];
+        counts.count_op(t.op, t.len, io_completion(result));
+    });
+    stats.completed += counts.completed.get();
+    stats.refused += counts.refused.get();
+    stats.bytes_read = counts.read.get();
+    stats.bytes_written = counts.written.get();
+    ended?;
+    drained.map_err(DiskError::IoUring)?;
+    Ok(stats)
+}
+
 /// Pins the calling thread to `cpu`.
 fn pin_this_thread(cpu: usize) -> io::Result<()> {
     let mut set = nix::sched::CpuSet::new();
@@ -662,15 +873,19 @@ struct Tally {
 
 impl Tally {
     fn count(&self, plan: &Plan, done: Completion) {
+        self.count_op(plan.op, plan.len, done);
+    }
+
+    fn count_op(&self, op: Op, len: u64, done: Completion) {
         let bump = |c: &Cell<u64>, n: u64| c.set(c.get() + n);
         if done.status != Status::Ok {
             bump(&self.refused, 1);
             return;
         }
         bump(&self.completed, 1);
-        match plan.op {
-            Op::Read => bump(&self.read, plan.len),
-            Op::Write => bump(&self.written, plan.len),
+        match op {
+            Op::Read => bump(&self.read, len),
+            Op::Write => bump(&self.written, len),
             _ => {}
         }
     }

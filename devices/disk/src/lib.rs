@@ -3,8 +3,9 @@
 //! A host serves a disk image (a file or a block device) to a guest over a vmlink-shm
 //! channel. Requests are packets: reads and writes are GPA-direct packets whose ranges name
 //! the guest's buffers in the channel's buffer area, and the host moves the data between
-//! the image and those buffers in place with positional, vectored I/O (no copy through the
-//! ring or through private memory); flush, discard and the geometry query are in-band. Up
+//! the image and those buffers in place with positional I/O, or many at once through an
+//! io_uring ([`ServeOptions::io_uring`]) (no copy through the ring or through private
+//! memory); flush, discard and the geometry query are in-band. Up
 //! to 64 requests are in flight per channel, completed in any order, and the host
 //! publishes a batch of completions with one commit, so a busy guest is rarely signalled.
 //! The wire format and the checks the host makes are in [`proto`].
@@ -176,6 +177,11 @@ pub enum DiskError {
         #[source]
         source: io::Error,
     },
+    /// [`ServeOptions::io_uring`] could not be set up: the kernel refused an io_uring (too
+    /// old, or disabled by `kernel.io_uring_disabled` or a seccomp filter), or the options
+    /// ask for it beside I/O threads.
+    #[error("cannot serve through io_uring: {0}")]
+    IoUring(#[source] io::Error),
     /// An argument cannot make a request (checked before sending).
     #[error("invalid request: {0}")]
     Invalid(&'static str),
