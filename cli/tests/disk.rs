@@ -83,14 +83,36 @@ fn pinned_threads(pid: u32) -> usize {
         .count()
 }
 
-#[test]
-fn a_served_image_outlives_guests_that_vanish_or_misbehave() {
-    let dir = private_dir("disk-serve");
+/// An image of 8 MiB of zeros in `dir`.
+fn blank_image(dir: &Path) -> std::path::PathBuf {
     let image = dir.join("disk.img");
     std::fs::File::create(&image)
         .unwrap()
         .set_len(8 << 20)
         .unwrap();
+    image
+}
+
+/// A guest that writes `flushed` at sector 0 and flushes it, queues sixteen writes of
+/// 64 KiB of `byte` behind it (sectors 4096 on), and vanishes with them in flight.
+fn vanish_mid_request(socket: &Path, flushed: &[u8], byte: u8) {
+    let mut guest = client(socket);
+    guest.write(0, flushed).unwrap();
+    guest.flush().unwrap();
+    let b = guest.buffers();
+    for i in 0..16 {
+        let at = b.start + i * 65536;
+        guest.area().write(at, &[byte; 65536]).unwrap();
+        guest
+            .submit_write(4096 + i as u64 * 128, at..at + 65536, false, Wait::Forever)
+            .unwrap();
+    }
+}
+
+#[test]
+fn a_served_image_outlives_guests_that_vanish_or_misbehave() {
+    let dir = private_dir("disk-serve");
+    let image = blank_image(&dir);
     let socket = dir.join("disk.sock");
     let server = serve(
         &image,
@@ -100,18 +122,7 @@ fn a_served_image_outlives_guests_that_vanish_or_misbehave() {
 
     // A guest writes and flushes, then vanishes mid-request: its channel closes with
     // sixteen queued writes in flight.
-    let mut first = client(&socket);
-    first.write(0, &[0x11; 1 << 20]).unwrap();
-    first.flush().unwrap();
-    let b = first.buffers();
-    for i in 0..16 {
-        let at = b.start + i * 65536;
-        first.area().write(at, &[0x22; 65536]).unwrap();
-        first
-            .submit_write(4096 + i as u64 * 128, at..at + 65536, false, Wait::Forever)
-            .unwrap();
-    }
-    drop(first);
+    vanish_mid_request(&socket, &[0x11; 1 << 20], 0x22);
 
     // Garbage on the socket, and a client that connects and says nothing.
     let mut garbage = UnixStream::connect(&socket).unwrap();
@@ -182,27 +193,12 @@ fn a_served_image_outlives_guests_that_vanish_or_misbehave() {
 #[test]
 fn a_server_with_io_uring_serves_keeps_flushed_data_and_outlives_a_guest_that_vanishes() {
     let dir = private_dir("disk-uring");
-    let image = dir.join("disk.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(8 << 20)
-        .unwrap();
+    let image = blank_image(&dir);
     let socket = dir.join("disk.sock");
     let server = serve(&image, &socket, &["--io-uring", "16"]);
     // Written and flushed, then sixteen writes in flight when the guest vanishes.
-    let mut first = client(&socket);
     let data: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 253) as u8).collect();
-    first.write(0, &data).unwrap();
-    first.flush().unwrap();
-    let b = first.buffers();
-    for i in 0..16 {
-        let at = b.start + i * 65536;
-        first.area().write(at, &[0x44; 65536]).unwrap();
-        first
-            .submit_write(4096 + i as u64 * 128, at..at + 65536, false, Wait::Forever)
-            .unwrap();
-    }
-    drop(first);
+    vanish_mid_request(&socket, &data, 0x44);
     // The next guest reads back what was flushed, and what it writes with FUA is there.
     let mut second = client(&socket);
     let mut back = vec![0u8; 1 << 20];

@@ -580,33 +580,27 @@ pub fn serve_with(
                 }
                 let at = gathered.n;
                 let plan = &mut gathered.plans[at];
-                let reply = match read_request(packet, &limits, plan, &mut scratch) {
-                    None => return,
-                    Some(Err(status)) => {
-                        stats.refused += 1;
-                        Reply::Done(Completion { status, detail: 0 })
-                    }
-                    Some(Ok(())) if plan.op == Op::Info => {
-                        stats.completed += 1;
-                        Reply::Info(disk.info)
-                    }
-                    // Writes, discards, flushes and small reads (but those deep in a
-                    // queue) are done at once.
-                    Some(Ok(()))
-                        if plan.op != Op::Read
-                            || (plan.len < WORKER_MIN_BYTES && taken < DEEP_QUEUE) =>
-                    {
-                        let done = disk.execute(plan, area);
-                        counts.count(plan, done);
-                        Reply::Done(done)
-                    }
-                    Some(Ok(())) => {
-                        gathered.bytes += plan.len;
-                        gathered.tids[at] = meta.transaction_id;
-                        gathered.n += 1;
-                        return;
-                    }
-                };
+                let reply =
+                    match take_request(packet, &limits, plan, &mut scratch, disk, &mut stats) {
+                        Taken::Failed => return,
+                        Taken::Answer(reply) => reply,
+                        // Writes, discards, flushes and small reads (but those deep in a
+                        // queue) are done at once.
+                        Taken::Valid
+                            if plan.op != Op::Read
+                                || (plan.len < WORKER_MIN_BYTES && taken < DEEP_QUEUE) =>
+                        {
+                            let done = disk.execute(plan, area);
+                            counts.count(plan, done);
+                            Reply::Done(done)
+                        }
+                        Taken::Valid => {
+                            gathered.bytes += plan.len;
+                            gathered.tids[at] = meta.transaction_id;
+                            gathered.n += 1;
+                            return;
+                        }
+                    };
                 let mut bytes = [0u8; INFO_LEN];
                 if let Err(e) = channel.send_packet(
                     &completion(meta.transaction_id, reply, &mut bytes),
@@ -722,19 +716,19 @@ fn serve_uring(
                     stats.ignored += 1;
                     return;
                 }
-                let r = match read_request(packet, &limits, &mut plan, &mut scratch) {
-                    None => return,
-                    Some(Err(status)) => {
-                        stats.refused += 1;
-                        Reply::Done(Completion { status, detail: 0 })
-                    }
-                    Some(Ok(())) if plan.op == Op::Info => {
-                        stats.completed += 1;
-                        Reply::Info(disk.info)
-                    }
+                let r = match take_request(
+                    packet,
+                    &limits,
+                    &mut plan,
+                    &mut scratch,
+                    disk,
+                    &mut stats,
+                ) {
+                    Taken::Failed => return,
+                    Taken::Answer(reply) => reply,
                     // Reads and writes go to the io_uring while it has room (a batch
                     // takes no more than that, so a tag is free).
-                    Some(Ok(()))
+                    Taken::Valid
                         if matches!(plan.op, Op::Read | Op::Write)
                             && plan.segments().len() <= FileRing::MAX_RANGES
                             && !tags.is_empty() =>
@@ -766,7 +760,7 @@ fn serve_uring(
                         counts.count(&plan, done);
                         Reply::Done(done)
                     }
-                    Some(Ok(())) => {
+                    Taken::Valid => {
                         let done = disk.execute(&plan, area);
                         counts.count(&plan, done);
                         Reply::Done(done)
@@ -941,6 +935,40 @@ fn handle(
         Err(status) => Some(Reply::Done(Completion { status, detail: 0 })),
         Ok(()) if plan.op == Op::Info => Some(Reply::Info(disk.info)),
         Ok(()) => Some(Reply::Done(disk.execute(plan, area))),
+    }
+}
+
+/// What [`take_request`] found.
+enum Taken {
+    /// Reading it failed the channel (the receive reports it).
+    Failed,
+    /// Answered without touching the disk: a refusal or the geometry (counted).
+    Answer(Reply),
+    /// A valid request in the plan, to be done.
+    Valid,
+}
+
+/// Reads and decodes one request into `plan`, answering a bad one and the geometry query
+/// at once and counting them in `stats`.
+fn take_request(
+    packet: &mut Packet<'_>,
+    limits: &Limits,
+    plan: &mut Plan,
+    scratch: &mut [u8],
+    disk: &Disk,
+    stats: &mut ServeStats,
+) -> Taken {
+    match read_request(packet, limits, plan, scratch) {
+        None => Taken::Failed,
+        Some(Err(status)) => {
+            stats.refused += 1;
+            Taken::Answer(Reply::Done(Completion { status, detail: 0 }))
+        }
+        Some(Ok(())) if plan.op == Op::Info => {
+            stats.completed += 1;
+            Taken::Answer(Reply::Info(disk.info))
+        }
+        Some(Ok(())) => Taken::Valid,
     }
 }
 

@@ -73,6 +73,14 @@ fn connect_with(image: &Path, options: DiskOptions, serving: ServeOptions) -> (D
     (DiskClient::new(channel, memory.buffer()).unwrap(), host)
 }
 
+/// Serving through an io_uring 16 deep.
+fn through_io_uring() -> ServeOptions {
+    ServeOptions {
+        io_uring: 16,
+        ..ServeOptions::default()
+    }
+}
+
 /// The first CPU this process may use.
 fn first_cpu() -> usize {
     let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).unwrap();
@@ -509,10 +517,7 @@ fn bad_requests_get_error_completions_and_change_nothing() {
 
 #[test]
 fn bad_requests_through_io_uring_get_error_completions_and_change_nothing() {
-    bad_requests(ServeOptions {
-        io_uring: 16,
-        ..ServeOptions::default()
-    });
+    bad_requests(through_io_uring());
 }
 
 fn bad_requests(serving: ServeOptions) {
@@ -733,10 +738,7 @@ fn a_guest_that_leaves_mid_request_finds_every_completed_write_in_the_image() {
 
 #[test]
 fn a_guest_that_leaves_mid_request_through_io_uring_finds_every_completed_write_too() {
-    leave_mid_request(ServeOptions {
-        io_uring: 16,
-        ..ServeOptions::default()
-    });
+    leave_mid_request(through_io_uring());
 }
 
 fn leave_mid_request(serving: ServeOptions) {
@@ -919,10 +921,7 @@ fn direct_io_bypasses_the_page_cache_and_keeps_every_byte() {
 /// O_DIRECT through io_uring: what a VMM serving a real disk runs.
 #[test]
 fn direct_io_through_io_uring_keeps_every_byte() {
-    direct_io(ServeOptions {
-        io_uring: 16,
-        ..ServeOptions::default()
-    });
+    direct_io(through_io_uring());
 }
 
 fn direct_io(serving: ServeOptions) {
