@@ -219,14 +219,12 @@ impl<'f> FileRing<'f> {
             }
         }
         .user_data(u64::from(index));
-        // SAFETY: the entry's buffers lie inside the area's mapping (every range was checked
-        // above), which `self.area` keeps mapped until the transfer is reaped (`Drop` waits
-        // for every transfer in flight); its iovecs are the slot's, in a boxed slice that is
-        // never moved or resized and a slot that is not written again until its completion
-        // is reaped; `fd` is borrowed for `'f`, which outlives `self`. The kernel writes or
-        // reads those bytes as the peer may at any time, and this process reaches them only
-        // through atomics. The submission queue holds at least `depth` entries and at most
-        // `depth` transfers are queued or in flight, so it has room.
+        // The submission queue holds `depth` entries and at most `depth` transfers are queued
+        // or in flight, so it has room. The kernel touches the buffers as the peer may; this
+        // process reaches them only through atomics.
+        // SAFETY: the buffers lie inside the mapping (ranges checked above), which `self.area`
+        // keeps mapped until the transfer is reaped (`Drop` drains); the iovecs stay in an
+        // unmoved slot not reused before its completion; `fd` outlives `self` (`'f`).
         let pushed = unsafe { self.ring.submission().push(&entry) };
         if pushed.is_err() {
             return Err(io::ErrorKind::WouldBlock.into());
